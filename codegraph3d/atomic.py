@@ -1,0 +1,39 @@
+"""Files that appear whole: written under a temporary name in the same folder, then renamed."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = ["atomic_path", "write_json_atomic"]
+
+
+@contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` when the block succeeds.
+
+    The temporary file starts with ``.`` and ends with ``.partial`` so that a reader listing the
+    folder never mistakes it for a result; it is removed when the block fails.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        os.replace(temporary, target)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def write_json_atomic(target: str | os.PathLike, payload: Any) -> Path:
+    """Write ``payload`` as indented JSON to ``target`` atomically and return the path."""
+    with atomic_path(target) as temporary:
+        temporary.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return Path(target)

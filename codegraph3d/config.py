@@ -1,0 +1,158 @@
+"""One configuration file with the paper's defaults, overridable per run.
+
+The defaults live in ``default_config.yaml`` beside this module, documented field by field. A run
+overrides them with a YAML file holding only the fields to change:
+
+1. the file named by the environment variable ``CODEGRAPH3D_CONFIG``, else
+2. ``codegraph3d.yaml`` in the model folder, else
+3. nothing (the defaults).
+
+Overrides are validated eagerly against the defaults: an unknown section or field, or a value of
+another type, is an error naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+__all__ = ["ConfigError", "CONFIG_ENV_VAR", "MODEL_FOLDER_CONFIG", "default_config", "load_config", "config_hash"]
+
+CONFIG_ENV_VAR = "CODEGRAPH3D_CONFIG"
+MODEL_FOLDER_CONFIG = "codegraph3d.yaml"
+_DEFAULTS_PATH = Path(__file__).with_name("default_config.yaml")
+
+
+class ConfigError(ValueError):
+    """Raised for a configuration file that cannot be used."""
+
+
+def default_config() -> dict[str, Any]:
+    """Return a fresh copy of the documented defaults."""
+    with _DEFAULTS_PATH.open(encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def _compatible(default: Any, value: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, list):
+        return isinstance(value, list)
+    if isinstance(default, dict):
+        return isinstance(value, dict)
+    return True
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any], source: str, prefix: str = "") -> None:
+    for key, value in override.items():
+        name = f"{prefix}{key}"
+        if key not in base:
+            raise ConfigError(
+                f"{source}: unknown configuration field '{name}'; valid fields here are "
+                f"{sorted(base)} (see codegraph3d/default_config.yaml)"
+            )
+        default = base[key]
+        if isinstance(default, dict) and default and isinstance(value, dict):
+            _merge(default, value, source, prefix=f"{name}.")
+            continue
+        if not _compatible(default, value):
+            raise ConfigError(
+                f"{source}: configuration field '{name}' must be of type {type(default).__name__}; "
+                f"got {value!r}"
+            )
+        base[key] = copy.deepcopy(value)
+
+
+def load_config(
+    model_path: str | os.PathLike | None = None,
+    override: str | os.PathLike | Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Load the defaults and apply the run's overrides.
+
+    Parameters
+    ----------
+    model_path : path-like, optional
+        The model folder; its ``codegraph3d.yaml`` applies when no environment override is set.
+    override : path-like or mapping, optional
+        An explicit override (a YAML file or a nested mapping), applied last. Tests use it.
+
+    Returns
+    -------
+    dict
+        The merged configuration, with ``config_sources`` listing the files applied.
+
+    Raises
+    ------
+    ConfigError
+        For a missing or unreadable override file, an unknown field or a value of the wrong type.
+    """
+    config = default_config()
+    sources: list[str] = []
+    candidates: list[Path] = []
+    env_value = os.environ.get(CONFIG_ENV_VAR, "").strip()
+    if env_value:
+        path = Path(env_value)
+        if not path.is_file():
+            raise ConfigError(
+                f"{CONFIG_ENV_VAR}={env_value}: no such file; point it at a YAML file or unset it"
+            )
+        candidates.append(path)
+    elif model_path is not None and (Path(model_path) / MODEL_FOLDER_CONFIG).is_file():
+        candidates.append(Path(model_path) / MODEL_FOLDER_CONFIG)
+    overrides: list[tuple[str, Mapping[str, Any]]] = []
+    for path in candidates:
+        overrides.append((str(path), _read_yaml(path)))
+    if isinstance(override, Mapping):
+        overrides.append(("<override>", override))
+    elif override is not None:
+        overrides.append((str(override), _read_yaml(Path(override))))
+    for source, values in overrides:
+        _merge(config, values, source)
+        sources.append(source)
+    _validate(config)
+    config["config_sources"] = sources
+    return config
+
+
+def _read_yaml(path: Path) -> Mapping[str, Any]:
+    try:
+        with path.open(encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: cannot read the configuration file ({error})") from error
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{path}: a configuration file must hold a mapping of sections")
+    return values
+
+
+def _validate(config: Mapping[str, Any]) -> None:
+    """Cross-field checks that single-field types cannot express."""
+    if not 0.0 < config["scoring"]["k_fraction"] <= 1.0:
+        raise ConfigError(f"scoring.k_fraction must lie in (0, 1]; got {config['scoring']['k_fraction']}")
+    if config["scoring"]["exclude_same"] not in ("patient_id", "study", "none"):
+        raise ConfigError(
+            "scoring.exclude_same must be one of patient_id, study, none; "
+            f"got {config['scoring']['exclude_same']!r}"
+        )
+    if config["loading"]["studies_per_chunk"] < 1:
+        raise ConfigError("loading.studies_per_chunk must be at least 1")
+    if not 0.0 < config["tokens"]["min_brain_fraction"] <= 1.0:
+        raise ConfigError("tokens.min_brain_fraction must lie in (0, 1]")
+    if any(not isinstance(layer, int) or layer < 1 for layer in config["encoder"]["layers"]):
+        raise ConfigError(f"encoder.layers must be 1-based block indices; got {config['encoder']['layers']}")
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """SHA-256 of the configuration's canonical JSON (sources excluded), for reports and caches."""
+    relevant = {key: value for key, value in config.items() if key != "config_sources"}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode("utf-8")).hexdigest()

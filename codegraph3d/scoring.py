@@ -1,0 +1,441 @@
+"""Batch-based MuSc mutual scoring of token sets (one set per volume, per encoder layer).
+
+MuSc (Li et al., ICLR 2024) scores every token of every volume against the *other* volumes of
+the same batch, with no training and no normal reference set:
+
+* the distance from a token ``q`` of volume ``i`` to volume ``j`` is the Euclidean distance to
+  the nearest token of ``j``;
+* the token's score is the mean of the ``K`` smallest of those distances over the reference
+  volumes, ``K = max(1, floor(k_fraction * n_references))``.
+
+Taking the *K smallest* rather than all distances makes the score robust to the minority of
+references that happen to be anomalous at the same place; ``max(1, .)`` guards the ``K = 0`` case
+that gives NaN in the reference 2D implementation when ``B`` is small.
+
+A volume never serves as a reference for a volume of the same ``group`` (patient or study): two
+series of one patient share the patient's lesion, so they would explain each other's anomaly away.
+
+Cost and memory
+---------------
+All tokens of the batch are stacked once (``N_total x D``, float32, centred on the batch mean so
+that the ``|q|^2 + |k|^2 - 2 q.k`` expansion loses little to cancellation). Each unordered pair of
+eligible volumes is processed once, in ``chunk_size x chunk_size`` blocks: the block's row minima
+update the running nearest neighbour of the query volume's tokens in the reference volume, its
+column minima those of the reference volume's tokens in the query volume. This halves the matmul
+work of the one-sided formulation. Peak extra memory is a few ``chunk_size^2`` float32 blocks plus
+the running nearest distances and indices, ``B x N_total`` (8 bytes each): never all pairwise
+token distances. The nearest-neighbour *distances* are then recomputed exactly (difference
+vectors, float64 accumulation) for the chosen neighbours, so float32 cancellation in the expansion
+can only affect *which* of two near-equidistant neighbours is chosen, not the reported distance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = [
+    "BatchScores",
+    "fuse_layers",
+    "k_for_references",
+    "musc_scores",
+    "reference_sets",
+    "score_batch",
+    "volume_scores",
+]
+
+# Guards floor(k_fraction * n) against binary rounding (0.29 * 100 == 28.999999999999996).
+_K_EPS = 1e-9
+# Rows per slab for column minima on CPU (measured: 512 rows keep a 2000-column slab in cache).
+_COL_SLAB_CPU = 512
+
+
+def k_for_references(n_references: int, k_fraction: float) -> int:
+    """Return the number ``K`` of nearest reference distances averaged per token.
+
+    Parameters
+    ----------
+    n_references : int
+        Number of reference volumes available to the scored volume (``B - 1`` without groups).
+    k_fraction : float
+        Fraction of the references to average, in ``(0, 1]``.
+
+    Returns
+    -------
+    int
+        ``max(1, floor(k_fraction * n_references))``, never more than ``n_references``.
+    """
+    _check_k_fraction(k_fraction)
+    if n_references < 1:
+        raise ValueError(f"n_references must be >= 1; got {n_references}")
+    k = math.floor(k_fraction * n_references + _K_EPS)
+    return int(min(n_references, max(1, k)))
+
+
+def reference_sets(n_volumes: int, groups: Sequence[Hashable] | None = None) -> list[list[int]]:
+    """Return, for every volume, the indices of the volumes that may serve as its references.
+
+    Parameters
+    ----------
+    n_volumes : int
+        Batch size ``B``.
+    groups : sequence of hashable, optional
+        One group key per volume (PatientID, StudyInstanceUID, ...). A volume never references a
+        volume with an equal key. ``None``: every other volume is a reference.
+
+    Returns
+    -------
+    list of list of int
+        ``refs[i]`` in increasing order; may be empty (the caller decides whether that is an error).
+    """
+    if groups is None:
+        return [[j for j in range(n_volumes) if j != i] for i in range(n_volumes)]
+    groups = list(groups)
+    if len(groups) != n_volumes:
+        raise ValueError(f"groups has {len(groups)} entries for {n_volumes} volumes")
+    return [
+        [j for j in range(n_volumes) if j != i and groups[j] != groups[i]]
+        for i in range(n_volumes)
+    ]
+
+
+def _check_k_fraction(k_fraction: float) -> None:
+    if not isinstance(k_fraction, (int, float, np.floating, np.integer)) or isinstance(
+        k_fraction, bool
+    ):
+        raise ValueError(f"k_fraction must be a number in (0, 1]; got {k_fraction!r}")
+    if not (0.0 < float(k_fraction) <= 1.0):
+        raise ValueError(f"k_fraction must be in (0, 1]; got {k_fraction}")
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"invalid device {device!r}: {exc}") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return resolved
+
+
+def _validated_arrays(token_sets: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Check shapes, dtypes and finiteness; return the arrays as numpy without copying."""
+    if isinstance(token_sets, (np.ndarray, torch.Tensor)) or not isinstance(token_sets, Sequence):
+        # A 3-D array would silently be accepted as B equal-sized volumes; make it explicit.
+        raise ValueError(
+            "token_sets must be a sequence (list/tuple) of 2-D arrays, one per volume; "
+            f"got {type(token_sets).__name__}"
+        )
+    if len(token_sets) < 2:
+        raise ValueError(f"MuSc scoring needs at least 2 volumes; got {len(token_sets)}")
+    arrays: list[np.ndarray] = []
+    dim: int | None = None
+    for i, tokens in enumerate(token_sets):
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.detach().cpu().numpy()
+        arr = np.asarray(tokens)
+        if arr.ndim != 2:
+            raise ValueError(f"token set {i} must be 2-D (N, D); got shape {arr.shape}")
+        if arr.dtype == bool or not (
+            np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+        ):
+            raise ValueError(f"token set {i} must be real numeric; got dtype {arr.dtype}")
+        if arr.shape[0] == 0:
+            raise ValueError(f"token set {i} is empty (0 tokens)")
+        if arr.shape[1] == 0:
+            raise ValueError(f"token set {i} has 0 feature dimensions")
+        if dim is None:
+            dim = arr.shape[1]
+        elif arr.shape[1] != dim:
+            raise ValueError(
+                f"token set {i} has feature dimension {arr.shape[1]}; token set 0 has {dim}"
+            )
+        if not np.isfinite(arr).all():
+            bad = int(np.count_nonzero(~np.isfinite(arr)))
+            raise ValueError(f"token set {i} contains {bad} non-finite value(s)")
+        arrays.append(arr)
+    return arrays
+
+
+def musc_scores(
+    token_sets: Sequence[np.ndarray],
+    k_fraction: float = 0.3,
+    *,
+    groups: Sequence[Hashable] | None = None,
+    device: str | torch.device | None = None,
+    chunk_size: int = 4096,
+) -> list[np.ndarray]:
+    """Score every token of every volume against the other volumes of the batch (MuSc).
+
+    Parameters
+    ----------
+    token_sets : sequence of numpy.ndarray
+        One ``(N_i, D)`` real array per volume; ``N_i`` may differ, ``D`` may not.
+        ``torch.Tensor`` inputs are accepted and moved to the CPU for validation.
+    k_fraction : float, default 0.3
+        Fraction of the reference volumes whose distances are averaged, in ``(0, 1]``;
+        ``K = max(1, floor(k_fraction * n_references))``.
+    groups : sequence of hashable, optional
+        One key per volume; a volume is never a reference for a volume with an equal key, and
+        ``n_references`` is then the number of volumes in other groups.
+    device : str or torch.device, optional
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... ``None`` picks CUDA when available.
+    chunk_size : int, default 4096
+        Tokens per block side; peak block memory is about ``chunk_size**2`` float32 values.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        One ``(N_i,)`` float32 array of token scores per volume, in input order.
+
+    Raises
+    ------
+    ValueError
+        Fewer than 2 volumes, an empty or non-2-D token set, mismatched ``D``, non-finite values,
+        ``k_fraction`` outside ``(0, 1]``, a bad ``chunk_size`` or ``groups`` length, or a volume
+        with no eligible reference (all other volumes in its group).
+    """
+    _check_k_fraction(k_fraction)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
+    chunk_size = int(chunk_size)
+    arrays = _validated_arrays(token_sets)
+    n_volumes = len(arrays)
+    refs = reference_sets(n_volumes, groups)
+    for i, r in enumerate(refs):
+        if not r:
+            label = f" (group {list(groups)[i]!r})" if groups is not None else ""
+            raise ValueError(
+                f"volume {i}{label} has no eligible reference: every other volume is in its group"
+            )
+    dev = _resolve_device(device)
+
+    sizes = [a.shape[0] for a in arrays]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    n_total = int(starts[-1])
+    if n_total >= 2**31:
+        raise ValueError(f"too many tokens in one batch ({n_total}); split the batch")
+
+    # Centring is distance-preserving and shrinks |q|^2 + |k|^2 relative to |q - k|^2, which is
+    # what limits the float32 accuracy of the expansion.
+    mean = sum(a.sum(axis=0, dtype=np.float64) for a in arrays) / n_total
+    with torch.inference_mode():
+        tokens = torch.empty((n_total, arrays[0].shape[1]), dtype=torch.float32, device=dev)
+        for i, a in enumerate(arrays):
+            centred = (a.astype(np.float64, copy=False) - mean).astype(np.float32)
+            tokens[starts[i] : starts[i + 1]] = torch.from_numpy(centred).to(dev)
+        sq_norms = tokens.double().pow(2).sum(dim=1).float()
+
+        # best_d2[j, t]: running min squared distance of token t to volume j; best_idx: argmin row.
+        best_d2 = torch.full((n_volumes, n_total), float("inf"), dtype=torch.float32, device=dev)
+        best_idx = torch.zeros((n_volumes, n_total), dtype=torch.int32, device=dev)
+
+        eligible = [set(r) for r in refs]
+        for i in range(n_volumes):
+            for j in range(i + 1, n_volumes):
+                # Group exclusion is symmetric, so i -> j eligibility implies j -> i.
+                if j in eligible[i]:
+                    _update_pair(tokens, sq_norms, starts, i, j, best_d2, best_idx, chunk_size)
+
+        results: list[np.ndarray] = []
+        for i in range(n_volumes):
+            k = k_for_references(len(refs[i]), k_fraction)
+            ref_index = torch.as_tensor(refs[i], dtype=torch.long, device=dev)
+            scores = torch.empty(sizes[i], dtype=torch.float64, device=dev)
+            for a in range(int(starts[i]), int(starts[i + 1]), chunk_size):
+                b = min(a + chunk_size, int(starts[i + 1]))
+                query = tokens[a:b]
+                nearest = best_idx[ref_index, a:b].long()  # (n_ref, chunk)
+                dists = torch.empty((len(refs[i]), b - a), dtype=torch.float64, device=dev)
+                for r in range(len(refs[i])):
+                    # Float32 subtraction of close values is exact (Sterbenz); accumulate in float64.
+                    diff = (query - tokens[nearest[r]]).double()
+                    dists[r] = diff.pow(2).sum(dim=1).sqrt()
+                smallest = torch.topk(dists, k, dim=0, largest=False).values
+                scores[a - int(starts[i]) : b - int(starts[i])] = smallest.mean(dim=0)
+            results.append(scores.float().cpu().numpy())
+    return results
+
+
+def _update_pair(
+    tokens: torch.Tensor,
+    sq_norms: torch.Tensor,
+    starts: np.ndarray,
+    i: int,
+    j: int,
+    best_d2: torch.Tensor,
+    best_idx: torch.Tensor,
+    chunk_size: int,
+) -> None:
+    """Update the nearest neighbours of volume i's tokens in j and of j's tokens in i."""
+    i0, i1 = int(starts[i]), int(starts[i + 1])
+    j0, j1 = int(starts[j]), int(starts[j + 1])
+    for a in range(i0, i1, chunk_size):
+        b = min(a + chunk_size, i1)
+        q, qn = tokens[a:b], sq_norms[a:b]
+        for c in range(j0, j1, chunk_size):
+            d = min(c + chunk_size, j1)
+            # addmm avoids a separate (chunk x chunk) temporary for -2 q.k. No clamp at 0: these
+            # values only choose the neighbour, whose distance is recomputed exactly later.
+            d2 = torch.addmm(sq_norms[c:d].unsqueeze(0), q, tokens[c:d].T, beta=1.0, alpha=-2.0)
+            d2.add_(qn.unsqueeze(1))
+
+            row_val, row_arg = d2.min(dim=1)  # tokens a:b of volume i -> volume j
+            _running_min(best_d2[j, a:b], best_idx[j, a:b], row_val, row_arg + c)
+            # Tokens c:d of volume j -> volume i. On CPU a (index-returning) min over dim 0 of a
+            # large block is ~10x slower than over dim 1 (cache misses); row slabs keep it fast.
+            slab = _COL_SLAB_CPU if d2.device.type == "cpu" else d2.shape[0]
+            for s in range(0, d2.shape[0], slab):
+                col_val, col_arg = d2[s : s + slab].min(dim=0)
+                _running_min(best_d2[i, c:d], best_idx[i, c:d], col_val, col_arg + (a + s))
+
+
+def _running_min(
+    cur_val: torch.Tensor, cur_idx: torch.Tensor, new_val: torch.Tensor, new_idx: torch.Tensor
+) -> None:
+    better = new_val < cur_val
+    cur_val.copy_(torch.where(better, new_val, cur_val))
+    cur_idx.copy_(torch.where(better, new_idx.to(cur_idx.dtype), cur_idx))
+
+
+def fuse_layers(per_layer_scores: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
+    """Average token scores over encoder layers, volume by volume.
+
+    Parameters
+    ----------
+    per_layer_scores : sequence of sequence of numpy.ndarray
+        ``per_layer_scores[layer][volume]`` is an ``(N_volume,)`` array; every layer must hold the
+        same volumes with the same token counts.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        One float32 ``(N_volume,)`` array per volume (mean over layers, accumulated in float64).
+    """
+    if len(per_layer_scores) == 0:
+        raise ValueError("fuse_layers needs at least one layer")
+    n_volumes = len(per_layer_scores[0])
+    for layer, scores in enumerate(per_layer_scores):
+        if len(scores) != n_volumes:
+            raise ValueError(
+                f"layer {layer} has {len(scores)} volumes; layer 0 has {n_volumes}"
+            )
+    fused: list[np.ndarray] = []
+    for v in range(n_volumes):
+        ref_shape = np.shape(per_layer_scores[0][v])
+        if len(ref_shape) != 1:
+            raise ValueError(f"layer 0 volume {v}: scores must be 1-D; got shape {ref_shape}")
+        total = np.zeros(ref_shape, dtype=np.float64)
+        for layer, scores in enumerate(per_layer_scores):
+            s = np.asarray(scores[v], dtype=np.float64)
+            if s.shape != ref_shape:
+                raise ValueError(
+                    f"layer {layer} volume {v} has shape {s.shape}; layer 0 has {ref_shape}"
+                )
+            total += s
+        fused.append((total / len(per_layer_scores)).astype(np.float32))
+    return fused
+
+
+def volume_scores(token_scores: Sequence[np.ndarray]) -> np.ndarray:
+    """Return each volume's score: the maximum of its token scores (the MuSc image score).
+
+    Parameters
+    ----------
+    token_scores : sequence of numpy.ndarray
+        One non-empty ``(N_i,)`` array per volume.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(B,)`` float32.
+    """
+    out = np.empty(len(token_scores), dtype=np.float32)
+    for v, s in enumerate(token_scores):
+        s = np.asarray(s)
+        if s.size == 0:
+            raise ValueError(f"volume {v} has no token scores")
+        out[v] = np.max(s)
+    return out
+
+
+@dataclass
+class BatchScores:
+    """MuSc scores of one contrast batch.
+
+    Attributes
+    ----------
+    token_scores : list of numpy.ndarray
+        Layer-fused ``(N_i,)`` float32 token scores, one array per volume.
+    volume_scores : numpy.ndarray
+        ``(B,)`` float32, the maximum fused token score of each volume.
+    per_layer : list of list of numpy.ndarray
+        ``per_layer[layer][volume]``, the unfused scores.
+    n_references : numpy.ndarray
+        ``(B,)`` int, reference volumes used for each volume (after group exclusion).
+    k : numpy.ndarray
+        ``(B,)`` int, the ``K`` used for each volume.
+    """
+
+    token_scores: list[np.ndarray]
+    volume_scores: np.ndarray
+    per_layer: list[list[np.ndarray]]
+    n_references: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    k: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+
+
+def score_batch(
+    layer_token_sets: Sequence[Sequence[np.ndarray]],
+    *,
+    k_fraction: float = 0.3,
+    groups: Sequence[Hashable] | None = None,
+    device: str | torch.device | None = None,
+    chunk_size: int = 4096,
+) -> BatchScores:
+    """Run MuSc on every layer of a batch, fuse the layers and take volume scores.
+
+    Parameters
+    ----------
+    layer_token_sets : sequence of sequence of numpy.ndarray
+        ``layer_token_sets[layer][volume]`` is an ``(N_volume, D_layer)`` array. ``N_volume`` must
+        agree across layers (the same tokens, seen at different depths); ``D`` may differ.
+    k_fraction, groups, device, chunk_size
+        As in :func:`musc_scores`.
+
+    Returns
+    -------
+    BatchScores
+    """
+    if len(layer_token_sets) == 0:
+        raise ValueError("score_batch needs at least one layer")
+    n_volumes = len(layer_token_sets[0])
+    for layer, sets in enumerate(layer_token_sets):
+        if len(sets) != n_volumes:
+            raise ValueError(f"layer {layer} has {len(sets)} volumes; layer 0 has {n_volumes}")
+        for v in range(n_volumes):
+            n0, n = np.shape(layer_token_sets[0][v])[:1], np.shape(sets[v])[:1]
+            if n != n0:
+                raise ValueError(
+                    f"layer {layer} volume {v} has {n[0] if n else 0} tokens; layer 0 has "
+                    f"{n0[0] if n0 else 0}"
+                )
+    per_layer = [
+        musc_scores(sets, k_fraction, groups=groups, device=device, chunk_size=chunk_size)
+        for sets in layer_token_sets
+    ]
+    fused = fuse_layers(per_layer)
+    refs = reference_sets(n_volumes, groups)
+    n_refs = np.array([len(r) for r in refs], dtype=int)
+    return BatchScores(
+        token_scores=fused,
+        volume_scores=volume_scores(fused),
+        per_layer=per_layer,
+        n_references=n_refs,
+        k=np.array([k_for_references(int(n), k_fraction) for n in n_refs], dtype=int),
+    )
