@@ -24,6 +24,10 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     os.close(handle)
     temporary = Path(name)
+    # mkstemp creates 0600; results must be readable like any other file the process writes.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
     try:
         yield temporary
         os.replace(temporary, target)

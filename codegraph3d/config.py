@@ -56,11 +56,14 @@ def _compatible(default: Any, value: Any) -> bool:
 def _merge(base: dict[str, Any], override: Mapping[str, Any], source: str, prefix: str = "") -> None:
     for key, value in override.items():
         name = f"{prefix}{key}"
-        if key not in base:
+        if key not in base and prefix != "selection.":
             raise ConfigError(
                 f"{source}: unknown configuration field '{name}'; valid fields here are "
                 f"{sorted(base)} (see codegraph3d/default_config.yaml)"
             )
+        if key not in base:  # a selection rule: validated as a whole by SelectionRules
+            base[key] = copy.deepcopy(value)
+            continue
         default = base[key]
         if isinstance(default, dict) and default and isinstance(value, dict):
             _merge(default, value, source, prefix=f"{name}.")
@@ -137,6 +140,12 @@ def _read_yaml(path: Path) -> Mapping[str, Any]:
 
 def _validate(config: Mapping[str, Any]) -> None:
     """Cross-field checks that single-field types cannot express."""
+    from .io.selection import SelectionRules
+
+    try:
+        SelectionRules.from_dict(config["selection"])
+    except (ValueError, TypeError, KeyError) as error:
+        raise ConfigError(f"selection rules: {error}") from error
     if not 0.0 < config["scoring"]["k_fraction"] <= 1.0:
         raise ConfigError(f"scoring.k_fraction must lie in (0, 1]; got {config['scoring']['k_fraction']}")
     if config["scoring"]["exclude_same"] not in ("patient_id", "study", "none"):

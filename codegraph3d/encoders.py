@@ -366,7 +366,7 @@ class Dinov2Encoder(SliceEncoder):
             model,
             layers=layers,
             name=f"dinov2-{variant}{model.config.patch_size}",
-            description=f"DINOv2 {_variant_label(model.config)} pretrained weights from the Hugging "
+            description=f"DINOv2 {_variant_label(model.config)} weights loaded from the Hugging "
             f"Face folder {folder}",
             pretrained=True,
             weights_sha256=sha256_file(weights_file),
@@ -411,7 +411,7 @@ class Dinov2Encoder(SliceEncoder):
             model,
             layers=layers,
             name=f"dinov2-{variant}{model.config.patch_size}",
-            description=f"DINOv2 {_variant_label(model.config)} pretrained weights from the official "
+            description=f"DINOv2 {_variant_label(model.config)} weights loaded from the official "
             f"checkpoint {path}",
             pretrained=True,
             weights_sha256=sha256_file(path),

@@ -1,0 +1,429 @@
+"""The stages of a run, as plain functions the SDK operators call one by one.
+
+``scan_input -> select_input -> tokenise_selected -> score_batches -> write_results``
+
+Each stage takes and returns plain objects, so the whole chain runs (and is tested) without the
+MONAI Deploy SDK. Series-level problems (a corrupt series, an empty brain mask, a contrast batch
+of one) skip that series with a recorded reason; run-level problems (nothing to score) raise
+:class:`CohortError`, which the app turns into exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Hashable, Mapping, Sequence
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from . import ALGORITHM_NAME, __version__
+from .encoders import SliceEncoder, load_encoder
+from .io.dicom import ScanResult, chunk_studies, load_series_volume, scan_headers
+from .io.selection import SeriesDecision, SelectionRules, form_batches, select_series
+from .maps import token_grid_map, upsample_token_map
+from .preprocess import PreprocessConfig, PreprocessedVolume, preprocess_volume, resample_to_source
+from .scoring import BatchScores, score_batch
+from .thresholds import ThresholdDecision, decide_thresholds, score_to_unit_mapping, to_unit
+from .tokens import TokenSet, tokenise
+
+__all__ = [
+    "CohortError",
+    "Selection",
+    "TokenisedSeries",
+    "Tokenisation",
+    "ScoredBatch",
+    "Scoring",
+    "StageTimer",
+    "build_encoder",
+    "scan_input",
+    "select_input",
+    "tokenise_selected",
+    "score_batches",
+    "series_outputs",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class CohortError(RuntimeError):
+    """The input as a whole cannot be scored (exit code 2); the message says why and what to do."""
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class StageTimer:
+    """Wall-clock seconds per stage, accumulated across calls."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def __call__(self, stage: str) -> "_Timing":
+        return _Timing(self, stage)
+
+
+class _Timing:
+    def __init__(self, timer: StageTimer, stage: str) -> None:
+        self.timer, self.stage = timer, stage
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.timer.seconds[self.stage] += time.perf_counter() - self.start
+
+
+# ---------------------------------------------------------------------------------------------
+# load and select
+
+
+def scan_input(input_path: str | Path) -> ScanResult:
+    """Read every DICOM header under ``input_path`` (pixels are read later, per chunk).
+
+    Raises
+    ------
+    CohortError
+        When the folder does not exist or holds no readable DICOM file.
+    """
+    root = Path(input_path)
+    if not root.exists():
+        raise CohortError(f"input folder {root} does not exist; pass an existing folder with -i")
+    scan = scan_headers(root)
+    for path, reason in scan.bad_files:
+        logger.warning("skipped file %s: %s", path, reason)
+    if not scan.studies:
+        detail = f"; {len(scan.bad_files)} file(s) could not be read" if scan.bad_files else ""
+        raise CohortError(
+            f"no readable DICOM study found under {root}{detail}; put DICOM studies "
+            "(<study>/<series>/<instance>.dcm or any nesting) in the input folder"
+        )
+    logger.info(
+        "found %d studies, %d series (%d unreadable, %d non-DICOM files ignored) under %s",
+        len(scan.studies), len(scan.series), len(scan.bad_files), len(scan.ignored_files), root,
+    )
+    return scan
+
+
+@dataclass
+class Selection:
+    """What the selector decided for every series of the input."""
+
+    scan: ScanResult
+    decisions: list[SeriesDecision]
+
+    @property
+    def taken(self) -> list[SeriesDecision]:
+        return [d for d in self.decisions if d.taken]
+
+
+def select_input(scan: ScanResult, config: Mapping[str, Any]) -> Selection:
+    """Apply the selection rules of ``config['selection']`` to every series.
+
+    Raises
+    ------
+    CohortError
+        When no series qualifies (no MR brain series of a scored contrast).
+    """
+    rules = SelectionRules.from_dict(config["selection"])
+    decisions = select_series(scan, rules)
+    selection = Selection(scan=scan, decisions=decisions)
+    if not selection.taken:
+        reasons = sorted({d.reason for d in decisions})
+        raise CohortError(
+            "no brain MR series to score: every series was skipped ("
+            + "; ".join(reasons[:5])
+            + f"). The product scores {', '.join(rules.scored_contrasts)} MR series of at least "
+            f"{rules.min_slices} slices; check the input or the selection rules."
+        )
+    return selection
+
+
+# ---------------------------------------------------------------------------------------------
+# preprocess and tokenise
+
+
+def build_encoder(config: Mapping[str, Any], model_path: str | Path | None) -> SliceEncoder:
+    """Create the encoder the configuration names; missing weights are a :class:`CohortError`."""
+    settings = config["encoder"]
+    name = settings["name"]
+    options: dict[str, Any] = {"device": settings["device"]}
+    if name == "intensity":
+        options["patch_size"] = settings["patch_size"]
+    else:
+        options["layers"] = settings["layers"]
+        options["seed"] = settings["seed"]
+        if name == "untrained-tiny":
+            options["patch_size"] = settings["patch_size"]
+        if name == "dinov2" and settings["weights"]:
+            options["weights"] = settings["weights"]
+    try:
+        encoder = load_encoder(name, model_path, **options)
+    except FileNotFoundError as error:
+        raise CohortError(str(error)) from error
+    except ValueError as error:
+        raise CohortError(f"encoder {name!r} cannot be loaded: {error}") from error
+    banner = "=" * 78
+    if not encoder.pretrained:
+        logger.warning("%s\nENCODER: %s\n%s", banner, encoder.description, banner)
+    else:
+        logger.info("encoder: %s (weights sha256 %s)", encoder.description, encoder.weights_sha256)
+    return encoder
+
+
+@dataclass
+class TokenisedSeries:
+    """A selected series after preprocessing and tokenisation: all later stages need."""
+
+    decision: SeriesDecision
+    datasets: list[Dataset]
+    prepared: PreprocessedVolume
+    tokens: TokenSet
+    qa: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Tokenisation:
+    """Outcome of :func:`tokenise_selected`."""
+
+    series: list[TokenisedSeries]
+    skipped: dict[str, str]  # series UID -> reason
+    encoder: dict[str, Any]
+
+
+def _prepare_one(decision: SeriesDecision, config: Mapping[str, Any], encoder: SliceEncoder) -> TokenisedSeries:
+    loaded = load_series_volume(decision.series)
+    volume = loaded.volume
+    volume.series_instance_uid = decision.series_instance_uid
+    size = config["tokens"]["grid_size"] * encoder.patch_size
+    settings = {key: value for key, value in config["preprocess"].items()}
+    settings["clip_percentiles"] = tuple(settings["clip_percentiles"])
+    prepared = preprocess_volume(volume, PreprocessConfig(size=size, **settings))
+    token_settings = config["tokens"]
+    tokens = tokenise(
+        prepared.image,
+        prepared.brain_mask,
+        encoder,
+        grid_size=token_settings["grid_size"],
+        projection_dim=token_settings["projection_dim"],
+        projection_seed=token_settings["projection_seed"],
+        min_brain_fraction=token_settings["min_brain_fraction"],
+        batch_size=config["encoder"]["batch_size"],
+    )
+    # The scorer and writer need only the mask and geometry: drop the image to bound memory.
+    prepared.image = np.zeros((0, 0, 0), np.float32)
+    qa = {
+        "brain_volume_ml": round(prepared.brain_volume_ml, 2),
+        "tokens_kept": int(tokens.coords.shape[0]),
+        "skipped_files": [f"{path}: {reason}" for path, reason in loaded.skipped_files],
+        "geometry": prepared.to_dict(),
+    }
+    return TokenisedSeries(decision=decision, datasets=loaded.datasets, prepared=prepared, tokens=tokens, qa=qa)
+
+
+def tokenise_selected(
+    selection: Selection,
+    config: Mapping[str, Any],
+    encoder: SliceEncoder,
+    timer: StageTimer | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Tokenisation:
+    """Load, preprocess and tokenise every taken series, one chunk of studies at a time.
+
+    Pixels are read only here, chunk by chunk, and only tokens, masks and headers are kept, so
+    memory grows with the number of series by megabytes, not by volumes.
+    """
+    timer = timer or StageTimer()
+    taken_by_study: dict[str, list[SeriesDecision]] = defaultdict(list)
+    for decision in selection.taken:
+        taken_by_study[decision.study_instance_uid].append(decision)
+    studies = [study for study in selection.scan.studies if study.study_instance_uid in taken_by_study]
+    total = len(selection.taken)
+    done = 0
+    result = Tokenisation(series=[], skipped={}, encoder=encoder.identity())
+    for chunk in chunk_studies(studies, config["loading"]["studies_per_chunk"]):
+        for study in chunk:
+            for decision in taken_by_study[study.study_instance_uid]:
+                start = time.perf_counter()
+                try:
+                    with timer("preprocess_and_tokenise"):
+                        record = _prepare_one(decision, config, encoder)
+                except (ValueError, OSError) as error:
+                    reason = f"could not be loaded or preprocessed: {error}"
+                    logger.warning(
+                        "study=%s series=%s decision=skip reason=%s",
+                        decision.study_instance_uid, decision.series_instance_uid, reason,
+                    )
+                    result.skipped[decision.series_instance_uid] = reason
+                else:
+                    record.qa["seconds"] = round(time.perf_counter() - start, 2)
+                    result.series.append(record)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+    if not result.series:
+        raise CohortError(
+            "no selected series could be loaded and preprocessed: "
+            + "; ".join(f"{uid}: {reason}" for uid, reason in list(result.skipped.items())[:3])
+        )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+
+
+def reference_groups(series: Sequence[TokenisedSeries], exclude_same: str) -> list[Hashable]:
+    """Group label per volume: volumes sharing a label never reference each other.
+
+    ``patient_id`` links volumes with the same PatientID or the same study (connected components,
+    so a patient's repeat studies and all their series form one group); ``study`` links series
+    of one study only; ``none`` links nothing.
+    """
+    n = len(series)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def link(keys: Sequence[str]) -> None:
+        first: dict[str, int] = {}
+        for index, key in enumerate(keys):
+            if not key:
+                continue
+            if key in first:
+                parent[find(index)] = find(first[key])
+            else:
+                first[key] = index
+
+    if exclude_same in ("patient_id", "study"):
+        link([s.decision.study_instance_uid for s in series])
+    if exclude_same == "patient_id":
+        link([s.decision.patient_id for s in series])
+    return [find(i) for i in range(n)]
+
+
+@dataclass
+class ScoredBatch:
+    """One contrast batch after scoring and thresholding."""
+
+    contrast: str
+    members: list[TokenisedSeries]
+    scores: BatchScores
+    decision: ThresholdDecision
+    unit_low: float
+    unit_high: float
+
+
+@dataclass
+class Scoring:
+    """Outcome of :func:`score_batches`."""
+
+    batches: list[ScoredBatch]
+    skipped: dict[str, str]
+    tokenisation: Tokenisation
+    errors: dict[str, str] = field(default_factory=dict)  # contrast -> why the batch failed
+
+
+def score_batches(tokenisation: Tokenisation, config: Mapping[str, Any]) -> Scoring:
+    """MuSc-score each contrast batch, fuse layers, and apply the threshold policy.
+
+    A batch with fewer than two eligible volumes cannot be scored (batch-based zero-shot needs
+    references): its series are skipped with the reason; other batches still run.
+
+    Raises
+    ------
+    CohortError
+        When no batch could be scored.
+    """
+    by_contrast: dict[str, list[TokenisedSeries]] = defaultdict(list)
+    for record in tokenisation.series:
+        by_contrast[record.decision.contrast].append(record)
+    scoring = Scoring(batches=[], skipped=dict(tokenisation.skipped), tokenisation=tokenisation)
+    settings = config["scoring"]
+    for contrast, members in by_contrast.items():
+        groups = reference_groups(members, settings["exclude_same"])
+        try:
+            if len(set(groups)) < 2:
+                raise ValueError(
+                    f"the {contrast} batch holds {len(members)} series from "
+                    f"{len(set(groups))} patient(s); batch scoring needs series of at least two "
+                    "different patients of the same contrast. Add studies of other patients "
+                    "to the input."
+                )
+            n_layers = len(members[0].tokens.tokens)
+            layer_sets = [[m.tokens.tokens[layer] for m in members] for layer in range(n_layers)]
+            scores = score_batch(
+                layer_sets,
+                k_fraction=settings["k_fraction"],
+                groups=groups,
+                device=None if settings["device"] == "auto" else settings["device"],
+                chunk_size=settings["chunk_size"],
+            )
+        except ValueError as error:
+            reason = f"{contrast} batch not scored: {error}"
+            logger.error(reason)
+            scoring.errors[contrast] = str(error)
+            for member in members:
+                scoring.skipped[member.decision.series_instance_uid] = reason
+            continue
+        threshold_settings = config["threshold"]
+        decision = decide_thresholds(
+            scores.token_scores,
+            scores.volume_scores,
+            z_volume=threshold_settings["volume_z"],
+            z_token=threshold_settings["token_z"],
+        )
+        low, high = score_to_unit_mapping(scores.token_scores)
+        batch = ScoredBatch(contrast, members, scores, decision, low, high)
+        scoring.batches.append(batch)
+        logger.info(
+            "batch %s: %d series scored, %d flagged (volume threshold %.4g, voxel threshold %.4g)",
+            contrast, len(members), int(decision.flagged.sum()), decision.volume_threshold,
+            decision.voxel_threshold,
+        )
+    if not scoring.batches:
+        raise CohortError(
+            "no contrast batch could be scored: " + "; ".join(f"{c}: {e}" for c, e in scoring.errors.items())
+        )
+    return scoring
+
+
+# ---------------------------------------------------------------------------------------------
+# maps
+
+
+@dataclass
+class SeriesMaps:
+    """The maps of one scored series on its source grid."""
+
+    score: np.ndarray  # float32 (z, y, x), raw scores, 0 outside the brain
+    binary: np.ndarray  # bool (z, y, x)
+    unit: np.ndarray  # float32 in [0, 1]
+    anomalous_volume_ml: float
+
+
+def series_outputs(batch: ScoredBatch, index: int) -> SeriesMaps:
+    """Upsample one member's token scores and carry them back onto its source grid."""
+    member = batch.members[index]
+    token_map = token_grid_map(batch.scores.token_scores[index], member.tokens.coords, member.tokens.grid_shape)
+    grid_map = upsample_token_map(token_map, member.prepared.brain_mask.shape[0], member.prepared.brain_mask)
+    score = resample_to_source(grid_map, member.prepared)
+    flagged = bool(batch.decision.flagged[index])
+    binary = score > batch.decision.voxel_threshold if flagged else np.zeros(score.shape, bool)
+    voxel_ml = float(np.prod(member.prepared.source_spacing)) / 1000.0
+    return SeriesMaps(
+        score=score,
+        binary=binary,
+        unit=to_unit(score, batch.unit_low, batch.unit_high),
+        anomalous_volume_ml=float(binary.sum()) * voxel_ml,
+    )

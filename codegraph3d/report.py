@@ -1,0 +1,235 @@
+"""Writing the results: one SEG per scored series and report.json (schema codegraph3d.report/1).
+
+Every file appears whole (temporary name, then rename); the output folder holds only ``SEG/`` and
+``report.json`` (DESIGN.md §4).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from . import ALGORITHM_NAME, __version__
+from .atomic import write_json_atomic
+from .config import config_hash
+from .io.seg import write_binary_seg, write_fractional_seg
+from .pipeline import Scoring, Selection, StageTimer, peak_rss_mb, series_outputs
+
+__all__ = ["REPORT_SCHEMA", "encoder_warning", "write_results", "write_failure_report"]
+
+logger = logging.getLogger(__name__)
+
+REPORT_SCHEMA = "codegraph3d.report/1"
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def encoder_warning(encoder: Mapping[str, Any]) -> str | None:
+    """Short warning shown in every output when the encoder is not pretrained DINOv2."""
+    if encoder.get("pretrained"):
+        return None
+    if encoder.get("name") == "intensity":
+        return "weight-free intensity encoder, not DINOv2"
+    return "UNTRAINED random ViT: no anomaly signal"
+
+
+def _safe_uid(uid: str) -> str:
+    # File names come from UIDs; a hostile UID must never become a path.
+    if not _UID.match(uid) or len(uid) > 64:
+        raise ValueError(f"SeriesInstanceUID {uid!r} is not a valid DICOM UID; refusing to use it in a file name")
+    return uid
+
+
+def _ranks(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rank 1 = highest score; percentile = share of the other volumes scoring lower (0-100)."""
+    order = np.argsort(-scores, kind="stable")
+    ranks = np.empty(len(scores), int)
+    ranks[order] = np.arange(1, len(scores) + 1)
+    lower = np.array([(scores < s).sum() for s in scores])
+    percentiles = 100.0 * lower / max(len(scores) - 1, 1)
+    return ranks, percentiles
+
+
+def _series_row(decision, status: str, reason: str) -> dict[str, Any]:
+    return {
+        "study_instance_uid": decision.study_instance_uid,
+        "series_instance_uid": decision.series_instance_uid,
+        "patient_id": decision.patient_id,
+        "series_description": decision.series_description,
+        "contrast": decision.contrast,
+        "status": status,
+        "reason": reason,
+        "score": None,
+        "rank": None,
+        "percentile": None,
+        "flagged": None,
+        "anomalous_volume_ml": None,
+        "seg_binary": None,
+        "seg_score": None,
+        "qa": {},
+    }
+
+
+def write_results(
+    scoring: Scoring,
+    selection: Selection,
+    output_dir: str | Path,
+    config: Mapping[str, Any],
+    timer: StageTimer,
+) -> dict[str, Any]:
+    """Write the SEGs of every scored series and report.json; return the report.
+
+    Parameters
+    ----------
+    scoring : Scoring
+        The scored batches.
+    selection : Selection
+        Every series' selection decision (skipped series are reported too).
+    output_dir : path-like
+        The output folder (created when missing).
+    config : mapping
+        The run's configuration (recorded in the report).
+    timer : StageTimer
+        Stage timings so far; the write stage is added.
+    """
+    output = Path(output_dir)
+    seg_dir = output / "SEG"
+    seg_dir.mkdir(parents=True, exist_ok=True)
+    encoder = scoring.tokenisation.encoder
+    warning = encoder_warning(encoder)
+    weights = (encoder.get("weights_sha256") or "")[:12]
+    encoder_text = f"{encoder['name']}" + (f" sha256:{weights}" if weights else "")
+    rows: dict[str, dict[str, Any]] = {}
+    for decision in selection.decisions:
+        if decision.taken:
+            reason = scoring.skipped.get(decision.series_instance_uid, "")
+            rows[decision.series_instance_uid] = _series_row(decision, "skipped" if reason else "scored", reason)
+        else:
+            rows[decision.series_instance_uid] = _series_row(decision, "skipped", decision.reason)
+
+    batches = []
+    with timer("write"):
+        for batch in scoring.batches:
+            ranks, percentiles = _ranks(batch.scores.volume_scores)
+            for index, member in enumerate(batch.members):
+                uid = member.decision.series_instance_uid
+                maps = series_outputs(batch, index)
+                details = (
+                    f"{ALGORITHM_NAME} {__version__}; encoder {encoder['description']}; "
+                    f"batch {batch.contrast} of {len(batch.members)}; volume threshold "
+                    f"{batch.decision.volume_threshold:.6g}, voxel threshold {batch.decision.voxel_threshold:.6g}"
+                )
+                common = dict(
+                    encoder_description=encoder_text,
+                    encoder_warning=warning,
+                    details=details,
+                )
+                binary_path = seg_dir / f"{_safe_uid(uid)}_binary.dcm"
+                write_binary_seg(
+                    member.datasets, maps.binary, binary_path,
+                    series_number=int(config["output"]["series_number"]), **common,
+                )
+                score_path = None
+                if config["output"]["fractional"]:
+                    score_path = seg_dir / f"{uid}_score.dcm"
+                    write_fractional_seg(
+                        member.datasets, maps.unit, score_path,
+                        series_number=int(config["output"]["series_number"]) + 1, **common,
+                    )
+                row = rows[uid]
+                row.update(
+                    status="scored",
+                    reason="",
+                    score=float(batch.scores.volume_scores[index]),
+                    rank=int(ranks[index]),
+                    percentile=round(float(percentiles[index]), 2),
+                    flagged=bool(batch.decision.flagged[index]),
+                    anomalous_volume_ml=round(maps.anomalous_volume_ml, 3),
+                    seg_binary=str(binary_path.relative_to(output)),
+                    seg_score=str(score_path.relative_to(output)) if score_path else None,
+                    batch_size=len(batch.members),
+                    references=int(batch.scores.n_references[index]),
+                    qa=member.qa,
+                )
+                logger.info(
+                    "study=%s series=%s decision=scored contrast=%s score=%.5g rank=%d/%d flagged=%s "
+                    "anomalous_ml=%.2f seg=%s",
+                    member.decision.study_instance_uid, uid, batch.contrast, row["score"], row["rank"],
+                    len(batch.members), row["flagged"], row["anomalous_volume_ml"], row["seg_binary"],
+                )
+            batches.append(
+                {
+                    "contrast": batch.contrast,
+                    "n_series": len(batch.members),
+                    "threshold": batch.decision.volume_threshold,
+                    "voxel_threshold": batch.decision.voxel_threshold,
+                    "threshold_policy": batch.decision.policy,
+                    "threshold_params": batch.decision.params,
+                    "n_flagged": int(batch.decision.flagged.sum()),
+                    "k": [int(k) for k in batch.scores.k],
+                    "score_to_unit": {"low": batch.unit_low, "high": batch.unit_high},
+                }
+            )
+    for contrast, error in scoring.errors.items():
+        batches.append({"contrast": contrast, "n_series": 0, "error": error})
+
+    studies: dict[str, dict[str, Any]] = {}
+    for row in rows.values():
+        study = studies.setdefault(
+            row["study_instance_uid"],
+            {"study_instance_uid": row["study_instance_uid"], "patient_id": row["patient_id"],
+             "score": None, "flagged": False, "scored_series": 0},
+        )
+        if row["status"] == "scored":
+            study["scored_series"] += 1
+            study["flagged"] = study["flagged"] or bool(row["flagged"])
+            study["score"] = row["score"] if study["score"] is None else max(study["score"], row["score"])
+
+    report = _base_report(config, encoder)
+    report.update(
+        status="completed",
+        exit_code=0,
+        batches=batches,
+        series=list(rows.values()),
+        studies=list(studies.values()),
+        bad_files=[{"path": str(path), "reason": reason} for path, reason in selection.scan.bad_files],
+        timings_s={stage: round(seconds, 3) for stage, seconds in timer.seconds.items()},
+        peak_rss_mb=round(peak_rss_mb(), 1),
+    )
+    write_json_atomic(output / "report.json", report)
+    return report
+
+
+def _base_report(config: Mapping[str, Any] | None, encoder: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {
+        "schema": REPORT_SCHEMA,
+        "algorithm": {"name": ALGORITHM_NAME, "version": __version__},
+        "encoder": dict(encoder) if encoder else None,
+        "encoder_warning": encoder_warning(encoder) if encoder else None,
+        "config": dict(config) if config else None,
+        "config_sha256": config_hash(config) if config else None,
+        "platform": {"python": platform.python_version(), "machine": platform.machine()},
+        "batches": [],
+        "series": [],
+    }
+
+
+def write_failure_report(
+    output_dir: str | Path,
+    message: str,
+    exit_code: int,
+    config: Mapping[str, Any] | None = None,
+    encoder: Mapping[str, Any] | None = None,
+) -> Path | None:
+    """Write report.json for a failed run; return its path, or None when it cannot be written."""
+    report = _base_report(config, encoder)
+    report.update(status="failed", exit_code=exit_code, message=message, peak_rss_mb=round(peak_rss_mb(), 1))
+    try:
+        return write_json_atomic(Path(output_dir) / "report.json", report)
+    except OSError as error:
+        logger.error("could not write report.json to %s: %s", output_dir, error)
+        return None

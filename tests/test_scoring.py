@@ -1,0 +1,141 @@
+"""MuSc scoring against a float64 brute force, the K rule, group exclusion, chunking, errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from codegraph3d.scoring import (
+    BatchScores,
+    fuse_layers,
+    k_for_references,
+    musc_scores,
+    score_batch,
+    volume_scores,
+)
+
+
+def brute_force(token_sets, k_fraction=0.3, groups=None):
+    """Straightforward float64 MuSc: loops, no tricks."""
+    sets = [np.asarray(t, dtype=np.float64) for t in token_sets]
+    out = []
+    for i, query in enumerate(sets):
+        refs = [j for j in range(len(sets)) if j != i and (groups is None or groups[j] != groups[i])]
+        k = max(1, math.floor(k_fraction * len(refs) + 1e-9))
+        scores = np.empty(len(query))
+        for t, q in enumerate(query):
+            nearest = [np.sqrt(((sets[j] - q) ** 2).sum(axis=1)).min() for j in refs]
+            scores[t] = np.mean(sorted(nearest)[:k])
+        out.append(scores)
+    return out
+
+
+def random_sets(rng, sizes, dim=12):
+    return [rng.normal(scale=0.5, size=(n, dim)) for n in sizes]
+
+
+@pytest.mark.parametrize("sizes", [(7, 13), (5, 9, 4), (6, 11, 3, 8, 10)])
+def test_matches_brute_force_unequal_sizes(sizes):
+    rng = np.random.default_rng(len(sizes))
+    sets = random_sets(rng, sizes)
+    got = musc_scores(sets, device="cpu")
+    want = brute_force(sets)
+    assert [g.shape for g in got] == [(n,) for n in sizes]
+    for g, w in zip(got, want):
+        assert g.dtype == np.float32
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
+
+
+def test_k_rule_and_k_fraction():
+    assert [k_for_references(b - 1, 0.3) for b in (2, 3, 4, 5, 11, 45)] == [1, 1, 1, 1, 3, 13]
+    assert k_for_references(100, 0.29) == 29  # 0.29 * 100 == 28.999999999999996 in binary
+    assert k_for_references(9, 1.0) == 9
+    rng = np.random.default_rng(3)
+    sets = random_sets(rng, [4] * 11, dim=5)  # B - 1 = 10 -> K = 3
+    for kf in (0.3, 1.0, 0.05):
+        got = musc_scores(sets, kf, device="cpu")
+        for g, w in zip(got, brute_force(sets, kf)):
+            np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
+    # K = 3 really differs from K = 1 and from the mean of all, so the rule is exercised.
+    k3 = brute_force(sets, 0.3)[0]
+    assert not np.allclose(k3, brute_force(sets, 0.05)[0])
+    assert not np.allclose(k3, brute_force(sets, 1.0)[0])
+
+
+def test_groups_exclude_same_patient():
+    rng = np.random.default_rng(4)
+    sets = random_sets(rng, [10, 8, 9, 7], dim=6)
+    sets.append(sets[0].copy())  # volume 4 duplicates volume 0
+    plain = musc_scores(sets, device="cpu")
+    assert np.abs(plain[4]).max() < 1e-6 and np.abs(plain[0]).max() < 1e-6
+    groups = ["p0", "p1", "p2", "p3", "p0"]
+    grouped = musc_scores(sets, groups=groups, device="cpu")
+    assert grouped[4].min() > 0.1 and grouped[0].min() > 0.1
+    for g, w in zip(grouped, brute_force(sets, groups=groups)):
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
+
+
+def test_chunking_is_invisible():
+    rng = np.random.default_rng(5)
+    sets = random_sets(rng, [23, 9, 31, 15])
+    full = musc_scores(sets, chunk_size=4096, device="cpu")
+    for chunk in (7, 1, 16):
+        small = musc_scores(sets, chunk_size=chunk, device="cpu")
+        for a, b in zip(full, small):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_offset_data_stays_accurate():
+    # Large common offset: the |q|^2 + |k|^2 - 2 q.k expansion would lose float32 precision.
+    rng = np.random.default_rng(6)
+    sets = [s + 100.0 for s in random_sets(rng, [6, 8, 5])]
+    for g, w in zip(musc_scores(sets, device="cpu"), brute_force(sets)):
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
+
+
+def test_errors():
+    ok = np.zeros((3, 4))
+    with pytest.raises(ValueError, match="at least 2 volumes"):
+        musc_scores([ok])
+    with pytest.raises(ValueError, match="token set 1 is empty"):
+        musc_scores([ok, np.zeros((0, 4))])
+    with pytest.raises(ValueError, match="token set 1 must be 2-D"):
+        musc_scores([ok, np.zeros(4)])
+    with pytest.raises(ValueError, match="feature dimension 5"):
+        musc_scores([ok, np.zeros((3, 5))])
+    bad = ok.copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match="token set 1 contains 1 non-finite"):
+        musc_scores([ok, bad])
+    for kf in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="k_fraction"):
+            musc_scores([ok, ok], kf)
+    with pytest.raises(ValueError, match="chunk_size"):
+        musc_scores([ok, ok], chunk_size=0)
+    with pytest.raises(ValueError, match="groups has 3 entries"):
+        musc_scores([ok, ok], groups=["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"volume 0 \(group 'p'\) has no eligible reference"):
+        musc_scores([ok, ok, ok], groups=["p", "p", "p"])
+    with pytest.raises(ValueError, match="sequence"):
+        musc_scores(np.zeros((2, 3, 4)))
+
+
+def test_fusion_volume_scores_and_score_batch():
+    rng = np.random.default_rng(7)
+    layer_a = random_sets(rng, [5, 6, 7], dim=4)
+    layer_b = random_sets(rng, [5, 6, 7], dim=9)  # D may differ across layers
+    batch = score_batch([layer_a, layer_b], k_fraction=0.3, groups=None, device="cpu")
+    assert isinstance(batch, BatchScores)
+    a = musc_scores(layer_a, device="cpu")
+    b = musc_scores(layer_b, device="cpu")
+    for fused, x, y in zip(batch.token_scores, a, b):
+        np.testing.assert_allclose(fused, (x + y) / 2, atol=1e-6)
+    np.testing.assert_allclose(batch.volume_scores, [f.max() for f in batch.token_scores])
+    assert batch.n_references.tolist() == [2, 2, 2] and batch.k.tolist() == [1, 1, 1]
+    np.testing.assert_allclose(volume_scores([np.array([1.0, 3.0]), np.array([2.0])]), [3, 2])
+    with pytest.raises(ValueError, match="layer 1 volume 0 has shape"):
+        fuse_layers([[np.zeros(3)], [np.zeros(4)]])
+    with pytest.raises(ValueError, match="layer 1 volume 2 has 8 tokens"):
+        score_batch([layer_a, layer_a[:2] + [np.zeros((8, 4))]], device="cpu")

@@ -1,0 +1,139 @@
+"""Tokenisation: shapes, coordinates, masking, projection and patch-aligned pooling on 32^3 volumes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from codegraph3d.encoders import IntensityEncoder, untrained_vit
+from codegraph3d.tokens import TokenSet, projection_matrix, tokenise
+
+P, G = 4, 8
+S = P * G
+
+
+@pytest.fixture(scope="module")
+def tiny_vit():
+    return untrained_vit("tiny", seed=0, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def volume() -> np.ndarray:
+    return np.random.default_rng(0).random((S, S, S), dtype=np.float32)
+
+
+def _sphere(radius: float) -> np.ndarray:
+    z, y, x = np.mgrid[:S, :S, :S] - (S - 1) / 2
+    return z**2 + y**2 + x**2 <= radius**2
+
+
+def test_intensity_tokens_match_a_numpy_reference_on_all_three_axes(volume):
+    enc = IntensityEncoder(patch_size=P, pooled=P)  # 4x4 pooled = every pixel of the patch
+    full = np.ones_like(volume, dtype=bool)
+    ts = tokenise(volume, full, enc, grid_size=G, projection_dim=128)
+    assert ts.tokens[0].shape == (G**3, 3 * P * P)  # 16 <= 128: no projection
+    for row, (bz, by, bx) in enumerate(ts.coords[[0, 77, 300, G**3 - 1]]):
+        cube = volume[bz * P:(bz + 1) * P, by * P:(by + 1) * P, bx * P:(bx + 1) * P]
+        token = ts.tokens[0][ts.coords.tolist().index([bz, by, bx])]
+        # axial: mean over z of (y, x); coronal: over y of (z, x); sagittal: over x of (z, y)
+        reference = np.concatenate([cube.mean(axis=a).reshape(-1) for a in (0, 1, 2)])
+        np.testing.assert_allclose(token, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_bright_cube_lands_in_its_grid_cell_for_every_axis():
+    image = np.zeros((S, S, S), dtype=np.float32)
+    cell = (2, 5, 3)
+    image[tuple(slice(c * P, (c + 1) * P) for c in cell)] = 1.0
+    ts = tokenise(image, np.ones_like(image, dtype=bool), IntensityEncoder(P, pooled=2), grid_size=G)
+    per_axis = ts.tokens[0].reshape(-1, 3, 4).mean(axis=2)  # (N, axis)
+    for axis in range(3):
+        grid = ts.to_grid(per_axis[:, axis])
+        assert grid[cell] == pytest.approx(1.0)
+        assert np.count_nonzero(grid) == 1, f"axis {axis} leaked the cube into other cells"
+
+
+def test_masking_keeps_only_mostly_brain_cubes_in_c_order(volume):
+    mask = _sphere(12.0)
+    ts = tokenise(volume, mask, IntensityEncoder(P, pooled=2), grid_size=G, min_brain_fraction=0.9)
+    fraction = mask.reshape(G, P, G, P, G, P).mean(axis=(1, 3, 5))
+    np.testing.assert_allclose(ts.brain_fraction, fraction)
+    np.testing.assert_array_equal(ts.coords, np.argwhere(fraction >= 0.9))
+    assert 0 < ts.n_tokens < G**3 and ts.coords.dtype == np.int64
+    assert ((fraction > 0) & (fraction < 0.9)).any(), "the test sphere must have boundary cubes"
+    assert ts.keep_mask.sum() == ts.n_tokens
+    grid = ts.to_grid(np.arange(1, ts.n_tokens + 1, dtype=np.float32))
+    assert grid[~ts.keep_mask].max() == 0 and grid.dtype == np.float32
+    assert grid[tuple(ts.coords[5])] == 6
+
+
+def test_empty_mask_is_rejected(volume):
+    with pytest.raises(ValueError, match="empty brain mask"):
+        tokenise(volume, np.zeros_like(volume, dtype=bool), IntensityEncoder(P), grid_size=G)
+    tiny = _sphere(2.0)  # a few voxels: no cube reaches 90 %
+    with pytest.raises(ValueError, match="empty brain mask"):
+        tokenise(volume, tiny, IntensityEncoder(P), grid_size=G)
+
+
+def test_vit_tokens_are_normalised_projected_and_deterministic(tiny_vit, volume):
+    mask = _sphere(14.0)
+    a = tokenise(volume, mask, tiny_vit, grid_size=G, projection_dim=16, batch_size=5)
+    b = tokenise(volume, mask, tiny_vit, grid_size=G, projection_dim=16, batch_size=32)
+    assert a.layer_names == ["block1", "block2"]
+    assert [t.shape for t in a.tokens] == [(a.n_tokens, 48)] * 2 and a.tokens[0].dtype == np.float32
+    for x, y in zip(a.tokens, b.tokens):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)  # batching changes nothing
+    other_seed = tokenise(volume, mask, tiny_vit, grid_size=G, projection_dim=16, projection_seed=1)
+    assert not np.allclose(a.tokens[0], other_seed.tokens[0])
+
+    unprojected = tokenise(volume, mask, tiny_vit, grid_size=G, projection_dim=128)
+    blocks = unprojected.tokens[1].reshape(-1, 3, 128)
+    np.testing.assert_allclose(np.linalg.norm(blocks, axis=2), 1.0, rtol=1e-5)
+    # the projection is the fixed per-axis matrix applied to the normalised tokens
+    expected = blocks[:, 2] @ projection_matrix(128, 16, 0, 2)
+    np.testing.assert_allclose(a.tokens[1][:, 32:48], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_projection_matrix_is_fixed():
+    m = projection_matrix(64, 8, seed=0, axis=1)
+    assert m.shape == (64, 8) and m.dtype == np.float32
+    np.testing.assert_array_equal(m, projection_matrix(64, 8, seed=0, axis=1))
+    assert not np.allclose(m, projection_matrix(64, 8, seed=0, axis=0))
+    big = projection_matrix(256, 512, seed=0, axis=0)
+    assert big.var() == pytest.approx(1 / 512, rel=0.05)
+
+
+def test_skipped_slabs_do_not_change_kept_tokens(tiny_vit, volume):
+    full = tokenise(volume, np.ones_like(volume, dtype=bool), tiny_vit, grid_size=G, projection_dim=16)
+    corner = np.zeros_like(volume, dtype=bool)
+    corner[:8, 8:16, 20:] = True  # only cubes (0..1, 2..3, 5..7) are brain
+    part = tokenise(volume, corner, tiny_vit, grid_size=G, projection_dim=16)
+    assert part.n_tokens == 2 * 2 * 3
+    rows = [full.coords.tolist().index(c) for c in part.coords.tolist()]
+    for layer in range(2):
+        np.testing.assert_allclose(part.tokens[layer], full.tokens[layer][rows], rtol=1e-5, atol=1e-6)
+
+
+def test_invalid_inputs_are_rejected(volume):
+    enc = IntensityEncoder(P)
+    mask = np.ones_like(volume, dtype=bool)
+    with pytest.raises(ValueError, match=r"expected \(32, 32, 32\)"):
+        tokenise(volume[:-1], mask[:-1], enc, grid_size=G)
+    with pytest.raises(ValueError, match="grid_size 16"):
+        tokenise(volume, mask, enc)  # default grid 16 needs 64^3 here
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        tokenise(volume * 2, mask, enc, grid_size=G)
+    with pytest.raises(ValueError, match="brain_mask must be boolean"):
+        tokenise(volume, mask.astype(np.float32), enc, grid_size=G)
+    with pytest.raises(ValueError, match="min_brain_fraction"):
+        tokenise(volume, mask, enc, grid_size=G, min_brain_fraction=0)
+    accepted = tokenise(volume, mask.astype(np.uint8), enc, grid_size=G)
+    assert accepted.n_tokens == G**3
+    with pytest.raises(ValueError, match="values must have shape"):
+        accepted.to_grid(np.zeros(3))
+
+
+def test_tokenset_validates_its_fields():
+    with pytest.raises(ValueError, match="layer names"):
+        TokenSet([np.zeros((1, 2))], np.zeros((1, 3), int), (2, 2, 2), [], np.zeros((2, 2, 2)))
+    with pytest.raises(ValueError, match="outside the grid"):
+        TokenSet([np.zeros((1, 2))], np.full((1, 3), 2), (2, 2, 2), ["a"], np.zeros((2, 2, 2)))

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up .venv and run the test suite.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+tools/setup_venv.sh
+exec .venv/bin/python -m pytest -q "$@"
