@@ -416,7 +416,7 @@ def series_outputs(batch: ScoredBatch, index: int) -> SeriesMaps:
     """Upsample one member's token scores and carry them back onto its source grid."""
     member = batch.members[index]
     token_map = token_grid_map(batch.scores.token_scores[index], member.tokens.coords, member.tokens.grid_shape)
-    grid_map = upsample_token_map(token_map, member.prepared.brain_mask.shape[0], member.prepared.brain_mask)
+    grid_map = upsample_token_map(token_map, member.prepared.size, member.prepared.brain_mask)
     score = resample_to_source(grid_map, member.prepared)
     flagged = bool(batch.decision.flagged[index])
     binary = score > batch.decision.voxel_threshold if flagged else np.zeros(score.shape, bool)

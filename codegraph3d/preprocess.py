@@ -112,7 +112,8 @@ class PreprocessedVolume:
 
     @property
     def size(self) -> int:
-        return int(self.image.shape[0])
+        """Edge of the working grid (the image may have been released to save memory)."""
+        return int(self.brain_mask.shape[0])
 
     @property
     def grid_index_to_physical(self) -> np.ndarray:
@@ -269,9 +270,9 @@ def resample_to_source(grid_map: np.ndarray, prepared: PreprocessedVolume, *, or
     numpy.ndarray
         float32 array of the source shape ``(z, y, x)``; 0 where the source lies outside the grid.
     """
-    if grid_map.shape != prepared.image.shape:
+    if grid_map.shape != prepared.brain_mask.shape:
         raise ValueError(
-            f"map shape {grid_map.shape} does not match the working grid {prepared.image.shape}"
+            f"map shape {grid_map.shape} does not match the working grid {prepared.brain_mask.shape}"
         )
     if order not in (0, 1):
         raise ValueError(f"order must be 0 or 1; got {order}")

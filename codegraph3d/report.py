@@ -135,7 +135,7 @@ def write_results(
                 )
                 score_path = None
                 if config["output"]["fractional"]:
-                    score_path = seg_dir / f"{uid}_score.dcm"
+                    score_path = seg_dir / f"{_safe_uid(uid)}_score.dcm"
                     write_fractional_seg(
                         member.datasets, maps.unit, score_path,
                         series_number=int(config["output"]["series_number"]) + 1, **common,

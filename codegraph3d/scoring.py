@@ -236,64 +236,87 @@ def musc_scores(
         best_d2 = torch.full((n_volumes, n_total), float("inf"), dtype=torch.float32, device=dev)
         best_idx = torch.zeros((n_volumes, n_total), dtype=torch.int32, device=dev)
 
-        eligible = [set(r) for r in refs]
         for i in range(n_volumes):
-            for j in range(i + 1, n_volumes):
-                # Group exclusion is symmetric, so i -> j eligibility implies j -> i.
-                if j in eligible[i]:
-                    _update_pair(tokens, sq_norms, starts, i, j, best_d2, best_idx, chunk_size)
+            # Group exclusion is symmetric, so each unordered pair is visited once, from i < j.
+            later = [j for j in refs[i] if j > i]
+            for run in _consecutive_runs(later):
+                _update_block_row(
+                    tokens, sq_norms, starts, i, run, best_d2, best_idx, chunk_size
+                )
 
         results: list[np.ndarray] = []
         for i in range(n_volumes):
-            k = k_for_references(len(refs[i]), k_fraction)
+            n_ref = len(refs[i])
+            k = k_for_references(n_ref, k_fraction)
             ref_index = torch.as_tensor(refs[i], dtype=torch.long, device=dev)
-            scores = torch.empty(sizes[i], dtype=torch.float64, device=dev)
-            for a in range(int(starts[i]), int(starts[i + 1]), chunk_size):
-                b = min(a + chunk_size, int(starts[i + 1]))
-                query = tokens[a:b]
-                nearest = best_idx[ref_index, a:b].long()  # (n_ref, chunk)
-                dists = torch.empty((len(refs[i]), b - a), dtype=torch.float64, device=dev)
-                for r in range(len(refs[i])):
-                    # Float32 subtraction of close values is exact (Sterbenz); accumulate in float64.
-                    diff = (query - tokens[nearest[r]]).double()
-                    dists[r] = diff.pow(2).sum(dim=1).sqrt()
+            i0, i1 = int(starts[i]), int(starts[i + 1])
+            scores = torch.empty(i1 - i0, dtype=torch.float64, device=dev)
+            # Gathered neighbours are (n_ref, rows, D) float64: keep that near chunk_size^2 values.
+            rows = max(1, min(chunk_size, chunk_size * chunk_size // (2 * n_ref * tokens.shape[1])))
+            for a in range(i0, i1, rows):
+                b = min(a + rows, i1)
+                nearest = best_idx[ref_index, a:b].long()  # (n_ref, rows)
+                # Float32 subtraction of close values is exact (Sterbenz); accumulate in float64.
+                diff = (tokens[a:b].unsqueeze(0) - tokens[nearest]).double()
+                dists = diff.pow_(2).sum(dim=2).sqrt_()  # (n_ref, rows)
                 smallest = torch.topk(dists, k, dim=0, largest=False).values
-                scores[a - int(starts[i]) : b - int(starts[i])] = smallest.mean(dim=0)
+                scores[a - i0 : b - i0] = smallest.mean(dim=0)
             results.append(scores.float().cpu().numpy())
     return results
 
 
-def _update_pair(
+def _consecutive_runs(indices: list[int]) -> list[list[int]]:
+    """Split increasing volume indices into runs of consecutive ones (contiguous token rows)."""
+    runs: list[list[int]] = []
+    for j in indices:
+        if runs and runs[-1][-1] == j - 1:
+            runs[-1].append(j)
+        else:
+            runs.append([j])
+    return runs
+
+
+def _update_block_row(
     tokens: torch.Tensor,
     sq_norms: torch.Tensor,
     starts: np.ndarray,
     i: int,
-    j: int,
+    run: list[int],
     best_d2: torch.Tensor,
     best_idx: torch.Tensor,
     chunk_size: int,
 ) -> None:
-    """Update the nearest neighbours of volume i's tokens in j and of j's tokens in i."""
+    """Update nearest neighbours between volume ``i`` and the consecutive volumes ``run``.
+
+    Reference chunks span several (small) volumes at once, so small volumes still give large
+    matmuls; the row minima are then split at volume boundaries.
+    """
     i0, i1 = int(starts[i]), int(starts[i + 1])
-    j0, j1 = int(starts[j]), int(starts[j + 1])
+    r0, r1 = int(starts[run[0]]), int(starts[run[-1] + 1])
     for a in range(i0, i1, chunk_size):
         b = min(a + chunk_size, i1)
         q, qn = tokens[a:b], sq_norms[a:b]
-        for c in range(j0, j1, chunk_size):
-            d = min(c + chunk_size, j1)
+        for c in range(r0, r1, chunk_size):
+            d = min(c + chunk_size, r1)
             # addmm avoids a separate (chunk x chunk) temporary for -2 q.k. No clamp at 0: these
             # values only choose the neighbour, whose distance is recomputed exactly later.
             d2 = torch.addmm(sq_norms[c:d].unsqueeze(0), q, tokens[c:d].T, beta=1.0, alpha=-2.0)
             d2.add_(qn.unsqueeze(1))
 
-            row_val, row_arg = d2.min(dim=1)  # tokens a:b of volume i -> volume j
-            _running_min(best_d2[j, a:b], best_idx[j, a:b], row_val, row_arg + c)
-            # Tokens c:d of volume j -> volume i. On CPU a (index-returning) min over dim 0 of a
-            # large block is ~10x slower than over dim 1 (cache misses); row slabs keep it fast.
+            # Tokens c:d (volumes of the run) -> volume i. On CPU an index-returning min over
+            # dim 0 of a large block is ~10x slower than over dim 1 (cache misses); slabs fix it.
             slab = _COL_SLAB_CPU if d2.device.type == "cpu" else d2.shape[0]
             for s in range(0, d2.shape[0], slab):
                 col_val, col_arg = d2[s : s + slab].min(dim=0)
                 _running_min(best_d2[i, c:d], best_idx[i, c:d], col_val, col_arg + (a + s))
+
+            # Tokens a:b of volume i -> each volume j of the run overlapping columns c:d.
+            for j in run:
+                lo, hi = max(c, int(starts[j])), min(d, int(starts[j + 1]))
+                if lo >= hi:
+                    continue
+                row_val, row_arg = d2[:, lo - c : hi - c].min(dim=1)
+                _running_min(best_d2[j, a:b], best_idx[j, a:b], row_val, row_arg + lo)
 
 
 def _running_min(

@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -159,7 +160,9 @@ def _as_direction(name: str, value: ArrayLike) -> NDArray[np.float64]:
     if array.shape != (3, 3):
         raise ValueError(f"{name} must be a 3x3 matrix; got shape {array.shape}")
     if not np.allclose(array.T @ array, np.eye(3), atol=1e-4):
-        raise ValueError(f"{name} must be orthonormal (columns = x, y, z axes); got {array.tolist()}")
+        raise ValueError(
+            f"{name} must be orthonormal (columns = x, y, z axes); got {array.tolist()}"
+        )
     return array
 
 
@@ -250,33 +253,81 @@ class TissueMaps:
         return 0.5 * (points.min(axis=0) + points.max(axis=0))
 
 
+# The files behind nilearn.datasets.load_mni152_{template,gm_template,wm_template}.
+_NILEARN_FILES = {
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+# nilearn's load_mni152_brain_mask default: template / max > 0.2.
+_BRAIN_THRESHOLD = 0.2
+
+
+def _load_nilearn_arrays(resolution: int) -> tuple[dict[str, NDArray[np.float32]], NDArray]:
+    """Template T1, GM and WM scaled to [0, 1] exactly as nilearn's loaders return them.
+
+    Reading the packaged files directly takes about 0.5 s; ``nilearn.datasets`` costs several
+    seconds to import (scikit-learn) and resamples with a cubic spline. At 2 mm its grid shares
+    the 1 mm grid's origin, so its result is the 1 mm data at every second voxel, which is what
+    this returns (checked to 1e-16). If the files are not where this nilearn keeps them, fall
+    back to the public loaders.
+    """
+    import importlib.resources
+
+    try:
+        import nibabel as nib
+
+        root = importlib.resources.files("nilearn") / "datasets" / "data"
+        arrays: dict[str, NDArray[np.float32]] = {}
+        affine = None
+        for name, filename in _NILEARN_FILES.items():
+            image = nib.load(str(root / filename))
+            data = np.asarray(image.dataobj, dtype=np.float32)
+            data /= data.max()
+            arrays[name] = np.ascontiguousarray(data[::resolution, ::resolution, ::resolution])
+            affine = image.affine.copy()
+        assert affine is not None
+        affine[:3, :3] *= resolution
+        return arrays, affine
+    except (FileNotFoundError, ModuleNotFoundError, OSError):
+        from nilearn import datasets
+
+        images = {
+            "t1": datasets.load_mni152_template(resolution=resolution),
+            "gm": datasets.load_mni152_gm_template(resolution=resolution),
+            "wm": datasets.load_mni152_wm_template(resolution=resolution),
+        }
+        arrays = {k: np.asarray(v.get_fdata(), dtype=np.float32) for k, v in images.items()}
+        return arrays, np.asarray(images["t1"].affine, dtype=float)
+
+
 @functools.lru_cache(maxsize=2)
 def load_tissue_maps(resolution: int = 2) -> TissueMaps:
     """Load the MNI152 2009 template tissue maps that nilearn ships (no network access).
 
+    The values equal ``nilearn.datasets.load_mni152_{gm,wm}_template(resolution)`` and
+    ``load_mni152_brain_mask(resolution)``, read from the files inside the nilearn package.
+
     Parameters
     ----------
     resolution : int, default 2
-        1 or 2 (mm). 2 mm renders about as fast and loads in a few seconds; every acquisition is
-        interpolated from it, so 1 mm only sharpens tissue edges.
+        1 or 2 (mm). Every acquisition is interpolated from it; 2 mm loads faster and only
+        softens tissue edges.
 
     Returns
     -------
     TissueMaps
         Read-only arrays, shared between calls (the result is cached).
     """
-    if resolution not in (1, 2):
+    if isinstance(resolution, bool) or resolution not in (1, 2):
         raise ValueError(f"resolution must be 1 or 2 (mm); got {resolution!r}")
-    from nilearn import datasets
     from scipy import ndimage
 
-    brain_img = datasets.load_mni152_brain_mask(resolution=resolution)
-    brain = (np.asarray(brain_img.get_fdata()) > 0.5).astype(np.float32)
+    arrays, affine = _load_nilearn_arrays(int(resolution))
+    brain = (arrays["t1"] > _BRAIN_THRESHOLD).astype(np.float32)
     # The probability maps leak slightly outside the mask and carry -0.0 values: clip and mask.
-    gm = np.clip(datasets.load_mni152_gm_template(resolution=resolution).get_fdata(), 0, 1)
-    wm = np.clip(datasets.load_mni152_wm_template(resolution=resolution).get_fdata(), 0, 1)
-    gm = (gm * brain).astype(np.float32)
-    wm = (wm * brain).astype(np.float32)
+    gm = (np.clip(arrays["gm"], 0, 1) * brain).astype(np.float32)
+    wm = (np.clip(arrays["wm"], 0, 1) * brain).astype(np.float32)
     csf = (np.clip(brain - gm - wm, 0, 1) * brain).astype(np.float32)
     depth = ndimage.distance_transform_edt(brain > 0.5, sampling=float(resolution))
     maps = TissueMaps(
@@ -285,7 +336,7 @@ def load_tissue_maps(resolution: int = 2) -> TissueMaps:
         csf=csf,
         brain=brain,
         depth_mm=depth.astype(np.float32),
-        affine_ras=np.asarray(brain_img.affine, dtype=float),
+        affine_ras=np.asarray(affine, dtype=float),
         resolution=int(resolution),
     )
     for array in (maps.gm, maps.wm, maps.csf, maps.brain, maps.depth_mm, maps.affine_ras):
@@ -651,7 +702,7 @@ def acquisition_grid(
         Field-of-view margin around the brain on each side, on top of a bound on the elastic
         displacement.
     max_extra_voxels : int, default 12
-        Each in-plane matrix size is enlarged by a random 0..max_extra_voxels, so that matrices vary.
+        Each in-plane matrix size grows by a random 0..max_extra_voxels, so that matrices vary.
     """
     spacing = _as_vector3("spacing", spacing)
     if np.any(spacing <= 0):
@@ -1083,11 +1134,11 @@ def _write_slices(
 ) -> list[Path]:
     """Write ``(image_yx, position, orientation6, (row_spacing, col_spacing))`` slices.
 
-    One dataset object is reused and only the per-slice elements change: building ~80 elements
-    per file dominated the time otherwise.
+    The elements common to every slice are encoded once and only the per-slice ones (UIDs,
+    position, pixels, ...) per file: letting pydicom encode ~80 elements per file made writing
+    the slower half of generating a cohort.
     """
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
+    from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
     _check_int("bits_stored", bits_stored, 8, 16)
@@ -1095,9 +1146,13 @@ def _write_slices(
     existing = sorted(out_dir.glob("IM*.dcm"))
     if existing and not overwrite:
         raise FileExistsError(f"{out_dir} already holds {len(existing)} IM*.dcm files")
-    stack = np.stack([np.asarray(s[0], dtype=float) for s in slices])
-    stored, slope, intercept = _rescale(stack, bits_stored, rescale)
-    center, width = _window(stack)
+    stack = [np.asarray(s[0], dtype=float) for s in slices]
+    low = min(float(image.min()) for image in stack)
+    high = max(float(image.max()) for image in stack)
+    # One slope and intercept for the whole series, chosen from its overall range.
+    _, slope, intercept = _rescale(np.array([low, high]), bits_stored, rescale)
+    stored_slices = [_rescale(image, bits_stored, (slope, intercept))[0] for image in stack]
+    center, width = _window(np.concatenate([image.ravel() for image in stack]))
 
     ds.SliceThickness = _ds(slice_thickness)
     if spacing_between_slices is not None:
@@ -1109,33 +1164,70 @@ def _write_slices(
     ds.RescaleIntercept = _ds(intercept)
     ds.RescaleSlope = _ds(slope)
     ds.RescaleType = "US"
+    common = _encode_elements(ds)
     meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = "CODEGRAPH3D"
-    ds.file_meta = meta
+    meta_common = _encode_elements(meta)
 
     paths: list[Path] = []
     series_uid = str(ds.SeriesInstanceUID)
-    for number, (image, position, orientation, pixel_spacing) in enumerate(slices, start=1):
-        rows, columns = np.asarray(image).shape
+    for number, (_, position, orientation, pixel_spacing) in enumerate(slices, start=1):
+        stored = stored_slices[number - 1]
         sop_uid = generate_uid(entropy_srcs=[_UID_NAMESPACE, series_uid, "sop", str(number)])
-        ds.SOPInstanceUID = sop_uid
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        ds.InstanceNumber = number
-        ds.ImagePositionPatient = [_ds(v) for v in position]
-        ds.ImageOrientationPatient = [_ds(round(float(v), 8)) for v in orientation]
+        per_slice = Dataset()
+        per_slice.SOPInstanceUID = sop_uid
+        per_slice.InstanceNumber = number
+        per_slice.ImagePositionPatient = [_ds(v) for v in position]
+        per_slice.ImageOrientationPatient = [_ds(round(float(v), 8)) for v in orientation]
         normal = np.cross(orientation[:3], orientation[3:])
-        ds.SliceLocation = _ds(float(np.dot(normal, position)))
-        ds.Rows = int(rows)
-        ds.Columns = int(columns)
-        ds.PixelSpacing = [_ds(pixel_spacing[0]), _ds(pixel_spacing[1])]
-        ds.PixelData = np.ascontiguousarray(stored[number - 1]).tobytes()
+        per_slice.SliceLocation = _ds(float(np.dot(normal, position)))
+        per_slice.Rows = int(stored.shape[0])
+        per_slice.Columns = int(stored.shape[1])
+        per_slice.PixelSpacing = [_ds(pixel_spacing[0]), _ds(pixel_spacing[1])]
+        per_slice.add_new(0x7FE00010, "OW", np.ascontiguousarray(stored).tobytes())
+        elements = {**common, **_encode_elements(per_slice)}
+        body = b"".join(elements[tag] for tag in sorted(elements))
         path = out_dir / f"IM{number:04d}.dcm"
-        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+        path.write_bytes(b"\x00" * 128 + b"DICM" + _file_meta_group(meta_common, sop_uid) + body)
         paths.append(path)
     return paths
+
+
+def _encode_elements(ds: Any) -> dict[int, bytes]:
+    """Explicit VR Little Endian encoding of each top-level element of ``ds``, by tag."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_data_element
+
+    encoded: dict[int, bytes] = {}
+    for element in ds:
+        buffer = DicomBytesIO()
+        buffer.is_little_endian = True
+        buffer.is_implicit_VR = False
+        write_data_element(buffer, element)
+        encoded[int(element.tag)] = buffer.getvalue()
+    return encoded
+
+
+def _file_meta_group(encoded: dict[int, bytes], sop_instance_uid: str) -> bytes:
+    """File Meta Information group for one file, from the elements common to the series.
+
+    Only (0002,0003) differs between files, so it is encoded here (UI padded with NUL to an
+    even length) and the group length (0002,0000) recomputed.
+    """
+    value = sop_instance_uid.encode("ascii")
+    if len(value) % 2:
+        value += b"\x00"
+    elements = dict(encoded)
+    elements[0x00020003] = (
+        struct.pack("<HH", 0x0002, 0x0003) + b"UI" + struct.pack("<H", len(value)) + value
+    )
+    elements.pop(0x00020000, None)
+    body = b"".join(elements[tag] for tag in sorted(elements))
+    return struct.pack("<HH", 0x0002, 0x0000) + b"UL" + struct.pack("<HI", 4, len(body)) + body
 
 
 def write_series(
@@ -1335,14 +1427,17 @@ def write_localizer(
             raise ValueError(f"plane {number} image must be 2-D (rows, columns); got {image.shape}")
         spacing = np.asarray(spacing, dtype=float).reshape(-1)
         if spacing.size not in (2, 3) or np.any(spacing <= 0):
-            raise ValueError(f"plane {number} spacing must be 2 or 3 positive values; got {spacing}")
+            raise ValueError(
+                f"plane {number} spacing must be 2 or 3 positive values; got {spacing}"
+            )
         direction = _as_direction(f"plane {number} direction", direction)
         orientation = np.concatenate([direction[:, 0], direction[:, 1]])
         slices.append((image, _as_vector3(f"plane {number} origin", origin), orientation,
                        (float(spacing[1]), float(spacing[0]))))
-    allowed = {"echo_time", "repetition_time"} | set(write_series.__kwdefaults__) - {"series_description", "series_number",
-                                                  "slice_thickness", "overwrite", "rescale",
-                                                  "bits_stored", "extra_attributes"}
+    # Everything write_series takes at study or acquisition level, less what a scout fixes.
+    fixed = {"series_description", "series_number", "slice_thickness", "overwrite", "rescale",
+             "bits_stored", "extra_attributes"}
+    allowed = {"echo_time", "repetition_time"} | (set(write_series.__kwdefaults__) - fixed)
     unknown = set(study_attributes) - allowed
     if unknown:
         raise TypeError(f"write_localizer got unexpected keyword arguments {sorted(unknown)}")

@@ -44,8 +44,16 @@ def write_mr_series(
     series_uid, for_uid = generate_uid(), generate_uid()
     r, c = np.asarray(row_dir, float), np.asarray(col_dir, float)
     normal = np.cross(r, c)
-    offsets = np.arange(n) * slice_spacing if slice_positions is None else np.asarray(slice_positions, float)
-    data = np.random.default_rng(seed).integers(0, 1000, size=(len(offsets), rows, cols)).astype(np.uint16)
+    offsets = (
+        np.arange(n) * slice_spacing
+        if slice_positions is None
+        else np.asarray(slice_positions, float)
+    )
+    data = (
+        np.random.default_rng(seed)
+        .integers(0, 1000, size=(len(offsets), rows, cols))
+        .astype(np.uint16)
+    )
     paths = []
     for k, offset in enumerate(offsets):
         sop = generate_uid()
@@ -55,16 +63,37 @@ def write_mr_series(
         ds.file_meta.MediaStorageSOPInstanceUID = sop
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, sop
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, for_uid
-        ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = patient_id, "Test^" + patient_id, "", "O"
-        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName = "20240101", "120000", "", ""
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = (
+            study_uid,
+            series_uid,
+            for_uid,
+        )
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = (
+            patient_id,
+            "Test^" + patient_id,
+            "",
+            "O",
+        )
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName = (
+            "20240101",
+            "120000",
+            "",
+            "",
+        )
         ds.StudyID, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "1", "MR", 3, len(offsets) - k
         ds.Manufacturer, ds.SeriesDescription = "TEST", description
         ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
         ds.PositionReferenceIndicator = ""
-        ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = "SE", "SK", "", "2D"
+        ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = (
+            "SE",
+            "SK",
+            "",
+            "2D",
+        )
         ds.EchoTime, ds.RepetitionTime, ds.EchoTrainLength = 100.0, 4000.0, 1
-        ds.ImagePositionPatient = [round(float(v), 6) for v in np.asarray(origin, float) + normal * offset]
+        ds.ImagePositionPatient = [
+            round(float(v), 6) for v in np.asarray(origin, float) + normal * offset
+        ]
         ds.ImageOrientationPatient = [round(float(v), 8) for v in (*r, *c)]
         ds.PixelSpacing, ds.SliceThickness = list(pixel_spacing), slice_spacing
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
@@ -103,7 +132,9 @@ def test_scan_ignores_non_dicom_and_records_truncated(tmp_path: Path, caplog) ->
     assert series.files == sorted(paths, key=str)
     bad = {p: reason for p, reason in scan.bad_files}
     assert set(bad) == {truncated, garbage}
-    assert {tmp_path / "study" / "notes.txt", tmp_path / "study" / "series" / "thumbs.db"} <= set(scan.ignored_files)
+    assert {tmp_path / "study" / "notes.txt", tmp_path / "study" / "series" / "thumbs.db"} <= set(
+        scan.ignored_files
+    )
     assert str(truncated) in caplog.text and str(garbage) in caplog.text
     assert series.modality == "MR" and series.series_description == "T2 TSE AX"
     assert series.echo_time == 100.0 and series.repetition_time == 4000.0
@@ -116,8 +147,15 @@ def test_oblique_anisotropic_geometry(tmp_path: Path) -> None:
     origin = np.array([-80.5, 20.25, 33.0])
     # PixelSpacing = [between rows (y), between columns (x)]: deliberately different.
     paths, data = write_mr_series(
-        tmp_path, n=24, row_dir=row_dir, col_dir=col_dir, pixel_spacing=(0.8, 1.3),
-        slice_spacing=2.5, origin=origin, slope=2.0, intercept=-10.0,
+        tmp_path,
+        n=24,
+        row_dir=row_dir,
+        col_dir=col_dir,
+        pixel_spacing=(0.8, 1.3),
+        slice_spacing=2.5,
+        origin=origin,
+        slope=2.0,
+        intercept=-10.0,
     )
     loaded = load_series_volume(scan_headers(tmp_path).series[0])
     vol = loaded.volume
@@ -130,7 +168,9 @@ def test_oblique_anisotropic_geometry(tmp_path: Path) -> None:
     src = pydicom.dcmread(by_uid[vol.sop_instance_uids[z]])
     ipp = np.array(src.ImagePositionPatient, float)
     iop = np.array(src.ImageOrientationPatient, float)
-    expected = ipp + iop[:3] * float(src.PixelSpacing[1]) * x + iop[3:] * float(src.PixelSpacing[0]) * y
+    expected = (
+        ipp + iop[:3] * float(src.PixelSpacing[1]) * x + iop[3:] * float(src.PixelSpacing[0]) * y
+    )
     point = (vol.index_to_physical @ np.array([x, y, z, 1.0]))[:3]
     np.testing.assert_allclose(point, expected, atol=1e-4)
     assert vol.array[z, y, x] == pytest.approx(float(src.pixel_array[y, x]) * 2.0 - 10.0)
@@ -149,14 +189,18 @@ def test_oblique_anisotropic_geometry(tmp_path: Path) -> None:
 def test_shuffled_files_sorted_along_normal_with_headers(tmp_path: Path) -> None:
     # Positions written out of order: file order, InstanceNumber and position all disagree.
     positions = np.random.default_rng(1).permutation(24) * 2.0
-    paths, data = write_mr_series(tmp_path, slice_positions=positions, row_dir=(0, 1, 0), col_dir=(0, 0, -1))
+    paths, data = write_mr_series(
+        tmp_path, slice_positions=positions, row_dir=(0, 1, 0), col_dir=(0, 0, -1)
+    )
     loaded = load_series_volume(scan_headers(tmp_path).series[0])
     order = np.argsort(positions)
     np.testing.assert_array_equal(loaded.volume.array, data[order].astype(np.float32))
     assert loaded.files == [paths[i] for i in order]
     assert [ds.SOPInstanceUID for ds in loaded.datasets] == loaded.volume.sop_instance_uids
     assert all("PixelData" not in ds for ds in loaded.datasets)
-    along = [np.dot(ds.ImagePositionPatient, np.cross((0, 1, 0), (0, 0, -1))) for ds in loaded.datasets]
+    along = [
+        np.dot(ds.ImagePositionPatient, np.cross((0, 1, 0), (0, 0, -1))) for ds in loaded.datasets
+    ]
     assert np.all(np.diff(along) > 0)
     assert loaded.volume.metadata["series_description"] == "T2 TSE AX"
 
@@ -226,3 +270,12 @@ def test_duplicate_sop_instance_recorded(tmp_path: Path) -> None:
     scan = scan_headers(tmp_path)
     assert scan.series[0].number_of_slices == 4
     assert [p.name for p, _ in scan.bad_files] == ["zz_copy.dcm"]
+
+
+def test_multi_frame_rejected_before_decoding(tmp_path: Path) -> None:
+    paths, _ = write_mr_series(tmp_path, n=3)
+    ds = pydicom.dcmread(paths[1])
+    ds.NumberOfFrames = 2
+    ds.save_as(paths[1], enforce_file_format=True)
+    with pytest.raises(ValueError, match="multi-frame instances"):
+        load_series_volume(scan_headers(tmp_path).series[0])

@@ -36,18 +36,34 @@ def header(
 ) -> SeriesHeader:
     slices = [
         SliceHeader(
-            path=Path(f"/x/{i}.dcm"), sop_instance_uid=f"1.2.{i}", sop_class_uid=sop_class,
-            instance_number=i, position=(0.0, 0.0, float(i // positions_per_slice)),
-            orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0), pixel_spacing=(1.0, 1.0), rows=16, columns=16,
+            path=Path(f"/x/{i}.dcm"),
+            sop_instance_uid=f"1.2.{i}",
+            sop_class_uid=sop_class,
+            instance_number=i,
+            position=(0.0, 0.0, float(i // positions_per_slice)),
+            orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+            pixel_spacing=(1.0, 1.0),
+            rows=16,
+            columns=16,
             number_of_frames=frames,
         )
         for i in range(n)
     ]
     return SeriesHeader(
-        study_instance_uid="1.2.3", series_instance_uid=uid or f"1.2.3.{abs(hash(description)) % 10**6}",
-        patient_id="P1", modality=modality, series_description=description, image_type=image_type,
-        echo_time=te, repetition_time=tr, inversion_time=ti, contrast_agent=agent,
-        sop_class_uid=sop_class, rows=16, columns=16, slices=slices,
+        study_instance_uid="1.2.3",
+        series_instance_uid=uid or f"1.2.3.{abs(hash(description)) % 10**6}",
+        patient_id="P1",
+        modality=modality,
+        series_description=description,
+        image_type=image_type,
+        echo_time=te,
+        repetition_time=tr,
+        inversion_time=ti,
+        contrast_agent=agent,
+        sop_class_uid=sop_class,
+        rows=16,
+        columns=16,
+        slices=slices,
     )
 
 
@@ -76,12 +92,19 @@ def header(
         ("series 8", {"te": 95.0, "tr": 5000.0}, "T2w", "timing:TE>="),
         ("series 9", {"te": 12.0, "tr": 500.0}, "T1w", "timing:TE<="),
         ("series 10", {"te": 3.0, "tr": 2300.0, "ti": 900.0}, "T1w", "timing:TI in"),
-        ("series 11", {"te": 3.0, "tr": 2300.0, "ti": 900.0, "agent": "gd"}, "T1w-CE", "timing:TI in"),
+        (
+            "series 11",
+            {"te": 3.0, "tr": 2300.0, "ti": 900.0, "agent": "gd"},
+            "T1w-CE",
+            "timing:TI in",
+        ),
         ("series 12", {"te": 40.0, "tr": 1500.0}, "other", "no description"),
         ("", {}, "other", "no description"),
     ],
 )
-def test_classification_table(description: str, kwargs: dict, contrast: str, rule_start: str) -> None:
+def test_classification_table(
+    description: str, kwargs: dict, contrast: str, rule_start: str
+) -> None:
     got, rule = classify_contrast(header(description, **kwargs))
     assert got == contrast, rule
     assert rule.startswith(rule_start)
@@ -132,7 +155,12 @@ def test_selection_logs_and_batches_never_mix(caplog) -> None:
     assert [d.taken for d in decisions] == [True, True, False, True, False]
     assert len(caplog.records) == 5
     line = caplog.records[0].getMessage()
-    assert "study=1.2.3" in line and "series=1.1" in line and "decision=take" in line and "batch=T2w" in line
+    assert (
+        "study=1.2.3" in line
+        and "series=1.1" in line
+        and "decision=take" in line
+        and "batch=T2w" in line
+    )
     assert "decision=skip" in caplog.records[2].getMessage()
     batches = form_batches(decisions)
     assert list(batches) == ["T1w", "T2w"]
@@ -142,9 +170,17 @@ def test_selection_logs_and_batches_never_mix(caplog) -> None:
 
 
 def test_rules_override_and_validation() -> None:
-    rules = SelectionRules.from_dict({"scored_contrasts": ["FLAIR"], "min_slices": 5, "timing": {"t2_min_te": 60}})
-    assert rules.timing["t2_min_te"] == 60 and rules.timing["t1_max_tr"] == DEFAULT_SELECTION_RULES["timing"]["t1_max_tr"]
-    decisions = select_series([header("AX FLAIR", n=6), header("T2", n=6)], {"scored_contrasts": ["FLAIR"], "min_slices": 5})
+    rules = SelectionRules.from_dict(
+        {"scored_contrasts": ["FLAIR"], "min_slices": 5, "timing": {"t2_min_te": 60}}
+    )
+    assert (
+        rules.timing["t2_min_te"] == 60
+        and rules.timing["t1_max_tr"] == DEFAULT_SELECTION_RULES["timing"]["t1_max_tr"]
+    )
+    decisions = select_series(
+        [header("AX FLAIR", n=6), header("T2", n=6)],
+        {"scored_contrasts": ["FLAIR"], "min_slices": 5},
+    )
     assert [d.taken for d in decisions] == [True, False]
     with pytest.raises(ValueError, match="unknown selection rule 'min_slice'"):
         SelectionRules.from_dict({"min_slice": 3})
@@ -152,5 +188,7 @@ def test_rules_override_and_validation() -> None:
         SelectionRules.from_dict({"scored_contrasts": ["T3w"]})
     with pytest.raises(ValueError, match="invalid regular expression"):
         SelectionRules.from_dict({"localizer_patterns": ["("]})
+    with pytest.raises(ValueError, match="modalities must be a list"):
+        SelectionRules.from_dict({"modalities": "MR"})
     with pytest.raises(ValueError, match="unknown selection timing"):
         SelectionRules.from_dict({"timing": {"t2_te": 1}})

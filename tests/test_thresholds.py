@@ -16,7 +16,7 @@ from codegraph3d.thresholds import (
 
 
 def test_all_normal_batch_flags_few():
-    rate = simulate_all_normal_flag_rate(n_batches=3, n_volumes=15, n_tokens=60, dim=8, seed=0)
+    rate = simulate_all_normal_flag_rate(n_batches=2, n_volumes=12, n_tokens=40, dim=8, seed=0)
     assert rate < 0.2
 
 

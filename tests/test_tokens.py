@@ -22,6 +22,18 @@ def volume() -> np.ndarray:
     return np.random.default_rng(0).random((S, S, S), dtype=np.float32)
 
 
+@pytest.fixture(scope="module")
+def vit_full(tiny_vit, volume) -> TokenSet:
+    """Every cube kept, every slice encoded, no projection (128 <= k)."""
+    return tokenise(volume, np.ones_like(volume, dtype=bool), tiny_vit, grid_size=G,
+                    projection_dim=128, batch_size=32)
+
+
+def _rows(full: TokenSet, coords: np.ndarray) -> list[int]:
+    """Rows of ``full`` (all cubes, C order) holding the given grid coordinates."""
+    return [int(np.ravel_multi_index(tuple(c), full.grid_shape)) for c in coords]
+
+
 def _sphere(radius: float) -> np.ndarray:
     z, y, x = np.mgrid[:S, :S, :S] - (S - 1) / 2
     return z**2 + y**2 + x**2 <= radius**2
@@ -74,23 +86,23 @@ def test_empty_mask_is_rejected(volume):
         tokenise(volume, tiny, IntensityEncoder(P), grid_size=G)
 
 
-def test_vit_tokens_are_normalised_projected_and_deterministic(tiny_vit, volume):
-    mask = _sphere(14.0)
-    a = tokenise(volume, mask, tiny_vit, grid_size=G, projection_dim=16, batch_size=5)
-    b = tokenise(volume, mask, tiny_vit, grid_size=G, projection_dim=16, batch_size=32)
-    assert a.layer_names == ["block1", "block2"]
-    assert [t.shape for t in a.tokens] == [(a.n_tokens, 48)] * 2 and a.tokens[0].dtype == np.float32
-    for x, y in zip(a.tokens, b.tokens):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)  # batching changes nothing
-    other_seed = tokenise(volume, mask, tiny_vit, grid_size=G, projection_dim=16, projection_seed=1)
-    assert not np.allclose(a.tokens[0], other_seed.tokens[0])
-
-    unprojected = tokenise(volume, mask, tiny_vit, grid_size=G, projection_dim=128)
-    blocks = unprojected.tokens[1].reshape(-1, 3, 128)
+def test_vit_tokens_are_normalised_and_projected(tiny_vit, volume, vit_full):
+    blocks = vit_full.tokens[1].reshape(-1, 3, 128)  # 128 <= k: unprojected
     np.testing.assert_allclose(np.linalg.norm(blocks, axis=2), 1.0, rtol=1e-5)
-    # the projection is the fixed per-axis matrix applied to the normalised tokens
-    expected = blocks[:, 2] @ projection_matrix(128, 16, 0, 2)
-    np.testing.assert_allclose(a.tokens[1][:, 32:48], expected, rtol=1e-4, atol=1e-5)
+
+    mask = _sphere(14.0)
+    projected = tokenise(volume, mask, tiny_vit, grid_size=G, projection_dim=16, batch_size=5)
+    assert projected.layer_names == ["block1", "block2"]
+    assert [t.shape for t in projected.tokens] == [(projected.n_tokens, 48)] * 2
+    assert projected.tokens[0].dtype == np.float32
+    rows = _rows(vit_full, projected.coords)
+    for layer in range(2):
+        unprojected = vit_full.tokens[layer][rows].reshape(-1, 3, 128)
+        for axis in range(3):
+            # the fixed per-axis matrix on the normalised tokens; batch size 5 vs 32 changes nothing
+            expected = unprojected[:, axis] @ projection_matrix(128, 16, 0, axis)
+            got = projected.tokens[layer][:, 16 * axis:16 * (axis + 1)]
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_projection_matrix_is_fixed():
@@ -102,15 +114,14 @@ def test_projection_matrix_is_fixed():
     assert big.var() == pytest.approx(1 / 512, rel=0.05)
 
 
-def test_skipped_slabs_do_not_change_kept_tokens(tiny_vit, volume):
-    full = tokenise(volume, np.ones_like(volume, dtype=bool), tiny_vit, grid_size=G, projection_dim=16)
+def test_skipped_slabs_do_not_change_kept_tokens(tiny_vit, volume, vit_full):
     corner = np.zeros_like(volume, dtype=bool)
     corner[:8, 8:16, 20:] = True  # only cubes (0..1, 2..3, 5..7) are brain
-    part = tokenise(volume, corner, tiny_vit, grid_size=G, projection_dim=16)
+    part = tokenise(volume, corner, tiny_vit, grid_size=G, projection_dim=128)
     assert part.n_tokens == 2 * 2 * 3
-    rows = [full.coords.tolist().index(c) for c in part.coords.tolist()]
+    rows = _rows(vit_full, part.coords)
     for layer in range(2):
-        np.testing.assert_allclose(part.tokens[layer], full.tokens[layer][rows], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(part.tokens[layer], vit_full.tokens[layer][rows], rtol=1e-5, atol=1e-6)
 
 
 def test_invalid_inputs_are_rejected(volume):

@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from codegraph3d.volume import Volume
@@ -52,7 +51,21 @@ logger = logging.getLogger(__name__)
 #: Elements larger than this are not read during the header scan (pydicom re-reads on access).
 _DEFER_SIZE = "4 KB"
 #: Explicit-VR value representations whose length field is 4 bytes (after 2 reserved bytes).
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
 #: Tags that carry pixel values; the scan stops right before the first of them.
 _PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
 _UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -203,7 +216,9 @@ class SeriesHeader:
             )
         orientations = np.array([s.orientation for s in self.slices], float)
         if np.abs(orientations - orientations[0]).max() > 1e-3:
-            return "files have different ImageOrientationPatient (mixed planes, e.g. a 3-plane series)"
+            return (
+                "files have different ImageOrientationPatient (mixed planes, e.g. a 3-plane series)"
+            )
         sizes = {(s.rows, s.columns) for s in self.slices}
         if len(sizes) > 1:
             return f"files have different matrix sizes {sorted(sizes, key=str)}"
@@ -512,7 +527,8 @@ def scan_headers(root: Path | str) -> ScanResult:
         if (series_uid, sop_uid) in seen_sops:
             bad(
                 path,
-                f"duplicate SOPInstanceUID {sop_uid} (same instance as {seen_sops[(series_uid, sop_uid)]})",
+                f"duplicate SOPInstanceUID {sop_uid} "
+                f"(same instance as {seen_sops[(series_uid, sop_uid)]})",
                 key,
             )
             continue
@@ -538,8 +554,10 @@ def scan_headers(root: Path | str) -> ScanResult:
         study_info[study_uid].series.append(series)
     for study in study_info.values():
         study.series.sort(
-            key=lambda s: (s.series_number if s.series_number is not None else 1 << 31,
-                           s.series_instance_uid)
+            key=lambda s: (
+                s.series_number if s.series_number is not None else 1 << 31,
+                s.series_instance_uid,
+            )
         )
     result.studies = [study_info[uid] for uid in sorted(study_info) if study_info[uid].series]
     logger.info(
@@ -591,9 +609,8 @@ def _read_slice(path: Path) -> tuple[Dataset | None, np.ndarray | None, str | No
     except Exception as exc:
         return None, None, f"unreadable ({type(exc).__name__}: {exc})"
     try:
-        frames = _int(ds, "NumberOfFrames") or 1
-        if frames > 1:
-            raise ValueError(f"multi-frame instance ({frames} frames); only single-frame slices are supported")
+        if (_int(ds, "NumberOfFrames") or 1) > 1:
+            raise ValueError("multi-frame instance")  # rejected for the series by the caller
         raw = ds.pixel_array
         if raw.ndim != 2:
             raise ValueError(f"pixel array has shape {raw.shape}; expected a 2-D grayscale slice")
@@ -681,8 +698,17 @@ def load_series_volume(
     name = _series_name(series)
     if not series.slices:
         raise ValueError(f"{name} has no files")
+    if series.max_number_of_frames > 1:
+        # Checked before decoding anything: enhanced/4-D objects would be read in vain.
+        raise ValueError(
+            f"{name}: multi-frame instances ({series.max_number_of_frames} frames) are not "
+            "supported; export the series as single-frame (classic) MR images"
+        )
     if require_mr and series.modality != "MR":
-        raise ValueError(f"{name}: modality {series.modality or 'missing'} is not MR; only MR series can be loaded")
+        raise ValueError(
+            f"{name}: modality {series.modality or 'missing'} is not MR; "
+            "only MR series can be loaded"
+        )
 
     readable: list[tuple[Path, Dataset, np.ndarray | None, str | None]] = []
     unreadable: list[tuple[Path, str]] = []
@@ -693,7 +719,9 @@ def load_series_volume(
         else:
             readable.append((s.path, ds, pixels, problem))
     if not readable:
-        raise ValueError(f"{name}: no file could be read; first error: {unreadable[0][0]}: {unreadable[0][1]}")
+        raise ValueError(
+            f"{name}: no file could be read; first error: {unreadable[0][0]}: {unreadable[0][1]}"
+        )
 
     # Header consistency over every file whose header is readable, pixels or not: a bad slice
     # must not hide a geometry problem of the series.
@@ -701,12 +729,22 @@ def load_series_volume(
     iop = _floats(ref_ds, "ImageOrientationPatient", 6)
     ps = _floats(ref_ds, "PixelSpacing", 2)
     if iop is None or ps is None:
-        raise ValueError(f"{name}: {ref_path} lacks a valid ImageOrientationPatient or PixelSpacing")
+        raise ValueError(
+            f"{name}: {ref_path} lacks a valid ImageOrientationPatient or PixelSpacing"
+        )
     rows, cols = _int(ref_ds, "Rows"), _int(ref_ds, "Columns")
     positions = []
     for path, ds, _, _ in readable:
         if require_mr and _text(ds, "Modality").upper() != "MR":
             raise ValueError(f"{name}: {path} has modality {_text(ds, 'Modality')!r}, not MR")
+        frames = _int(ds, "NumberOfFrames") or 1
+        if frames > 1:
+            raise ValueError(
+                f"{name}: {path} is a multi-frame instance ({frames} frames); only series of "
+                "single-frame slices are supported: export the series as classic MR images"
+            )
+        if (_int(ds, "SamplesPerPixel") or 1) != 1:
+            raise ValueError(f"{name}: {path} is not grayscale (SamplesPerPixel != 1)")
         this_iop = _floats(ds, "ImageOrientationPatient", 6)
         if this_iop is None or np.abs(np.subtract(this_iop, iop)).max() > 1e-4:
             raise ValueError(
@@ -715,7 +753,8 @@ def load_series_volume(
             )
         if (_int(ds, "Rows"), _int(ds, "Columns")) != (rows, cols):
             raise ValueError(
-                f"{name}: {path} is {_int(ds, 'Rows')}x{_int(ds, 'Columns')}, {ref_path} is {rows}x{cols}"
+                f"{name}: {path} is {_int(ds, 'Rows')}x{_int(ds, 'Columns')}, "
+                f"{ref_path} is {rows}x{cols}"
             )
         this_ps = _floats(ds, "PixelSpacing", 2)
         if this_ps is None or not np.allclose(this_ps, ps, rtol=1e-4, atol=1e-6):
@@ -734,7 +773,9 @@ def load_series_volume(
         or abs(np.linalg.norm(col_dir) - 1) > 1e-3
         or abs(row_dir @ col_dir) > 1e-3
     ):
-        raise ValueError(f"{name}: ImageOrientationPatient {iop} in {ref_path} is not two orthonormal vectors")
+        raise ValueError(
+            f"{name}: ImageOrientationPatient {iop} in {ref_path} is not two orthonormal vectors"
+        )
     row_dir /= np.linalg.norm(row_dir)
     col_dir /= np.linalg.norm(col_dir)
     normal = np.cross(row_dir, col_dir)
@@ -742,7 +783,8 @@ def load_series_volume(
     pos = np.asarray(positions, float)
     along = pos @ normal
     # Ties broken by path so the order never depends on the file system.
-    order = sorted(range(len(readable)), key=lambda i: (along[i], str(readable[i][0])))
+    names = [str(item[0]) for item in readable]
+    order = sorted(range(len(names)), key=lambda i: (along[i], names[i]))
     readable = [readable[i] for i in order]
     pos, along = pos[order], along[order]
     steps = np.diff(along)
@@ -751,8 +793,8 @@ def load_series_volume(
         i = int(dup[0])
         raise ValueError(
             f"{name}: duplicate slice positions ({dup.size} coincident pair(s)), e.g. "
-            f"{readable[i][0]} and {readable[i + 1][0]} at {along[i]:.4f} mm along the slice normal; "
-            "a series with several echoes/phases per position (4-D) is not supported: "
+            f"{readable[i][0]} and {readable[i + 1][0]} at {along[i]:.4f} mm along the slice "
+            "normal; a series with several echoes/phases per position (4-D) is not supported: "
             "split it or remove the duplicate files"
         )
 
@@ -781,7 +823,10 @@ def load_series_volume(
     for path, reason in skipped:
         logger.warning(
             "%s: skipping %s (%s); the remaining %d slices form a uniform stack",
-            name, path, reason, len(kept),
+            name,
+            path,
+            reason,
+            len(kept),
         )
 
     extent = kept_pos[-1] - kept_pos[0]
@@ -790,12 +835,19 @@ def load_series_volume(
     # grid sheared, which a direction matrix cannot express.
     if np.linalg.norm(np.cross(z_dir, normal)) > 1e-3:
         raise ValueError(
-            f"{name}: slice positions advance along {np.round(z_dir, 4).tolist()}, not along the slice "
-            f"normal {np.round(normal, 4).tolist()} (gantry tilt / sheared stack); resample it first"
+            f"{name}: slice positions advance along {np.round(z_dir, 4).tolist()}, not along "
+            f"the slice normal {np.round(normal, 4).tolist()} (gantry tilt / sheared stack); "
+            "resample it first"
         )
 
-    array = np.stack([px for _, _, px in kept])
+    # Copy slice by slice, dropping each source slice, so peak memory stays near one volume.
+    slices: list[np.ndarray | None] = [px for _, _, px in kept]
     datasets = [ds for _, ds, _ in kept]
+    del kept, readable
+    array = np.empty((len(slices), rows or 0, cols or 0), np.float32)
+    for i in range(len(slices)):
+        array[i] = slices[i]
+        slices[i] = None
     volume = Volume(
         array=array,
         origin=kept_pos[0],
@@ -815,7 +867,10 @@ def load_series_volume(
             "inversion_time": series.inversion_time,
             "contrast_agent": series.contrast_agent,
             "frame_of_reference_uid": _text(datasets[0], "FrameOfReferenceUID"),
-            "slice_step_range_mm": [float(np.diff(kept_along).min()), float(np.diff(kept_along).max())],
+            "slice_step_range_mm": [
+                float(np.diff(kept_along).min()),
+                float(np.diff(kept_along).max()),
+            ],
             "skipped_files": [[str(p), r] for p, r in skipped],
         },
     )

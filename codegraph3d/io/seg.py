@@ -76,7 +76,9 @@ def _check_sources(source_datasets: Sequence[Dataset], shape: tuple[int, ...], w
             )
     series = {str(ds.SeriesInstanceUID) for ds in source_datasets}
     if len(series) != 1:
-        raise ValueError(f"source datasets come from {len(series)} series; a SEG references one series")
+        raise ValueError(
+            f"source datasets come from {len(series)} series; a SEG references one series"
+        )
 
 
 def _write(
@@ -108,15 +110,21 @@ def _write(
         raise ValueError(f"series_number must be a non-negative integer; got {series_number!r}")
 
     warning = _clean(encoder_warning) if encoder_warning else ""
-    flag = f" [{warning}]" if warning else ""
     if series_description is None:
-        # Name and caveats first: truncation only ever cuts the warning's tail.
-        series_description = _fit(f"{ALGORITHM_NAME} {kind}, {_NOT_CLINICAL}{flag}")
+        # "not for clinical use" must survive the 64-character limit: only the warning is cut.
+        base = f"{ALGORITHM_NAME} {kind}"
+        room = LO_MAX - len(base) - len(_NOT_CLINICAL) - 5
+        flag = f" [{_fit(warning, room)}]" if warning else ""
+        series_description = _fit(f"{base}{flag}, {_NOT_CLINICAL}")
     elif len(series_description) > LO_MAX:
         raise ValueError(
             f"series_description has {len(series_description)} characters; DICOM LO allows {LO_MAX}"
         )
-    short = _fit(f"{ALGORITHM_NAME} {algorithm_version}; {encoder_description}{flag}")
+    # The warning leads, so truncation cuts the encoder's tail (kept whole in ImageComments).
+    if warning:
+        short = _fit(f"{warning}: {encoder_description}")
+    else:
+        short = _fit(f"{ALGORITHM_NAME} {algorithm_version}, encoder {encoder_description}")
     comments = [
         f"{ALGORITHM_NAME} {algorithm_version}: training-free zero-shot anomaly detection "
         f"(batch-based mutual scoring with consistent-anomaly filtering). {kind} segment "
@@ -155,7 +163,9 @@ def _write(
         source_images=list(source_datasets),
         pixel_array=pixel_array,
         segmentation_type=(
-            hd.seg.SegmentationTypeValues.FRACTIONAL if fractional else hd.seg.SegmentationTypeValues.BINARY
+            hd.seg.SegmentationTypeValues.FRACTIONAL
+            if fractional
+            else hd.seg.SegmentationTypeValues.BINARY
         ),
         segment_descriptions=[segment],
         series_instance_uid=series_instance_uid or hd.UID(),
@@ -186,7 +196,10 @@ def _write(
         raise
     logger.info(
         "Wrote %s SEG %s (%d frames, %s) for series %s",
-        kind, out_path, int(seg.NumberOfFrames), "empty" if empty else "non-empty",
+        kind,
+        out_path,
+        int(seg.NumberOfFrames),
+        "empty" if empty else "non-empty",
         source_datasets[0].SeriesInstanceUID,
     )
     return out_path
@@ -249,7 +262,9 @@ def write_binary_seg(
     _check_sources(source_datasets, mask.shape, "mask_zyx")
     if mask.dtype != bool:
         if not np.isin(mask, (0, 1)).all():
-            raise ValueError("mask_zyx must be boolean or hold only 0 and 1; threshold the score map first")
+            raise ValueError(
+                "mask_zyx must be boolean or hold only 0 and 1; threshold the score map first"
+            )
         mask = mask.astype(bool)
     return _write(
         "binary",
@@ -309,7 +324,9 @@ def write_fractional_seg(
         raise ValueError("unit_map_zyx holds NaN or infinite values; set background to 0 first")
     lo, hi = float(unit.min()), float(unit.max())
     if lo < 0.0 or hi > 1.0:
-        raise ValueError(f"unit_map_zyx must lie in [0, 1]; got [{lo:.4g}, {hi:.4g}]; clip or rescale it")
+        raise ValueError(
+            f"unit_map_zyx must lie in [0, 1]; got [{lo:.4g}, {hi:.4g}]; clip or rescale it"
+        )
     note = "Fractional values are batch-normalised anomaly scores, not calibrated probabilities."
     return _write(
         "score",

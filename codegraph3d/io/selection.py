@@ -11,7 +11,8 @@ decides:
    ``localizer_patterns``;
 5. derived: ImageType[0] in ``derived_image_type_values`` or ImageType[1] in
    ``secondary_image_type_values``;
-6. excluded series type (DWI, ADC, perfusion, SWI ...): description matches ``excluded_series_types``;
+6. excluded series type (DWI, ADC, perfusion, SWI ...): description matches
+   ``excluded_series_types``;
 7. header geometry cannot form one 3-D stack (missing geometry, mixed planes, several slices per
    position = 4-D);
 8. fewer than ``min_slices`` slices;
@@ -91,7 +92,10 @@ DEFAULT_SELECTION_RULES: dict[str, Any] = {
     # Contrast from description, tried in this order; the first label whose pattern matches wins.
     # "other" first so that T2* / PD / angiography names are not read as T2w or T1w.
     "contrast_patterns": {
-        "other": r"t2\s*\*|t2[- ]?star|(?<![a-z0-9])(pd|pdw|tof|mra|angio)(?![a-z0-9])|proton density",
+        "other": (
+            r"t2\s*\*|t2[- ]?star|proton density"
+            r"|(?<![a-z0-9])(pd|pdw|tof|mra|angio)(?![a-z0-9])"
+        ),
         # T1-FLAIR (GE) is T1-weighted: left to the T1w pattern.
         "FLAIR": r"(?<!t1)(?<!t1 )(?<!t1-)flair|dark[- ]?fluid|tirm",
         "T2w": r"t2",
@@ -99,11 +103,15 @@ DEFAULT_SELECTION_RULES: dict[str, Any] = {
     },
     # Description patterns meaning contrast-enhanced (turn T1w into T1w-CE).
     "contrast_enhanced_pattern": (
-        r"\+\s*c(?![a-z0-9])|(?<![a-z0-9])c\+|(?<![a-z0-9])post(?![a-z])|post[- ]?(contrast|gad|gd|c)"
+        r"\+\s*c(?![a-z0-9])|(?<![a-z0-9])c\+"
+        r"|(?<![a-z0-9])post(?![a-z])|post[- ]?(contrast|gad|gd|c)"
         r"|(?<![a-z0-9])(gad|gado|gd|ce|enh)(?![a-z])|contrast|enhanc"
     ),
     # Description patterns meaning explicitly without contrast (checked first; win over the above).
-    "non_enhanced_pattern": r"pre[- ]?(contrast|gad|gd|c(?![a-z]))|(?<![a-z0-9])(pre|nativ|native|non[- ]?contrast)(?![a-z])",
+    "non_enhanced_pattern": (
+        r"pre[- ]?(contrast|gad|gd|c(?![a-z]))"
+        r"|(?<![a-z0-9])(pre|nativ|native|non[- ]?contrast)(?![a-z])"
+    ),
     # ContrastBolusAgent values that mean no agent was given.
     "no_agent_values": ["", "NONE", "NO", "N/A", "NA", "0", "-"],
     # Timing fallbacks (ms) when no description pattern matched; tried in this order.
@@ -148,7 +156,7 @@ class SelectionRules:
     timing: dict[str, Any]
 
     @classmethod
-    def from_dict(cls, overrides: Mapping[str, Any] | None = None) -> "SelectionRules":
+    def from_dict(cls, overrides: Mapping[str, Any] | None = None) -> SelectionRules:
         """Merge ``overrides`` onto :data:`DEFAULT_SELECTION_RULES`, validate and compile.
 
         Top-level keys replace the default value, except ``timing``, whose keys are merged.
@@ -163,7 +171,18 @@ class SelectionRules:
         for key, value in (overrides or {}).items():
             if key not in DEFAULT_SELECTION_RULES:
                 raise ValueError(
-                    f"unknown selection rule {key!r}; valid keys: {', '.join(DEFAULT_SELECTION_RULES)}"
+                    f"unknown selection rule {key!r}; "
+                    f"valid keys: {', '.join(DEFAULT_SELECTION_RULES)}"
+                )
+            default = DEFAULT_SELECTION_RULES[key]
+            expected = (list, tuple) if isinstance(default, list) else type(default)
+            # A YAML scalar where a list belongs ("modalities: MR") would be split into letters.
+            if not isinstance(value, expected) or isinstance(value, bool) != isinstance(
+                default, bool
+            ):
+                raise ValueError(
+                    f"selection rule {key} must be a {type(default).__name__} like the default "
+                    f"{default!r}; got {value!r}"
                 )
             if key == "timing":
                 unknown = set(value) - set(DEFAULT_SELECTION_RULES["timing"])
@@ -180,16 +199,21 @@ class SelectionRules:
             try:
                 return re.compile(pattern, re.IGNORECASE)
             except re.error as exc:
-                raise ValueError(f"selection rule {key}: invalid regular expression {pattern!r}: {exc}") from exc
+                raise ValueError(
+                    f"selection rule {key}: invalid regular expression {pattern!r}: {exc}"
+                ) from exc
 
         scored = tuple(raw["scored_contrasts"])
         bad = [c for c in scored if c not in CONTRASTS]
         if bad or not scored:
             raise ValueError(
-                f"selection rule scored_contrasts: {bad or 'empty'}; choose from {', '.join(CONTRASTS)}"
+                f"selection rule scored_contrasts: {bad or 'empty'}; "
+                f"choose from {', '.join(CONTRASTS)}"
             )
         if not isinstance(raw["min_slices"], int) or raw["min_slices"] < 1:
-            raise ValueError(f"selection rule min_slices must be a positive integer; got {raw['min_slices']!r}")
+            raise ValueError(
+                f"selection rule min_slices must be a positive integer; got {raw['min_slices']!r}"
+            )
         unknown_labels = set(raw["contrast_patterns"]) - set(CONTRASTS)
         if unknown_labels:
             raise ValueError(
@@ -203,14 +227,25 @@ class SelectionRules:
             scored_contrasts=scored,
             secondary_capture_sop_classes=frozenset(raw["secondary_capture_sop_classes"]),
             localizer_image_types=frozenset(str(v).upper() for v in raw["localizer_image_types"]),
-            localizer_patterns=tuple(compile_("localizer_patterns", p) for p in raw["localizer_patterns"]),
-            derived_image_type_values=frozenset(str(v).upper() for v in raw["derived_image_type_values"]),
-            secondary_image_type_values=frozenset(str(v).upper() for v in raw["secondary_image_type_values"]),
+            localizer_patterns=tuple(
+                compile_("localizer_patterns", p) for p in raw["localizer_patterns"]
+            ),
+            derived_image_type_values=frozenset(
+                str(v).upper() for v in raw["derived_image_type_values"]
+            ),
+            secondary_image_type_values=frozenset(
+                str(v).upper() for v in raw["secondary_image_type_values"]
+            ),
             excluded_series_types={
-                k: compile_("excluded_series_types", p) for k, p in raw["excluded_series_types"].items()
+                k: compile_("excluded_series_types", p)
+                for k, p in raw["excluded_series_types"].items()
             },
-            contrast_patterns={k: compile_("contrast_patterns", p) for k, p in raw["contrast_patterns"].items()},
-            contrast_enhanced_pattern=compile_("contrast_enhanced_pattern", raw["contrast_enhanced_pattern"]),
+            contrast_patterns={
+                k: compile_("contrast_patterns", p) for k, p in raw["contrast_patterns"].items()
+            },
+            contrast_enhanced_pattern=compile_(
+                "contrast_enhanced_pattern", raw["contrast_enhanced_pattern"]
+            ),
             non_enhanced_pattern=compile_("non_enhanced_pattern", raw["non_enhanced_pattern"]),
             no_agent_values=frozenset(str(v).strip().upper() for v in raw["no_agent_values"]),
             timing=raw["timing"],
@@ -272,7 +307,8 @@ def classify_contrast(series: SeriesHeader, rules: SelectionRules | None = None)
     -------
     (str, str)
         The contrast (one of :data:`CONTRASTS`) and the deciding rule, e.g.
-        ``"description:T2w"``, ``"timing:TE>=70,TR>=1800"``, ``"description:T1w+ContrastBolusAgent"``.
+        ``"description:T2w"``, ``"timing:TE>=70,TR>=1800"``,
+        ``"description:T1w+ContrastBolusAgent"``.
     """
     rules = rules or SelectionRules.from_dict()
     desc = _normalise(series.series_description)
@@ -310,7 +346,9 @@ def classify_contrast(series: SeriesHeader, rules: SelectionRules | None = None)
 def _skip_reason(series: SeriesHeader, rules: SelectionRules) -> str | None:
     desc = _normalise(series.series_description)
     if series.modality not in rules.modalities:
-        return f"modality {series.modality or 'missing'} is not {'/'.join(sorted(rules.modalities))}"
+        return (
+            f"modality {series.modality or 'missing'} is not {'/'.join(sorted(rules.modalities))}"
+        )
     if series.sop_class_uid in rules.secondary_capture_sop_classes:
         return "secondary capture image"
     if series.max_number_of_frames > 1:
@@ -339,7 +377,9 @@ def _skip_reason(series: SeriesHeader, rules: SelectionRules) -> str | None:
     return None
 
 
-def _iter_series(source: ScanResult | Iterable[Study] | Iterable[SeriesHeader]) -> Iterable[SeriesHeader]:
+def _iter_series(
+    source: ScanResult | Iterable[Study] | Iterable[SeriesHeader],
+) -> Iterable[SeriesHeader]:
     items = source.studies if isinstance(source, ScanResult) else source
     for item in items:
         if isinstance(item, Study):
@@ -347,7 +387,10 @@ def _iter_series(source: ScanResult | Iterable[Study] | Iterable[SeriesHeader]) 
         elif isinstance(item, SeriesHeader):
             yield item
         else:
-            raise TypeError(f"select_series expects a ScanResult, Studies or SeriesHeaders; got {type(item).__name__}")
+            raise TypeError(
+                "select_series expects a ScanResult, Studies or SeriesHeaders; "
+                f"got {type(item).__name__}"
+            )
 
 
 def select_series(
@@ -377,7 +420,9 @@ def select_series(
         reason = _skip_reason(series, rules)
         contrast, rule = (None, "") if reason is not None else classify_contrast(series, rules)
         if reason is None and contrast not in rules.scored_contrasts:
-            reason = f"contrast {contrast} not in scored contrasts ({', '.join(rules.scored_contrasts)})"
+            reason = (
+                f"contrast {contrast} not in scored contrasts ({', '.join(rules.scored_contrasts)})"
+            )
         decision = SeriesDecision(
             study_instance_uid=series.study_instance_uid,
             series_instance_uid=series.series_instance_uid,
@@ -417,4 +462,9 @@ def form_batches(decisions: Iterable[SeriesDecision]) -> dict[str, list[SeriesDe
             if decision.contrast is None:
                 raise ValueError(f"taken series {decision.series_instance_uid} has no contrast")
             batches.setdefault(decision.contrast, []).append(decision)
-    return {c: batches[c] for c in sorted(batches, key=lambda c: CONTRASTS.index(c) if c in CONTRASTS else len(CONTRASTS))}
+    return {
+        c: batches[c]
+        for c in sorted(
+            batches, key=lambda c: CONTRASTS.index(c) if c in CONTRASTS else len(CONTRASTS)
+        )
+    }
