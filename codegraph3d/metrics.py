@@ -30,7 +30,8 @@ def _as_scores_labels(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarra
         raise ValueError(f"scores shape {s.shape} differs from labels shape {y.shape}")
     s = s.astype(np.float64, copy=False).ravel()
     if not np.isfinite(s).all():
-        raise ValueError(f"scores contain {int(np.count_nonzero(~np.isfinite(s)))} non-finite value(s)")
+        bad = int(np.count_nonzero(~np.isfinite(s)))
+        raise ValueError(f"scores contain {bad} non-finite value(s)")
     y = y.ravel()
     if y.dtype != bool:
         if not np.isin(y, (0, 1)).all():
@@ -105,7 +106,9 @@ class StreamingBinaryMetrics:
         if mask is not None:
             m = np.asarray(mask)
             if m.shape != np.shape(scores):
-                raise ValueError(f"mask shape {m.shape} differs from scores shape {np.shape(scores)}")
+                raise ValueError(
+                    f"mask shape {m.shape} differs from scores shape {np.shape(scores)}"
+                )
             if m.dtype != bool:
                 raise ValueError(f"mask must be boolean; got dtype {m.dtype}")
             scores = np.asarray(scores)[m]
@@ -154,7 +157,8 @@ class StreamingBinaryMetrics:
         -------
         tuple of float
             ``(dice, threshold, iou)``: the maximum Dice (= F1), the lower edge of the first bin
-            predicted positive, and the IoU at that threshold. ``(nan, nan, nan)`` without positives.
+            predicted positive, and the IoU at that threshold; ``(nan, nan, nan)`` without
+            positives.
         """
         p = self.n_positive
         if p == 0:

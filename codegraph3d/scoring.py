@@ -22,7 +22,9 @@ that the ``|q|^2 + |k|^2 - 2 q.k`` expansion loses little to cancellation). Each
 eligible volumes is processed once, in ``chunk_size x chunk_size`` blocks: the block's row minima
 update the running nearest neighbour of the query volume's tokens in the reference volume, its
 column minima those of the reference volume's tokens in the query volume. This halves the matmul
-work of the one-sided formulation. Peak extra memory is a few ``chunk_size^2`` float32 blocks plus
+work of the one-sided formulation. A reference block may span several consecutive (small)
+volumes, so that small volumes still make large matmuls and few kernel calls. Peak extra memory
+is a few ``chunk_size^2`` float32 blocks plus
 the running nearest distances and indices, ``B x N_total`` (8 bytes each): never all pairwise
 token distances. The nearest-neighbour *distances* are then recomputed exactly (difference
 vectors, float64 accumulation) for the chosen neighbours, so float32 cancellation in the expansion
@@ -202,7 +204,11 @@ def musc_scores(
         with no eligible reference (all other volumes in its group).
     """
     _check_k_fraction(k_fraction)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+    if (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, (int, np.integer))
+        or chunk_size < 1
+    ):
         raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
     chunk_size = int(chunk_size)
     arrays = _validated_arrays(token_sets)
@@ -230,7 +236,9 @@ def musc_scores(
         for i, a in enumerate(arrays):
             centred = (a.astype(np.float64, copy=False) - mean).astype(np.float32)
             tokens[starts[i] : starts[i + 1]] = torch.from_numpy(centred).to(dev)
-        sq_norms = tokens.double().pow(2).sum(dim=1).float()
+        sq_norms = torch.empty(n_total, dtype=torch.float32, device=dev)
+        for a in range(0, n_total, chunk_size):  # float64 accumulation without a float64 copy
+            sq_norms[a : a + chunk_size] = tokens[a : a + chunk_size].double().pow(2).sum(dim=1)
 
         # best_d2[j, t]: running min squared distance of token t to volume j; best_idx: argmin row.
         best_d2 = torch.full((n_volumes, n_total), float("inf"), dtype=torch.float32, device=dev)

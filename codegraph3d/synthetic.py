@@ -207,6 +207,8 @@ class TissueMaps:
         Brain mask, ``float32`` 0/1 (kept float so that it can be interpolated).
     depth_mm : numpy.ndarray
         Distance (mm) from each brain voxel to the nearest non-brain voxel; 0 outside.
+    outside_mm : numpy.ndarray
+        Distance (mm) from each non-brain voxel to the nearest brain voxel; 0 inside.
     affine_ras : numpy.ndarray
         nibabel affine, voxel ``(i, j, k)`` -> RAS mm.
     resolution : int
@@ -218,6 +220,7 @@ class TissueMaps:
     csf: NDArray[np.float32]
     brain: NDArray[np.float32]
     depth_mm: NDArray[np.float32]
+    outside_mm: NDArray[np.float32]
     affine_ras: NDArray[np.float64]
     resolution: int
 
@@ -336,10 +339,13 @@ def load_tissue_maps(resolution: int = 2) -> TissueMaps:
         csf=csf,
         brain=brain,
         depth_mm=depth.astype(np.float32),
+        outside_mm=ndimage.distance_transform_edt(brain < 0.5, sampling=float(resolution)).astype(
+            np.float32),
         affine_ras=np.asarray(affine, dtype=float),
         resolution=int(resolution),
     )
-    for array in (maps.gm, maps.wm, maps.csf, maps.brain, maps.depth_mm, maps.affine_ras):
+    for array in (maps.gm, maps.wm, maps.csf, maps.brain, maps.depth_mm, maps.outside_mm,
+                  maps.affine_ras):
         array.setflags(write=False)
     return maps
 
@@ -755,20 +761,50 @@ class RenderedSeries:
     grid: AcquisitionGrid
 
 
-def _affine_field(coef_xyz: NDArray[np.floating], offset: float, shape_zyx: tuple[int, ...]):
-    """``coef . (x, y, z) + offset`` on the whole index grid, ``float32 [z, y, x]``.
-
-    Built by broadcasting three 1-D ramps: the mapping from index to any physical space used here
-    is affine, so no per-voxel matrix product is needed.
-    """
-    nz, ny, nx = shape_zyx
-    out = np.empty(shape_zyx, dtype=np.float32)
-    zz = (coef_xyz[2] * np.arange(nz) + offset).astype(np.float32)
-    yy = (coef_xyz[1] * np.arange(ny)).astype(np.float32)
-    xx = (coef_xyz[0] * np.arange(nx)).astype(np.float32)
-    np.add(zz[:, None, None], yy[None, :, None], out=out)
-    out += xx[None, None, :]
+def _linear_values(
+    coef_xyz: NDArray[np.floating], offset: float, index_xyz: tuple[NDArray[np.float32], ...]
+) -> NDArray[np.float32]:
+    """``coef . (x, y, z) + offset`` at the given voxel indices (``float32``)."""
+    x, y, z = index_xyz
+    out = np.float32(coef_xyz[0]) * x
+    out += np.float32(coef_xyz[1]) * y
+    out += np.float32(coef_xyz[2]) * z
+    out += np.float32(offset)
     return out
+
+
+def _brain_candidates(
+    maps: TissueMaps,
+    index_to_voxel: NDArray[np.float64],
+    grid: AcquisitionGrid,
+    reach_mm: float,
+    stride: int = 4,
+) -> NDArray[np.bool_]:
+    """Grid voxels that may sample brain, found on a grid ``stride`` times coarser.
+
+    Three quarters of a field of view is background; testing a coarse grid (affine part of the
+    warp only) against the brain mask dilated by everything the test ignores (the distance to
+    the nearest coarse point, the elastic displacement, the interpolation support) skips them
+    without changing any rendered voxel.
+    """
+    from scipy import ndimage
+
+    positions = []
+    for n in grid.shape_zyx[::-1]:  # x, y, z
+        # Coarse points every `stride` voxels plus the last one, so that every voxel is within
+        # stride / 2 of the coarse point that np.rint(index / stride) names.
+        count = int(math.ceil((n - 1) / stride)) + 1
+        positions.append(np.minimum(np.arange(count) * stride, n - 1).astype(np.float32))
+    x, y, z = np.meshgrid(*positions, indexing="ij")
+    coords = np.stack([_linear_values(index_to_voxel[c, :3], index_to_voxel[c, 3], (x, y, z))
+                       for c in range(3)])
+    distance = ndimage.map_coordinates(maps.outside_mm, coords, order=1, mode="constant",
+                                       cval=1e9, prefilter=False, output=np.float32)
+    nearest_mm = 0.5 * stride * float(np.linalg.norm(grid.spacing))
+    coarse_ok = distance <= reach_mm + 1.1 * nearest_mm  # [x, y, z]
+    nz, ny, nx = grid.shape_zyx
+    kx, ky, kz = (np.rint(np.arange(n) / stride).astype(int) for n in (nx, ny, nz))
+    return coarse_ok.transpose(2, 1, 0)[np.ix_(kz, ky, kx)]
 
 
 def render_series(
@@ -788,6 +824,7 @@ def render_series(
     Each voxel centre is pulled back through the subject warp into the template, the contrast
     and brain mask are interpolated there (trilinear) and the lesions are evaluated analytically
     at the same template point, so lesion and anatomy can never disagree between series.
+    Outside the brain mask the image is exactly 0 (skull-stripped data).
 
     Parameters
     ----------
@@ -824,81 +861,86 @@ def render_series(
             maps, contrast, {k: intensities[k] for k in ("csf", "gm", "wm")}
         )
 
-    # grid index -> subject LPS -> (affine) template LPS -> template voxel, all affine;
-    # the elastic part is added in template-voxel units.
-    to_template_lps = subject.pullback @ grid.index_to_physical
-    lin, off = to_template_lps[:3, :3], to_template_lps[:3, 3]
-    to_voxel = maps.lps_to_index
-    h = to_voxel[:3, :3]
-    coords = np.empty((3, *shape), dtype=np.float32)
-    total = to_voxel @ to_template_lps
-    for c in range(3):
-        coords[c] = _affine_field(total[c, :3], total[c, 3], shape)
+    # grid index -> subject LPS -> (affine) template LPS -> template voxel is affine; the
+    # elastic displacement is added in template-voxel units.
+    index_to_template = subject.pullback @ grid.index_to_physical
+    lps_to_voxel = maps.lps_to_index
+    index_to_voxel = lps_to_voxel @ index_to_template
+    elastic_bound_mm = float(np.linalg.norm(subject.amplitudes, axis=1).sum())
+    candidates = _brain_candidates(maps, index_to_voxel, grid,
+                                   reach_mm=elastic_bound_mm + 1.5 * maps.resolution)
+    where = np.nonzero(candidates)
+    index_xyz = tuple(where[axis].astype(np.float32) for axis in (2, 1, 0))
+
+    coords = np.stack([_linear_values(index_to_voxel[c, :3], index_to_voxel[c, 3], index_xyz)
+                       for c in range(3)])
+    lin, off = index_to_template[:3, :3], index_to_template[:3, 3]
     for k in range(len(subject.phases)):
         wave = subject.wavevectors[k]
-        phase = _affine_field(lin.T @ wave, float(wave @ off + subject.phases[k]), shape)
-        np.sin(phase, out=phase)
-        step = h @ subject.amplitudes[k]
+        wave_values = np.sin(_linear_values(lin.T @ wave, float(wave @ off + subject.phases[k]),
+                                            index_xyz))
+        step = lps_to_voxel[:3, :3] @ subject.amplitudes[k]
         for c in range(3):
-            coords[c] += np.float32(step[c]) * phase
-        del phase
+            coords[c] += np.float32(step[c]) * wave_values
 
-    image = ndimage.map_coordinates(template_image, coords, order=1, mode="constant", cval=0.0,
-                                    prefilter=False, output=np.float32)
-    brain = ndimage.map_coordinates(maps.brain, coords, order=1, mode="constant", cval=0.0,
-                                    prefilter=False, output=np.float32) >= 0.5
-    lesion = np.zeros(shape, dtype=bool)
+    values = ndimage.map_coordinates(template_image, coords, order=1, mode="constant", cval=0.0,
+                                     prefilter=False, output=np.float32)
+    inside = ndimage.map_coordinates(maps.brain, coords, order=1, mode="constant", cval=0.0,
+                                     prefilter=False, output=np.float32) >= 0.5
+    in_lesion = np.zeros(values.shape, dtype=bool)
     voxel_to_lps = maps.index_to_lps
-    voxel_size = float(np.abs(voxel_to_lps[:3, :3]).max())
+    voxel_size = float(maps.resolution)
     for item in subject.lesions:
-        centre = h @ item.centre_lps + to_voxel[:3, 3]
+        centre = lps_to_voxel[:3, :3] @ item.centre_lps + lps_to_voxel[:3, 3]
         reach = (item.max_extent_mm + 6.0 * item.edge_mm) / voxel_size
         near = np.abs(coords[0] - np.float32(centre[0])) <= reach
         for c in (1, 2):
             near &= np.abs(coords[c] - np.float32(centre[c])) <= reach
-        where = np.nonzero(near)
-        if where[0].size == 0:
+        near = np.flatnonzero(near)
+        if near.size == 0:
             continue
-        points = coords[(slice(None), *where)].T.astype(float)
-        points = points @ voxel_to_lps[:3, :3].T + voxel_to_lps[:3, 3]
+        points = coords[:, near].T.astype(float) @ voxel_to_lps[:3, :3].T + voxel_to_lps[:3, 3]
         ratio = item.radius_ratio(points)
         weight = item.membership(ratio)
         # Brighter (T2w) or darker (T1w) core fading to the rim value at the boundary.
         core_fraction = np.clip(1.0 - ratio, 0.0, 1.0)
-        value = item.intensity_scale * (
+        lesion_value = item.intensity_scale * (
             intensities["lesion_rim"]
             + (intensities["lesion_core"] - intensities["lesion_rim"]) * core_fraction
         )
-        image[where] = ((1.0 - weight) * image[where] + weight * value).astype(np.float32)
-        lesion[where] |= ratio <= 1.0
+        values[near] = ((1.0 - weight) * values[near] + weight * lesion_value).astype(np.float32)
+        in_lesion[near] |= ratio <= 1.0
     del coords
-    lesion &= brain
 
     if bias > 0:
-        # Coil sensitivity: smooth in scanner space (not anatomy), hence evaluated on grid points.
+        # Coil sensitivity: smooth in scanner space (not anatomy), hence on grid points.
         index_to_lps = grid.index_to_physical
-        log_bias = np.zeros(shape, dtype=np.float32)
         n_bias = 4
         waves = _random_unit_vectors(rng, n_bias) * (
             2.0 * math.pi / rng.uniform(200.0, 400.0, size=n_bias)
         )[:, None]
         weights = rng.normal(0.0, bias * math.sqrt(2.0 / n_bias), size=n_bias)
+        log_bias = np.zeros(values.shape, dtype=np.float32)
         for wave, weight, phase0 in zip(waves, weights, rng.uniform(0, 2 * math.pi, n_bias)):
-            field = _affine_field(index_to_lps[:3, :3].T @ wave,
-                                  float(wave @ index_to_lps[:3, 3] + phase0), shape)
-            np.sin(field, out=field)
-            log_bias += np.float32(weight) * field
-        image *= np.exp(log_bias)
-    image *= np.float32(gain)
+            log_bias += np.float32(weight) * np.sin(_linear_values(
+                index_to_lps[:3, :3].T @ wave, float(wave @ index_to_lps[:3, 3] + phase0),
+                index_xyz))
+        values *= np.exp(log_bias)
+    values *= np.float32(gain)
     if noise > 0:
         sigma = np.float32(noise * gain * max(intensities["csf"], intensities["gm"],
                                               intensities["wm"]))
-        real = image + sigma * rng.standard_normal(shape, dtype=np.float32)
-        imag = sigma * rng.standard_normal(shape, dtype=np.float32)
-        image = np.sqrt(real * real + imag * imag)
-    image[~brain] = 0.0  # skull-stripped data: exact zero background
-    return RenderedSeries(image=image.astype(np.float32, copy=False), brain=brain, lesion=lesion,
-                          grid=grid)
+        real = values + sigma * rng.standard_normal(values.shape, dtype=np.float32)
+        imag = sigma * rng.standard_normal(values.shape, dtype=np.float32)
+        values = np.sqrt(real * real + imag * imag)
+
+    image = np.zeros(shape, dtype=np.float32)
+    brain = np.zeros(shape, dtype=bool)
+    lesion = np.zeros(shape, dtype=bool)
+    image[where] = np.where(inside, values, np.float32(0.0))  # exact zero background
+    brain[where] = inside
+    lesion[where] = in_lesion & inside
+    return RenderedSeries(image=image, brain=brain, lesion=lesion, grid=grid)
 
 
 # --------------------------------------------------------------------------------------------

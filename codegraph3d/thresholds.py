@@ -14,9 +14,11 @@ Two levels:
 1. **Volume level.** A volume is flagged when its volume score exceeds
    ``median + z_volume * 1.4826 * MAD`` of the batch's volume scores (``1.4826 * MAD`` estimates
    the standard deviation of a normal distribution and, unlike it, is not inflated by the anomalous
-   volumes themselves). Because the bound sits strictly above the median, **fewer than half of
-   the volumes of any batch can be flagged**: the rule can never flag most volumes of an all-normal
-   batch, whatever the score distribution. Under the all-normal null the flag rate is small: volume
+   volumes themselves). Because the bound sits strictly above the median, at most half of the
+   volumes of any batch can be flagged, and **fewer than half** once ``z_volume >= 1.35``
+   (``1.4826 * z >= 2`` puts the bound above the smallest upper-half value of an even batch): the
+   rule can never flag most volumes of an all-normal batch, whatever the score distribution.
+   Under the all-normal null the flag rate is small: volume
    scores are maxima over tokens (right-skewed, Gumbel-like); for a Gumbel distribution the default
    ``z_volume = 3`` bound is exceeded with probability about 2 %, and
    :func:`simulate_all_normal_flag_rate` measures it on synthetic batches. When the MAD is 0 (ties),
@@ -125,8 +127,9 @@ def robust_upper_bound(
 
 
 def _validated_token_scores(token_scores: Sequence[np.ndarray]) -> list[np.ndarray]:
-    if isinstance(token_scores, np.ndarray) and token_scores.ndim != 1 and token_scores.dtype != object:
-        raise ValueError("token_scores must be a sequence of 1-D arrays, one per volume")
+    if isinstance(token_scores, np.ndarray) and token_scores.ndim < 2 and token_scores.dtype != object:
+        # A flat array would be read as one-token volumes.
+        raise ValueError("token_scores must be a sequence of arrays, one per volume")
     out = []
     for v, s in enumerate(token_scores):
         a = np.asarray(s, dtype=np.float64).ravel()
@@ -252,7 +255,7 @@ def score_to_unit_mapping(token_scores: Sequence[np.ndarray]) -> tuple[float, fl
 
 
 def to_unit(x: np.ndarray | float, low: float, high: float) -> np.ndarray:
-    """Map scores linearly so that ``low -> 0`` and ``high -> 1``, clipped to ``[0, 1]`` (float32)."""
+    """Map scores linearly so that ``low -> 0`` and ``high -> 1``; clip to ``[0, 1]``; float32."""
     if not (np.isfinite(low) and np.isfinite(high) and high > low):
         raise ValueError(f"to_unit needs finite low < high; got low={low}, high={high}")
     x = np.asarray(x, dtype=np.float64)

@@ -150,6 +150,8 @@ class ResultWriterOperator(Operator):
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
         scoring = op_input.receive("scores")
         selection = op_input.receive("selection")
+        # highdicom logs every copied module at INFO: thousands of lines per cohort.
+        logging.getLogger("highdicom").setLevel(logging.WARNING)
         report = write_results(scoring, selection, self.output_folder, self.config, self.timer)
         scored = [row for row in report["series"] if row["status"] == "scored"]
         logger.info(

@@ -43,8 +43,6 @@ def prepare_process() -> None:
             resource.setrlimit(resource.RLIMIT_STACK, (wanted, hard))
         except (ValueError, OSError):
             pass
-    # highdicom logs every copied module at INFO: thousands of lines per cohort.
-    logging.getLogger("highdicom").setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -75,5 +75,6 @@ def test_patient_metrics_exact():
     s, y = data(3, n=40, prevalence=0.4)
     s = np.round(s, 1)  # create ties
     assert patient_auroc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
-    assert patient_average_precision(s, y) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    want_ap = average_precision_score(y, s)
+    assert patient_average_precision(s, y) == pytest.approx(want_ap, abs=1e-12)
     assert np.isnan(patient_auroc(np.array([1.0, 2.0]), np.array([1, 1])))

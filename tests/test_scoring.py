@@ -22,7 +22,9 @@ def brute_force(token_sets, k_fraction=0.3, groups=None):
     sets = [np.asarray(t, dtype=np.float64) for t in token_sets]
     out = []
     for i, query in enumerate(sets):
-        refs = [j for j in range(len(sets)) if j != i and (groups is None or groups[j] != groups[i])]
+        refs = [
+            j for j in range(len(sets)) if j != i and (groups is None or groups[j] != groups[i])
+        ]
         k = max(1, math.floor(k_fraction * len(refs) + 1e-9))
         scores = np.empty(len(query))
         for t, q in enumerate(query):

@@ -1,0 +1,130 @@
+"""End-to-end runs of ``python app.py -i -o -m`` (the SDK, Holoscan and every operator) and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from conftest import TINY_VIT_CONFIG, run_app
+
+
+@pytest.fixture(scope="module")
+def good_run(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny cohort plus a truncated DICOM file and a non-DICOM side file."""
+    tmp = tmp_path_factory.mktemp("good_run")
+    input_folder = tmp / "input"
+    shutil.copytree(tiny_cohort / "dicom", input_folder)
+    victim = sorted((input_folder).rglob("*.dcm"))[5]
+    data = victim.read_bytes()
+    corrupt = victim.parent / "corrupt_copy.dcm"
+    corrupt.write_bytes(data[: len(data) // 3])
+    (input_folder / "README.txt").write_text("side file from the gateway", encoding="utf-8")
+    run = run_app(input_folder, tmp / "output", tmp / "models", TINY_VIT_CONFIG, tmp)
+    return run, corrupt
+
+
+def test_app_exits_zero_and_reports_every_series(good_run, tiny_cohort: Path):
+    run, _ = good_run
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = run.report
+    assert report["schema"] == "codegraph3d.report/1"
+    assert report["encoder"]["name"].startswith("untrained") and report["encoder"]["pretrained"] is False
+    assert report["encoder_warning"]
+    labels = json.loads((tiny_cohort / "labels.json").read_text())
+    expected = {s["series_instance_uid"]: s["contrast"] for st in labels["studies"] for s in st["series"]}
+    rows = {row["series_instance_uid"]: row for row in report["series"]}
+    for uid, contrast in expected.items():
+        assert rows[uid]["status"] == "scored", rows[uid]
+        assert rows[uid]["contrast"] == contrast
+        assert (run.output / rows[uid]["seg_binary"]).is_file()
+        assert (run.output / rows[uid]["seg_score"]).is_file()
+    localizers = [row for row in report["series"] if row["status"] == "skipped"]
+    assert localizers and all("localizer" in row["reason"].lower() for row in localizers)
+    batches = {batch["contrast"]: batch for batch in report["batches"]}
+    assert set(batches) == {"T2w", "T1w"}
+    for batch in batches.values():
+        assert batch["score_to_unit"]["high"] > batch["score_to_unit"]["low"]
+    for field in ("timings_s", "peak_rss_mb", "config"):
+        assert field in report
+    # Nothing but SEG/ and report.json in the output folder, and no temporary file left.
+    assert sorted(p.name for p in run.output.iterdir()) == ["SEG", "report.json"]
+    assert not [p for p in (run.output / "SEG").iterdir() if not p.name.endswith(".dcm")]
+
+
+def test_corrupt_file_is_skipped_and_named(good_run):
+    run, corrupt = good_run
+    assert run.returncode == 0
+    assert any(str(corrupt) == entry["path"] for entry in run.report["bad_files"])
+    assert str(corrupt) in run.stdout + run.stderr
+
+
+def test_segs_read_back_and_reference_their_source(good_run, tiny_cohort: Path):
+    run, _ = good_run
+    for row in run.report["series"]:
+        if row["status"] != "scored":
+            continue
+        seg = hd.seg.segread(run.output / row["seg_binary"])
+        assert seg.SegmentationType == "BINARY"
+        assert len(seg.SeriesDescription) <= 64 and "not for clinical use" in seg.SeriesDescription.lower()
+        referenced = {item.SeriesInstanceUID for item in seg.ReferencedSeriesSequence}
+        assert referenced == {row["series_instance_uid"]}
+        assert seg.StudyInstanceUID == row["study_instance_uid"]
+        assert seg.get_segment_description(1).segment_label == "Anomaly"
+        fractional = hd.seg.segread(run.output / row["seg_score"])
+        assert fractional.SegmentationType == "FRACTIONAL"
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian dicom3tools) is not installed")
+def test_dciodvfy_reports_no_errors(good_run):
+    run, _ = good_run
+    for path in sorted((run.output / "SEG").glob("*.dcm")):
+        result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, f"{path.name}: {errors[:5]}"
+
+
+def _assert_clean_failure(run, fragment: str) -> None:
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
+    assert fragment in run.last_line, run.last_line
+    report = run.report
+    assert report["status"] == "failed" and report["exit_code"] == 2 and fragment in report["message"]
+    assert sorted(p.name for p in run.output.iterdir()) == ["report.json"]
+
+
+def test_empty_input_folder_exits_2(tmp_path: Path):
+    (tmp_path / "input").mkdir()
+    run = run_app(tmp_path / "input", tmp_path / "output", tmp_path / "models", TINY_VIT_CONFIG, tmp_path)
+    _assert_clean_failure(run, "no readable DICOM study")
+
+
+def test_no_mr_series_exits_2(tiny_cohort: Path, tmp_path: Path):
+    """Only non-MR data (the cohort's series relabelled as CT)."""
+    source = sorted(p for p in (tiny_cohort / "dicom").iterdir())[0]
+    input_folder = tmp_path / "input"
+    for path in sorted(source.rglob("*.dcm")):
+        dataset = pydicom.dcmread(path)
+        dataset.Modality = "CT"
+        target = input_folder / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        dataset.save_as(target)
+    run = run_app(input_folder, tmp_path / "output", tmp_path / "models", TINY_VIT_CONFIG, tmp_path)
+    _assert_clean_failure(run, "no brain MR series to score")
+
+
+def test_single_study_exits_2(tiny_cohort: Path, tmp_path: Path):
+    study = sorted(p for p in (tiny_cohort / "dicom").iterdir())[0]
+    run = run_app(study, tmp_path / "output", tmp_path / "models", TINY_VIT_CONFIG, tmp_path)
+    _assert_clean_failure(run, "at least two different patients")
+
+
+def test_missing_weights_exit_2_and_name_the_files(tiny_cohort: Path, tmp_path: Path):
+    run = run_app(tiny_cohort / "dicom", tmp_path / "output", tmp_path / "models", "encoder:\n  name: dinov2\n", tmp_path)
+    _assert_clean_failure(run, "model.safetensors")
+    assert "dinov2_vitl14_pretrain.pth" in run.last_line and "README" in run.last_line
