@@ -221,6 +221,8 @@ def default_layers(num_blocks: int) -> tuple[int, ...]:
 def _validate_layers(layers: Any, num_blocks: int) -> tuple[int, ...]:
     if layers is None:
         return default_layers(num_blocks)
+    if isinstance(layers, (str, bytes)):
+        raise ValueError(f"layers must be a sequence of 1-based block indices; got the string {layers!r}")
     try:
         chosen = tuple(int(layer) for layer in layers)
     except (TypeError, ValueError) as exc:
@@ -687,7 +689,7 @@ def _model_from_official(state: Any, *, num_heads: int | None = None) -> Any:
     mapped, config_kwargs = official_to_hf_state_dict(state, num_heads=num_heads)
     config = Dinov2Config(**config_kwargs, attn_implementation="sdpa")
     with torch.device("meta"):
-        # shapes only: the real tensors come from the checkpoint, so skip a slow random init
+        # no storage: the real tensors come from the checkpoint
         skeleton = Dinov2Model(config)
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     if "encoder.layer.0.attention.q_proj.weight" not in expected:
@@ -712,9 +714,12 @@ def _model_from_official(state: Any, *, num_heads: int | None = None) -> Any:
             f"does not match an inferred {_variant_label(config)} with {config.num_hidden_layers} "
             f"blocks: " + "; ".join(parts)
         )
-    model = Dinov2Model(config)
-    model.load_state_dict({k: v.float() for k, v in mapped.items()}, strict=True)
-    return model
+    # assign=True adopts the checkpoint tensors into the meta skeleton (Dinov2Model has no
+    # buffers), which avoids randomly initialising 300M parameters only to overwrite them
+    skeleton.load_state_dict(
+        {k: v.detach().float().contiguous() for k, v in mapped.items()}, strict=True, assign=True
+    )
+    return skeleton
 
 
 # --------------------------------------------------------------------------------------------

@@ -427,3 +427,28 @@ def series_outputs(batch: ScoredBatch, index: int) -> SeriesMaps:
         unit=to_unit(score, batch.unit_low, batch.unit_high),
         anomalous_volume_ml=float(binary.sum()) * voxel_ml,
     )
+
+
+def run_pipeline(
+    input_path: str | Path,
+    config: Mapping[str, Any],
+    model_path: str | Path | None = None,
+    encoder: SliceEncoder | None = None,
+) -> tuple[Selection, Scoring, StageTimer]:
+    """Run load -> select -> tokenise -> score without the SDK (evaluation, benchmarks, tests).
+
+    The app runs the same stages through its operators; writing is left to
+    :func:`codegraph3d.report.write_results`.
+    """
+    timer = StageTimer()
+    with timer("load_headers"):
+        scan = scan_input(input_path)
+    with timer("select"):
+        selection = select_input(scan, config)
+    if encoder is None:
+        with timer("load_encoder"):
+            encoder = build_encoder(config, model_path)
+    tokenisation = tokenise_selected(selection, config, encoder, timer)
+    with timer("score"):
+        scoring = score_batches(tokenisation, config)
+    return selection, scoring, timer

@@ -26,6 +26,7 @@ __all__ = [
     "brain_mask_from_intensity",
     "preprocess_volume",
     "resample_to_source",
+    "resample_from_source",
 ]
 
 
@@ -253,6 +254,44 @@ def preprocess_volume(volume: Volume, config: PreprocessConfig | None = None) ->
     )
 
 
+def _grid_image(prepared: PreprocessedVolume) -> sitk.Image:
+    return _grid_reference(prepared.grid_origin, prepared.grid_spacing, prepared.size)
+
+
+def _source_image(prepared: PreprocessedVolume, array: np.ndarray | None = None) -> sitk.Image:
+    if array is None:
+        image = sitk.Image([int(v) for v in prepared.source_shape_zyx[::-1]], sitk.sitkFloat32)
+    else:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
+    image.SetOrigin(tuple(float(v) for v in prepared.source_origin))
+    image.SetSpacing(tuple(float(v) for v in prepared.source_spacing))
+    image.SetDirection(tuple(prepared.source_direction.flatten()))
+    return image
+
+
+def resample_from_source(source_map: np.ndarray, prepared: PreprocessedVolume, *, order: int = 1) -> np.ndarray:
+    """Carry an array on the source series grid (e.g. a ground-truth mask) onto the working grid.
+
+    Parameters
+    ----------
+    source_map : numpy.ndarray
+        Array of the source shape ``(z, y, x)``.
+    prepared : PreprocessedVolume
+        The preprocessing record of the same series.
+    order : int
+        1 for linear interpolation, 0 for nearest neighbour.
+    """
+    if tuple(source_map.shape) != tuple(prepared.source_shape_zyx):
+        raise ValueError(f"array shape {source_map.shape} does not match the source grid {prepared.source_shape_zyx}")
+    if order not in (0, 1):
+        raise ValueError(f"order must be 0 or 1; got {order}")
+    interpolator = sitk.sitkLinear if order == 1 else sitk.sitkNearestNeighbor
+    result = sitk.Resample(
+        _source_image(prepared, source_map), _grid_image(prepared), sitk.Transform(), interpolator, 0.0, sitk.sitkFloat32
+    )
+    return sitk.GetArrayFromImage(result)
+
+
 def resample_to_source(grid_map: np.ndarray, prepared: PreprocessedVolume, *, order: int = 1) -> np.ndarray:
     """Carry a map on the working grid back onto the source series grid.
 
@@ -277,13 +316,8 @@ def resample_to_source(grid_map: np.ndarray, prepared: PreprocessedVolume, *, or
     if order not in (0, 1):
         raise ValueError(f"order must be 0 or 1; got {order}")
     moving = sitk.GetImageFromArray(np.ascontiguousarray(grid_map, dtype=np.float32))
-    moving.SetOrigin(tuple(float(v) for v in prepared.grid_origin))
-    moving.SetSpacing((prepared.grid_spacing,) * 3)
-    moving.SetDirection(tuple(np.eye(3).flatten()))
-    reference = sitk.Image([int(v) for v in prepared.source_shape_zyx[::-1]], sitk.sitkFloat32)
-    reference.SetOrigin(tuple(float(v) for v in prepared.source_origin))
-    reference.SetSpacing(tuple(float(v) for v in prepared.source_spacing))
-    reference.SetDirection(tuple(prepared.source_direction.flatten()))
+    moving.CopyInformation(_grid_image(prepared))
+    reference = _source_image(prepared)
     interpolator = sitk.sitkLinear if order == 1 else sitk.sitkNearestNeighbor
     result = sitk.Resample(moving, reference, sitk.Transform(), interpolator, 0.0, sitk.sitkFloat32)
     return sitk.GetArrayFromImage(result)

@@ -24,9 +24,8 @@ update the running nearest neighbour of the query volume's tokens in the referen
 column minima those of the reference volume's tokens in the query volume. This halves the matmul
 work of the one-sided formulation. A reference block may span several consecutive (small)
 volumes, so that small volumes still make large matmuls and few kernel calls. Peak extra memory
-is a few ``chunk_size^2`` float32 blocks plus
-the running nearest distances and indices, ``B x N_total`` (8 bytes each): never all pairwise
-token distances. The nearest-neighbour *distances* are then recomputed exactly (difference
+is a few ``chunk_size^2`` float32 blocks plus the running nearest distances and indices,
+``B x N_total`` (8 bytes each): never all pairwise token distances. The nearest-neighbour *distances* are then recomputed exactly (difference
 vectors, float64 accumulation) for the chosen neighbours, so float32 cancellation in the expansion
 can only affect *which* of two near-equidistant neighbours is chosen, not the reported distance.
 """

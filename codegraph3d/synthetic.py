@@ -19,7 +19,16 @@ Output of :func:`make_cohort`::
     out_dir/truth/<SeriesInstanceUID>_lesion.nii.gz, _brain.nii.gz
     out_dir/labels.json
 
-Everything is a pure function of the parameters and the seed: a rerun writes identical bytes.
+``labels.json`` (schema ``codegraph3d.synthetic-labels/1``) holds the generator's parameters and
+``studies``: per study ``patient_id``, ``study_instance_uid``, ``folder``, ``has_lesion``,
+``lesion_volume_ml``, ``lesions`` (template-space centres and semi-axes), ``series`` and
+``distractors`` (localizers, never to be scored); per series ``series_instance_uid``,
+``contrast``, ``orientation``, ``folder``, ``shape_zyx``, ``spacing_xyz_mm``, ``has_lesion``,
+``lesion_voxels``, ``lesion_volume_ml`` (on that series' grid), ``brain_volume_ml`` and ``truth``
+(paths of the two masks, relative to ``out_dir``).
+
+Everything is a pure function of the parameters and the seed: with the same library versions a
+rerun writes identical bytes.
 """
 
 from __future__ import annotations
@@ -33,9 +42,10 @@ import math
 import os
 import shutil
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -920,8 +930,9 @@ def render_series(
             2.0 * math.pi / rng.uniform(200.0, 400.0, size=n_bias)
         )[:, None]
         weights = rng.normal(0.0, bias * math.sqrt(2.0 / n_bias), size=n_bias)
+        phases = rng.uniform(0.0, 2.0 * math.pi, size=n_bias)
         log_bias = np.zeros(values.shape, dtype=np.float32)
-        for wave, weight, phase0 in zip(waves, weights, rng.uniform(0, 2 * math.pi, n_bias)):
+        for wave, weight, phase0 in zip(waves, weights, phases, strict=True):
             log_bias += np.float32(weight) * np.sin(_linear_values(
                 index_to_lps[:3, :3].T @ wave, float(wave @ index_to_lps[:3, 3] + phase0),
                 index_xyz))
@@ -1545,6 +1556,15 @@ _ORIENTATION_WEIGHTS = {
 }
 
 
+def _series_rng(seed: int, index: int, series_number: int) -> np.random.Generator:
+    """Noise and bias stream of one series, apart from the subject's stream.
+
+    The number of noise draws depends on the brain's size on the grid and must not shift what
+    the subject draws next (the next series' orientation, spacing, protocol).
+    """
+    return np.random.default_rng([seed, index, 2, series_number])
+
+
 def _uid(*parts: Any) -> str:
     from pydicom.uid import generate_uid
 
@@ -1791,7 +1811,8 @@ def _write_study(
         series_number += 1
         uid = _uid(seed, index, "series", "localizer")
         folder = study_folder / f"SE{series_number:02d}"
-        planes = _localizer_planes(maps, subject, rng, matrix_scale)
+        planes = _localizer_planes(maps, subject, _series_rng(seed, index, series_number),
+                                   matrix_scale)
         write_localizer(planes, out / folder, series_uid=uid, series_number=series_number,
                         series_time=start.strftime("%H%M%S"), **identity, **study_attributes)
         distractors.append({"kind": "localizer", "series_instance_uid": uid,
@@ -1813,7 +1834,8 @@ def _write_study(
                                 max_oblique_deg=max_oblique_deg,
                                 max_extra_voxels=max(0, int(round(12 * matrix_scale))))
         rendered = render_series(
-            maps, subject, grid, contrast, rng, noise_fraction=noise_fraction,
+            maps, subject, grid, contrast, _series_rng(seed, index, series_number),
+            noise_fraction=noise_fraction,
             bias_strength=bias_strength, gain=float(rng.uniform(600.0, 1400.0)),
             template_image=template_images[contrast],
         )

@@ -127,7 +127,8 @@ def robust_upper_bound(
 
 
 def _validated_token_scores(token_scores: Sequence[np.ndarray]) -> list[np.ndarray]:
-    if isinstance(token_scores, np.ndarray) and token_scores.ndim < 2 and token_scores.dtype != object:
+    flat = isinstance(token_scores, np.ndarray) and token_scores.ndim < 2
+    if flat and token_scores.dtype != object:
         # A flat array would be read as one-token volumes.
         raise ValueError("token_scores must be a sequence of arrays, one per volume")
     out = []
@@ -159,7 +160,8 @@ def decide_thresholds(
     token_scores : sequence of numpy.ndarray
         Fused token scores, one ``(N_i,)`` array per volume (background tokens excluded).
     volume_scores : numpy.ndarray, optional
-        ``(B,)`` volume scores; default: each volume's maximum token score.
+        ``(B,)`` volume scores; default: each volume's maximum token score. With another volume
+        score rule a flagged volume's mask may be empty (the cap argument needs the maximum).
     z_volume : float, default 3.0
         Robust standard deviations above the median volume score for a volume to be flagged.
     z_token : float, default 3.0

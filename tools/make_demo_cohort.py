@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--contrasts", nargs="+", choices=CONTRASTS, default=list(CONTRASTS),
                         help="series per study (default: T2w T1w)")
     parser.add_argument("--matrix-scale", type=float, default=1.0,
-                        help="scale of every matrix size; 0.2 makes ~40-voxel test data (default 1)")
+                        help="scale of every matrix size; 0.2 gives ~40-voxel data (default 1)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a cohort already in OUT")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -87,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
             contrasts=tuple(args.contrasts), matrix_scale=args.matrix_scale,
             overwrite=args.overwrite,
         )
-    except (ValueError, TypeError, FileExistsError) as error:
+    except FileExistsError:
+        print(f"error: {args.out} already holds a cohort; pass --overwrite to replace it",
+              file=sys.stderr)
+        return 2
+    except (ValueError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - start
