@@ -53,6 +53,11 @@ class PreprocessConfig:
         voxel cannot compress the rest of the range.
     min_brain_ml : float
         Fewer millilitres of brain than this is treated as an empty mask.
+    resolution_fwhm_mm : float
+        When positive, each series is smoothed so that its effective resolution is this FWHM
+        along every axis (an axis already coarser is left alone). Batch scoring compares volumes
+        token by token: a 3 mm-slice series among 1 mm ones differs everywhere by its blur alone,
+        which swamps lesions. 0 disables it (the paper's data was already isotropic).
     """
 
     size: int = 224
@@ -60,8 +65,11 @@ class PreprocessConfig:
     crop_margin: float = 0.04
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     min_brain_ml: float = 1.0
+    resolution_fwhm_mm: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.resolution_fwhm_mm < 0:
+            raise ValueError(f"preprocess.resolution_fwhm_mm must be >= 0; got {self.resolution_fwhm_mm}")
         if self.size < 8:
             raise ValueError(f"preprocess.size must be at least 8; got {self.size}")
         if not 0.0 < self.mask_threshold < 1.0:
@@ -164,6 +172,21 @@ def brain_mask_from_intensity(array: np.ndarray, threshold_fraction: float) -> n
     return ndimage.binary_fill_holes(mask)
 
 
+def harmonise_resolution(image: sitk.Image, fwhm_mm: float) -> sitk.Image:
+    """Smooth ``image`` so that each axis' effective resolution (FWHM) is at least ``fwhm_mm``.
+
+    A voxel of size ``s`` is treated as a resolution of FWHM ``s``; Gaussian FWHMs add in
+    quadrature, so the added kernel has FWHM ``sqrt(fwhm^2 - s^2)`` on axes finer than the target.
+    """
+    fwhm_to_sigma = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+    variances = [
+        (np.sqrt(max(fwhm_mm**2 - spacing**2, 0.0)) * fwhm_to_sigma) ** 2 for spacing in image.GetSpacing()
+    ]
+    if not any(variances):
+        return image
+    return sitk.DiscreteGaussian(image, variances, 32, 0.01, True)
+
+
 def _working_grid(volume: Volume, mask: np.ndarray, config: PreprocessConfig) -> tuple[np.ndarray, float]:
     """Origin and spacing of the LPS cube enclosing the brain's bounding box plus margin."""
     z, y, x = np.nonzero(mask)
@@ -221,6 +244,8 @@ def preprocess_volume(volume: Volume, config: PreprocessConfig | None = None) ->
     reference = _grid_reference(origin, spacing, config.size)
 
     source_image = volume.to_sitk()
+    if config.resolution_fwhm_mm > 0:
+        source_image = harmonise_resolution(source_image, config.resolution_fwhm_mm)
     resampled = sitk.Resample(source_image, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     mask_image = sitk.GetImageFromArray(mask.astype(np.uint8))
     mask_image.CopyInformation(source_image)

@@ -53,9 +53,6 @@ __all__ = [
 _K_EPS = 1e-9
 # Rows per slab for column minima on CPU (measured: 512 rows keep a 2000-column slab in cache).
 _COL_SLAB_CPU = 512
-# Block side on CPU: index-returning minima over blocks that fit in cache dominate the time;
-# measured on 2 cores (B=10, N=2000): 512 is 1.3-1.7x faster than 4096 for D=48 and D=384.
-_CPU_BLOCK = 512
 
 
 def k_for_references(n_references: int, k_fraction: float) -> int:
@@ -191,8 +188,9 @@ def musc_scores(
     device : str or torch.device, optional
         ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... ``None`` picks CUDA when available.
     chunk_size : int, default 4096
-        Tokens per block side; peak block memory is about ``chunk_size**2`` float32 values. On
-        the CPU, blocks are further capped at 512 tokens for cache locality.
+        Tokens per block side; peak block memory is about ``chunk_size**2`` float32 values.
+        Smaller blocks (512) were up to 1.5x faster on an idle 2-core CPU but up to 4x slower
+        when other processes compete for the cores (more, smaller multi-threaded kernel calls).
 
     Returns
     -------
@@ -224,7 +222,6 @@ def musc_scores(
                 f"volume {i}{label} has no eligible reference: every other volume is in its group"
             )
     dev = _resolve_device(device)
-    block = min(chunk_size, _CPU_BLOCK) if dev.type == "cpu" else chunk_size
 
     sizes = [a.shape[0] for a in arrays]
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -252,7 +249,9 @@ def musc_scores(
             # Group exclusion is symmetric, so each unordered pair is visited once, from i < j.
             later = [j for j in refs[i] if j > i]
             for run in _consecutive_runs(later):
-                _update_block_row(tokens, sq_norms, starts, i, run, best_d2, best_idx, block)
+                _update_block_row(
+                    tokens, sq_norms, starts, i, run, best_d2, best_idx, chunk_size
+                )
 
         results: list[np.ndarray] = []
         for i in range(n_volumes):

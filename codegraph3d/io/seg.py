@@ -17,14 +17,12 @@ full, untruncated text goes to ImageComments (LT, up to 10240 characters).
 Source datasets may lack Pixel Data (read with ``stop_before_pixels`` or as returned by
 :func:`codegraph3d.io.dicom.load_series_volume`): highdicom only needs their headers (checked by
 the tests). Files appear whole: they are written to a temporary name in the target folder and
-renamed with ``os.replace``.
+renamed (:func:`codegraph3d.atomic.atomic_path`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from codegraph3d import ALGORITHM_NAME, __version__
+from codegraph3d.atomic import atomic_path
 
 __all__ = ["write_binary_seg", "write_fractional_seg", "LO_MAX", "SEGMENT_LABEL"]
 
@@ -127,7 +126,7 @@ def _write(
         short = _fit(f"{ALGORITHM_NAME} {algorithm_version}, encoder {encoder_description}")
     comments = [
         f"{ALGORITHM_NAME} {algorithm_version}: training-free zero-shot anomaly detection "
-        f"(batch-based mutual scoring with consistent-anomaly filtering). {kind} segment "
+        f"(batch-based mutual scoring of 2D foundation-model tokens). {kind} segment "
         f"'{SEGMENT_LABEL}'. Research software, {_NOT_CLINICAL}.",
         f"Encoder: {encoder_description}.",
     ]
@@ -187,13 +186,8 @@ def _write(
     seg.SeriesDescription = series_description
     seg.ImageComments = image_comments
 
-    tmp = out_path.with_name(f".{out_path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        seg.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(out_path) as temporary:
+        seg.save_as(temporary, enforce_file_format=True)
     logger.info(
         "Wrote %s SEG %s (%d frames, %s) for series %s",
         kind,
