@@ -153,6 +153,8 @@ def _validate(config: Mapping[str, Any]) -> None:
             "scoring.exclude_same must be one of patient_id, study, none; "
             f"got {config['scoring']['exclude_same']!r}"
         )
+    if not isinstance(config["scoring"]["window_radius"], int) or config["scoring"]["window_radius"] < -1:
+        raise ConfigError(f"scoring.window_radius must be -1 (global) or a radius >= 0; got {config['scoring']['window_radius']}")
     if config["loading"]["studies_per_chunk"] < 1:
         raise ConfigError("loading.studies_per_chunk must be at least 1")
     if not 0.0 < config["tokens"]["min_brain_fraction"] <= 1.0:

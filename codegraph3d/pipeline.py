@@ -204,6 +204,7 @@ def _prepare_one(decision: SeriesDecision, config: Mapping[str, Any], encoder: S
     size = config["tokens"]["grid_size"] * encoder.patch_size
     settings = {key: value for key, value in config["preprocess"].items()}
     settings["clip_percentiles"] = tuple(settings["clip_percentiles"])
+    settings["landmark_percentiles"] = tuple(float(v) for v in settings["landmark_percentiles"])
     prepared = preprocess_volume(volume, PreprocessConfig(size=size, **settings))
     token_settings = config["tokens"]
     tokens = tokenise(
@@ -368,6 +369,9 @@ def score_batches(tokenisation: Tokenisation, config: Mapping[str, Any]) -> Scor
                 groups=groups,
                 device=None if settings["device"] == "auto" else settings["device"],
                 chunk_size=settings["chunk_size"],
+                window_radius=None if settings["window_radius"] < 0 else settings["window_radius"],
+                coords=[m.tokens.coords for m in members],
+                grid_shape=members[0].tokens.grid_shape,
             )
         except ValueError as error:
             reason = f"{contrast} batch not scored: {error}"

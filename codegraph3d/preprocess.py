@@ -50,7 +50,15 @@ class PreprocessConfig:
         Margin added on each side of the brain's bounding box, as a fraction of its largest extent.
     clip_percentiles : tuple of float
         Brain intensities are clipped to these percentiles before scaling to [0, 1], so one hot
-        voxel cannot compress the rest of the range.
+        voxel cannot compress the rest of the range (``intensity_scaling="percentile"``).
+    intensity_scaling : {"landmarks", "percentile"}
+        ``landmarks``: piecewise-linear histogram standardisation (Nyul-style) of the brain
+        intensities: the percentiles ``landmark_percentiles`` map to equally spaced values in
+        [0, 1], so tissues land at the same values whatever the scanner gain and bias (with
+        uniform reference landmarks, until per-contrast reference landmarks exist).
+        ``percentile``: a linear map of ``clip_percentiles`` to [0, 1].
+    landmark_percentiles : tuple of float
+        Landmarks of ``landmarks`` scaling, increasing, the first mapped to 0 and the last to 1.
     min_brain_ml : float
         Fewer millilitres of brain than this is treated as an empty mask.
     resolution_fwhm_mm : float
@@ -64,10 +72,22 @@ class PreprocessConfig:
     mask_threshold: float = 0.05
     crop_margin: float = 0.04
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    intensity_scaling: str = "landmarks"
+    landmark_percentiles: tuple[float, ...] = (1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0)
     min_brain_ml: float = 1.0
     resolution_fwhm_mm: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.intensity_scaling not in ("landmarks", "percentile"):
+            raise ValueError(
+                f"preprocess.intensity_scaling must be 'landmarks' or 'percentile'; got {self.intensity_scaling!r}"
+            )
+        marks = np.asarray(self.landmark_percentiles, float)
+        if marks.size < 2 or np.any(np.diff(marks) <= 0) or marks[0] < 0 or marks[-1] > 100:
+            raise ValueError(
+                "preprocess.landmark_percentiles must be at least two increasing values in [0, 100]; "
+                f"got {self.landmark_percentiles}"
+            )
         if self.resolution_fwhm_mm < 0:
             raise ValueError(f"preprocess.resolution_fwhm_mm must be >= 0; got {self.resolution_fwhm_mm}")
         if self.size < 8:
@@ -187,6 +207,23 @@ def harmonise_resolution(image: sitk.Image, fwhm_mm: float) -> sitk.Image:
     return sitk.DiscreteGaussian(image, variances, 32, 0.01, True)
 
 
+def scale_intensities(image: np.ndarray, brain: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """Map brain intensities to [0, 1] by the configured rule; background becomes 0."""
+    values = image[brain]
+    if config.intensity_scaling == "landmarks":
+        landmarks = np.percentile(values, config.landmark_percentiles)
+        # Flat stretches of the histogram give tied landmarks; np.interp needs them increasing.
+        landmarks = landmarks + np.arange(landmarks.size) * 1e-6 * max(float(np.ptp(values)), 1e-6)
+        reference = np.linspace(0.0, 1.0, landmarks.size)
+        scaled = np.interp(image, landmarks, reference).astype(np.float32)
+    else:
+        low, high = np.percentile(values, config.clip_percentiles)
+        scale = float(high - low) if high > low else 1.0
+        scaled = np.clip((image - low) / scale, 0.0, 1.0).astype(np.float32)
+    scaled[~brain] = 0.0
+    return scaled
+
+
 def _working_grid(volume: Volume, mask: np.ndarray, config: PreprocessConfig) -> tuple[np.ndarray, float]:
     """Origin and spacing of the LPS cube enclosing the brain's bounding box plus margin."""
     z, y, x = np.nonzero(mask)
@@ -258,10 +295,7 @@ def preprocess_volume(volume: Volume, config: PreprocessConfig | None = None) ->
             f"series {volume.series_instance_uid}: the brain mask is empty on the working grid; "
             "the series is too small or its geometry is broken."
         )
-    low, high = np.percentile(image[brain], config.clip_percentiles)
-    scale = float(high - low) if high > low else 1.0
-    image = np.clip((image - low) / scale, 0.0, 1.0)
-    image[~brain] = 0.0
+    image = scale_intensities(image, brain, config)
 
     grid_to_physical = index_to_physical_matrix(origin, np.full(3, spacing), np.eye(3))
     grid_to_source = np.linalg.inv(volume.index_to_physical) @ grid_to_physical

@@ -429,6 +429,9 @@ def score_batch(
     groups: Sequence[Hashable] | None = None,
     device: str | torch.device | None = None,
     chunk_size: int = 4096,
+    window_radius: int | None = None,
+    coords: Sequence[np.ndarray] | None = None,
+    grid_shape: tuple[int, int, int] | None = None,
 ) -> BatchScores:
     """Run MuSc on every layer of a batch, fuse the layers and take volume scores.
 
@@ -439,11 +442,16 @@ def score_batch(
         agree across layers (the same tokens, seen at different depths); ``D`` may differ.
     k_fraction, groups, device, chunk_size
         As in :func:`musc_scores`.
+    window_radius : int, optional
+        ``None`` (default, the paper's global matching): :func:`musc_scores`. An integer: spatially
+        windowed matching, :func:`musc_scores_windowed`, which needs ``coords`` and ``grid_shape``.
 
     Returns
     -------
     BatchScores
     """
+    if window_radius is not None and (coords is None or grid_shape is None):
+        raise ValueError("windowed scoring needs the token coords and the grid shape")
     if len(layer_token_sets) == 0:
         raise ValueError("score_batch needs at least one layer")
     n_volumes = len(layer_token_sets[0])
@@ -457,10 +465,16 @@ def score_batch(
                     f"layer {layer} volume {v} has {n[0] if n else 0} tokens; layer 0 has "
                     f"{n0[0] if n0 else 0}"
                 )
-    per_layer = [
-        musc_scores(sets, k_fraction, groups=groups, device=device, chunk_size=chunk_size)
-        for sets in layer_token_sets
-    ]
+    if window_radius is None:
+        per_layer = [
+            musc_scores(sets, k_fraction, groups=groups, device=device, chunk_size=chunk_size)
+            for sets in layer_token_sets
+        ]
+    else:
+        per_layer = [
+            musc_scores_windowed(sets, coords, grid_shape, window_radius, k_fraction, groups=groups)
+            for sets in layer_token_sets
+        ]
     fused = fuse_layers(per_layer)
     refs = reference_sets(n_volumes, groups)
     n_refs = np.array([len(r) for r in refs], dtype=int)
@@ -471,3 +485,87 @@ def score_batch(
         n_references=n_refs,
         k=np.array([k_for_references(int(n), k_fraction) for n in n_refs], dtype=int),
     )
+
+
+def musc_scores_windowed(
+    token_sets: Sequence[np.ndarray],
+    coords: Sequence[np.ndarray],
+    grid_shape: tuple[int, int, int],
+    radius: int = 1,
+    k_fraction: float = 0.3,
+    *,
+    groups: Sequence[Hashable] | None = None,
+) -> list[np.ndarray]:
+    """MuSc with spatially windowed matching: a token only meets tokens near its grid position.
+
+    As :func:`musc_scores`, except that a token's distance to another volume is the distance to
+    that volume's nearest token within ``radius`` grid steps (Chebyshev) of the same position.
+    Volumes sit on a common, brain-aligned grid, so a ventricle token is compared with ventricle
+    tokens, not with any bright cube anywhere. Reference volumes with no token in the window do
+    not count; a token with no neighbour in any reference scores 0 (it has nothing to be
+    compared with). Cost ``B^2 N (2r+1)^3 D`` instead of ``B^2 N^2 D``.
+
+    Parameters
+    ----------
+    token_sets : sequence of numpy.ndarray
+        ``(N_i, D)`` tokens per volume.
+    coords : sequence of numpy.ndarray
+        ``(N_i, 3)`` integer grid indices of those tokens.
+    grid_shape : tuple of int
+        Shape of the token grid.
+    radius : int
+        Window half-width in grid steps; 0 compares the same position only.
+    k_fraction, groups
+        As in :func:`musc_scores`.
+    """
+    _check_k_fraction(k_fraction)
+    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
+        raise ValueError(f"radius must be a non-negative integer; got {radius!r}")
+    arrays = _validated_arrays(token_sets)
+    if len(coords) != len(arrays):
+        raise ValueError(f"{len(coords)} coordinate arrays for {len(arrays)} token sets")
+    shape = tuple(int(v) for v in grid_shape)
+    coords = [np.asarray(c, dtype=np.int64) for c in coords]
+    for i, (c, a) in enumerate(zip(coords, arrays)):
+        if c.shape != (a.shape[0], 3):
+            raise ValueError(f"volume {i}: coords shape {c.shape} does not match {a.shape[0]} tokens")
+        if c.size and (c.min() < 0 or np.any(c.max(axis=0) >= np.array(shape))):
+            raise ValueError(f"volume {i}: coords outside the grid {shape}")
+    refs = reference_sets(len(arrays), groups)
+    for i, r in enumerate(refs):
+        if not r:
+            raise ValueError(f"volume {i} has no eligible reference: every other volume is in its group")
+    r = int(radius)
+    offsets = np.array([(a, b, c) for a in range(-r, r + 1) for b in range(-r, r + 1) for c in range(-r, r + 1)])
+    padded_shape = tuple(s + 2 * r for s in shape)
+    # Dense, padded grids of every volume's tokens: a window is then a gather, not a search.
+    dense, present = [], []
+    for a, c in zip(arrays, coords):
+        grid = np.zeros(padded_shape + (a.shape[1],), dtype=np.float32)
+        mask = np.zeros(padded_shape, dtype=bool)
+        grid[c[:, 0] + r, c[:, 1] + r, c[:, 2] + r] = a
+        mask[c[:, 0] + r, c[:, 1] + r, c[:, 2] + r] = True
+        dense.append(grid)
+        present.append(mask)
+    results = []
+    for i, (a, c) in enumerate(zip(arrays, coords)):
+        query = a.astype(np.float64)
+        per_reference = np.full((len(refs[i]), a.shape[0]), np.inf)
+        for row, j in enumerate(refs[i]):
+            best = np.full(a.shape[0], np.inf)
+            for offset in offsets:
+                z, y, x = (c + offset + r).T
+                found = present[j][z, y, x]
+                if not found.any():
+                    continue
+                d2 = ((dense[j][z[found], y[found], x[found]].astype(np.float64) - query[found]) ** 2).sum(axis=1)
+                best[found] = np.minimum(best[found], d2)
+            per_reference[row] = np.sqrt(best)
+        k = k_for_references(len(refs[i]), k_fraction)
+        ordered = np.sort(per_reference, axis=0)[:k]
+        finite = np.isfinite(ordered)
+        counts = finite.sum(axis=0)
+        sums = np.where(finite, ordered, 0.0).sum(axis=0)
+        scores = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
+        results.append(scores.astype(np.float32))
+    return results

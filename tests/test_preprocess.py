@@ -111,3 +111,38 @@ def test_upsampling_places_token_values_at_cube_centres():
     assert upsampled[9, 9, 9] == pytest.approx(2.0 * 0.875**3)
     assert upsampled[9, 9, 9] == upsampled.max()
     assert upsample_token_map(token_map, 20, np.zeros((20, 20, 20), bool)).max() == 0.0
+
+
+def test_landmark_scaling_removes_gain_and_offset():
+    from codegraph3d.preprocess import scale_intensities
+
+    rng = np.random.default_rng(0)
+    image = rng.gamma(4.0, 1.0, size=(16, 16, 16)).astype(np.float32)
+    brain = np.ones(image.shape, bool)
+    brain[:2] = False
+    config = PreprocessConfig(size=16)
+    a = scale_intensities(image, brain, config)
+    b = scale_intensities(3.0 * image + 50.0, brain, config)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    assert a[~brain].max() == 0.0 and 0.0 <= a.min() and a.max() <= 1.0
+    # Each decile of the brain lands on its reference value.
+    assert np.median(a[brain]) == pytest.approx(0.5, abs=0.02)
+
+
+def test_resolution_harmonisation_blurs_only_the_fine_axes():
+    import SimpleITK as sitk
+
+    from codegraph3d.preprocess import harmonise_resolution
+
+    array = np.zeros((20, 20, 20), np.float32)
+    array[10, 10, 10] = 1.0
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((1.0, 1.0, 3.0))
+    smoothed = sitk.GetArrayFromImage(harmonise_resolution(image, 3.0))
+    # In-plane (x, y: 1 mm) the impulse spreads; along z (already 3 mm) it does not.
+    assert smoothed[10, 10, 11] > 0.01 and smoothed[10, 11, 10] > 0.01
+    assert smoothed[11, 10, 10] < 1e-6
+    with pytest.raises(ValueError, match="resolution_fwhm_mm"):
+        PreprocessConfig(resolution_fwhm_mm=-1.0)
+    with pytest.raises(ValueError, match="landmark_percentiles"):
+        PreprocessConfig(landmark_percentiles=(50.0, 10.0))

@@ -141,3 +141,39 @@ def test_fusion_volume_scores_and_score_batch():
         fuse_layers([[np.zeros(3)], [np.zeros(4)]])
     with pytest.raises(ValueError, match="layer 1 volume 2 has 8 tokens"):
         score_batch([layer_a, layer_a[:2] + [np.zeros((8, 4))]], device="cpu")
+
+
+def _random_grid_tokens(rng, n_volumes, grid=4, dim=5):
+    sets, coords = [], []
+    for _ in range(n_volumes):
+        keep = rng.random(grid**3) < 0.7
+        c = np.argwhere(keep.reshape(grid, grid, grid))
+        coords.append(c)
+        sets.append(rng.standard_normal((len(c), dim)).astype(np.float32))
+    return sets, coords
+
+
+def test_windowed_scores_equal_global_when_the_window_covers_the_grid():
+    from codegraph3d.scoring import musc_scores_windowed
+
+    rng = np.random.default_rng(5)
+    sets, coords = _random_grid_tokens(rng, 4)
+    windowed = musc_scores_windowed(sets, coords, (4, 4, 4), radius=3, k_fraction=0.5)
+    exact = musc_scores(sets, 0.5)
+    for a, b in zip(windowed, exact):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_windowed_scores_only_see_the_window():
+    from codegraph3d.scoring import musc_scores_windowed
+
+    # Volume 0's token at (0,0,0) equals volume 1's token at (3,3,3): far apart, so unmatched.
+    a = np.array([[1.0, 0.0]], np.float32)
+    b = np.array([[1.0, 0.0], [5.0, 5.0]], np.float32)
+    coords = [np.array([[0, 0, 0]]), np.array([[3, 3, 3], [0, 0, 1]])]
+    (s0, s1) = musc_scores_windowed([a, b], coords, (4, 4, 4), radius=1)
+    assert s0[0] == pytest.approx(np.hypot(4.0, 5.0), rel=1e-6)  # matched to (0,0,1) only
+    assert s1[0] == 0.0  # (3,3,3) has no neighbour within the window in volume 0
+    assert musc_scores([a, b])[0][0] == pytest.approx(0.0)  # global matching finds the twin
+    with pytest.raises(ValueError, match="radius"):
+        musc_scores_windowed([a, b], coords, (4, 4, 4), radius=-1)
