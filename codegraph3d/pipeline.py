@@ -21,10 +21,9 @@ from typing import Any, Callable, Hashable, Mapping, Sequence
 import numpy as np
 from pydicom.dataset import Dataset
 
-from . import ALGORITHM_NAME, __version__
 from .encoders import SliceEncoder, load_encoder
 from .io.dicom import ScanResult, chunk_studies, load_series_volume, scan_headers
-from .io.selection import SeriesDecision, SelectionRules, form_batches, select_series
+from .io.selection import SeriesDecision, SelectionRules, select_series
 from .maps import token_grid_map, upsample_token_map
 from .preprocess import PreprocessConfig, PreprocessedVolume, preprocess_volume, resample_to_source
 from .scoring import BatchScores, score_batch

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .encoders import resolve_device
+
 __all__ = [
     "BatchScores",
     "fuse_layers",
@@ -114,15 +116,7 @@ def _check_k_fraction(k_fraction: float) -> None:
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"invalid device {device!r}: {exc}") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return resolved
+    return resolve_device("auto" if device is None else device)
 
 
 def _validated_arrays(token_sets: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import highdicom as hd
-import numpy as np
 import pydicom
 import pytest
 

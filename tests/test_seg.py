@@ -10,10 +10,10 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import generate_uid
 
 from codegraph3d.io.dicom import load_series_volume, scan_headers
+from codegraph3d.synthetic import write_series
 from codegraph3d.io.seg import write_binary_seg, write_fractional_seg
 
 N, ROWS, COLS = 8, 16, 12
@@ -21,46 +21,16 @@ N, ROWS, COLS = 8, 16, 12
 
 def write_sources(folder: Path) -> None:
     """A small oblique MR series with the tags a SEG copies (patient, study, frame of reference)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
     angle = 0.25
-    row, col = (np.cos(angle), np.sin(angle), 0.0), (0.0, 0.0, -1.0)
-    normal = np.cross(row, col)
-    for k in range(N):
-        sop = generate_uid()
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = sop
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, sop
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = (
-            "SEG1",
-            "Seg^Test",
-            "",
-            "O",
-        )
-        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName = (
-            "20240101",
-            "120000",
-            "A1",
-            "",
-        )
-        ds.StudyID, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "1", "MR", 2, N - k
-        ds.Manufacturer, ds.SeriesDescription = "TEST", "T2 TSE COR"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
-        ds.PositionReferenceIndicator = ""
-        ds.ImagePositionPatient = [
-            round(float(v), 6) for v in np.array([10.0, -5.0, 40.0]) + normal * 3.0 * k
-        ]
-        ds.ImageOrientationPatient = [round(float(v), 8) for v in (*row, *col)]
-        ds.PixelSpacing, ds.SliceThickness = [0.9, 1.1], 3.0
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = ROWS, COLS, 16, 12, 11
-        ds.PixelRepresentation = 0
-        ds.PixelData = np.full((ROWS, COLS), k, np.uint16).tobytes()
-        ds.save_as(folder / f"{sop}.dcm", enforce_file_format=True)
+    row, col = np.array([np.cos(angle), np.sin(angle), 0.0]), np.array([0.0, 0.0, -1.0])
+    direction = np.stack([row, col, np.cross(row, col)], axis=1)
+    volume = np.broadcast_to(np.arange(N, dtype=np.float32)[:, None, None], (N, ROWS, COLS))
+    write_series(
+        volume, (10.0, -5.0, 40.0), (1.1, 0.9, 3.0), direction, folder,
+        patient_id="SEG1", patient_name="Seg^Test", study_uid=generate_uid(), series_uid=generate_uid(),
+        series_description="T2 TSE COR", series_number=2, echo_time=100.0, repetition_time=4000.0,
+        frame_of_reference_uid=generate_uid(),
+    )
 
 
 @pytest.fixture(scope="module")
