@@ -127,3 +127,15 @@ def test_missing_weights_exit_2_and_name_the_files(tiny_cohort: Path, tmp_path: 
     run = run_app(tiny_cohort / "dicom", tmp_path / "output", tmp_path / "models", "encoder:\n  name: dinov2\n", tmp_path)
     _assert_clean_failure(run, "model.safetensors")
     assert "dinov2_vitl14_pretrain.pth" in run.last_line and "README" in run.last_line
+
+
+def test_evaluation_reads_the_run_back(good_run, tiny_cohort: Path):
+    from codegraph3d.evaluate import evaluate_run
+
+    run, _ = good_run
+    results = evaluate_run(run.output, tiny_cohort)
+    assert set(results["batches"]) == {"T2w", "T1w"}
+    for item in results["batches"].values():
+        assert item["n_series"] == 6 and item["n_lesion"] == 2
+        for key in ("patient_auroc", "voxel_auroc", "voxel_ap", "dice_max", "iou_at_dice_max"):
+            assert 0.0 <= item[key] <= 1.0, (key, item[key])

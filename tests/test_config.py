@@ -1,0 +1,63 @@
+"""Configuration: documented defaults, validated overrides from a file, the environment or the model folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from codegraph3d.config import CONFIG_ENV_VAR, ConfigError, config_hash, default_config, load_config
+
+
+def test_defaults_are_the_papers(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv(CONFIG_ENV_VAR, raising=False)
+    config = load_config()
+    assert config["encoder"]["name"] == "dinov2"
+    assert config["encoder"]["layers"] == [6, 12, 18, 24]
+    assert config["tokens"]["grid_size"] == 16 and config["tokens"]["projection_dim"] == 128
+    assert config["scoring"]["k_fraction"] == 0.3
+    assert config["scoring"]["window_radius"] == -1
+    assert config["config_sources"] == []
+
+
+def test_model_folder_file_applies_and_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv(CONFIG_ENV_VAR, raising=False)
+    (tmp_path / "codegraph3d.yaml").write_text("encoder:\n  name: intensity\n", encoding="utf-8")
+    assert load_config(tmp_path)["encoder"]["name"] == "intensity"
+    other = tmp_path / "other.yaml"
+    other.write_text("encoder:\n  name: untrained-vit-s14\n", encoding="utf-8")
+    monkeypatch.setenv(CONFIG_ENV_VAR, str(other))
+    config = load_config(tmp_path)
+    assert config["encoder"]["name"] == "untrained-vit-s14"
+    assert config["config_sources"] == [str(other)]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"encoder": {"nmae": "intensity"}}, "unknown configuration field 'encoder.nmae'"),
+        ({"scoring": {"k_fraction": "0.3"}}, "must be of type float"),
+        ({"scoring": {"k_fraction": 1.5}}, "k_fraction"),
+        ({"selection": {"scored_contrasts": ["T3w"]}}, "scored_contrasts"),
+        ({"scoring": {"window_radius": -2}}, "window_radius"),
+    ],
+)
+def test_bad_overrides_are_refused_with_the_field_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(override=override)
+
+
+def test_missing_environment_file_is_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.setenv(CONFIG_ENV_VAR, str(tmp_path / "absent.yaml"))
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config()
+
+
+def test_hash_changes_with_settings_not_with_sources(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv(CONFIG_ENV_VAR, raising=False)
+    a = load_config()
+    b = load_config(override={"scoring": {"k_fraction": 0.2}})
+    assert config_hash(a) != config_hash(b)
+    c = default_config()
+    c["config_sources"] = ["somewhere.yaml"]
+    assert config_hash(c) == config_hash(a)

@@ -1,0 +1,73 @@
+"""Batch formation rules of the pipeline: patient grouping and batches too small to score."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from codegraph3d.config import load_config
+from codegraph3d.io.selection import SeriesDecision
+from codegraph3d.pipeline import (
+    CohortError,
+    Tokenisation,
+    TokenisedSeries,
+    reference_groups,
+    score_batches,
+)
+from codegraph3d.preprocess import PreprocessedVolume
+from codegraph3d.tokens import TokenSet
+
+
+def _series(uid: str, patient: str, study: str, contrast: str, rng: np.random.Generator) -> TokenisedSeries:
+    grid = (4, 4, 4)
+    coords = np.argwhere(np.ones(grid, bool))
+    tokens = TokenSet(
+        tokens=[rng.standard_normal((len(coords), 6)).astype(np.float32)],
+        coords=coords,
+        grid_shape=grid,
+        layer_names=["intensity"],
+        brain_fraction=np.ones(grid),
+    )
+    prepared = PreprocessedVolume(
+        image=np.zeros((0, 0, 0), np.float32), brain_mask=np.ones((16, 16, 16), bool), grid_origin=np.zeros(3),
+        grid_spacing=1.0, grid_to_source=np.eye(4), source_shape_zyx=(16, 16, 16), source_origin=np.zeros(3),
+        source_spacing=np.ones(3), source_direction=np.eye(3), brain_volume_ml=4.0,
+    )
+    decision = SeriesDecision(study, uid, patient, "desc", True, contrast, "selected")
+    return TokenisedSeries(decision=decision, datasets=[], prepared=prepared, tokens=tokens)
+
+
+def test_groups_join_same_patient_and_same_study():
+    rng = np.random.default_rng(0)
+    series = [
+        _series("1", "P1", "S1", "T2w", rng),
+        _series("2", "P1", "S2", "T2w", rng),  # repeat study of P1
+        _series("3", "", "S3", "T2w", rng),  # no PatientID: its study groups it
+        _series("4", "P2", "S3", "T2w", rng),  # same study as 3
+        _series("5", "P3", "S5", "T2w", rng),
+    ]
+    groups = reference_groups(series, "patient_id")
+    assert groups[0] == groups[1] and groups[2] == groups[3]
+    assert len({groups[0], groups[2], groups[4]}) == 3
+    by_study = reference_groups(series, "study")
+    assert by_study[0] != by_study[1] and by_study[2] == by_study[3]
+    assert len(set(reference_groups(series, "none"))) == 5
+
+
+def test_a_batch_of_one_patient_is_skipped_while_others_score():
+    rng = np.random.default_rng(1)
+    series = [_series(str(i), f"P{i}", f"S{i}", "T2w", rng) for i in range(4)]
+    series.append(_series("9", "P9", "S9", "T1w", rng))
+    tokenisation = Tokenisation(series=series, skipped={}, encoder={"name": "intensity"})
+    scoring = score_batches(tokenisation, load_config(override={"encoder": {"name": "intensity"}}))
+    assert [batch.contrast for batch in scoring.batches] == ["T2w"]
+    assert "T1w batch not scored" in scoring.skipped["9"] and "at least two different patients" in scoring.skipped["9"]
+    assert len(scoring.batches[0].scores.volume_scores) == 4
+
+
+def test_no_scorable_batch_is_a_cohort_error():
+    rng = np.random.default_rng(2)
+    series = [_series("1", "P1", "S1", "T2w", rng), _series("2", "P1", "S2", "T2w", rng)]
+    tokenisation = Tokenisation(series=series, skipped={}, encoder={"name": "intensity"})
+    with pytest.raises(CohortError, match="no contrast batch could be scored"):
+        score_batches(tokenisation, load_config(override={"encoder": {"name": "intensity"}}))
