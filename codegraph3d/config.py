@@ -161,6 +161,11 @@ def _validate(config: Mapping[str, Any]) -> None:
         raise ConfigError("tokens.min_brain_fraction must lie in (0, 1]")
     if any(not isinstance(layer, int) or layer < 1 for layer in config["encoder"]["layers"]):
         raise ConfigError(f"encoder.layers must be 1-based block indices; got {config['encoder']['layers']}")
+    folder = config["cache"]["folder"]
+    if folder and Path(folder).expanduser().exists() and not Path(folder).expanduser().is_dir():
+        raise ConfigError(
+            f"cache.folder {folder!r} is a file; point it at a folder for the token cache, or '' to turn it off"
+        )
 
 
 def config_hash(config: Mapping[str, Any]) -> str:

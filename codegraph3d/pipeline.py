@@ -21,6 +21,7 @@ from typing import Any, Callable, Hashable, Mapping, Sequence
 import numpy as np
 from pydicom.dataset import Dataset
 
+from .cache import CachedSeries, CacheEntryError, TokenCache, key_material, read_source_headers
 from .encoders import SliceEncoder, load_encoder
 from .io.dicom import ScanResult, chunk_studies, load_series_volume, scan_headers
 from .io.selection import SeriesDecision, SelectionRules, select_series
@@ -28,7 +29,7 @@ from .maps import token_grid_map, upsample_token_map
 from .preprocess import PreprocessConfig, PreprocessedVolume, preprocess_volume, resample_to_source
 from .scoring import BatchScores, score_batch
 from .thresholds import ThresholdDecision, decide_thresholds, score_to_unit_mapping, to_unit
-from .tokens import TokenSet, tokenise
+from .tokens import TokenSet, encode_volume, project
 
 __all__ = [
     "CohortError",
@@ -39,6 +40,8 @@ __all__ = [
     "Scoring",
     "StageTimer",
     "build_encoder",
+    "open_cache",
+    "preprocess_config",
     "scan_input",
     "select_input",
     "tokenise_selected",
@@ -196,35 +199,115 @@ class Tokenisation:
     encoder: dict[str, Any]
 
 
-def _prepare_one(decision: SeriesDecision, config: Mapping[str, Any], encoder: SliceEncoder) -> TokenisedSeries:
-    loaded = load_series_volume(decision.series)
-    volume = loaded.volume
-    volume.series_instance_uid = decision.series_instance_uid
+def open_cache(config: Mapping[str, Any]) -> TokenCache | None:
+    """The token cache ``config['cache']['folder']`` names, or ``None`` when it is off (``""``).
+
+    Raises
+    ------
+    CohortError
+        When the folder cannot be used (a file of that name, not writable).
+    """
+    folder = str(config.get("cache", {}).get("folder", "") or "")
+    if not folder:
+        return None
+    try:
+        return TokenCache(folder)
+    except ValueError as error:
+        raise CohortError(str(error)) from error
+
+
+def preprocess_config(config: Mapping[str, Any], encoder: SliceEncoder) -> PreprocessConfig:
+    """The preprocessing settings of ``config['preprocess']`` on the encoder's working grid."""
     size = config["tokens"]["grid_size"] * encoder.patch_size
     settings = {key: value for key, value in config["preprocess"].items()}
     settings["clip_percentiles"] = tuple(settings["clip_percentiles"])
     settings["landmark_percentiles"] = tuple(float(v) for v in settings["landmark_percentiles"])
-    prepared = preprocess_volume(volume, PreprocessConfig(size=size, **settings))
+    return PreprocessConfig(size=size, **settings)
+
+
+def _series_info(decision: SeriesDecision) -> dict[str, Any]:
+    return {
+        "study_instance_uid": decision.study_instance_uid,
+        "patient_id": decision.patient_id,
+        "series_description": decision.series_description,
+        "contrast": decision.contrast,
+    }
+
+
+def _from_cache(
+    decision: SeriesDecision, cache: TokenCache, material: Mapping[str, Any]
+) -> tuple[CachedSeries | None, list[Dataset], str]:
+    """A verified entry and its source headers, or ``(None, [], status)`` when it must be built."""
+    lookup = cache.load(material)
+    if lookup.entry is None:
+        return None, [], "rebuilt" if lookup.status == "invalid" else "miss"
+    try:
+        # The SEG writer needs the source headers in z order; pixels are not read on a hit.
+        datasets = read_source_headers(decision.series, lookup.entry.sop_instance_uids)
+    except CacheEntryError as error:
+        logger.warning("token cache entry of series %s not used, rebuilding it: %s", decision.series_instance_uid, error)
+        return None, [], "rebuilt"
+    return lookup.entry, datasets, "hit"
+
+
+def _prepare_one(
+    decision: SeriesDecision,
+    config: Mapping[str, Any],
+    encoder: SliceEncoder,
+    cache: TokenCache | None = None,
+) -> TokenisedSeries:
+    """Load, preprocess and encode one series (or take it from the cache), then project its tokens."""
+    start = time.perf_counter()
+    status, material, entry, datasets = "off", None, None, []
+    if cache is not None and decision.series is not None:
+        material = key_material(
+            decision.series_instance_uid, [s.sop_instance_uid for s in decision.series.slices], config, encoder
+        )
+        entry, datasets, status = _from_cache(decision, cache, material)
+    if entry is None:
+        loaded = load_series_volume(decision.series)
+        volume = loaded.volume
+        volume.series_instance_uid = decision.series_instance_uid
+        prepared = preprocess_volume(volume, preprocess_config(config, encoder))
+        encoded = encode_volume(
+            prepared.image,
+            prepared.brain_mask,
+            encoder,
+            grid_size=config["tokens"]["grid_size"],
+            min_brain_fraction=config["tokens"]["min_brain_fraction"],
+            batch_size=config["encoder"]["batch_size"],
+        )
+        # The scorer and writer need only the mask and geometry: drop the image to bound memory.
+        prepared.image = np.zeros((0, 0, 0), np.float32)
+        datasets = loaded.datasets
+        entry = CachedSeries(
+            encoded=encoded,
+            prepared=prepared,
+            sop_instance_uids=list(volume.sop_instance_uids),
+            files=[str(path) for path in loaded.files],
+            skipped_files=[(str(path), reason) for path, reason in loaded.skipped_files],
+            series=_series_info(decision),
+        )
+        if cache is not None and material is not None:
+            try:
+                cache.store(material, entry, build_seconds=time.perf_counter() - start)
+            except (OSError, ValueError) as error:
+                # The cache only saves time: a full disk must not fail the run.
+                logger.warning("token cache: could not store series %s (%s)", decision.series_instance_uid, error)
     token_settings = config["tokens"]
-    tokens = tokenise(
-        prepared.image,
-        prepared.brain_mask,
-        encoder,
-        grid_size=token_settings["grid_size"],
+    tokens = project(
+        entry.encoded,
         projection_dim=token_settings["projection_dim"],
         projection_seed=token_settings["projection_seed"],
-        min_brain_fraction=token_settings["min_brain_fraction"],
-        batch_size=config["encoder"]["batch_size"],
     )
-    # The scorer and writer need only the mask and geometry: drop the image to bound memory.
-    prepared.image = np.zeros((0, 0, 0), np.float32)
     qa = {
-        "brain_volume_ml": round(prepared.brain_volume_ml, 2),
-        "tokens_kept": int(tokens.coords.shape[0]),
-        "skipped_files": [f"{path}: {reason}" for path, reason in loaded.skipped_files],
-        "geometry": prepared.to_dict(),
+        "brain_volume_ml": round(entry.prepared.brain_volume_ml, 2),
+        "tokens_kept": tokens.n_tokens,
+        "skipped_files": [f"{path}: {reason}" for path, reason in entry.skipped_files],
+        "geometry": entry.prepared.to_dict(),
+        "token_cache": status,
     }
-    return TokenisedSeries(decision=decision, datasets=loaded.datasets, prepared=prepared, tokens=tokens, qa=qa)
+    return TokenisedSeries(decision=decision, datasets=datasets, prepared=entry.prepared, tokens=tokens, qa=qa)
 
 
 def tokenise_selected(
@@ -237,9 +320,13 @@ def tokenise_selected(
     """Load, preprocess and tokenise every taken series, one chunk of studies at a time.
 
     Pixels are read only here, chunk by chunk, and only tokens, masks and headers are kept, so
-    memory grows with the number of series by megabytes, not by volumes.
+    memory grows with the number of series by megabytes, not by volumes. With ``cache.folder``
+    set, a series whose verified entry exists skips pixels, preprocessing and the encoder (its
+    headers are still read, without pixels, for the SEG writer); ``qa.token_cache`` says ``hit``,
+    ``miss`` (built and stored), ``rebuilt`` (a bad entry was replaced) or ``off``.
     """
     timer = timer or StageTimer()
+    cache = open_cache(config)
     taken_by_study: dict[str, list[SeriesDecision]] = defaultdict(list)
     for decision in selection.taken:
         taken_by_study[decision.study_instance_uid].append(decision)
@@ -253,7 +340,7 @@ def tokenise_selected(
                 start = time.perf_counter()
                 try:
                     with timer("preprocess_and_tokenise"):
-                        record = _prepare_one(decision, config, encoder)
+                        record = _prepare_one(decision, config, encoder, cache)
                 except (ValueError, OSError) as error:
                     reason = f"could not be loaded or preprocessed: {error}"
                     logger.warning(
@@ -267,6 +354,14 @@ def tokenise_selected(
                 done += 1
                 if progress is not None:
                     progress(done, total)
+    if cache is not None:
+        counts = defaultdict(int)
+        for record in result.series:
+            counts[record.qa["token_cache"]] += 1
+        logger.info(
+            "token cache %s: %d hit(s), %d miss(es), %d rebuilt", cache.folder,
+            counts["hit"], counts["miss"], counts["rebuilt"],
+        )
     if not result.series:
         raise CohortError(
             "no selected series could be loaded and preprocessed: "

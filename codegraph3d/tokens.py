@@ -18,10 +18,16 @@ sagittal  x                (z, y)
 
 Token columns are ``[axial | coronal | sagittal]``, each ``projection_dim`` wide (or the encoder's
 ``dim`` when that is not larger).
+
+Tokenisation is two steps, so that the expensive one can be cached (:mod:`codegraph3d.cache`):
+:func:`encode_volume` runs the encoder and keeps the pooled, normalised but *unprojected* features
+of every axis and layer (:class:`EncodedVolume`); :func:`project` applies the seeded projection and
+picks the views and layers (seconds). :func:`tokenise` is both with every view and layer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,9 +36,22 @@ import torch
 
 from .encoders import SliceEncoder
 
-__all__ = ["AXES", "TokenSet", "brain_fraction_grid", "projection_matrix", "tokenise"]
+__all__ = [
+    "AXES",
+    "VIEW_LETTERS",
+    "EncodedVolume",
+    "TokenSet",
+    "brain_fraction_grid",
+    "encode_volume",
+    "parse_views",
+    "project",
+    "projection_matrix",
+    "tokenise",
+]
 
 AXES: tuple[str, str, str] = ("axial", "coronal", "sagittal")
+#: The paper's short names of the views: A(xial), C(oronal), S(agittal).
+VIEW_LETTERS: dict[str, str] = {"A": "axial", "C": "coronal", "S": "sagittal"}
 
 
 @dataclass
@@ -114,6 +133,66 @@ class TokenSet:
         return grid
 
 
+@dataclass
+class EncodedVolume:
+    """The encoder's view of one volume before projection: what the token cache stores.
+
+    Attributes
+    ----------
+    features : numpy.ndarray
+        ``(L, 3, N, dim)`` float32: per layer and axis (:data:`AXES` order), the patch-aligned
+        pooled features of the kept cubes after the encoder's normalisation, not projected.
+    coords : numpy.ndarray
+        ``(N, 3)`` int64 grid indices ``(z, y, x)`` of the kept cubes, C order of the grid.
+    grid_shape : tuple of int
+        ``(grid, grid, grid)``.
+    layer_names : list of str
+        The encoder's layer names, one per entry of the first axis of ``features``.
+    brain_fraction : numpy.ndarray
+        ``grid_shape`` float64 array: the brain fraction of every cube (kept or not).
+    """
+
+    features: np.ndarray
+    coords: np.ndarray
+    grid_shape: tuple[int, int, int]
+    layer_names: list[str]
+    brain_fraction: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.grid_shape = tuple(int(s) for s in self.grid_shape)  # type: ignore[assignment]
+        self.coords = np.asarray(self.coords)
+        self.layer_names = [str(name) for name in self.layer_names]
+        if self.features.ndim != 4 or self.features.shape[1] != 3:
+            raise ValueError(f"features must be (layers, 3, N, dim); got shape {self.features.shape}")
+        if self.features.dtype != np.float32:
+            raise ValueError(f"features must be float32; got {self.features.dtype}")
+        if self.features.shape[0] != len(self.layer_names) or not self.layer_names:
+            raise ValueError(
+                f"features hold {self.features.shape[0]} layers for {len(self.layer_names)} layer names"
+            )
+        if len(set(self.layer_names)) != len(self.layer_names):
+            raise ValueError(f"layer names must be distinct; got {self.layer_names}")
+        if self.coords.shape != (self.features.shape[2], 3) or not np.issubdtype(self.coords.dtype, np.integer):
+            raise ValueError(
+                f"coords must be an ({self.features.shape[2]}, 3) integer array like the features; "
+                f"got {self.coords.dtype} {self.coords.shape}"
+            )
+        if len(self.grid_shape) != 3 or self.brain_fraction.shape != self.grid_shape:
+            raise ValueError(
+                f"brain_fraction has shape {self.brain_fraction.shape}; expected the grid {self.grid_shape}"
+            )
+
+    @property
+    def dim(self) -> int:
+        """Feature width per axis (the encoder's ``dim``)."""
+        return int(self.features.shape[3])
+
+    @property
+    def n_tokens(self) -> int:
+        """Number of kept cubes ``N``."""
+        return int(self.features.shape[2])
+
+
 def projection_matrix(dim: int, k: int, seed: int, axis: int) -> np.ndarray:
     """The fixed Gaussian random projection of one axis: ``(dim, k)``, entries ``N(0, 1/k)``.
 
@@ -179,6 +258,213 @@ def _check_inputs(
     return image, mask
 
 
+def parse_views(views: str | Sequence[str]) -> tuple[str, ...]:
+    """Normalise a views selection to axis names in :data:`AXES` order.
+
+    Parameters
+    ----------
+    views : str or sequence of str
+        Axis names (``"axial"``, ...), or the paper's letters as one string (``"A+C"``, ``"CS"``)
+        or a sequence (``["A", "S"]``).
+
+    Returns
+    -------
+    tuple of str
+        Distinct axis names, in the order axial, coronal, sagittal (so ``"C+A"`` equals ``"A+C"``).
+    """
+    if isinstance(views, str):
+        items = [part for part in views.replace("+", " ").replace(",", " ").split() if part]
+        if len(items) == 1 and items[0] not in AXES and len(items[0]) > 1:
+            items = list(items[0])  # "ACS"
+    else:
+        items = [str(v) for v in views]
+    names = []
+    for item in items:
+        name = VIEW_LETTERS.get(item.upper(), item.lower()) if len(item) == 1 else item.lower()
+        if name not in AXES:
+            raise ValueError(
+                f"unknown view {item!r}; use {', '.join(AXES)} or the letters A, C, S (e.g. 'A+C')"
+            )
+        if name in names:
+            raise ValueError(f"view {name!r} given twice in {views!r}")
+        names.append(name)
+    if not names:
+        raise ValueError("at least one view (axial, coronal, sagittal) must be selected")
+    return tuple(axis for axis in AXES if axis in names)
+
+
+def _check_positive(label: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{label} must be a positive integer; got {value!r}")
+
+
+def _check_seed(seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"projection seed must be a non-negative integer; got {seed!r}")
+
+
+def encode_volume(
+    image: np.ndarray,
+    brain_mask: np.ndarray,
+    encoder: SliceEncoder,
+    *,
+    grid_size: int = 16,
+    min_brain_fraction: float = 0.9,
+    batch_size: int = 16,
+) -> EncodedVolume:
+    """Run the encoder on the three axes and keep the pooled, normalised features of kept cubes.
+
+    Steps, per axis (axial, coronal, sagittal) and layer:
+
+    1. encode the slices of the axis in batches of ``batch_size``;
+    2. patch-aligned pooling: average the 2D tokens of slices ``b p .. b p + p - 1`` into the
+       token of grid slab ``b`` (running sums per slab, so no full-resolution stack is held);
+    3. the encoder's normalisation (``"l2"``: unit norm over the feature axis; ``"none"``).
+
+    A cube is kept when its brain fraction is at least ``min_brain_fraction`` (and above 0);
+    cubes straddling the brain boundary are dropped because their mixed brain/background content
+    dominates every volume's maximum score. Slabs with no kept cube are not encoded at all (their
+    tokens would be dropped anyway), which saves the slices above and below the brain.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        ``(S, S, S)`` floating point in ``[0, 1]``, indexed ``[z, y, x]``,
+        ``S = grid_size * encoder.patch_size``.
+    brain_mask : numpy.ndarray
+        Boolean (or 0/1 integer) array of the same shape.
+    encoder : SliceEncoder
+        The frozen slice encoder.
+    grid_size : int
+        Tokens per side (16 for 224^3 and DINOv2's patch 14).
+    min_brain_fraction : float
+        In ``(0, 1]``: the fraction of brain voxels a cube needs to be kept.
+    batch_size : int
+        Slices per encoder call.
+
+    Returns
+    -------
+    EncodedVolume
+
+    Raises
+    ------
+    ValueError
+        On shapes, dtypes or value ranges that do not fit, and with "empty brain mask ..." when no
+        cube is kept.
+    """
+    image, mask = _check_inputs(image, brain_mask, encoder, grid_size, 1, min_brain_fraction, batch_size)
+    p, g = encoder.patch_size, int(grid_size)
+    fraction = brain_fraction_grid(mask, p)
+    # a small tolerance so that 0.9 is not lost to float rounding of 2470/2744
+    keep = (fraction >= float(min_brain_fraction) - 1e-9) & (fraction > 0)
+    if not keep.any():
+        raise ValueError(
+            f"empty brain mask: no {p}^3 cube is at least {min_brain_fraction:.0%} brain "
+            f"(largest brain fraction {fraction.max():.2f}, {int(mask.sum())} brain voxels)"
+        )
+    if encoder.normalisation not in ("l2", "none"):
+        raise ValueError(f"encoder {encoder.name!r} declares unknown normalisation {encoder.normalisation!r}")
+    coords = np.argwhere(keep).astype(np.int64)
+    device = encoder.device
+    n_layers = len(encoder.layer_names)
+    keep_t = torch.from_numpy(keep).to(device)
+    volume = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+    features = np.empty((n_layers, 3, coords.shape[0], encoder.dim), dtype=np.float32)
+
+    with torch.inference_mode():
+        for axis in range(3):
+            other = tuple(a for a in range(3) if a != axis)
+            needed_slabs = np.flatnonzero(keep.any(axis=other))
+            slice_ids = (needed_slabs[:, None] * p + np.arange(p)[None, :]).reshape(-1)
+            # slab index first, then the slice image's (rows, columns)
+            stack = volume.movedim(axis, 0)
+            sums = [torch.zeros((g, g, g, encoder.dim), dtype=torch.float32, device=device)
+                    for _ in range(n_layers)]
+            for start in range(0, slice_ids.size, batch_size):
+                ids = torch.from_numpy(slice_ids[start:start + batch_size]).to(device)
+                encoded = encoder.encode(stack.index_select(0, ids).unsqueeze(1))
+                _check_features(encoded, encoder, ids.numel(), g)
+                slabs = torch.div(ids, p, rounding_mode="floor")
+                for total, layer in zip(sums, encoded):
+                    total.index_add_(0, slabs, layer.to(torch.float32))
+            for index, total in enumerate(sums):
+                pooled = (total / p).movedim(0, axis)[keep_t]  # (N, dim) in the C order of coords
+                features[index, axis] = _normalise(pooled, encoder.normalisation)
+
+    return EncodedVolume(
+        features=features,
+        coords=coords,
+        grid_shape=(g, g, g),
+        layer_names=list(encoder.layer_names),
+        brain_fraction=fraction,
+    )
+
+
+def project(
+    encoded: EncodedVolume,
+    *,
+    projection_dim: int = 128,
+    projection_seed: int = 0,
+    views: str | Sequence[str] = AXES,
+    layers: Sequence[str] | None = None,
+) -> TokenSet:
+    """Project encoded features to tokens: per axis a fixed Gaussian matrix, views concatenated.
+
+    Parameters
+    ----------
+    encoded : EncodedVolume
+        From :func:`encode_volume` or the token cache.
+    projection_dim : int
+        Projected width per axis ``k``; when the features are not wider than ``k`` they are used
+        as they are (a projection would only rotate and rescale them).
+    projection_seed : int
+        Seed of :func:`projection_matrix`; keep it fixed across every volume that is compared.
+    views : str or sequence of str
+        The axes whose tokens are concatenated (see :func:`parse_views`); each keeps its own
+        matrix, so ``"A+C"`` is the first two thirds of ``"A+C+S"``.
+    layers : sequence of str, optional
+        Layer names to keep, in the encoder's order; default all.
+
+    Returns
+    -------
+    TokenSet
+        ``D = len(views) * min(k, dim)`` columns per layer.
+    """
+    if not isinstance(encoded, EncodedVolume):
+        raise TypeError(f"encoded must be an EncodedVolume; got {type(encoded).__name__}")
+    _check_positive("projection_dim", projection_dim)
+    _check_seed(projection_seed)
+    axes = [AXES.index(name) for name in parse_views(views)]
+    if layers is None:
+        layer_ids = list(range(len(encoded.layer_names)))
+    else:
+        unknown = [name for name in layers if name not in encoded.layer_names]
+        if unknown or not layers:
+            raise ValueError(
+                f"layers {list(layers)} must be a non-empty subset of the encoded layers {encoded.layer_names}"
+            )
+        layer_ids = [i for i, name in enumerate(encoded.layer_names) if name in set(layers)]
+    dim = encoded.dim
+    matrices = {
+        axis: projection_matrix(dim, int(projection_dim), projection_seed, axis)
+        for axis in axes if dim > projection_dim
+    }
+    tokens = []
+    for layer in layer_ids:
+        parts = [
+            encoded.features[layer, axis] @ matrices[axis] if axis in matrices else encoded.features[layer, axis]
+            for axis in axes
+        ]
+        tokens.append(np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32))
+    return TokenSet(
+        tokens=tokens,
+        coords=encoded.coords.copy(),
+        grid_shape=encoded.grid_shape,
+        layer_names=[encoded.layer_names[i] for i in layer_ids],
+        brain_fraction=encoded.brain_fraction.copy(),
+    )
+
+
 def tokenise(
     image: np.ndarray,
     brain_mask: np.ndarray,
@@ -190,22 +476,19 @@ def tokenise(
     min_brain_fraction: float = 0.9,
     batch_size: int = 16,
 ) -> TokenSet:
-    """Turn a preprocessed volume into per-layer 3D patch tokens.
+    """Turn a preprocessed volume into per-layer 3D patch tokens: :func:`encode_volume`, then :func:`project`.
 
     Steps, per axis (axial, coronal, sagittal) and layer:
 
     1. encode the slices of the axis in batches of ``batch_size``;
     2. patch-aligned pooling: average the 2D tokens of slices ``b p .. b p + p - 1`` into the
-       token of grid slab ``b`` (running sums per slab, so no full-resolution stack is held);
+       token of grid slab ``b``;
     3. the encoder's normalisation (``"l2"``: unit norm over the feature axis; ``"none"``);
     4. random projection with :func:`projection_matrix` (``seed=projection_seed``, ``axis``),
        skipped when the feature width is at most ``projection_dim``.
 
-    The three axes are concatenated per token. A cube is kept when its brain fraction is at least
-    ``min_brain_fraction`` (and above 0); cubes straddling the brain boundary are dropped because
-    their mixed brain/background content dominates every volume's maximum score. Slabs with no kept
-    cube are not encoded at all (their tokens would be dropped anyway), which saves the slices
-    above and below the brain.
+    The three axes are concatenated per token. Cubes under ``min_brain_fraction`` brain are
+    dropped (see :func:`encode_volume`).
 
     Parameters
     ----------
@@ -237,55 +520,14 @@ def tokenise(
         On shapes, dtypes or value ranges that do not fit, and with "empty brain mask ..." when no
         cube is kept.
     """
-    image, mask = _check_inputs(
-        image, brain_mask, encoder, grid_size, projection_dim, min_brain_fraction, batch_size
+    # Checked before encoding, which is the expensive part.
+    _check_inputs(image, brain_mask, encoder, grid_size, projection_dim, min_brain_fraction, batch_size)
+    _check_seed(projection_seed)
+    encoded = encode_volume(
+        image, brain_mask, encoder,
+        grid_size=grid_size, min_brain_fraction=min_brain_fraction, batch_size=batch_size,
     )
-    p, g = encoder.patch_size, int(grid_size)
-    fraction = brain_fraction_grid(mask, p)
-    # a small tolerance so that 0.9 is not lost to float rounding of 2470/2744
-    keep = (fraction >= float(min_brain_fraction) - 1e-9) & (fraction > 0)
-    if not keep.any():
-        raise ValueError(
-            f"empty brain mask: no {p}^3 cube is at least {min_brain_fraction:.0%} brain "
-            f"(largest brain fraction {fraction.max():.2f}, {int(mask.sum())} brain voxels)"
-        )
-    coords = np.argwhere(keep).astype(np.int64)
-    device = encoder.device
-    n_layers = len(encoder.layer_names)
-    keep_t = torch.from_numpy(keep).to(device)
-    volume = torch.from_numpy(np.ascontiguousarray(image)).to(device)
-    per_layer: list[list[np.ndarray]] = [[] for _ in range(n_layers)]
-
-    with torch.inference_mode():
-        for axis in range(3):
-            other = tuple(a for a in range(3) if a != axis)
-            needed_slabs = np.flatnonzero(keep.any(axis=other))
-            slice_ids = (needed_slabs[:, None] * p + np.arange(p)[None, :]).reshape(-1)
-            # slab index first, then the slice image's (rows, columns)
-            stack = volume.movedim(axis, 0)
-            sums = [torch.zeros((g, g, g, encoder.dim), dtype=torch.float32, device=device)
-                    for _ in range(n_layers)]
-            for start in range(0, slice_ids.size, batch_size):
-                ids = torch.from_numpy(slice_ids[start:start + batch_size]).to(device)
-                features = encoder.encode(stack.index_select(0, ids).unsqueeze(1))
-                _check_features(features, encoder, ids.numel(), g)
-                slabs = torch.div(ids, p, rounding_mode="floor")
-                for total, layer in zip(sums, features):
-                    total.index_add_(0, slabs, layer.to(torch.float32))
-            for index, total in enumerate(sums):
-                pooled = (total / p).movedim(0, axis)[keep_t]  # (N, dim) in the C order of coords
-                per_layer[index].append(
-                    _normalise_and_project(pooled, encoder, projection_dim, projection_seed, axis)
-                )
-
-    tokens = [np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32) for parts in per_layer]
-    return TokenSet(
-        tokens=tokens,
-        coords=coords,
-        grid_shape=(g, g, g),
-        layer_names=list(encoder.layer_names),
-        brain_fraction=fraction,
-    )
+    return project(encoded, projection_dim=projection_dim, projection_seed=projection_seed)
 
 
 def _check_features(features: list[torch.Tensor], encoder: SliceEncoder, n: int, g: int) -> None:
@@ -301,15 +543,8 @@ def _check_features(features: list[torch.Tensor], encoder: SliceEncoder, n: int,
             )
 
 
-def _normalise_and_project(
-    pooled: torch.Tensor, encoder: SliceEncoder, k: int, seed: int, axis: int
-) -> np.ndarray:
-    """Apply the encoder's normalisation, then the axis' projection; return float32 numpy."""
-    if encoder.normalisation == "l2":
+def _normalise(pooled: torch.Tensor, normalisation: str) -> np.ndarray:
+    """Apply the encoder's normalisation over the feature axis; return float32 numpy on the CPU."""
+    if normalisation == "l2":
         pooled = pooled / pooled.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    elif encoder.normalisation != "none":
-        raise ValueError(f"encoder {encoder.name!r} declares unknown normalisation {encoder.normalisation!r}")
-    features = pooled.to(torch.float32).cpu().numpy()
-    if encoder.dim <= k:
-        return features
-    return features @ projection_matrix(encoder.dim, k, seed, axis)
+    return pooled.to(torch.float32).cpu().numpy()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from codegraph3d.encoders import IntensityEncoder, untrained_vit
-from codegraph3d.tokens import TokenSet, projection_matrix, tokenise
+from codegraph3d.tokens import EncodedVolume, TokenSet, encode_volume, parse_views, project, projection_matrix, tokenise
 
 P, G = 4, 8
 S = P * G
@@ -148,3 +148,52 @@ def test_tokenset_validates_its_fields():
         TokenSet([np.zeros((1, 2))], np.zeros((1, 3), int), (2, 2, 2), [], np.zeros((2, 2, 2)))
     with pytest.raises(ValueError, match="outside the grid"):
         TokenSet([np.zeros((1, 2))], np.full((1, 3), 2), (2, 2, 2), ["a"], np.zeros((2, 2, 2)))
+
+
+def test_encode_then_project_is_tokenise(tiny_vit, volume):
+    mask = _sphere(14.0)
+    encoded = encode_volume(volume, mask, tiny_vit, grid_size=G, batch_size=32)
+    assert encoded.features.shape == (2, 3, encoded.n_tokens, 128) and encoded.dim == 128
+    fresh = tokenise(volume, mask, tiny_vit, grid_size=G, projection_dim=16, projection_seed=3, batch_size=32)
+    projected = project(encoded, projection_dim=16, projection_seed=3)
+    np.testing.assert_array_equal(projected.coords, fresh.coords)
+    np.testing.assert_array_equal(projected.brain_fraction, fresh.brain_fraction)
+    for got, expected in zip(projected.tokens, fresh.tokens):
+        np.testing.assert_array_equal(got, expected)  # the same arithmetic, not merely close
+    # features stay unprojected and normalised per axis
+    np.testing.assert_allclose(np.linalg.norm(encoded.features, axis=3), 1.0, rtol=1e-5)
+
+
+def test_views_and_layers_select_columns_and_layers(tiny_vit, volume):
+    encoded = encode_volume(volume, _sphere(14.0), tiny_vit, grid_size=G, batch_size=32)
+    full = project(encoded, projection_dim=16)
+    axial_sagittal = project(encoded, projection_dim=16, views="S+A")
+    assert axial_sagittal.tokens[0].shape[1] == 32
+    for layer in range(2):  # each axis keeps its own matrix: a subset is a column subset
+        expected = np.concatenate([full.tokens[layer][:, :16], full.tokens[layer][:, 32:]], axis=1)
+        np.testing.assert_array_equal(axial_sagittal.tokens[layer], expected)
+    assert parse_views("C+A") == parse_views(["axial", "coronal"]) == parse_views("AC") == ("axial", "coronal")
+    second = project(encoded, projection_dim=16, views=("coronal",), layers=["block2"])
+    assert second.layer_names == ["block2"]
+    np.testing.assert_array_equal(second.tokens[0], full.tokens[1][:, 16:32])
+    with pytest.raises(ValueError, match="unknown view 'X'"):
+        project(encoded, views="A+X")
+    with pytest.raises(ValueError, match="given twice"):
+        parse_views("A+A")
+    with pytest.raises(ValueError, match="subset of the encoded layers"):
+        project(encoded, layers=["block7"])
+    with pytest.raises(ValueError, match="projection seed"):
+        project(encoded, projection_seed=-1)
+
+
+def test_encoded_volume_validates_its_fields():
+    features = np.zeros((1, 3, 2, 4), np.float32)
+    coords = np.zeros((2, 3), np.int64)
+    fraction = np.ones((2, 2, 2))
+    EncodedVolume(features, coords, (2, 2, 2), ["a"], fraction)
+    with pytest.raises(ValueError, match="float32"):
+        EncodedVolume(features.astype(np.float64), coords, (2, 2, 2), ["a"], fraction)
+    with pytest.raises(ValueError, match="2 layer names"):
+        EncodedVolume(features, coords, (2, 2, 2), ["a", "b"], fraction)
+    with pytest.raises(ValueError, match="coords must be an \\(2, 3\\)"):
+        EncodedVolume(features, coords[:1], (2, 2, 2), ["a"], fraction)
