@@ -9,7 +9,9 @@ Choose ``[low, high]`` to cover the scores (e.g. the batch's ``score_to_unit`` m
 first, then ``[0, 1]``); values outside are clipped into the end bins.
 
 Per-volume (patient-level) metrics use :func:`patient_auroc` and
-:func:`patient_average_precision`, which are exact.
+:func:`patient_average_precision`, which are exact; :func:`patient_roc_curve` and
+:func:`patient_pr_curve` give the curves behind them, and the ``*_curve`` methods of
+:class:`StreamingBinaryMetrics` the voxel-level ones (for plots).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ __all__ = [
     "StreamingBinaryMetrics",
     "patient_auroc",
     "patient_average_precision",
+    "patient_pr_curve",
+    "patient_roc_curve",
 ]
 
 
@@ -118,7 +122,7 @@ class StreamingBinaryMetrics:
         self.pos += np.bincount(b[y], minlength=self.n_bins)
         self.neg += np.bincount(b[~y], minlength=self.n_bins)
 
-    def merge(self, other: "StreamingBinaryMetrics") -> None:
+    def merge(self, other: StreamingBinaryMetrics) -> None:
         """Add another accumulator's counts (same ``low``, ``high``, ``n_bins``)."""
         if (other.low, other.high, other.n_bins) != (self.low, self.high, self.n_bins):
             raise ValueError("cannot merge accumulators with different bins")
@@ -168,6 +172,76 @@ class StreamingBinaryMetrics:
         b = int(np.argmax(dice))
         iou = tp[b] / (fp[b] + p)
         return float(dice[b]), float(self.edges[b]), float(iou)
+
+    def roc_curve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ROC operating points at the bin-edge thresholds, from "nothing positive" down.
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            ``(fpr, tpr, thresholds)``, each ``(n_bins + 1,)``: point ``i`` predicts ``score >=
+            thresholds[i]`` positive; the first point (threshold ``high``, past the last bin's
+            lower edge) predicts nothing, the last (``low``) predicts everything.
+
+        Raises
+        ------
+        ValueError
+            When either class is absent (the curve is undefined).
+        """
+        p, n = self.n_positive, self.n_negative
+        if p == 0 or n == 0:
+            raise ValueError(f"the ROC curve needs both classes; have {p} positive and {n} negative samples")
+        tp, fp = self._top_down()
+        tpr = np.concatenate([[0.0], tp[::-1] / p])
+        fpr = np.concatenate([[0.0], fp[::-1] / n])
+        thresholds = np.concatenate([[self.high], self.edges[:-1][::-1]])
+        return fpr, tpr, thresholds
+
+    def pr_curve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Precision-recall operating points at the bin-edge thresholds, high to low.
+
+        Only thresholds that predict at least one sample are kept, and the curve starts at
+        ``(recall 0, precision 1)`` as scikit-learn's does, so a step plot of it encloses
+        :meth:`average_precision`.
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            ``(recall, precision, thresholds)``; ``thresholds[0]`` is ``high`` for the start point.
+
+        Raises
+        ------
+        ValueError
+            Without positive samples (recall is undefined).
+        """
+        p = self.n_positive
+        if p == 0:
+            raise ValueError("the precision-recall curve needs positive samples; have none")
+        tp, fp = self._top_down()
+        tp, fp, lower = tp[::-1], fp[::-1], self.edges[:-1][::-1]
+        predicted = (tp + fp) > 0
+        # A threshold inside a run of empty bins repeats the previous point: keep each point once.
+        changed = np.concatenate([[True], (tp[1:] != tp[:-1]) | (fp[1:] != fp[:-1])])
+        keep = predicted & changed
+        recall = np.concatenate([[0.0], tp[keep] / p])
+        precision = np.concatenate([[1.0], tp[keep] / (tp[keep] + fp[keep])])
+        return recall, precision, np.concatenate([[self.high], lower[keep]])
+
+    def dice_curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """Dice when predicting ``score >= threshold``, at every bin's lower edge.
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            ``(thresholds, dice)``, each ``(n_bins,)``, thresholds ascending; Dice is ``nan``
+            where there are neither positives nor predicted positives.
+        """
+        p = self.n_positive
+        tp, fp = self._top_down()
+        denom = tp + fp + p
+        with np.errstate(invalid="ignore", divide="ignore"):
+            dice = np.where(denom > 0, 2 * tp / denom, np.nan)
+        return self.edges[:-1].copy(), dice
 
     def dice_at(self, threshold: float) -> float:
         """Dice when predicting ``score >= threshold``, resolved to the bin grid.
@@ -230,11 +304,69 @@ def patient_average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
     p = int(y.sum())
     if p == 0:
         return float("nan")
-    order = np.argsort(-s, kind="mergesort")
-    ss, ys = s[order], y[order]
-    # Operating points at the last index of each run of tied scores.
+    tp, fp, _ = _tied_operating_points(s, y)
+    recall_step = np.diff(np.concatenate([[0.0], tp])) / p
+    return float(np.sum(recall_step * tp / (tp + fp)))
+
+
+
+def _tied_operating_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """TP and FP counts when predicting ``score >= t``, one point per distinct score, high to low."""
+    order = np.argsort(-scores, kind="mergesort")
+    ss, ys = scores[order], labels[order]
     last = np.flatnonzero(np.concatenate([ss[1:] != ss[:-1], [True]]))
     tp = np.cumsum(ys)[last].astype(np.float64)
     fp = (last + 1) - tp
-    recall_step = np.diff(np.concatenate([[0.0], tp])) / p
-    return float(np.sum(recall_step * tp / (tp + fp)))
+    return tp, fp, ss[last]
+
+
+def patient_roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact ROC curve of per-volume scores; tied scores form one operating point.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``(fpr, tpr, thresholds)`` from ``(0, 0)`` (threshold ``+inf``: nothing predicted) to
+        ``(1, 1)``; the trapezoidal area under it equals :func:`patient_auroc`.
+
+    Raises
+    ------
+    ValueError
+        When either class is absent (the curve is undefined).
+    """
+    s, y = _as_scores_labels(scores, labels)
+    p, n = int(y.sum()), int((~y).sum())
+    if p == 0 or n == 0:
+        raise ValueError(f"the ROC curve needs both classes; have {p} positive and {n} negative volumes")
+    tp, fp, thresholds = _tied_operating_points(s, y)
+    return (
+        np.concatenate([[0.0], fp / n]),
+        np.concatenate([[0.0], tp / p]),
+        np.concatenate([[np.inf], thresholds]),
+    )
+
+
+def patient_pr_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact precision-recall curve of per-volume scores; tied scores form one operating point.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``(recall, precision, thresholds)``, starting at ``(0, 1)`` (threshold ``+inf``); the
+        step area (precision times recall increment) equals :func:`patient_average_precision`.
+
+    Raises
+    ------
+    ValueError
+        Without positive volumes (recall is undefined).
+    """
+    s, y = _as_scores_labels(scores, labels)
+    p = int(y.sum())
+    if p == 0:
+        raise ValueError("the precision-recall curve needs positive volumes; have none")
+    tp, fp, thresholds = _tied_operating_points(s, y)
+    return (
+        np.concatenate([[0.0], tp / p]),
+        np.concatenate([[1.0], tp / (tp + fp)]),
+        np.concatenate([[np.inf], thresholds]),
+    )
