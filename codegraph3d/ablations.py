@@ -450,7 +450,7 @@ def evaluate_setting(
                 views=setting.views, layers=setting.layers)
         for item in series
     ]
-    groups = reference_groups([item.record for item in series], scoring["exclude_same"])
+    groups = reference_groups([item.record.decision for item in series], scoring["exclude_same"])
     chunks = (
         [np.arange(len(series))] if setting.n_chunks == 1
         else chunk_indices(groups, setting.n_chunks, setting.chunk_seed)
@@ -574,7 +574,7 @@ def run_ablations(
         dim, layer_names = series[0].encoded.dim, series[0].encoded.layer_names
         measure = _Measure(series, config, n_bins)
         n = len(series)
-        groups = reference_groups([item.record for item in series], config["scoring"]["exclude_same"])
+        groups = reference_groups([item.record.decision for item in series], config["scoring"]["exclude_same"])
         entry: dict[str, Any] = {
             "n_series": n,
             "n_lesion": int(sum(item.has_lesion for item in series)),

@@ -51,7 +51,6 @@ import numpy as np
 from scipy import ndimage
 
 from .config import ConfigError, config_hash, load_config
-from .encoders import VIT_VARIANTS
 from .evaluate import (
     BatchAccumulator,
     Evaluation,
@@ -66,7 +65,7 @@ from .evaluate import (
 )
 from .io.dicom import load_series_volume
 from .io.selection import SeriesDecision
-from .pipeline import CohortError, reference_groups, scan_input, select_input
+from .pipeline import CohortError, preprocess_config, reference_groups, scan_input, select_input
 from .preprocess import (
     PreprocessConfig,
     PreprocessedVolume,
@@ -81,11 +80,9 @@ __all__ = [
     "baseline_markdown",
     "comparison_table",
     "main",
-    "preprocess_config",
     "run_baseline",
     "smooth_map",
     "volume_score",
-    "working_grid_size",
     "zscore_maps",
 ]
 
@@ -128,31 +125,6 @@ class BaselineSettings:
             raise ValueError(f"volume_percentile must lie in (0, 100] (100 = maximum); got {self.volume_percentile}")
         if isinstance(self.n_bins, bool) or not isinstance(self.n_bins, int) or self.n_bins < 10:
             raise ValueError(f"n_bins must be an integer >= 10; got {self.n_bins!r}")
-
-
-def working_grid_size(config: Mapping[str, Any]) -> int:
-    """Edge of the product's working grid: ``tokens.grid_size`` x the encoder's patch.
-
-    The intensity and untrained-tiny encoders take ``encoder.patch_size``; the ViT families use
-    their fixed patch (14 for DINOv2 ViT-L/14 and the untrained ViT-L/S 14), as
-    :func:`codegraph3d.pipeline.build_encoder` builds them, without loading any weights here.
-    """
-    name = config["encoder"]["name"]
-    if name in ("intensity", "untrained-tiny"):
-        patch = int(config["encoder"]["patch_size"])
-    elif name.startswith("untrained-"):
-        patch = int(VIT_VARIANTS[name.removeprefix("untrained-")]["patch_size"])
-    else:
-        patch = int(VIT_VARIANTS["vit-l14"]["patch_size"])
-    return int(config["tokens"]["grid_size"]) * patch
-
-
-def preprocess_config(config: Mapping[str, Any]) -> PreprocessConfig:
-    """The :class:`PreprocessConfig` the product builds from ``config`` (same grid, same scaling)."""
-    settings = dict(config["preprocess"])
-    settings["clip_percentiles"] = tuple(settings["clip_percentiles"])
-    settings["landmark_percentiles"] = tuple(float(v) for v in settings["landmark_percentiles"])
-    return PreprocessConfig(size=working_grid_size(config), **settings)
 
 
 def zscore_maps(
@@ -257,7 +229,7 @@ def volume_score(z: np.ndarray, brain: np.ndarray, percentile: float) -> float:
 class _Member:
     """One series of a batch between loading and scoring."""
 
-    decision: SeriesDecision  # read by pipeline.reference_groups
+    decision: SeriesDecision
     prepared: PreprocessedVolume
     volume: Volume | None  # the source volume, kept for lesion series' montage slices only
     lesion: np.ndarray
@@ -384,7 +356,7 @@ def run_baseline(
                 logger.warning("series %s skipped: %s", decision.series_instance_uid, reason)
                 exclude(decision, reason)
         timings["load_and_preprocess"] += time.perf_counter() - t0
-        groups = reference_groups(members, config["scoring"]["exclude_same"])  # type: ignore[arg-type]  # reads .decision only
+        groups = reference_groups([m.decision for m in members], config["scoring"]["exclude_same"])
         if len(set(groups)) < 2:
             for member in members:
                 exclude(member.decision, f"{contrast} batch not scored: the batch needs series of at least two "

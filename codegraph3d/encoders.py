@@ -971,6 +971,20 @@ def _find_dinov2_weights(model_path: Path | None, weights: str | Path | None) ->
     )
 
 
+def configured_patch_size(name: str, patch_size: int) -> int:
+    """The patch size the encoder ``name`` will have, known without building it or reading weights.
+
+    ``patch_size`` (the configuration's ``encoder.patch_size``) applies to the encoders whose patch
+    is a setting (``intensity``, ``untrained-tiny``); the ViT families have their fixed patch.
+    """
+    if name not in ENCODER_NAMES:
+        raise ValueError(f"unknown encoder {name!r}; choose one of {list(ENCODER_NAMES)}")
+    if name in ("intensity", "untrained-tiny"):
+        return int(patch_size)
+    variant = name.removeprefix("untrained-") if name.startswith("untrained-") else "vit-l14"
+    return int(VIT_VARIANTS[variant]["patch_size"])
+
+
 def load_encoder(
     name: str,
     model_path: str | Path | None = None,

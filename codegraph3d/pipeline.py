@@ -22,7 +22,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from .cache import CachedSeries, CacheEntryError, TokenCache, key_material, read_source_headers
-from .encoders import SliceEncoder, load_encoder
+from .encoders import SliceEncoder, configured_patch_size, load_encoder
 from .io.dicom import ScanResult, chunk_studies, load_series_volume, scan_headers
 from .io.selection import SeriesDecision, SelectionRules, select_series
 from .maps import token_grid_map, upsample_token_map
@@ -171,6 +171,12 @@ def build_encoder(config: Mapping[str, Any], model_path: str | Path | None) -> S
         raise CohortError(str(error)) from error
     except ValueError as error:
         raise CohortError(f"encoder {name!r} cannot be loaded: {error}") from error
+    expected = configured_patch_size(name, settings["patch_size"])
+    if encoder.patch_size != expected:
+        raise CohortError(
+            f"encoder {name!r} has patch size {encoder.patch_size}, not the {expected} its family has; "
+            "the working grid would not match its tokens. Use DINOv2 weights of a /14 model."
+        )
     banner = "=" * 78
     if not encoder.pretrained:
         logger.warning("%s\nENCODER: %s\n%s", banner, encoder.description, banner)
@@ -216,9 +222,15 @@ def open_cache(config: Mapping[str, Any]) -> TokenCache | None:
         raise CohortError(str(error)) from error
 
 
-def preprocess_config(config: Mapping[str, Any], encoder: SliceEncoder) -> PreprocessConfig:
-    """The preprocessing settings of ``config['preprocess']`` on the encoder's working grid."""
-    size = config["tokens"]["grid_size"] * encoder.patch_size
+def working_grid_size(config: Mapping[str, Any]) -> int:
+    """Edge of the working grid: ``tokens.grid_size`` x the configured encoder's patch size."""
+    encoder = config["encoder"]
+    return int(config["tokens"]["grid_size"]) * configured_patch_size(encoder["name"], encoder["patch_size"])
+
+
+def preprocess_config(config: Mapping[str, Any]) -> PreprocessConfig:
+    """The preprocessing settings of ``config['preprocess']`` on the configured working grid."""
+    size = working_grid_size(config)
     settings = {key: value for key, value in config["preprocess"].items()}
     settings["clip_percentiles"] = tuple(settings["clip_percentiles"])
     settings["landmark_percentiles"] = tuple(float(v) for v in settings["landmark_percentiles"])
@@ -268,7 +280,7 @@ def _prepare_one(
         loaded = load_series_volume(decision.series)
         volume = loaded.volume
         volume.series_instance_uid = decision.series_instance_uid
-        prepared = preprocess_volume(volume, preprocess_config(config, encoder))
+        prepared = preprocess_volume(volume, preprocess_config(config))
         encoded = encode_volume(
             prepared.image,
             prepared.brain_mask,
@@ -374,14 +386,14 @@ def tokenise_selected(
 # scoring
 
 
-def reference_groups(series: Sequence[TokenisedSeries], exclude_same: str) -> list[Hashable]:
+def reference_groups(decisions: Sequence[SeriesDecision], exclude_same: str) -> list[Hashable]:
     """Group label per volume: volumes sharing a label never reference each other.
 
     ``patient_id`` links volumes with the same PatientID or the same study (connected components,
     so a patient's repeat studies and all their series form one group); ``study`` links series
     of one study only; ``none`` links nothing.
     """
-    n = len(series)
+    n = len(decisions)
     parent = list(range(n))
 
     def find(i: int) -> int:
@@ -401,9 +413,9 @@ def reference_groups(series: Sequence[TokenisedSeries], exclude_same: str) -> li
                 first[key] = index
 
     if exclude_same in ("patient_id", "study"):
-        link([s.decision.study_instance_uid for s in series])
+        link([d.study_instance_uid for d in decisions])
     if exclude_same == "patient_id":
-        link([s.decision.patient_id for s in series])
+        link([d.patient_id for d in decisions])
     return [find(i) for i in range(n)]
 
 
@@ -446,7 +458,7 @@ def score_batches(tokenisation: Tokenisation, config: Mapping[str, Any]) -> Scor
     scoring = Scoring(batches=[], skipped=dict(tokenisation.skipped), tokenisation=tokenisation)
     settings = config["scoring"]
     for contrast, members in by_contrast.items():
-        groups = reference_groups(members, settings["exclude_same"])
+        groups = reference_groups([m.decision for m in members], settings["exclude_same"])
         try:
             if len(set(groups)) < 2:
                 raise ValueError(

@@ -15,9 +15,9 @@ from codegraph3d.baseline import (
     run_baseline,
     smooth_map,
     volume_score,
-    working_grid_size,
     zscore_maps,
 )
+from codegraph3d.pipeline import working_grid_size
 from codegraph3d.config import load_config
 from codegraph3d.evaluate import (
     EvaluationInputError,

@@ -46,12 +46,13 @@ def test_groups_join_same_patient_and_same_study():
         _series("4", "P2", "S3", "T2w", rng),  # same study as 3
         _series("5", "P3", "S5", "T2w", rng),
     ]
-    groups = reference_groups(series, "patient_id")
+    decisions = [s.decision for s in series]
+    groups = reference_groups(decisions, "patient_id")
     assert groups[0] == groups[1] and groups[2] == groups[3]
     assert len({groups[0], groups[2], groups[4]}) == 3
-    by_study = reference_groups(series, "study")
+    by_study = reference_groups(decisions, "study")
     assert by_study[0] != by_study[1] and by_study[2] == by_study[3]
-    assert len(set(reference_groups(series, "none"))) == 5
+    assert len(set(reference_groups(decisions, "none"))) == 5
 
 
 def test_a_batch_of_one_patient_is_skipped_while_others_score():
