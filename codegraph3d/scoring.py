@@ -466,7 +466,10 @@ def score_batch(
         ]
     else:
         per_layer = [
-            musc_scores_windowed(sets, coords, grid_shape, window_radius, k_fraction, groups=groups)
+            musc_scores_windowed(
+                sets, coords, grid_shape, window_radius, k_fraction, groups=groups, device=device,
+                chunk_size=chunk_size,
+            )
             for sets in layer_token_sets
         ]
     fused = fuse_layers(per_layer)
@@ -489,6 +492,8 @@ def musc_scores_windowed(
     k_fraction: float = 0.3,
     *,
     groups: Sequence[Hashable] | None = None,
+    device: str | torch.device | None = None,
+    chunk_size: int = 4096,
 ) -> list[np.ndarray]:
     """MuSc with spatially windowed matching: a token only meets tokens near its grid position.
 
@@ -509,10 +514,13 @@ def musc_scores_windowed(
         Shape of the token grid.
     radius : int
         Window half-width in grid steps; 0 compares the same position only.
-    k_fraction, groups
-        As in :func:`musc_scores`.
+    k_fraction, groups, device, chunk_size
+        As in :func:`musc_scores`; ``chunk_size`` bounds the gathered neighbour block to about
+        ``chunk_size^2`` values.
     """
     _check_k_fraction(k_fraction)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
     if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
         raise ValueError(f"radius must be a non-negative integer; got {radius!r}")
     arrays = _validated_arrays(token_sets)
@@ -530,36 +538,48 @@ def musc_scores_windowed(
         if not r:
             raise ValueError(f"volume {i} has no eligible reference: every other volume is in its group")
     r = int(radius)
-    offsets = np.array([(a, b, c) for a in range(-r, r + 1) for b in range(-r, r + 1) for c in range(-r, r + 1)])
-    padded_shape = tuple(s + 2 * r for s in shape)
-    # Dense, padded grids of every volume's tokens: a window is then a gather, not a search.
-    dense, present = [], []
-    for a, c in zip(arrays, coords):
-        grid = np.zeros(padded_shape + (a.shape[1],), dtype=np.float32)
-        mask = np.zeros(padded_shape, dtype=bool)
-        grid[c[:, 0] + r, c[:, 1] + r, c[:, 2] + r] = a
-        mask[c[:, 0] + r, c[:, 1] + r, c[:, 2] + r] = True
-        dense.append(grid)
-        present.append(mask)
-    results = []
-    for i, (a, c) in enumerate(zip(arrays, coords)):
-        query = a.astype(np.float64)
-        per_reference = np.full((len(refs[i]), a.shape[0]), np.inf)
-        for row, j in enumerate(refs[i]):
-            best = np.full(a.shape[0], np.inf)
-            for offset in offsets:
-                z, y, x = (c + offset + r).T
-                found = present[j][z, y, x]
-                if not found.any():
-                    continue
-                d2 = ((dense[j][z[found], y[found], x[found]].astype(np.float64) - query[found]) ** 2).sum(axis=1)
-                best[found] = np.minimum(best[found], d2)
-            per_reference[row] = np.sqrt(best)
-        k = k_for_references(len(refs[i]), k_fraction)
-        ordered = np.sort(per_reference, axis=0)[:k]
-        finite = np.isfinite(ordered)
-        counts = finite.sum(axis=0)
-        sums = np.where(finite, ordered, 0.0).sum(axis=0)
-        scores = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
-        results.append(scores.astype(np.float32))
+    offsets = [(a, b, c) for a in range(-r, r + 1) for b in range(-r, r + 1) for c in range(-r, r + 1)]
+    padded = tuple(s + 2 * r for s in shape)
+    n_positions = int(np.prod(padded))
+    dev = _resolve_device(device)
+    n_volumes, dim = len(arrays), arrays[0].shape[1]
+
+    def flat(c: np.ndarray, offset: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
+        z, y, x = (c + np.asarray(offset) + r).T
+        return (z * padded[1] + y) * padded[2] + x
+
+    sizes = [a.shape[0] for a in arrays]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    all_coords = np.concatenate(coords)
+    # Rows per step keep each gathered (rows, D) neighbour block near chunk_size^2 values.
+    rows = max(1, chunk_size * chunk_size // max(1, dim))
+    with torch.inference_mode():
+        # Dense, padded grids of every volume's tokens: a window is a gather, not a search.
+        dense = torch.zeros((n_volumes, n_positions, dim), dtype=torch.float32, device=dev)
+        present = torch.zeros((n_volumes, n_positions), dtype=torch.bool, device=dev)
+        for v, (a, c) in enumerate(zip(arrays, coords)):
+            index = torch.from_numpy(flat(c)).to(dev)
+            dense[v, index] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(dev)
+            present[v, index] = True
+        queries = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.float32) for a in arrays])).to(dev)
+        positions = [torch.from_numpy(flat(all_coords, offset)).to(dev) for offset in offsets]
+        # best[j, t]: squared distance of token t to its nearest windowed neighbour in volume j.
+        best = torch.full((n_volumes, queries.shape[0]), float("inf"), dtype=torch.float32, device=dev)
+        for j in range(n_volumes):
+            for position in positions:
+                for a in range(0, queries.shape[0], rows):
+                    where = position[a : a + rows]
+                    # Float32 differences, squared and summed: relative error about D x 1e-7.
+                    d2 = (dense[j, where] - queries[a : a + rows]).pow_(2).sum(dim=1)
+                    d2 = torch.where(present[j, where], d2, torch.inf)
+                    torch.minimum(best[j, a : a + rows], d2, out=best[j, a : a + rows])
+        results = []
+        for i in range(n_volumes):
+            i0, i1 = int(starts[i]), int(starts[i + 1])
+            ordered = torch.sort(best[refs[i], i0:i1], dim=0).values[: k_for_references(len(refs[i]), k_fraction)]
+            ordered = ordered.sqrt_()
+            finite = torch.isfinite(ordered)
+            counts = finite.sum(dim=0)
+            sums = torch.where(finite, ordered, 0.0).sum(dim=0)
+            results.append(torch.where(counts > 0, sums / counts.clamp(min=1), 0.0).float().cpu().numpy())
     return results
