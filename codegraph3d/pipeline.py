@@ -26,6 +26,7 @@ from .encoders import SliceEncoder, configured_patch_size, load_encoder
 from .io.dicom import ScanResult, chunk_studies, load_series_volume, scan_headers
 from .io.selection import SeriesDecision, SelectionRules, select_series
 from .maps import token_grid_map, upsample_token_map
+from .registration import Template, load_template
 from .preprocess import PreprocessConfig, PreprocessedVolume, preprocess_volume, resample_to_source
 from .scoring import BatchScores, score_batch
 from .thresholds import ThresholdDecision, decide_thresholds, score_to_unit_mapping, to_unit
@@ -185,6 +186,16 @@ def build_encoder(config: Mapping[str, Any], model_path: str | Path | None) -> S
     return encoder
 
 
+def load_registration_template(config: Mapping[str, Any], model_path: str | Path | None) -> Template | None:
+    """The registration template when ``preprocess.registration`` asks for one, else ``None``."""
+    if config["preprocess"]["registration"] == "none":
+        return None
+    try:
+        return load_template(model_path)
+    except FileNotFoundError as error:
+        raise CohortError(str(error)) from error
+
+
 @dataclass
 class TokenisedSeries:
     """A selected series after preprocessing and tokenisation: all later stages need."""
@@ -267,6 +278,7 @@ def _prepare_one(
     config: Mapping[str, Any],
     encoder: SliceEncoder,
     cache: TokenCache | None = None,
+    template: Template | None = None,
 ) -> TokenisedSeries:
     """Load, preprocess and encode one series (or take it from the cache), then project its tokens."""
     start = time.perf_counter()
@@ -280,7 +292,10 @@ def _prepare_one(
         loaded = load_series_volume(decision.series)
         volume = loaded.volume
         volume.series_instance_uid = decision.series_instance_uid
-        prepared = preprocess_volume(volume, preprocess_config(config))
+        prepared = preprocess_volume(volume, preprocess_config(config), template)
+        warning = prepared.qa.get("registration", {}).get("warning")
+        if warning:
+            logger.warning("study=%s series=%s %s", decision.study_instance_uid, decision.series_instance_uid, warning)
         encoded = encode_volume(
             prepared.image,
             prepared.brain_mask,
@@ -318,6 +333,7 @@ def _prepare_one(
         "skipped_files": [f"{path}: {reason}" for path, reason in entry.skipped_files],
         "geometry": entry.prepared.to_dict(),
         "token_cache": status,
+        **entry.prepared.qa,
     }
     return TokenisedSeries(decision=decision, datasets=datasets, prepared=entry.prepared, tokens=tokens, qa=qa)
 
@@ -328,6 +344,7 @@ def tokenise_selected(
     encoder: SliceEncoder,
     timer: StageTimer | None = None,
     progress: Callable[[int, int], None] | None = None,
+    template: Template | None = None,
 ) -> Tokenisation:
     """Load, preprocess and tokenise every taken series, one chunk of studies at a time.
 
@@ -352,7 +369,7 @@ def tokenise_selected(
                 start = time.perf_counter()
                 try:
                     with timer("preprocess_and_tokenise"):
-                        record = _prepare_one(decision, config, encoder, cache)
+                        record = _prepare_one(decision, config, encoder, cache, template)
                 except (ValueError, OSError) as error:
                     reason = f"could not be loaded or preprocessed: {error}"
                     logger.warning(
@@ -558,7 +575,8 @@ def run_pipeline(
     if encoder is None:
         with timer("load_encoder"):
             encoder = build_encoder(config, model_path)
-    tokenisation = tokenise_selected(selection, config, encoder, timer)
+    template = load_registration_template(config, model_path)
+    tokenisation = tokenise_selected(selection, config, encoder, timer, template=template)
     with timer("score"):
         scoring = score_batches(tokenisation, config)
     return selection, scoring, timer

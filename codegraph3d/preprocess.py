@@ -12,12 +12,13 @@ assumes skull-stripped input (background near zero), as in the demo cohort.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .registration import Template, register_affine
 from .volume import Volume, index_to_physical_matrix
 
 __all__ = [
@@ -61,6 +62,13 @@ class PreprocessConfig:
         Landmarks of ``landmarks`` scaling, increasing, the first mapped to 0 and the last to 1.
     min_brain_ml : float
         Fewer millilitres of brain than this is treated as an empty mask.
+    registration : {"none", "affine"}
+        ``none``: the working grid is the brain's bounding cube in the series' own space.
+        ``affine``: the series is registered to the MNI152 brain template
+        (:mod:`codegraph3d.registration`) and the working grid is the central ``crop_mm`` cube of
+        the template, so the same anatomy lands in the same token across volumes.
+    crop_mm : float
+        Edge (mm) of the template-space cube with ``registration="affine"`` (156 in the paper).
     resolution_fwhm_mm : float
         When positive, each series is smoothed so that its effective resolution is this FWHM
         along every axis (an axis already coarser is left alone). Batch scoring compares volumes
@@ -76,8 +84,14 @@ class PreprocessConfig:
     landmark_percentiles: tuple[float, ...] = (1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0)
     min_brain_ml: float = 1.0
     resolution_fwhm_mm: float = 0.0
+    registration: str = "none"
+    crop_mm: float = 156.0
 
     def __post_init__(self) -> None:
+        if self.registration not in ("none", "affine"):
+            raise ValueError(f"preprocess.registration must be 'none' or 'affine'; got {self.registration!r}")
+        if not self.crop_mm > 0:
+            raise ValueError(f"preprocess.crop_mm must be positive; got {self.crop_mm}")
         if self.intensity_scaling not in ("landmarks", "percentile"):
             raise ValueError(
                 f"preprocess.intensity_scaling must be 'landmarks' or 'percentile'; got {self.intensity_scaling!r}"
@@ -126,6 +140,8 @@ class PreprocessedVolume:
         Geometry of the source series grid.
     brain_volume_ml : float
         Brain volume measured on the source grid.
+    qa : dict
+        Quality record of the preprocessing (registration metric, stop condition, warnings).
     """
 
     image: np.ndarray
@@ -138,6 +154,7 @@ class PreprocessedVolume:
     source_spacing: np.ndarray
     source_direction: np.ndarray
     brain_volume_ml: float
+    qa: dict = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -146,8 +163,14 @@ class PreprocessedVolume:
 
     @property
     def grid_index_to_physical(self) -> np.ndarray:
-        """4x4 matrix from a working ``(x, y, z)`` index to LPS mm."""
+        """4x4 matrix from a working ``(x, y, z)`` index to the grid's LPS mm (template space when registered)."""
         return index_to_physical_matrix(self.grid_origin, np.full(3, self.grid_spacing), np.eye(3))
+
+    @property
+    def grid_to_source_physical(self) -> np.ndarray:
+        """4x4 map from the grid's physical space to the series' LPS mm (identity without registration)."""
+        source = index_to_physical_matrix(self.source_origin, self.source_spacing, self.source_direction)
+        return source @ self.grid_to_source @ np.linalg.inv(self.grid_index_to_physical)
 
     def to_dict(self) -> dict:
         """The geometry (not the arrays), JSON-serialisable, for the QA record and caches."""
@@ -248,7 +271,16 @@ def _grid_reference(origin: np.ndarray, spacing: float, size: int) -> sitk.Image
     return reference
 
 
-def preprocess_volume(volume: Volume, config: PreprocessConfig | None = None) -> PreprocessedVolume:
+def _sitk_affine(matrix: np.ndarray) -> sitk.AffineTransform:
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(tuple(np.asarray(matrix[:3, :3], float).flatten()))
+    transform.SetTranslation(tuple(float(v) for v in matrix[:3, 3]))
+    return transform
+
+
+def preprocess_volume(
+    volume: Volume, config: PreprocessConfig | None = None, template: Template | None = None
+) -> PreprocessedVolume:
     """Mask, crop, resample to ``size^3`` and scale one skull-stripped volume.
 
     Parameters
@@ -277,16 +309,30 @@ def preprocess_volume(volume: Volume, config: PreprocessConfig | None = None) ->
             f"above {config.mask_threshold:.0%} of the 99th intensity percentile); the series may be "
             "blank or not skull-stripped. Check the series or exclude it from the input."
         )
-    origin, spacing = _working_grid(volume, mask, config)
-    reference = _grid_reference(origin, spacing, config.size)
-
     source_image = volume.to_sitk()
-    if config.resolution_fwhm_mm > 0:
-        source_image = harmonise_resolution(source_image, config.resolution_fwhm_mm)
-    resampled = sitk.Resample(source_image, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     mask_image = sitk.GetImageFromArray(mask.astype(np.uint8))
     mask_image.CopyInformation(source_image)
-    resampled_mask = sitk.Resample(mask_image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    qa: dict = {}
+    # grid physical space -> series LPS: identity, or the registration's template -> subject map
+    grid_to_subject = np.eye(4)
+    if config.registration == "affine":
+        if template is None:
+            raise ValueError("preprocess.registration is 'affine' but no template was given")
+        moving = sitk.Mask(sitk.Cast(source_image, sitk.sitkFloat32), mask_image)
+        result = register_affine(moving, template)
+        grid_to_subject = result.matrix
+        qa["registration"] = result.qa
+        spacing = config.crop_mm / config.size
+        origin = template.centre_lps - config.crop_mm / 2.0 + spacing / 2.0
+    else:
+        origin, spacing = _working_grid(volume, mask, config)
+    reference = _grid_reference(origin, spacing, config.size)
+    transform = _sitk_affine(grid_to_subject)
+
+    if config.resolution_fwhm_mm > 0:
+        source_image = harmonise_resolution(source_image, config.resolution_fwhm_mm)
+    resampled = sitk.Resample(source_image, reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    resampled_mask = sitk.Resample(mask_image, reference, transform, sitk.sitkNearestNeighbor, 0)
 
     image = sitk.GetArrayFromImage(resampled).astype(np.float32)
     brain = sitk.GetArrayFromImage(resampled_mask).astype(bool)
@@ -298,7 +344,7 @@ def preprocess_volume(volume: Volume, config: PreprocessConfig | None = None) ->
     image = scale_intensities(image, brain, config)
 
     grid_to_physical = index_to_physical_matrix(origin, np.full(3, spacing), np.eye(3))
-    grid_to_source = np.linalg.inv(volume.index_to_physical) @ grid_to_physical
+    grid_to_source = np.linalg.inv(volume.index_to_physical) @ grid_to_subject @ grid_to_physical
     return PreprocessedVolume(
         image=image.astype(np.float32),
         brain_mask=brain,
@@ -310,6 +356,7 @@ def preprocess_volume(volume: Volume, config: PreprocessConfig | None = None) ->
         source_spacing=volume.spacing.copy(),
         source_direction=volume.direction.copy(),
         brain_volume_ml=brain_ml,
+        qa=qa,
     )
 
 
@@ -346,7 +393,8 @@ def resample_from_source(source_map: np.ndarray, prepared: PreprocessedVolume, *
         raise ValueError(f"order must be 0 or 1; got {order}")
     interpolator = sitk.sitkLinear if order == 1 else sitk.sitkNearestNeighbor
     result = sitk.Resample(
-        _source_image(prepared, source_map), _grid_image(prepared), sitk.Transform(), interpolator, 0.0, sitk.sitkFloat32
+        _source_image(prepared, source_map), _grid_image(prepared), _sitk_affine(prepared.grid_to_source_physical),
+        interpolator, 0.0, sitk.sitkFloat32,
     )
     return sitk.GetArrayFromImage(result)
 
@@ -378,5 +426,6 @@ def resample_to_source(grid_map: np.ndarray, prepared: PreprocessedVolume, *, or
     moving.CopyInformation(_grid_image(prepared))
     reference = _source_image(prepared)
     interpolator = sitk.sitkLinear if order == 1 else sitk.sitkNearestNeighbor
-    result = sitk.Resample(moving, reference, sitk.Transform(), interpolator, 0.0, sitk.sitkFloat32)
+    to_grid = _sitk_affine(np.linalg.inv(prepared.grid_to_source_physical))
+    result = sitk.Resample(moving, reference, to_grid, interpolator, 0.0, sitk.sitkFloat32)
     return sitk.GetArrayFromImage(result)

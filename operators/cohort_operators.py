@@ -19,6 +19,7 @@ from monai.deploy.core import Fragment, Operator, OperatorSpec
 from codegraph3d.pipeline import (
     StageTimer,
     build_encoder,
+    load_registration_template,
     scan_input,
     score_batches,
     select_input,
@@ -103,7 +104,8 @@ class TokeniserOperator(Operator):
             eta = elapsed / done * (total - done)
             logger.info("tokenised %d/%d series (%.1f s elapsed, ETA %.0f s)", done, total, elapsed, eta)
 
-        tokenisation = tokenise_selected(selection, self.config, encoder, self.timer, progress)
+        template = load_registration_template(self.config, self.model_folder)
+        tokenisation = tokenise_selected(selection, self.config, encoder, self.timer, progress, template=template)
         op_output.emit(tokenisation, "tokens")
 
 
