@@ -49,7 +49,6 @@ bf16 rate, everything else with float32.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -73,8 +72,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoders import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+    inference_autocast,
+    vit_pixels,
     UNTRAINED_WARNING,
     VIT_VARIANTS,
     Dinov2Encoder,
@@ -503,21 +502,14 @@ class PlainViTEncoder(SliceEncoder):
         self.description = (
             f"{UNTRAINED_WARNING} (plain-torch {variant} of DINOv2's architecture, seed {seed})"
         )
-        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
 
     def encode(self, slices: torch.Tensor) -> list[torch.Tensor]:
         """Encode slices; see :meth:`SliceEncoder.encode`."""
         x = self._check_slices(slices)
         n, _, height, width = x.shape
         grid_h, grid_w = height // self.patch_size, width // self.patch_size
-        x = (x.expand(-1, 3, -1, -1) - self._mean) / self._std
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if self.device.type == "cuda"
-            else contextlib.nullcontext()
-        )
-        with torch.inference_mode(), autocast:
+        x = vit_pixels(x)
+        with torch.inference_mode(), inference_autocast(self.device):
             outputs = self.model(x, self.layers)
         return [out.float().reshape(n, grid_h, grid_w, self.dim) for out in outputs]
 

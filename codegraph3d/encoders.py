@@ -122,6 +122,20 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def vit_pixels(slices: torch.Tensor) -> torch.Tensor:
+    """Grey slices in [0, 1] -> the 3-channel, ImageNet-normalised input DINOv2 was trained on."""
+    mean = torch.tensor(IMAGENET_MEAN, device=slices.device, dtype=slices.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=slices.device, dtype=slices.dtype).view(1, 3, 1, 1)
+    return (slices.expand(-1, 3, -1, -1) - mean) / std
+
+
+def inference_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (tensor cores), nothing on CPU (bf16 there is slower and coarser)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 class SliceEncoder(ABC):
     """A frozen encoder of 2D grey slices into patch tokens, one token grid per layer.
 
@@ -304,8 +318,6 @@ class Dinov2Encoder(SliceEncoder):
         self.patch_size = int(patch)
         self.dim = int(config.hidden_size)
         self.layer_names = [f"block{layer}" for layer in self.layers]
-        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
 
     # ---- construction from weights
 
@@ -427,13 +439,8 @@ class Dinov2Encoder(SliceEncoder):
         x = self._check_slices(slices)
         n, _, height, width = x.shape
         grid_h, grid_w = height // self.patch_size, width // self.patch_size
-        x = (x.expand(-1, 3, -1, -1) - self._mean) / self._std
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if self.device.type == "cuda"
-            else contextlib.nullcontext()
-        )
-        with torch.inference_mode(), autocast:
+        x = vit_pixels(x)
+        with torch.inference_mode(), inference_autocast(self.device):
             hidden = self.model(pixel_values=x, output_hidden_states=True).hidden_states
         expected = len(self.model.encoder.layer) + 1
         if hidden is None or len(hidden) != expected:
