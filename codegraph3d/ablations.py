@@ -754,7 +754,7 @@ def fill_cache(
     selection = select_input(scan, config)
     with timer("load_encoder"):
         encoder = build_encoder(config, model_path)
-    tokenisation = tokenise_selected(selection, config, encoder, timer)
+    tokenisation = tokenise_selected(selection, config, encoder, timer, model_path=model_path)
     status = [record.qa["token_cache"] for record in tokenisation.series]
     built_seconds = [record.qa["seconds"] for record in tokenisation.series if record.qa["token_cache"] != "hit"]
     folder = Path(cache_dir).expanduser().absolute() / settings_id({"settings": settings_material(config, encoder)})

@@ -574,6 +574,15 @@ class CohortBenchmark:
     scorer_flops: float | None
     load_average_start: tuple[float, float, float]
     load_average_end: tuple[float, float, float]
+    preprocess_steps: dict[str, float] = field(default_factory=dict)
+    preprocess_description: str = ""
+
+
+def _preprocess_description(config: Any) -> str:
+    return (
+        f"bias correction {config.bias_correction}, skull stripping {config.skull_strip}, registration "
+        f"{config.registration}, {config.interpolation} resampling, intensity {config.intensity_scaling}"
+    )
 
 
 @dataclass
@@ -745,6 +754,7 @@ def benchmark_cohort(
     matrix_scale: float = 1.0,
     config_override: Mapping[str, Any] | str | Path | None = None,
     cohort_dir: str | Path | None = None,
+    model_path: str | Path | None = None,
 ) -> CohortBenchmark:
     """Time every stage of the pipeline on a generated single-contrast DICOM cohort.
 
@@ -774,6 +784,11 @@ def benchmark_cohort(
         applied after ``CODEGRAPH3D_CONFIG`` when that is set, as in the app.
     cohort_dir : path, optional
         Use this existing cohort (its ``dicom/`` folder) instead of generating one.
+    model_path : path, optional
+        Model folder (registration template, landmarks), as the app's ``-m``; needed when the
+        configuration registers. Preprocessing runs in this process, one series at a time, so
+        that its steps (N4, skull stripping, registration, resampling, standardisation) are
+        timed one by one (``preprocess_steps``).
 
     Raises
     ------
@@ -789,12 +804,13 @@ def benchmark_cohort(
         Tokenisation,
         TokenisedSeries,
         build_encoder,
-        preprocess_config,
+        preprocess_setup,
         reference_groups,
         scan_input,
         score_batches,
         select_input,
     )
+    from .parallel import PreprocessModels
     from .preprocess import preprocess_volume
     from .report import write_results
 
@@ -820,7 +836,9 @@ def benchmark_cohort(
             selection = select_input(scan, config)
         with timer("load_encoder"):
             slice_encoder = build_encoder(config, None)
-        preprocess_settings = preprocess_config(config)
+        with timer("load_preprocess_models"):
+            models = PreprocessModels(preprocess_setup(config, model_path, workers=1))
+        step_seconds: dict[str, float] = {}
         token_settings = config["tokens"]
         records: list[TokenisedSeries] = []
         for decision in selection.taken:
@@ -828,7 +846,12 @@ def benchmark_cohort(
                 loaded = load_series_volume(decision.series)
             loaded.volume.series_instance_uid = decision.series_instance_uid
             with timer("preprocess"):
-                prepared = preprocess_volume(loaded.volume, preprocess_settings)
+                prepared = preprocess_volume(
+                    loaded.volume, models.config, models.template, stripper=models.stripper,
+                    reference=models.references.get(decision.contrast),
+                )
+            for step, seconds in prepared.qa["step_seconds"].items():
+                step_seconds[step] = step_seconds.get(step, 0.0) + seconds
             with timer("tokenise"):
                 encoded = encode_volume(
                     prepared.image, prepared.brain_mask, slice_encoder,
@@ -900,6 +923,8 @@ def benchmark_cohort(
         tokeniser_flops=None if per_slice is None else per_slice * slices,
         tokeniser_flops_note=note,
         scorer_flops=scorer_flops,
+        preprocess_steps=step_seconds,
+        preprocess_description=_preprocess_description(models.config),
         load_average_start=load_start,
         load_average_end=_load_average(),
     )
@@ -1272,6 +1297,13 @@ def render_markdown(report: BenchmarkReport) -> str:
             ["stage", "seconds", "s / volume"],
             [[labels[name], _fmt(seconds), _fmt(seconds / cohort.n_scored)] for name, seconds in cohort.stages.items()],
         )
+        if cohort.preprocess_steps:
+            lines += ["", f"Preprocessing steps ({cohort.preprocess_description}), one worker:", ""]
+            lines += _table(
+                ["step", "seconds", "s / volume"],
+                [[name.replace("_", " "), _fmt(seconds), _fmt(seconds / cohort.n_scored)]
+                 for name, seconds in cohort.preprocess_steps.items()],
+            )
         tokenise_s = cohort.stages["tokenise"]
         tok_rate = _rate(cohort.tokeniser_flops, tokenise_s)
         score_rate = _rate(cohort.scorer_flops, cohort.scoring_s)
@@ -1396,6 +1428,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--contrast", default="T2w", choices=("T2w", "T1w"))
     parser.add_argument("--matrix-scale", type=float, default=1.0, help="cohort matrix size factor (default 1.0)")
     parser.add_argument("--skip-cohort", action="store_true", help="default mode: only the scorer alone")
+    parser.add_argument("--cohort-dir", default=None,
+                        help="use this existing cohort (e.g. demo/cohort) instead of generating one")
+    parser.add_argument("--models", default=None,
+                        help="model folder (registration template, landmarks), as the app's -m")
     parser.add_argument("--scorer-sizes", type=int, nargs="*", default=None,
                         help="batch sizes of the scorer alone; none to skip (default 30 on CPU, 30 180 on CUDA)")
     parser.add_argument("--scorer-tokens", type=int, default=1500, help="tokens per volume (scorer alone)")
@@ -1471,6 +1507,7 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
             report.cohort = benchmark_cohort(
                 n_volumes=args.n, encoder=args.encoder or "intensity", seed=args.seed, device=args.device,
                 contrast=args.contrast, matrix_scale=args.matrix_scale, config_override=args.config,
+                cohort_dir=args.cohort_dir, model_path=args.models,
             )
         if scorer_sizes:
             report.scorer = benchmark_scorer(

@@ -145,7 +145,8 @@ def settings_material(config: Mapping[str, Any], encoder: SliceEncoder | Mapping
         raise ValueError(f"encoder identity lacks {missing}; pass a SliceEncoder or its identity()")
     return {
         "format": CACHE_FORMAT_VERSION,
-        "preprocess": dict(config["preprocess"]),
+        # workers spreads the run over processes; it does not change what a series becomes.
+        "preprocess": {key: value for key, value in config["preprocess"].items() if key != "workers"},
         "tokens": {
             "grid_size": config["tokens"]["grid_size"],
             "min_brain_fraction": config["tokens"]["min_brain_fraction"],

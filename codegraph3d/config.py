@@ -155,6 +155,18 @@ def _validate(config: Mapping[str, Any]) -> None:
         )
     if not isinstance(config["scoring"]["window_radius"], int) or config["scoring"]["window_radius"] < -1:
         raise ConfigError(f"scoring.window_radius must be -1 (global) or a radius >= 0; got {config['scoring']['window_radius']}")
+    preprocess = {key: value for key, value in config["preprocess"].items() if key != "workers"}
+    for key in ("clip_percentiles", "landmark_percentiles", "brain_ml_warn", "brain_ml_fail"):
+        preprocess[key] = tuple(preprocess[key])
+    try:
+        from .preprocess import PreprocessConfig
+
+        PreprocessConfig(**preprocess)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(str(error)) from error
+    workers = config["preprocess"]["workers"]
+    if not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"preprocess.workers must be an integer >= 0 (0 = automatic); got {workers!r}")
     if config["loading"]["studies_per_chunk"] < 1:
         raise ConfigError("loading.studies_per_chunk must be at least 1")
     if not 0.0 < config["tokens"]["min_brain_fraction"] <= 1.0:

@@ -11,6 +11,7 @@ of one) skip that series with a recorded reason; run-level problems (nothing to 
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import time
 from collections import defaultdict
@@ -26,8 +27,8 @@ from .encoders import SliceEncoder, configured_patch_size, load_encoder
 from .io.dicom import ScanResult, chunk_studies, load_series_volume, scan_headers
 from .io.selection import SeriesDecision, SelectionRules, select_series
 from .maps import token_grid_map, upsample_token_map
-from .registration import Template, load_template
-from .preprocess import PreprocessConfig, PreprocessedVolume, preprocess_volume, resample_to_source
+from .parallel import PreprocessSetup, SeriesJob, SeriesOutcome, StudyPreprocessor, resolve_workers
+from .preprocess import PreprocessConfig, PreprocessedVolume, resample_to_source
 from .scoring import BatchScores, score_batch
 from .thresholds import ThresholdDecision, decide_thresholds, score_to_unit_mapping, to_unit
 from .tokens import TokenSet, encode_volume, project
@@ -186,16 +187,6 @@ def build_encoder(config: Mapping[str, Any], model_path: str | Path | None) -> S
     return encoder
 
 
-def load_registration_template(config: Mapping[str, Any], model_path: str | Path | None) -> Template | None:
-    """The registration template when ``preprocess.registration`` asks for one, else ``None``."""
-    if config["preprocess"]["registration"] == "none":
-        return None
-    try:
-        return load_template(model_path)
-    except FileNotFoundError as error:
-        raise CohortError(str(error)) from error
-
-
 @dataclass
 class TokenisedSeries:
     """A selected series after preprocessing and tokenisation: all later stages need."""
@@ -242,8 +233,11 @@ def working_grid_size(config: Mapping[str, Any]) -> int:
 def preprocess_config(config: Mapping[str, Any]) -> PreprocessConfig:
     """The preprocessing settings of ``config['preprocess']`` on the configured working grid."""
     size = working_grid_size(config)
-    settings = {key: value for key, value in config["preprocess"].items()}
-    settings["clip_percentiles"] = tuple(settings["clip_percentiles"])
+    # workers is how the run is spread over processes, not what a series becomes.
+    settings = {key: value for key, value in config["preprocess"].items() if key != "workers"}
+    for key in ("clip_percentiles", "brain_ml_warn", "brain_ml_fail"):
+        if key in settings:
+            settings[key] = tuple(float(v) for v in settings[key])
     settings["landmark_percentiles"] = tuple(float(v) for v in settings["landmark_percentiles"])
     return PreprocessConfig(size=size, **settings)
 
@@ -273,54 +267,48 @@ def _from_cache(
     return lookup.entry, datasets, "hit"
 
 
-def _prepare_one(
+def _encode_outcome(
     decision: SeriesDecision,
+    outcome: SeriesOutcome,
     config: Mapping[str, Any],
     encoder: SliceEncoder,
-    cache: TokenCache | None = None,
-    template: Template | None = None,
-) -> TokenisedSeries:
-    """Load, preprocess and encode one series (or take it from the cache), then project its tokens."""
+    cache: TokenCache | None,
+    material: Mapping[str, Any] | None,
+) -> CachedSeries:
+    """Encode a preprocessed series and store it in the cache (when one is configured)."""
     start = time.perf_counter()
-    status, material, entry, datasets = "off", None, None, []
-    if cache is not None and decision.series is not None:
-        material = key_material(
-            decision.series_instance_uid, [s.sop_instance_uid for s in decision.series.slices], config, encoder
-        )
-        entry, datasets, status = _from_cache(decision, cache, material)
-    if entry is None:
-        loaded = load_series_volume(decision.series)
-        volume = loaded.volume
-        volume.series_instance_uid = decision.series_instance_uid
-        prepared = preprocess_volume(volume, preprocess_config(config), template)
-        warning = prepared.qa.get("registration", {}).get("warning")
-        if warning:
-            logger.warning("study=%s series=%s %s", decision.study_instance_uid, decision.series_instance_uid, warning)
-        encoded = encode_volume(
-            prepared.image,
-            prepared.brain_mask,
-            encoder,
-            grid_size=config["tokens"]["grid_size"],
-            min_brain_fraction=config["tokens"]["min_brain_fraction"],
-            batch_size=config["encoder"]["batch_size"],
-        )
-        # The scorer and writer need only the mask and geometry: drop the image to bound memory.
-        prepared.image = np.zeros((0, 0, 0), np.float32)
-        datasets = loaded.datasets
-        entry = CachedSeries(
-            encoded=encoded,
-            prepared=prepared,
-            sop_instance_uids=list(volume.sop_instance_uids),
-            files=[str(path) for path in loaded.files],
-            skipped_files=[(str(path), reason) for path, reason in loaded.skipped_files],
-            series=_series_info(decision),
-        )
-        if cache is not None and material is not None:
-            try:
-                cache.store(material, entry, build_seconds=time.perf_counter() - start)
-            except (OSError, ValueError) as error:
-                # The cache only saves time: a full disk must not fail the run.
-                logger.warning("token cache: could not store series %s (%s)", decision.series_instance_uid, error)
+    prepared = outcome.prepared
+    encoded = encode_volume(
+        prepared.image,
+        prepared.brain_mask,
+        encoder,
+        grid_size=config["tokens"]["grid_size"],
+        min_brain_fraction=config["tokens"]["min_brain_fraction"],
+        batch_size=config["encoder"]["batch_size"],
+    )
+    # The scorer and writer need only the mask and geometry: drop the image to bound memory.
+    prepared.image = np.zeros((0, 0, 0), np.float32)
+    entry = CachedSeries(
+        encoded=encoded,
+        prepared=prepared,
+        sop_instance_uids=outcome.sop_instance_uids,
+        files=outcome.files,
+        skipped_files=outcome.skipped_files,
+        series=_series_info(decision),
+    )
+    if cache is not None and material is not None:
+        try:
+            cache.store(material, entry, build_seconds=outcome.seconds + time.perf_counter() - start)
+        except (OSError, ValueError) as error:
+            # The cache only saves time: a full disk must not fail the run.
+            logger.warning("token cache: could not store series %s (%s)", decision.series_instance_uid, error)
+    return entry
+
+
+def _finish(
+    decision: SeriesDecision, entry: CachedSeries, datasets: list[Dataset], status: str, config: Mapping[str, Any]
+) -> TokenisedSeries:
+    """Project a series' tokens and assemble its QA record."""
     token_settings = config["tokens"]
     tokens = project(
         entry.encoded,
@@ -338,21 +326,42 @@ def _prepare_one(
     return TokenisedSeries(decision=decision, datasets=datasets, prepared=entry.prepared, tokens=tokens, qa=qa)
 
 
+def preprocess_setup(
+    config: Mapping[str, Any], model_path: str | Path | None, workers: int = 1
+) -> PreprocessSetup:
+    """The worker settings of a run: preprocessing, model folder, device, threads per worker."""
+    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
+    return PreprocessSetup(
+        config=preprocess_config(config),
+        model_path=None if model_path is None else str(model_path),
+        device=str(config["encoder"]["device"]),
+        threads=threads,
+        contrasts=tuple(config["selection"]["scored_contrasts"]),
+    )
+
+
 def tokenise_selected(
     selection: Selection,
     config: Mapping[str, Any],
     encoder: SliceEncoder,
     timer: StageTimer | None = None,
     progress: Callable[[int, int], None] | None = None,
-    template: Template | None = None,
+    model_path: str | Path | None = None,
 ) -> Tokenisation:
     """Load, preprocess and tokenise every taken series, one chunk of studies at a time.
 
     Pixels are read only here, chunk by chunk, and only tokens, masks and headers are kept, so
-    memory grows with the number of series by megabytes, not by volumes. With ``cache.folder``
-    set, a series whose verified entry exists skips pixels, preprocessing and the encoder (its
-    headers are still read, without pixels, for the SEG writer); ``qa.token_cache`` says ``hit``,
-    ``miss`` (built and stored), ``rebuilt`` (a bad entry was replaced) or ``off``.
+    memory grows with the number of series by megabytes, not by volumes. Studies are loaded and
+    preprocessed in ``preprocess.workers`` processes (:mod:`codegraph3d.parallel`) while this
+    process encodes. With ``cache.folder`` set, a series whose verified entry exists skips
+    pixels, preprocessing and the encoder (its headers are still read, without pixels, for the
+    SEG writer); ``qa.token_cache`` says ``hit``, ``miss`` (built and stored), ``rebuilt`` (a bad
+    entry was replaced) or ``off``.
+
+    Raises
+    ------
+    CohortError
+        When nothing could be preprocessed, or a model file preprocessing needs is missing.
     """
     timer = timer or StageTimer()
     cache = open_cache(config)
@@ -363,26 +372,76 @@ def tokenise_selected(
     total = len(selection.taken)
     done = 0
     result = Tokenisation(series=[], skipped={}, encoder=encoder.identity())
-    for chunk in chunk_studies(studies, config["loading"]["studies_per_chunk"]):
-        for study in chunk:
-            for decision in taken_by_study[study.study_instance_uid]:
-                start = time.perf_counter()
-                try:
-                    with timer("preprocess_and_tokenise"):
-                        record = _prepare_one(decision, config, encoder, cache, template)
-                except (ValueError, OSError) as error:
-                    reason = f"could not be loaded or preprocessed: {error}"
-                    logger.warning(
-                        "study=%s series=%s decision=skip reason=%s",
-                        decision.study_instance_uid, decision.series_instance_uid, reason,
-                    )
-                    result.skipped[decision.series_instance_uid] = reason
-                else:
-                    record.qa["seconds"] = round(time.perf_counter() - start, 2)
-                    result.series.append(record)
-                done += 1
-                if progress is not None:
-                    progress(done, total)
+    workers = resolve_workers(int(config["preprocess"]["workers"]), len(studies))
+    setup = preprocess_setup(config, model_path, workers)
+
+    def skip(decision: SeriesDecision, reason: str) -> None:
+        logger.warning(
+            "study=%s series=%s decision=skip reason=%s",
+            decision.study_instance_uid, decision.series_instance_uid, reason,
+        )
+        result.skipped[decision.series_instance_uid] = reason
+
+    def report_progress() -> None:
+        if progress is not None:
+            progress(done, total)
+
+    try:
+        pool = StudyPreprocessor(setup, workers).__enter__()
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        raise CohortError(f"preprocessing cannot start: {error}") from error
+    try:
+        pool.expect(total)
+        overall = timer("preprocess_and_tokenise")
+        overall.__enter__()
+        for chunk in chunk_studies(studies, config["loading"]["studies_per_chunk"]):
+            pending: list[list[SeriesJob]] = []
+            plans: dict[str, tuple[SeriesDecision, Mapping[str, Any] | None, str]] = {}
+            for study in chunk:
+                jobs: list[SeriesJob] = []
+                for decision in taken_by_study[study.study_instance_uid]:
+                    status, material, entry, datasets = "off", None, None, []
+                    if cache is not None and decision.series is not None:
+                        material = key_material(
+                            decision.series_instance_uid,
+                            [s.sop_instance_uid for s in decision.series.slices], config, encoder,
+                        )
+                        entry, datasets, status = _from_cache(decision, cache, material)
+                    if entry is not None:
+                        result.series.append(_finish(decision, entry, datasets, status, config))
+                        pool.series_total -= 1
+                        done += 1
+                        report_progress()
+                        continue
+                    plans[decision.series_instance_uid] = (decision, material, status)
+                    jobs.append(SeriesJob(decision.series, decision.contrast, decision.series_instance_uid))
+                pending.append(jobs)
+            for _, outcomes in pool.map(pending):
+                for outcome in outcomes:
+                    decision, material, status = plans[outcome.series_instance_uid]
+                    if outcome.error is not None or outcome.prepared is None:
+                        skip(decision, outcome.error or "could not be preprocessed")
+                    else:
+                        start = time.perf_counter()
+                        with timer("tokenise"):
+                            entry = _encode_outcome(decision, outcome, config, encoder, cache, material)
+                        record = _finish(decision, entry, outcome.datasets, status, config)
+                        record.qa["seconds"] = round(outcome.seconds + time.perf_counter() - start, 2)
+                        record.qa["seconds_preprocess"] = round(outcome.seconds, 2)
+                        for warning in record.qa.get("warnings", []):
+                            logger.warning(
+                                "study=%s series=%s qa=warning reason=%s",
+                                decision.study_instance_uid, decision.series_instance_uid, warning,
+                            )
+                        result.series.append(record)
+                    done += 1
+                    report_progress()
+        overall.__exit__(None)
+    finally:
+        pool.__exit__(None, None, None)
+    # Cache hits come back before the series built alongside them: restore the selection order.
+    order = {decision.series_instance_uid: i for i, decision in enumerate(selection.taken)}
+    result.series.sort(key=lambda record: order[record.decision.series_instance_uid])
     if cache is not None:
         counts = defaultdict(int)
         for record in result.series:
@@ -575,8 +634,7 @@ def run_pipeline(
     if encoder is None:
         with timer("load_encoder"):
             encoder = build_encoder(config, model_path)
-    template = load_registration_template(config, model_path)
-    tokenisation = tokenise_selected(selection, config, encoder, timer, template=template)
+    tokenisation = tokenise_selected(selection, config, encoder, timer, model_path=model_path)
     with timer("score"):
         scoring = score_batches(tokenisation, config)
     return selection, scoring, timer

@@ -1,18 +1,38 @@
-"""Preprocessing, first version: intensity brain mask, cubic brain crop, resampling, [0, 1] scaling.
+"""Preprocessing: N4, skull stripping, atlas registration, central crop, resampling, Nyul scaling.
 
-The working grid is a cube of ``size^3`` voxels aligned with the LPS axes (identity direction), so
-"orientation to LPS" is done by the resampling itself, without a separate reorientation step
-that could lose half a voxel. The composed transform from the working grid to the source series
+The chain, per series (paper order, brain-to-brain registration):
+
+1. **N4 bias-field correction** (``bias_correction: n4``) inside the head, so that the skull
+   stripper and the histogram landmarks see one tissue at one intensity across the field.
+2. **Skull stripping** (``skull_strip``): deepbet, a warped template brain mask, HD-BET, or
+   ``none`` (an intensity mask of already-stripped input); see :mod:`codegraph3d.skullstrip`.
+   Within a study, the T1w series' mask is carried to the other series by rigid registration
+   (:func:`preprocess_study`), since deepbet was trained on T1w.
+3. **Affine registration** of the brain to the brain-only MNI152 template
+   (:mod:`codegraph3d.registration`); the working grid is the template's central ``crop_mm``
+   cube (156 mm), resampled to ``size^3`` (224) voxels: linear or B-spline for the image,
+   nearest neighbour for the mask. Without registration the working grid is the brain's
+   bounding cube in the series' own space.
+4. **Nyul standardisation** of the brain intensities to the contrast's reference landmarks, then
+   [0, 1] (:mod:`codegraph3d.intensity`).
+5. **QA** per series: brain volume, Dice of the brain mask against the warped template mask, the
+   template brain's coverage by the field of view, anisotropy, the registration's own record;
+   implausible values are warnings, impossible ones a :class:`PreprocessQAError` (the series is
+   skipped with the reason).
+
+The working grid is a cube aligned with the LPS axes (identity direction), so orientation is
+handled by the resampling itself. The composed map from the working grid to the source series
 grid is one 4x4 affine (:attr:`PreprocessedVolume.grid_to_source`), so any map computed on the
 working grid goes back onto the source voxels exactly (up to the interpolation of the map).
-
-Atlas registration, skull stripping and Nyul standardisation are later additions; this module
-assumes skull-stripped input (background near zero), as in the demo cohort.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -21,9 +41,19 @@ from scipy import ndimage
 from .registration import Template, register_affine
 from .volume import Volume, index_to_physical_matrix
 
+if TYPE_CHECKING:  # run-time imports are local: skullstrip and intensity import this module
+    from .intensity import ReferenceLandmarks
+    from .skullstrip import BrainMaskResult
+
+logger = logging.getLogger(__name__)
+
 __all__ = [
+    "EmptyBrainMaskError",
     "PreprocessConfig",
+    "PreprocessQAError",
     "PreprocessedVolume",
+    "SKULL_STRIP_CHOICES",
+    "preprocess_study",
     "brain_mask_from_intensity",
     "preprocess_volume",
     "resample_to_source",
@@ -31,8 +61,16 @@ __all__ = [
 ]
 
 
+SKULL_STRIP_CHOICES = ("none", "deepbet", "template", "hd-bet")
+
+
 class EmptyBrainMaskError(ValueError):
     """Raised when no brain can be found in a series."""
+
+
+class PreprocessQAError(ValueError):
+    """A series fails quality control (not a brain, failed registration, brain mostly outside the
+    field of view): it is skipped with this message as the reason, never scored silently."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +112,34 @@ class PreprocessConfig:
         along every axis (an axis already coarser is left alone). Batch scoring compares volumes
         token by token: a 3 mm-slice series among 1 mm ones differs everywhere by its blur alone,
         which swamps lesions. 0 disables it (the paper's data was already isotropic).
+    skull_strip : {"none", "deepbet", "template", "hd-bet"}
+        ``none``: the input is already skull-stripped; the brain is an intensity mask.
+        ``deepbet``: the deepbet CNN (weights in its wheel). ``template``: the template's brain
+        mask warped onto the series by an affine registration of the head. ``hd-bet``: HD-BET,
+        when installed with its weights under the model folder.
+    carry_t1w_mask : bool
+        Within a study, strip the T1w series (what deepbet was trained on) and carry its mask to
+        the study's other series by rigid registration; a doubtful carry falls back to
+        stripping that series itself.
+    bias_correction : {"none", "n4"}
+        N4 bias-field correction (SimpleITK) before skull stripping and intensity scaling.
+    interpolation : {"linear", "bspline"}
+        Image interpolation onto the working grid (masks always use nearest neighbour).
+    brain_ml_warn : tuple of float
+        Brain volumes (ml) outside this range are a QA warning (adult brains: about 1000-1700).
+    brain_ml_fail : tuple of float
+        Brain volumes outside this range mean the series is not a brain, or stripping failed:
+        the series is skipped with the reason.
+    template_dice_warn, template_dice_fail : float
+        Dice of the subject's brain mask against the warped template mask on the working grid
+        (registration only): below ``warn`` a warning, below ``fail`` a skip.
+    fov_coverage_warn, fov_coverage_fail : float
+        Fraction of the template brain (registration) that the series' field of view contains:
+        below ``warn`` a "truncated field of view" warning (a skip when the registration is also
+        doubtful: a partial brain is what misleads it), below ``fail`` a skip.
+    anisotropy_warn : float
+        Ratio of the largest to the smallest voxel edge above which a warning says that the
+        series' through-plane resolution limits what tokens can show.
     """
 
     size: int = 224
@@ -86,10 +152,43 @@ class PreprocessConfig:
     resolution_fwhm_mm: float = 0.0
     registration: str = "none"
     crop_mm: float = 156.0
+    skull_strip: str = "none"
+    carry_t1w_mask: bool = True
+    bias_correction: str = "none"
+    interpolation: str = "linear"
+    # No volume bounds by default (phantoms, animal or paediatric data); the product's
+    # configuration (default_config.yaml) sets adult brain ranges.
+    brain_ml_warn: tuple[float, float] = (0.0, float("inf"))
+    brain_ml_fail: tuple[float, float] = (0.0, float("inf"))
+    template_dice_warn: float = 0.85
+    template_dice_fail: float = 0.6
+    fov_coverage_warn: float = 0.97
+    fov_coverage_fail: float = 0.5
+    anisotropy_warn: float = 4.0
 
     def __post_init__(self) -> None:
         if self.registration not in ("none", "affine"):
             raise ValueError(f"preprocess.registration must be 'none' or 'affine'; got {self.registration!r}")
+        if self.skull_strip not in SKULL_STRIP_CHOICES:
+            raise ValueError(
+                f"preprocess.skull_strip must be one of {', '.join(SKULL_STRIP_CHOICES)}; got {self.skull_strip!r}"
+            )
+        if self.bias_correction not in ("none", "n4"):
+            raise ValueError(f"preprocess.bias_correction must be 'none' or 'n4'; got {self.bias_correction!r}")
+        if self.interpolation not in ("linear", "bspline"):
+            raise ValueError(f"preprocess.interpolation must be 'linear' or 'bspline'; got {self.interpolation!r}")
+        for name in ("brain_ml_warn", "brain_ml_fail"):
+            low, high = getattr(self, name)
+            if not 0 <= low < high:
+                raise ValueError(f"preprocess.{name} must be [low, high] with 0 <= low < high; got {getattr(self, name)}")
+        for name in ("template_dice", "fov_coverage"):
+            warn, fail = getattr(self, f"{name}_warn"), getattr(self, f"{name}_fail")
+            if not 0.0 <= fail <= warn <= 1.0:
+                raise ValueError(
+                    f"preprocess.{name}_fail and {name}_warn must satisfy 0 <= fail <= warn <= 1; got {fail}, {warn}"
+                )
+        if not self.anisotropy_warn >= 1.0:
+            raise ValueError(f"preprocess.anisotropy_warn must be >= 1; got {self.anisotropy_warn}")
         if not self.crop_mm > 0:
             raise ValueError(f"preprocess.crop_mm must be positive; got {self.crop_mm}")
         if self.intensity_scaling not in ("landmarks", "percentile"):
@@ -278,17 +377,178 @@ def _sitk_affine(matrix: np.ndarray) -> sitk.AffineTransform:
     return transform
 
 
+def _scale_from_reference(
+    image: np.ndarray, brain: np.ndarray, config: PreprocessConfig, reference: "ReferenceLandmarks | None"
+) -> tuple[np.ndarray, dict]:
+    """Nyul standardisation to the contrast's reference (or the first version's uniform rule)."""
+    if config.intensity_scaling == "landmarks" and reference is not None:
+        from .intensity import standardise
+
+        return standardise(image, brain, reference), {"reference": reference.contrast, "source": reference.source}
+    return scale_intensities(image, brain, config), {"reference": config.intensity_scaling}
+
+
+# Without registration, a brain cut by the field of view shows at least this fraction of its
+# largest cross-section on a face of the array; a whole brain (tapering to vertex and poles) less.
+TRUNCATION_EDGE_FRACTION = 0.4
+
+
+def _edge_fraction(mask: np.ndarray) -> float:
+    """Largest brain cross-section on a face of the array, relative to the axis' largest one.
+
+    A brain tapers to its edges (vertex, poles), so a whole brain touches a face of its field of
+    view with a small cross-section at most; a cut through the brain leaves a large one there.
+    """
+    worst = 0.0
+    for axis in range(3):
+        counts = mask.sum(axis=tuple(a for a in range(3) if a != axis)).astype(float)
+        peak = counts.max()
+        if peak > 0:
+            worst = max(worst, counts[0] / peak, counts[-1] / peak)
+    return float(worst)
+
+
+def _fov_coverage(template_mask_grid: np.ndarray, grid_to_source: np.ndarray, source_shape_zyx: tuple) -> float:
+    """Fraction of the template brain (on the working grid) whose source position is inside the FOV."""
+    z, y, x = np.nonzero(template_mask_grid[::2, ::2, ::2])
+    if x.size == 0:
+        return 0.0
+    points = grid_to_source @ np.stack([2.0 * x, 2.0 * y, 2.0 * z, np.ones(x.size)])
+    upper = np.array(source_shape_zyx[::-1], float)[:, None] - 0.5
+    inside = np.all((points[:3] >= -0.5) & (points[:3] <= upper), axis=0)
+    return float(inside.mean())
+
+
+def _quality_control(
+    volume: Volume,
+    brain_source: np.ndarray,
+    brain_ml: float,
+    brain_grid: np.ndarray,
+    template_mask_grid: np.ndarray | None,
+    grid_to_source: np.ndarray,
+    config: PreprocessConfig,
+    qa: dict,
+) -> None:
+    """Fill ``qa`` with the series' measurements and warnings; raise on an impossible series."""
+    uid = volume.series_instance_uid or "(unnamed series)"
+    warnings: list[str] = qa.setdefault("warnings", [])
+    failures: list[str] = []
+    qa["brain_volume_ml"] = round(brain_ml, 1)
+    low, high = config.brain_ml_fail
+    if not low <= brain_ml <= high:
+        failures.append(
+            f"brain volume {brain_ml:.0f} ml is outside [{low:.0f}, {high:.0f}] ml: not a brain MR series, "
+            "or skull stripping failed"
+        )
+    elif not config.brain_ml_warn[0] <= brain_ml <= config.brain_ml_warn[1]:
+        warnings.append(
+            f"implausible brain volume {brain_ml:.0f} ml (expected {config.brain_ml_warn[0]:.0f}-"
+            f"{config.brain_ml_warn[1]:.0f} ml)"
+        )
+    spacing = np.asarray(volume.spacing, float)
+    anisotropy = float(spacing.max() / spacing.min())
+    qa["voxel_mm"] = [round(float(v), 3) for v in spacing]
+    qa["anisotropy"] = round(anisotropy, 2)
+    if anisotropy > config.anisotropy_warn:
+        warnings.append(
+            f"anisotropic voxels {anisotropy:.1f}:1 ({spacing.max():.2f} mm): detail finer than that is "
+            "lost along one axis, so small lesions may be missed"
+        )
+    edge = _edge_fraction(brain_source)
+    qa["brain_edge_fraction"] = round(edge, 3)
+    if template_mask_grid is None and edge > TRUNCATION_EDGE_FRACTION:
+        warnings.append(
+            f"truncated field of view: the brain is cut at the edge of the series (a cross-section "
+            f"{edge:.0%} of its largest lies on the border)"
+        )
+    if template_mask_grid is not None:
+        template_voxels = template_mask_grid.sum()
+        overlap = np.logical_and(brain_grid, template_mask_grid).sum()
+        dice = float(2.0 * overlap / max(brain_grid.sum() + template_voxels, 1))
+        coverage = _fov_coverage(template_mask_grid, grid_to_source, tuple(volume.array.shape))
+        qa["template_dice"] = round(dice, 4)
+        qa["fov_coverage"] = round(coverage, 4)
+        if coverage < config.fov_coverage_fail:
+            failures.append(
+                f"only {coverage:.0%} of the template brain lies inside the field of view (truncated series)"
+            )
+        elif coverage < config.fov_coverage_warn:
+            if qa.get("registration", {}).get("doubtful"):
+                # Part of the brain is missing and the alignment of the rest is in doubt: its tokens
+                # would be compared with the wrong anatomy in every other volume.
+                failures.append(
+                    f"truncated field of view ({1 - coverage:.0%} of the template brain outside the series) "
+                    "and a doubtful registration"
+                )
+            else:
+                warnings.append(
+                    f"truncated field of view: {1 - coverage:.0%} of the template brain lies outside the series"
+                )
+        if dice < config.template_dice_fail:
+            failures.append(
+                f"the brain mask matches the registered template mask with Dice {dice:.2f} < "
+                f"{config.template_dice_fail}: registration or skull stripping failed"
+            )
+        elif dice < config.template_dice_warn:
+            warnings.append(f"brain mask vs registered template mask Dice {dice:.2f} < {config.template_dice_warn}")
+    registration_warning = qa.get("registration", {}).get("warning")
+    if registration_warning:
+        warnings.append(registration_warning)
+    qa["status"] = "failed" if failures else ("warning" if warnings else "ok")
+    if failures:
+        raise PreprocessQAError(f"series {uid} fails quality control: " + "; ".join(failures))
+
+
+def _brain_mask_of(
+    volume: Volume, config: PreprocessConfig, stripper: "Callable[[Volume], BrainMaskResult] | None"
+) -> "BrainMaskResult":
+    from .skullstrip import intensity_brain_mask
+
+    if config.skull_strip == "none" or stripper is None:
+        if config.skull_strip != "none":
+            raise ValueError(f"preprocess.skull_strip is {config.skull_strip!r} but no skull stripper was given")
+        return intensity_brain_mask(volume, config.mask_threshold)
+    return stripper(volume)
+
+
+def _bias_corrected(volume: Volume, config: PreprocessConfig) -> tuple[Volume, dict]:
+    if config.bias_correction == "none":
+        return volume, {}
+    from .skullstrip import n4_bias_correct
+
+    corrected, n4_qa = n4_bias_correct(volume)
+    return corrected, {"bias_correction": n4_qa}
+
+
 def preprocess_volume(
-    volume: Volume, config: PreprocessConfig | None = None, template: Template | None = None
+    volume: Volume,
+    config: PreprocessConfig | None = None,
+    template: Template | None = None,
+    *,
+    stripper: "Callable[[Volume], BrainMaskResult] | None" = None,
+    brain: "BrainMaskResult | None" = None,
+    reference: "ReferenceLandmarks | None" = None,
+    bias_corrected: bool = False,
 ) -> PreprocessedVolume:
-    """Mask, crop, resample to ``size^3`` and scale one skull-stripped volume.
+    """Bias-correct, skull-strip, register, crop, resample to ``size^3`` and standardise one series.
 
     Parameters
     ----------
     volume : Volume
         Source series with its geometry.
     config : PreprocessConfig, optional
-        Settings; the defaults are the paper's 224^3 grid.
+        Settings; the defaults are the paper's 224^3 grid on skull-stripped, unregistered input.
+    template : Template, optional
+        Registration target; required when ``config.registration`` is ``affine``.
+    stripper : callable, optional
+        ``Volume -> BrainMaskResult`` (:func:`codegraph3d.skullstrip.make_stripper`); required
+        unless ``config.skull_strip`` is ``none`` or ``brain`` is given.
+    brain : BrainMaskResult, optional
+        A brain mask already made for this series (e.g. carried from the study's T1w series).
+    reference : ReferenceLandmarks, optional
+        Nyul reference of the series' contrast; ``None`` = uniform landmarks.
+    bias_corrected : bool
+        ``volume`` is already N4-corrected (skip that step).
 
     Returns
     -------
@@ -297,28 +557,49 @@ def preprocess_volume(
     Raises
     ------
     EmptyBrainMaskError
-        When the intensity mask holds less than ``config.min_brain_ml`` of tissue.
+        When the brain mask holds less than ``config.min_brain_ml`` of tissue.
+    PreprocessQAError
+        When the series fails quality control (see :class:`PreprocessConfig`).
     """
     config = config or PreprocessConfig()
-    mask = brain_mask_from_intensity(volume.array, config.mask_threshold)
+    qa: dict = {"warnings": []}
+    steps: dict[str, float] = {}
+    clock = time.perf_counter()
+    if not bias_corrected:
+        volume, n4_qa = _bias_corrected(volume, config)
+        qa.update(n4_qa)
+        steps["bias_correction"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    if brain is None:
+        brain = _brain_mask_of(volume, config, stripper)
+        steps["skull_strip"] = time.perf_counter() - clock
+    mask = np.asarray(brain.mask, bool)
+    if mask.shape != volume.array.shape:
+        raise ValueError(
+            f"series {volume.series_instance_uid}: brain mask shape {mask.shape} does not match the series {volume.array.shape}"
+        )
+    qa["skull_strip"] = {"method": brain.method, **{k: v for k, v in brain.qa.items() if k != "warnings"}}
+    qa["warnings"].extend(brain.qa.get("warnings", []))
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     brain_ml = float(mask.sum()) * voxel_ml
     if brain_ml < config.min_brain_ml:
         raise EmptyBrainMaskError(
-            f"series {volume.series_instance_uid}: the brain mask is empty ({brain_ml:.2f} ml of tissue "
-            f"above {config.mask_threshold:.0%} of the 99th intensity percentile); the series may be "
-            "blank or not skull-stripped. Check the series or exclude it from the input."
+            f"series {volume.series_instance_uid}: the brain mask is empty ({brain_ml:.2f} ml of tissue, "
+            f"method {brain.method}); the series may be blank, not a brain, or not skull-stripped while "
+            "preprocess.skull_strip is 'none'. Check the series, or set preprocess.skull_strip."
         )
-    source_image = volume.to_sitk()
+    source_image = sitk.Cast(volume.to_sitk(), sitk.sitkFloat32)
     mask_image = sitk.GetImageFromArray(mask.astype(np.uint8))
     mask_image.CopyInformation(source_image)
-    qa: dict = {}
     # grid physical space -> series LPS: identity, or the registration's template -> subject map
     grid_to_subject = np.eye(4)
+    template_mask_grid = None
+    clock = time.perf_counter()
     if config.registration == "affine":
         if template is None:
             raise ValueError("preprocess.registration is 'affine' but no template was given")
-        moving = sitk.Mask(sitk.Cast(source_image, sitk.sitkFloat32), mask_image)
+        # Brain to brain: the template is skull-stripped, so the subject's brain alone is registered.
+        moving = sitk.Mask(source_image, mask_image)
         result = register_affine(moving, template)
         grid_to_subject = result.matrix
         qa["registration"] = result.qa
@@ -326,28 +607,46 @@ def preprocess_volume(
         origin = template.centre_lps - config.crop_mm / 2.0 + spacing / 2.0
     else:
         origin, spacing = _working_grid(volume, mask, config)
-    reference = _grid_reference(origin, spacing, config.size)
+    steps["registration"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    reference_grid = _grid_reference(origin, spacing, config.size)
     transform = _sitk_affine(grid_to_subject)
+    if config.registration == "affine":
+        template_mask_grid = sitk.GetArrayFromImage(
+            sitk.Resample(template.mask, reference_grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        ).astype(bool)
 
     if config.resolution_fwhm_mm > 0:
         source_image = harmonise_resolution(source_image, config.resolution_fwhm_mm)
-    resampled = sitk.Resample(source_image, reference, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    resampled_mask = sitk.Resample(mask_image, reference, transform, sitk.sitkNearestNeighbor, 0)
+    interpolator = sitk.sitkBSpline if config.interpolation == "bspline" else sitk.sitkLinear
+    resampled = sitk.Resample(source_image, reference_grid, transform, interpolator, 0.0, sitk.sitkFloat32)
+    resampled_mask = sitk.Resample(mask_image, reference_grid, transform, sitk.sitkNearestNeighbor, 0)
 
     image = sitk.GetArrayFromImage(resampled).astype(np.float32)
-    brain = sitk.GetArrayFromImage(resampled_mask).astype(bool)
-    if not brain.any():
+    if config.interpolation == "bspline":
+        # B-splines overshoot at edges; intensities are non-negative magnitudes.
+        np.maximum(image, 0.0, out=image)
+    brain_grid = sitk.GetArrayFromImage(resampled_mask).astype(bool)
+    if not brain_grid.any():
         raise EmptyBrainMaskError(
             f"series {volume.series_instance_uid}: the brain mask is empty on the working grid; "
             "the series is too small or its geometry is broken."
         )
-    image = scale_intensities(image, brain, config)
+    steps["resample"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    image, scaling_qa = _scale_from_reference(image, brain_grid, config, reference)
+    qa["intensity"] = scaling_qa
+    steps["standardise"] = time.perf_counter() - clock
 
     grid_to_physical = index_to_physical_matrix(origin, np.full(3, spacing), np.eye(3))
     grid_to_source = np.linalg.inv(volume.index_to_physical) @ grid_to_subject @ grid_to_physical
+    clock = time.perf_counter()
+    _quality_control(volume, mask, brain_ml, brain_grid, template_mask_grid, grid_to_source, config, qa)
+    steps["quality_control"] = time.perf_counter() - clock
+    qa["step_seconds"] = {name: round(value, 3) for name, value in steps.items()}
     return PreprocessedVolume(
         image=image.astype(np.float32),
-        brain_mask=brain,
+        brain_mask=brain_grid,
         grid_origin=origin,
         grid_spacing=float(spacing),
         grid_to_source=grid_to_source,
@@ -358,6 +657,108 @@ def preprocess_volume(
         brain_volume_ml=brain_ml,
         qa=qa,
     )
+
+
+def preprocess_study(
+    series: Sequence[tuple[Volume, str]],
+    config: PreprocessConfig | None = None,
+    template: Template | None = None,
+    *,
+    stripper: "Callable[[Volume], BrainMaskResult] | None" = None,
+    references: "Mapping[str, ReferenceLandmarks] | None" = None,
+) -> list["PreprocessedVolume | Exception"]:
+    """Preprocess the series of one study, sharing the T1w brain mask between them.
+
+    deepbet (and HD-BET) were trained on T1w heads; when the study has a T1w series and
+    ``config.carry_t1w_mask`` is on, that series is stripped and its mask carried to each other
+    series by rigid intra-study registration (same head, same session). A doubtful carry falls
+    back to stripping the series itself.
+
+    Parameters
+    ----------
+    series : sequence of (Volume, contrast)
+        The study's selected series and their contrasts (``"T1w"``, ``"T2w"``, ...).
+    references : mapping, optional
+        Nyul reference landmarks per contrast.
+
+    Returns
+    -------
+    list
+        Per input series, its :class:`PreprocessedVolume`, or the ``ValueError`` / ``OSError`` /
+        ``RuntimeError`` that stopped it (so one bad series does not cost the others).
+    """
+    config = config or PreprocessConfig()
+    references = references or {}
+    corrected: list[tuple[Volume, dict] | Exception] = []
+    for volume, _ in series:
+        clock = time.perf_counter()
+        try:
+            volume_corrected, n4_qa = _bias_corrected(volume, config)
+            corrected.append((volume_corrected, {**n4_qa, "_seconds": time.perf_counter() - clock}))
+        except (ValueError, RuntimeError) as error:
+            corrected.append(error)
+    strip_seconds: list[float | None] = [None] * len(series)
+    brains: list["BrainMaskResult | None"] = [None] * len(series)
+    carries = config.carry_t1w_mask and config.skull_strip in ("deepbet", "hd-bet") and stripper is not None
+    anchor = next(
+        (i for i, (_, contrast) in enumerate(series) if contrast == "T1w" and not isinstance(corrected[i], Exception)),
+        None,
+    )
+    if carries and anchor is not None and len(series) > 1:
+        from .skullstrip import BrainMaskResult, carry_mask
+
+        anchor_volume = corrected[anchor][0]
+        clock = time.perf_counter()
+        try:
+            brains[anchor] = stripper(anchor_volume)
+            strip_seconds[anchor] = time.perf_counter() - clock
+        except (ValueError, RuntimeError) as error:
+            logger.warning("series %s: T1w skull stripping failed (%s); each series is stripped alone",
+                           anchor_volume.series_instance_uid, error)
+        if brains[anchor] is not None:
+            for i, item in enumerate(corrected):
+                if i == anchor or isinstance(item, Exception):
+                    continue
+                target = item[0]
+                clock = time.perf_counter()
+                try:
+                    carried, carry_qa = carry_mask(anchor_volume, brains[anchor].mask, target)
+                    strip_seconds[i] = time.perf_counter() - clock
+                except (ValueError, RuntimeError) as error:
+                    carried, carry_qa = None, {"doubtful": True, "error": str(error)}
+                if carried is None or carry_qa.get("doubtful"):
+                    logger.warning(
+                        "series %s: carrying the T1w brain mask was doubtful (%s); stripping the series itself",
+                        target.series_instance_uid, carry_qa,
+                    )
+                    continue
+                brains[i] = BrainMaskResult(
+                    mask=carried,
+                    method=f"{brains[anchor].method} (carried from T1w series {anchor_volume.series_instance_uid})",
+                    qa={"carry": carry_qa, "t1w": brains[anchor].qa},
+                )
+    results: list[PreprocessedVolume | Exception] = []
+    for i, ((_, contrast), item) in enumerate(zip(series, corrected)):
+        if isinstance(item, Exception):
+            results.append(item)
+            continue
+        volume, n4_qa = item
+        n4_seconds = n4_qa.pop("_seconds")
+        try:
+            prepared = preprocess_volume(
+                volume, config, template, stripper=stripper, brain=brains[i],
+                reference=references.get(contrast), bias_corrected=True,
+            )
+            prepared.qa.update(n4_qa)
+            steps = prepared.qa["step_seconds"]
+            if config.bias_correction != "none":
+                steps["bias_correction"] = round(n4_seconds, 3)
+            if strip_seconds[i] is not None:
+                steps["skull_strip"] = round(strip_seconds[i], 3)
+            results.append(prepared)
+        except (ValueError, RuntimeError, OSError) as error:
+            results.append(error)
+    return results
 
 
 def _grid_image(prepared: PreprocessedVolume) -> sitk.Image:

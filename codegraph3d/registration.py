@@ -112,7 +112,17 @@ def load_template(model_folder: str | Path | None) -> Template:
     return Template(image=image, mask=mask, centre_lps=centre, path=path)
 
 
-def register_affine(moving: sitk.Image, template: Template, *, seed: int = 0) -> RegistrationResult:
+def register_affine(
+    moving: sitk.Image,
+    template: Template,
+    *,
+    seed: int = 1,
+    shrink_factors: tuple[int, ...] = (4, 2, 1),
+    smoothing_mm: tuple[float, ...] = (2.0, 1.0, 0.0),
+    sampling: float = 0.05,
+    iterations: int = 200,
+    min_step: float = 1e-3,
+) -> RegistrationResult:
     """Register a skull-stripped subject image (background 0) to the template.
 
     Parameters
@@ -122,7 +132,16 @@ def register_affine(moving: sitk.Image, template: Template, *, seed: int = 0) ->
     template : Template
         The fixed image.
     seed : int
-        Seed of the metric's random sampling, so that reruns give the same transform.
+        Seed of the metric's random sampling, so that reruns give the same transform. Must be
+        positive: SimpleITK reads 0 as "seed from the wall clock".
+    shrink_factors, smoothing_mm : tuple
+        The pyramid: template shrink factor and Gaussian smoothing (mm) per level.
+    sampling : float
+        Fraction of the template's brain voxels sampled by the metric at each level.
+    iterations : int
+        Iteration cap per level; a level that reaches it is flagged as doubtful.
+    min_step : float
+        Step (in the optimiser's physical-shift units, about mm) below which a level has converged.
     """
     fixed = template.image
     moving = sitk.Cast(moving, sitk.sitkFloat32)
@@ -133,16 +152,20 @@ def register_affine(moving: sitk.Image, template: Template, *, seed: int = 0) ->
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(0.05, seed)
+    if seed < 1:
+        raise ValueError(f"seed must be >= 1 (SimpleITK treats 0 as the wall clock); got {seed}")
+    method.SetMetricSamplingPercentage(sampling, seed)
     method.SetMetricFixedMask(template.mask)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=1.0, minStep=1e-4, numberOfIterations=200, relaxationFactor=0.5,
+        learningRate=1.0, minStep=min_step, numberOfIterations=iterations, relaxationFactor=0.5,
         gradientMagnitudeTolerance=1e-6,
     )
     method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel([4, 2, 1])
-    method.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
+    if len(shrink_factors) != len(smoothing_mm) or not shrink_factors:
+        raise ValueError(f"shrink_factors {shrink_factors} and smoothing_mm {smoothing_mm} need one entry per level")
+    method.SetShrinkFactorsPerLevel(list(shrink_factors))
+    method.SetSmoothingSigmasPerLevel(list(smoothing_mm))
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     method.SetInitialTransform(transform, inPlace=True)
     method.Execute(fixed, moving)
@@ -158,7 +181,7 @@ def register_affine(moving: sitk.Image, template: Template, *, seed: int = 0) ->
     scales = np.linalg.svd(linear, compute_uv=False)
     implausible_scale = bool(scales.min() < 0.7 or scales.max() > 1.4)
     qa = {
-        "method": "affine, Mattes MI, 3 levels",
+        "method": f"affine, Mattes MI, shrink {'-'.join(map(str, shrink_factors))}",
         "metric": round(metric, 5),
         "stop_condition": stop,
         "iterations": int(method.GetOptimizerIteration()),

@@ -9,6 +9,29 @@ MR Image Storage file per slice. The lesion and brain masks of each series are w
 the native grid of that series, outside the DICOM tree, so that nothing but the DICOM reaches the
 application under test.
 
+By default series are skull-stripped (0 outside the brain). Options of :func:`make_cohort` make
+the data harder:
+
+* ``head_fraction``: subjects rendered as whole heads (:func:`synthesize_head`): around the
+  brain, in template space and warped with it, shells built on a smoothed closing of the brain
+  mask (subarachnoid CSF, inner table, diploe, outer table, then galea/temporalis muscle,
+  subcutaneous fat and skin, each 4-8 mm skull and 4-8 mm scalp varying smoothly over the head
+  and between subjects), eyes in fat-filled orbits, sinuses, a face and a neck with the spinal
+  cord; Rician noise fills the air. Their grids cover the whole head from the vertex to the
+  upper neck, with a scanner-like field of view and matrix. The ``_brain`` truth is still the
+  brain (the template's brain mask: GM, WM, deep structures and the CSF inside it), what a
+  skull stripper should return; a ``_head`` truth is added.
+* ``vary_fov``: skull-stripped series planned the same way (square field of view drawn from
+  ``fov_mm``, matrix from ``matrix_size`` times ``matrix_scale``), so pixel spacing varies.
+* ``mass_effect_fraction``: lesions that push the tissue around them outwards
+  (:meth:`Lesion.mass_effect_pullback`), compressing ventricles and sulci nearby; the lesion
+  truth is still exactly the rendered lesion.
+
+Bad inputs for an application's input checks are written one series at a time:
+:func:`write_knee_series` (not a brain; optionally with a header that does not say so),
+:func:`write_truncated_series` (only the top of the head), :func:`write_slab_series` (one slice
+or a thin slab) and :func:`write_anisotropic_series` (e.g. 0.5 x 0.5 x 5 mm voxels).
+
 Conventions are those of :mod:`codegraph3d.volume`: arrays ``[z, y, x]``, index ``(x, y, z)``,
 LPS millimetres, ``point = origin + direction @ (spacing * index)``. Template arrays keep
 nibabel's ``[i, j, k]`` order, since they never leave this module.
@@ -16,16 +39,18 @@ nibabel's ``[i, j, k]`` order, since they never leave this module.
 Output of :func:`make_cohort`::
 
     out_dir/dicom/ST001/SE01/IM0001.dcm ...      one study per subject, one folder per series
-    out_dir/truth/<SeriesInstanceUID>_lesion.nii.gz, _brain.nii.gz
+    out_dir/truth/<SeriesInstanceUID>_lesion.nii.gz, _brain.nii.gz (, _head.nii.gz for heads)
     out_dir/labels.json
 
 ``labels.json`` (schema ``codegraph3d.synthetic-labels/1``) holds the generator's parameters and
 ``studies``: per study ``patient_id``, ``study_instance_uid``, ``folder``, ``has_lesion``,
-``lesion_volume_ml``, ``lesions`` (template-space centres and semi-axes), ``series`` and
-``distractors`` (localizers, never to be scored); per series ``series_instance_uid``,
-``contrast``, ``orientation``, ``folder``, ``shape_zyx``, ``spacing_xyz_mm``, ``has_lesion``,
-``lesion_voxels``, ``lesion_volume_ml`` (on that series' grid), ``brain_volume_ml`` and ``truth``
-(paths of the two masks, relative to ``out_dir``).
+``has_head``, ``has_mass_effect``, ``lesion_volume_ml``, ``lesions`` (template-space centres,
+semi-axes and ``mass_effect_mm``), ``series`` and ``distractors`` (localizers, never to be
+scored); per series ``series_instance_uid``, ``contrast``, ``orientation``, ``folder``,
+``shape_zyx``, ``spacing_xyz_mm``, ``field_of_view_mm`` (in-plane, x and y), ``skull_stripped``,
+``has_lesion``, ``lesion_voxels``, ``lesion_volume_ml`` (on that series' grid),
+``brain_volume_ml``, ``head_volume_ml`` (heads only) and ``truth`` (paths of the masks, relative
+to ``out_dir``).
 
 Everything is a pure function of the parameters and the seed: with the same library versions a
 rerun writes identical bytes.
@@ -33,6 +58,7 @@ rerun writes identical bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import functools
 import gzip
@@ -73,6 +99,17 @@ __all__ = [
     "write_series",
     "write_localizer",
     "make_cohort",
+    "HEAD_TISSUE_INTENSITIES",
+    "HeadTemplate",
+    "HeadShape",
+    "HeadVolumes",
+    "load_head_template",
+    "synthesize_head",
+    "WrittenSeries",
+    "write_knee_series",
+    "write_truncated_series",
+    "write_slab_series",
+    "write_anisotropic_series",
 ]
 
 logger = logging.getLogger(__name__)
@@ -100,6 +137,9 @@ _BASE_DIRECTIONS: dict[str, NDArray[np.float64]] = {
     "sagittal": np.array([[0, 1.0, 0], [0, 0, -1.0], [-1.0, 0, 0]]).T,
 }
 _ORIENTATION_CODES = {"axial": "AX", "coronal": "COR", "sagittal": "SAG"}
+
+# Mass effect: the push grows from 0 at the brain's surface to full strength at this depth (mm).
+_MASS_EFFECT_DEPTH_MM = 10.0
 
 _MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 _UID_NAMESPACE = "codegraph3d.synthetic"
@@ -417,6 +457,11 @@ class Lesion:
         Width (mm) of the logistic edge of the intensity blend.
     intensity_scale : float
         Multiplier of the contrast's lesion intensities for this lesion.
+    mass_effect_mm : float, default 0
+        Mass effect: how far (mm) the tissue at the lesion's boundary is pushed outwards, away
+        from the centre. 0 is a lesion without mass effect. See :meth:`mass_effect_pullback`.
+    mass_effect_range_mm : float, default 0
+        Distance (mm) past the boundary at which the push has faded to 0.
     """
 
     centre_lps: NDArray[np.float64]
@@ -428,6 +473,8 @@ class Lesion:
     lobe_phases: NDArray[np.float64]
     edge_mm: float
     intensity_scale: float
+    mass_effect_mm: float = 0.0
+    mass_effect_range_mm: float = 0.0
 
     @property
     def max_extent_mm(self) -> float:
@@ -448,6 +495,50 @@ class Lesion:
         """Soft lesion fraction in ``[0, 1]`` from :meth:`radius_ratio` (0.5 on the boundary)."""
         scale = float(self.semi_axes_mm.mean()) / self.edge_mm
         return 1.0 / (1.0 + np.exp(np.clip((np.asarray(ratio) - 1.0) * scale, -50, 50)))
+
+    @property
+    def mass_effect_reach_mm(self) -> float:
+        """Largest distance (mm) from the centre at which the mass effect moves anything."""
+        if self.mass_effect_mm <= 0:
+            return 0.0
+        return self.max_extent_mm + self.mass_effect_range_mm
+
+    def mass_effect_pullback(
+        self, points_lps: NDArray[np.floating], depth_mm: NDArray[np.floating]
+    ) -> NDArray[np.float64]:
+        """Where the anatomy seen at template points ``(N, 3)`` came from before the lesion grew.
+
+        The lesion pushes the tissue around it radially outwards, as brain tissue does, which
+        is nearly incompressible: a point seen at distance ``rho`` from the centre, where the
+        boundary along that ray is at ``R``, shows the anatomy from distance
+        ``(rho^3 - R^3 + (R - A)^3)^(1/3)`` (volume conserved: what filled the sphere of radius
+        ``R - A`` now fills the lesion, and every shell outside is pushed out by the volume it
+        gained), tapered smoothly to no push at :attr:`mass_effect_range_mm` past the boundary,
+        where the tissue is compressed instead. Inside the lesion the anatomy it replaced is
+        compressed uniformly (``rho (R - A) / R``). A nearby ventricle is thus shifted away
+        and narrowed along the push, its near wall moving more than its far wall. The push
+        fades from full strength at 10 mm depth to 0 at the brain's surface (``depth_mm``: the
+        template brain depth at each point), so the brain's outline and the skull do not move.
+        Along each ray the map is monotonic (a diffeomorphism) while ``A`` is below ``R``,
+        which :func:`random_subject` guarantees.
+        """
+        points = np.asarray(points_lps, dtype=float)
+        if self.mass_effect_mm <= 0:
+            return points.copy()
+        offset = points - self.centre_lps
+        rho = np.linalg.norm(offset, axis=1)
+        ratio = np.maximum(self.radius_ratio(points), 1e-9)
+        boundary = rho / ratio  # the boundary's distance from the centre along each ray
+        push_mm = np.minimum(self.mass_effect_mm, 0.95 * boundary)
+        gained = boundary**3 - (boundary - push_mm) ** 3
+        outside = np.cbrt(np.maximum(rho**3 - gained, 0.0))
+        beyond = np.maximum(rho - boundary, 0.0)
+        taper = np.clip(1.0 - (beyond / self.mass_effect_range_mm) ** 2, 0.0, 1.0) ** 2
+        push = np.where(ratio <= 1.0, push_mm * ratio, (rho - outside) * taper)
+        depth = np.clip(np.asarray(depth_mm, dtype=float) / _MASS_EFFECT_DEPTH_MM, 0.0, 1.0)
+        push *= depth * depth * (3.0 - 2.0 * depth)
+        unit = offset / np.maximum(rho, 1e-9)[:, None]
+        return points - push[:, None] * unit
 
 
 @dataclass(frozen=True)
@@ -472,6 +563,8 @@ class SubjectAnatomy:
         Empty for a healthy subject.
     intensities : dict
         Per contrast, the subject's tissue intensities (jittered :data:`TISSUE_INTENSITIES`).
+    head : HeadShape or None, default None
+        Skull, scalp, face and neck around the brain; None renders skull-stripped data.
     """
 
     pullback: NDArray[np.float64]
@@ -480,10 +573,20 @@ class SubjectAnatomy:
     phases: NDArray[np.float64]
     lesions: tuple[Lesion, ...]
     intensities: dict[str, dict[str, float]]
+    head: HeadShape | None = None
 
     @property
     def has_lesion(self) -> bool:
         return bool(self.lesions)
+
+    @property
+    def has_head(self) -> bool:
+        """Whether series of this subject show a whole head (not skull-stripped)."""
+        return self.head is not None
+
+    @property
+    def has_mass_effect(self) -> bool:
+        return any(item.mass_effect_mm > 0 for item in self.lesions)
 
     def to_template(self, points_lps: ArrayLike) -> NDArray[np.float64]:
         """Map subject LPS points ``(N, 3)`` to template LPS points (affine, then elastic)."""
@@ -496,6 +599,24 @@ class SubjectAnatomy:
         forward = np.linalg.inv(self.pullback)
         points = np.atleast_2d(np.asarray(points_template_lps, dtype=float))
         return points @ forward[:3, :3].T + forward[:3, 3]
+
+    def to_subject(
+        self, points_template_lps: ArrayLike, iterations: int = 6
+    ) -> NDArray[np.float64]:
+        """Map template points to subject space, inverting :meth:`to_template` (elastic included).
+
+        Fixed-point iteration ``p <- A^-1 (q - u(A p))``: the displacement's gradient is at most
+        ``2 pi / 80 mm`` times its amplitude, far below 1, so each step shrinks the error by
+        that factor (sub-micrometre after the default 6).
+        """
+        target = np.atleast_2d(np.asarray(points_template_lps, dtype=float))
+        forward = np.linalg.inv(self.pullback)
+        points = target @ forward[:3, :3].T + forward[:3, 3]
+        for _ in range(iterations):
+            q = points @ self.pullback[:3, :3].T + self.pullback[:3, 3]
+            shift = np.sin(q @ self.wavevectors.T + self.phases) @ self.amplitudes
+            points = (target - shift) @ forward[:3, :3].T + forward[:3, 3]
+        return points
 
 
 def _random_lesion(
@@ -550,8 +671,15 @@ def random_subject(
     max_scaling: float = 0.05,
     intensity_jitter: float = 0.05,
     n_modes: int = 6,
+    mass_effect: bool = False,
+    mass_effect_ratio: tuple[float, float] = (0.25, 0.45),
+    with_head: bool = False,
+    eyes: bool = True,
 ) -> SubjectAnatomy:
     """Draw one subject: affine + elastic warp of the template, tissue jitter and lesions.
+
+    The draws for the options added last (mass effect, head) come after all others, so a
+    subject drawn without them is unchanged by their existence.
 
     Parameters
     ----------
@@ -579,6 +707,16 @@ def random_subject(
         Relative jitter of each tissue intensity, per subject and contrast.
     n_modes : int, default 6
         Number of sinusoids in the elastic displacement.
+    mass_effect : bool, default False
+        Give every lesion a mass effect (:meth:`Lesion.mass_effect_pullback`).
+    mass_effect_ratio : (float, float), default (0.25, 0.45)
+        Range of the push at the lesion's boundary relative to its mean semi-axis (a 10 mm
+        lesion pushes 2.5-4.5 mm); it is kept below 0.6 times the smallest boundary radius.
+        The push fades out over three mean semi-axes (at least 20 mm) past the boundary.
+    with_head : bool, default False
+        Draw a :class:`HeadShape` (skull, scalp, face, neck) so that series show a whole head.
+    eyes : bool, default True
+        With ``with_head``: draw the eyes and orbits.
     """
     _check_int("n_lesions", n_lesions, 0, 10)
     radius_mm = _check_interval("lesion_radius_mm", lesion_radius_mm, 0.0, 60.0, lo_open=True)
@@ -590,6 +728,10 @@ def random_subject(
     scaling = _check_range("max_scaling", max_scaling, 0.0, 0.3)
     jitter = _check_range("intensity_jitter", intensity_jitter, 0.0, 0.3)
     n_modes = _check_int("n_modes", n_modes, 1, 64)
+    push_ratio = _check_interval("mass_effect_ratio", mass_effect_ratio, 0.0, 0.6, lo_open=True)
+    for name, flag in (("mass_effect", mass_effect), ("with_head", with_head), ("eyes", eyes)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False; got {flag!r}")
 
     centre = maps.brain_centre_lps
     angles = rng.uniform(-rotation, rotation, size=3)
@@ -618,6 +760,9 @@ def random_subject(
     lesions = tuple(
         _random_lesion(rng, maps, radius_mm, irregularity, edge) for _ in range(n_lesions)
     )
+    if mass_effect:
+        lesions = tuple(_with_mass_effect(rng, item, push_ratio) for item in lesions)
+    head = _random_head(rng, jitter, eyes) if with_head else None
     return SubjectAnatomy(
         pullback=pullback,
         wavevectors=wavevectors,
@@ -625,7 +770,553 @@ def random_subject(
         phases=phases,
         lesions=lesions,
         intensities=intensities,
+        head=head,
     )
+
+
+def _with_mass_effect(
+    rng: np.random.Generator, lesion: Lesion, push_ratio: tuple[float, float]
+) -> Lesion:
+    """``lesion`` with a drawn push at its boundary and a decay length that keep the map 1:1."""
+    mean_radius = float(lesion.semi_axes_mm.mean())
+    # The boundary is nowhere closer to the centre than this (lobes shrink it by at most
+    # sum |a_m|); the inside is compressed by push / radius, which must stay well below 1.
+    min_radius = float(lesion.semi_axes_mm.min()) * (1.0 - float(np.abs(
+        lesion.lobe_amplitudes).sum()))
+    push = min(float(rng.uniform(*push_ratio)) * mean_radius, 0.6 * min_radius)
+    # The push fades out over three radii (at least 20 mm), as the rest of the brain, the
+    # falx and the skull take it up.
+    reach = max(3.0 * mean_radius, 20.0)
+    return dataclasses.replace(lesion, mass_effect_mm=push, mass_effect_range_mm=reach)
+
+
+# --------------------------------------------------------------------------------------------
+# head: skull, scalp, face and neck around the template brain
+# --------------------------------------------------------------------------------------------
+
+#: Relative intensities of the tissues around the brain, on the scale of
+#: :data:`TISSUE_INTENSITIES` (air is 0; the CSF around the brain takes the subject's CSF value).
+#: Cortical bone has almost no signal on either contrast; fatty marrow (diploe), subcutaneous
+#: and orbital fat are bright on T1w and fairly bright on (turbo spin echo) T2w; muscle is darker
+#: than grey matter on both; the vitreous body is fluid like CSF.
+HEAD_TISSUE_INTENSITIES: dict[str, dict[str, float]] = {
+    "T1w": {"bone": 0.04, "marrow": 0.72, "fat": 0.95, "skin": 0.55, "muscle": 0.42,
+            "vitreous": 0.12, "cord": 0.80},
+    "T2w": {"bone": 0.04, "marrow": 0.45, "fat": 0.78, "skin": 0.45, "muscle": 0.26,
+            "vitreous": 1.05, "cord": 0.42},
+}
+
+# Where the structures the brain-only template lacks sit, in MNI coordinates (RAS mm, the way
+# atlases quote them), fitted against the template brain: the lowest orbital surface of the
+# frontal lobes is at z = -20 mm (x = +-32, y = 44..60), the medulla ends at (0, -46, -72), the
+# frontal pole is at y = 72 and the occipital pole at y = -106.
+_EYE_RAS = (32.0, 56.0, -40.0)  # right eye centre; the left one mirrors x
+_EYE_RADIUS_MM = 12.0
+_ORBIT_OFFSET_RAS = (0.0, -8.0, 0.0)  # orbital fat sits behind and around the globe
+_ORBIT_SEMI_MM = (16.0, 20.0, 15.0)
+_FACE_RAS, _FACE_SEMI_MM = (0.0, 30.0, -55.0), (60.0, 46.0, 50.0)
+_NOSE_RAS, _NOSE_SEMI_MM = (0.0, 78.0, -48.0), (11.0, 14.0, 22.0)
+_MAXILLARY_RAS, _MAXILLARY_SEMI_MM = (26.0, 46.0, -64.0), (12.0, 15.0, 14.0)
+_NASAL_RAS, _NASAL_SEMI_MM = (0.0, 56.0, -54.0), (7.0, 20.0, 16.0)
+_NECK_AXIS_RAS, _NECK_SEMI_MM, _NECK_TOP_Z = (0.0, -25.0), (54.0, 52.0), -40.0
+_CANAL_AXIS_RAS = (0.0, -46.0)  # the spinal canal runs straight down from the medulla's tip
+_CORD_RADIUS_MM, _CANAL_RADIUS_MM, _CANAL_WALL_MM = 5.0, 8.0, 4.0
+_FORAMEN_MAGNUM_Z, _MEDULLA_TIP_Z = -58.0, -70.0
+_VERTEBRA_AXIS_RAS, _VERTEBRA_SEMI_MM, _VERTEBRA_TOP_Z = (0.0, -24.0), (15.0, 11.0), -80.0
+# Grid padding (mm) of the template, (RAS low side, RAS high side) per axis: room for the scalp,
+# the nose, and 84 mm of neck below the template's floor.
+_HEAD_PADDING_MM = ((16, 16), (8, 24), (84, 8))
+# Axial coverage of a head series reaches this far below the brain (MNI z), about the level of
+# the second cervical vertebra, as a routine brain protocol does.
+_COVER_FLOOR_Z = -95.0
+# Upper bound of CSF + skull + scalp + temporalis (mm), for planning fields of view.
+_MAX_SHELL_MM = 3.0 + 8.0 + 8.0 + 6.0
+_MAX_SHAPE_SCALE = 1.08
+
+# Per-subject ranges of the head's layers (mm) and shapes.
+_CSF_SHELL_MM = (1.5, 3.0)
+_SKULL_MM = (4.0, 8.0)
+_SCALP_MM = (4.0, 8.0)
+
+
+def _ras_to_lps(point: Sequence[float]) -> NDArray[np.float64]:
+    out = np.asarray(point, dtype=float).copy()
+    out[:2] *= -1.0
+    return out
+
+
+@dataclass(frozen=True)
+class HeadTemplate:
+    """The template grid padded to hold a whole head, with the brain's intracranial envelope.
+
+    The brain-only template is padded (mostly downwards, for the neck) and the brain mask is
+    closed into a smooth envelope, the inner surface of the cerebrospinal fluid layer: the skull
+    and scalp of :class:`HeadShape` are shells at given distances outside it.
+
+    Attributes
+    ----------
+    brain : numpy.ndarray
+        The template brain mask on the padded grid, ``float32`` 0/1, ``[i, j, k]``.
+    envelope_mm : numpy.ndarray
+        Signed distance (mm, ``float32``) to the envelope: negative inside, positive outside,
+        slightly smoothed so that shells built on it have no voxel steps.
+    axes_lps : tuple of numpy.ndarray
+        The LPS coordinate (mm) of each index along ``i``, ``j`` and ``k`` (the grid is axis
+        aligned).
+    index_to_lps : numpy.ndarray
+        4x4 matrix from padded voxel ``(i, j, k)`` to template LPS mm.
+    pad_voxels : numpy.ndarray
+        Voxels added before ``i``, ``j``, ``k`` (template voxel = padded voxel - pad).
+    cover_points_lps : numpy.ndarray
+        ``(N, 3)`` template LPS points on the surface of the largest head any subject can have,
+        above the coverage floor: what an acquisition of a head must contain.
+    resolution : int
+        Voxel size (mm).
+    """
+
+    brain: NDArray[np.float32]
+    envelope_mm: NDArray[np.float32]
+    axes_lps: tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]
+    index_to_lps: NDArray[np.float64]
+    pad_voxels: NDArray[np.int64]
+    cover_points_lps: NDArray[np.float64]
+    resolution: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Padded grid size ``(i, j, k)``."""
+        return tuple(self.brain.shape)  # type: ignore[return-value]
+
+    @property
+    def lps_to_index(self) -> NDArray[np.float64]:
+        """4x4 matrix from template LPS mm to padded voxel ``(i, j, k)``."""
+        return np.linalg.inv(self.index_to_lps)
+
+    def coordinates(self) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+        """LPS coordinate arrays shaped for broadcasting over the grid (``(n,1,1)``, ...)."""
+        x, y, z = self.axes_lps
+        return x[:, None, None], y[None, :, None], z[None, None, :]
+
+
+def _ellipsoid_sdf(
+    coords: tuple[NDArray[np.float64], ...], centre: ArrayLike, semi_axes: ArrayLike
+) -> NDArray[np.float32]:
+    """Approximate signed distance (mm) to an axis-aligned ellipsoid (negative inside).
+
+    ``k0 (k0 - 1) / k1`` with ``k0 = |p / r|`` and ``k1 = |p / r^2|``: exact on the axes and
+    close elsewhere, which is all that a soft tissue boundary needs.
+    """
+    centre = np.asarray(centre, dtype=float)
+    semi = np.asarray(semi_axes, dtype=float)
+    k0 = np.zeros(1, dtype=np.float32)
+    k1 = np.zeros(1, dtype=np.float32)
+    for axis in range(len(semi)):
+        delta = (coords[axis] - centre[axis]).astype(np.float32)
+        k0 = k0 + (delta / np.float32(semi[axis])) ** 2
+        k1 = k1 + (delta / np.float32(semi[axis] ** 2)) ** 2
+    k0 = np.sqrt(k0)
+    k1 = np.sqrt(k1)
+    return (k0 * (k0 - 1.0) / np.maximum(k1, np.float32(1e-6))).astype(np.float32)
+
+
+def _smooth_min(a: NDArray[np.floating], b: NDArray[np.floating], k: float) -> NDArray[np.float32]:
+    """Polynomial smooth minimum of two signed distances: a union with a ``k`` mm rounded seam."""
+    h = np.clip(0.5 + 0.5 * (b - a) / k, 0.0, 1.0)
+    return (b * (1.0 - h) + a * h - k * h * (1.0 - h)).astype(np.float32)
+
+
+def _inside(sdf: NDArray[np.floating], width: float) -> NDArray[np.float32]:
+    """Soft indicator of ``sdf < 0``: a linear ramp ``width`` mm wide, as partial volume gives."""
+    return np.clip(0.5 - np.asarray(sdf, dtype=np.float32) / np.float32(width), 0.0, 1.0)
+
+
+@functools.lru_cache(maxsize=2)
+def load_head_template(resolution: int = 2) -> HeadTemplate:
+    """Pad the template grid for a head and build the brain's intracranial envelope.
+
+    Parameters
+    ----------
+    resolution : int, default 2
+        1 or 2 (mm), that of :func:`load_tissue_maps`.
+
+    Returns
+    -------
+    HeadTemplate
+        Read-only arrays, shared between calls (the result is cached).
+    """
+    from scipy import ndimage
+
+    maps = load_tissue_maps(resolution)
+    res = float(maps.resolution)
+    pads = [(int(round(lo / res)), int(round(hi / res))) for lo, hi in _HEAD_PADDING_MM]
+    brain = np.pad(maps.brain, pads).astype(np.float32)
+    # The template affine is diagonal and positive (RAS), so index i grows with RAS x.
+    ras = maps.affine_ras.copy()
+    ras[:3, 3] -= ras[:3, :3] @ np.array([lo for lo, _ in pads], dtype=float)
+    flip = np.eye(4)
+    flip[:3, :3] = _FLIP_LPS_RAS
+    index_to_lps = flip @ ras
+    axes = tuple(
+        index_to_lps[axis, axis] * np.arange(brain.shape[axis]) + index_to_lps[axis, 3]
+        for axis in range(3)
+    )
+    # Envelope: closing the brain by a Gaussian blur (sigma 4 mm) and a low threshold fills the
+    # sulci and the narrow gaps between lobes, as the arachnoid does; the skull follows it.
+    inside = (ndimage.gaussian_filter(brain, 4.0 / res) > 0.25) | (brain > 0.5)
+    inside = ndimage.binary_fill_holes(inside)
+    signed = (ndimage.distance_transform_edt(~inside, sampling=res)
+              - ndimage.distance_transform_edt(inside, sampling=res))
+    envelope = ndimage.gaussian_filter(signed.astype(np.float32), 1.0)
+    template = HeadTemplate(
+        brain=brain,
+        envelope_mm=envelope.astype(np.float32),
+        axes_lps=axes,  # type: ignore[arg-type]
+        index_to_lps=index_to_lps,
+        pad_voxels=np.array([lo for lo, _ in pads], dtype=np.int64),
+        cover_points_lps=np.zeros((0, 3)),
+        resolution=maps.resolution,
+    )
+    # The largest head any subject can have: thickest shells, largest face and nose, widest neck.
+    coords = template.coordinates()
+    scale = _MAX_SHAPE_SCALE
+    bound = envelope < _MAX_SHELL_MM
+    bound |= _ellipsoid_sdf(coords, _ras_to_lps(_FACE_RAS), np.multiply(_FACE_SEMI_MM, scale)) < 0
+    bound |= _ellipsoid_sdf(coords, _ras_to_lps(_NOSE_RAS), np.multiply(_NOSE_SEMI_MM, scale)) < 0
+    neck = _ellipsoid_sdf(coords[:2], _ras_to_lps((*_NECK_AXIS_RAS, 0.0))[:2],
+                          np.multiply(_NECK_SEMI_MM, scale)) < 0
+    bound |= neck & (coords[2] <= _NECK_TOP_Z)
+    bound &= np.broadcast_to(coords[2] >= _COVER_FLOOR_Z, bound.shape)
+    surface = bound & ~ndimage.binary_erosion(bound)
+    ijk = np.argwhere(surface).astype(float)
+    cover = ijk @ index_to_lps[:3, :3].T + index_to_lps[:3, 3]
+    template = dataclasses.replace(template, cover_points_lps=cover)
+    for array in (template.brain, template.envelope_mm, template.index_to_lps,
+                  template.pad_voxels, template.cover_points_lps, *template.axes_lps):
+        array.setflags(write=False)
+    return template
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    """One subject's skull, scalp, face and neck, in template space.
+
+    Every layer is a shell around the template's intracranial envelope (see
+    :class:`HeadTemplate`) whose thickness varies smoothly over the head: a sum of sinusoids
+    with 70-160 mm wavelengths, ``mean + amplitude * field`` with ``field`` in ``[-1, 1]``.
+    From the brain outwards: cerebrospinal fluid, inner table (cortical bone), diploe (marrow),
+    outer table, then the scalp: galea and muscle (thicker over the temples, where the
+    temporalis lies), subcutaneous fat and skin. The face (with the eyes in fat-filled orbits,
+    the maxillary sinuses and the nasal cavity) and the neck (with the spinal cord in its canal
+    and the vertebral bodies) are smooth shapes joined to the scalp.
+
+    Attributes
+    ----------
+    wavevectors : numpy.ndarray
+        ``(K, 3)`` rad/mm of the thickness field's sinusoids.
+    phases : numpy.ndarray
+        ``(K,)`` rad.
+    weights : numpy.ndarray
+        ``(3, K)``, rows for the CSF, skull and scalp fields; each row's absolute values sum
+        to 1, so each field stays in ``[-1, 1]``.
+    means_mm, amplitudes_mm : numpy.ndarray
+        ``(3,)`` mean and amplitude of the CSF, skull and scalp thicknesses.
+    inner_table_fraction, outer_table_fraction : float
+        Shares of the skull thickness taken by the two cortical tables; the diploe is the rest.
+    skin_mm : float
+        Thickness of the skin.
+    fat_fraction : float
+        Share of the scalp (less the skin) that is subcutaneous fat; galea and muscle are the rest.
+    temporalis_mm : float
+        Extra muscle thickness over the temples.
+    face_scale : numpy.ndarray
+        ``(3,)`` scale of the face and nose around their template shapes.
+    neck_scale : numpy.ndarray
+        ``(2,)`` scale of the neck's cross-section.
+    eye_offset_mm : numpy.ndarray
+        ``(3,)`` LPS shift of both eyes from their template position.
+    eyes : bool
+        Whether eyes and orbits are drawn.
+    intensities : dict
+        Per contrast, the subject's :data:`HEAD_TISSUE_INTENSITIES` (jittered).
+    """
+
+    wavevectors: NDArray[np.float64]
+    phases: NDArray[np.float64]
+    weights: NDArray[np.float64]
+    means_mm: NDArray[np.float64]
+    amplitudes_mm: NDArray[np.float64]
+    inner_table_fraction: float
+    outer_table_fraction: float
+    skin_mm: float
+    fat_fraction: float
+    temporalis_mm: float
+    face_scale: NDArray[np.float64]
+    neck_scale: NDArray[np.float64]
+    eye_offset_mm: NDArray[np.float64]
+    eyes: bool
+    intensities: dict[str, dict[str, float]]
+
+    def thickness_fields(
+        self, coords: tuple[NDArray[np.floating], ...]
+    ) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.float32]]:
+        """CSF, skull and scalp thicknesses (mm) at LPS ``coords`` (broadcastable arrays)."""
+        fields = [np.zeros(1, dtype=np.float32) for _ in range(3)]
+        for k, (wave, phase) in enumerate(zip(self.wavevectors, self.phases, strict=True)):
+            argument = (np.float32(wave[0]) * coords[0].astype(np.float32)
+                        + np.float32(wave[1]) * coords[1].astype(np.float32)
+                        + np.float32(wave[2]) * coords[2].astype(np.float32)
+                        + np.float32(phase))
+            wave_values = np.sin(argument)
+            for layer in range(3):
+                fields[layer] = fields[layer] + np.float32(self.weights[layer, k]) * wave_values
+        return tuple(  # type: ignore[return-value]
+            (np.float32(self.means_mm[layer]) + np.float32(self.amplitudes_mm[layer])
+             * fields[layer]).astype(np.float32)
+            for layer in range(3)
+        )
+
+
+def _random_head(
+    rng: np.random.Generator, intensity_jitter: float, eyes: bool, n_modes: int = 4
+) -> HeadShape:
+    wavelengths = rng.uniform(70.0, 160.0, size=n_modes)
+    wavevectors = _random_unit_vectors(rng, n_modes) * (2.0 * math.pi / wavelengths)[:, None]
+    phases = rng.uniform(0.0, 2.0 * math.pi, size=n_modes)
+    weights = rng.normal(size=(3, n_modes))
+    weights /= np.abs(weights).sum(axis=1, keepdims=True)
+    means, amplitudes = [], []
+    for lo, hi in (_CSF_SHELL_MM, _SKULL_MM, _SCALP_MM):
+        # A mean in the middle half of the range and an amplitude that keeps the field inside it.
+        mean = rng.uniform(lo + 0.25 * (hi - lo), hi - 0.25 * (hi - lo))
+        means.append(mean)
+        amplitudes.append(min(mean - lo, hi - mean))
+    intensities = {
+        contrast: {name: float(value * (1.0 + rng.uniform(-intensity_jitter, intensity_jitter)))
+                   for name, value in HEAD_TISSUE_INTENSITIES[contrast].items()}
+        for contrast in CONTRASTS
+    }
+    return HeadShape(
+        wavevectors=wavevectors,
+        phases=phases,
+        weights=weights,
+        means_mm=np.array(means),
+        amplitudes_mm=np.array(amplitudes),
+        inner_table_fraction=float(rng.uniform(0.25, 0.35)),
+        outer_table_fraction=float(rng.uniform(0.25, 0.35)),
+        skin_mm=float(rng.uniform(1.2, 2.0)),
+        fat_fraction=float(rng.uniform(0.5, 0.75)),
+        temporalis_mm=float(rng.uniform(2.0, 6.0)),
+        face_scale=rng.uniform(2.0 - _MAX_SHAPE_SCALE, _MAX_SHAPE_SCALE, size=3),
+        neck_scale=rng.uniform(0.9, _MAX_SHAPE_SCALE, size=2),
+        eye_offset_mm=rng.uniform(-2.0, 2.0, size=3),
+        eyes=bool(eyes),
+        intensities=intensities,
+    )
+
+
+@dataclass(frozen=True)
+class HeadVolumes:
+    """A subject's head rendered on the padded template grid (arrays ``[i, j, k]``).
+
+    Attributes
+    ----------
+    images : dict
+        Per contrast, ``float32`` relative intensities: the brain exactly as
+        :func:`synthesize_contrast` renders it inside the brain mask, the head's tissues around
+        it, 0 in the air.
+    head : numpy.ndarray
+        ``float32`` soft head mask in ``[0, 1]`` (everything that is not air).
+    template : HeadTemplate
+        The grid.
+    """
+
+    images: dict[str, NDArray[np.float32]]
+    head: NDArray[np.float32]
+    template: HeadTemplate
+
+    @functools.cached_property
+    def cover_points_lps(self) -> NDArray[np.float64]:
+        """Template LPS points of this head's surface above the coverage floor (about C2)."""
+        from scipy import ndimage
+
+        above = self.template.axes_lps[2] >= _COVER_FLOOR_Z
+        inside = (self.head >= 0.5) & above[None, None, :]
+        surface = inside & ~ndimage.binary_erosion(inside)
+        ijk = np.argwhere(surface).astype(float)
+        return ijk @ self.template.index_to_lps[:3, :3].T + self.template.index_to_lps[:3, 3]
+
+
+def synthesize_head(
+    maps: TissueMaps,
+    subject: SubjectAnatomy,
+    contrasts: Sequence[str] = CONTRASTS,
+    *,
+    brain_images: Mapping[str, NDArray[np.float32]] | None = None,
+) -> HeadVolumes:
+    """Render a subject's whole head (brain, skull, scalp, face, neck) on the padded template grid.
+
+    The head's tissues are those :func:`render_series` evaluates at each voxel of a series
+    (:func:`_paint_head`), here on the template grid with a one-voxel soft edge; the brain is
+    set last with its hard mask, so brain intensities are exactly those of the skull-stripped
+    rendering. Acquisition planning uses the result's head surface; it is also the way to look
+    at a subject's head in template space.
+
+    Parameters
+    ----------
+    maps : TissueMaps
+        The template.
+    subject : SubjectAnatomy
+        Must carry a :class:`HeadShape` (``random_subject(..., with_head=True)``).
+    contrasts : sequence of {"T2w", "T1w"}
+        Images to render.
+    brain_images : mapping, optional
+        Per contrast, a precomputed :func:`synthesize_contrast` of the subject's brain.
+
+    Returns
+    -------
+    HeadVolumes
+    """
+    if subject.head is None:
+        raise ValueError("subject has no head: draw it with random_subject(..., with_head=True)")
+    contrasts = tuple(_check_contrast(c) for c in contrasts)
+    template = load_head_template(maps.resolution)
+    images, head_mask = _paint_head(subject, template.coordinates(), template.envelope_mm,
+                                    contrasts, float(template.resolution))
+    brain = template.brain > 0.5
+    pads = [(int(p), int(n - p - s)) for p, n, s in
+            zip(template.pad_voxels, template.shape, maps.shape, strict=True)]
+    for contrast in contrasts:
+        if brain_images is not None and contrast in brain_images:
+            brain_image = np.asarray(brain_images[contrast], dtype=np.float32)
+            if brain_image.shape != maps.shape:
+                raise ValueError(f"brain_images[{contrast!r}] must have the template shape "
+                                 f"{maps.shape}; got {brain_image.shape}")
+        else:
+            brain_image = synthesize_contrast(
+                maps, contrast, {k: subject.intensities[contrast][k] for k in ("csf", "gm", "wm")})
+        images[contrast] = np.broadcast_to(images[contrast], template.shape).copy()
+        images[contrast][brain] = np.pad(brain_image, pads)[brain]
+    head_mask = np.maximum(np.broadcast_to(head_mask, template.shape), template.brain)
+    return HeadVolumes(images=images, head=head_mask.astype(np.float32), template=template)
+
+
+def _paint_head(
+    subject: SubjectAnatomy,
+    coords: tuple[NDArray[np.floating], NDArray[np.floating], NDArray[np.floating]],
+    envelope: NDArray[np.floating],
+    contrasts: Sequence[str],
+    width: float,
+) -> tuple[dict[str, NDArray[np.float32]], NDArray[np.float32]]:
+    """The head's tissues around the brain at template LPS points, brain not included.
+
+    Tissues are painted from the outside in, each over the previous ones with a soft edge of
+    ``width`` mm (the partial volume of a voxel that size): head soft tissue (muscle),
+    subcutaneous fat and skin under the head's surface, orbital fat and eyes, air in the
+    sinuses, the vertebral bodies and the canal's wall, the skull shells (outer table, diploe,
+    inner table, CSF), then the spinal canal and cord through the foramen magnum.
+
+    Parameters
+    ----------
+    subject : SubjectAnatomy
+        With a head.
+    coords : tuple of numpy.ndarray
+        Template LPS x, y, z (broadcastable arrays).
+    envelope : numpy.ndarray
+        :attr:`HeadTemplate.envelope_mm` at the same points.
+    contrasts : sequence of str
+        Images to paint.
+    width : float
+        Soft edge width (mm).
+
+    Returns
+    -------
+    images : dict
+        Per contrast, relative intensities (0 in the air).
+    head : numpy.ndarray
+        Soft mask of the head (skull included).
+    """
+    head = subject.head
+    assert head is not None
+    x, y, z = coords
+    res = float(width)
+    t_csf, t_skull, t_scalp = head.thickness_fields(coords)
+    b1 = t_csf
+    b2 = b1 + np.float32(head.inner_table_fraction) * t_skull
+    b4 = b1 + t_skull
+    b3 = b4 - np.float32(head.outer_table_fraction) * t_skull
+    # The temporalis: extra muscle over the temples (|x| > 40 mm, around the level of the
+    # lateral ventricles' floor), none over the vertex and the occiput.
+    lateral = np.clip((np.abs(x) - 40.0) / 25.0, 0.0, 1.0)
+    temporal = (head.temporalis_mm * lateral * lateral * (3.0 - 2.0 * lateral)
+                * np.exp(-(((z - 5.0) / 28.0) ** 2)) * (y < 60.0)).astype(np.float32)
+    envelope = np.asarray(envelope, dtype=np.float32)
+    cranium = envelope - (b4 + t_scalp + temporal)
+    del temporal
+    face_centre = _ras_to_lps(_FACE_RAS)
+    face = _ellipsoid_sdf(coords, face_centre, np.multiply(_FACE_SEMI_MM, head.face_scale))
+    nose_centre = face_centre + (_ras_to_lps(_NOSE_RAS) - face_centre) * head.face_scale
+    nose = _ellipsoid_sdf(coords, nose_centre, np.multiply(_NOSE_SEMI_MM, head.face_scale))
+    neck_axis = _ras_to_lps((*_NECK_AXIS_RAS, 0.0))[:2]
+    neck = np.maximum(
+        _ellipsoid_sdf(coords[:2], neck_axis, np.multiply(_NECK_SEMI_MM, head.neck_scale)),
+        (z - _NECK_TOP_Z).astype(np.float32),
+    )
+    surface = _smooth_min(_smooth_min(cranium, _smooth_min(face, nose, 6.0), 12.0), neck, 20.0)
+    del face, nose, neck, cranium
+
+    images: dict[str, NDArray[np.float32]] = {
+        c: np.zeros(np.broadcast_shapes(surface.shape, envelope.shape), dtype=np.float32)
+        for c in contrasts}
+    values = {c: dict(head.intensities[c], csf=subject.intensities[c]["csf"], air=0.0)
+              for c in contrasts}
+
+    def paint(mask: NDArray[np.float32], tissue: str) -> None:
+        for contrast in contrasts:
+            image = images[contrast]
+            image -= mask * (image - np.float32(values[contrast][tissue]))
+
+    in_head = _inside(surface, res)
+    paint(in_head, "muscle")
+    skin = np.float32(head.skin_mm)
+    fat = skin + np.float32(head.fat_fraction) * np.maximum(t_scalp - skin, 0.0)
+    paint(in_head * _inside(-surface - fat, res), "fat")
+    paint(in_head * _inside(-surface - skin, res), "skin")
+    del surface, t_scalp, fat
+
+    if head.eyes:
+        for side in (1.0, -1.0):
+            eye = _ras_to_lps((side * _EYE_RAS[0], *_EYE_RAS[1:])) + head.eye_offset_mm
+            paint(_inside(_ellipsoid_sdf(coords, eye + _ras_to_lps(_ORBIT_OFFSET_RAS),
+                                         _ORBIT_SEMI_MM), res), "fat")
+            paint(_inside(_ellipsoid_sdf(coords, eye, (_EYE_RADIUS_MM,) * 3), res), "vitreous")
+    for side in (1.0, -1.0):
+        sinus = face_centre + (_ras_to_lps((side * _MAXILLARY_RAS[0], *_MAXILLARY_RAS[1:]))
+                               - face_centre) * head.face_scale
+        paint(_inside(_ellipsoid_sdf(coords, sinus, _MAXILLARY_SEMI_MM), res), "air")
+    nasal = face_centre + (_ras_to_lps(_NASAL_RAS) - face_centre) * head.face_scale
+    paint(_inside(_ellipsoid_sdf(coords, nasal, _NASAL_SEMI_MM), res), "air")
+
+    below = _inside(z - _VERTEBRA_TOP_Z, res)
+    vertebra_axis = _ras_to_lps((*_VERTEBRA_AXIS_RAS, 0.0))[:2]
+    vertebra = _ellipsoid_sdf(coords[:2], vertebra_axis, _VERTEBRA_SEMI_MM)
+    paint(below * _inside(vertebra, res), "bone")
+    paint(below * _inside(vertebra + 1.5, res), "marrow")
+    del below, vertebra
+    canal_axis = _ras_to_lps((*_CANAL_AXIS_RAS, 0.0))[:2]
+    canal = (np.sqrt((x - canal_axis[0]) ** 2 + (y - canal_axis[1]) ** 2)).astype(np.float32)
+    below_foramen = _inside(z - _FORAMEN_MAGNUM_Z, res)
+    paint(below_foramen * _inside(canal - (_CANAL_RADIUS_MM + _CANAL_WALL_MM), res), "bone")
+
+    skull = _inside(envelope - b4, res)
+    paint(skull, "bone")
+    paint(_inside(envelope - b3, res), "marrow")
+    paint(_inside(envelope - b2, res), "bone")
+    paint(_inside(envelope - b1, res), "csf")
+    head_mask = np.maximum(in_head, skull)
+    del in_head, skull, b1, b2, b3, b4, t_csf, t_skull
+    paint(below_foramen * _inside(canal - _CANAL_RADIUS_MM, res), "csf")
+    paint(_inside(z - _MEDULLA_TIP_Z, res) * _inside(canal - _CORD_RADIUS_MM, res), "cord")
+    return images, head_mask
 
 
 # --------------------------------------------------------------------------------------------
@@ -699,8 +1390,14 @@ def acquisition_grid(
     max_oblique_deg: float = 4.0,
     margin_mm: float = 5.0,
     max_extra_voxels: int = 12,
+    field_of_view_mm: float | None = None,
+    head_volumes: HeadVolumes | None = None,
 ) -> AcquisitionGrid:
-    """Plan a series' grid that covers the subject's whole brain, as a technologist would.
+    """Plan a series' grid that covers the subject's whole brain or head, as a technologist would.
+
+    A subject with a head (:attr:`SubjectAnatomy.head`) is covered from the vertex to below the
+    skull base (about the second cervical vertebra) including the face and the scalp; the neck
+    below leaves the field of view as in real scans. Otherwise the brain is covered.
 
     Parameters
     ----------
@@ -718,7 +1415,17 @@ def acquisition_grid(
         Field-of-view margin around the brain on each side, on top of a bound on the elastic
         displacement.
     max_extra_voxels : int, default 12
-        Each in-plane matrix size grows by a random 0..max_extra_voxels, so that matrices vary.
+        Each in-plane matrix size grows by a random 0..max_extra_voxels, so that matrices vary
+        (only without ``field_of_view_mm``).
+    field_of_view_mm : float, optional
+        A square in-plane field of view, as scanners are set: the matrix is
+        ``round(field_of_view_mm / spacing)`` on both axes (``spacing[0]`` must equal
+        ``spacing[1]``), grown when that would not cover the object. Without it, the matrix is
+        the object's extent plus margins, plus ``max_extra_voxels``.
+    head_volumes : HeadVolumes, optional
+        The subject's :func:`synthesize_head`: its own head surface, mapped through the whole
+        warp, is covered (plus ``margin_mm``). Without it a subject with a head is covered by
+        the largest head any subject can have, with a bound on the elastic displacement.
     """
     spacing = _as_vector3("spacing", spacing)
     if np.any(spacing <= 0):
@@ -726,17 +1433,34 @@ def acquisition_grid(
     tilt = _check_range("max_oblique_deg", max_oblique_deg, 0.0, 45.0)
     margin = _check_range("margin_mm", margin_mm, 0.0, 100.0)
     extra = _check_int("max_extra_voxels", max_extra_voxels, 0, 1000)
+    if field_of_view_mm is not None:
+        fov = _check_range("field_of_view_mm", field_of_view_mm, 0.0, 1000.0, lo_open=True)
+        if not math.isclose(spacing[0], spacing[1], rel_tol=1e-9):
+            raise ValueError(f"a field_of_view_mm needs square pixels (spacing[0] == spacing[1]); "
+                             f"got spacing {spacing.tolist()}")
 
     direction = orientation_direction(orientation, _random_rotation(rng, tilt))
     # The elastic warp is ignored below, so widen the margin by a bound on it: |u| <= sum |a_k|
     # (plus 10 % for the affine's scaling).
     slack = margin + 1.1 * float(np.linalg.norm(subject.amplitudes, axis=1).sum())
-    brain = subject.to_subject_affine(maps.brain_points_lps)
-    projected = brain @ direction  # coordinates along x, y, z axes
+    if head_volumes is not None:
+        if subject.head is None:
+            raise ValueError("head_volumes given for a subject without a head")
+        # The exact surface of this head, so only the margin (and a voxel) is needed around it.
+        slack = margin + float(head_volumes.template.resolution)
+        points = subject.to_subject(head_volumes.cover_points_lps)
+    elif subject.head is not None:
+        points = subject.to_subject_affine(load_head_template(maps.resolution).cover_points_lps)
+    else:
+        points = subject.to_subject_affine(maps.brain_points_lps)
+    projected = points @ direction  # coordinates along x, y, z axes
     low = projected.min(axis=0) - slack
     high = projected.max(axis=0) + slack
     n = np.ceil((high - low) / spacing).astype(int) + 1
-    n[:2] += rng.integers(0, extra + 1, size=2)
+    if field_of_view_mm is None:
+        n[:2] += rng.integers(0, extra + 1, size=2)
+    else:
+        n[:2] = max(int(n[0]), int(n[1]), int(round(fov / spacing[0])))
     centre = 0.5 * (low + high) + rng.uniform(-2.0, 2.0, size=3)
     origin_local = centre - 0.5 * (n - 1) * spacing
     origin = direction @ origin_local
@@ -756,19 +1480,24 @@ class RenderedSeries:
     Attributes
     ----------
     image : numpy.ndarray
-        ``float32`` intensities (arbitrary scanner units), 0 outside the brain.
+        ``float32`` intensities (arbitrary scanner units), 0 outside the brain of a
+        skull-stripped series.
     brain : numpy.ndarray
         ``bool`` brain mask.
     lesion : numpy.ndarray
         ``bool`` lesion ground truth (inside the brain mask).
     grid : AcquisitionGrid
         The geometry of the arrays.
+    head : numpy.ndarray or None
+        ``bool`` head mask (everything but air) of a subject with a head; None when the series
+        is skull-stripped.
     """
 
     image: NDArray[np.float32]
     brain: NDArray[np.bool_]
     lesion: NDArray[np.bool_]
     grid: AcquisitionGrid
+    head: NDArray[np.bool_] | None = None
 
 
 def _linear_values(
@@ -831,17 +1560,22 @@ def render_series(
 ) -> RenderedSeries:
     """Render one series of a subject onto ``grid``.
 
-    Each voxel centre is pulled back through the subject warp into the template, the contrast
-    and brain mask are interpolated there (trilinear) and the lesions are evaluated analytically
-    at the same template point, so lesion and anatomy can never disagree between series.
-    Outside the brain mask the image is exactly 0 (skull-stripped data).
+    Each voxel centre is pulled back through the subject warp into the template (and, around a
+    lesion with mass effect, through :meth:`Lesion.mass_effect_pullback`), the contrast and
+    brain mask are interpolated there (trilinear) and the lesions are evaluated analytically at
+    the template point before the mass effect, so lesion and anatomy can never disagree between
+    series. A skull-stripped subject is exactly 0 outside the brain mask. A subject with a head
+    (:attr:`SubjectAnatomy.head`) shows skull, scalp, face and neck around the brain, evaluated
+    at the same template point (only the smooth envelope distance is interpolated, so the thin
+    bone tables stay sharp at the series' resolution, with partial volume over its voxel size),
+    and Rician noise in the air around it, as a scanner's magnitude image does.
 
     Parameters
     ----------
     maps : TissueMaps
         The template.
     subject : SubjectAnatomy
-        Warp, intensities and lesions.
+        Warp, intensities, lesions and (optionally) head.
     grid : AcquisitionGrid
         Output geometry.
     contrast : {"T2w", "T1w"}
@@ -849,7 +1583,7 @@ def render_series(
     rng : numpy.random.Generator
         Draws the bias field and the noise.
     noise_fraction : float, default 0.03
-        Rician noise sigma relative to the brightest tissue intensity.
+        Rician noise sigma relative to the brightest brain tissue intensity.
     bias_strength : float, default 0.1
         RMS of the log bias field (0.1 is about +-10 %).
     gain : float, default 1000
@@ -866,19 +1600,29 @@ def render_series(
     gain = _check_range("gain", gain, 0.0, 1e6, lo_open=True)
     shape = grid.shape_zyx
     intensities = subject.intensities[contrast]
+    with_head = subject.head is not None
     if template_image is None:
         template_image = synthesize_contrast(
             maps, contrast, {k: intensities[k] for k in ("csf", "gm", "wm")}
         )
+    elif template_image.shape != maps.shape:
+        raise ValueError(f"template_image must have the template shape {maps.shape}; "
+                         f"got {template_image.shape}")
+    index_to_lps_sample = maps.index_to_lps
+    lps_to_voxel = maps.lps_to_index
 
     # grid index -> subject LPS -> (affine) template LPS -> template voxel is affine; the
     # elastic displacement is added in template-voxel units.
     index_to_template = subject.pullback @ grid.index_to_physical
-    lps_to_voxel = maps.lps_to_index
     index_to_voxel = lps_to_voxel @ index_to_template
-    elastic_bound_mm = float(np.linalg.norm(subject.amplitudes, axis=1).sum())
-    candidates = _brain_candidates(maps, index_to_voxel, grid,
-                                   reach_mm=elastic_bound_mm + 1.5 * maps.resolution)
+    if with_head:
+        # Air is noisy too, so every voxel is rendered.
+        candidates = np.ones(shape, dtype=bool)
+    else:
+        elastic_bound_mm = float(np.linalg.norm(subject.amplitudes, axis=1).sum())
+        # A mass effect only moves points inside the brain (its push is 0 at the surface).
+        candidates = _brain_candidates(maps, index_to_voxel, grid,
+                                       reach_mm=elastic_bound_mm + 1.5 * maps.resolution)
     where = np.nonzero(candidates)
     index_xyz = tuple(where[axis].astype(np.float32) for axis in (2, 1, 0))
 
@@ -893,23 +1637,18 @@ def render_series(
         for c in range(3):
             coords[c] += np.float32(step[c]) * wave_values
 
-    values = ndimage.map_coordinates(template_image, coords, order=1, mode="constant", cval=0.0,
-                                     prefilter=False, output=np.float32)
-    inside = ndimage.map_coordinates(maps.brain, coords, order=1, mode="constant", cval=0.0,
-                                     prefilter=False, output=np.float32) >= 0.5
-    in_lesion = np.zeros(values.shape, dtype=bool)
-    voxel_to_lps = maps.index_to_lps
+    # Lesions are evaluated where the voxel lands in the template before any mass effect: the
+    # lesion is what displaced the tissue, not displaced itself.
     voxel_size = float(maps.resolution)
+    blends: list[tuple[NDArray[np.intp], NDArray[np.float64], NDArray[np.float64],
+                       NDArray[np.bool_]]] = []
     for item in subject.lesions:
-        centre = lps_to_voxel[:3, :3] @ item.centre_lps + lps_to_voxel[:3, 3]
-        reach = (item.max_extent_mm + 6.0 * item.edge_mm) / voxel_size
-        near = np.abs(coords[0] - np.float32(centre[0])) <= reach
-        for c in (1, 2):
-            near &= np.abs(coords[c] - np.float32(centre[c])) <= reach
-        near = np.flatnonzero(near)
+        near = _near_points(coords, lps_to_voxel, item.centre_lps,
+                            (item.max_extent_mm + 6.0 * item.edge_mm) / voxel_size)
         if near.size == 0:
             continue
-        points = coords[:, near].T.astype(float) @ voxel_to_lps[:3, :3].T + voxel_to_lps[:3, 3]
+        points = (coords[:, near].T.astype(float) @ index_to_lps_sample[:3, :3].T
+                  + index_to_lps_sample[:3, 3])
         ratio = item.radius_ratio(points)
         weight = item.membership(ratio)
         # Brighter (T2w) or darker (T1w) core fading to the rim value at the boundary.
@@ -918,8 +1657,28 @@ def render_series(
             intensities["lesion_rim"]
             + (intensities["lesion_core"] - intensities["lesion_rim"]) * core_fraction
         )
+        blends.append((near, weight, lesion_value, ratio <= 1.0))
+    for item in subject.lesions:
+        if item.mass_effect_mm > 0:
+            _apply_mass_effect(maps, item, coords, index_to_lps_sample, lps_to_voxel)
+
+    values = ndimage.map_coordinates(template_image, coords, order=1, mode="constant", cval=0.0,
+                                     prefilter=False, output=np.float32)
+    brain_weight = ndimage.map_coordinates(maps.brain, coords, order=1, mode="constant",
+                                           cval=0.0, prefilter=False, output=np.float32)
+    inside = brain_weight >= 0.5
+    if with_head:
+        # The brain image is 0 outside the brain, so interpolating it and adding the head's
+        # value times the non-brain weight interpolates the composite (brain in its mask, head
+        # tissues around it) without a dark seam at the brain's edge.
+        head_values, in_head = _head_at(maps, subject, contrast, coords, grid)
+        values += (np.float32(1.0) - brain_weight) * head_values
+        del head_values
+    del brain_weight
+    in_lesion = np.zeros(values.shape, dtype=bool)
+    for near, weight, lesion_value, within in blends:
         values[near] = ((1.0 - weight) * values[near] + weight * lesion_value).astype(np.float32)
-        in_lesion[near] |= ratio <= 1.0
+        in_lesion[near] |= within
     del coords
 
     if bias > 0:
@@ -948,10 +1707,83 @@ def render_series(
     image = np.zeros(shape, dtype=np.float32)
     brain = np.zeros(shape, dtype=bool)
     lesion = np.zeros(shape, dtype=bool)
-    image[where] = np.where(inside, values, np.float32(0.0))  # exact zero background
+    head = None
+    if with_head:
+        image[where] = values
+        head = np.zeros(shape, dtype=bool)
+        head[where] = in_head | inside
+    else:
+        image[where] = np.where(inside, values, np.float32(0.0))  # exact zero background
     brain[where] = inside
     lesion[where] = in_lesion & inside
-    return RenderedSeries(image=image, brain=brain, lesion=lesion, grid=grid)
+    return RenderedSeries(image=image, brain=brain, lesion=lesion, grid=grid, head=head)
+
+
+def _head_at(
+    maps: TissueMaps,
+    subject: SubjectAnatomy,
+    contrast: str,
+    coords: NDArray[np.float32],
+    grid: AcquisitionGrid,
+    chunk: int = 1 << 20,
+) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
+    """Head tissue intensity (brain excluded) and head mask at template voxel coordinates."""
+    from scipy import ndimage
+
+    template = load_head_template(maps.resolution)
+    to_lps = maps.index_to_lps
+    to_padded = template.lps_to_index @ to_lps
+    # Partial volume over the series' voxel: a soft edge as wide as the voxel (geometric mean).
+    width = max(0.5, float(np.prod(grid.spacing)) ** (1.0 / 3.0))
+    n = coords.shape[1]
+    values = np.empty(n, dtype=np.float32)
+    in_head = np.empty(n, dtype=bool)
+    for start in range(0, n, chunk):
+        part = coords[:, start:start + chunk].astype(np.float64)
+        padded = to_padded[:3, :3] @ part + to_padded[:3, 3:4]
+        # Beyond the padded grid the nearest envelope distance is still far outside the head.
+        envelope = ndimage.map_coordinates(template.envelope_mm, padded, order=1, mode="nearest",
+                                           prefilter=False, output=np.float32)
+        lps = to_lps[:3, :3] @ part + to_lps[:3, 3:4]
+        images, soft = _paint_head(subject, (lps[0], lps[1], lps[2]), envelope, (contrast,),
+                                   width)
+        values[start:start + chunk] = images[contrast]
+        in_head[start:start + chunk] = soft >= 0.5
+    return values, in_head
+
+
+def _near_points(
+    coords: NDArray[np.float32], lps_to_voxel: NDArray[np.float64], centre_lps: NDArray[np.float64],
+    reach_voxels: float,
+) -> NDArray[np.intp]:
+    """Indices of the voxel coordinates ``(3, N)`` within a box of ``reach_voxels`` of a centre."""
+    centre = lps_to_voxel[:3, :3] @ centre_lps + lps_to_voxel[:3, 3]
+    near = np.abs(coords[0] - np.float32(centre[0])) <= reach_voxels
+    for c in (1, 2):
+        near &= np.abs(coords[c] - np.float32(centre[c])) <= reach_voxels
+    return np.flatnonzero(near)
+
+
+def _apply_mass_effect(
+    maps: TissueMaps,
+    lesion: Lesion,
+    coords: NDArray[np.float32],
+    index_to_lps: NDArray[np.float64],
+    lps_to_voxel: NDArray[np.float64],
+) -> None:
+    """Move voxel coordinates ``(3, N)`` (in place) through the lesion's mass-effect pull-back."""
+    from scipy import ndimage
+
+    near = _near_points(coords, lps_to_voxel, lesion.centre_lps,
+                        lesion.mass_effect_reach_mm / float(maps.resolution))
+    if near.size == 0:
+        return
+    points = coords[:, near].T.astype(float) @ index_to_lps[:3, :3].T + index_to_lps[:3, 3]
+    template_voxels = points @ maps.lps_to_index[:3, :3].T + maps.lps_to_index[:3, 3]
+    depth = ndimage.map_coordinates(maps.depth_mm, template_voxels.T, order=1, mode="constant",
+                                    cval=0.0, prefilter=False)
+    moved = lesion.mass_effect_pullback(points, depth)
+    coords[:, near] = (moved @ lps_to_voxel[:3, :3].T + lps_to_voxel[:3, 3]).T.astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1516,6 +2348,528 @@ def write_localizer(
 
 
 # --------------------------------------------------------------------------------------------
+# bad inputs: series an application must refuse or flag
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WrittenSeries:
+    """What a bad-input writer wrote.
+
+    Attributes
+    ----------
+    kind : str
+        "knee", "truncated", "slab" or "anisotropic".
+    folder : pathlib.Path
+        The series folder.
+    files : tuple of pathlib.Path
+        The files, in instance order.
+    patient_id, study_instance_uid, series_instance_uid, frame_of_reference_uid : str
+        Identification written.
+    series_description, body_part_examined : str
+        As written (BodyPartExamined may be empty).
+    contrast : str
+        "T1w" or "T2w".
+    shape_zyx : tuple of int
+        ``(slices, rows, columns)``.
+    spacing_xyz_mm : tuple of float
+        ``(column, row, slice)`` spacing.
+    origin : numpy.ndarray
+        LPS mm of the first voxel.
+    direction : numpy.ndarray
+        3x3, columns = LPS directions of the x, y, z axes.
+    """
+
+    kind: str
+    folder: Path
+    files: tuple[Path, ...]
+    patient_id: str
+    study_instance_uid: str
+    series_instance_uid: str
+    frame_of_reference_uid: str
+    series_description: str
+    body_part_examined: str
+    contrast: str
+    shape_zyx: tuple[int, int, int]
+    spacing_xyz_mm: tuple[float, float, float]
+    origin: NDArray[np.float64]
+    direction: NDArray[np.float64]
+
+
+# Knee tissues on the scale of TISSUE_INTENSITIES: fatty marrow is bright on both contrasts,
+# joint fluid is the bright T2w / dark T1w structure, hyaline cartilage is intermediate.
+_KNEE_INTENSITIES: dict[str, dict[str, float]] = {
+    "T1w": {"bone": 0.04, "marrow": 0.90, "fat": 0.95, "skin": 0.55, "muscle": 0.42,
+            "fluid": 0.15, "cartilage": 0.50},
+    "T2w": {"bone": 0.04, "marrow": 0.60, "fat": 0.78, "skin": 0.45, "muscle": 0.26,
+            "fluid": 1.00, "cartilage": 0.45},
+}
+
+
+# write_series keywords that the bad-input writers set themselves.
+_BAD_SERIES_OWN = frozenset({
+    "patient_id", "patient_name", "study_uid", "series_uid", "frame_of_reference_uid",
+    "series_number", "series_description", "body_part_examined", "patient_position",
+    "extra_attributes", "overwrite",
+})
+
+
+def _check_bad_attributes(study_attributes: Mapping[str, Any]) -> None:
+    """Refuse extra keywords that :func:`write_series` lacks or that the writer sets itself."""
+    own = set(study_attributes) & _BAD_SERIES_OWN
+    if own:
+        raise TypeError(f"{sorted(own)} are set by this writer's own parameters; pass them "
+                        "there, not as extra keywords")
+    allowed = set(write_series.__kwdefaults__) | {"echo_time", "repetition_time"}
+    unknown = set(study_attributes) - allowed
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {sorted(unknown)}; extra keywords must "
+                        "be write_series keywords (study_date, patient_sex, echo_time, ...)")
+
+
+def _bad_identity(
+    kind: str,
+    seed: int,
+    series_number: int,
+    patient_id: str,
+    patient_name: str,
+    study_uid: str | None,
+    series_uid: str | None,
+    frame_of_reference_uid: str | None,
+) -> dict[str, Any]:
+    """Identification of a bad-input series; UIDs default to ones derived from the patient."""
+    _check_int("series_number", series_number, 0)
+    for name, value in (("patient_id", patient_id), ("patient_name", patient_name)):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{name} must be a non-empty string; got {value!r}")
+    # Default study and frame of reference are per (patient, seed), so that bad series written
+    # for the same patient form one study; the series UID is per kind and series number.
+    return dict(
+        patient_id=patient_id,
+        patient_name=patient_name,
+        study_uid=study_uid or _uid("bad-input", patient_id, seed, "study"),
+        series_uid=series_uid or _uid("bad-input", patient_id, seed, kind, series_number),
+        frame_of_reference_uid=frame_of_reference_uid or _uid("bad-input", patient_id, seed,
+                                                               "frame-of-reference"),
+    )
+
+
+def _write_bad_series(
+    kind: str,
+    image: NDArray[np.float32],
+    grid: AcquisitionGrid,
+    out_dir: str | os.PathLike[str],
+    *,
+    contrast: str,
+    identity: Mapping[str, Any],
+    series_number: int,
+    series_description: str | None,
+    body_part_examined: str,
+    rng: np.random.Generator,
+    study_attributes: Mapping[str, Any],
+    extra_attributes: Mapping[str, Any] | None = None,
+    patient_position: str = "HFS",
+) -> WrittenSeries:
+    protocol = _protocol(contrast, grid.orientation, rng)
+    if series_description is not None:
+        protocol["series_description"] = series_description
+    settings: dict[str, Any] = {**protocol, **study_attributes}
+    files = write_series(
+        image, grid.origin, grid.spacing, grid.direction, out_dir,
+        series_number=series_number, body_part_examined=body_part_examined,
+        patient_position=patient_position, extra_attributes=extra_attributes,
+        **identity, **settings,
+    )
+    return WrittenSeries(
+        kind=kind,
+        folder=Path(out_dir),
+        files=tuple(files),
+        patient_id=identity["patient_id"],
+        study_instance_uid=identity["study_uid"],
+        series_instance_uid=identity["series_uid"],
+        frame_of_reference_uid=identity["frame_of_reference_uid"],
+        series_description=settings["series_description"],
+        body_part_examined=body_part_examined,
+        contrast=contrast,
+        shape_zyx=tuple(int(n) for n in image.shape),  # type: ignore[arg-type]
+        spacing_xyz_mm=tuple(float(v) for v in grid.spacing),  # type: ignore[arg-type]
+        origin=np.asarray(grid.origin, dtype=float),
+        direction=np.asarray(grid.direction, dtype=float),
+    )
+
+
+def _bad_subject(
+    seed: int, head: bool, template_resolution: int
+) -> tuple[TissueMaps, SubjectAnatomy, HeadVolumes | None, np.random.Generator]:
+    seed = _check_int("seed", seed, 0)
+    if not isinstance(head, (bool, np.bool_)):
+        raise TypeError(f"head must be True or False; got {head!r}")
+    maps = load_tissue_maps(template_resolution)
+    rng = np.random.default_rng([seed, 0xBAD])
+    subject = random_subject(rng, maps, with_head=bool(head))
+    volumes = synthesize_head(maps, subject, ()) if head else None
+    return maps, subject, volumes, rng
+
+
+def _subgrid(grid: AcquisitionGrid, first: int, count: int) -> AcquisitionGrid:
+    """Slices ``first .. first + count - 1`` of ``grid``."""
+    origin = grid.origin + grid.direction[:, 2] * grid.spacing[2] * first
+    return AcquisitionGrid((count, grid.shape_zyx[1], grid.shape_zyx[2]), origin, grid.spacing,
+                           grid.direction, grid.orientation)
+
+
+
+
+def write_truncated_series(
+    out_dir: str | os.PathLike[str],
+    *,
+    contrast: str = "T1w",
+    keep_fraction: float = 0.4,
+    head: bool = True,
+    field_of_view_mm: float = 240.0,
+    matrix: int = 128,
+    slice_mm: float = 3.0,
+    seed: int = 0,
+    patient_id: str = "SYNBAD-001",
+    patient_name: str = "SYNTHETIC^BADINPUT",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    frame_of_reference_uid: str | None = None,
+    series_number: int = 1,
+    series_description: str | None = None,
+    template_resolution: int = 2,
+    **study_attributes: Any,
+) -> WrittenSeries:
+    """Write an axial series whose slices cover only the top of the head (or brain).
+
+    The slab is planned as for a whole head, then only the slices in the top ``keep_fraction``
+    of the head's (or, with ``head=False``, the brain's) superior-inferior extent are kept: a
+    field of view that misses the skull base, cerebellum and most of the brain.
+
+    Parameters
+    ----------
+    out_dir : path-like
+        Series folder (created; must not already hold ``IM*.dcm``).
+    contrast : {"T1w", "T2w"}, default "T1w"
+    keep_fraction : float, default 0.4
+        Top fraction of the object's height covered, in ``(0, 1)``.
+    head : bool, default True
+        A whole head; False writes skull-stripped data.
+    field_of_view_mm, matrix, slice_mm : float, int, float
+        In-plane field of view and matrix (square pixels ``field_of_view_mm / matrix``) and the
+        slice spacing.
+    seed : int, default 0
+        Draws the subject, the protocol and the noise.
+    patient_id, patient_name, study_uid, series_uid, frame_of_reference_uid : str
+        Identification; the UIDs default to ones derived from ``patient_id``, ``seed`` and the
+        kind of series (so that bad series of one patient share a study).
+    series_number : int, default 1
+    series_description : str, optional
+        Defaults to the routine protocol's (e.g. "T1 SE AX").
+    template_resolution : {1, 2}, default 2
+    **study_attributes
+        Further :func:`write_series` keywords (study_date, patient_sex, echo_time, ...).
+
+    Returns
+    -------
+    WrittenSeries
+    """
+    _check_contrast(contrast)
+    keep = _check_range("keep_fraction", keep_fraction, 0.0, 1.0, lo_open=True)
+    if keep >= 1.0:
+        raise ValueError(f"keep_fraction must be below 1 (a truncated series); got {keep_fraction}")
+    fov = _check_range("field_of_view_mm", field_of_view_mm, 0.0, 1000.0, lo_open=True)
+    matrix = _check_int("matrix", matrix, 4, 2048)
+    slice_mm = _check_range("slice_mm", slice_mm, 0.0, 50.0, lo_open=True)
+    _check_bad_attributes(study_attributes)
+    identity = _bad_identity("truncated", seed, series_number, patient_id, patient_name,
+                             study_uid, series_uid, frame_of_reference_uid)
+    maps, subject, volumes, rng = _bad_subject(seed, head, template_resolution)
+    pixel = fov / matrix
+    full = acquisition_grid(maps, subject, orientation="axial", spacing=[pixel, pixel, slice_mm],
+                            rng=rng, max_oblique_deg=0.0, field_of_view_mm=fov,
+                            head_volumes=volumes)
+    points = (subject.to_subject(volumes.cover_points_lps) if volumes is not None
+              else subject.to_subject(maps.brain_points_lps))
+    along = points @ full.direction[:, 2]
+    top, bottom = float(along.max()), float(along.min())
+    slice_positions = (float(full.origin @ full.direction[:, 2])
+                       + full.spacing[2] * np.arange(full.shape_zyx[0]))
+    kept = np.flatnonzero(slice_positions >= top - keep * (top - bottom))
+    grid = _subgrid(full, int(kept[0]), int(kept.size))
+    image = render_series(maps, subject, grid, contrast, np.random.default_rng([seed, 1])).image
+    return _write_bad_series("truncated", image, grid, out_dir, contrast=contrast,
+                             identity=identity, series_number=series_number,
+                             series_description=series_description, body_part_examined="BRAIN",
+                             rng=rng, study_attributes=study_attributes)
+
+
+def write_slab_series(
+    out_dir: str | os.PathLike[str],
+    *,
+    contrast: str = "T1w",
+    n_slices: int = 3,
+    orientation: str = "axial",
+    head: bool = True,
+    field_of_view_mm: float = 240.0,
+    matrix: int = 128,
+    slice_mm: float = 5.0,
+    seed: int = 0,
+    patient_id: str = "SYNBAD-001",
+    patient_name: str = "SYNTHETIC^BADINPUT",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    frame_of_reference_uid: str | None = None,
+    series_number: int = 1,
+    series_description: str | None = None,
+    template_resolution: int = 2,
+    **study_attributes: Any,
+) -> WrittenSeries:
+    """Write a thin slab through the brain's centre: ``n_slices=1`` is a 2-D series.
+
+    Parameters
+    ----------
+    out_dir : path-like
+        Series folder.
+    contrast : {"T1w", "T2w"}, default "T1w"
+    n_slices : int, default 3
+        Number of slices (1 to 8), centred on the brain.
+    orientation : {"axial", "coronal", "sagittal"}, default "axial"
+    head, field_of_view_mm, matrix, slice_mm, seed, patient_id, patient_name, study_uid,
+    series_uid, frame_of_reference_uid, series_number, series_description,
+    template_resolution, **study_attributes
+        As for :func:`write_truncated_series`.
+
+    Returns
+    -------
+    WrittenSeries
+    """
+    _check_contrast(contrast)
+    n_slices = _check_int("n_slices", n_slices, 1, 8)
+    fov = _check_range("field_of_view_mm", field_of_view_mm, 0.0, 1000.0, lo_open=True)
+    matrix = _check_int("matrix", matrix, 4, 2048)
+    slice_mm = _check_range("slice_mm", slice_mm, 0.0, 50.0, lo_open=True)
+    _check_bad_attributes(study_attributes)
+    identity = _bad_identity(f"slab{n_slices}", seed, series_number, patient_id, patient_name,
+                             study_uid, series_uid, frame_of_reference_uid)
+    maps, subject, volumes, rng = _bad_subject(seed, head, template_resolution)
+    pixel = fov / matrix
+    full = acquisition_grid(maps, subject, orientation=orientation,
+                            spacing=[pixel, pixel, slice_mm], rng=rng, max_oblique_deg=0.0,
+                            field_of_view_mm=fov, head_volumes=volumes)
+    centre = subject.to_subject(maps.brain_centre_lps[None])[0]
+    middle = float((centre - full.origin) @ full.direction[:, 2]) / full.spacing[2]
+    first = int(np.clip(round(middle - (n_slices - 1) / 2.0), 0, full.shape_zyx[0] - n_slices))
+    grid = _subgrid(full, first, n_slices)
+    image = render_series(maps, subject, grid, contrast, np.random.default_rng([seed, 2])).image
+    return _write_bad_series("slab", image, grid, out_dir, contrast=contrast, identity=identity,
+                             series_number=series_number, series_description=series_description,
+                             body_part_examined="BRAIN", rng=rng,
+                             study_attributes=study_attributes)
+
+
+def write_anisotropic_series(
+    out_dir: str | os.PathLike[str],
+    *,
+    contrast: str = "T2w",
+    spacing: tuple[float, float, float] = (0.5, 0.5, 5.0),
+    orientation: str = "axial",
+    head: bool = True,
+    seed: int = 0,
+    patient_id: str = "SYNBAD-001",
+    patient_name: str = "SYNTHETIC^BADINPUT",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    frame_of_reference_uid: str | None = None,
+    series_number: int = 1,
+    series_description: str | None = None,
+    template_resolution: int = 2,
+    **study_attributes: Any,
+) -> WrittenSeries:
+    """Write a whole-head (or brain) series with extremely anisotropic voxels.
+
+    The default 0.5 x 0.5 x 5 mm (10:1) makes a ~480 x 480 x 45 volume (several seconds);
+    a coarser spacing with the same ratio, e.g. (2, 2, 20), is as anisotropic and fast.
+
+    Parameters
+    ----------
+    out_dir : path-like
+        Series folder.
+    contrast : {"T1w", "T2w"}, default "T2w"
+    spacing : (float, float, float), default (0.5, 0.5, 5.0)
+        ``(column, row, slice)`` spacing in mm; the matrix fits the object plus 5 mm margins.
+    orientation : {"axial", "coronal", "sagittal"}, default "axial"
+    head, seed, patient_id, patient_name, study_uid, series_uid, frame_of_reference_uid,
+    series_number, series_description, template_resolution, **study_attributes
+        As for :func:`write_truncated_series`.
+
+    Returns
+    -------
+    WrittenSeries
+    """
+    _check_contrast(contrast)
+    spacing_xyz = _as_vector3("spacing", spacing)
+    if np.any(spacing_xyz <= 0):
+        raise ValueError(f"spacing must be positive; got {spacing_xyz.tolist()}")
+    _check_bad_attributes(study_attributes)
+    identity = _bad_identity("anisotropic", seed, series_number, patient_id, patient_name,
+                             study_uid, series_uid, frame_of_reference_uid)
+    maps, subject, volumes, rng = _bad_subject(seed, head, template_resolution)
+    grid = acquisition_grid(maps, subject, orientation=orientation, spacing=spacing_xyz, rng=rng,
+                            max_oblique_deg=0.0, max_extra_voxels=0, head_volumes=volumes)
+    image = render_series(maps, subject, grid, contrast, np.random.default_rng([seed, 3])).image
+    return _write_bad_series("anisotropic", image, grid, out_dir, contrast=contrast,
+                             identity=identity, series_number=series_number,
+                             series_description=series_description, body_part_examined="BRAIN",
+                             rng=rng, study_attributes=study_attributes)
+
+
+def write_knee_series(
+    out_dir: str | os.PathLike[str],
+    *,
+    contrast: str = "T2w",
+    neutral_header: bool = False,
+    body_part_examined: str | None = None,
+    field_of_view_mm: float = 160.0,
+    matrix: int = 128,
+    n_slices: int = 24,
+    slice_mm: float = 3.0,
+    noise_fraction: float = 0.03,
+    seed: int = 0,
+    patient_id: str = "SYNBAD-001",
+    patient_name: str = "SYNTHETIC^BADINPUT",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    frame_of_reference_uid: str | None = None,
+    series_number: int = 1,
+    series_description: str | None = None,
+    **study_attributes: Any,
+) -> WrittenSeries:
+    """Write an axial MR series of a knee: a series that is not a brain at all.
+
+    The knee is analytic: a leg of skin, subcutaneous fat and muscle around the femur above the
+    joint line and the tibia below it (fatty marrow in a cortical shell, widening into the
+    condyles), hyaline cartilage on both articular surfaces, joint fluid between them and in the
+    suprapatellar recess, and the patella in front. Slices are axial through the joint.
+
+    Parameters
+    ----------
+    out_dir : path-like
+        Series folder.
+    contrast : {"T1w", "T2w"}, default "T2w"
+    neutral_header : bool, default False
+        False: SeriesDescription names the knee ("T2 TSE AX KNEE"), BodyPartExamined "KNEE",
+        StudyDescription "MRI KNEE", PatientPosition "FFS" (feet first). True: a header that
+        says nothing of the body part ("T2 AX" / "T1 AX", BodyPartExamined empty, the brain
+        study's description, head first), which header-based series selection accepts, so that
+        only image checks can catch it.
+    body_part_examined : str, optional
+        Overrides BodyPartExamined.
+    field_of_view_mm, matrix, n_slices, slice_mm : float, int, int, float
+        Square in-plane field of view and matrix, number and spacing of slices.
+    noise_fraction : float, default 0.03
+        Rician noise sigma relative to the brightest tissue.
+    seed, patient_id, patient_name, study_uid, series_uid, frame_of_reference_uid,
+    series_number, series_description, **study_attributes
+        As for :func:`write_truncated_series`.
+
+    Returns
+    -------
+    WrittenSeries
+    """
+    _check_contrast(contrast)
+    if not isinstance(neutral_header, (bool, np.bool_)):
+        raise TypeError(f"neutral_header must be True or False; got {neutral_header!r}")
+    fov = _check_range("field_of_view_mm", field_of_view_mm, 0.0, 1000.0, lo_open=True)
+    matrix = _check_int("matrix", matrix, 4, 2048)
+    n_slices = _check_int("n_slices", n_slices, 1, 512)
+    slice_mm = _check_range("slice_mm", slice_mm, 0.0, 50.0, lo_open=True)
+    noise = _check_range("noise_fraction", noise_fraction, 0.0, 1.0)
+    seed = _check_int("seed", seed, 0)
+    _check_bad_attributes(study_attributes)
+    identity = _bad_identity("knee", seed, series_number, patient_id, patient_name, study_uid,
+                             series_uid, frame_of_reference_uid)
+    rng = np.random.default_rng([seed, 0x4EE])
+
+    pixel = fov / matrix
+    spacing = np.array([pixel, pixel, slice_mm])
+    direction = orientation_direction("axial")
+    shape = (n_slices, matrix, matrix)
+    origin = -0.5 * (np.array([matrix, matrix, n_slices]) - 1) * spacing
+    grid = AcquisitionGrid(shape, origin, spacing, direction, "axial")
+    # Voxel centres in the knee's frame (LPS mm: +x left, +y posterior, +z towards the hip),
+    # joint line at z = 0.
+    z, y, x = (origin[a] + spacing[a] * np.arange(n) for a, n in ((2, n_slices), (1, matrix),
+                                                                  (0, matrix)))
+    coords = (x[None, None, :], y[None, :, None], z[:, None, None])
+    res = float(min(pixel, slice_mm))
+    values = dict(_KNEE_INTENSITIES[contrast], air=0.0)
+    image = np.zeros(shape, dtype=np.float32)
+
+    def paint(mask: NDArray[np.float32], tissue: str) -> None:
+        nonlocal image
+        image = image - mask * (image - np.float32(values[tissue]))
+
+    leg = _ellipsoid_sdf(coords[:2], (0.0, 0.0), (62.0, 55.0))
+    paint(_inside(leg, res), "muscle")
+    fat = float(rng.uniform(6.0, 10.0))
+    paint(_inside(leg, res) * _inside(-leg - fat, res), "fat")
+    paint(_inside(leg, res) * _inside(-leg - 1.5, res), "skin")
+    # Femur above, tibia below the joint line: shafts widening into the condyles / plateau.
+    widen = (0.37 + 0.63 * np.exp(-np.abs(coords[2]) / 22.0)).astype(np.float32)
+    crosses = []
+    for sign, centre_y, semi in ((1.0, 4.0, (38.0, 30.0)), (-1.0, 8.0, (35.0, 28.0))):
+        semi_x, semi_y = np.float32(semi[0]) * widen, np.float32(semi[1]) * widen
+        dx, dy = coords[0].astype(np.float32), (coords[1] - centre_y).astype(np.float32)
+        k0 = np.sqrt((dx / semi_x) ** 2 + (dy / semi_y) ** 2)
+        k1 = np.sqrt((dx / semi_x**2) ** 2 + (dy / semi_y**2) ** 2)
+        crosses.append((sign, k0 * (k0 - 1.0) / np.maximum(k1, np.float32(1e-6))))
+    # Joint fluid in the 3 mm between the two cartilage caps.
+    joint = np.minimum(crosses[0][1], crosses[1][1])
+    paint(_inside(joint, res) * _inside(np.abs(coords[2]) - 1.5, res), "fluid")
+    for sign, cross in crosses:
+        # Cartilage is the 2 mm cap of the bone's articular end; the shaft has none.
+        paint(_inside(np.maximum(cross, 1.5 - sign * coords[2]), res), "cartilage")
+        bone = np.maximum(cross, 3.5 - sign * coords[2])
+        paint(_inside(bone, res), "bone")
+        paint(_inside(bone + 2.0, res), "marrow")
+    recess = _ellipsoid_sdf(coords, (0.0, -36.0, 28.0), (26.0, 4.0, 18.0))
+    paint(_inside(recess, res), "fluid")
+    patella = _ellipsoid_sdf(coords, (0.0, -46.0, 12.0), (22.0, 9.0, 18.0))
+    paint(_inside(patella, res), "bone")
+    paint(_inside(patella + 2.0, res), "marrow")
+
+    gain = np.float32(rng.uniform(600.0, 1400.0))
+    image *= gain
+    if noise > 0:
+        sigma = np.float32(noise) * gain * np.float32(max(values.values()))
+        real = image + sigma * rng.standard_normal(shape, dtype=np.float32)
+        imag = sigma * rng.standard_normal(shape, dtype=np.float32)
+        image = np.sqrt(real * real + imag * imag)
+
+    code = "T2" if contrast == "T2w" else "T1"
+    if neutral_header:
+        description = f"{code} AX"
+        body_part = ""
+        extra: dict[str, Any] | None = None
+        position = "HFS"
+    else:
+        description = f"{code} TSE AX KNEE" if contrast == "T2w" else f"{code} SE AX KNEE"
+        body_part = "KNEE"
+        extra = {"StudyDescription": "MRI KNEE"}
+        position = "FFS"
+    if body_part_examined is not None:
+        body_part = str(body_part_examined)
+    return _write_bad_series(
+        "knee", image.astype(np.float32), grid, out_dir, contrast=contrast, identity=identity,
+        series_number=series_number,
+        series_description=description if series_description is None else series_description,
+        body_part_examined=body_part, rng=rng, study_attributes=study_attributes,
+        extra_attributes=extra, patient_position=position,
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # cohort
 # --------------------------------------------------------------------------------------------
 
@@ -1556,6 +2910,11 @@ _ORIENTATION_WEIGHTS = {
 }
 
 
+def _scaled_matrix(matrix: int, matrix_scale: float) -> int:
+    """An in-plane matrix size scaled by ``matrix_scale``: even, as scanners use, and >= 16."""
+    return max(16, 2 * int(round(matrix * matrix_scale / 2.0)))
+
+
 def _series_rng(seed: int, index: int, series_number: int) -> np.random.Generator:
     """Noise and bias stream of one series, apart from the subject's stream.
 
@@ -1572,7 +2931,7 @@ def _uid(*parts: Any) -> str:
 
 
 def _localizer_planes(
-    maps: TissueMaps, subject: SubjectAnatomy, rng: np.random.Generator, matrix_scale: float
+    maps: TissueMaps, subject: SubjectAnatomy, rng: np.random.Generator, matrix_scale: float,
 ) -> list[tuple[NDArray[np.float32], NDArray[np.float64], NDArray[np.float64],
                 NDArray[np.float64]]]:
     """Axial, coronal and sagittal scouts through the brain centre (T1-like, noisy, 1 slice)."""
@@ -1628,6 +2987,13 @@ def make_cohort(
     noise_fraction: float = 0.03,
     bias_strength: float = 0.1,
     template_resolution: int = 2,
+    head_fraction: float = 0.0,
+    eyes: bool = True,
+    mass_effect_fraction: float = 0.0,
+    mass_effect_ratio: tuple[float, float] = (0.25, 0.45),
+    vary_fov: bool = False,
+    fov_mm: tuple[float, float] = (200.0, 260.0),
+    matrix_size: tuple[int, int] = (192, 320),
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Generate a synthetic multi-study brain MR cohort with ground truth.
@@ -1637,6 +3003,11 @@ def make_cohort(
     Exactly ``round(lesion_fraction * n_subjects)`` subjects carry lesions, present in all of
     their series. Subjects draw from independent streams seeded by ``(seed, subject index)``, so
     a subject does not change when ``n_subjects`` does (the choice of lesioned subjects does).
+    Exactly ``round(head_fraction * n_subjects)`` subjects are rendered as whole heads (skull,
+    scalp, face, neck; see :func:`synthesize_head`), the others skull-stripped, and
+    ``round(mass_effect_fraction * n_lesioned)`` of the lesioned subjects have lesions with mass
+    effect. With the defaults (no heads, no mass effect, ``vary_fov=False``) the cohort is the
+    one earlier versions of this module wrote, byte for byte.
 
     Parameters
     ----------
@@ -1670,6 +3041,24 @@ def make_cohort(
     bias_strength : float, default 0.1
         RMS of the log bias field.
     template_resolution : {1, 2}, default 2
+    head_fraction : float, default 0
+        Fraction of subjects whose series show the whole head (not skull-stripped). Their
+        fields of view always follow ``fov_mm`` and ``matrix_size``.
+    eyes : bool, default True
+        Heads have eyes in fat-filled orbits.
+    mass_effect_fraction : float, default 0
+        Fraction of the lesioned subjects whose lesions push the surrounding anatomy outwards.
+    mass_effect_ratio : (float, float), default (0.25, 0.45)
+        Range of the push at a lesion's boundary relative to its mean semi-axis.
+    vary_fov : bool, default False
+        Plan skull-stripped series too as scanners do: a square field of view drawn from
+        ``fov_mm`` and a matrix drawn from ``matrix_size`` (so the pixel spacing is
+        FOV / matrix) instead of ``in_plane_mm`` and a brain-fitted matrix.
+    fov_mm : (float, float), default (200, 260)
+        Range of the in-plane field of view (mm); it grows when the object would not fit.
+    matrix_size : (int, int), default (192, 320)
+        Range of the in-plane matrix before ``matrix_scale`` (rounded to even numbers, at
+        least 16).
     overwrite : bool, default False
         Replace an existing cohort's ``dicom/``, ``truth/`` and ``labels.json``.
 
@@ -1704,6 +3093,18 @@ def make_cohort(
     in_plane_mm = _check_interval("in_plane_mm", in_plane_mm, 0.0, 20.0, lo_open=True)
     slice_mm = _check_interval("slice_mm", slice_mm, 0.0, 50.0, lo_open=True)
     max_oblique_deg = _check_range("max_oblique_deg", max_oblique_deg, 0.0, 45.0)
+    head_fraction = _check_range("head_fraction", head_fraction, 0.0, 1.0)
+    mass_effect_fraction = _check_range("mass_effect_fraction", mass_effect_fraction, 0.0, 1.0)
+    for name, flag in (("vary_fov", vary_fov), ("eyes", eyes)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False; got {flag!r}")
+    fov_mm = _check_interval("fov_mm", fov_mm, 50.0, 500.0)
+    try:
+        matrix_lo, matrix_hi = matrix_size
+    except (TypeError, ValueError):
+        raise TypeError(f"matrix_size must be a (low, high) pair; got {matrix_size!r}") from None
+    matrix_lo = _check_int("matrix_size[0]", matrix_lo, 16, 1024)
+    matrix_hi = _check_int("matrix_size[1]", matrix_hi, matrix_lo, 1024)
     subject_options = dict(
         lesion_radius_mm=lesion_radius_mm, deformation_mm=deformation_mm,
         max_rotation_deg=max_rotation_deg, max_translation_mm=max_translation_mm,
@@ -1711,7 +3112,7 @@ def make_cohort(
     )
     # Validate the remaining subject and rendering options before anything is written.
     random_subject(np.random.default_rng(0), load_tissue_maps(template_resolution), n_lesions=0,
-                   **subject_options)
+                   mass_effect_ratio=mass_effect_ratio, eyes=eyes, **subject_options)
     _check_range("noise_fraction", noise_fraction, 0.0, 1.0)
     _check_range("bias_strength", bias_strength, 0.0, 1.0)
 
@@ -1724,20 +3125,31 @@ def make_cohort(
     lesioned = set(cohort_rng.choice(n_subjects, size=n_lesioned, replace=False).tolist())
     n_localizer = int(round(localizer_fraction * n_subjects))
     with_localizer = set(cohort_rng.choice(n_subjects, size=n_localizer, replace=False).tolist())
+    # Streams of their own, so that the choices above do not change when these options do.
+    n_heads = int(round(head_fraction * n_subjects))
+    heads = set(np.random.default_rng([seed, 0x4EAD]).choice(
+        n_subjects, size=n_heads, replace=False).tolist()) if n_heads else set()
+    n_mass = int(round(mass_effect_fraction * n_lesioned))
+    mass_effect = set(np.random.default_rng([seed, 0x3A55]).choice(
+        sorted(lesioned), size=n_mass, replace=False).tolist()) if n_mass else set()
+    fov_plan = {"fov_mm": fov_mm, "matrix_size": (matrix_lo, matrix_hi)}
 
     studies: list[dict[str, Any]] = []
     for index in range(n_subjects):
         rng = np.random.default_rng([seed, index, 1])
         n_lesions = int(rng.integers(lesions_lo, lesions_hi + 1)) if index in lesioned else 0
-        subject = random_subject(rng, maps, n_lesions=n_lesions, **subject_options)
+        subject = random_subject(rng, maps, n_lesions=n_lesions, mass_effect=index in mass_effect,
+                                 mass_effect_ratio=mass_effect_ratio, with_head=index in heads,
+                                 eyes=eyes, **subject_options)
         studies.append(_write_study(
             out, maps, subject, rng, seed=seed, index=index, contrasts=contrasts,
             with_localizer=index in with_localizer, matrix_scale=matrix_scale,
             in_plane_mm=in_plane_mm, slice_mm=slice_mm, max_oblique_deg=max_oblique_deg,
             noise_fraction=noise_fraction, bias_strength=bias_strength,
+            fov_plan=fov_plan if (vary_fov or index in heads) else None,
         ))
-        logger.info("study %d/%d written (%s, lesion=%s)", index + 1, n_subjects,
-                    studies[-1]["patient_id"], studies[-1]["has_lesion"])
+        logger.info("study %d/%d written (%s, lesion=%s, head=%s)", index + 1, n_subjects,
+                    studies[-1]["patient_id"], studies[-1]["has_lesion"], index in heads)
 
     labels: dict[str, Any] = {
         "schema": LABELS_SCHEMA,
@@ -1752,10 +3164,17 @@ def make_cohort(
             "max_scaling": max_scaling, "max_oblique_deg": max_oblique_deg,
             "in_plane_mm": list(in_plane_mm), "slice_mm": list(slice_mm),
             "noise_fraction": noise_fraction, "bias_strength": bias_strength,
+            "head_fraction": head_fraction, "eyes": bool(eyes),
+            "mass_effect_fraction": mass_effect_fraction,
+            "mass_effect_ratio": [float(v) for v in mass_effect_ratio],
+            "vary_fov": bool(vary_fov), "fov_mm": list(fov_mm),
+            "matrix_size": [matrix_lo, matrix_hi],
         },
         "n_studies": len(studies),
         "n_series": sum(len(s["series"]) for s in studies),
         "n_lesion_studies": sum(1 for s in studies if s["has_lesion"]),
+        "n_head_studies": sum(1 for s in studies if s["has_head"]),
+        "n_mass_effect_studies": sum(1 for s in studies if s["has_mass_effect"]),
         "studies": studies,
     }
     tmp = out / "labels.json.tmp"
@@ -1780,6 +3199,7 @@ def _write_study(
     max_oblique_deg: float,
     noise_fraction: float,
     bias_strength: float,
+    fov_plan: Mapping[str, tuple[float, float]] | None = None,
 ) -> dict[str, Any]:
     number = index + 1
     study_folder = Path("dicom") / f"ST{number:03d}"
@@ -1804,6 +3224,8 @@ def _write_study(
     )
 
     order = [contrasts[i] for i in rng.permutation(len(contrasts))]
+    # The head on the template grid gives the head's surface that acquisitions must cover.
+    head_volumes = synthesize_head(maps, subject, ()) if subject.head is not None else None
     series_records: list[dict[str, Any]] = []
     distractors: list[dict[str, Any]] = []
     series_number = 0
@@ -1828,11 +3250,22 @@ def _write_study(
         series_number += 1
         weights = _ORIENTATION_WEIGHTS[contrast]
         orientation = str(rng.choice(list(weights), p=list(weights.values())))
-        pixel = float(rng.uniform(*in_plane_mm))
-        spacing = np.array([pixel, pixel, float(rng.uniform(*slice_mm))]) / matrix_scale
-        grid = acquisition_grid(maps, subject, orientation=orientation, spacing=spacing, rng=rng,
-                                max_oblique_deg=max_oblique_deg,
-                                max_extra_voxels=max(0, int(round(12 * matrix_scale))))
+        if fov_plan is None:
+            pixel = float(rng.uniform(*in_plane_mm))
+            spacing = np.array([pixel, pixel, float(rng.uniform(*slice_mm))]) / matrix_scale
+            grid = acquisition_grid(maps, subject, orientation=orientation, spacing=spacing,
+                                    rng=rng, max_oblique_deg=max_oblique_deg,
+                                    max_extra_voxels=max(0, int(round(12 * matrix_scale))))
+        else:
+            fov = float(rng.uniform(*fov_plan["fov_mm"]))
+            matrix = _scaled_matrix(int(rng.integers(fov_plan["matrix_size"][0],
+                                                     fov_plan["matrix_size"][1] + 1)),
+                                    matrix_scale)
+            pixel = fov / matrix
+            spacing = np.array([pixel, pixel, float(rng.uniform(*slice_mm)) / matrix_scale])
+            grid = acquisition_grid(maps, subject, orientation=orientation, spacing=spacing,
+                                    rng=rng, max_oblique_deg=max_oblique_deg,
+                                    field_of_view_mm=fov, head_volumes=head_volumes)
         rendered = render_series(
             maps, subject, grid, contrast, _series_rng(seed, index, series_number),
             noise_fraction=noise_fraction,
@@ -1856,7 +3289,12 @@ def _write_study(
                          out / truth["lesion"])
         write_mask_nifti(rendered.brain, grid.origin, grid.spacing, grid.direction,
                          out / truth["brain"])
+        if rendered.head is not None:
+            truth["head"] = f"truth/{uid}_head.nii.gz"
+            write_mask_nifti(rendered.head, grid.origin, grid.spacing, grid.direction,
+                             out / truth["head"])
         lesion_voxels = int(rendered.lesion.sum())
+        _, ny, nx = grid.shape_zyx
         series_records.append({
             "series_instance_uid": uid,
             "series_number": series_number,
@@ -1873,8 +3311,14 @@ def _write_study(
             "lesion_voxels": lesion_voxels,
             "lesion_volume_ml": round(lesion_voxels * grid.voxel_volume_ml, 4),
             "brain_volume_ml": round(int(rendered.brain.sum()) * grid.voxel_volume_ml, 2),
+            "skull_stripped": rendered.head is None,
+            "field_of_view_mm": [round(nx * float(grid.spacing[0]), 2),
+                                 round(ny * float(grid.spacing[1]), 2)],
             "truth": truth,
         })
+        if rendered.head is not None:
+            series_records[-1]["head_volume_ml"] = round(
+                int(rendered.head.sum()) * grid.voxel_volume_ml, 2)
 
     volumes = [s["lesion_volume_ml"] for s in series_records]
     return {
@@ -1886,11 +3330,14 @@ def _write_study(
         "study_date": study_attributes["study_date"],
         # A study has a lesion when one was placed; each series says whether its grid caught it.
         "has_lesion": subject.has_lesion,
+        "has_head": subject.has_head,
+        "has_mass_effect": subject.has_mass_effect,
         # Mean over the series: each grid measures the same lesion with its own partial volumes.
         "lesion_volume_ml": round(float(np.mean(volumes)), 4) if volumes else 0.0,
         "lesions": [
             {"centre_template_lps_mm": [round(float(v), 3) for v in item.centre_lps],
-             "semi_axes_mm": [round(float(v), 3) for v in item.semi_axes_mm]}
+             "semi_axes_mm": [round(float(v), 3) for v in item.semi_axes_mm],
+             "mass_effect_mm": round(float(item.mass_effect_mm), 3)}
             for item in subject.lesions
         ],
         "series": series_records,

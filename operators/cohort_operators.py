@@ -19,7 +19,6 @@ from monai.deploy.core import Fragment, Operator, OperatorSpec
 from codegraph3d.pipeline import (
     StageTimer,
     build_encoder,
-    load_registration_template,
     scan_input,
     score_batches,
     select_input,
@@ -104,8 +103,9 @@ class TokeniserOperator(Operator):
             eta = elapsed / done * (total - done)
             logger.info("tokenised %d/%d series (%.1f s elapsed, ETA %.0f s)", done, total, elapsed, eta)
 
-        template = load_registration_template(self.config, self.model_folder)
-        tokenisation = tokenise_selected(selection, self.config, encoder, self.timer, progress, template=template)
+        tokenisation = tokenise_selected(
+            selection, self.config, encoder, self.timer, progress, model_path=self.model_folder
+        )
         op_output.emit(tokenisation, "tokens")
 
 

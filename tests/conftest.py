@@ -16,7 +16,11 @@ from codegraph3d.synthetic import make_cohort
 ROOT = Path(__file__).resolve().parents[1]
 
 # A tiny untrained ViT on an 8^3 token grid of 4^3-voxel cubes: the real code path, in seconds.
-TINY_VIT_CONFIG = """\
+# The generated tiny cohort is skull-stripped and roughly aligned, so the slow stages (N4, deepbet,
+# registration) are off here; tests of those stages run them on purpose.
+STRIPPED_PREPROCESS = {"skull_strip": "none", "bias_correction": "none", "registration": "none", "workers": 1}
+STRIPPED_PREPROCESS_YAML = "preprocess:\n" + "".join(f"  {k}: {v}\n" for k, v in STRIPPED_PREPROCESS.items())
+TINY_VIT_CONFIG = STRIPPED_PREPROCESS_YAML + """\
 encoder:
   name: untrained-tiny
   patch_size: 4

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import STRIPPED_PREPROCESS_YAML
 
 from codegraph3d.ablations import (
     CHUNK_DIVISORS,
@@ -23,8 +24,8 @@ from codegraph3d.config import CONFIG_ENV_VAR, load_config
 from codegraph3d.synthetic import make_cohort
 
 # A 2-layer, 128-wide untrained ViT on an 8^3 grid: every table has rows (no signal is expected).
-VIT = "encoder:\n  name: untrained-tiny\n  patch_size: 4\n  layers: [1, 2]\n  batch_size: 32\ntokens:\n  grid_size: 8\n"
-INTENSITY = "encoder:\n  name: intensity\n  patch_size: 4\ntokens:\n  grid_size: 8\nscoring:\n  window_radius: 1\n"
+VIT = STRIPPED_PREPROCESS_YAML + "encoder:\n  name: untrained-tiny\n  patch_size: 4\n  layers: [1, 2]\n  batch_size: 32\ntokens:\n  grid_size: 8\n"
+INTENSITY = STRIPPED_PREPROCESS_YAML + "encoder:\n  name: intensity\n  patch_size: 4\ntokens:\n  grid_size: 8\nscoring:\n  window_radius: 1\n"
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import STRIPPED_PREPROCESS
 
 from codegraph3d.baseline import (
     BaselineSettings,
@@ -26,7 +27,7 @@ from codegraph3d.evaluate import (
 )
 
 # A 32^3 working grid (8 x 4): the product's preprocessing, in a fraction of a second per series.
-SMALL = {"encoder": {"name": "intensity", "patch_size": 4}, "tokens": {"grid_size": 8}}
+SMALL = {"encoder": {"name": "intensity", "patch_size": 4}, "tokens": {"grid_size": 8}, "preprocess": STRIPPED_PREPROCESS}
 
 
 def _z(values, groups, brains=None, floor=0.01):

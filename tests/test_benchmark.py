@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import STRIPPED_PREPROCESS_YAML
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -23,7 +24,7 @@ from codegraph3d.benchmark import (
 )
 from codegraph3d.encoders import IntensityEncoder, untrained_vit
 
-TINY_GRID_CONFIG = """\
+TINY_GRID_CONFIG = STRIPPED_PREPROCESS_YAML + """\
 encoder:
   patch_size: 4
 tokens:

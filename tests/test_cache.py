@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import STRIPPED_PREPROCESS
 
 from codegraph3d.cache import (
     CachedSeries,
@@ -26,7 +27,7 @@ from codegraph3d.tokens import encode_volume, project, tokenise
 P, G = 4, 8
 S = P * G
 UID_A, UID_B = "1.2.3.4.100", "1.2.3.4.200"
-SMALL = {"encoder": {"name": "intensity", "patch_size": P}, "tokens": {"grid_size": G}}
+SMALL = {"encoder": {"name": "intensity", "patch_size": P}, "tokens": {"grid_size": G}, "preprocess": STRIPPED_PREPROCESS}
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +149,7 @@ def test_projection_and_scoring_settings_keep_the_key_encoder_and_preprocess_cha
                                  "encoder": {"name": "intensity", "patch_size": P, "batch_size": 3, "device": "cpu"}})
     assert cache_key(key_material(UID_A, list(reversed(sops)), same, encoder)) == base
     changed = {
-        "preprocess": load_config(override={**SMALL, "preprocess": {"crop_margin": 0.1}}),
+        "preprocess": load_config(override={**SMALL, "preprocess": {**STRIPPED_PREPROCESS, "crop_margin": 0.1}}),
         "min_brain_fraction": load_config(override={**SMALL, "tokens": {"grid_size": G, "min_brain_fraction": 0.5}}),
         "grid": load_config(override={**SMALL, "tokens": {"grid_size": 4}}),
     }

@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import STRIPPED_PREPROCESS
 
 from codegraph3d.config import load_config
 from codegraph3d.metrics import patient_auroc
@@ -46,6 +47,7 @@ def scored_cohort(tmp_path_factory: pytest.TempPathFactory):
     config = load_config(override={
         "encoder": {"name": "intensity", "patch_size": 8},
         "tokens": {"grid_size": 8},
+        "preprocess": STRIPPED_PREPROCESS,
     })
     selection, scoring, _ = run_pipeline(folder / "dicom", config)
     labels = json.loads((folder / "labels.json").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -297,3 +298,350 @@ def test_tissue_maps_match_nilearn_definition() -> None:
     t1 = synthetic.synthesize_contrast(maps, "T1w")
     wm, csf = maps.wm > 0.9, maps.csf > 0.9
     assert t2[csf].mean() > t2[wm].mean() and t1[wm].mean() > t1[csf].mean()
+
+
+# --------------------------------------------------------------------------------------------
+# heads, varied field of view, mass effect, bad inputs
+# --------------------------------------------------------------------------------------------
+
+HEADS = dict(
+    n_subjects=2,
+    lesion_fraction=1.0,
+    mass_effect_fraction=0.5,
+    head_fraction=1.0,
+    seed=11,
+    with_localizer_fraction=0.5,
+    matrix_scale=0.2,
+    lesion_radius_mm=(10.0, 12.0),
+)
+
+
+@pytest.fixture(scope="module")
+def head_cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("heads")
+    labels = make_cohort(out, **HEADS)
+    return out, labels
+
+
+def _read_volume_xyz(folder: Path) -> np.ndarray:
+    datasets = _sorted_by_position(_read_series(folder))
+    volume = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+                       for ds in datasets])
+    return volume.transpose(2, 1, 0)
+
+
+def _identity_subject(maps: synthetic.TissueMaps, **options: object) -> synthetic.SubjectAnatomy:
+    """A subject whose space is the template's (no pose change, no elastic warp)."""
+    return synthetic.random_subject(
+        np.random.default_rng(0), maps, deformation_mm=0.0, max_rotation_deg=0.0,
+        max_translation_mm=0.0, max_scaling=0.0, **options)
+
+
+def test_default_cohort_is_skull_stripped(cohort: tuple[Path, dict]) -> None:
+    out, labels = cohort
+    assert labels["n_head_studies"] == 0 and labels["n_mass_effect_studies"] == 0
+    for study in labels["studies"]:
+        assert not study["has_head"] and not study["has_mass_effect"]
+        assert all(item["mass_effect_mm"] == 0 for item in study["lesions"])
+        for series in study["series"]:
+            assert series["skull_stripped"] is True
+            assert set(series["truth"]) == {"lesion", "brain"}
+    assert not list((out / "truth").glob("*_head.nii.gz"))
+
+
+def test_head_series_show_a_noisy_head_around_the_brain(head_cohort: tuple[Path, dict]) -> None:
+    out, labels = head_cohort
+    assert labels["n_head_studies"] == HEADS["n_subjects"]
+    assert labels["n_mass_effect_studies"] == 1
+    for study in labels["studies"]:
+        assert study["has_head"]
+        for series in study["series"]:
+            assert series["skull_stripped"] is False
+            volume = _read_volume_xyz(out / series["folder"])
+            brain = np.asarray(nib.load(out / series["truth"]["brain"]).dataobj).astype(bool)
+            head = np.asarray(nib.load(out / series["truth"]["head"]).dataobj).astype(bool)
+            lesion = np.asarray(nib.load(out / series["truth"]["lesion"]).dataobj).astype(bool)
+            assert head.shape == brain.shape == volume.shape
+            assert not np.any(brain & ~head) and not np.any(lesion & ~brain)
+            assert series["head_volume_ml"] > 1.6 * series["brain_volume_ml"]
+            brain_mean = volume[brain].mean()
+            # Skull, scalp, face and neck carry signal ...
+            assert volume[head & ~brain].mean() > 0.25 * brain_mean
+            # ... and the air is Rician noise: almost never exactly 0, far below tissue.
+            air = ~head
+            assert air.sum() > 0.1 * air.size
+            assert np.mean(volume[air] > 0) > 0.9
+            assert volume[air].mean() < 0.15 * brain_mean
+            if lesion.any():
+                inside, rest = volume[lesion].mean(), volume[brain & ~lesion].mean()
+                assert inside > 1.15 * rest if series["contrast"] == "T2w" else inside < 0.85 * rest
+
+
+def test_fov_and_matrix_vary_between_series(head_cohort: tuple[Path, dict], tmp_path: Path) -> None:
+    _, labels = head_cohort
+    brains = make_cohort(tmp_path / "fov", **{**TINY, "n_subjects": 2, "vary_fov": True,
+                                              "with_localizer_fraction": 0.0})
+    series = [s for lab in (labels, brains) for st in lab["studies"] for s in st["series"]]
+    spacings = {tuple(s["spacing_xyz_mm"]) for s in series}
+    matrices = {tuple(s["shape_zyx"][1:]) for s in series}
+    fovs = [s["field_of_view_mm"] for s in series]
+    assert len(spacings) == len(series) and len(matrices) >= 3
+    for s, (fov_x, fov_y) in zip(series, fovs, strict=True):
+        assert s["spacing_xyz_mm"][0] == s["spacing_xyz_mm"][1]  # square pixels
+        assert s["shape_zyx"][1] == s["shape_zyx"][2]  # square field of view
+        assert fov_x == pytest.approx(fov_y) and fov_x >= 200.0 - 1e-6
+    assert len({round(f[0]) for f in fovs}) >= 3
+
+
+def test_dark_bone_shell_between_brain_and_scalp() -> None:
+    maps = synthetic.load_tissue_maps(2)
+    subject = _identity_subject(maps, with_head=True)
+    centre = maps.brain_centre_lps
+    n, pixel = 240, 1.0
+    direction = synthetic.orientation_direction("coronal")
+    origin = centre - direction[:, :2] @ (np.array([pixel, pixel]) * (n - 1) / 2.0)
+    grid = synthetic.AcquisitionGrid((1, n, n), origin, np.array([pixel, pixel, 2.0]),
+                                     direction, "coronal")
+    for contrast in ("T1w", "T2w"):
+        rendered = synthetic.render_series(maps, subject, grid, contrast, np.random.default_rng(0),
+                                           noise_fraction=0.0, bias_strength=0.0)
+        image, brain, head = rendered.image[0], rendered.brain[0], rendered.head[0]
+        brain_level = float(np.median(image[brain]))
+        mid = n // 2
+        # Rays from the centre: up (towards the vertex: coronal rows run inferior), left, right.
+        rays = {"superior": (image[::-1, mid][mid:], brain[::-1, mid][mid:], head[::-1, mid][mid:]),
+                "left": (image[mid, mid:], brain[mid, mid:], head[mid, mid:]),
+                "right": (image[mid, ::-1][mid:], brain[mid, ::-1][mid:], head[mid, ::-1][mid:])}
+        for name, (profile, in_brain, in_head) in rays.items():
+            last_brain = int(np.flatnonzero(in_brain).max())
+            first_air = int(np.flatnonzero(~in_head & (np.arange(in_head.size) > last_brain))[0])
+            assert first_air - last_brain >= 8, f"{contrast} {name}: head shell too thin"
+            shell = profile[last_brain + 1:first_air]
+            darkest = int(np.argmin(shell))
+            assert shell[darkest] < 0.15 * brain_level, f"{contrast} {name}: no dark bone"
+            # Scalp fat outside the bone is bright on both contrasts.
+            assert darkest < shell.size - 2
+            assert shell[darkest + 1:].max() > 1.1 * brain_level, f"{contrast} {name}: no scalp"
+            assert np.all(profile[first_air + 3:] == 0)  # noise-free air
+
+
+def test_head_leaves_the_brain_unchanged() -> None:
+    maps = synthetic.load_tissue_maps(2)
+    rng = np.random.default_rng(4)
+    with_head = synthetic.random_subject(rng, maps, n_lesions=1, lesion_radius_mm=(8.0, 9.0),
+                                         with_head=True)
+    without = dataclasses.replace(with_head, head=None)
+    grid = synthetic.acquisition_grid(maps, without, orientation="axial",
+                                      spacing=[4.0, 4.0, 5.0], rng=np.random.default_rng(1))
+    for contrast in ("T1w", "T2w"):
+        a = synthetic.render_series(maps, with_head, grid, contrast, np.random.default_rng(2),
+                                    noise_fraction=0.0, bias_strength=0.0)
+        b = synthetic.render_series(maps, without, grid, contrast, np.random.default_rng(2),
+                                    noise_fraction=0.0, bias_strength=0.0)
+        assert b.head is None and a.head is not None
+        np.testing.assert_array_equal(a.brain, b.brain)
+        np.testing.assert_array_equal(a.lesion, b.lesion)
+        assert a.lesion.any()
+        # Brain voxels away from its edge have the same intensity; the only exceptions are
+        # next to the few holes of the template's brain mask, where CSF replaces 0.
+        from scipy import ndimage
+
+        core = ndimage.binary_erosion(a.brain, iterations=1)
+        same = np.isclose(a.image[core], b.image[core], rtol=1e-6)
+        assert same.mean() > 0.999
+        np.testing.assert_allclose(a.image[core], b.image[core], rtol=0.01)
+        assert np.all(b.image[~b.brain] == 0) and np.mean(a.image[~a.brain] > 0) > 0.3
+        assert np.all(a.head[a.brain])
+
+
+def test_mass_effect_pushes_the_ventricle_away() -> None:
+    from scipy import ndimage
+
+    maps = synthetic.load_tissue_maps(2)
+    subject = _identity_subject(maps, n_lesions=1)
+    # The body of the left lateral ventricle (LPS +x), and a 14 mm lesion 8 mm lateral to its
+    # wall pushing 6 mm at its boundary.
+    ijk = np.argwhere((maps.csf > 0.5) & (maps.depth_mm > 15.0))
+    lps = ijk @ maps.index_to_lps[:3, :3].T + maps.index_to_lps[:3, 3]
+    in_body = (lps[:, 0] > 2.0) & (lps[:, 0] < 30.0) & (np.abs(lps[:, 2] - 20.0) <= 6.0)
+    body = lps[in_body]
+    body_centre = body.mean(axis=0)
+    row = body[np.all(np.abs(body[:, 1:] - body_centre[1:]) <= 2.0, axis=1)]
+    radius = 14.0
+    centre = np.array([row[:, 0].max() + 8.0 + radius, body_centre[1], body_centre[2]])
+    lesion = dataclasses.replace(subject.lesions[0], centre_lps=centre, axes=np.eye(3),
+                                 semi_axes_mm=np.full(3, radius), lobe_amplitudes=np.zeros(3))
+    still = dataclasses.replace(subject, lesions=(lesion,))
+    pushed = dataclasses.replace(subject, lesions=(dataclasses.replace(
+        lesion, mass_effect_mm=6.0, mass_effect_range_mm=3.0 * radius),))
+    assert pushed.has_mass_effect and not still.has_mass_effect
+    grid = synthetic.acquisition_grid(maps, still, orientation="axial", spacing=[2.0, 2.0, 2.0],
+                                      rng=np.random.default_rng(0), max_oblique_deg=0.0)
+    marker = np.zeros(maps.shape, dtype=np.float32)  # renders "how much ventricle body"
+    marker[tuple(ijk[in_body].T)] = maps.csf[tuple(ijk[in_body].T)]
+    rendered = {}
+    for name, item in (("still", still), ("pushed", pushed)):
+        rendered[name] = tuple(
+            synthetic.render_series(maps, item, grid, "T2w", np.random.default_rng(0),
+                                    noise_fraction=0.0, bias_strength=0.0, template_image=image)
+            for image in (marker, None))
+    # The lesion truth does not move (the lesion is what pushes) ...
+    lesion_mask = rendered["pushed"][0].lesion
+    np.testing.assert_array_equal(rendered["still"][0].lesion, lesion_mask)
+    assert lesion_mask.sum() > 500
+    # ... and rendering agrees with it: bright on T2w inside the truth, against its surroundings.
+    image = rendered["pushed"][1].image
+    ring = (ndimage.binary_dilation(lesion_mask, iterations=3)
+            & ~ndimage.binary_dilation(lesion_mask, iterations=1) & rendered["pushed"][1].brain)
+    assert image[lesion_mask].mean() > 1.2 * image[ring].mean()
+
+    zz, yy, xx = np.nonzero(np.ones(grid.shape_zyx, dtype=bool))
+    index = np.stack([xx, yy, zz], axis=1).astype(float)
+    points = index @ grid.index_to_physical[:3, :3].T + grid.index_to_physical[:3, 3]
+    keep = ~ndimage.binary_dilation(lesion_mask, iterations=2).ravel()
+    stats = {}
+    for name in ("still", "pushed"):
+        weight = rendered[name][0].image.ravel()[keep]
+        centroid = (points[keep] * weight[:, None]).sum(axis=0) / weight.sum()
+        stats[name] = (float(np.linalg.norm(centroid - centre)), float(weight.sum()))
+    # The ventricle moves away from the lesion, and shrinks a little.
+    assert stats["pushed"][0] > stats["still"][0] + 0.4
+    assert stats["pushed"][1] < stats["still"][1]
+    # Beyond the push's reach nothing moves.
+    far = np.linalg.norm(points - centre, axis=1) > pushed.lesions[0].mass_effect_reach_mm + 5.0
+    assert far.sum() > 1000
+    np.testing.assert_array_equal(rendered["still"][1].image.ravel()[far],
+                                  rendered["pushed"][1].image.ravel()[far])
+
+
+def test_random_subject_mass_effect_is_bounded() -> None:
+    maps = synthetic.load_tissue_maps(2)
+    plain = synthetic.random_subject(np.random.default_rng(5), maps, n_lesions=2)
+    pushed = synthetic.random_subject(np.random.default_rng(5), maps, n_lesions=2,
+                                      mass_effect=True)
+    for a, b in zip(plain.lesions, pushed.lesions, strict=True):
+        np.testing.assert_array_equal(a.centre_lps, b.centre_lps)  # same lesions, plus a push
+        assert a.mass_effect_mm == 0 and a.mass_effect_reach_mm == 0
+        assert 0 < b.mass_effect_mm <= 0.45 * b.semi_axes_mm.mean() + 1e-9
+        assert b.mass_effect_range_mm >= 20.0
+        # Along a ray points keep their order, the push is largest at the boundary, and it is
+        # 0 at the surface of the brain and beyond the reach.
+        distances = np.linspace(0.0, b.mass_effect_reach_mm + 10.0, 600)
+        ray = b.centre_lps + np.outer(distances, [0.6, 0.0, 0.8])
+        moved = b.mass_effect_pullback(ray, np.full(len(ray), 30.0))
+        radius = np.linalg.norm(moved - b.centre_lps, axis=1)
+        assert np.all(np.diff(radius) > 0)
+        push = distances - radius
+        assert push.max() == pytest.approx(b.mass_effect_mm, rel=0.05)
+        assert np.all(np.abs(push[distances > b.mass_effect_reach_mm]) < 1e-9)
+        np.testing.assert_array_equal(b.mass_effect_pullback(ray, np.zeros(len(ray))), ray)
+
+
+def test_knee_series_header_and_geometry(tmp_path: Path) -> None:
+    written = synthetic.write_knee_series(
+        tmp_path / "knee", contrast="T2w", matrix=48, n_slices=6, patient_id="BAD1",
+        study_uid="1.2.826.0.1.1", series_uid="1.2.826.0.1.1.2", series_number=7)
+    neutral = synthetic.write_knee_series(tmp_path / "neutral", contrast="T1w", matrix=48,
+                                          n_slices=6, neutral_header=True, patient_id="BAD1",
+                                          study_uid="1.2.826.0.1.1", series_number=8)
+    assert written.shape_zyx == (6, 48, 48) and len(written.files) == 6
+    datasets = _read_series(tmp_path / "knee")
+    for ds in datasets:
+        assert ds.BodyPartExamined == "KNEE" and "KNEE" in ds.SeriesDescription
+        assert ds.SeriesInstanceUID == "1.2.826.0.1.1.2" and ds.StudyInstanceUID == "1.2.826.0.1.1"
+        assert ds.PatientID == "BAD1" and ds.SeriesNumber == 7
+        np.testing.assert_allclose(ds.PixelSpacing, [160.0 / 48] * 2)
+        assert float(ds.SpacingBetweenSlices) == 3.0 and (ds.Rows, ds.Columns) == (48, 48)
+    volume = _read_volume_xyz(tmp_path / "knee")
+    # A leg: bright tissue in the middle, noise in the corners.
+    assert volume[20:28, 20:28].mean() > 5 * volume[:4, :4].mean()
+    ds = _read_series(tmp_path / "neutral")[0]
+    assert ds.SeriesDescription == "T1 AX" and ds.BodyPartExamined == ""
+    assert "KNEE" not in ds.StudyDescription and ds.PatientPosition == "HFS"
+    assert neutral.study_instance_uid == written.study_instance_uid
+    assert neutral.series_instance_uid != written.series_instance_uid
+    again = synthetic.write_knee_series(tmp_path / "again", contrast="T2w", matrix=48, n_slices=6,
+                                        patient_id="BAD1", study_uid="1.2.826.0.1.1",
+                                        series_uid="1.2.826.0.1.1.2", series_number=7)
+    assert _tree_digest(tmp_path / "again") == _tree_digest(tmp_path / "knee")
+    assert again.files[0].name == "IM0001.dcm"
+
+
+def test_truncated_slab_and_anisotropic_series(tmp_path: Path) -> None:
+    common = dict(patient_id="BAD2", head=True, seed=3)
+    truncated = synthetic.write_truncated_series(tmp_path / "trunc", contrast="T1w",
+                                                 keep_fraction=0.4, matrix=48, slice_mm=6.0,
+                                                 **common)
+    one = synthetic.write_slab_series(tmp_path / "one", contrast="T2w", n_slices=1, matrix=48,
+                                      series_number=2, **common)
+    three = synthetic.write_slab_series(tmp_path / "three", contrast="T1w", n_slices=3, matrix=48,
+                                        orientation="sagittal", series_number=3, **common)
+    aniso = synthetic.write_anisotropic_series(tmp_path / "aniso", contrast="T2w",
+                                               spacing=(2.5, 2.5, 25.0), series_number=4,
+                                               **common)
+    assert len({w.study_instance_uid for w in (truncated, one, three, aniso)}) == 1
+    assert len({w.series_instance_uid for w in (truncated, one, three, aniso)}) == 4
+
+    # Truncated: axial slices over the top 40 % of a ~200 mm head only, all above the brain's
+    # centre, and the top slice still inside the head.
+    datasets = _sorted_by_position(_read_series(tmp_path / "trunc"))
+    z = np.array([float(ds.ImagePositionPatient[2]) for ds in datasets])
+    assert len(datasets) == truncated.shape_zyx[0]
+    assert 50.0 <= (z.max() - z.min() + 6.0) <= 110.0
+    maps = synthetic.load_tissue_maps(2)
+    assert z.min() > maps.brain_centre_lps[2] + 5.0
+    volume = _read_volume_xyz(tmp_path / "trunc")
+    assert volume[:, :, -3].max() > 0.3 * volume.max()
+
+    for written, n in ((one, 1), (three, 3)):
+        datasets = _read_series(written.folder)
+        assert len(datasets) == n == written.shape_zyx[0]
+        assert (datasets[0].Rows, datasets[0].Columns) == written.shape_zyx[1:]
+        assert float(datasets[0].SpacingBetweenSlices) == 5.0
+    iop = np.array(_read_series(three.folder)[0].ImageOrientationPatient, dtype=float)
+    assert abs(np.cross(iop[:3], iop[3:])[0]) == pytest.approx(1.0)  # sagittal
+    # The 2-D slice goes through the brain: it is not mostly air.
+    image = _read_volume_xyz(one.folder)[:, :, 0]
+    assert np.mean(image > 0.2 * image.max()) > 0.2
+
+    datasets = _read_series(tmp_path / "aniso")
+    np.testing.assert_allclose(datasets[0].PixelSpacing, [2.5, 2.5])
+    assert float(datasets[0].SpacingBetweenSlices) == 25.0
+    assert aniso.spacing_xyz_mm == (2.5, 2.5, 25.0)
+    assert len(datasets) == aniso.shape_zyx[0] and 6 <= len(datasets) <= 12
+
+    with pytest.raises(ValueError, match="keep_fraction"):
+        synthetic.write_truncated_series(tmp_path / "bad", keep_fraction=1.0, **common)
+    with pytest.raises(ValueError, match="n_slices"):
+        synthetic.write_slab_series(tmp_path / "bad", n_slices=0, **common)
+    with pytest.raises(TypeError, match="body_part_examined"):
+        synthetic.write_slab_series(tmp_path / "bad", body_part_examined="HEAD", **common)
+    with pytest.raises(TypeError, match="colour"):
+        synthetic.write_anisotropic_series(tmp_path / "bad", colour="red", **common)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_head_cohort_is_deterministic(head_cohort: tuple[Path, dict], tmp_path: Path) -> None:
+    out, _ = head_cohort
+    make_cohort(tmp_path / "again", **HEADS)
+    assert _tree_digest(tmp_path / "again") == _tree_digest(out)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "error", "message"),
+    [
+        ("head_fraction", 1.5, ValueError, "head_fraction"),
+        ("mass_effect_fraction", -0.1, ValueError, "mass_effect_fraction"),
+        ("vary_fov", "yes", TypeError, "vary_fov"),
+        ("fov_mm", (260.0, 200.0), ValueError, "low <= high"),
+        ("matrix_size", (8, 64), ValueError, "matrix_size"),
+        ("mass_effect_ratio", (0.2, 0.9), ValueError, "mass_effect_ratio"),
+    ],
+)
+def test_invalid_new_options_fail_before_writing(
+    tmp_path: Path, option: str, value: object, error: type[Exception], message: str
+) -> None:
+    target = tmp_path / "never"
+    with pytest.raises(error, match=message):
+        make_cohort(target, **{**TINY, option: value})
+    assert not target.exists()

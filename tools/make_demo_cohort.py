@@ -5,6 +5,13 @@ Usage (from the repository root)::
 
     .venv/bin/python tools/make_demo_cohort.py demo/cohort
     .venv/bin/python tools/make_demo_cohort.py /tmp/tiny --subjects 6 --matrix-scale 0.2
+    .venv/bin/python tools/make_demo_cohort.py /tmp/heads --subjects 4 --head-fraction 1 \
+        --mass-effect-fraction 0.5
+
+With ``--head-fraction`` the chosen subjects are rendered as whole heads (skull, scalp, face,
+neck, noisy air) instead of skull-stripped brains, on scanner-like fields of view (200-260 mm)
+and matrices (192-320, times ``--matrix-scale``); ``--vary-fov`` plans the skull-stripped
+series that way too. The defaults write the same cohort as before these options existed.
 
 Nothing is downloaded: the anatomy is the MNI152 2009 template that nilearn ships.
 """
@@ -65,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="series per study (default: T2w T1w)")
     parser.add_argument("--matrix-scale", type=float, default=1.0,
                         help="scale of every matrix size; 0.2 gives ~40-voxel data (default 1)")
+    parser.add_argument("--head-fraction", type=_fraction, default=0.0,
+                        help="fraction of subjects rendered as whole heads with skull, scalp, "
+                        "face and neck instead of skull-stripped brains; their fields of view "
+                        "and matrices always vary (default 0)")
+    parser.add_argument("--mass-effect-fraction", type=_fraction, default=0.0,
+                        help="fraction of the lesioned subjects whose lesions push the "
+                        "surrounding anatomy outwards (mass effect) (default 0)")
+    parser.add_argument("--vary-fov", action="store_true",
+                        help="plan skull-stripped series with a 200-260 mm field of view and a "
+                        "192-320 matrix (times --matrix-scale) too, so pixel spacing varies")
+    parser.add_argument("--no-eyes", action="store_true",
+                        help="heads without eyes and orbits")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a cohort already in OUT")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -85,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             args.out, n_subjects=args.subjects, seed=args.seed,
             lesion_fraction=args.lesion_fraction, with_localizer_fraction=args.localizer_fraction,
             contrasts=tuple(args.contrasts), matrix_scale=args.matrix_scale,
-            overwrite=args.overwrite,
+            head_fraction=args.head_fraction, mass_effect_fraction=args.mass_effect_fraction,
+            vary_fov=args.vary_fov, eyes=not args.no_eyes, overwrite=args.overwrite,
         )
     except FileExistsError:
         print(f"error: {args.out} already holds a cohort; pass --overwrite to replace it",
@@ -100,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     n_files = sum(s["n_files"] for s in series) + sum(
         d["n_files"] for study in labels["studies"] for d in study["distractors"])
     print(f"cohort written to {args.out} in {elapsed:.1f} s")
-    print(f"  studies: {labels['n_studies']} ({labels['n_lesion_studies']} with lesions), "
+    print(f"  studies: {labels['n_studies']} ({labels['n_lesion_studies']} with lesions, "
+          f"{labels['n_head_studies']} whole heads, "
+          f"{labels['n_mass_effect_studies']} with mass effect), "
           f"series: {len(series)} scored + "
           f"{sum(len(s['distractors']) for s in labels['studies'])} localizer, "
           f"DICOM files: {n_files}")
@@ -111,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{s['contrast']} {s['orientation'][:3]} {'x'.join(map(str, s['shape_zyx'][::-1]))}"
             for s in study["series"])
         lesion = f"lesion {study['lesion_volume_ml']:.1f} ml" if study["has_lesion"] else "healthy"
-        print(f"  {study['folder']}  {study['patient_id']:<12} {lesion:<18} {parts}")
+        if study["has_mass_effect"]:
+            lesion += " +mass"
+        kind = "head" if study["has_head"] else "brain"
+        print(f"  {study['folder']}  {study['patient_id']:<12} {kind:<5} {lesion:<24} {parts}")
     return 0
 
 

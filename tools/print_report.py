@@ -20,13 +20,17 @@ def main(argv: list[str]) -> int:
         return 1
     for batch in report["batches"]:
         print(f"Batch {batch['contrast']}: {batch['n_series']} series, threshold {batch.get('threshold', float('nan')):.5g}")
-    print(f"{'contrast':8} {'rank':>4} {'score':>9} {'flag':>5} {'ml':>7}  series (description)")
+    print(f"{'contrast':8} {'rank':>4} {'score':>9} {'flag':>5} {'ml':>7} {'QA':>7}  series (description)")
     rows = [r for r in report["series"] if r["status"] == "scored"]
     for row in sorted(rows, key=lambda r: (r["contrast"], r["rank"])):
         print(
             f"{row['contrast']:8} {row['rank']:>4} {row['score']:>9.5f} {str(row['flagged']):>5} "
-            f"{row['anomalous_volume_ml']:>7.2f}  {row['series_instance_uid']} ({row['series_description']})"
+            f"{row['anomalous_volume_ml']:>7.2f} {row['qa'].get('status', '-'):>7}  "
+            f"{row['series_instance_uid']} ({row['series_description']})"
         )
+    for row in rows:
+        for warning in row["qa"].get("warnings", []):
+            print(f"QA warning {row['series_instance_uid']}: {warning}")
     skipped = [r for r in report["series"] if r["status"] == "skipped"]
     for row in skipped:
         print(f"skipped  {row['series_instance_uid']} ({row['series_description']}): {row['reason']}")
