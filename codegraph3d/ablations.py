@@ -68,6 +68,7 @@ from .pipeline import (
     StageTimer,
     TokenisedSeries,
     build_encoder,
+    landmark_material,
     reference_groups,
     scan_input,
     select_input,
@@ -757,7 +758,9 @@ def fill_cache(
     tokenisation = tokenise_selected(selection, config, encoder, timer, model_path=model_path)
     status = [record.qa["token_cache"] for record in tokenisation.series]
     built_seconds = [record.qa["seconds"] for record in tokenisation.series if record.qa["token_cache"] != "hit"]
-    folder = Path(cache_dir).expanduser().absolute() / settings_id({"settings": settings_material(config, encoder)})
+    folder = Path(cache_dir).expanduser().absolute() / settings_id(
+        {"settings": settings_material(config, encoder, landmark_material(config, model_path))}
+    )
     return {
         "cache": str(folder),
         "encoder": encoder.identity(),

@@ -129,7 +129,11 @@ def _canonical(payload: Any) -> bytes:
     return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
-def settings_material(config: Mapping[str, Any], encoder: SliceEncoder | Mapping[str, Any]) -> dict[str, Any]:
+def settings_material(
+    config: Mapping[str, Any],
+    encoder: SliceEncoder | Mapping[str, Any],
+    landmarks: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """What, besides the series, determines the cached arrays.
 
     Parameters
@@ -138,6 +142,9 @@ def settings_material(config: Mapping[str, Any], encoder: SliceEncoder | Mapping
         The run configuration (``preprocess`` and ``tokens`` are read).
     encoder : SliceEncoder or mapping
         The encoder, or its :meth:`~codegraph3d.encoders.SliceEncoder.identity`.
+    landmarks : mapping, optional
+        The Nyul reference landmarks in effect per contrast (they may come from the model folder,
+        so the configuration alone does not fix them).
     """
     identity = encoder.identity() if isinstance(encoder, SliceEncoder) else dict(encoder)
     missing = [key for key in _ENCODER_KEYS if key not in identity]
@@ -152,6 +159,7 @@ def settings_material(config: Mapping[str, Any], encoder: SliceEncoder | Mapping
             "min_brain_fraction": config["tokens"]["min_brain_fraction"],
         },
         "encoder": {key: identity[key] for key in _ENCODER_KEYS},
+        **({"landmarks": dict(landmarks)} if landmarks else {}),
     }
 
 
@@ -160,6 +168,7 @@ def key_material(
     sop_instance_uids: Sequence[str],
     config: Mapping[str, Any],
     encoder: SliceEncoder | Mapping[str, Any],
+    landmarks: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The full key material of one series' entry (see the module docstring).
 
@@ -169,7 +178,7 @@ def key_material(
         The series.
     sop_instance_uids : sequence of str
         SOP Instance UIDs of every file the header scan found for the series (any order).
-    config, encoder
+    config, encoder, landmarks
         As in :func:`settings_material`.
     """
     if not _UID.match(series_instance_uid or "") or len(series_instance_uid) > 64:
@@ -179,7 +188,7 @@ def key_material(
     return {
         "series_instance_uid": series_instance_uid,
         "source_sop_instance_uids_sha256": sources,
-        "settings": settings_material(config, encoder),
+        "settings": settings_material(config, encoder, landmarks),
     }
 
 

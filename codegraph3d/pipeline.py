@@ -340,6 +340,22 @@ def preprocess_setup(
     )
 
 
+def landmark_material(config: Mapping[str, Any], model_path: str | Path | None) -> dict[str, Any] | None:
+    """The Nyul references a run uses per scored contrast (part of the token cache key), or None."""
+    from .intensity import load_reference_landmarks
+
+    settings = config["preprocess"]
+    if settings["intensity_scaling"] != "landmarks":
+        return None
+    try:
+        return {
+            contrast: load_reference_landmarks(contrast, model_path, settings["landmark_percentiles"]).to_dict()
+            for contrast in config["selection"]["scored_contrasts"]
+        }
+    except (ValueError, OSError) as error:
+        raise CohortError(f"intensity reference landmarks cannot be loaded: {error}") from error
+
+
 def tokenise_selected(
     selection: Selection,
     config: Mapping[str, Any],
@@ -372,6 +388,7 @@ def tokenise_selected(
     total = len(selection.taken)
     done = 0
     result = Tokenisation(series=[], skipped={}, encoder=encoder.identity())
+    landmarks = landmark_material(config, model_path)
     workers = resolve_workers(int(config["preprocess"]["workers"]), len(studies))
     setup = preprocess_setup(config, model_path, workers)
 
@@ -404,7 +421,7 @@ def tokenise_selected(
                     if cache is not None and decision.series is not None:
                         material = key_material(
                             decision.series_instance_uid,
-                            [s.sop_instance_uid for s in decision.series.slices], config, encoder,
+                            [s.sop_instance_uid for s in decision.series.slices], config, encoder, landmarks,
                         )
                         entry, datasets, status = _from_cache(decision, cache, material)
                     if entry is not None:
