@@ -29,7 +29,7 @@ What is measured, per (series, method):
   ``n4_seconds``). A carry's seconds exclude the T1w series' deepbet run.
 
 The truth ``brain`` is the template's brain mask warped with the subject: grey and white matter,
-the deep structures and the CSF inside them (ventricles, sulci). It excludes the subarachnoid CSF
+the deep structures and the CSF enclosed by them (the ventricles). It excludes the subarachnoid CSF
 shell between the brain and the inner table of the skull, which the synthetic heads render as a
 separate shell. A mask that includes that shell (as some extractors, trained on masks that do, will)
 is penalised here: its Dice drops and its volume error is positive although it follows the skull
@@ -56,7 +56,14 @@ from typing import Any, TextIO
 import numpy as np
 import SimpleITK as sitk
 
-from .skullstrip import BrainMaskResult, SkullStripError, carry_mask, make_stripper, n4_bias_correct
+from .io.dicom import SeriesHeader, load_series_volume, scan_headers
+from .skullstrip import (
+    BrainMaskResult,
+    SkullStripError,
+    carry_mask,
+    make_stripper,
+    n4_bias_correct,
+)
 from .volume import Volume
 
 __all__ = [
@@ -66,14 +73,14 @@ __all__ = [
     "CohortLabelsError",
     "SeriesLabel",
     "StudyLabel",
-    "load_labels",
-    "read_truth_brain",
+    "build_parser",
     "dice",
+    "load_labels",
+    "main",
     "measure_cohort",
+    "read_truth_brain",
     "summarize",
     "to_markdown",
-    "build_parser",
-    "main",
 ]
 
 MASK_QUALITY_SCHEMA = "codegraph3d.mask-quality/1"
@@ -86,6 +93,9 @@ SUMMARY_HEADER = (
 # below any real misfit (the same tolerances as codegraph3d.evaluate).
 _LINEAR_TOLERANCE = 1e-3
 _ORIGIN_TOLERANCE_MM = 1e-2
+
+# One series ready for the methods: the (N4-corrected) volume, its truth, the N4 seconds.
+_Prepared = tuple[Volume, np.ndarray, float | None]
 
 
 class CohortLabelsError(ValueError):
@@ -335,8 +345,6 @@ def measure_cohort(
     SkullStripError, FileNotFoundError
         When a method's requirements are missing (deepbet package, template).
     """
-    from .io.dicom import load_series_volume, scan_headers
-
     methods = tuple(methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods or len(set(methods)) != len(methods):
@@ -370,101 +378,146 @@ def measure_cohort(
     done = 0
     for study in studies:
         # Every series of the study first: the carry needs the T1w series (as N4-corrected) and its mask.
-        prepared: list[tuple[Volume, np.ndarray, float | None] | Exception] = []
-        for label in study.series:
-            volume = load_series_volume(headers[label.series_instance_uid]).volume
-            truth = read_truth_brain(label.brain_path, volume)
-            try:
-                n4_seconds: float | None = None
-                if n4:
-                    clock = time.perf_counter()
-                    volume, _ = n4_bias_correct(volume)
-                    n4_seconds = round(time.perf_counter() - clock, 3)
-                prepared.append((volume, truth, n4_seconds))
-            except (ValueError, RuntimeError) as error:
-                prepared.append(error)
+        prepared = _prepare_study(study, headers, n4)
         anchor = next(
             (i for i, label in enumerate(study.series)
              if label.contrast == "T1w" and not isinstance(prepared[i], Exception)),
             None,
         )
-        deepbet_masks: dict[int, tuple[np.ndarray, float] | Exception] = {}
-
-        def deepbet_of(index: int) -> tuple[np.ndarray, float]:
-            """deepbet mask and seconds of series ``index``, computed once (the carry reuses it)."""
-            if index not in deepbet_masks:
-                item = prepared[index]
-                assert deepbet is not None and not isinstance(item, Exception)
-                clock = time.perf_counter()
-                try:
-                    deepbet_masks[index] = (deepbet(item[0]).mask, time.perf_counter() - clock)
-                except (ValueError, RuntimeError) as error:
-                    deepbet_masks[index] = error
-            result = deepbet_masks[index]
-            if isinstance(result, Exception):
-                raise result
-            return result
-
+        deepbet_masks = _DeepBetMasks(deepbet, prepared)
         for index, label in enumerate(study.series):
-            item = prepared[index]
-            series_rows = []
-            for method in methods:
-                if method == "carried" and label.contrast == "T1w":
-                    row = _row(study, label, method, None, None)
-                    _not_applicable(row, "T1w series: it is the source of the carried mask")
-                    series_rows.append(row)
-                    continue
-                if isinstance(item, Exception):
-                    row = _row(study, label, method, None, None)
-                    _failed(row, item)
-                    series_rows.append(row)
-                    continue
-                volume, truth, n4_seconds = item
-                row = _row(study, label, method, float(truth.sum()) * _voxel_ml(volume), n4_seconds)
-                series_rows.append(row)
-                try:
-                    if method == "deepbet":
-                        mask, seconds = deepbet_of(index)
-                        _measured(row, mask, truth, volume, seconds)
-                    elif method == "template":
-                        assert template_stripper is not None
-                        clock = time.perf_counter()
-                        mask = template_stripper(volume).mask
-                        _measured(row, mask, truth, volume, time.perf_counter() - clock)
-                    elif anchor is None:
-                        _not_applicable(row, "the study has no usable T1w series to carry a mask from")
-                    else:
-                        source_mask, _ = deepbet_of(anchor)
-                        source = prepared[anchor]
-                        assert not isinstance(source, Exception)
-                        clock = time.perf_counter()
-                        mask, carry_qa = carry_mask(source[0], source_mask, volume)
-                        _measured(row, mask, truth, volume, time.perf_counter() - clock)
-                        row["doubtful"] = bool(carry_qa["doubtful"])
-                        row["note"] = "; ".join(carry_qa.get("warnings", []))
-                except (ValueError, RuntimeError) as error:
-                    if method == "carried" and anchor is not None and index != anchor and \
-                            isinstance(deepbet_masks.get(anchor), Exception):
-                        row.update(status="failed", note=f"the T1w series' deepbet mask failed: {error}")
-                    else:
-                        _failed(row, error)
+            series_rows = _measure_series(
+                study, index, prepared, anchor, methods, deepbet_masks, template_stripper
+            )
             rows.extend(series_rows)
             done += 1
             if progress is not None:
-                parts = []
-                for row in series_rows:
-                    if row["status"] == "ok":
-                        flag = " doubtful" if row["doubtful"] else ""
-                        parts.append(f"{row['method']} Dice {row['dice']:.3f} ({row['seconds']:.1f} s{flag})")
-                    else:
-                        parts.append(f"{row['method']} {row['status']}")
-                n4_text = f", N4 {series_rows[0]['n4_seconds']:.1f} s" if series_rows and series_rows[0]["n4_seconds"] else ""
-                print(
-                    f"[{done}/{n_series}] {study.patient_id} {label.contrast} {series_rows[0]['input']} "
-                    f"{label.series_instance_uid}{n4_text}: {'; '.join(parts)}",
-                    file=progress, flush=True,
-                )
+                print(_progress_line(f"[{done}/{n_series}]", study, label, series_rows), file=progress, flush=True)
     return rows
+
+
+def _prepare_study(
+    study: StudyLabel, headers: Mapping[str, SeriesHeader], n4: bool
+) -> list[_Prepared | Exception]:
+    """Load each series of a study with its truth and N4-correct it; an N4 failure stays in the list."""
+    prepared: list[_Prepared | Exception] = []
+    for label in study.series:
+        volume = load_series_volume(headers[label.series_instance_uid]).volume
+        truth = read_truth_brain(label.brain_path, volume)
+        try:
+            n4_seconds: float | None = None
+            if n4:
+                clock = time.perf_counter()
+                volume, _ = n4_bias_correct(volume)
+                n4_seconds = round(time.perf_counter() - clock, 3)
+            prepared.append((volume, truth, n4_seconds))
+        except (ValueError, RuntimeError) as error:
+            prepared.append(error)
+    return prepared
+
+
+class _DeepBetMasks:
+    """deepbet masks of one study's series, each computed once (the carry reuses the T1w one)."""
+
+    def __init__(
+        self, stripper: Callable[[Volume], BrainMaskResult] | None, prepared: Sequence[_Prepared | Exception]
+    ) -> None:
+        self._stripper = stripper
+        self._prepared = prepared
+        self._done: dict[int, tuple[np.ndarray, float] | Exception] = {}
+
+    def __call__(self, index: int) -> tuple[np.ndarray, float]:
+        """Mask and seconds of series ``index``; re-raises the error of a failed run."""
+        if index not in self._done:
+            item = self._prepared[index]
+            if self._stripper is None or isinstance(item, Exception):
+                raise RuntimeError(f"internal: no deepbet run possible for series {index} of the study")
+            clock = time.perf_counter()
+            try:
+                self._done[index] = (self._stripper(item[0]).mask, time.perf_counter() - clock)
+            except (ValueError, RuntimeError) as error:
+                self._done[index] = error
+        result = self._done[index]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def failed(self, index: int) -> bool:
+        """Whether deepbet ran on series ``index`` and failed."""
+        return isinstance(self._done.get(index), Exception)
+
+
+def _measure_series(
+    study: StudyLabel,
+    index: int,
+    prepared: Sequence[_Prepared | Exception],
+    anchor: int | None,
+    methods: Sequence[str],
+    deepbet_masks: _DeepBetMasks,
+    template_stripper: Callable[[Volume], BrainMaskResult] | None,
+) -> list[dict[str, Any]]:
+    """The rows of series ``index`` of ``study``, one per method (``anchor``: its T1w series)."""
+    label = study.series[index]
+    item = prepared[index]
+    rows = []
+    for method in methods:
+        if method == "carried" and label.contrast == "T1w":
+            row = _row(study, label, method, None, None)
+            _not_applicable(row, "T1w series: it is the source of the carried mask")
+            rows.append(row)
+            continue
+        if isinstance(item, Exception):
+            row = _row(study, label, method, None, None)
+            _failed(row, item)
+            rows.append(row)
+            continue
+        volume, truth, n4_seconds = item
+        row = _row(study, label, method, float(truth.sum()) * _voxel_ml(volume), n4_seconds)
+        rows.append(row)
+        try:
+            if method == "deepbet":
+                mask, seconds = deepbet_masks(index)
+                _measured(row, mask, truth, volume, seconds)
+            elif method == "template":
+                if template_stripper is None:
+                    raise RuntimeError("internal: the template method was not set up")
+                clock = time.perf_counter()
+                mask = template_stripper(volume).mask
+                _measured(row, mask, truth, volume, time.perf_counter() - clock)
+            elif anchor is None:
+                _not_applicable(row, "the study has no usable T1w series to carry a mask from")
+            else:
+                source_mask, _ = deepbet_masks(anchor)
+                source = prepared[anchor]
+                assert not isinstance(source, Exception)  # anchor is chosen among the prepared series
+                clock = time.perf_counter()
+                mask, carry_qa = carry_mask(source[0], source_mask, volume)
+                _measured(row, mask, truth, volume, time.perf_counter() - clock)
+                row["doubtful"] = bool(carry_qa["doubtful"])
+                row["note"] = "; ".join(carry_qa.get("warnings", []))
+        except (ValueError, RuntimeError) as error:
+            if method == "carried" and anchor is not None and deepbet_masks.failed(anchor):
+                row.update(status="failed", note=f"the T1w series' deepbet mask failed: {error}")
+            else:
+                _failed(row, error)
+    return rows
+
+
+def _progress_line(counter: str, study: StudyLabel, label: SeriesLabel, rows: Sequence[Mapping[str, Any]]) -> str:
+    parts = []
+    for row in rows:
+        if row["status"] == "ok":
+            flag = ", doubtful" if row["doubtful"] else ""
+            parts.append(f"{row['method']} Dice {row['dice']:.3f} ({row['seconds']:.1f} s{flag})")
+        else:
+            parts.append(f"{row['method']} {row['status']}")
+    n4_seconds = rows[0]["n4_seconds"] if rows else None
+    n4_text = f", N4 {n4_seconds:.1f} s" if n4_seconds else ""
+    kind = "skull-stripped" if label.skull_stripped else "head"
+    return (
+        f"{counter} {study.patient_id} {label.contrast} {kind} {label.series_instance_uid}{n4_text}: "
+        + "; ".join(parts)
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -527,12 +580,16 @@ def to_markdown(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str
     lines = [
         "# Brain mask quality",
         "",
-        f"Cohort `{settings.get('cohort')}`; methods {', '.join(settings.get('methods', []))}; "
-        f"N4 {'on' if settings.get('n4') else 'off'}; {settings.get('n_studies')} studies, "
-        f"{settings.get('n_series')} series.",
+        (
+            f"Cohort `{settings.get('cohort')}`; methods {', '.join(settings.get('methods', []))}; "
+            f"N4 {'on' if settings.get('n4') else 'off'}; {settings.get('n_studies')} studies, "
+            f"{settings.get('n_series')} series."
+        ),
         "",
-        "Dice and volumes against the `_brain` truth, which excludes the subarachnoid CSF shell "
-        "(a mask that includes it is penalised). Volume error = mask - truth. Seconds exclude N4.",
+        (
+            "Dice and volumes against the `_brain` truth, which excludes the subarachnoid CSF shell "
+            "(a mask that includes it is penalised). Volume error = mask - truth. Seconds exclude N4."
+        ),
         "",
         "## Summary",
         "",

@@ -117,7 +117,10 @@ def test_cohort_benchmark_cli_tiny(tmp_path: Path):
     for value in (cohort.peak_rss_mb, cohort.slices_encoded, cohort.tokeniser_flops, cohort.scorer_flops):
         assert _positive_finite(value)
     assert cohort.peak_gpu_mb is None and cohort.slice_size == 32 and cohort.token_dims == [48]
+    assert set(cohort.preprocess_steps) >= {"skull_strip", "registration", "resample", "standardise"}
+    assert sum(cohort.preprocess_steps.values()) <= cohort.stages["preprocess"] + 1e-6
     text = md.read_text(encoding="utf-8")
+    assert "Preprocessing steps (bias correction none, skull stripping none" in text
     for column in ("extraction (s)", "scoring (s)", "total (s)", "s / volume", "peak RSS (MB)", "peak GPU (MB)",
                    "slices/s", "GFLOP/s", "Scorer alone", "Load average"):
         assert column in text, column

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Regenerate every figure of docs/RESULTS.md on this machine (about 45 minutes on 2 CPU cores).
 # Outputs go under demo/ (git-ignored). Quality figures use the weight-free intensity encoder
-# (tools/demo_config.yaml); speed figures also use an untrained ViT-L/14, which costs what
+# with the first version's preprocessing (tools/prestripped_config.yaml); speed figures also use an untrained ViT-L/14, which costs what
 # DINOv2 ViT-L/14 costs.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 tools/setup_venv.sh
 py=.venv/bin/python
-export CODEGRAPH3D_CONFIG=tools/demo_config.yaml
+export CODEGRAPH3D_CONFIG=tools/prestripped_config.yaml
 mkdir -p demo/models
 
 # 1. The 12-subject demo cohort and the 48-subject cohort (48 series per contrast, so B/12 >= 4).
@@ -38,6 +38,7 @@ $py -m codegraph3d.ablations --cache demo/cache48 --truth demo/cohort48 --seeds 
 # 5. Speed: the pipeline on 8 generated volumes and the scorer at B = 30 (intensity encoder),
 #    and the untrained ViT-L/14 encoder alone.
 unset CODEGRAPH3D_CONFIG
-$py -m codegraph3d.benchmark --encoder intensity --n 8 --out demo/benchmark.md
+$py -m codegraph3d.benchmark --encoder intensity --n 8 --config tools/prestripped_config.yaml --out demo/benchmark.md
 $py -m codegraph3d.benchmark --encoder-only --encoder untrained-vit-l14 --slices 32 --out demo/encoder_speed.md
 # On a GPU machine: bash tools/gpu_benchmark.sh (writes gpu_benchmark.md).
+# The full preprocessing chain (skull stripping, registration, QA): tools/measure_preprocessing.sh.
