@@ -78,6 +78,7 @@ class SeriesOutcome:
     skipped_files: list[tuple[str, str]] = field(default_factory=list)
     sop_instance_uids: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    qa: dict[str, Any] = field(default_factory=dict)  # of a series that failed quality control
 
 
 def resolve_workers(requested: int, n_studies: int) -> int:
@@ -158,6 +159,7 @@ class PreprocessModels:
                 outcome.seconds += share
                 if isinstance(result, Exception):
                     outcome.error = f"could not be preprocessed: {result}"
+                    outcome.qa = dict(getattr(result, "qa", {}) or {})
                 else:
                     outcome.prepared = result
         return outcomes

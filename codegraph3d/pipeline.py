@@ -205,6 +205,7 @@ class Tokenisation:
     series: list[TokenisedSeries]
     skipped: dict[str, str]  # series UID -> reason
     encoder: dict[str, Any]
+    skipped_qa: dict[str, dict[str, Any]] = field(default_factory=dict)  # QA of series that failed it
 
 
 def open_cache(config: Mapping[str, Any]) -> TokenCache | None:
@@ -438,6 +439,8 @@ def tokenise_selected(
                     decision, material, status = plans[outcome.series_instance_uid]
                     if outcome.error is not None or outcome.prepared is None:
                         skip(decision, outcome.error or "could not be preprocessed")
+                        if outcome.qa:
+                            result.skipped_qa[decision.series_instance_uid] = outcome.qa
                     else:
                         start = time.perf_counter()
                         with timer("tokenise"):

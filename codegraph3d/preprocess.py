@@ -70,7 +70,14 @@ class EmptyBrainMaskError(ValueError):
 
 class PreprocessQAError(ValueError):
     """A series fails quality control (not a brain, failed registration, brain mostly outside the
-    field of view): it is skipped with this message as the reason, never scored silently."""
+    field of view): it is skipped with this message as the reason, never scored silently.
+
+    ``qa`` holds the measurements that failed it, for the report.
+    """
+
+    def __init__(self, message: str, qa: dict | None = None) -> None:
+        super().__init__(message)
+        self.qa = qa or {}
 
 
 @dataclass(frozen=True)
@@ -496,7 +503,8 @@ def _quality_control(
         warnings.append(registration_warning)
     qa["status"] = "failed" if failures else ("warning" if warnings else "ok")
     if failures:
-        raise PreprocessQAError(f"series {uid} fails quality control: " + "; ".join(failures))
+        qa["failures"] = failures
+        raise PreprocessQAError(f"series {uid} fails quality control: " + "; ".join(failures), qa)
 
 
 def _brain_mask_of(

@@ -108,6 +108,11 @@ def write_results(
         if decision.taken:
             reason = scoring.skipped.get(decision.series_instance_uid, "")
             rows[decision.series_instance_uid] = _series_row(decision, "skipped" if reason else "scored", reason)
+            if reason:
+                # A series that failed quality control keeps the measurements that failed it.
+                rows[decision.series_instance_uid]["qa"] = scoring.tokenisation.skipped_qa.get(
+                    decision.series_instance_uid, {}
+                )
         else:
             rows[decision.series_instance_uid] = _series_row(decision, "skipped", decision.reason)
 

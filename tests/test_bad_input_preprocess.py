@@ -85,6 +85,9 @@ def test_knee_with_a_brain_header_is_skipped_by_quality_control(bad_run):
     row = _row(run, written["knee"])
     assert row["status"] == "skipped"
     assert "quality control" in row["reason"] or "brain" in row["reason"], row["reason"]
+    if "quality control" in row["reason"]:
+        # The measurements that failed it stay in the report.
+        assert row["qa"]["status"] == "failed" and row["qa"]["failures"], row["qa"]
 
 
 def test_series_cut_through_the_brain_is_flagged_or_skipped_as_truncated(bad_run):
