@@ -785,7 +785,7 @@ def carry_mask(
     source_mask: np.ndarray,
     target: Volume,
     *,
-    seed: int = 0,
+    seed: int = 1,
     margin_mm: float = 10.0,
     working_mm: float = 2.0,
 ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -864,6 +864,8 @@ def carry_mask(
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)
+    if seed < 1:
+        raise ValueError(f"seed must be >= 1 (SimpleITK treats 0 as the wall clock); got {seed}")
     method.SetMetricSamplingPercentage(sampling, seed)
     method.SetMetricFixedMask(fixed_region)
     method.SetInterpolator(sitk.sitkLinear)

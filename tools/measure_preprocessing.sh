@@ -25,7 +25,7 @@ run tools/demo_config.yaml demo/cohort_heads demo/output_heads
 run tools/demo_config.yaml demo/cohort demo/output_stripped
 # 2. Without N4.
 no_n4="$(mktemp --suffix .yaml)"
-printf 'encoder:\n  name: intensity\nscoring:\n  window_radius: 1\npreprocess:\n  bias_correction: none\n' > "$no_n4"
+printf 'encoder:\n  name: intensity\nscoring:\n  window_radius: 1\noutput:\n  fractional: true\npreprocess:\n  bias_correction: none\n' > "$no_n4"
 run "$no_n4" demo/cohort_heads demo/output_heads_non4
 # 3. Brain masks against the generator's truth: deepbet, the T1w mask carried, the template mask.
 $py -m codegraph3d.mask_quality demo/cohort_heads --models demo/models --methods deepbet carried template \
