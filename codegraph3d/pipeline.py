@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 
 from .cache import CachedSeries, CacheEntryError, TokenCache, key_material, read_source_headers
 from .encoders import SliceEncoder, configured_patch_size, load_encoder
-from .io.dicom import ScanResult, chunk_studies, load_series_volume, scan_headers
+from .io.dicom import ScanResult, chunk_studies, scan_headers
 from .io.selection import SeriesDecision, SelectionRules, select_series
 from .maps import token_grid_map, upsample_token_map
 from .parallel import PreprocessSetup, SeriesJob, SeriesOutcome, StudyPreprocessor, resolve_workers

@@ -8,7 +8,6 @@ anisotropic head.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

@@ -8,7 +8,6 @@ from scipy.spatial.transform import Rotation
 
 from codegraph3d.maps import token_grid_map, upsample_token_map
 from codegraph3d.preprocess import (
-    EmptyBrainMaskError,
     PreprocessConfig,
     brain_mask_from_intensity,
     preprocess_volume,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The preprocessing figures of docs/RESULTS.md ("Full preprocessing"): the harder demo cohort
 # (whole heads, varied fields of view, mass effect) against the same subjects pre-stripped, the
-# effect of N4, brain-mask quality per method, and the per-step preprocessing time. About 75
+# effect of N4, brain-mask quality per method, and the per-step preprocessing time. About 110
 # minutes on 2 CPU cores. Weight-free intensity encoder throughout. Outputs under demo/.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,6 +14,10 @@ mkdir -p demo/models
 [ -f demo/cohort/labels.json ] || $py tools/make_demo_cohort.py demo/cohort --quiet
 [ -f demo/cohort_heads/labels.json ] || $py tools/make_demo_cohort.py demo/cohort_heads \
   --head-fraction 0.5 --mass-effect-fraction 1.0 --vary-fov --quiet
+[ -f demo/cohort_heads_stripped/labels.json ] || $py tools/make_demo_cohort.py demo/cohort_heads_stripped \
+  --head-fraction 0 --mass-effect-fraction 1.0 --vary-fov --quiet
+[ -f demo/cohort_allheads/labels.json ] || $py tools/make_demo_cohort.py demo/cohort_allheads \
+  --head-fraction 1.0 --mass-effect-fraction 1.0 --vary-fov --quiet
 
 run() {  # run CONFIG INPUT_COHORT OUTPUT
   rm -rf "$3" && mkdir -p "$3"
@@ -23,6 +27,8 @@ run() {  # run CONFIG INPUT_COHORT OUTPUT
 # 1. The product's preprocessing on the harder cohort and on the same subjects pre-stripped.
 run tools/demo_config.yaml demo/cohort_heads demo/output_heads
 run tools/demo_config.yaml demo/cohort demo/output_stripped
+run tools/demo_config.yaml demo/cohort_heads_stripped demo/output_heads_stripped
+run tools/demo_config.yaml demo/cohort_allheads demo/output_allheads
 # 2. Without N4.
 no_n4="$(mktemp --suffix .yaml)"
 printf 'encoder:\n  name: intensity\nscoring:\n  window_radius: 1\noutput:\n  fractional: true\npreprocess:\n  bias_correction: none\n' > "$no_n4"
