@@ -184,19 +184,14 @@ class TruthCohort:
         TruthMismatchError
             For a missing or malformed ``labels.json``.
         """
+        from .synthetic import read_labels
+
         root = Path(root)
         path = root / "labels.json"
-        if not path.is_file():
-            raise TruthMismatchError(
-                f"{path} does not exist; --truth must be a cohort folder with labels.json, truth/ and "
-                "dicom/ (as written by codegraph3d.synthetic.make_cohort / tools/make_demo_cohort.py)"
-            )
         try:
-            labels = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
-            raise TruthMismatchError(f"{path}: cannot read it as JSON ({error})") from error
-        if not isinstance(labels, Mapping) or not isinstance(labels.get("studies"), list):
-            raise TruthMismatchError(f"{path}: expected an object with a 'studies' list")
+            labels = read_labels(root)
+        except ValueError as error:
+            raise TruthMismatchError(f"--truth: {error}") from error
         series: dict[str, SeriesTruth] = {}
         distractors: dict[str, str] = {}
         for s_index, study in enumerate(labels["studies"]):

@@ -64,6 +64,7 @@ from .skullstrip import (
     make_stripper,
     n4_bias_correct,
 )
+from .synthetic import read_labels
 from .volume import Volume
 
 __all__ = [
@@ -151,17 +152,10 @@ def load_labels(cohort: str | Path) -> list[StudyLabel]:
     """
     root = Path(cohort)
     path = root / "labels.json"
-    if not path.is_file():
-        raise CohortLabelsError(
-            f"{path} does not exist; COHORT_FOLDER must be a synthetic cohort with labels.json, truth/ and "
-            "dicom/ (write one with tools/make_demo_cohort.py or codegraph3d.synthetic.make_cohort)"
-        )
     try:
-        labels = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CohortLabelsError(f"{path}: cannot read it as JSON ({error}); regenerate the cohort") from error
-    if not isinstance(labels, Mapping) or not isinstance(labels.get("studies"), list):
-        raise CohortLabelsError(f"{path}: expected an object with a 'studies' list; regenerate the cohort")
+        labels = read_labels(root)
+    except ValueError as error:
+        raise CohortLabelsError(str(error)) from error
     studies: list[StudyLabel] = []
     for s_index, study in enumerate(labels["studies"]):
         if not isinstance(study, Mapping) or not isinstance(study.get("series"), list):

@@ -83,6 +83,7 @@ __all__ = [
     "ORIENTATIONS",
     "TISSUE_INTENSITIES",
     "LABELS_SCHEMA",
+    "read_labels",
     "TissueMaps",
     "Lesion",
     "SubjectAnatomy",
@@ -1800,6 +1801,30 @@ def lps_to_ras_affine(origin: ArrayLike, spacing: ArrayLike, direction: ArrayLik
     flip = np.eye(4)
     flip[:3, :3] = _FLIP_LPS_RAS
     return flip @ matrix
+
+
+def read_labels(cohort: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read ``<cohort>/labels.json`` as written by :func:`make_cohort`, checking its outline.
+
+    Raises
+    ------
+    ValueError
+        When the file is missing, not JSON, or not an object with a ``studies`` list; the message
+        names the file and how to make one.
+    """
+    path = Path(cohort) / "labels.json"
+    if not path.is_file():
+        raise ValueError(
+            f"{path} does not exist; the folder must be a synthetic cohort with labels.json, truth/ and "
+            "dicom/ (write one with tools/make_demo_cohort.py or codegraph3d.synthetic.make_cohort)"
+        )
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read it as JSON ({error}); regenerate the cohort") from error
+    if not isinstance(labels, Mapping) or not isinstance(labels.get("studies"), list):
+        raise ValueError(f"{path}: expected an object with a 'studies' list; regenerate the cohort")
+    return dict(labels)
 
 
 def write_mask_nifti(
