@@ -279,7 +279,13 @@ def learn_reference(
     return ReferenceLandmarks(contrast=contrast, percentiles=tuple(marks), values=tuple(values), source=source)
 
 
-def standardise(image: np.ndarray, mask: np.ndarray, reference: ReferenceLandmarks) -> np.ndarray:
+def standardise(
+    image: np.ndarray,
+    mask: np.ndarray,
+    reference: ReferenceLandmarks,
+    *,
+    landmark_mask: np.ndarray | None = None,
+) -> np.ndarray:
     """Map the intensities inside ``mask`` onto ``reference``: piecewise linear between landmarks.
 
     The volume's landmark at ``reference.percentiles[i]`` goes to ``reference.values[i]``;
@@ -299,6 +305,10 @@ def standardise(image: np.ndarray, mask: np.ndarray, reference: ReferenceLandmar
         Foreground (brain) mask of the same shape; the landmarks are taken inside it.
     reference : ReferenceLandmarks
         The contrast's standard scale.
+    landmark_mask : numpy.ndarray, optional
+        Where the landmarks are measured (default ``mask``): the same anatomical region in every
+        volume keeps masks of different extent (with or without the CSF around the brain) from
+        shifting the landmarks.
 
     Returns
     -------
@@ -307,7 +317,9 @@ def standardise(image: np.ndarray, mask: np.ndarray, reference: ReferenceLandmar
     """
     if not isinstance(reference, ReferenceLandmarks):
         raise TypeError(f"reference must be ReferenceLandmarks; got {type(reference).__name__}")
-    landmarks = volume_landmarks(image, mask, reference.percentiles)
+    if landmark_mask is not None and np.shape(landmark_mask) != np.shape(image):
+        raise ValueError(f"landmark_mask shape {np.shape(landmark_mask)} differs from the image's {np.shape(image)}")
+    landmarks = volume_landmarks(image, mask if landmark_mask is None else landmark_mask, reference.percentiles)
     reference_values = np.asarray(reference.values)
     # Collapse each run of equal landmarks into one knot carrying the value where the run starts
     # (reached from below), where it ends (left from above), and its middle (at the knot itself).

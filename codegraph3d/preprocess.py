@@ -132,6 +132,10 @@ class PreprocessConfig:
         N4 bias-field correction (SimpleITK) before skull stripping and intensity scaling.
     interpolation : {"linear", "bspline"}
         Image interpolation onto the working grid (masks always use nearest neighbour).
+    landmark_region : {"brain", "template"}
+        Where the Nyul landmarks are measured: the whole brain mask, or (with registration) the
+        part of it inside the registered template brain, so that masks of different extent (a
+        skull stripper taking in more or less CSF) do not shift the landmarks.
     brain_ml_warn : tuple of float
         Brain volumes (ml) outside this range are a QA warning (adult brains: about 1000-1700).
     brain_ml_fail : tuple of float
@@ -163,6 +167,7 @@ class PreprocessConfig:
     carry_t1w_mask: bool = True
     bias_correction: str = "none"
     interpolation: str = "linear"
+    landmark_region: str = "brain"
     # No volume bounds by default (phantoms, animal or paediatric data); the product's
     # configuration (default_config.yaml) sets adult brain ranges.
     brain_ml_warn: tuple[float, float] = (0.0, float("inf"))
@@ -182,6 +187,8 @@ class PreprocessConfig:
             )
         if self.bias_correction not in ("none", "n4"):
             raise ValueError(f"preprocess.bias_correction must be 'none' or 'n4'; got {self.bias_correction!r}")
+        if self.landmark_region not in ("brain", "template"):
+            raise ValueError(f"preprocess.landmark_region must be 'brain' or 'template'; got {self.landmark_region!r}")
         if self.interpolation not in ("linear", "bspline"):
             raise ValueError(f"preprocess.interpolation must be 'linear' or 'bspline'; got {self.interpolation!r}")
         for name in ("brain_ml_warn", "brain_ml_fail"):
@@ -385,13 +392,26 @@ def _sitk_affine(matrix: np.ndarray) -> sitk.AffineTransform:
 
 
 def _scale_from_reference(
-    image: np.ndarray, brain: np.ndarray, config: PreprocessConfig, reference: "ReferenceLandmarks | None"
+    image: np.ndarray,
+    brain: np.ndarray,
+    config: PreprocessConfig,
+    reference: "ReferenceLandmarks | None",
+    template_mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Nyul standardisation to the contrast's reference (or the first version's uniform rule)."""
     if config.intensity_scaling == "landmarks" and reference is not None:
         from .intensity import standardise
 
-        return standardise(image, brain, reference), {"reference": reference.contrast, "source": reference.source}
+        qa = {"reference": reference.contrast, "source": reference.source, "landmark_region": "brain mask"}
+        region = None
+        if config.landmark_region == "template" and template_mask is not None:
+            overlap = brain & template_mask
+            # A region much smaller than the brain means a failed registration: QA reports that;
+            # the landmarks then fall back to the whole mask rather than to a sliver.
+            if overlap.sum() >= 0.5 * brain.sum():
+                region = overlap
+                qa["landmark_region"] = "brain mask within the registered template brain"
+        return standardise(image, brain, reference, landmark_mask=region), qa
     return scale_intensities(image, brain, config), {"reference": config.intensity_scaling}
 
 
@@ -642,7 +662,7 @@ def preprocess_volume(
         )
     steps["resample"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    image, scaling_qa = _scale_from_reference(image, brain_grid, config, reference)
+    image, scaling_qa = _scale_from_reference(image, brain_grid, config, reference, template_mask_grid)
     qa["intensity"] = scaling_qa
     steps["standardise"] = time.perf_counter() - clock
 

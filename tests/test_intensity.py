@@ -117,6 +117,23 @@ def test_monotone_intensity_transforms_standardise_alike(name, transform, mean_t
         assert linear_difference.mean() > 5.0 * difference.mean(), (linear_difference.mean(), difference.mean())
 
 
+def test_landmark_mask_keeps_a_wider_mask_from_shifting_the_landmarks() -> None:
+    rng = np.random.default_rng(4)
+    image, brain = _smooth_brain(rng)
+    # A wider mask takes in a dark rim (CSF around the brain, as some skull strippers keep).
+    wide = np.zeros_like(brain)
+    wide[1:-1, 1:-1, 1:-1] = True
+    with_rim = np.where(wide & ~brain, 5.0, image)
+    plain = standardise(image, brain, REFERENCE)
+    shifted = standardise(with_rim, wide, REFERENCE)
+    anchored = standardise(with_rim, wide, REFERENCE, landmark_mask=brain)
+    assert np.abs(shifted[brain] - plain[brain]).max() > 0.02  # the rim moves the landmarks
+    np.testing.assert_allclose(anchored[brain], plain[brain], atol=1e-6)
+    assert np.all(anchored[wide & ~brain] == 0.0)  # the rim itself lies below the first landmark
+    with pytest.raises(ValueError, match="landmark_mask shape"):
+        standardise(image, brain, REFERENCE, landmark_mask=brain[:-1])
+
+
 def test_tied_landmarks_map_the_flat_stretch_to_the_middle_of_its_values() -> None:
     rng = np.random.default_rng(3)
     # 35 % below 5, 40 % exactly 5, 25 % above: p40, p50, p60 and p70 all equal 5.
