@@ -188,12 +188,13 @@ def test_pipeline_hits_skip_pixels_and_keep_headers(tiny_cohort: Path, tmp_path:
     first = tokenise_selected(selection, config, encoder)
     assert [r.qa["token_cache"] for r in first.series] == ["miss", "miss"]
 
-    import codegraph3d.pipeline as pipeline
+    # Pixels are read where studies are preprocessed (in process here: preprocess.workers is 1).
+    import codegraph3d.parallel as parallel
 
     def no_pixels(*args, **kwargs):
         raise AssertionError("a cache hit must not load pixels")
 
-    monkeypatch.setattr(pipeline, "load_series_volume", no_pixels)
+    monkeypatch.setattr(parallel, "load_series_volume", no_pixels)
     second = tokenise_selected(selection, config, encoder)
     assert [r.qa["token_cache"] for r in second.series] == ["hit", "hit"]
     for a, b in zip(first.series, second.series):
