@@ -30,6 +30,7 @@ __all__ = [
     "RegistrationResult",
     "install_template",
     "load_template",
+    "mattes_method",
     "register_affine",
 ]
 
@@ -112,6 +113,26 @@ def load_template(model_folder: str | Path | None) -> Template:
     return Template(image=image, mask=mask, centre_lps=centre, path=path)
 
 
+def mattes_method(sampling: float, seed: int) -> sitk.ImageRegistrationMethod:
+    """A registration method with a Mattes MI metric (32 bins) on a reproducible random sample.
+
+    Parameters
+    ----------
+    sampling : float
+        Fraction of the fixed image's (masked) voxels sampled by the metric.
+    seed : int
+        Seed of the sampling, at least 1: SimpleITK reads 0 as "seed from the wall clock", which
+        would make reruns differ.
+    """
+    if seed < 1:
+        raise ValueError(f"seed must be >= 1 (SimpleITK treats 0 as the wall clock); got {seed}")
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(sampling, seed)
+    return method
+
+
 def register_affine(
     moving: sitk.Image,
     template: Template,
@@ -149,12 +170,7 @@ def register_affine(
         fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS
     )
     transform = sitk.AffineTransform(initial)
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    method.SetMetricSamplingStrategy(method.RANDOM)
-    if seed < 1:
-        raise ValueError(f"seed must be >= 1 (SimpleITK treats 0 as the wall clock); got {seed}")
-    method.SetMetricSamplingPercentage(sampling, seed)
+    method = mattes_method(sampling, seed)
     method.SetMetricFixedMask(template.mask)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(

@@ -39,7 +39,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .preprocess import brain_mask_from_intensity
-from .registration import Template, register_affine
+from .registration import Template, mattes_method, register_affine
 from .volume import Volume
 
 __all__ = [
@@ -861,12 +861,7 @@ def carry_mask(
     centre = source.index_to_physical @ np.array([x.mean(), y.mean(), z.mean(), 1.0])
     transform = sitk.Euler3DTransform()
     transform.SetCenter(tuple(float(v) for v in centre[:3]))
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    method.SetMetricSamplingStrategy(method.RANDOM)
-    if seed < 1:
-        raise ValueError(f"seed must be >= 1 (SimpleITK treats 0 as the wall clock); got {seed}")
-    method.SetMetricSamplingPercentage(sampling, seed)
+    method = mattes_method(sampling, seed)
     method.SetMetricFixedMask(fixed_region)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(
