@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from codegraph3d.preprocess import PreprocessConfig, preprocess_volume, resample_to_source
@@ -81,3 +82,43 @@ def test_missing_template_names_the_install_command(tmp_path: Path):
         load_template(tmp_path)
     with pytest.raises(ValueError, match="no template"):
         preprocess_volume(Volume(np.ones((30, 30, 30)), (0, 0, 0), (1, 1, 1), np.eye(3)), PreprocessConfig(size=16, registration="affine"))
+
+
+def test_template_intersection_gives_every_volume_the_template_boundary(template):
+    """A subject whose mask takes in a rim beyond the brain is scored within the template brain."""
+    volume, _ = _misaligned_subject(template, (2.0, -3.0, 4.0), (3.0, -2.0, 1.0))
+    brain = volume.array > 0.05 * np.percentile(volume.array[volume.array > 0], 99)
+    # A 4 mm bright rim around the brain, as a stripper that keeps the CSF would leave.
+    rim_voxels = 4.0 / np.asarray(volume.spacing)[::-1]
+    distance = ndimage.distance_transform_edt(~brain, sampling=1.0 / rim_voxels)
+    array = volume.array.copy()
+    array[(distance > 0) & (distance <= 1.0)] = np.percentile(volume.array[brain], 99)
+    rimmed = Volume(array, volume.origin, volume.spacing, volume.direction, series_instance_uid="1.2.3")
+
+    def prepare(**changes):
+        config = PreprocessConfig(size=64, registration="affine", mask_threshold=0.02, **changes)
+        return preprocess_volume(rimmed, config, template)
+
+    subject = prepare()
+    within = prepare(analysis_mask="template_intersection")
+    margin = prepare(analysis_mask="template_intersection", analysis_margin_mm=5.0)
+    spacing = 156.0 / 64
+    grid = sitk.Image([64] * 3, sitk.sitkUInt8)
+    grid.SetSpacing([spacing] * 3)
+    grid.SetOrigin(tuple(template.centre_lps - 78.0 + spacing / 2))
+    template_grid = sitk.GetArrayFromImage(sitk.Resample(template.mask, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)) > 0
+    assert not (within.brain_mask & ~template_grid).any()
+    assert (subject.brain_mask & ~template_grid).sum() > 0.05 * subject.brain_mask.sum()
+    assert within.brain_mask.sum() < margin.brain_mask.sum() < subject.brain_mask.sum()
+    assert (within.image[~within.brain_mask] == 0).all()
+    assert within.qa["analysis_mask"]["fraction_of_brain_kept"] < 0.95
+    assert "analysis_mask" not in subject.qa
+    # QA still describes the subject's own mask.
+    assert within.brain_volume_ml == subject.brain_volume_ml
+
+
+def test_analysis_mask_is_validated():
+    with pytest.raises(ValueError, match="analysis_mask must be 'subject' or 'template_intersection'"):
+        PreprocessConfig(analysis_mask="template")
+    with pytest.raises(ValueError, match="analysis_margin_mm must be >= 0"):
+        PreprocessConfig(analysis_margin_mm=-1.0)
