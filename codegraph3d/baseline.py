@@ -392,7 +392,7 @@ def run_baseline(
             uid = member.decision.series_instance_uid
             entry = cohort.series[uid]
             acc.add_volume(uid, volume_scores[index], entry.has_lesion)
-            own = acc.add_voxels(values, lesion)
+            own = acc.add_voxels(values, lesion, uid=uid)
             dice_by_uid[uid] = finite_or_none(own.dice_max()[0]) if entry.has_lesion else None
             series_rows.append({
                 "series_instance_uid": uid,

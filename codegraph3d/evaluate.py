@@ -76,6 +76,7 @@ __all__ = [
     "Evaluation",
     "EvaluationInputError",
     "RunOutputError",
+    "SERIES_HISTOGRAMS",
     "SeriesTruth",
     "TruthCohort",
     "TruthMismatchError",
@@ -93,6 +94,7 @@ __all__ = [
     "series_dice",
     "write_evaluation",
     "write_json",
+    "write_series_histograms",
     "write_text",
 ]
 
@@ -355,6 +357,9 @@ class BatchAccumulator:
     excluded: list[dict[str, str]] = field(default_factory=list)
     cases: list[CaseSlices] = field(default_factory=list)  # lesion series, for the montage
     notes: list[str] = field(default_factory=list)
+    # Per series (uid, lesion-voxel counts, other brain-voxel counts) per bin: what a bootstrap
+    # over series needs to recompute the pooled voxel metrics (codegraph3d.compare).
+    series_histograms: list[tuple[str, np.ndarray, np.ndarray]] = field(default_factory=list)
 
     def add_volume(self, uid: str, score: float, has_lesion: bool, flagged: bool | None = None) -> None:
         """Add one scored series' volume score."""
@@ -366,7 +371,7 @@ class BatchAccumulator:
         if flagged is not None:
             self.flagged.append(bool(flagged))
 
-    def add_voxels(self, scores: np.ndarray, lesion: np.ndarray) -> StreamingBinaryMetrics:
+    def add_voxels(self, scores: np.ndarray, lesion: np.ndarray, uid: str | None = None) -> StreamingBinaryMetrics:
         """Add one series' brain voxels; return that series' own histogram (for per-series Dice-max).
 
         Parameters
@@ -375,9 +380,13 @@ class BatchAccumulator:
             Voxel scores inside the truth brain (1-D).
         lesion : numpy.ndarray
             Same shape, bool.
+        uid : str, optional
+            The series; when given, its histogram is kept in ``series_histograms``.
         """
         own = StreamingBinaryMetrics(self.low, self.high, n_bins=self.n_bins)
         own.update(scores, lesion)
+        if uid is not None:
+            self.series_histograms.append((uid, own.pos.copy(), own.neg.copy()))
         if self.voxel is None:
             self.voxel = StreamingBinaryMetrics(self.low, self.high, n_bins=self.n_bins)
         self.voxel.merge(own)
@@ -651,7 +660,7 @@ def evaluate(run: str | Path, truth: str | Path, n_bins: int = 1000, keep_cases:
         score = None
         if fractional:
             score = _seg_array(run / row["seg_score"], volume.sop_instance_uids, uid, volume.array.shape)
-            own = acc.add_voxels(score[brain], lesion[brain])
+            own = acc.add_voxels(score[brain], lesion[brain], uid=uid)
             if entry.has_lesion:
                 record["dice_max"] = finite_or_none(own.dice_max()[0])
         if keep_cases and entry.has_lesion:
@@ -809,6 +818,34 @@ def write_text(path: Path, text: str) -> Path:
     return path
 
 
+#: Per-series voxel histograms beside metrics.json (for bootstrap confidence intervals).
+SERIES_HISTOGRAMS = "series_histograms.npz"
+
+
+def write_series_histograms(path: Path, batches: Mapping[str, BatchAccumulator]) -> Path | None:
+    """Write every batch's per-series voxel histograms (``None`` when no batch kept any).
+
+    The file holds, per contrast ``C``: ``C/uids`` (series UIDs), ``C/lesion`` and ``C/other``
+    (``(n_series, n_bins)`` voxel counts of lesion and other brain voxels per score bin) and
+    ``C/range`` (``low, high`` of the bins).
+    """
+    arrays: dict[str, np.ndarray] = {}
+    for contrast, acc in batches.items():
+        if not acc.series_histograms:
+            continue
+        uids, lesion, other = zip(*acc.series_histograms)
+        arrays[f"{contrast}/uids"] = np.array(uids)
+        arrays[f"{contrast}/lesion"] = np.stack(lesion)
+        arrays[f"{contrast}/other"] = np.stack(other)
+        arrays[f"{contrast}/range"] = np.array([acc.low, acc.high])
+    if not arrays:
+        return None
+    temporary = path.with_name(path.name + ".partial.npz")
+    np.savez_compressed(temporary, **arrays)
+    temporary.replace(path)
+    return path
+
+
 def write_evaluation(
     evaluation: Evaluation,
     out_dir: str | Path,
@@ -846,6 +883,9 @@ def write_evaluation(
 
         written += write_plots(evaluation, out)
         evaluation.metrics["timings_s"]["plots"] = round(time.perf_counter() - start, 2)
+    histograms = write_series_histograms(out / SERIES_HISTOGRAMS, evaluation.batches)
+    if histograms is not None:
+        written.append(histograms)
     written.append(write_json(out / "metrics.json", evaluation.metrics))
     written.append(write_text(out / "metrics.md", (markdown or metrics_markdown)(evaluation.metrics)))
     return written

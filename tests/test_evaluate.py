@@ -360,7 +360,7 @@ def test_outputs_written_beside_the_run_never_in_it(hand_run, cohort: Path, tmp_
     out = tmp_path / "evaluation"
     written = write_evaluation(evaluation, out)
     names = sorted(p.name for p in written)
-    assert names == sorted(["metrics.json", "metrics.md", "roc_pr_patient.png", "roc_pr_voxel.png",
+    assert names == sorted(["metrics.json", "metrics.md", "series_histograms.npz", "roc_pr_patient.png", "roc_pr_voxel.png",
                             "dice_vs_threshold.png", "montage_T2w.png", "montage_T1w.png"])
     for path in written:
         assert path.stat().st_size > 0
@@ -378,7 +378,7 @@ def test_cli(hand_run, cohort: Path, tmp_path: Path, capsys):
     assert main(["--run", str(run), "--truth", str(cohort), "--out", str(tmp_path / "ev"), "--no-plots"]) == 0
     printed = capsys.readouterr().out
     assert "| T1w | 4 (2) | 0 | 0.875 |" in printed
-    assert sorted(p.name for p in (tmp_path / "ev").iterdir()) == ["metrics.json", "metrics.md"]
+    assert sorted(p.name for p in (tmp_path / "ev").iterdir()) == ["metrics.json", "metrics.md", "series_histograms.npz"]
     assert main(["--run", str(run), "--truth", str(tmp_path), "--out", str(tmp_path / "ev2")]) == 2
     assert "labels.json does not exist" in capsys.readouterr().err
     assert main(["--run", str(run), "--truth", str(cohort), "--out", str(run / "x")]) == 2
