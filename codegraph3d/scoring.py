@@ -15,6 +15,11 @@ that gives NaN in the reference 2D implementation when ``B`` is small.
 A volume never serves as a reference for a volume of the same ``group`` (patient or study): two
 series of one patient share the patient's lesion, so they would explain each other's anomaly away.
 
+The computation is split in two so that CoDeGraph (:mod:`codegraph3d.codegraph`) can share it:
+:func:`nearest_distances` returns the ``(B, N_total)`` matrix of per-reference nearest distances
+(``inf`` where a volume is not a reference), optionally with reference tokens masked out for
+chosen (query, reference) pairs, and :func:`musc_from_distances` reduces it to token scores.
+
 Cost and memory
 ---------------
 All tokens of the batch are stacked once (``N_total x D``, float32, centred on the batch mean so
@@ -24,10 +29,12 @@ update the running nearest neighbour of the query volume's tokens in the referen
 column minima those of the reference volume's tokens in the query volume. This halves the matmul
 work of the one-sided formulation. A reference block may span several consecutive (small)
 volumes, so that small volumes still make large matmuls and few kernel calls. Peak extra memory
-is a few ``chunk_size^2`` float32 blocks plus the running nearest distances and indices,
-``B x N_total`` (8 bytes each): never all pairwise token distances. The nearest-neighbour *distances* are then recomputed exactly (difference
-vectors, float64 accumulation) for the chosen neighbours, so float32 cancellation in the expansion
-can only affect *which* of two near-equidistant neighbours is chosen, not the reported distance.
+is a few ``chunk_size^2`` float32 blocks plus the running nearest distances and indices and the
+returned distances, ``B x N_total`` (12 bytes each): never all pairwise token distances. The
+nearest-neighbour *distances* are then recomputed exactly (difference vectors, float64
+accumulation, stored as float32) for the chosen neighbours, so float32 cancellation in the
+expansion can only affect *which* of two near-equidistant neighbours is chosen, not the reported
+distance.
 """
 
 from __future__ import annotations
@@ -35,17 +42,24 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .encoders import resolve_device
 
+if TYPE_CHECKING:  # codegraph imports this module; the runtime import is deferred to score_batch
+    from .codegraph import CoDeGraphConfig, CoDeGraphDiagnostics
+
 __all__ = [
     "BatchScores",
     "fuse_layers",
     "k_for_references",
+    "musc_from_distances",
     "musc_scores",
+    "musc_scores_windowed",
+    "nearest_distances",
     "reference_sets",
     "score_batch",
     "volume_scores",
@@ -55,6 +69,7 @@ __all__ = [
 _K_EPS = 1e-9
 # Rows per slab for column minima on CPU (measured: 512 rows keep a 2000-column slab in cache).
 _COL_SLAB_CPU = 512
+SCORING_METHODS = ("musc", "codegraph")
 
 
 def k_for_references(n_references: int, k_fraction: float) -> int:
@@ -158,6 +173,512 @@ def _validated_arrays(token_sets: Sequence[np.ndarray]) -> list[np.ndarray]:
     return arrays
 
 
+def _check_chunk_size(chunk_size: int) -> int:
+    if (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, (int, np.integer))
+        or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
+    return int(chunk_size)
+
+
+def _check_radius(radius: int, name: str) -> int:
+    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
+        raise ValueError(f"{name} must be a non-negative integer; got {radius!r}")
+    return int(radius)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Validated token sets with their eligible references and row offsets in the stacked batch."""
+
+    arrays: list[np.ndarray]
+    refs: list[list[int]]
+    starts: np.ndarray  # (B + 1,) int64; volume v owns rows starts[v]:starts[v + 1]
+
+    @property
+    def n_volumes(self) -> int:
+        return len(self.arrays)
+
+    @property
+    def n_total(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def sizes(self) -> list[int]:
+        return [a.shape[0] for a in self.arrays]
+
+
+def _prepare_batch(
+    token_sets: Sequence[np.ndarray], groups: Sequence[Hashable] | None
+) -> _Batch:
+    arrays = _validated_arrays(token_sets)
+    refs = reference_sets(len(arrays), groups)
+    for i, r in enumerate(refs):
+        if not r:
+            label = f" (group {list(groups)[i]!r})" if groups is not None else ""
+            raise ValueError(
+                f"volume {i}{label} has no eligible reference: every other volume is in its group"
+            )
+    starts = np.concatenate([[0], np.cumsum([a.shape[0] for a in arrays])]).astype(np.int64)
+    if int(starts[-1]) >= 2**31:
+        raise ValueError(f"too many tokens in one batch ({int(starts[-1])}); split the batch")
+    return _Batch(arrays, refs, starts)
+
+
+def _validated_coords(
+    coords: Sequence[np.ndarray] | None,
+    grid_shape: tuple[int, int, int] | None,
+    arrays: list[np.ndarray],
+) -> tuple[list[np.ndarray], tuple[int, int, int]]:
+    if coords is None or grid_shape is None:
+        raise ValueError("windowed matching needs the token coords and the grid shape")
+    if len(coords) != len(arrays):
+        raise ValueError(f"{len(coords)} coordinate arrays for {len(arrays)} token sets")
+    shape = tuple(int(v) for v in grid_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"grid_shape must be 3 positive integers; got {tuple(grid_shape)!r}")
+    checked = [np.asarray(c, dtype=np.int64) for c in coords]
+    for i, (c, a) in enumerate(zip(checked, arrays)):
+        if c.shape != (a.shape[0], 3):
+            raise ValueError(
+                f"volume {i}: coords shape {c.shape} does not match {a.shape[0]} tokens"
+            )
+        if c.size and (c.min() < 0 or np.any(c.max(axis=0) >= np.array(shape))):
+            raise ValueError(f"volume {i}: coords outside the grid {shape}")
+    return checked, shape  # type: ignore[return-value]
+
+
+def _validated_exclusions(
+    excluded: Sequence[np.ndarray | None] | None, batch: _Batch
+) -> list[np.ndarray | None]:
+    """Per volume: ``None`` (every token usable) or a boolean ``(N_v,)`` mask with a True."""
+    if excluded is None:
+        return [None] * batch.n_volumes
+    if len(excluded) != batch.n_volumes:
+        raise ValueError(
+            f"excluded has {len(excluded)} entries for {batch.n_volumes} volumes; give one "
+            "boolean mask (or None) per volume"
+        )
+    masks: list[np.ndarray | None] = []
+    for v, mask in enumerate(excluded):
+        if mask is None:
+            masks.append(None)
+            continue
+        arr = np.asarray(mask)
+        if arr.dtype != bool or arr.shape != (batch.sizes[v],):
+            raise ValueError(
+                f"excluded[{v}] must be a boolean array of shape ({batch.sizes[v]},) (one flag "
+                f"per token of volume {v}); got dtype {arr.dtype}, shape {arr.shape}"
+            )
+        masks.append(arr if arr.any() else None)
+    return masks
+
+
+def _validated_pairs(
+    pairs: Sequence[tuple[int, int]], batch: _Batch
+) -> list[tuple[int, int]]:
+    checked: set[tuple[int, int]] = set()
+    for pair in pairs:
+        if len(pair) != 2:
+            raise ValueError(f"pairs must hold (query, reference) volume index pairs; got {pair!r}")
+        q, r = (int(p) for p in pair)
+        if not (0 <= q < batch.n_volumes and 0 <= r < batch.n_volumes):
+            raise ValueError(f"pair {pair!r} is outside the {batch.n_volumes} volumes")
+        if r not in batch.refs[q]:
+            raise ValueError(
+                f"pair {pair!r}: volume {r} is not an eligible reference of volume {q} (the "
+                "same volume or the same group); its distances stay inf"
+            )
+        checked.add((q, r))
+    return sorted(checked)
+
+
+def nearest_distances(
+    token_sets: Sequence[np.ndarray],
+    *,
+    groups: Sequence[Hashable] | None = None,
+    device: str | torch.device | None = None,
+    chunk_size: int = 4096,
+    window_radius: int | None = None,
+    coords: Sequence[np.ndarray] | None = None,
+    grid_shape: tuple[int, int, int] | None = None,
+    excluded: Sequence[np.ndarray | None] | None = None,
+    pairs: Sequence[tuple[int, int]] | None = None,
+    base: np.ndarray | None = None,
+) -> np.ndarray:
+    """Exact distance of every token to its nearest token in every reference volume (one layer).
+
+    Parameters
+    ----------
+    token_sets : sequence of numpy.ndarray
+        One ``(N_i, D)`` real array per volume, as in :func:`musc_scores`.
+    groups, device, chunk_size
+        As in :func:`musc_scores`.
+    window_radius : int, optional
+        ``None``: global matching (any token of the reference). An integer: only reference tokens
+        within ``window_radius`` grid steps (Chebyshev) of the query token's grid position, as in
+        :func:`musc_scores_windowed`; needs ``coords`` and ``grid_shape``.
+    coords, grid_shape
+        ``(N_i, 3)`` integer grid indices per volume and the grid shape (windowed matching only).
+    excluded : sequence of (numpy.ndarray or None), optional
+        One entry per volume: ``None`` or a boolean ``(N_j,)`` mask of the tokens of volume ``j``
+        that may not serve as nearest neighbours. It applies to the pairs recomputed here:
+        ``pairs`` when given, otherwise every (query, reference) pair whose reference has a mask.
+    pairs : sequence of (int, int), optional
+        ``(query, reference)`` volume pairs to compute; ``reference`` must be an eligible
+        reference of ``query``. Only these are computed (one-sided, ``N_query x N_reference``
+        each); every other entry comes from ``base`` (or is ``inf`` without it). ``None``: all.
+    base : numpy.ndarray, optional
+        ``(B, N_total)`` distances to start from (copied, not modified), typically this
+        function's unmasked result; only with ``pairs``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(B, N_total)`` float32; column ``starts[i] + t`` is token ``t`` of volume ``i`` (volumes
+        stacked in input order) and row ``j`` its distance to volume ``j``. ``inf`` where ``j`` is
+        ``i`` itself or not an eligible reference of ``i``, where the window holds no (usable)
+        token of ``j``, or where every token of ``j`` is excluded.
+
+    Raises
+    ------
+    ValueError
+        As :func:`musc_scores`, plus bad windowed inputs, masks, pairs or ``base``.
+    """
+    distances, _ = _nearest_distances(
+        token_sets, groups=groups, device=device, chunk_size=chunk_size,
+        window_radius=window_radius, coords=coords, grid_shape=grid_shape, excluded=excluded,
+        pairs=pairs, base=base,
+    )
+    return distances
+
+
+def _nearest_distances(
+    token_sets: Sequence[np.ndarray],
+    *,
+    groups: Sequence[Hashable] | None,
+    device: str | torch.device | None,
+    chunk_size: int,
+    window_radius: int | None,
+    coords: Sequence[np.ndarray] | None,
+    grid_shape: tuple[int, int, int] | None,
+    excluded: Sequence[np.ndarray | None] | None = None,
+    pairs: Sequence[tuple[int, int]] | None = None,
+    base: np.ndarray | None = None,
+) -> tuple[np.ndarray, _Batch]:
+    chunk_size = _check_chunk_size(chunk_size)
+    radius = None if window_radius is None else _check_radius(window_radius, "window_radius")
+    batch = _prepare_batch(token_sets, groups)
+    grid = None if radius is None else _validated_coords(coords, grid_shape, batch.arrays)
+    masks = _validated_exclusions(excluded, batch)
+    dev = _resolve_device(device)
+    shape = (batch.n_volumes, batch.n_total)
+    if pairs is None:
+        if base is not None:
+            raise ValueError("base is only used together with pairs (the entries to recompute)")
+        with torch.inference_mode():
+            if radius is None:
+                full = _global_distances(batch, dev, chunk_size)
+            else:
+                full = _windowed_distances(batch, grid, radius, dev, chunk_size)
+            out = full.cpu().numpy()
+        todo = [
+            (i, j) for i in range(batch.n_volumes) for j in batch.refs[i] if masks[j] is not None
+        ]
+    else:
+        todo = _validated_pairs(pairs, batch)
+        if base is None:
+            out = np.full(shape, np.inf, dtype=np.float32)
+        else:
+            base_arr = np.asarray(base)
+            if base_arr.shape != shape or not np.issubdtype(base_arr.dtype, np.floating):
+                raise ValueError(
+                    f"base must be a float array of shape {shape} (volumes x stacked tokens); "
+                    f"got dtype {base_arr.dtype}, shape {base_arr.shape}"
+                )
+            out = base_arr.astype(np.float32, copy=True)
+    if todo:
+        by_reference: dict[int, list[int]] = {}
+        for q, r in todo:
+            by_reference.setdefault(r, []).append(q)
+        with torch.inference_mode():
+            if radius is None:
+                _global_pair_distances(batch, by_reference, masks, dev, chunk_size, out)
+            else:
+                _windowed_pair_distances(
+                    batch, grid, radius, by_reference, masks, dev, chunk_size, out
+                )
+    return out, batch
+
+
+def _stack_centred(
+    batch: _Batch, dev: torch.device, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked float32 tokens centred on the batch mean, and their squared norms."""
+    arrays, starts, n_total = batch.arrays, batch.starts, batch.n_total
+    # Centring is distance-preserving and shrinks |q|^2 + |k|^2 relative to |q - k|^2, which is
+    # what limits the float32 accuracy of the expansion.
+    mean = sum(a.sum(axis=0, dtype=np.float64) for a in arrays) / n_total
+    tokens = torch.empty((n_total, arrays[0].shape[1]), dtype=torch.float32, device=dev)
+    for i, a in enumerate(arrays):
+        centred = (a.astype(np.float64, copy=False) - mean).astype(np.float32)
+        tokens[starts[i] : starts[i + 1]] = torch.from_numpy(centred).to(dev)
+    sq_norms = torch.empty(n_total, dtype=torch.float32, device=dev)
+    for a in range(0, n_total, chunk_size):  # float64 accumulation without a float64 copy
+        sq_norms[a : a + chunk_size] = tokens[a : a + chunk_size].double().pow(2).sum(dim=1)
+    return tokens, sq_norms
+
+
+def _global_distances(batch: _Batch, dev: torch.device, chunk_size: int) -> torch.Tensor:
+    """All eligible pairs, global matching: ``(B, N_total)`` float32 exact nearest distances."""
+    n_volumes, n_total, starts, refs = batch.n_volumes, batch.n_total, batch.starts, batch.refs
+    tokens, sq_norms = _stack_centred(batch, dev, chunk_size)
+    # best_d2[j, t]: running min squared distance of token t to volume j; best_idx: argmin row.
+    best_d2 = torch.full((n_volumes, n_total), float("inf"), dtype=torch.float32, device=dev)
+    best_idx = torch.zeros((n_volumes, n_total), dtype=torch.int32, device=dev)
+    for i in range(n_volumes):
+        # Group exclusion is symmetric, so each unordered pair is visited once, from i < j.
+        later = [j for j in refs[i] if j > i]
+        for run in _consecutive_runs(later):
+            _update_block_row(tokens, sq_norms, starts, i, run, best_d2, best_idx, chunk_size)
+    del best_d2
+    distances = torch.full((n_volumes, n_total), float("inf"), dtype=torch.float32, device=dev)
+    for i in range(n_volumes):
+        n_ref = len(refs[i])
+        ref_index = torch.as_tensor(refs[i], dtype=torch.long, device=dev)
+        i0, i1 = int(starts[i]), int(starts[i + 1])
+        # Gathered neighbours are (n_ref, rows, D) float64: keep that near chunk_size^2 values.
+        rows = max(1, min(chunk_size, chunk_size * chunk_size // (2 * n_ref * tokens.shape[1])))
+        for a in range(i0, i1, rows):
+            b = min(a + rows, i1)
+            nearest = best_idx[ref_index, a:b].long()  # (n_ref, rows)
+            # Float32 subtraction of close values is exact (Sterbenz); accumulate in float64.
+            diff = (tokens[a:b].unsqueeze(0) - tokens[nearest]).double()
+            distances[ref_index, a:b] = diff.pow_(2).sum(dim=2).sqrt_().float()
+    return distances
+
+
+def _global_pair_distances(
+    batch: _Batch,
+    by_reference: dict[int, list[int]],
+    masks: list[np.ndarray | None],
+    dev: torch.device,
+    chunk_size: int,
+    out: np.ndarray,
+) -> None:
+    """Recompute ``out[j, tokens of i]`` for each (i, j), using only the usable tokens of ``j``.
+
+    One-sided (the masks differ per direction), so each pair costs ``N_i x N_j`` multiply-adds;
+    only the requested pairs are touched.
+    """
+    starts = batch.starts
+    tokens, sq_norms = _stack_centred(batch, dev, chunk_size)
+    for j, queries in by_reference.items():
+        rows_j = torch.arange(int(starts[j]), int(starts[j + 1]), device=dev)
+        if masks[j] is not None:
+            rows_j = rows_j[torch.from_numpy(~masks[j]).to(dev)]
+        ref_tokens, ref_sq = tokens[rows_j], sq_norms[rows_j]
+        n_usable = ref_tokens.shape[0]
+        for i in queries:
+            i0, i1 = int(starts[i]), int(starts[i + 1])
+            if n_usable == 0:
+                out[j, i0:i1] = np.inf
+                continue
+            for a in range(i0, i1, chunk_size):
+                b = min(a + chunk_size, i1)
+                best_val = torch.full((b - a,), float("inf"), dtype=torch.float32, device=dev)
+                best_arg = torch.zeros(b - a, dtype=torch.long, device=dev)
+                for c in range(0, n_usable, chunk_size):
+                    d = min(c + chunk_size, n_usable)
+                    d2 = torch.addmm(
+                        ref_sq[c:d].unsqueeze(0), tokens[a:b], ref_tokens[c:d].T,
+                        beta=1.0, alpha=-2.0,
+                    )
+                    d2.add_(sq_norms[a:b].unsqueeze(1))
+                    val, arg = d2.min(dim=1)
+                    better = val < best_val
+                    best_val = torch.where(better, val, best_val)
+                    best_arg = torch.where(better, arg + c, best_arg)
+                diff = (tokens[a:b] - ref_tokens[best_arg]).double()
+                out[j, a:b] = diff.pow_(2).sum(dim=1).sqrt_().float().cpu().numpy()
+
+
+@dataclass(frozen=True)
+class _Window:
+    """Padded token grid geometry: a window is a gather at fixed flat offsets."""
+
+    shape: tuple[int, int, int]
+    radius: int
+
+    @property
+    def padded(self) -> tuple[int, int, int]:
+        return tuple(s + 2 * self.radius for s in self.shape)  # type: ignore[return-value]
+
+    @property
+    def n_positions(self) -> int:
+        return int(np.prod(self.padded))
+
+    @property
+    def offsets(self) -> list[tuple[int, int, int]]:
+        r = self.radius
+        span = range(-r, r + 1)
+        return [(a, b, c) for a in span for b in span for c in span]
+
+    def flat(self, c: np.ndarray, offset: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
+        z, y, x = (c + np.asarray(offset) + self.radius).T
+        padded = self.padded
+        return (z * padded[1] + y) * padded[2] + x
+
+
+def _windowed_distances(
+    batch: _Batch,
+    grid: tuple[list[np.ndarray], tuple[int, int, int]],
+    radius: int,
+    dev: torch.device,
+    chunk_size: int,
+) -> torch.Tensor:
+    """All eligible pairs, windowed matching: ``(B, N_total)`` float32 nearest distances."""
+    coords, shape = grid
+    window = _Window(shape, radius)
+    arrays, starts, refs = batch.arrays, batch.starts, batch.refs
+    n_volumes, dim = batch.n_volumes, arrays[0].shape[1]
+    # Rows per step keep each gathered (rows, D) neighbour block near chunk_size^2 values.
+    rows = max(1, chunk_size * chunk_size // max(1, dim))
+    # Dense, padded grids of every volume's tokens: a window is a gather, not a search.
+    dense = torch.zeros((n_volumes, window.n_positions, dim), dtype=torch.float32, device=dev)
+    present = torch.zeros((n_volumes, window.n_positions), dtype=torch.bool, device=dev)
+    for v, (a, c) in enumerate(zip(arrays, coords)):
+        index = torch.from_numpy(window.flat(c)).to(dev)
+        dense[v, index] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(dev)
+        present[v, index] = True
+    queries = torch.from_numpy(
+        np.concatenate([np.asarray(a, dtype=np.float32) for a in arrays])
+    ).to(dev)
+    all_coords = np.concatenate(coords)
+    positions = [torch.from_numpy(window.flat(all_coords, o)).to(dev) for o in window.offsets]
+    # best[j, t]: squared distance of token t to its nearest windowed neighbour in volume j.
+    best = torch.full((n_volumes, batch.n_total), float("inf"), dtype=torch.float32, device=dev)
+    for j in range(n_volumes):
+        # Eligibility is symmetric: the volumes that reference j are refs[j], in row runs.
+        for run in _consecutive_runs(refs[j]):
+            lo, hi = int(starts[run[0]]), int(starts[run[-1] + 1])
+            for position in positions:
+                for a in range(lo, hi, rows):
+                    b = min(a + rows, hi)
+                    where = position[a:b]
+                    # Float32 differences, squared and summed: relative error about D x 1e-7.
+                    d2 = (dense[j, where] - queries[a:b]).pow_(2).sum(dim=1)
+                    d2 = torch.where(present[j, where], d2, torch.inf)
+                    torch.minimum(best[j, a:b], d2, out=best[j, a:b])
+    return best.sqrt_()
+
+
+def _windowed_pair_distances(
+    batch: _Batch,
+    grid: tuple[list[np.ndarray], tuple[int, int, int]] | None,
+    radius: int,
+    by_reference: dict[int, list[int]],
+    masks: list[np.ndarray | None],
+    dev: torch.device,
+    chunk_size: int,
+    out: np.ndarray,
+) -> None:
+    """Windowed :func:`_global_pair_distances`: excluded tokens are absent from ``j``'s grid."""
+    assert grid is not None
+    coords, shape = grid
+    window = _Window(shape, radius)
+    arrays, starts = batch.arrays, batch.starts
+    dim = arrays[0].shape[1]
+    rows = max(1, chunk_size * chunk_size // max(1, dim))
+    for j, queries in by_reference.items():
+        keep = np.ones(batch.sizes[j], dtype=bool) if masks[j] is None else ~masks[j]
+        dense = torch.zeros((window.n_positions, dim), dtype=torch.float32, device=dev)
+        present = torch.zeros(window.n_positions, dtype=torch.bool, device=dev)
+        index = torch.from_numpy(window.flat(coords[j][keep])).to(dev)
+        dense[index] = torch.from_numpy(
+            np.ascontiguousarray(arrays[j][keep], dtype=np.float32)
+        ).to(dev)
+        present[index] = True
+        for i in queries:
+            q = torch.from_numpy(np.ascontiguousarray(arrays[i], dtype=np.float32)).to(dev)
+            best = torch.full((q.shape[0],), float("inf"), dtype=torch.float32, device=dev)
+            for offset in window.offsets:
+                position = torch.from_numpy(window.flat(coords[i], offset)).to(dev)
+                for a in range(0, q.shape[0], rows):
+                    where = position[a : a + rows]
+                    d2 = (dense[where] - q[a : a + rows]).pow_(2).sum(dim=1)
+                    d2 = torch.where(present[where], d2, torch.inf)
+                    torch.minimum(best[a : a + rows], d2, out=best[a : a + rows])
+            out[j, int(starts[i]) : int(starts[i + 1])] = best.sqrt_().cpu().numpy()
+
+
+def musc_from_distances(
+    distances: np.ndarray,
+    sizes: Sequence[int],
+    k_fraction: float = 0.3,
+    *,
+    groups: Sequence[Hashable] | None = None,
+) -> list[np.ndarray]:
+    """Reduce a :func:`nearest_distances` matrix to MuSc token scores.
+
+    Each token's score is the mean of the finite values among its ``K`` smallest distances to
+    its eligible references (``K`` from the number of eligible references, as in
+    :func:`k_for_references`); ``inf`` entries (an empty window, a fully excluded reference) do
+    not count, and a token with no finite distance among them scores 0. With global matching and
+    no exclusions every distance is finite, so this is the plain MuSc mean.
+
+    Parameters
+    ----------
+    distances : numpy.ndarray
+        ``(B, N_total)`` as returned by :func:`nearest_distances`.
+    sizes : sequence of int
+        Tokens per volume, in the stacking order; they must sum to ``N_total``.
+    k_fraction : float, default 0.3
+        As in :func:`musc_scores`.
+    groups : sequence of hashable, optional
+        As in :func:`musc_scores`; must match the groups the distances were computed with.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        One ``(N_i,)`` float32 array per volume.
+    """
+    _check_k_fraction(k_fraction)
+    sizes = [int(s) for s in sizes]
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"sizes must be positive token counts, one per volume; got {sizes}")
+    d = np.asarray(distances, dtype=np.float32)
+    n_volumes, n_total = len(sizes), int(np.sum(sizes))
+    if d.shape != (n_volumes, n_total):
+        raise ValueError(
+            f"distances must have shape ({n_volumes}, {n_total}) for {n_volumes} volumes of "
+            f"{n_total} tokens in all; got {d.shape}"
+        )
+    if np.isnan(d).any():
+        raise ValueError("distances contain NaN; use inf for references that do not count")
+    refs = reference_sets(n_volumes, groups)
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    table = torch.from_numpy(d)
+    results: list[np.ndarray] = []
+    with torch.inference_mode():
+        for i in range(n_volumes):
+            if not refs[i]:
+                raise ValueError(
+                    f"volume {i} has no eligible reference: every other volume is in its group"
+                )
+            k = k_for_references(len(refs[i]), k_fraction)
+            block = table[refs[i], int(starts[i]) : int(starts[i + 1])]
+            smallest = torch.topk(block, k, dim=0, largest=False).values.double()
+            finite = torch.isfinite(smallest)
+            counts = finite.sum(dim=0)
+            sums = torch.where(finite, smallest, 0.0).sum(dim=0)
+            scores = torch.where(counts > 0, sums / counts.clamp(min=1), 0.0)
+            results.append(scores.float().numpy())
+    return results
+
+
 def musc_scores(
     token_sets: Sequence[np.ndarray],
     k_fraction: float = 0.3,
@@ -199,73 +720,55 @@ def musc_scores(
         with no eligible reference (all other volumes in its group).
     """
     _check_k_fraction(k_fraction)
-    if (
-        isinstance(chunk_size, bool)
-        or not isinstance(chunk_size, (int, np.integer))
-        or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
-    chunk_size = int(chunk_size)
-    arrays = _validated_arrays(token_sets)
-    n_volumes = len(arrays)
-    refs = reference_sets(n_volumes, groups)
-    for i, r in enumerate(refs):
-        if not r:
-            label = f" (group {list(groups)[i]!r})" if groups is not None else ""
-            raise ValueError(
-                f"volume {i}{label} has no eligible reference: every other volume is in its group"
-            )
-    dev = _resolve_device(device)
+    distances, batch = _nearest_distances(
+        token_sets, groups=groups, device=device, chunk_size=chunk_size, window_radius=None,
+        coords=None, grid_shape=None,
+    )
+    return musc_from_distances(distances, batch.sizes, k_fraction, groups=groups)
 
-    sizes = [a.shape[0] for a in arrays]
-    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    n_total = int(starts[-1])
-    if n_total >= 2**31:
-        raise ValueError(f"too many tokens in one batch ({n_total}); split the batch")
 
-    # Centring is distance-preserving and shrinks |q|^2 + |k|^2 relative to |q - k|^2, which is
-    # what limits the float32 accuracy of the expansion.
-    mean = sum(a.sum(axis=0, dtype=np.float64) for a in arrays) / n_total
-    with torch.inference_mode():
-        tokens = torch.empty((n_total, arrays[0].shape[1]), dtype=torch.float32, device=dev)
-        for i, a in enumerate(arrays):
-            centred = (a.astype(np.float64, copy=False) - mean).astype(np.float32)
-            tokens[starts[i] : starts[i + 1]] = torch.from_numpy(centred).to(dev)
-        sq_norms = torch.empty(n_total, dtype=torch.float32, device=dev)
-        for a in range(0, n_total, chunk_size):  # float64 accumulation without a float64 copy
-            sq_norms[a : a + chunk_size] = tokens[a : a + chunk_size].double().pow(2).sum(dim=1)
+def musc_scores_windowed(
+    token_sets: Sequence[np.ndarray],
+    coords: Sequence[np.ndarray],
+    grid_shape: tuple[int, int, int],
+    radius: int = 1,
+    k_fraction: float = 0.3,
+    *,
+    groups: Sequence[Hashable] | None = None,
+    device: str | torch.device | None = None,
+    chunk_size: int = 4096,
+) -> list[np.ndarray]:
+    """MuSc with spatially windowed matching: a token only meets tokens near its grid position.
 
-        # best_d2[j, t]: running min squared distance of token t to volume j; best_idx: argmin row.
-        best_d2 = torch.full((n_volumes, n_total), float("inf"), dtype=torch.float32, device=dev)
-        best_idx = torch.zeros((n_volumes, n_total), dtype=torch.int32, device=dev)
+    As :func:`musc_scores`, except that a token's distance to another volume is the distance to
+    that volume's nearest token within ``radius`` grid steps (Chebyshev) of the same position.
+    Volumes sit on a common, brain-aligned grid, so a ventricle token is compared with ventricle
+    tokens, not with any bright cube anywhere. Reference volumes with no token in the window do
+    not count; a token with no neighbour in any reference scores 0 (it has nothing to be
+    compared with). Cost ``B^2 N (2r+1)^3 D`` instead of ``B^2 N^2 D``.
 
-        for i in range(n_volumes):
-            # Group exclusion is symmetric, so each unordered pair is visited once, from i < j.
-            later = [j for j in refs[i] if j > i]
-            for run in _consecutive_runs(later):
-                _update_block_row(
-                    tokens, sq_norms, starts, i, run, best_d2, best_idx, chunk_size
-                )
-
-        results: list[np.ndarray] = []
-        for i in range(n_volumes):
-            n_ref = len(refs[i])
-            k = k_for_references(n_ref, k_fraction)
-            ref_index = torch.as_tensor(refs[i], dtype=torch.long, device=dev)
-            i0, i1 = int(starts[i]), int(starts[i + 1])
-            scores = torch.empty(i1 - i0, dtype=torch.float64, device=dev)
-            # Gathered neighbours are (n_ref, rows, D) float64: keep that near chunk_size^2 values.
-            rows = max(1, min(chunk_size, chunk_size * chunk_size // (2 * n_ref * tokens.shape[1])))
-            for a in range(i0, i1, rows):
-                b = min(a + rows, i1)
-                nearest = best_idx[ref_index, a:b].long()  # (n_ref, rows)
-                # Float32 subtraction of close values is exact (Sterbenz); accumulate in float64.
-                diff = (tokens[a:b].unsqueeze(0) - tokens[nearest]).double()
-                dists = diff.pow_(2).sum(dim=2).sqrt_()  # (n_ref, rows)
-                smallest = torch.topk(dists, k, dim=0, largest=False).values
-                scores[a - i0 : b - i0] = smallest.mean(dim=0)
-            results.append(scores.float().cpu().numpy())
-    return results
+    Parameters
+    ----------
+    token_sets : sequence of numpy.ndarray
+        ``(N_i, D)`` tokens per volume.
+    coords : sequence of numpy.ndarray
+        ``(N_i, 3)`` integer grid indices of those tokens.
+    grid_shape : tuple of int
+        Shape of the token grid.
+    radius : int
+        Window half-width in grid steps; 0 compares the same position only.
+    k_fraction, groups, device, chunk_size
+        As in :func:`musc_scores`; ``chunk_size`` bounds the gathered neighbour block to about
+        ``chunk_size^2`` values.
+    """
+    _check_k_fraction(k_fraction)
+    _check_chunk_size(chunk_size)
+    radius = _check_radius(radius, "radius")
+    distances, batch = _nearest_distances(
+        token_sets, groups=groups, device=device, chunk_size=chunk_size, window_radius=radius,
+        coords=coords, grid_shape=grid_shape,
+    )
+    return musc_from_distances(distances, batch.sizes, k_fraction, groups=groups)
 
 
 def _consecutive_runs(indices: list[int]) -> list[list[int]]:
@@ -393,7 +896,7 @@ def volume_scores(token_scores: Sequence[np.ndarray]) -> np.ndarray:
 
 @dataclass
 class BatchScores:
-    """MuSc scores of one contrast batch.
+    """MuSc (or CoDeGraph-filtered MuSc) scores of one contrast batch.
 
     Attributes
     ----------
@@ -407,6 +910,8 @@ class BatchScores:
         ``(B,)`` int, reference volumes used for each volume (after group exclusion).
     k : numpy.ndarray
         ``(B,)`` int, the ``K`` used for each volume.
+    codegraph : CoDeGraphDiagnostics, optional
+        Communities, graph and token counts when scored with ``method="codegraph"``; else None.
     """
 
     token_scores: list[np.ndarray]
@@ -414,38 +919,18 @@ class BatchScores:
     per_layer: list[list[np.ndarray]]
     n_references: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
     k: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    codegraph: CoDeGraphDiagnostics | None = None
 
 
-def score_batch(
-    layer_token_sets: Sequence[Sequence[np.ndarray]],
-    *,
-    k_fraction: float = 0.3,
-    groups: Sequence[Hashable] | None = None,
-    device: str | torch.device | None = None,
-    chunk_size: int = 4096,
-    window_radius: int | None = None,
-    coords: Sequence[np.ndarray] | None = None,
-    grid_shape: tuple[int, int, int] | None = None,
-) -> BatchScores:
-    """Run MuSc on every layer of a batch, fuse the layers and take volume scores.
-
-    Parameters
-    ----------
-    layer_token_sets : sequence of sequence of numpy.ndarray
-        ``layer_token_sets[layer][volume]`` is an ``(N_volume, D_layer)`` array. ``N_volume`` must
-        agree across layers (the same tokens, seen at different depths); ``D`` may differ.
-    k_fraction, groups, device, chunk_size
-        As in :func:`musc_scores`.
-    window_radius : int, optional
-        ``None`` (default, the paper's global matching): :func:`musc_scores`. An integer: spatially
-        windowed matching, :func:`musc_scores_windowed`, which needs ``coords`` and ``grid_shape``.
-
-    Returns
-    -------
-    BatchScores
-    """
-    if window_radius is not None and (coords is None or grid_shape is None):
-        raise ValueError("windowed scoring needs the token coords and the grid shape")
+def _check_layer_token_sets(layer_token_sets: Sequence[Sequence[np.ndarray]]) -> int:
+    """Check that every layer holds the same volumes with the same token counts; return ``B``."""
+    if isinstance(layer_token_sets, (np.ndarray, torch.Tensor)) or not isinstance(
+        layer_token_sets, Sequence
+    ):
+        raise ValueError(  # noqa: TRY004 - every input error of scoring is a ValueError
+            "layer_token_sets must be a sequence (one entry per layer) of sequences of 2-D "
+            f"arrays (one per volume); got {type(layer_token_sets).__name__}"
+        )
     if len(layer_token_sets) == 0:
         raise ValueError("score_batch needs at least one layer")
     n_volumes = len(layer_token_sets[0])
@@ -459,6 +944,73 @@ def score_batch(
                     f"layer {layer} volume {v} has {n[0] if n else 0} tokens; layer 0 has "
                     f"{n0[0] if n0 else 0}"
                 )
+    return n_volumes
+
+
+def score_batch(
+    layer_token_sets: Sequence[Sequence[np.ndarray]],
+    *,
+    k_fraction: float = 0.3,
+    groups: Sequence[Hashable] | None = None,
+    device: str | torch.device | None = None,
+    chunk_size: int = 4096,
+    window_radius: int | None = None,
+    coords: Sequence[np.ndarray] | None = None,
+    grid_shape: tuple[int, int, int] | None = None,
+    method: str = "musc",
+    codegraph: CoDeGraphConfig | None = None,
+) -> BatchScores:
+    """Run MuSc on every layer of a batch, fuse the layers and take volume scores.
+
+    Parameters
+    ----------
+    layer_token_sets : sequence of sequence of numpy.ndarray
+        ``layer_token_sets[layer][volume]`` is an ``(N_volume, D_layer)`` array. ``N_volume`` must
+        agree across layers (the same tokens, seen at different depths); ``D`` may differ.
+    k_fraction, groups, device, chunk_size
+        As in :func:`musc_scores`.
+    window_radius : int, optional
+        ``None`` (default, the paper's global matching): :func:`musc_scores`. An integer: spatially
+        windowed matching, :func:`musc_scores_windowed`, which needs ``coords`` and ``grid_shape``.
+    method : {"musc", "codegraph"}, default "musc"
+        ``"codegraph"``: MuSc with consistent-anomaly filtering,
+        :func:`codegraph3d.codegraph.codegraph_scores`; the result's ``codegraph`` attribute then
+        holds its diagnostics. When it finds no community the scores equal ``"musc"`` exactly.
+    codegraph : CoDeGraphConfig, optional
+        Settings for ``method="codegraph"`` (``None``: the defaults); must be ``None`` otherwise.
+
+    Returns
+    -------
+    BatchScores
+    """
+    if not isinstance(method, str) or method not in SCORING_METHODS:
+        raise ValueError(f"method must be one of {SCORING_METHODS}; got {method!r}")
+    if method != "codegraph" and codegraph is not None:
+        raise ValueError(
+            f"a CoDeGraph configuration was given with method={method!r}; pass "
+            "method='codegraph' to use it, or leave codegraph=None"
+        )
+    if window_radius is not None and (coords is None or grid_shape is None):
+        raise ValueError("windowed scoring needs the token coords and the grid shape")
+    n_volumes = _check_layer_token_sets(layer_token_sets)
+    refs = reference_sets(n_volumes, groups)
+    n_refs = np.array([len(r) for r in refs], dtype=int)
+    if method == "codegraph":
+        from .codegraph import CoDeGraphConfig, codegraph_scores
+
+        result = codegraph_scores(
+            layer_token_sets, CoDeGraphConfig() if codegraph is None else codegraph,
+            k_fraction=k_fraction, groups=groups, device=device, chunk_size=chunk_size,
+            window_radius=window_radius, coords=coords, grid_shape=grid_shape,
+        )
+        return BatchScores(
+            token_scores=result.token_scores,
+            volume_scores=result.volume_scores,
+            per_layer=result.per_layer,
+            n_references=n_refs,
+            k=np.array([k_for_references(int(n), k_fraction) for n in n_refs], dtype=int),
+            codegraph=result.diagnostics,
+        )
     if window_radius is None:
         per_layer = [
             musc_scores(sets, k_fraction, groups=groups, device=device, chunk_size=chunk_size)
@@ -473,8 +1025,6 @@ def score_batch(
             for sets in layer_token_sets
         ]
     fused = fuse_layers(per_layer)
-    refs = reference_sets(n_volumes, groups)
-    n_refs = np.array([len(r) for r in refs], dtype=int)
     return BatchScores(
         token_scores=fused,
         volume_scores=volume_scores(fused),
@@ -482,104 +1032,3 @@ def score_batch(
         n_references=n_refs,
         k=np.array([k_for_references(int(n), k_fraction) for n in n_refs], dtype=int),
     )
-
-
-def musc_scores_windowed(
-    token_sets: Sequence[np.ndarray],
-    coords: Sequence[np.ndarray],
-    grid_shape: tuple[int, int, int],
-    radius: int = 1,
-    k_fraction: float = 0.3,
-    *,
-    groups: Sequence[Hashable] | None = None,
-    device: str | torch.device | None = None,
-    chunk_size: int = 4096,
-) -> list[np.ndarray]:
-    """MuSc with spatially windowed matching: a token only meets tokens near its grid position.
-
-    As :func:`musc_scores`, except that a token's distance to another volume is the distance to
-    that volume's nearest token within ``radius`` grid steps (Chebyshev) of the same position.
-    Volumes sit on a common, brain-aligned grid, so a ventricle token is compared with ventricle
-    tokens, not with any bright cube anywhere. Reference volumes with no token in the window do
-    not count; a token with no neighbour in any reference scores 0 (it has nothing to be
-    compared with). Cost ``B^2 N (2r+1)^3 D`` instead of ``B^2 N^2 D``.
-
-    Parameters
-    ----------
-    token_sets : sequence of numpy.ndarray
-        ``(N_i, D)`` tokens per volume.
-    coords : sequence of numpy.ndarray
-        ``(N_i, 3)`` integer grid indices of those tokens.
-    grid_shape : tuple of int
-        Shape of the token grid.
-    radius : int
-        Window half-width in grid steps; 0 compares the same position only.
-    k_fraction, groups, device, chunk_size
-        As in :func:`musc_scores`; ``chunk_size`` bounds the gathered neighbour block to about
-        ``chunk_size^2`` values.
-    """
-    _check_k_fraction(k_fraction)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
-    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
-        raise ValueError(f"radius must be a non-negative integer; got {radius!r}")
-    arrays = _validated_arrays(token_sets)
-    if len(coords) != len(arrays):
-        raise ValueError(f"{len(coords)} coordinate arrays for {len(arrays)} token sets")
-    shape = tuple(int(v) for v in grid_shape)
-    coords = [np.asarray(c, dtype=np.int64) for c in coords]
-    for i, (c, a) in enumerate(zip(coords, arrays)):
-        if c.shape != (a.shape[0], 3):
-            raise ValueError(f"volume {i}: coords shape {c.shape} does not match {a.shape[0]} tokens")
-        if c.size and (c.min() < 0 or np.any(c.max(axis=0) >= np.array(shape))):
-            raise ValueError(f"volume {i}: coords outside the grid {shape}")
-    refs = reference_sets(len(arrays), groups)
-    for i, r in enumerate(refs):
-        if not r:
-            raise ValueError(f"volume {i} has no eligible reference: every other volume is in its group")
-    r = int(radius)
-    offsets = [(a, b, c) for a in range(-r, r + 1) for b in range(-r, r + 1) for c in range(-r, r + 1)]
-    padded = tuple(s + 2 * r for s in shape)
-    n_positions = int(np.prod(padded))
-    dev = _resolve_device(device)
-    n_volumes, dim = len(arrays), arrays[0].shape[1]
-
-    def flat(c: np.ndarray, offset: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
-        z, y, x = (c + np.asarray(offset) + r).T
-        return (z * padded[1] + y) * padded[2] + x
-
-    sizes = [a.shape[0] for a in arrays]
-    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    all_coords = np.concatenate(coords)
-    # Rows per step keep each gathered (rows, D) neighbour block near chunk_size^2 values.
-    rows = max(1, chunk_size * chunk_size // max(1, dim))
-    with torch.inference_mode():
-        # Dense, padded grids of every volume's tokens: a window is a gather, not a search.
-        dense = torch.zeros((n_volumes, n_positions, dim), dtype=torch.float32, device=dev)
-        present = torch.zeros((n_volumes, n_positions), dtype=torch.bool, device=dev)
-        for v, (a, c) in enumerate(zip(arrays, coords)):
-            index = torch.from_numpy(flat(c)).to(dev)
-            dense[v, index] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(dev)
-            present[v, index] = True
-        queries = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.float32) for a in arrays])).to(dev)
-        positions = [torch.from_numpy(flat(all_coords, offset)).to(dev) for offset in offsets]
-        # best[j, t]: squared distance of token t to its nearest windowed neighbour in volume j.
-        best = torch.full((n_volumes, queries.shape[0]), float("inf"), dtype=torch.float32, device=dev)
-        for j in range(n_volumes):
-            for position in positions:
-                for a in range(0, queries.shape[0], rows):
-                    where = position[a : a + rows]
-                    # Float32 differences, squared and summed: relative error about D x 1e-7.
-                    d2 = (dense[j, where] - queries[a : a + rows]).pow_(2).sum(dim=1)
-                    d2 = torch.where(present[j, where], d2, torch.inf)
-                    torch.minimum(best[j, a : a + rows], d2, out=best[j, a : a + rows])
-        results = []
-        for i in range(n_volumes):
-            i0, i1 = int(starts[i]), int(starts[i + 1])
-            ordered = torch.sort(best[refs[i], i0:i1], dim=0).values[: k_for_references(len(refs[i]), k_fraction)]
-            ordered = ordered.sqrt_()
-            finite = torch.isfinite(ordered)
-            counts = finite.sum(dim=0)
-            sums = torch.where(finite, ordered, 0.0).sum(dim=0)
-            results.append(torch.where(counts > 0, sums / counts.clamp(min=1), 0.0).float().cpu().numpy())
-    return results

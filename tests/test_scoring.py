@@ -177,3 +177,67 @@ def test_windowed_scores_only_see_the_window():
     assert musc_scores([a, b])[0][0] == pytest.approx(0.0)  # global matching finds the twin
     with pytest.raises(ValueError, match="radius"):
         musc_scores_windowed([a, b], coords, (4, 4, 4), radius=-1)
+
+
+def test_nearest_distances_reduce_to_musc_exactly():
+    from codegraph3d.scoring import (
+        musc_from_distances,
+        musc_scores_windowed,
+        nearest_distances,
+    )
+
+    rng = np.random.default_rng(8)
+    sets = random_sets(rng, [6, 9, 5, 7], dim=4)
+    groups = ["a", "b", "a", "c"]
+    dist = nearest_distances(sets, groups=groups, device="cpu", chunk_size=4)
+    assert dist.shape == (4, 27) and dist.dtype == np.float32
+    starts = np.cumsum([0, 6, 9, 5, 7])
+    for i in range(4):
+        for j in range(4):
+            block = dist[j, starts[i] : starts[i + 1]]
+            if i == j or groups[i] == groups[j]:
+                assert np.isinf(block).all()
+            else:
+                want = np.sqrt(((sets[i][:, None, :] - sets[j][None]) ** 2).sum(-1)).min(axis=1)
+                np.testing.assert_allclose(block, want, rtol=1e-6)
+    reduced = musc_from_distances(dist, [6, 9, 5, 7], 0.5, groups=groups)
+    direct = musc_scores(sets, 0.5, groups=groups, device="cpu", chunk_size=4)
+    assert all(np.array_equal(a, b) for a, b in zip(reduced, direct))
+
+    grid_sets, coords = _random_grid_tokens(rng, 4)
+    windowed = nearest_distances(
+        grid_sets, device="cpu", window_radius=1, coords=coords, grid_shape=(4, 4, 4)
+    )
+    reduced = musc_from_distances(windowed, [len(s) for s in grid_sets], 0.7)
+    direct = musc_scores_windowed(grid_sets, coords, (4, 4, 4), radius=1, k_fraction=0.7)
+    assert all(np.array_equal(a, b) for a, b in zip(reduced, direct))
+
+
+def test_musc_from_distances_skips_inf_and_checks_input():
+    from codegraph3d.scoring import musc_from_distances
+
+    inf = np.inf
+    # 4 volumes of one token; column v is token v; K = floor(1.0 * 3) = 3.
+    dist = np.array(
+        [[inf, 1.0, inf, 2.0], [1.0, inf, inf, 4.0], [inf, 3.0, inf, 6.0], [3.0, 5.0, inf, inf]],
+        dtype=np.float32,
+    )
+    scores = musc_from_distances(dist, [1, 1, 1, 1], 1.0)
+    assert [float(s[0]) for s in scores] == [2.0, 3.0, 0.0, 4.0]
+    with pytest.raises(ValueError, match=r"distances must have shape \(4, 5\)"):
+        musc_from_distances(dist, [1, 1, 1, 2], 1.0)
+    bad = dist.copy()
+    bad[0, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        musc_from_distances(bad, [1, 1, 1, 1], 1.0)
+
+
+def test_score_batch_method_argument():
+    rng = np.random.default_rng(9)
+    layer = random_sets(rng, [5, 6, 7], dim=4)
+    default = score_batch([layer], device="cpu")
+    explicit = score_batch([layer], device="cpu", method="musc")
+    assert default.codegraph is None
+    assert all(np.array_equal(a, b) for a, b in zip(default.token_scores, explicit.token_scores))
+    with pytest.raises(ValueError, match="method must be one of"):
+        score_batch([layer], method="MuSc")
