@@ -155,6 +155,14 @@ def _validate(config: Mapping[str, Any]) -> None:
         )
     if not isinstance(config["scoring"]["window_radius"], int) or config["scoring"]["window_radius"] < -1:
         raise ConfigError(f"scoring.window_radius must be -1 (global) or a radius >= 0; got {config['scoring']['window_radius']}")
+    if config["scoring"]["method"] not in ("musc", "codegraph"):
+        raise ConfigError(f"scoring.method must be musc or codegraph; got {config['scoring']['method']!r}")
+    try:
+        from .codegraph import CoDeGraphConfig
+
+        CoDeGraphConfig(**config["scoring"]["codegraph"])
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"scoring.codegraph: {error}") from error
     preprocess = {key: value for key, value in config["preprocess"].items() if key != "workers"}
     for key in ("clip_percentiles", "landmark_percentiles", "brain_ml_warn", "brain_ml_fail"):
         preprocess[key] = tuple(preprocess[key])

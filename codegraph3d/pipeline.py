@@ -22,6 +22,7 @@ from typing import Any, Callable, Hashable, Mapping, Sequence
 import numpy as np
 from pydicom.dataset import Dataset
 
+from .codegraph import CoDeGraphConfig
 from .cache import CachedSeries, CacheEntryError, TokenCache, key_material, read_source_headers
 from .encoders import SliceEncoder, configured_patch_size, load_encoder
 from .io.dicom import ScanResult, chunk_studies, scan_headers
@@ -574,6 +575,8 @@ def score_batches(tokenisation: Tokenisation, config: Mapping[str, Any]) -> Scor
                 window_radius=None if settings["window_radius"] < 0 else settings["window_radius"],
                 coords=[m.tokens.coords for m in members],
                 grid_shape=members[0].tokens.grid_shape,
+                method=settings["method"],
+                codegraph=CoDeGraphConfig(**settings["codegraph"]) if settings["method"] == "codegraph" else None,
             )
         except ValueError as error:
             reason = f"{contrast} batch not scored: {error}"
@@ -589,6 +592,14 @@ def score_batches(tokenisation: Tokenisation, config: Mapping[str, Any]) -> Scor
             z_volume=threshold_settings["volume_z"],
             z_token=threshold_settings["token_z"],
         )
+        if scores.codegraph is not None:
+            found = scores.codegraph.communities
+            logger.info(
+                "batch %s: CoDeGraph found %d group(s) of volumes sharing an anomaly %s; %d token(s) "
+                "excluded from their references", contrast, len(found),
+                [[members[v].decision.series_instance_uid for v in group] for group in found],
+                int(scores.codegraph.implicated_totals.sum()),
+            )
         low, high = score_to_unit_mapping(scores.token_scores)
         batch = ScoredBatch(contrast, members, scores, decision, low, high)
         scoring.batches.append(batch)

@@ -74,6 +74,18 @@ def _series_row(decision, status: str, reason: str) -> dict[str, Any]:
     }
 
 
+def _codegraph_summary(batch) -> dict[str, Any]:
+    """What CoDeGraph found in a batch, by series UID (report.json)."""
+    found = batch.scores.codegraph
+    uids = [member.decision.series_instance_uid for member in batch.members]
+    implicated = found.implicated_totals
+    return {
+        "communities": [[uids[v] for v in group] for group in found.communities],
+        "implicated_tokens": {uids[v]: int(implicated[v]) for v in range(len(uids)) if implicated[v]},
+        "burnout_tokens_per_layer": [[int(c) for c in layer] for layer in found.burnout_counts],
+    }
+
+
 def write_results(
     scoring: Scoring,
     selection: Selection,
@@ -177,6 +189,8 @@ def write_results(
                     "n_flagged": int(batch.decision.flagged.sum()),
                     "k": [int(k) for k in batch.scores.k],
                     "score_to_unit": {"low": batch.unit_low, "high": batch.unit_high},
+                    "method": "codegraph" if batch.scores.codegraph is not None else "musc",
+                    **({"codegraph": _codegraph_summary(batch)} if batch.scores.codegraph is not None else {}),
                 }
             )
     for contrast, error in scoring.errors.items():

@@ -72,3 +72,34 @@ def test_no_scorable_batch_is_a_cohort_error():
     tokenisation = Tokenisation(series=series, skipped={}, encoder={"name": "intensity"})
     with pytest.raises(CohortError, match="no contrast batch could be scored"):
         score_batches(tokenisation, load_config(override={"encoder": {"name": "intensity"}}))
+
+
+def test_codegraph_method_finds_the_volumes_sharing_an_anomaly():
+    rng = np.random.default_rng(3)
+    series = [_series(str(i), f"P{i}", f"S{i}", "T2w", rng) for i in range(16)]
+    shared = rng.standard_normal(6).astype(np.float32) * 6.0  # far from the normal tokens
+    carriers = [1, 4, 7, 10, 13]
+    for i in carriers:
+        tokens = series[i].tokens.tokens[0]
+        tokens[:6] = shared + 0.01 * rng.standard_normal((6, 6)).astype(np.float32)
+    tokenisation = Tokenisation(series=series, skipped={}, encoder={"name": "intensity"})
+    musc = score_batches(tokenisation, load_config(override={"encoder": {"name": "intensity"}})).batches[0]
+    config = load_config(override={"encoder": {"name": "intensity"}, "scoring": {"method": "codegraph"}})
+    batch = score_batches(tokenisation, config).batches[0]
+    assert musc.scores.codegraph is None
+    assert batch.scores.codegraph.communities == [carriers]
+    for i in carriers:
+        # MuSc: the shared anomaly explains itself away; CoDeGraph: it stands out again.
+        assert batch.scores.token_scores[i][:6].min() > 2.0 * musc.scores.token_scores[i][:6].max()
+    for i in sorted(set(range(16)) - set(carriers)):
+        # Volumes outside the group keep their references, hence their MuSc scores.
+        np.testing.assert_array_equal(batch.scores.token_scores[i], musc.scores.token_scores[i])
+
+
+def test_codegraph_settings_are_validated():
+    from codegraph3d.config import ConfigError
+
+    with pytest.raises(ConfigError, match="scoring.method must be musc or codegraph"):
+        load_config(override={"scoring": {"method": "graph"}})
+    with pytest.raises(ConfigError, match="scoring.codegraph: .*false_alarm_rate"):
+        load_config(override={"scoring": {"codegraph": {"false_alarm_rate": 2.0}}})
