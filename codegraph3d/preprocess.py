@@ -32,13 +32,13 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .registration import Template, register_affine
+from .registration import RegistrationResult, Template, register_affine
 from .volume import Volume, index_to_physical_matrix
 
 if TYPE_CHECKING:  # run-time imports are local: skullstrip and intensity import this module
@@ -128,6 +128,10 @@ class PreprocessConfig:
         Within a study, strip the T1w series (what deepbet was trained on) and carry its mask to
         the study's other series by rigid registration; a doubtful carry falls back to
         stripping that series itself.
+    carry_t1w_registration : bool
+        With a carried mask, also reuse the T1w series' template registration for the other
+        series, composed with the rigid intra-study transform, instead of registering each
+        contrast to the (T1w) template on its own; a doubtful T1w registration is not carried.
     bias_correction : {"none", "n4"}
         N4 bias-field correction (SimpleITK) before skull stripping and intensity scaling.
     interpolation : {"linear", "bspline"}
@@ -175,6 +179,7 @@ class PreprocessConfig:
     crop_mm: float = 156.0
     skull_strip: str = "none"
     carry_t1w_mask: bool = True
+    carry_t1w_registration: bool = False
     bias_correction: str = "none"
     interpolation: str = "linear"
     landmark_region: str = "brain"
@@ -585,6 +590,7 @@ def preprocess_volume(
     brain: "BrainMaskResult | None" = None,
     reference: "ReferenceLandmarks | None" = None,
     bias_corrected: bool = False,
+    registration: RegistrationResult | None = None,
 ) -> PreprocessedVolume:
     """Bias-correct, skull-strip, register, crop, resample to ``size^3`` and standardise one series.
 
@@ -605,6 +611,9 @@ def preprocess_volume(
         Nyul reference of the series' contrast; ``None`` = uniform landmarks.
     bias_corrected : bool
         ``volume`` is already N4-corrected (skip that step).
+    registration : RegistrationResult, optional
+        A template registration already made for this series (e.g. the study's T1w registration
+        carried by the rigid intra-study transform); used instead of registering it again.
 
     Returns
     -------
@@ -655,10 +664,14 @@ def preprocess_volume(
         if template is None:
             raise ValueError("preprocess.registration is 'affine' but no template was given")
         # Brain to brain: the template is skull-stripped, so the subject's brain alone is registered.
-        moving = sitk.Mask(source_image, mask_image)
-        result = register_affine(moving, template)
-        grid_to_subject = result.matrix
-        qa["registration"] = result.qa
+        if registration is None:
+            moving = sitk.Mask(source_image, mask_image)
+            registration = register_affine(moving, template)
+        grid_to_subject = registration.matrix
+        qa["registration"] = {
+            **registration.qa,
+            "template_to_subject": [[round(float(v), 6) for v in row] for row in registration.matrix],
+        }
         spacing = config.crop_mm / config.size
         origin = template.centre_lps - config.crop_mm / 2.0 + spacing / 2.0
     else:
@@ -801,28 +814,58 @@ def preprocess_study(
                     method=f"{brains[anchor].method} (carried from T1w series {anchor_volume.series_instance_uid})",
                     qa={"carry": carry_qa, "t1w": brains[anchor].qa},
                 )
-    results: list[PreprocessedVolume | Exception] = []
-    for i, ((_, contrast), item) in enumerate(zip(series, corrected)):
+    results: list[PreprocessedVolume | Exception | None] = [None] * len(series)
+    anchor_registration = None
+    # The T1w series first: its registration may be carried to the others.
+    order = sorted(range(len(series)), key=lambda i: i != anchor)
+    for i in order:
+        (_, contrast), item = series[i], corrected[i]
         if isinstance(item, Exception):
-            results.append(item)
+            results[i] = item
             continue
         volume, n4_qa = item
         n4_seconds = n4_qa.pop("_seconds")
+        registration = None
+        carry = (brains[i].qa or {}).get("carry") if brains[i] is not None and i != anchor else None
+        if anchor_registration is not None and carry and "target_to_source" in carry:
+            registration = _carried_registration(anchor_registration, carry, series[anchor][0])
         try:
             prepared = preprocess_volume(
                 volume, config, template, stripper=stripper, brain=brains[i],
-                reference=references.get(contrast), bias_corrected=True,
+                reference=references.get(contrast), bias_corrected=True, registration=registration,
             )
+            if (i == anchor and config.registration == "affine" and config.carry_t1w_registration
+                    and not prepared.qa["registration"].get("doubtful")):
+                anchor_registration = prepared.qa["registration"]
             prepared.qa.update(n4_qa)
             steps = prepared.qa["step_seconds"]
             if config.bias_correction != "none":
                 steps["bias_correction"] = round(n4_seconds, 3)
             if strip_seconds[i] is not None:
                 steps["skull_strip"] = round(strip_seconds[i], 3)
-            results.append(prepared)
+            results[i] = prepared
         except (ValueError, RuntimeError, OSError) as error:
-            results.append(error)
-    return results
+            results[i] = error
+    return results  # type: ignore[return-value]  # every slot is filled
+
+
+def _carried_registration(anchor_qa: Mapping[str, Any], carry_qa: Mapping[str, Any], anchor: Volume) -> RegistrationResult:
+    """The T1w series' template registration moved onto another series of the study.
+
+    ``template -> T1w`` (the T1w registration) followed by ``T1w -> series`` (the inverse of the
+    rigid carry's ``target_to_source``) maps template points onto the series.
+    """
+    template_to_anchor = np.asarray(anchor_qa["template_to_subject"], float)
+    target_to_source = np.asarray(carry_qa["target_to_source"], float)
+    matrix = np.linalg.inv(target_to_source) @ template_to_anchor
+    qa = {key: value for key, value in anchor_qa.items() if key != "template_to_subject"}
+    qa["carried_from"] = {
+        "series_instance_uid": anchor.series_instance_uid,
+        "rigid_metric": carry_qa.get("metric"),
+        "rotation_deg": carry_qa.get("rotation_deg"),
+        "translation_mm": carry_qa.get("translation_mm"),
+    }
+    return RegistrationResult(matrix=matrix, qa=qa)
 
 
 def _grid_image(prepared: PreprocessedVolume) -> sitk.Image:

@@ -122,3 +122,39 @@ def test_analysis_mask_is_validated():
         PreprocessConfig(analysis_mask="template")
     with pytest.raises(ValueError, match="analysis_margin_mm must be >= 0"):
         PreprocessConfig(analysis_margin_mm=-1.0)
+
+
+def test_t1w_registration_is_carried_to_the_other_series_of_the_study(template):
+    from codegraph3d.preprocess import preprocess_study
+    from codegraph3d.skullstrip import intensity_brain_mask
+
+    t1w, _ = _misaligned_subject(template, (4.0, -3.0, 5.0), (5.0, -4.0, 2.0))
+    t1w.series_instance_uid = "1.2.1"
+    # The same head, moved between the two acquisitions, seen with another contrast (inverted
+    # brain intensities) on another grid.
+    t2w_grid, t2w_true = _misaligned_subject(template, (7.0, -1.0, 2.0), (9.0, -1.0, 5.0), spacing=(2.0, 2.0, 4.0))
+    brain = t2w_grid.array > 0.05 * np.percentile(t2w_grid.array[t2w_grid.array > 0], 99)
+    array = np.where(brain, t2w_grid.array.max() * 1.1 - t2w_grid.array, 0.0).astype(np.float32)
+    t2w = Volume(array, t2w_grid.origin, t2w_grid.spacing, t2w_grid.direction, series_instance_uid="1.2.2")
+
+    def run(carry: bool):
+        config = PreprocessConfig(size=32, registration="affine", skull_strip="deepbet", carry_t1w_registration=carry)
+        return preprocess_study([(t2w, "T2w"), (t1w, "T1w")], config, template, stripper=lambda v: intensity_brain_mask(v, 0.02))
+
+    carried_t2w, carried_t1w = run(True)
+    own_t2w, _ = run(False)
+    for result in (carried_t2w, carried_t1w, own_t2w):
+        assert not isinstance(result, Exception), result
+    assert carried_t2w.qa["registration"]["carried_from"]["series_instance_uid"] == "1.2.1"
+    assert "carried_from" not in own_t2w.qa["registration"] and "carried_from" not in carried_t1w.qa["registration"]
+    # The carried map follows the head's motion between the acquisitions: template points land
+    # where the T2w series really shows them, not where the T1w series does.
+    z, y, x = np.nonzero(sitk.GetArrayFromImage(template.mask)[::8, ::8, ::8])
+    points = np.stack([x * 8, y * 8, z * 8]).T.astype(float)
+    physical = np.array([template.image.TransformContinuousIndexToPhysicalPoint(p) for p in points])
+    homogeneous = np.c_[physical, np.ones(len(physical))].T
+    t1w_map = np.asarray(carried_t1w.qa["registration"]["template_to_subject"])
+    t2w_map = np.asarray(carried_t2w.qa["registration"]["template_to_subject"])
+    error = np.linalg.norm((t2w_map @ homogeneous - t2w_true @ homogeneous)[:3], axis=0)
+    assert error.mean() < 2.0 and error.max() < 4.0, (error.mean(), error.max())
+    assert np.linalg.norm((t1w_map @ homogeneous - t2w_true @ homogeneous)[:3], axis=0).mean() > 5.0
