@@ -463,6 +463,9 @@ class Lesion:
         from the centre. 0 is a lesion without mass effect. See :meth:`mass_effect_pullback`.
     mass_effect_range_mm : float, default 0
         Distance (mm) past the boundary at which the push has faded to 0.
+    appearance : tuple of (contrast, rim, core), default ()
+        This lesion's own rim and core intensities per contrast (``lesion_appearance="varied"``),
+        replacing the subject's ``lesion_rim`` / ``lesion_core``; empty: the subject's values.
     """
 
     centre_lps: NDArray[np.float64]
@@ -476,6 +479,7 @@ class Lesion:
     intensity_scale: float
     mass_effect_mm: float = 0.0
     mass_effect_range_mm: float = 0.0
+    appearance: tuple[tuple[str, float, float], ...] = ()
 
     @property
     def max_extent_mm(self) -> float:
@@ -676,6 +680,7 @@ def random_subject(
     mass_effect_ratio: tuple[float, float] = (0.25, 0.45),
     with_head: bool = False,
     eyes: bool = True,
+    lesion_appearance: str = "typical",
 ) -> SubjectAnatomy:
     """Draw one subject: affine + elastic warp of the template, tissue jitter and lesions.
 
@@ -718,7 +723,15 @@ def random_subject(
         Draw a :class:`HeadShape` (skull, scalp, face, neck) so that series show a whole head.
     eyes : bool, default True
         With ``with_head``: draw the eyes and orbits.
+    lesion_appearance : {"typical", "varied"}, default "typical"
+        ``typical``: every lesion takes the contrast's lesion intensities (bright T2w, dark T1w
+        core; the subject's jitter and +-8 % per lesion), so lesions of different subjects look
+        alike: a *consistent* anomaly. ``varied``: each lesion draws its own rim and core
+        intensity per contrast (hyper- or hypointense, homogeneous or ring-like), so lesions are
+        unlike each other.
     """
+    if lesion_appearance not in LESION_APPEARANCES:
+        raise ValueError(f"lesion_appearance must be one of {', '.join(LESION_APPEARANCES)}; got {lesion_appearance!r}")
     _check_int("n_lesions", n_lesions, 0, 10)
     radius_mm = _check_interval("lesion_radius_mm", lesion_radius_mm, 0.0, 60.0, lo_open=True)
     irregularity = _check_range("lesion_irregularity", lesion_irregularity, 0.0, 0.5)
@@ -764,6 +777,8 @@ def random_subject(
     if mass_effect:
         lesions = tuple(_with_mass_effect(rng, item, push_ratio) for item in lesions)
     head = _random_head(rng, jitter, eyes) if with_head else None
+    if lesion_appearance == "varied":
+        lesions = tuple(dataclasses.replace(item, appearance=_varied_appearance(rng, intensities)) for item in lesions)
     return SubjectAnatomy(
         pullback=pullback,
         wavevectors=wavevectors,
@@ -773,6 +788,30 @@ def random_subject(
         intensities=intensities,
         head=head,
     )
+
+
+#: Lesion appearance models of :func:`random_subject`.
+LESION_APPEARANCES = ("typical", "varied")
+
+
+def _varied_appearance(
+    rng: np.random.Generator, intensities: Mapping[str, Mapping[str, float]]
+) -> tuple[tuple[str, float, float], ...]:
+    """A lesion's own (rim, core) per contrast, visibly unlike the grey and white matter.
+
+    Core and rim are uniform in [0.05, 1.0], redrawn until the core differs from the subject's
+    white matter by at least 0.2 and from its grey matter by at least 0.15, so the lesion is
+    visible whatever its polarity.
+    """
+    appearance = []
+    for contrast in CONTRASTS:
+        wm, gm = intensities[contrast]["wm"], intensities[contrast]["gm"]
+        while True:
+            rim, core = (float(v) for v in rng.uniform(0.05, 1.0, size=2))
+            if abs(core - wm) >= 0.2 and abs(core - gm) >= 0.15:
+                break
+        appearance.append((contrast, round(rim, 4), round(core, 4)))
+    return tuple(appearance)
 
 
 def _with_mass_effect(
@@ -1654,10 +1693,11 @@ def render_series(
         weight = item.membership(ratio)
         # Brighter (T2w) or darker (T1w) core fading to the rim value at the boundary.
         core_fraction = np.clip(1.0 - ratio, 0.0, 1.0)
-        lesion_value = item.intensity_scale * (
-            intensities["lesion_rim"]
-            + (intensities["lesion_core"] - intensities["lesion_rim"]) * core_fraction
-        )
+        rim, core = intensities["lesion_rim"], intensities["lesion_core"]
+        for name, own_rim, own_core in item.appearance:
+            if name == contrast:
+                rim, core = own_rim, own_core
+        lesion_value = item.intensity_scale * (rim + (core - rim) * core_fraction)
         blends.append((near, weight, lesion_value, ratio <= 1.0))
     for item in subject.lesions:
         if item.mass_effect_mm > 0:
@@ -3019,6 +3059,7 @@ def make_cohort(
     vary_fov: bool = False,
     fov_mm: tuple[float, float] = (200.0, 260.0),
     matrix_size: tuple[int, int] = (192, 320),
+    lesion_appearance: str = "typical",
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Generate a synthetic multi-study brain MR cohort with ground truth.
@@ -3084,6 +3125,9 @@ def make_cohort(
     matrix_size : (int, int), default (192, 320)
         Range of the in-plane matrix before ``matrix_scale`` (rounded to even numbers, at
         least 16).
+    lesion_appearance : {"typical", "varied"}, default "typical"
+        See :func:`random_subject`: ``typical`` lesions look alike across subjects (a consistent
+        anomaly); ``varied`` lesions each draw their own intensities.
     overwrite : bool, default False
         Replace an existing cohort's ``dicom/``, ``truth/`` and ``labels.json``.
 
@@ -3137,7 +3181,8 @@ def make_cohort(
     )
     # Validate the remaining subject and rendering options before anything is written.
     random_subject(np.random.default_rng(0), load_tissue_maps(template_resolution), n_lesions=0,
-                   mass_effect_ratio=mass_effect_ratio, eyes=eyes, **subject_options)
+                   mass_effect_ratio=mass_effect_ratio, eyes=eyes, lesion_appearance=lesion_appearance,
+                   **subject_options)
     _check_range("noise_fraction", noise_fraction, 0.0, 1.0)
     _check_range("bias_strength", bias_strength, 0.0, 1.0)
 
@@ -3165,7 +3210,7 @@ def make_cohort(
         n_lesions = int(rng.integers(lesions_lo, lesions_hi + 1)) if index in lesioned else 0
         subject = random_subject(rng, maps, n_lesions=n_lesions, mass_effect=index in mass_effect,
                                  mass_effect_ratio=mass_effect_ratio, with_head=index in heads,
-                                 eyes=eyes, **subject_options)
+                                 eyes=eyes, lesion_appearance=lesion_appearance, **subject_options)
         studies.append(_write_study(
             out, maps, subject, rng, seed=seed, index=index, contrasts=contrasts,
             with_localizer=index in with_localizer, matrix_scale=matrix_scale,
@@ -3193,7 +3238,7 @@ def make_cohort(
             "mass_effect_fraction": mass_effect_fraction,
             "mass_effect_ratio": [float(v) for v in mass_effect_ratio],
             "vary_fov": bool(vary_fov), "fov_mm": list(fov_mm),
-            "matrix_size": [matrix_lo, matrix_hi],
+            "matrix_size": [matrix_lo, matrix_hi], "lesion_appearance": lesion_appearance,
         },
         "n_studies": len(studies),
         "n_series": sum(len(s["series"]) for s in studies),
@@ -3362,7 +3407,8 @@ def _write_study(
         "lesions": [
             {"centre_template_lps_mm": [round(float(v), 3) for v in item.centre_lps],
              "semi_axes_mm": [round(float(v), 3) for v in item.semi_axes_mm],
-             "mass_effect_mm": round(float(item.mass_effect_mm), 3)}
+             "mass_effect_mm": round(float(item.mass_effect_mm), 3),
+             **({"appearance": {c: {"rim": r, "core": k} for c, r, k in item.appearance}} if item.appearance else {})}
             for item in subject.lesions
         ],
         "series": series_records,

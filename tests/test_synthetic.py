@@ -645,3 +645,31 @@ def test_invalid_new_options_fail_before_writing(
     with pytest.raises(error, match=message):
         make_cohort(target, **{**TINY, option: value})
     assert not target.exists()
+
+
+def test_varied_lesion_appearance_changes_only_the_lesions() -> None:
+    maps = synthetic.load_tissue_maps(2)
+    typical = synthetic.random_subject(np.random.default_rng(7), maps, n_lesions=1, lesion_radius_mm=(8.0, 9.0))
+    varied = synthetic.random_subject(np.random.default_rng(7), maps, n_lesions=1, lesion_radius_mm=(8.0, 9.0),
+                                      lesion_appearance="varied")
+    np.testing.assert_array_equal(typical.pullback, varied.pullback)
+    np.testing.assert_array_equal(typical.lesions[0].centre_lps, varied.lesions[0].centre_lps)
+    assert typical.lesions[0].appearance == () and {c for c, _, _ in varied.lesions[0].appearance} == {"T1w", "T2w"}
+    grid = synthetic.acquisition_grid(maps, typical, orientation="axial", spacing=[3.0, 3.0, 3.0],
+                                      rng=np.random.default_rng(1))
+    for contrast in ("T1w", "T2w"):
+        a = synthetic.render_series(maps, typical, grid, contrast, np.random.default_rng(2), noise_fraction=0.0, bias_strength=0.0)
+        b = synthetic.render_series(maps, varied, grid, contrast, np.random.default_rng(2), noise_fraction=0.0, bias_strength=0.0)
+        np.testing.assert_array_equal(a.lesion, b.lesion)
+        from scipy import ndimage
+
+        far = ~ndimage.binary_dilation(a.lesion, iterations=4)
+        # Equal up to the image-wide intensity scaling, which sees the lesion too.
+        np.testing.assert_allclose(a.image[far], b.image[far], rtol=5e-3)
+        assert not np.allclose(a.image[a.lesion], b.image[a.lesion], rtol=0.02)
+    # Lesions of different subjects are unlike each other.
+    cores = [synthetic.random_subject(np.random.default_rng(s), maps, n_lesions=1, lesion_appearance="varied")
+             .lesions[0].appearance[0][2] for s in range(8)]
+    assert np.ptp(cores) > 0.3
+    with pytest.raises(ValueError, match="lesion_appearance must be one of typical, varied"):
+        synthetic.random_subject(np.random.default_rng(0), maps, lesion_appearance="odd")

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vary-fov", action="store_true",
                         help="plan skull-stripped series with a 200-260 mm field of view and a "
                         "192-320 matrix (times --matrix-scale) too, so pixel spacing varies")
+    parser.add_argument("--lesion-appearance", choices=("typical", "varied"), default="typical",
+                        help="typical: lesions look alike across subjects (a consistent anomaly); "
+                        "varied: each lesion draws its own intensities (default typical)")
     parser.add_argument("--no-eyes", action="store_true",
                         help="heads without eyes and orbits")
     parser.add_argument("--overwrite", action="store_true",
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             lesion_fraction=args.lesion_fraction, with_localizer_fraction=args.localizer_fraction,
             contrasts=tuple(args.contrasts), matrix_scale=args.matrix_scale,
             head_fraction=args.head_fraction, mass_effect_fraction=args.mass_effect_fraction,
-            vary_fov=args.vary_fov, eyes=not args.no_eyes, overwrite=args.overwrite,
+            vary_fov=args.vary_fov, eyes=not args.no_eyes, lesion_appearance=args.lesion_appearance,
+            overwrite=args.overwrite,
         )
     except FileExistsError:
         print(f"error: {args.out} already holds a cohort; pass --overwrite to replace it",
