@@ -38,45 +38,51 @@ variant() {  # variant EXTRA_PREPROCESS_YAML_LINES: the demo configuration with 
   printf 'encoder:\n  name: intensity\nscoring:\n  window_radius: 1\noutput:\n  fractional: true\npreprocess:\n%b\n' "$1" > "$file"
   echo "$file"
 }
-subject="$(variant '  analysis_mask: subject')"
-# 1. The product's preprocessing (analysis mask: the brain within the registered template brain)
-#    on the harder cohort and on the same subjects pre-stripped, seeds 0-2.
-run tools/demo_config.yaml demo/cohort_heads demo/exp_heads_inter
-run tools/demo_config.yaml demo/cohort_heads_stripped demo/exp_s0_h0_inter
+earlier="$(variant '  analysis_mask: subject\n  carry_t1w_registration: false')"
+no_carry="$(variant '  carry_t1w_registration: false')"
+# 1. The product's preprocessing (T2w registered through the study's T1w series; analysis mask
+#    the brain within the registered template brain) on the harder cohort and on the same
+#    subjects pre-stripped, seeds 0-2.
+run tools/demo_config.yaml demo/cohort_heads demo/exp_s0_h0.5_carry
+run tools/demo_config.yaml demo/cohort_heads_stripped demo/exp_s0_h0_carry
 for seed in 1 2; do
-  run tools/demo_config.yaml demo/seed$seed-h0.5 demo/exp_s${seed}_h0.5_inter
-  run tools/demo_config.yaml demo/seed$seed-h0 demo/exp_s${seed}_h0_inter
+  run tools/demo_config.yaml demo/seed$seed-h0.5 demo/exp_s${seed}_h0.5_carry
+  run tools/demo_config.yaml demo/seed$seed-h0 demo/exp_s${seed}_h0_carry
 done
-# 2. The same with the subject's own brain mask as the analysis region (the earlier default).
-run "$subject" demo/cohort_heads demo/output_heads
-run "$subject" demo/cohort_heads_stripped demo/output_heads_stripped
+carry_a="demo/exp_s0_h0_carry-evaluation demo/exp_s1_h0_carry-evaluation demo/exp_s2_h0_carry-evaluation"
+carry_b="demo/exp_s0_h0.5_carry-evaluation demo/exp_s1_h0.5_carry-evaluation demo/exp_s2_h0.5_carry-evaluation"
+# shellcheck disable=SC2086
+$py -m codegraph3d.compare --a $carry_a --b $carry_b --name-a pre-stripped --name-b heads \
+  --json demo/compare_heads_vs_stripped.json | tee demo/compare_heads_vs_stripped.md
+# 2. Each series registered on its own (no T1w carry), the same seeds.
+run "$no_carry" demo/cohort_heads demo/exp_heads_inter
+run "$no_carry" demo/cohort_heads_stripped demo/exp_s0_h0_inter
 for seed in 1 2; do
-  run "$subject" demo/seed$seed-h0.5 demo/exp_s${seed}_h0.5_subject
-  run "$subject" demo/seed$seed-h0 demo/exp_s${seed}_h0_subject
+  run "$no_carry" demo/seed$seed-h0.5 demo/exp_s${seed}_h0.5_inter
+  run "$no_carry" demo/seed$seed-h0 demo/exp_s${seed}_h0_inter
 done
-$py tools/summarise_runs.py \
-  "heads, template_intersection=demo/exp_heads_inter-evaluation" \
-  "heads, template_intersection=demo/exp_s1_h0.5_inter-evaluation" \
-  "heads, template_intersection=demo/exp_s2_h0.5_inter-evaluation" \
-  "pre-stripped, template_intersection=demo/exp_s0_h0_inter-evaluation" \
-  "pre-stripped, template_intersection=demo/exp_s1_h0_inter-evaluation" \
-  "pre-stripped, template_intersection=demo/exp_s2_h0_inter-evaluation" \
-  "heads, subject=demo/output_heads-evaluation" \
-  "heads, subject=demo/exp_s1_h0.5_subject-evaluation" \
-  "heads, subject=demo/exp_s2_h0.5_subject-evaluation" \
-  "pre-stripped, subject=demo/output_heads_stripped-evaluation" \
-  "pre-stripped, subject=demo/exp_s1_h0_subject-evaluation" \
-  "pre-stripped, subject=demo/exp_s2_h0_subject-evaluation" | tee demo/seeds_summary.md
-# 3. Earlier single-seed comparisons, with the subject's brain mask as the analysis region:
+$py -m codegraph3d.compare --a demo/exp_s0_h0_inter-evaluation demo/exp_s1_h0_inter-evaluation \
+  demo/exp_s2_h0_inter-evaluation --b demo/exp_heads_inter-evaluation demo/exp_s1_h0.5_inter-evaluation \
+  demo/exp_s2_h0.5_inter-evaluation --name-a pre-stripped --name-b heads | tee demo/compare_no_carry.md
+# shellcheck disable=SC2086
+$py -m codegraph3d.compare --a demo/exp_heads_inter-evaluation demo/exp_s1_h0.5_inter-evaluation \
+  demo/exp_s2_h0.5_inter-evaluation --b $carry_b --name-a "own registration" --name-b "T1w carried" \
+  | tee demo/compare_carry_heads.md
+# 3. The earlier default (the subject's brain mask as the analysis region, own registration), seed 0.
+run "$earlier" demo/cohort_heads demo/output_heads
+run "$earlier" demo/cohort_heads_stripped demo/output_heads_stripped
+$py -m codegraph3d.compare --a demo/output_heads-evaluation --b demo/exp_heads_inter-evaluation \
+  --name-a "subject mask" --name-b "within template" | tee demo/compare_analysis_mask.md
+# 4. Earlier single-seed comparisons, with the subject's brain mask as the analysis region:
 #    the first demo cohort, all heads, no N4, Nyul landmarks within the template brain.
-run "$subject" demo/cohort demo/output_stripped
-run "$subject" demo/cohort_allheads demo/output_allheads
-run "$(variant '  analysis_mask: subject\n  bias_correction: none')" demo/cohort_heads demo/output_heads_non4
-run "$(variant '  analysis_mask: subject\n  landmark_region: template')" demo/cohort_heads demo/output_heads_lmt
-run "$(variant '  analysis_mask: subject\n  landmark_region: template')" demo/cohort_heads_stripped demo/output_hs_lmt
-# 4. Brain masks against the generator's truth: deepbet, the T1w mask carried, the template mask.
+run "$earlier" demo/cohort demo/output_stripped
+run "$earlier" demo/cohort_allheads demo/output_allheads
+run "$(variant '  analysis_mask: subject\n  carry_t1w_registration: false\n  bias_correction: none')" demo/cohort_heads demo/output_heads_non4
+run "$(variant '  analysis_mask: subject\n  carry_t1w_registration: false\n  landmark_region: template')" demo/cohort_heads demo/output_heads_lmt
+run "$(variant '  analysis_mask: subject\n  carry_t1w_registration: false\n  landmark_region: template')" demo/cohort_heads_stripped demo/output_hs_lmt
+# 5. Brain masks against the generator's truth: deepbet, the T1w mask carried, the template mask.
 $py -m codegraph3d.mask_quality demo/cohort_heads --models demo/models --methods deepbet carried template \
   --out demo/mask_quality.md --out demo/mask_quality.json
-# 5. Per-step preprocessing time, one worker, on the T1w series of the harder cohort.
+# 6. Per-step preprocessing time, one worker, on the T1w series of the harder cohort.
 $py -m codegraph3d.benchmark --encoder intensity --cohort-dir demo/cohort_heads --contrast T1w \
   --models demo/models --config tools/demo_config.yaml --out demo/benchmark_preprocess.md
