@@ -73,6 +73,9 @@ run "$earlier" demo/cohort_heads demo/output_heads
 run "$earlier" demo/cohort_heads_stripped demo/output_heads_stripped
 $py -m codegraph3d.compare --a demo/output_heads-evaluation --b demo/exp_heads_inter-evaluation \
   --name-a "subject mask" --name-b "within template" | tee demo/compare_analysis_mask.md
+# Where the false positives lie, with either analysis mask.
+$py tools/edge_false_positives.py --run demo/output_heads --truth demo/cohort_heads | tee demo/edge_subject.md
+$py tools/edge_false_positives.py --run demo/exp_heads_inter --truth demo/cohort_heads | tee demo/edge_inter.md
 # 4. Earlier single-seed comparisons, with the subject's brain mask as the analysis region:
 #    the first demo cohort, all heads, no N4, Nyul landmarks within the template brain.
 run "$earlier" demo/cohort demo/output_stripped
