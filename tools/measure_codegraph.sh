@@ -20,8 +20,10 @@ seeds="${SEEDS:-11 12 13}"
 for appearance in typical varied; do
   for seed in $seeds; do
     cohort="$out/cohort_${appearance}_$seed"
+    # labels.json is written last: without it the cohort is incomplete (an interrupted run) and is redone.
     [ -f "$cohort/labels.json" ] || $py tools/make_demo_cohort.py "$cohort" --subjects 40 --seed "$seed" \
-      --lesion-fraction 0.35 --contrasts T2w --localizer-fraction 0 --lesion-appearance "$appearance" --quiet
+      --lesion-fraction 0.35 --contrasts T2w --localizer-fraction 0 --lesion-appearance "$appearance" \
+      --overwrite --quiet
   done
 done
 
