@@ -181,6 +181,23 @@ def _validate(config: Mapping[str, Any]) -> None:
         raise ConfigError("tokens.min_brain_fraction must lie in (0, 1]")
     if any(not isinstance(layer, int) or layer < 1 for layer in config["encoder"]["layers"]):
         raise ConfigError(f"encoder.layers must be 1-based block indices; got {config['encoder']['layers']}")
+    batch_size = config["scoring"]["batch_size"]
+    if not isinstance(batch_size, int) or batch_size == 1 or batch_size < 0:
+        raise ConfigError(f"scoring.batch_size must be 0 (one batch) or at least 2; got {batch_size!r}")
+    if not isinstance(config["scoring"]["batch_seed"], int) or config["scoring"]["batch_seed"] < 0:
+        raise ConfigError(f"scoring.batch_seed must be an integer >= 0; got {config['scoring']['batch_seed']!r}")
+    bank = config["bank"]
+    if config["threshold"]["policy"] not in ("robust_z", "bank"):
+        raise ConfigError(f"threshold.policy must be robust_z or bank; got {config['threshold']['policy']!r}")
+    if config["threshold"]["policy"] == "bank" and not bank["folder"]:
+        raise ConfigError("threshold.policy bank needs a cohort bank: set bank.folder")
+    if bank["add_scored"] not in ("none", "unflagged", "all"):
+        raise ConfigError(f"bank.add_scored must be none, unflagged or all; got {bank['add_scored']!r}")
+    for key, low in (("min_patients", 2), ("max_references", 1), ("seed", 0)):
+        if not isinstance(bank[key], int) or bank[key] < low:
+            raise ConfigError(f"bank.{key} must be an integer >= {low}; got {bank[key]!r}")
+    if bank["folder"] and Path(bank["folder"]).expanduser().exists() and not Path(bank["folder"]).expanduser().is_dir():
+        raise ConfigError(f"bank.folder {bank['folder']!r} is a file; point it at the cohort bank's folder, or '' to turn it off")
     folder = config["cache"]["folder"]
     if folder and Path(folder).expanduser().exists() and not Path(folder).expanduser().is_dir():
         raise ConfigError(

@@ -31,7 +31,13 @@ from .maps import token_grid_map, upsample_token_map
 from .parallel import PreprocessSetup, SeriesJob, SeriesOutcome, StudyPreprocessor, resolve_workers
 from .preprocess import PreprocessConfig, PreprocessedVolume, resample_to_source
 from .scoring import BatchScores, score_batch
-from .thresholds import ThresholdDecision, decide_thresholds, score_to_unit_mapping, to_unit
+from .thresholds import (
+    ThresholdDecision,
+    decide_thresholds,
+    decide_thresholds_from_reference,
+    score_to_unit_mapping,
+    to_unit,
+)
 from .tokens import TokenSet, encode_volume, project
 
 __all__ = [
@@ -48,8 +54,11 @@ __all__ = [
     "scan_input",
     "select_input",
     "tokenise_selected",
+    "batch_chunks",
+    "open_bank",
     "score_batches",
     "series_outputs",
+    "update_bank",
 ]
 
 logger = logging.getLogger(__name__)
@@ -207,6 +216,7 @@ class Tokenisation:
     skipped: dict[str, str]  # series UID -> reason
     encoder: dict[str, Any]
     skipped_qa: dict[str, dict[str, Any]] = field(default_factory=dict)  # QA of series that failed it
+    landmarks: dict[str, Any] | None = None  # Nyul references in effect (part of token identity)
 
 
 def open_cache(config: Mapping[str, Any]) -> TokenCache | None:
@@ -389,8 +399,8 @@ def tokenise_selected(
     studies = [study for study in selection.scan.studies if study.study_instance_uid in taken_by_study]
     total = len(selection.taken)
     done = 0
-    result = Tokenisation(series=[], skipped={}, encoder=encoder.identity())
     landmarks = landmark_material(config, model_path)
+    result = Tokenisation(series=[], skipped={}, encoder=encoder.identity(), landmarks=landmarks)
     workers = resolve_workers(int(config["preprocess"]["workers"]), len(studies))
     setup = preprocess_setup(config, model_path, workers)
 
@@ -518,7 +528,12 @@ def reference_groups(decisions: Sequence[SeriesDecision], exclude_same: str) -> 
 
 @dataclass
 class ScoredBatch:
-    """One contrast batch after scoring and thresholding."""
+    """One scored batch (a contrast, or one chunk of it) after thresholding.
+
+    ``scores`` and ``decision`` cover the input's ``members`` only (in their order); cohort-bank
+    volumes that joined the batch as references are listed in ``bank_references`` and, after the
+    members, in ``volume_uids`` (the indices CoDeGraph's diagnostics use).
+    """
 
     contrast: str
     members: list[TokenisedSeries]
@@ -526,6 +541,10 @@ class ScoredBatch:
     decision: ThresholdDecision
     unit_low: float
     unit_high: float
+    chunk: int = 0
+    n_chunks: int = 1
+    bank_references: list[str] = field(default_factory=list)
+    volume_uids: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -536,83 +555,210 @@ class Scoring:
     skipped: dict[str, str]
     tokenisation: Tokenisation
     errors: dict[str, str] = field(default_factory=dict)  # contrast -> why the batch failed
+    bank: dict[str, Any] = field(default_factory=dict)  # folder, settings id, series used (report.json)
 
 
-def score_batches(tokenisation: Tokenisation, config: Mapping[str, Any]) -> Scoring:
-    """MuSc-score each contrast batch, fuse layers, and apply the threshold policy.
+def batch_chunks(n_volumes: int, batch_size: int, seed: int) -> list[np.ndarray]:
+    """Random, seeded, non-overlapping chunks covering ``range(n_volumes)``.
 
-    A batch with fewer than two eligible volumes cannot be scored (batch-based zero-shot needs
-    references): its series are skipped with the reason; other batches still run.
+    ``batch_size <= 0`` or ``>= n_volumes``: one chunk of everything (in order). Otherwise
+    ``ceil(n / batch_size)`` chunks of near-equal size (sizes differ by at most one, so no chunk is
+    a small remainder), drawn from one seeded permutation; each chunk is sorted.
+    """
+    if batch_size <= 0 or n_volumes <= batch_size:
+        return [np.arange(n_volumes)]
+    n_chunks = -(-n_volumes // batch_size)
+    order = np.random.default_rng(seed).permutation(n_volumes)
+    return [np.sort(part) for part in np.array_split(order, n_chunks)]
+
+
+def _slice_scores(scores: BatchScores, n: int) -> BatchScores:
+    """The first ``n`` volumes' part of a batch's scores (the input's members)."""
+    return BatchScores(
+        token_scores=scores.token_scores[:n],
+        volume_scores=scores.volume_scores[:n],
+        per_layer=[layer[:n] for layer in scores.per_layer],
+        n_references=scores.n_references[:n],
+        k=scores.k[:n],
+        codegraph=scores.codegraph,
+    )
+
+
+def open_bank(config: Mapping[str, Any], tokenisation: Tokenisation, create: bool = False) -> Any:
+    """The configured cohort bank, checked against this run's settings; None when off.
 
     Raises
     ------
     CohortError
-        When no batch could be scored.
+        When the bank is missing (and not to be created) or was built with other settings.
+    """
+    from .bank import BankError, CohortBank, bank_settings
+
+    folder = str(config.get("bank", {}).get("folder", "") or "")
+    if not folder:
+        return None
+    try:
+        return CohortBank(folder, bank_settings(config, tokenisation.encoder, tokenisation.landmarks), create=create)
+    except BankError as error:
+        raise CohortError(str(error)) from error
+
+
+def score_batches(tokenisation: Tokenisation, config: Mapping[str, Any]) -> Scoring:
+    """Score each contrast batch (in chunks when configured), fuse layers, apply the threshold policy.
+
+    A contrast's series are split into ``scoring.batch_size`` chunks (:func:`batch_chunks`). A
+    chunk with fewer than ``bank.min_patients`` patients (or any chunk under
+    ``threshold.policy: bank``) draws up to ``bank.max_references`` references of its contrast
+    from the cohort bank, never of its own patients or studies. A chunk that still has fewer than
+    two patients cannot be scored: its series are skipped with the reason; other chunks still run.
+
+    Raises
+    ------
+    CohortError
+        When no batch could be scored, or the configured bank cannot be used.
     """
     by_contrast: dict[str, list[TokenisedSeries]] = defaultdict(list)
     for record in tokenisation.series:
         by_contrast[record.decision.contrast].append(record)
     scoring = Scoring(batches=[], skipped=dict(tokenisation.skipped), tokenisation=tokenisation)
     settings = config["scoring"]
-    for contrast, members in by_contrast.items():
-        groups = reference_groups([m.decision for m in members], settings["exclude_same"])
-        try:
-            if len(set(groups)) < 2:
-                raise ValueError(
-                    f"the {contrast} batch holds {len(members)} series from "
-                    f"{len(set(groups))} patient(s); batch scoring needs series of at least two "
-                    "different patients of the same contrast. Add studies of other patients "
-                    "to the input."
+    bank_config = config["bank"]
+    threshold_settings = config["threshold"]
+    bank_policy = threshold_settings["policy"] == "bank"
+    has_bank_folder = bool(bank_config["folder"])
+    bank = None
+    if has_bank_folder:
+        # A bank that add_scored will fill may not exist yet; one that is only read must.
+        bank = open_bank(config, tokenisation, create=bank_config["add_scored"] != "none")
+        scoring.bank = {"folder": str(bank.folder), "settings_id": bank.settings_id, "references": {}}
+    for contrast, all_members in by_contrast.items():
+        chunks = batch_chunks(len(all_members), settings["batch_size"], settings["batch_seed"])
+        contrast_batches: list[ScoredBatch] = []
+        for chunk_index, chunk in enumerate(chunks):
+            members = [all_members[i] for i in chunk]
+            label = contrast if len(chunks) == 1 else f"{contrast} chunk {chunk_index + 1}/{len(chunks)}"
+            own_groups = reference_groups([m.decision for m in members], settings["exclude_same"])
+            references = []
+            if bank is not None and (bank_policy or len(set(own_groups)) < bank_config["min_patients"]):
+                references = bank.references(
+                    contrast,
+                    exclude_patients=[m.decision.patient_id for m in members],
+                    exclude_studies=[m.decision.study_instance_uid for m in members],
+                    layer_names=members[0].tokens.layer_names,
+                    max_count=bank_config["max_references"],
+                    seed=bank_config["seed"],
                 )
-            n_layers = len(members[0].tokens.tokens)
-            layer_sets = [[m.tokens.tokens[layer] for m in members] for layer in range(n_layers)]
-            scores = score_batch(
-                layer_sets,
-                k_fraction=settings["k_fraction"],
-                groups=groups,
-                device=None if settings["device"] == "auto" else settings["device"],
-                chunk_size=settings["chunk_size"],
-                window_radius=None if settings["window_radius"] < 0 else settings["window_radius"],
-                coords=[m.tokens.coords for m in members],
-                grid_shape=members[0].tokens.grid_shape,
-                method=settings["method"],
-                codegraph=CoDeGraphConfig(**settings["codegraph"]) if settings["method"] == "codegraph" else None,
+            n = len(members)
+            token_sets = [m.tokens.tokens for m in members] + [r.tokens for r in references]
+            coords = [m.tokens.coords for m in members] + [r.coords for r in references]
+            groups = own_groups + [("bank", r.entry.patient_id or r.entry.study_instance_uid) for r in references]
+            try:
+                if len(set(groups)) < 2:
+                    raise ValueError(
+                        f"the {label} batch holds {n} series from {len(set(own_groups))} patient(s); "
+                        "batch scoring needs series of at least two different patients of the same "
+                        "contrast. Add studies of other patients to the input"
+                        + ("." if has_bank_folder else ", or configure a cohort bank (bank.folder) of prior studies.")
+                    )
+                if bank_policy and not references:
+                    raise ValueError(
+                        f"threshold.policy is bank, but the cohort bank holds no {contrast} series of other "
+                        "patients; add prior studies with `python -m codegraph3d.bank add`, or use policy robust_z"
+                    )
+                if any(r.grid_shape != members[0].tokens.grid_shape for r in references):
+                    raise ValueError("cohort bank tokens lie on another token grid than this run's")
+                n_layers = len(members[0].tokens.tokens)
+                layer_sets = [[tokens[layer] for tokens in token_sets] for layer in range(n_layers)]
+                scores = score_batch(
+                    layer_sets,
+                    k_fraction=settings["k_fraction"],
+                    groups=groups,
+                    device=None if settings["device"] == "auto" else settings["device"],
+                    chunk_size=settings["chunk_size"],
+                    window_radius=None if settings["window_radius"] < 0 else settings["window_radius"],
+                    coords=coords,
+                    grid_shape=members[0].tokens.grid_shape,
+                    method=settings["method"],
+                    codegraph=CoDeGraphConfig(**settings["codegraph"]) if settings["method"] == "codegraph" else None,
+                )
+            except ValueError as error:
+                reason = f"{label} batch not scored: {error}"
+                logger.error(reason)
+                scoring.errors[label] = str(error)
+                for member in members:
+                    scoring.skipped[member.decision.series_instance_uid] = reason
+                continue
+            if bank_policy:
+                decision = decide_thresholds_from_reference(
+                    scores.token_scores[:n], scores.volume_scores[:n],
+                    scores.token_scores[n:], scores.volume_scores[n:],
+                    z_volume=threshold_settings["volume_z"], z_token=threshold_settings["token_z"],
+                )
+            else:
+                # With bank references, the whole batch is the sample the outlier rule needs.
+                full = decide_thresholds(
+                    scores.token_scores, scores.volume_scores,
+                    z_volume=threshold_settings["volume_z"], z_token=threshold_settings["token_z"],
+                )
+                decision = ThresholdDecision(
+                    full.volume_threshold, full.voxel_threshold, full.flagged[:n], full.policy,
+                    {**full.params, "n_bank_volumes": len(references)} if references else full.params,
+                )
+            uids = [m.decision.series_instance_uid for m in members] + [
+                f"bank:{r.entry.series_instance_uid}" for r in references
+            ]
+            if scores.codegraph is not None:
+                found = scores.codegraph.communities
+                logger.info(
+                    "batch %s: CoDeGraph found %d group(s) of volumes sharing an anomaly %s; %d token(s) "
+                    "excluded from their references", label, len(found),
+                    [[uids[v] for v in group] for group in found], int(scores.codegraph.implicated_totals.sum()),
+                )
+            if references:
+                scoring.bank["references"][label] = [r.entry.series_instance_uid for r in references]
+                logger.info("batch %s: %d cohort-bank volume(s) joined as references", label, len(references))
+            batch = ScoredBatch(
+                contrast, members, _slice_scores(scores, n), decision, 0.0, 1.0,
+                chunk=chunk_index, n_chunks=len(chunks),
+                bank_references=[r.entry.series_instance_uid for r in references], volume_uids=uids,
             )
-        except ValueError as error:
-            reason = f"{contrast} batch not scored: {error}"
-            logger.error(reason)
-            scoring.errors[contrast] = str(error)
-            for member in members:
-                scoring.skipped[member.decision.series_instance_uid] = reason
-            continue
-        threshold_settings = config["threshold"]
-        decision = decide_thresholds(
-            scores.token_scores,
-            scores.volume_scores,
-            z_volume=threshold_settings["volume_z"],
-            z_token=threshold_settings["token_z"],
-        )
-        if scores.codegraph is not None:
-            found = scores.codegraph.communities
+            contrast_batches.append(batch)
             logger.info(
-                "batch %s: CoDeGraph found %d group(s) of volumes sharing an anomaly %s; %d token(s) "
-                "excluded from their references", contrast, len(found),
-                [[members[v].decision.series_instance_uid for v in group] for group in found],
-                int(scores.codegraph.implicated_totals.sum()),
+                "batch %s: %d series scored, %d flagged (volume threshold %.4g, voxel threshold %.4g)",
+                label, n, int(decision.flagged.sum()), decision.volume_threshold, decision.voxel_threshold,
             )
-        low, high = score_to_unit_mapping(scores.token_scores)
-        batch = ScoredBatch(contrast, members, scores, decision, low, high)
-        scoring.batches.append(batch)
-        logger.info(
-            "batch %s: %d series scored, %d flagged (volume threshold %.4g, voxel threshold %.4g)",
-            contrast, len(members), int(decision.flagged.sum()), decision.volume_threshold,
-            decision.voxel_threshold,
-        )
+        if contrast_batches:
+            # One unit mapping per contrast, so FRACTIONAL maps of all its chunks share a scale.
+            low, high = score_to_unit_mapping([s for b in contrast_batches for s in b.scores.token_scores])
+            for batch in contrast_batches:
+                batch.unit_low, batch.unit_high = low, high
+            scoring.batches += contrast_batches
     if not scoring.batches:
         raise CohortError(
             "no contrast batch could be scored: " + "; ".join(f"{c}: {e}" for c, e in scoring.errors.items())
         )
     return scoring
+
+
+def update_bank(scoring: Scoring, config: Mapping[str, Any], source: str = "") -> list[str]:
+    """Add the run's scored series to the cohort bank as ``bank.add_scored`` says; return their UIDs.
+
+    ``unflagged`` adds only series the threshold policy did not flag (the bank should describe
+    normal-looking anatomy); ``all`` adds every scored series; ``none`` adds nothing.
+    """
+    from .bank import series_record
+
+    policy = config["bank"]["add_scored"]
+    if policy == "none" or not config["bank"]["folder"]:
+        return []
+    bank = open_bank(config, scoring.tokenisation, create=True)
+    records = [
+        series_record(member)
+        for batch in scoring.batches
+        for index, member in enumerate(batch.members)
+        if policy == "all" or not batch.decision.flagged[index]
+    ]
+    return bank.add(records, source=source)
 
 
 # ---------------------------------------------------------------------------------------------

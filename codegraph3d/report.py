@@ -77,7 +77,7 @@ def _series_row(decision, status: str, reason: str) -> dict[str, Any]:
 def _codegraph_summary(batch) -> dict[str, Any]:
     """What CoDeGraph found in a batch, by series UID (report.json)."""
     found = batch.scores.codegraph
-    uids = [member.decision.series_instance_uid for member in batch.members]
+    uids = batch.volume_uids or [member.decision.series_instance_uid for member in batch.members]
     implicated = found.implicated_totals
     return {
         "communities": [[uids[v] for v in group] for group in found.communities],
@@ -137,7 +137,10 @@ def write_results(
                 maps = series_outputs(batch, index)
                 details = (
                     f"{ALGORITHM_NAME} {__version__}; encoder {encoder['description']}; "
-                    f"batch {batch.contrast} of {len(batch.members)}; volume threshold "
+                    f"batch {batch.contrast} of {len(batch.members)}"
+                    + (f" + {len(batch.bank_references)} bank references" if batch.bank_references else "")
+                    + (f" (chunk {batch.chunk + 1}/{batch.n_chunks})" if batch.n_chunks > 1 else "")
+                    + "; volume threshold "
                     f"{batch.decision.volume_threshold:.6g}, voxel threshold {batch.decision.voxel_threshold:.6g}"
                 )
                 common = dict(
@@ -182,6 +185,9 @@ def write_results(
                 {
                     "contrast": batch.contrast,
                     "n_series": len(batch.members),
+                    "chunk": batch.chunk + 1,
+                    "n_chunks": batch.n_chunks,
+                    "bank_references": list(batch.bank_references),
                     "threshold": batch.decision.volume_threshold,
                     "voxel_threshold": batch.decision.voxel_threshold,
                     "threshold_policy": batch.decision.policy,
@@ -216,6 +222,7 @@ def write_results(
         series=list(rows.values()),
         studies=list(studies.values()),
         bad_files=[{"path": str(path), "reason": reason} for path, reason in selection.scan.bad_files],
+        bank=scoring.bank or None,
         timings_s={stage: round(seconds, 3) for stage, seconds in timer.seconds.items()},
         peak_rss_mb=round(peak_rss_mb(), 1),
     )

@@ -37,6 +37,12 @@ flags few of them (MuSc itself cannot score such a batch well either); and the f
 null depends on ``z_volume`` and on how heavy the upper tail of volume scores is for the encoder in
 use: measure it on a normal cohort before clinical use.
 
+Bank-referenced thresholds (:func:`decide_thresholds_from_reference`): when the batch's
+references come from a cohort bank of prior studies (``threshold.policy: bank``), both bounds are
+computed on the bank volumes' scores in the same batch (scored alongside, so on the same scale)
+and applied to the input's volumes. A batch of one study then has a threshold at all, and the
+bound no longer depends on how many of the input's own studies are anomalous.
+
 FRACTIONAL maps use one linear mapping per contrast batch (:func:`score_to_unit_mapping`):
 ``low`` is the median pooled token score (a typical normal token maps to 0) and ``high`` is the
 largest volume score of the batch (the batch's most anomalous token maps to 1). Every map of the
@@ -55,6 +61,7 @@ __all__ = [
     "ThresholdDecision",
     "binary_token_masks",
     "decide_thresholds",
+    "decide_thresholds_from_reference",
     "robust_upper_bound",
     "score_to_unit_mapping",
     "simulate_all_normal_flag_rate",
@@ -62,6 +69,7 @@ __all__ = [
 ]
 
 POLICY_NAME = "robust-mad-two-level/1"
+BANK_POLICY_NAME = "bank-robust-mad-two-level/1"
 MAD_TO_SIGMA = 1.4826
 
 
@@ -219,6 +227,55 @@ def decide_thresholds(
             "token_mad": tok_mad,
             "token_bound": float(token_bound),
         },
+    )
+
+
+def decide_thresholds_from_reference(
+    token_scores: Sequence[np.ndarray],
+    volume_scores: np.ndarray,
+    reference_token_scores: Sequence[np.ndarray],
+    reference_volume_scores: np.ndarray,
+    *,
+    z_volume: float = 3.0,
+    z_token: float = 3.0,
+    mad_floor_fraction: float = 0.01,
+    min_volumes: int = 3,
+) -> ThresholdDecision:
+    """Thresholds from reference volumes (a cohort bank's), applied to the query volumes.
+
+    The two-level policy of :func:`decide_thresholds` runs on the reference scores; the query
+    volumes are flagged when their volume score exceeds its volume threshold, and the voxel
+    threshold (from the references' unflagged volumes) applies to them unchanged.
+
+    Parameters
+    ----------
+    token_scores, volume_scores
+        The query volumes' fused token scores and volume scores.
+    reference_token_scores, reference_volume_scores
+        The reference volumes' scores, from the same scoring run (the same scale).
+    z_volume, z_token, mad_floor_fraction
+        As in :func:`decide_thresholds`.
+    min_volumes : int, default 3
+        Fewer reference volumes than this flag nothing.
+    """
+    queries = _validated_token_scores(token_scores)
+    vol = np.asarray(volume_scores, dtype=np.float64).ravel()
+    if vol.shape != (len(queries),) or not np.isfinite(vol).all():
+        raise ValueError(f"volume_scores must be ({len(queries)},) finite values; got shape {vol.shape}")
+    reference = decide_thresholds(
+        reference_token_scores, reference_volume_scores, z_volume=z_volume, z_token=z_token,
+        mad_floor_fraction=mad_floor_fraction, min_volumes=1,
+    )
+    n_reference = len(reference.flagged)
+    enough = n_reference >= min_volumes
+    flagged = vol > reference.volume_threshold if enough else np.zeros(len(queries), dtype=bool)
+    return ThresholdDecision(
+        volume_threshold=reference.volume_threshold,
+        voxel_threshold=reference.voxel_threshold,
+        flagged=flagged,
+        policy=BANK_POLICY_NAME,
+        params={**reference.params, "min_volumes": int(min_volumes), "n_reference_volumes": n_reference,
+                "n_reference_flagged": int(reference.flagged.sum())},
     )
 
 

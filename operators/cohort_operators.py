@@ -18,12 +18,15 @@ from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from codegraph3d.pipeline import (
     StageTimer,
+    CohortError,
     build_encoder,
     scan_input,
     score_batches,
     select_input,
     tokenise_selected,
+    update_bank,
 )
+from codegraph3d.atomic import write_json_atomic
 from codegraph3d.report import write_results
 
 logger = logging.getLogger("codegraph3d.operators")
@@ -155,6 +158,17 @@ class ResultWriterOperator(Operator):
         # highdicom logs every copied module at INFO: thousands of lines per cohort.
         logging.getLogger("highdicom").setLevel(logging.WARNING)
         report = write_results(scoring, selection, self.output_folder, self.config, self.timer)
+        if self.config["bank"]["add_scored"] != "none":
+            # After the results are written: a bank problem must not cost the study its SEGs.
+            try:
+                added = update_bank(scoring, self.config, source=str(self.output_folder))
+                report.setdefault("bank", None)
+                report["bank"] = {**(report["bank"] or {}), "added": added}
+                logger.info("cohort bank: added %d series (bank.add_scored %s)", len(added), self.config["bank"]["add_scored"])
+            except (CohortError, ValueError, OSError) as error:
+                report["bank_error"] = str(error)
+                logger.error("cohort bank not updated: %s", error)
+            write_json_atomic(self.output_folder / "report.json", report)
         scored = [row for row in report["series"] if row["status"] == "scored"]
         logger.info(
             "wrote %d SEG(s) and report.json to %s; timings (s): %s; peak RSS %.0f MB",

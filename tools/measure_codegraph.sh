@@ -6,7 +6,10 @@
 # Each cohort is preprocessed and encoded once (token cache); MuSc and CoDeGraph then score the
 # same tokens, with global matching (the paper) and with the radius-1 window (the demo's).
 # Differences are paired over the same subjects, with bootstrap intervals (codegraph3d.compare).
-# Weight-free intensity encoder. About 2 hours on 2 CPU cores. Outputs under demo/codegraph/.
+# The cohorts are generated pre-skull-stripped on one grid, so preprocessing is the first version's
+# (tools/prestripped_config.yaml: no bias correction, stripping or registration): both methods score
+# the same tokens, and what differs is only the scorer. Weight-free intensity encoder.
+# About 1.5 hours on 2 CPU cores. Outputs under demo/codegraph/.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -30,7 +33,7 @@ done
 config() {  # config METHOD WINDOW_RADIUS -> a YAML file
   local file
   file="$(mktemp --suffix .yaml)"
-  printf 'encoder:\n  name: intensity\nscoring:\n  window_radius: %s\n  method: %s\noutput:\n  fractional: true\ncache:\n  folder: %s\n' \
+  printf 'preprocess:\n  bias_correction: none\n  skull_strip: none\n  registration: none\n  intensity_scaling: landmarks\nencoder:\n  name: intensity\nscoring:\n  window_radius: %s\n  method: %s\noutput:\n  fractional: true\ncache:\n  folder: %s\n' \
     "$2" "$1" "$root/$out/token_cache" > "$file"
   echo "$file"
 }

@@ -1,0 +1,523 @@
+"""Cohort bank: the tokens of earlier studies, kept as references for studies that arrive alone.
+
+Batch-based zero-shot scoring compares each volume with the other volumes of its batch. A MAP is
+usually triggered per study, so a study often arrives with nothing to compare it with. The bank
+keeps the projected tokens of scored (or explicitly added) series, so that such a study is scored
+against up to ``bank.max_references`` prior volumes of its contrast; their scores in that batch
+also give a threshold reference (``threshold.policy: bank``).
+
+Layout::
+
+    <folder>/bank.json                       manifest: format, settings, settings id, entries
+    <folder>/tokens/<SeriesInstanceUID>.npz  one series' tokens (every layer), coords, grid shape
+    <folder>/.lock                           advisory lock serialising writers
+
+Tokens are only comparable when everything that made them agrees: preprocessing, the token grid,
+the projection, the encoder (name, weights SHA-256, layers) and the Nyul references. Those form
+the bank's *settings* (:func:`bank_settings`), fixed when the bank is created and compared on
+every open; a run with other settings is refused with the fields that differ.
+
+Crash safety: an entry's ``.npz`` is written under a temporary name and renamed, and only then is
+the manifest (also renamed into place) updated; removal rewrites the manifest first and deletes
+files after. A writer killed at any point leaves the previous manifest intact plus, at worst, an
+``.npz`` no manifest entry names: readers use only manifest entries whose file hashes to the
+recorded SHA-256, and ``check --repair`` deletes such orphans.
+
+Command line::
+
+    python -m codegraph3d.bank list BANK
+    python -m codegraph3d.bank add BANK -i DICOM_FOLDER [-m MODEL_FOLDER]
+    python -m codegraph3d.bank remove BANK --study STUDY_UID [STUDY_UID ...]
+    python -m codegraph3d.bank check BANK [--repair]
+
+``add`` preprocesses and tokenises the input's selected series with the run configuration (the
+``CODEGRAPH3D_CONFIG`` file, or ``codegraph3d.yaml`` in the model folder), exactly as a run does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .atomic import atomic_path, write_json_atomic
+from .cache import _canonical, settings_material
+
+__all__ = [
+    "BANK_FORMAT",
+    "BankEntry",
+    "BankError",
+    "BankVolume",
+    "CohortBank",
+    "bank_settings",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+
+BANK_FORMAT_VERSION = 1
+BANK_FORMAT = f"codegraph3d.cohort-bank/{BANK_FORMAT_VERSION}"
+MANIFEST = "bank.json"
+TOKENS_DIR = "tokens"
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class BankError(ValueError):
+    """A cohort bank that cannot be used as asked; the message names the folder and the fix."""
+
+
+def bank_settings(
+    config: Mapping[str, Any],
+    encoder: Any,
+    landmarks: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Everything that makes two series' tokens comparable (the bank's identity).
+
+    The token cache's settings (preprocessing, token grid, brain-fraction rule, encoder identity,
+    Nyul references) plus the projection (size and seed), which the bank stores after.
+
+    Parameters
+    ----------
+    config : mapping
+        The run configuration.
+    encoder : SliceEncoder or mapping
+        The encoder or its identity.
+    landmarks : mapping, optional
+        The Nyul reference landmarks in effect per contrast.
+    """
+    settings = settings_material(config, encoder, landmarks)
+    settings["format"] = BANK_FORMAT
+    settings["projection"] = {
+        "projection_dim": int(config["tokens"]["projection_dim"]),
+        "projection_seed": int(config["tokens"]["projection_seed"]),
+    }
+    return settings
+
+
+def _settings_id(settings: Mapping[str, Any]) -> str:
+    return hashlib.sha256(_canonical(settings)).hexdigest()[:16]
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the fields where two settings mappings differ."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        names: list[str] = []
+        for key in sorted(set(a) | set(b)):
+            names += _differences(a.get(key), b.get(key), f"{prefix}{key}.")
+        return names
+    return [] if _canonical(a) == _canonical(b) else [prefix.rstrip(".")]
+
+
+@dataclass
+class BankEntry:
+    """One banked series, as the manifest lists it."""
+
+    series_instance_uid: str
+    study_instance_uid: str
+    patient_id: str
+    contrast: str
+    series_description: str
+    n_tokens: int
+    layer_names: list[str]
+    file: str  # relative to the bank folder
+    sha256: str
+    added: str  # ISO 8601 UTC
+    source: str  # where it came from (a run's output folder or the input given to `add`)
+
+
+@dataclass
+class BankVolume:
+    """A banked series loaded for scoring: its manifest entry and tokens."""
+
+    entry: BankEntry
+    tokens: list[np.ndarray]  # per layer (N, D) float32
+    coords: np.ndarray  # (N, 3) int64
+    grid_shape: tuple[int, int, int]
+
+
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+class CohortBank:
+    """A folder of banked series' tokens with one settings identity.
+
+    Parameters
+    ----------
+    folder : path-like
+        The bank folder.
+    settings : mapping, optional
+        The settings of the caller (:func:`bank_settings`). When given, a bank with other settings
+        is refused (:class:`BankError` listing the fields that differ); when the folder holds no
+        bank yet and ``create`` is true, a new bank with these settings is made.
+    create : bool, default False
+        Create the bank when the folder holds none (needs ``settings``).
+
+    Raises
+    ------
+    BankError
+        No bank and ``create`` false, an unreadable manifest, or other settings.
+    """
+
+    def __init__(self, folder: str | os.PathLike, settings: Mapping[str, Any] | None = None, create: bool = False) -> None:
+        self.folder = Path(folder).expanduser()
+        self.manifest_path = self.folder / MANIFEST
+        if self.folder.exists() and not self.folder.is_dir():
+            raise BankError(f"cohort bank {self.folder} is a file; point bank.folder at a folder")
+        if not self.manifest_path.is_file():
+            if not create or settings is None:
+                raise BankError(
+                    f"no cohort bank at {self.folder} ({MANIFEST} missing); create one with "
+                    f"`python -m codegraph3d.bank add {self.folder} -i DICOM_FOLDER`, or set bank.add_scored"
+                )
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with self._locked():
+                if not self.manifest_path.is_file():
+                    write_json_atomic(self.manifest_path, self._new_manifest(settings))
+        manifest = self._read_manifest()
+        self.settings: dict[str, Any] = manifest["settings"]
+        self.settings_id: str = manifest["settings_id"]
+        if settings is not None and _canonical(dict(settings)) != _canonical(self.settings):
+            differing = _differences(self.settings, dict(settings))
+            raise BankError(
+                f"cohort bank {self.folder} was built with another configuration or encoder "
+                f"(differs in: {', '.join(differing[:8])}{' ...' if len(differing) > 8 else ''}); its tokens "
+                "cannot be compared with this run's. Point bank.folder at a bank built with this "
+                "configuration, or build a new bank in an empty folder with "
+                "`python -m codegraph3d.bank add NEW_FOLDER -i DICOM_FOLDER`."
+            )
+
+    # -- manifest ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _new_manifest(settings: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "format": BANK_FORMAT,
+            "created": _utc_now(),
+            "settings_id": _settings_id(settings),
+            "settings": dict(settings),
+            "entries": [],
+        }
+
+    def _read_manifest(self) -> dict[str, Any]:
+        try:
+            manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise BankError(
+                f"cohort bank manifest {self.manifest_path} cannot be read ({error}); restore it from a "
+                "backup or build a new bank"
+            ) from error
+        if not isinstance(manifest, dict) or manifest.get("format") != BANK_FORMAT:
+            raise BankError(
+                f"{self.manifest_path} is not a {BANK_FORMAT} manifest (format "
+                f"{manifest.get('format') if isinstance(manifest, dict) else None!r}); build a new bank"
+            )
+        for key in ("settings", "settings_id", "entries"):
+            if key not in manifest:
+                raise BankError(f"{self.manifest_path} lacks {key!r}; build a new bank")
+        return manifest
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise writers (several runs may share a mounted bank)."""
+        with open(self.folder / ".lock", "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def entries(self) -> list[BankEntry]:
+        """The manifest's entries (files are not opened)."""
+        return [BankEntry(**item) for item in self._read_manifest()["entries"]]
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def add(self, series: Sequence[Mapping[str, Any]], source: str = "") -> list[str]:
+        """Add (or replace) series; return their Series Instance UIDs.
+
+        Parameters
+        ----------
+        series : sequence of mapping
+            Each with ``series_instance_uid``, ``study_instance_uid``, ``patient_id``,
+            ``contrast``, ``series_description`` and ``tokens`` (a
+            :class:`~codegraph3d.tokens.TokenSet` projected with the bank's settings).
+        source : str
+            Where they came from (recorded).
+        """
+        expected_layers: list[str] | None = None
+        staged: list[tuple[BankEntry, dict[str, np.ndarray]]] = []
+        width = self.settings["projection"]["projection_dim"]
+        for item in series:
+            uid = str(item["series_instance_uid"])
+            if not _UID.match(uid) or len(uid) > 64:
+                raise BankError(f"SeriesInstanceUID {uid!r} is not a valid DICOM UID; it cannot name a bank entry")
+            token_set = item["tokens"]
+            if expected_layers is None:
+                expected_layers = list(token_set.layer_names)
+            for layer in token_set.tokens:
+                # Projected ViT tokens are 3 axes x projection_dim wide; narrower encoders keep theirs.
+                if layer.shape[1] > 3 * width:
+                    raise BankError(
+                        f"series {uid}: tokens of width {layer.shape[1]} were not projected to the bank's "
+                        f"{width} dimensions per axis"
+                    )
+            arrays = {
+                "coords": np.asarray(token_set.coords, np.int64),
+                "grid_shape": np.asarray(token_set.grid_shape, np.int64),
+                "layer_names": np.asarray(token_set.layer_names),
+                **{f"layer_{i}": np.asarray(t, np.float32) for i, t in enumerate(token_set.tokens)},
+            }
+            entry = BankEntry(
+                series_instance_uid=uid,
+                study_instance_uid=str(item["study_instance_uid"]),
+                patient_id=str(item.get("patient_id", "")),
+                contrast=str(item["contrast"]),
+                series_description=str(item.get("series_description", "")),
+                n_tokens=int(token_set.n_tokens),
+                layer_names=list(token_set.layer_names),
+                file=f"{TOKENS_DIR}/{uid}.npz",
+                sha256="",
+                added=_utc_now(),
+                source=source,
+            )
+            staged.append((entry, arrays))
+        if not staged:
+            return []
+        with self._locked():
+            manifest = self._read_manifest()
+            for entry, arrays in staged:
+                buffer = io.BytesIO()
+                np.savez(buffer, **arrays)
+                data = buffer.getvalue()
+                entry.sha256 = hashlib.sha256(data).hexdigest()
+                with atomic_path(self.folder / entry.file) as temporary:
+                    temporary.write_bytes(data)
+            new = {entry.series_instance_uid for entry, _ in staged}
+            manifest["entries"] = [e for e in manifest["entries"] if e["series_instance_uid"] not in new]
+            manifest["entries"] += [asdict(entry) for entry, _ in staged]
+            write_json_atomic(self.manifest_path, manifest)
+        logger.info("cohort bank %s: added %d series", self.folder, len(staged))
+        return [entry.series_instance_uid for entry, _ in staged]
+
+    def remove(self, study_instance_uids: Sequence[str]) -> list[BankEntry]:
+        """Remove every series of the given studies; return the removed entries.
+
+        Raises
+        ------
+        BankError
+            When a study UID is not in the bank (nothing is removed then).
+        """
+        wanted = set(study_instance_uids)
+        with self._locked():
+            manifest = self._read_manifest()
+            present = {e["study_instance_uid"] for e in manifest["entries"]}
+            missing = sorted(wanted - present)
+            if missing:
+                raise BankError(
+                    f"cohort bank {self.folder} holds no study {', '.join(missing)}; "
+                    f"`python -m codegraph3d.bank list {self.folder}` shows what it holds"
+                )
+            removed = [BankEntry(**e) for e in manifest["entries"] if e["study_instance_uid"] in wanted]
+            manifest["entries"] = [e for e in manifest["entries"] if e["study_instance_uid"] not in wanted]
+            write_json_atomic(self.manifest_path, manifest)
+            for entry in removed:
+                (self.folder / entry.file).unlink(missing_ok=True)
+        return removed
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def load(self, entry: BankEntry) -> BankVolume:
+        """Read and verify one entry's tokens.
+
+        Raises
+        ------
+        BankError
+            A missing file, a SHA-256 mismatch, or arrays that do not fit the entry.
+        """
+        path = self.folder / entry.file
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise BankError(f"cohort bank file {path} cannot be read ({error}); run `check --repair`") from error
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise BankError(f"cohort bank file {path} does not match its recorded SHA-256; run `check --repair`")
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            coords = arrays["coords"]
+            tokens = [arrays[f"layer_{i}"] for i in range(len(entry.layer_names))]
+            grid_shape = tuple(int(v) for v in arrays["grid_shape"])
+        if coords.shape != (entry.n_tokens, 3) or any(t.shape[0] != entry.n_tokens for t in tokens):
+            raise BankError(f"cohort bank file {path} holds arrays that do not fit its entry; run `check --repair`")
+        return BankVolume(entry=entry, tokens=tokens, coords=coords, grid_shape=grid_shape)  # type: ignore[arg-type]
+
+    def references(
+        self,
+        contrast: str,
+        *,
+        exclude_patients: Sequence[str] = (),
+        exclude_studies: Sequence[str] = (),
+        layer_names: Sequence[str] | None = None,
+        max_count: int = 40,
+        seed: int = 0,
+    ) -> list[BankVolume]:
+        """Up to ``max_count`` banked volumes of ``contrast`` for a batch (a seeded draw).
+
+        Volumes of the excluded patients and studies (the batch's own) are never returned, so a
+        study is not compared with itself or the same patient's earlier scans. Entries that fail
+        verification are skipped with a warning naming the file.
+        """
+        skip_patients = {p for p in exclude_patients if p}
+        skip_studies = set(exclude_studies)
+        candidates = [
+            e for e in self.entries()
+            if e.contrast == contrast
+            and e.study_instance_uid not in skip_studies
+            and not (e.patient_id and e.patient_id in skip_patients)
+            and (layer_names is None or list(layer_names) == e.layer_names)
+        ]
+        candidates.sort(key=lambda e: e.series_instance_uid)
+        order = np.random.default_rng(seed).permutation(len(candidates))
+        chosen: list[BankVolume] = []
+        for index in order:
+            if len(chosen) >= max_count:
+                break
+            try:
+                chosen.append(self.load(candidates[index]))
+            except BankError as error:
+                logger.warning("cohort bank entry skipped: %s", error)
+        return chosen
+
+    def check(self, repair: bool = False) -> list[str]:
+        """Verify every entry and look for orphans; return the problems found.
+
+        With ``repair``, entries that fail are dropped from the manifest and orphan files (left by
+        a writer that was killed, or by hand) are deleted.
+        """
+        problems: list[str] = []
+        bad: set[str] = set()
+        with self._locked():
+            entries = self.entries()
+            for entry in entries:
+                try:
+                    self.load(entry)
+                except BankError as error:
+                    problems.append(str(error))
+                    bad.add(entry.series_instance_uid)
+            named = {(self.folder / e.file).resolve() for e in entries}
+            tokens_dir = self.folder / TOKENS_DIR
+            orphans = [
+                p for p in (sorted(tokens_dir.iterdir()) if tokens_dir.is_dir() else [])
+                if p.resolve() not in named
+            ]
+            problems += [f"orphan file {p} (no manifest entry names it)" for p in orphans]
+            if repair and (bad or orphans):
+                manifest = self._read_manifest()
+                manifest["entries"] = [e for e in manifest["entries"] if e["series_instance_uid"] not in bad]
+                write_json_atomic(self.manifest_path, manifest)
+                for entry in entries:
+                    if entry.series_instance_uid in bad:
+                        (self.folder / entry.file).unlink(missing_ok=True)
+                for path in orphans:
+                    path.unlink(missing_ok=True)
+        return problems
+
+
+# -------------------------------------------------------------------------------------------
+# command line
+
+
+def _add_from_input(bank_folder: Path, input_folder: Path, model_folder: Path | None) -> list[str]:
+    from .config import load_config
+    from .pipeline import build_encoder, scan_input, select_input, tokenise_selected
+
+    config = load_config(model_folder)
+    scan = scan_input(input_folder)
+    selection = select_input(scan, config)
+    encoder = build_encoder(config, model_folder)
+    tokenisation = tokenise_selected(selection, config, encoder, model_path=model_folder)
+    bank = CohortBank(bank_folder, bank_settings(config, encoder, tokenisation.landmarks), create=True)
+    for uid, reason in tokenisation.skipped.items():
+        print(f"not added: series {uid}: {reason}")
+    return bank.add([series_record(record) for record in tokenisation.series], source=str(input_folder))
+
+
+def series_record(record: Any) -> dict[str, Any]:
+    """The fields :meth:`CohortBank.add` needs, from a :class:`~codegraph3d.pipeline.TokenisedSeries`."""
+    decision = record.decision
+    return {
+        "series_instance_uid": decision.series_instance_uid,
+        "study_instance_uid": decision.study_instance_uid,
+        "patient_id": decision.patient_id,
+        "contrast": decision.contrast,
+        "series_description": decision.series_description,
+        "tokens": record.tokens,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m codegraph3d.bank {list,add,remove,check}``; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m codegraph3d.bank", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    listing = commands.add_parser("list", help="print the banked series")
+    listing.add_argument("bank", type=Path)
+    adding = commands.add_parser("add", help="tokenise a DICOM folder and add its selected series")
+    adding.add_argument("bank", type=Path)
+    adding.add_argument("-i", "--input", type=Path, required=True, help="DICOM folder")
+    adding.add_argument("-m", "--models", type=Path, default=None, help="model folder (template, weights)")
+    removing = commands.add_parser("remove", help="remove every series of the given studies")
+    removing.add_argument("bank", type=Path)
+    removing.add_argument("--study", nargs="+", required=True, help="Study Instance UID(s)")
+    checking = commands.add_parser("check", help="verify every entry; --repair drops bad entries and orphans")
+    checking.add_argument("bank", type=Path)
+    checking.add_argument("--repair", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "add":
+            if not args.input.is_dir():
+                raise BankError(f"input folder {args.input} does not exist")
+            added = _add_from_input(args.bank, args.input, args.models)
+            print(f"added {len(added)} series to {args.bank}")
+            return 0
+        bank = CohortBank(args.bank)
+        if args.command == "list":
+            entries = bank.entries()
+            print(f"cohort bank {bank.folder}: settings {bank.settings_id}, encoder "
+                  f"{bank.settings['encoder']['name']}, {len(entries)} series")
+            for entry in sorted(entries, key=lambda e: (e.contrast, e.study_instance_uid)):
+                print(f"  {entry.contrast:4s} study {entry.study_instance_uid} series {entry.series_instance_uid} "
+                      f"patient {entry.patient_id or '-'} tokens {entry.n_tokens} added {entry.added}")
+            return 0
+        if args.command == "remove":
+            removed = bank.remove(args.study)
+            print(f"removed {len(removed)} series of {len(set(args.study))} study(ies) from {bank.folder}")
+            return 0
+        problems = bank.check(repair=args.repair)
+        for problem in problems:
+            print(problem)
+        if problems and args.repair:
+            print(f"repaired: {len(problems)} problem(s) removed")
+            return 0
+        print("bank OK" if not problems else f"{len(problems)} problem(s); run with --repair to remove them")
+        return 0 if not problems else 1
+    except (BankError, ValueError, OSError, RuntimeError) as error:  # RuntimeError: CohortError
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
