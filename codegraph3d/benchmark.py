@@ -83,7 +83,7 @@ from .encoders import (
     load_encoder,
     resolve_device,
 )
-from .scoring import k_for_references, reference_sets, score_batch
+from .scoring import k_for_references, reference_sets, score_batch, scoring_memory
 from .tokens import TokenSet, encode_volume, project, tokenise
 
 __all__ = [
@@ -599,6 +599,27 @@ class ScorerBenchmark:
     flops: float
     peak_gpu_mb: float | None
     load_average_end: tuple[float, float, float]
+    window_radius: int | None = None
+    estimate_mb: float | None = None  # codegraph3d.scoring.scoring_memory, one layer
+    rss_before_mb: float | None = None  # resident memory with the token sets loaded
+    peak_rss_mb: float | None = None  # process peak after scoring (run one B per process)
+
+
+def _current_rss_mb() -> float:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def _ball_coords(n_tokens: int, grid: int = 16) -> np.ndarray:
+    """The ``n_tokens`` grid positions nearest the centre: a brain-like ball of kept tokens."""
+    if n_tokens > grid**3:
+        raise ValueError(f"{n_tokens} tokens do not fit a {grid}^3 grid")
+    axes = np.indices((grid,) * 3).reshape(3, -1).T
+    order = np.argsort(((axes - (grid - 1) / 2) ** 2).sum(axis=1), kind="stable")
+    return np.ascontiguousarray(axes[order[:n_tokens]], dtype=np.int64)
 
 
 @dataclass
@@ -950,8 +971,9 @@ def benchmark_scorer(
     seed: int = 0,
     k_fraction: float = 0.3,
     chunk_size: int = 4096,
+    window_radius: int | None = None,
 ) -> list[ScorerBenchmark]:
-    """Time global MuSc (:func:`codegraph3d.scoring.score_batch`) on random float32 token sets.
+    """Time MuSc (:func:`codegraph3d.scoring.score_batch`) on random float32 token sets.
 
     The cost does not depend on the token values (every pair block is computed, minima and top-K
     are data-independent), so random Gaussian tokens measure the real scorer at the real sizes.
@@ -968,6 +990,13 @@ def benchmark_scorer(
         Layers scored (4 for ViT-L/14 at blocks 6/12/18/24).
     device, chunk_size, k_fraction
         As in :func:`codegraph3d.scoring.musc_scores`.
+    window_radius : int, optional
+        ``None``: global matching. An integer: windowed matching on a 16^3 grid, every volume's
+        tokens at the grid positions nearest the centre (a brain-like ball).
+
+    Peak memory: each row records the resident memory with the token sets loaded and the
+    process's peak afterwards; run one batch size per process for a clean difference
+    (``tools/measure_scoring_scale.sh``), and compare it with the scorer's own estimate.
     """
     if isinstance(tokens_per_volume, (int, np.integer)) and not isinstance(tokens_per_volume, bool):
         cycle = [_check_positive_int("tokens_per_volume", tokens_per_volume)]
@@ -985,17 +1014,26 @@ def benchmark_scorer(
             raise ValueError(f"batch sizes must be at least 2; got {batch_size}")
         sizes = [cycle[i % len(cycle)] for i in range(batch_size)]
         sets = _random_token_sets(sizes, dim, layers, np.random.default_rng([seed, batch_size]))
+        windowed = {}
+        if window_radius is not None:
+            windowed = dict(window_radius=window_radius, coords=[_ball_coords(n) for n in sizes], grid_shape=(16, 16, 16))
+        estimate = scoring_memory(
+            sizes, dim, chunk_size=chunk_size, window_radius=window_radius,
+            grid_shape=(16, 16, 16) if window_radius is not None else None,
+        )
+        rss_before = _current_rss_mb()
         _reset_gpu_peak(dev)
         _synchronise(dev)
         start = time.perf_counter()
-        score_batch(sets, k_fraction=k_fraction, device=dev, chunk_size=chunk_size)
+        score_batch(sets, k_fraction=k_fraction, device=dev, chunk_size=chunk_size, **windowed)
         _synchronise(dev)
         seconds = time.perf_counter() - start
         rows.append(ScorerBenchmark(
             batch_size=batch_size, tokens_per_volume=float(np.mean(sizes)), dim=dim, layers=layers,
             k=k_for_references(batch_size - 1, k_fraction), device=str(dev), seconds=seconds,
-            flops=musc_flops(sizes, [dim] * layers), peak_gpu_mb=_gpu_peak_mb(dev),
-            load_average_end=_load_average(),
+            flops=musc_flops(sizes, [dim] * layers) if window_radius is None else 0.0, peak_gpu_mb=_gpu_peak_mb(dev),
+            load_average_end=_load_average(), window_radius=window_radius, estimate_mb=estimate.total / 2**20,
+            rss_before_mb=rss_before, peak_rss_mb=_peak_rss_mb(),
         ))
         del sets
     return rows
@@ -1373,16 +1411,19 @@ def render_markdown(report: BenchmarkReport) -> str:
         lines.append("")
     if report.scorer:
         lines += [
-            "### Scorer alone (global MuSc, random float32 tokens)",
+            "### Scorer alone (MuSc, random float32 tokens)",
             "",
         ]
         lines += _table(
-            ["B", "tokens / volume", "D", "layers", "K", "device", "seconds", "GFLOP", "GFLOP/s",
-             "against the machine", "peak GPU (MB)", "load at end"],
-            [[str(r.batch_size), _fmt(r.tokens_per_volume), str(r.dim), str(r.layers), str(r.k), r.device,
-              _fmt(r.seconds), _fmt(r.flops / 1e9), _fmt(r.flops / r.seconds / 1e9),
-              _fraction(r.flops / r.seconds, fp32),
+            ["B", "matching", "tokens / volume", "D", "layers", "K", "device", "seconds", "GFLOP", "GFLOP/s",
+             "against the machine", "peak GPU (MB)", "RSS before / peak (MB)", "estimate, one layer (MB)",
+             "load at end"],
+            [[str(r.batch_size), "global" if r.window_radius is None else f"window r={r.window_radius}",
+              _fmt(r.tokens_per_volume), str(r.dim), str(r.layers), str(r.k), r.device,
+              _fmt(r.seconds), _fmt(r.flops / 1e9) if r.flops else "-", _fmt(r.flops / r.seconds / 1e9) if r.flops else "-",
+              _fraction(r.flops / r.seconds, fp32) if r.flops else "-",
               _fmt(r.peak_gpu_mb) if r.peak_gpu_mb is not None else "no GPU",
+              f"{_fmt(r.rss_before_mb)} / {_fmt(r.peak_rss_mb)}", _fmt(r.estimate_mb),
               ", ".join(map(str, r.load_average_end))] for r in report.scorer],
         )
         lines += ["", ("FLOPs: 2 N_i N_j D per unordered pair and layer (the distance matmuls); minima, "
@@ -1436,6 +1477,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="batch sizes of the scorer alone; none to skip (default 30 on CPU, 30 180 on CUDA)")
     parser.add_argument("--scorer-tokens", type=int, default=1500, help="tokens per volume (scorer alone)")
     parser.add_argument("--scorer-dim", type=int, default=384, help="token width D (scorer alone)")
+    parser.add_argument("--scorer-window", type=int, default=None,
+                        help="window radius of the scorer alone (default: global matching)")
     parser.add_argument("--scorer-layers", type=int, default=None,
                         help="layers (scorer alone); default 1 on CPU, 4 on CUDA, the encoder's in --gpu-table")
     parser.add_argument("--tokenise-volumes", type=int, default=8, help="--gpu-table: volumes tokenised")
@@ -1513,6 +1556,7 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
             report.scorer = benchmark_scorer(
                 scorer_sizes, tokens_per_volume=args.scorer_tokens, dim=args.scorer_dim,
                 layers=args.scorer_layers or (4 if cuda else 1), device=str(device), seed=args.seed,
+                window_radius=args.scorer_window,
             )
     report.load_average_end = _load_average()
     report.peak_rss_mb = _peak_rss_mb()

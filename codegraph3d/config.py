@@ -181,6 +181,8 @@ def _validate(config: Mapping[str, Any]) -> None:
         raise ConfigError("tokens.min_brain_fraction must lie in (0, 1]")
     if any(not isinstance(layer, int) or layer < 1 for layer in config["encoder"]["layers"]):
         raise ConfigError(f"encoder.layers must be 1-based block indices; got {config['encoder']['layers']}")
+    if config["scoring"]["memory_budget_mb"] < 0:
+        raise ConfigError(f"scoring.memory_budget_mb must be >= 0 (0 = no bound); got {config['scoring']['memory_budget_mb']!r}")
     batch_size = config["scoring"]["batch_size"]
     if not isinstance(batch_size, int) or batch_size == 1 or batch_size < 0:
         raise ConfigError(f"scoring.batch_size must be 0 (one batch) or at least 2; got {batch_size!r}")

@@ -680,6 +680,7 @@ def score_batches(tokenisation: Tokenisation, config: Mapping[str, Any]) -> Scor
                     grid_shape=members[0].tokens.grid_shape,
                     method=settings["method"],
                     codegraph=CoDeGraphConfig(**settings["codegraph"]) if settings["method"] == "codegraph" else None,
+                    memory_budget_mb=float(settings["memory_budget_mb"]) or None,
                 )
             except ValueError as error:
                 reason = f"{label} batch not scored: {error}"

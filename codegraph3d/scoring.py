@@ -62,6 +62,8 @@ __all__ = [
     "nearest_distances",
     "reference_sets",
     "score_batch",
+    "scoring_memory",
+    "fit_chunk_size",
     "volume_scores",
 ]
 
@@ -70,6 +72,100 @@ _K_EPS = 1e-9
 # Rows per slab for column minima on CPU (measured: 512 rows keep a 2000-column slab in cache).
 _COL_SLAB_CPU = 512
 SCORING_METHODS = ("musc", "codegraph")
+_MIN_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak extra memory of scoring one layer (bytes): what grows with the batch, and the blocks."""
+
+    fixed: int  # stacked tokens (or dense windowed grids) + running minima + returned distances
+    per_chunk: int  # the chunk-dependent blocks at the given chunk size
+    chunk_size: int
+
+    @property
+    def total(self) -> int:
+        return self.fixed + self.per_chunk
+
+
+def scoring_memory(
+    sizes: Sequence[int],
+    dim: int,
+    *,
+    chunk_size: int = 4096,
+    window_radius: int | None = None,
+    grid_shape: tuple[int, int, int] | None = None,
+) -> MemoryEstimate:
+    """Upper estimate of the extra memory :func:`nearest_distances` needs for one layer.
+
+    Global matching: stacked float32 tokens (``N_total x D``) and their norms, the running minima
+    and their indices and the returned distances (``B x N_total``, 4 + 4 + 4 bytes, plus the
+    float32 copy handed back), and about four ``chunk_size^2`` float32 blocks (distances, minima,
+    gathered float64 neighbours). Windowed matching: dense padded grids of every volume
+    (``B x (g + 2r)^3 x D`` float32), the stacked queries, the running minima (``B x N_total``)
+    and about four ``chunk_size^2``-value blocks (blocks are at most one volume's tokens by
+    ``chunk_size`` rows, so small volumes use less). CoDeGraph adds about one more ``B x N_total``
+    float32 matrix (the masked rescoring starts from a copy). Grows with ``B^2 N``, never with
+    ``B^2 N^2``.
+    """
+    n_volumes = len(sizes)
+    n_total = int(sum(int(n) for n in sizes))
+    # Query blocks hold at most one volume's tokens; reference blocks may span several volumes.
+    per_chunk = 4 * 4 * min(chunk_size, max(int(n) for n in sizes)) * min(chunk_size, n_total)
+    distances = 3 * 4 * n_volumes * n_total  # running minima/distances + numpy copy + CoDeGraph base
+    if window_radius is None:
+        fixed = 4 * n_total * (dim + 1) + 4 * 2 * n_volumes * n_total + distances
+    else:
+        if grid_shape is None:
+            raise ValueError("a windowed estimate needs the grid shape")
+        padded = int(np.prod([g + 2 * window_radius for g in grid_shape]))
+        fixed = 4 * n_volumes * padded * (dim + 1) + 4 * n_total * dim + distances
+    return MemoryEstimate(fixed=int(fixed), per_chunk=int(per_chunk), chunk_size=int(chunk_size))
+
+
+def fit_chunk_size(
+    sizes: Sequence[int],
+    dim: int,
+    budget_mb: float,
+    *,
+    chunk_size: int = 4096,
+    window_radius: int | None = None,
+    grid_shape: tuple[int, int, int] | None = None,
+) -> int:
+    """The largest chunk size ``<= chunk_size`` whose :func:`scoring_memory` fits ``budget_mb``.
+
+    Raises
+    ------
+    ValueError
+        When even the batch-size-dependent part (or it plus ``256``-token blocks) exceeds the
+        budget; the message gives the largest batch size that would fit, so that
+        ``scoring.batch_size`` can split the cohort into chunks that do.
+    """
+    budget = float(budget_mb) * 2**20
+    estimate = scoring_memory(sizes, dim, chunk_size=chunk_size, window_radius=window_radius, grid_shape=grid_shape)
+    if estimate.total <= budget:
+        return int(chunk_size)
+    fitted = int(chunk_size)
+    while fitted > _MIN_CHUNK:
+        fitted = max(_MIN_CHUNK, int(fitted * 0.8))
+        if scoring_memory(sizes, dim, chunk_size=fitted, window_radius=window_radius, grid_shape=grid_shape).total <= budget:
+            return fitted
+    n_volumes = len(sizes)
+    mean_tokens = max(1.0, sum(sizes) / max(1, n_volumes))
+    fit_b = n_volumes
+    while fit_b > 2:
+        fit_b -= 1
+        trial = scoring_memory(
+            [int(mean_tokens)] * fit_b, dim, chunk_size=_MIN_CHUNK, window_radius=window_radius, grid_shape=grid_shape,
+        )
+        if trial.total <= budget:
+            break
+    needed = scoring_memory(sizes, dim, chunk_size=_MIN_CHUNK, window_radius=window_radius, grid_shape=grid_shape)
+    raise ValueError(
+        f"scoring a batch of {n_volumes} volumes ({sum(sizes)} tokens of width {dim}) needs about "
+        f"{needed.total / 2**20:.0f} MB, over the memory budget of {budget_mb:g} MB; split the cohort "
+        f"into chunks of at most {fit_b} volumes (scoring.batch_size) or raise scoring.memory_budget_mb"
+    )
 
 
 def k_for_references(n_references: int, k_fraction: float) -> int:
@@ -959,6 +1055,7 @@ def score_batch(
     grid_shape: tuple[int, int, int] | None = None,
     method: str = "musc",
     codegraph: CoDeGraphConfig | None = None,
+    memory_budget_mb: float | None = None,
 ) -> BatchScores:
     """Run MuSc on every layer of a batch, fuse the layers and take volume scores.
 
@@ -978,6 +1075,10 @@ def score_batch(
         holds its diagnostics. When it finds no community the scores equal ``"musc"`` exactly.
     codegraph : CoDeGraphConfig, optional
         Settings for ``method="codegraph"`` (``None``: the defaults); must be ``None`` otherwise.
+    memory_budget_mb : float, optional
+        Bound on the scorer's extra memory (device memory on CUDA): ``chunk_size`` is lowered to
+        fit (:func:`fit_chunk_size`; results do not depend on it), and a batch that cannot fit
+        at all is refused with the largest batch size that would. ``None``: no bound.
 
     Returns
     -------
@@ -993,6 +1094,15 @@ def score_batch(
     if window_radius is not None and (coords is None or grid_shape is None):
         raise ValueError("windowed scoring needs the token coords and the grid shape")
     n_volumes = _check_layer_token_sets(layer_token_sets)
+    if memory_budget_mb is not None:
+        if not memory_budget_mb > 0:
+            raise ValueError(f"memory_budget_mb must be positive; got {memory_budget_mb!r}")
+        chunk_size = fit_chunk_size(
+            [a.shape[0] for a in layer_token_sets[0]],
+            max(int(np.asarray(sets[0]).shape[1]) for sets in layer_token_sets),
+            memory_budget_mb, chunk_size=_check_chunk_size(chunk_size), window_radius=window_radius,
+            grid_shape=grid_shape,
+        )
     refs = reference_sets(n_volumes, groups)
     n_refs = np.array([len(r) for r in refs], dtype=int)
     if method == "codegraph":

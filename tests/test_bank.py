@@ -188,6 +188,7 @@ def test_batch_chunks_depend_on_the_seed():
         ({"threshold": {"policy": "fixed"}}, "robust_z or bank"),
         ({"bank": {"add_scored": "yes"}}, "add_scored"),
         ({"bank": {"min_patients": 1}}, "min_patients"),
+        ({"scoring": {"memory_budget_mb": -1}}, "memory_budget_mb"),
     ],
 )
 def test_bank_and_chunk_settings_are_validated(override: dict, match: str):
