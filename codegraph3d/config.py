@@ -183,6 +183,8 @@ def _validate(config: Mapping[str, Any]) -> None:
         raise ConfigError(f"encoder.layers must be 1-based block indices; got {config['encoder']['layers']}")
     if config["scoring"]["memory_budget_mb"] < 0:
         raise ConfigError(f"scoring.memory_budget_mb must be >= 0 (0 = no bound); got {config['scoring']['memory_budget_mb']!r}")
+    if config["scoring"]["precision"] not in ("float32", "tf32"):
+        raise ConfigError(f"scoring.precision must be float32 or tf32; got {config['scoring']['precision']!r}")
     batch_size = config["scoring"]["batch_size"]
     if not isinstance(batch_size, int) or batch_size == 1 or batch_size < 0:
         raise ConfigError(f"scoring.batch_size must be 0 (one batch) or at least 2; got {batch_size!r}")

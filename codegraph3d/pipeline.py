@@ -681,6 +681,7 @@ def score_batches(tokenisation: Tokenisation, config: Mapping[str, Any]) -> Scor
                     method=settings["method"],
                     codegraph=CoDeGraphConfig(**settings["codegraph"]) if settings["method"] == "codegraph" else None,
                     memory_budget_mb=float(settings["memory_budget_mb"]) or None,
+                    precision=settings["precision"],
                 )
             except ValueError as error:
                 reason = f"{label} batch not scored: {error}"

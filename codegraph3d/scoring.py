@@ -39,8 +39,10 @@ distance.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -63,6 +65,8 @@ __all__ = [
     "reference_sets",
     "score_batch",
     "scoring_memory",
+    "selection_error_bound",
+    "selection_precision",
     "fit_chunk_size",
     "volume_scores",
 ]
@@ -73,6 +77,79 @@ _K_EPS = 1e-9
 _COL_SLAB_CPU = 512
 SCORING_METHODS = ("musc", "codegraph")
 _MIN_CHUNK = 256
+SELECTION_PRECISIONS = ("float32", "tf32")
+_SELECTION_PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("selection_precision", default="float32")
+# Unit roundoffs: float32 (24-bit significand) and TensorFloat-32 (11-bit: 10 stored bits).
+_U_FLOAT32 = 2.0**-24
+_U_TF32 = 2.0**-11
+
+
+@contextlib.contextmanager
+def selection_precision(precision: str) -> Iterator[None]:
+    """Arithmetic of the matmuls that *choose* nearest neighbours inside this block.
+
+    ``"float32"`` (default): IEEE float32 products (on CUDA, TF32 is switched off for the block).
+    ``"tf32"``: TensorFloat-32 inputs (10-bit mantissas, float32 accumulation): on CUDA the tensor
+    cores' mode (``torch.backends.cuda.matmul.allow_tf32``), several times faster on Ampere and
+    later; on CPU the same input rounding is applied before a float32 matmul (no speed-up; it lets
+    the error bound be checked without a GPU). Either way the reported distances are recomputed
+    exactly (float64 accumulation) for the chosen neighbours; precision only decides *which*
+    neighbour is chosen when candidates are nearly equidistant, within
+    :func:`selection_error_bound`.
+    """
+    if precision not in SELECTION_PRECISIONS:
+        raise ValueError(f"selection precision must be one of {SELECTION_PRECISIONS}; got {precision!r}")
+    token = _SELECTION_PRECISION.set(precision)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+        _SELECTION_PRECISION.reset(token)
+
+
+def selection_error_bound(query_norm: float, max_reference_norm: float, dim: int, precision: str = "float32") -> float:
+    """Largest excess of the chosen neighbour's squared distance over the true nearest one's.
+
+    With centred tokens ``q`` and ``k`` the scorer selects by ``|q|^2 + |k|^2 - 2 q.k``. The dot
+    product carries at most ``eta |q| |k|`` error, with ``eta = 2 u_in + u_in^2 + gamma_D``
+    (``u_in``: input rounding, 0 for float32 and ``2^-11`` for TF32; ``gamma_D = D u / (1 - D u)``,
+    ``u = 2^-24``, float32 accumulation), and the norms and sums at most
+    ``2 u (|q| + |k|)^2``. The chosen ``k'`` has a computed value no larger than the true nearest
+    ``k*``'s, so ``|q - k'|^2 <= |q - k*|^2 + 2 max_k (2 eta |q| |k| + 2 u (|q| + |k|)^2)``.
+    The distance then reported is the exact ``|q - k'|``: it is never below the true nearest
+    distance, and exceeds it by at most the square root of this bound's share.
+
+    Parameters
+    ----------
+    query_norm, max_reference_norm : float
+        ``|q|`` and the largest ``|k|`` of the reference (after centring on the batch mean).
+    dim : int
+        Token width ``D``.
+    precision : {"float32", "tf32"}
+    """
+    if precision not in SELECTION_PRECISIONS:
+        raise ValueError(f"precision must be one of {SELECTION_PRECISIONS}; got {precision!r}")
+    u_in = _U_TF32 if precision == "tf32" else 0.0
+    gamma = dim * _U_FLOAT32 / (1.0 - dim * _U_FLOAT32)
+    eta = 2.0 * u_in + u_in * u_in + gamma
+    q, k = float(query_norm), float(max_reference_norm)
+    return 2.0 * (2.0 * eta * q * k + 2.0 * _U_FLOAT32 * (q + k) ** 2)
+
+
+def _round_tf32(x: torch.Tensor) -> torch.Tensor:
+    """Round float32 values to TF32 (10 mantissa bits, round to nearest even)."""
+    bits = x.contiguous().view(torch.int32)
+    rounded = (bits + 0x0FFF + ((bits >> 13) & 1)) & ~0x1FFF
+    return rounded.view(torch.float32)
+
+
+def _selection_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """The tokens the selecting matmuls read (TF32-rounded on CPU under ``tf32``)."""
+    if _SELECTION_PRECISION.get() == "tf32" and tokens.device.type != "cuda":
+        return _round_tf32(tokens)
+    return tokens
 
 
 @dataclass(frozen=True)
@@ -531,6 +608,7 @@ def _global_distances(batch: _Batch, dev: torch.device, chunk_size: int) -> torc
     """All eligible pairs, global matching: ``(B, N_total)`` float32 exact nearest distances."""
     n_volumes, n_total, starts, refs = batch.n_volumes, batch.n_total, batch.starts, batch.refs
     tokens, sq_norms = _stack_centred(batch, dev, chunk_size)
+    selecting = _selection_tokens(tokens)
     # best_d2[j, t]: running min squared distance of token t to volume j; best_idx: argmin row.
     best_d2 = torch.full((n_volumes, n_total), float("inf"), dtype=torch.float32, device=dev)
     best_idx = torch.zeros((n_volumes, n_total), dtype=torch.int32, device=dev)
@@ -538,8 +616,8 @@ def _global_distances(batch: _Batch, dev: torch.device, chunk_size: int) -> torc
         # Group exclusion is symmetric, so each unordered pair is visited once, from i < j.
         later = [j for j in refs[i] if j > i]
         for run in _consecutive_runs(later):
-            _update_block_row(tokens, sq_norms, starts, i, run, best_d2, best_idx, chunk_size)
-    del best_d2
+            _update_block_row(selecting, sq_norms, starts, i, run, best_d2, best_idx, chunk_size)
+    del best_d2, selecting
     distances = torch.full((n_volumes, n_total), float("inf"), dtype=torch.float32, device=dev)
     for i in range(n_volumes):
         n_ref = len(refs[i])
@@ -571,11 +649,12 @@ def _global_pair_distances(
     """
     starts = batch.starts
     tokens, sq_norms = _stack_centred(batch, dev, chunk_size)
+    selecting = _selection_tokens(tokens)
     for j, queries in by_reference.items():
         rows_j = torch.arange(int(starts[j]), int(starts[j + 1]), device=dev)
         if masks[j] is not None:
             rows_j = rows_j[torch.from_numpy(~masks[j]).to(dev)]
-        ref_tokens, ref_sq = tokens[rows_j], sq_norms[rows_j]
+        ref_tokens, ref_sq, ref_selecting = tokens[rows_j], sq_norms[rows_j], selecting[rows_j]
         n_usable = ref_tokens.shape[0]
         for i in queries:
             i0, i1 = int(starts[i]), int(starts[i + 1])
@@ -589,7 +668,7 @@ def _global_pair_distances(
                 for c in range(0, n_usable, chunk_size):
                     d = min(c + chunk_size, n_usable)
                     d2 = torch.addmm(
-                        ref_sq[c:d].unsqueeze(0), tokens[a:b], ref_tokens[c:d].T,
+                        ref_sq[c:d].unsqueeze(0), selecting[a:b], ref_selecting[c:d].T,
                         beta=1.0, alpha=-2.0,
                     )
                     d2.add_(sq_norms[a:b].unsqueeze(1))
@@ -1056,6 +1135,7 @@ def score_batch(
     method: str = "musc",
     codegraph: CoDeGraphConfig | None = None,
     memory_budget_mb: float | None = None,
+    precision: str = "float32",
 ) -> BatchScores:
     """Run MuSc on every layer of a batch, fuse the layers and take volume scores.
 
@@ -1079,11 +1159,23 @@ def score_batch(
         Bound on the scorer's extra memory (device memory on CUDA): ``chunk_size`` is lowered to
         fit (:func:`fit_chunk_size`; results do not depend on it), and a batch that cannot fit
         at all is refused with the largest batch size that would. ``None``: no bound.
+    precision : {"float32", "tf32"}, default "float32"
+        Arithmetic of the neighbour-choosing matmuls (:func:`selection_precision`); distances
+        are exact either way, within :func:`selection_error_bound` of the true nearest.
 
     Returns
     -------
     BatchScores
     """
+    if precision != _SELECTION_PRECISION.get():
+        # Enter the precision once for every layer and pass (CoDeGraph rescoring included).
+        with selection_precision(precision):
+            return score_batch(
+                layer_token_sets, k_fraction=k_fraction, groups=groups, device=device,
+                chunk_size=chunk_size, window_radius=window_radius, coords=coords,
+                grid_shape=grid_shape, method=method, codegraph=codegraph,
+                memory_budget_mb=memory_budget_mb, precision=precision,
+            )
     if not isinstance(method, str) or method not in SCORING_METHODS:
         raise ValueError(f"method must be one of {SCORING_METHODS}; got {method!r}")
     if method != "codegraph" and codegraph is not None:

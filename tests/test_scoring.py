@@ -275,3 +275,59 @@ def test_batch_too_large_for_the_budget_is_refused_with_the_batch_size_that_fits
     assert scoring_memory([2000] * (fit_b + 1), 384, chunk_size=256).total > 512 * 2**20
     windowed = scoring_memory(sizes, 384, window_radius=1, grid_shape=(16, 16, 16))
     assert windowed.fixed > scoring_memory(sizes, 384).fixed  # dense padded grids
+
+
+@pytest.mark.parametrize("precision", ["float32", "tf32"])
+def test_selection_precision_keeps_distances_within_the_documented_bound(precision: str):
+    """Exact float64 brute force against the scorer's chosen-neighbour distances."""
+    from codegraph3d.scoring import nearest_distances, selection_error_bound, selection_precision
+
+    rng = np.random.default_rng(11)
+    base = rng.standard_normal((1, 64))
+    # Near-duplicate tokens make near ties, where the selection arithmetic matters.
+    sets = [(base + 0.05 * rng.standard_normal((300, 64)) + rng.standard_normal((300, 1)) * 0.01).astype(np.float32)
+            for _ in range(4)]
+    with selection_precision(precision):
+        got = nearest_distances(sets, chunk_size=128).astype(np.float64)
+    stacked = np.concatenate(sets).astype(np.float64)
+    mean = stacked.mean(axis=0)
+    starts = np.cumsum([0] + [len(a) for a in sets])
+    n_changed = 0
+    for j, ref in enumerate(sets):
+        ref64 = ref.astype(np.float64) - mean
+        for i, query in enumerate(sets):
+            if i == j:
+                continue
+            q64 = query.astype(np.float64) - mean
+            d2 = ((q64[:, None, :] - ref64[None, :, :]) ** 2).sum(axis=2)
+            exact = np.sqrt(d2.min(axis=1))
+            reported = got[j, starts[i]:starts[i + 1]]
+            bound = np.array([
+                selection_error_bound(np.linalg.norm(q), np.linalg.norm(ref64, axis=1).max(), 64, precision)
+                for q in q64
+            ])
+            assert np.all(reported >= exact * (1 - 1e-6))
+            assert np.all(reported**2 <= exact**2 + bound + 1e-9)
+            n_changed += int(np.sum(reported > exact * (1 + 1e-6)))
+    if precision == "float32":
+        assert n_changed == 0
+    assert selection_error_bound(1.0, 1.0, 384, "tf32") > selection_error_bound(1.0, 1.0, 384, "float32")
+
+
+def test_precision_is_validated_and_restored():
+    import torch
+
+    from codegraph3d.scoring import selection_precision
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    with pytest.raises(ValueError, match="float32"):
+        with selection_precision("bf16"):
+            pass
+    with selection_precision("tf32"):
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    sets = [[np.random.default_rng(v).standard_normal((50, 8)).astype(np.float32) for v in range(3)]]
+    a = score_batch(sets, precision="tf32")
+    b = score_batch(sets)
+    for x, y in zip(a.token_scores, b.token_scores):
+        np.testing.assert_allclose(x, y, rtol=1e-3)
