@@ -728,7 +728,10 @@ def random_subject(
         core; the subject's jitter and +-8 % per lesion), so lesions of different subjects look
         alike: a *consistent* anomaly. ``varied``: each lesion draws its own rim and core
         intensity per contrast (hyper- or hypointense, homogeneous or ring-like), so lesions are
-        unlike each other.
+        unlike each other. ``distinct``: every lesion takes :data:`DISTINCT_APPEARANCE`, unlike
+        any normal tissue (the typical appearance lies between grey matter and CSF on T2w, so
+        intensity tokens of such lesions find lookalikes at every CSF border), yet identical
+        across subjects: the consistent anomaly that CoDeGraph targets.
     """
     if lesion_appearance not in LESION_APPEARANCES:
         raise ValueError(f"lesion_appearance must be one of {', '.join(LESION_APPEARANCES)}; got {lesion_appearance!r}")
@@ -779,6 +782,8 @@ def random_subject(
     head = _random_head(rng, jitter, eyes) if with_head else None
     if lesion_appearance == "varied":
         lesions = tuple(dataclasses.replace(item, appearance=_varied_appearance(rng, intensities)) for item in lesions)
+    elif lesion_appearance == "distinct":
+        lesions = tuple(dataclasses.replace(item, appearance=DISTINCT_APPEARANCE) for item in lesions)
     return SubjectAnatomy(
         pullback=pullback,
         wavevectors=wavevectors,
@@ -791,7 +796,13 @@ def random_subject(
 
 
 #: Lesion appearance models of :func:`random_subject`.
-LESION_APPEARANCES = ("typical", "varied")
+LESION_APPEARANCES = ("typical", "varied", "distinct")
+
+#: ``lesion_appearance="distinct"``: one (rim, core) per contrast for every lesion, chosen unlike
+#: any normal tissue of the contrast (darker than white matter on T2w, yet above the intensity
+#: brain-mask threshold; brighter than white matter on T1w), so that a lesion token is anomalous
+#: against every normal brain yet near-identical to the lesions of other subjects.
+DISTINCT_APPEARANCE: tuple[tuple[str, float, float], ...] = (("T2w", 0.15, 0.1), ("T1w", 1.1, 1.2))
 
 
 def _varied_appearance(

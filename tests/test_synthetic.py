@@ -673,3 +673,22 @@ def test_varied_lesion_appearance_changes_only_the_lesions() -> None:
     assert np.ptp(cores) > 0.3
     with pytest.raises(ValueError, match="lesion_appearance must be one of typical, varied"):
         synthetic.random_subject(np.random.default_rng(0), maps, lesion_appearance="odd")
+
+
+def test_distinct_lesions_are_identical_across_subjects_and_unlike_normal_tissue() -> None:
+    maps = synthetic.load_tissue_maps(2)
+    subjects = [synthetic.random_subject(np.random.default_rng(s), maps, n_lesions=1, lesion_appearance="distinct")
+                for s in range(3)]
+    assert all(s.lesions[0].appearance == synthetic.DISTINCT_APPEARANCE for s in subjects)
+    typical = synthetic.random_subject(np.random.default_rng(0), maps, n_lesions=1)
+    np.testing.assert_array_equal(typical.pullback, subjects[0].pullback)
+    grid = synthetic.acquisition_grid(maps, subjects[0], orientation="axial", spacing=[2.0, 2.0, 2.0],
+                                      rng=np.random.default_rng(1))
+    rendered = synthetic.render_series(maps, subjects[0], grid, "T2w", np.random.default_rng(2),
+                                       noise_fraction=0.0, bias_strength=0.0)
+    from scipy import ndimage
+
+    core = ndimage.binary_erosion(rendered.lesion, iterations=2)
+    white_matter_like = np.percentile(rendered.image[rendered.brain & ~rendered.lesion], 5)
+    # The T2w core is darker than nearly all normal brain.
+    assert np.median(rendered.image[core]) < white_matter_like

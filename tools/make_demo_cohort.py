@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vary-fov", action="store_true",
                         help="plan skull-stripped series with a 200-260 mm field of view and a "
                         "192-320 matrix (times --matrix-scale) too, so pixel spacing varies")
-    parser.add_argument("--lesion-appearance", choices=("typical", "varied"), default="typical",
+    parser.add_argument("--lesion-appearance", choices=("typical", "varied", "distinct"), default="typical",
                         help="typical: lesions look alike across subjects (a consistent anomaly); "
                         "varied: each lesion draws its own intensities (default typical)")
     parser.add_argument("--no-eyes", action="store_true",

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # CoDeGraph against MuSc (docs/RESULTS.md, "CoDeGraph"): 40-subject T2w cohorts, 35 % of subjects
-# with a lesion, three seeds, two lesion models:
-#   typical - lesions look alike across subjects (a consistent anomaly, where MuSc should drop);
-#   varied  - every lesion draws its own intensities (dissimilar anomalies, the control).
+# with a lesion, three seeds, lesion models (APPEARANCES, default "distinct varied"):
+#   distinct - every lesion has one appearance unlike any normal tissue (a consistent anomaly,
+#              where MuSc should drop);
+#   varied   - every lesion draws its own intensities (dissimilar anomalies, the control);
+#   typical  - the default appearance (between grey matter and CSF on T2w: intensity tokens of
+#              such lesions find lookalikes at every CSF border, so globally they barely stand out).
 # Each cohort is preprocessed and encoded once (token cache); MuSc and CoDeGraph then score the
 # same tokens, with global matching (the paper) and with the radius-1 window (the demo's).
 # Differences are paired over the same subjects, with bootstrap intervals (codegraph3d.compare).
@@ -20,7 +23,8 @@ mkdir -p "$out" demo/models
 [ -f demo/models/template/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz ] \
   || $py -m codegraph3d.registration install demo/models
 seeds="${SEEDS:-11 12 13}"
-for appearance in typical varied; do
+appearances="${APPEARANCES:-distinct varied}"
+for appearance in $appearances; do
   for seed in $seeds; do
     cohort="$out/cohort_${appearance}_$seed"
     # labels.json is written last: without it the cohort is incomplete (an interrupted run) and is redone.
@@ -37,7 +41,7 @@ config() {  # config METHOD WINDOW_RADIUS -> a YAML file
     "$2" "$1" "$root/$out/token_cache" > "$file"
   echo "$file"
 }
-for appearance in typical varied; do
+for appearance in $appearances; do
   for seed in $seeds; do
     cohort="$out/cohort_${appearance}_$seed"
     for method in musc codegraph; do
@@ -52,7 +56,7 @@ for appearance in typical varied; do
   done
 done
 
-for appearance in typical varied; do
+for appearance in $appearances; do
   for radius in -1 1; do
     a=() b=()
     for seed in $seeds; do
