@@ -100,6 +100,13 @@ def bank_settings(
         The Nyul reference landmarks in effect per contrast.
     """
     settings = settings_material(config, encoder, landmarks)
+    if "landmarks" in settings:
+        # The values decide the tokens; where they were read from (a path that differs between a
+        # workstation and a container) does not.
+        settings["landmarks"] = {
+            contrast: {key: value for key, value in item.items() if key != "source"}
+            for contrast, item in settings["landmarks"].items()
+        }
     settings["format"] = BANK_FORMAT
     settings["projection"] = {
         "projection_dim": int(config["tokens"]["projection_dim"]),

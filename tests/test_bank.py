@@ -203,3 +203,14 @@ def test_manifest_is_plain_json_with_settings_and_hashes(tmp_path: Path):
     assert manifest["format"] == "codegraph3d.cohort-bank/1"
     assert manifest["settings"]["encoder"]["name"] == "intensity"
     assert len(manifest["entries"][0]["sha256"]) == 64
+
+
+def test_landmark_source_paths_do_not_split_banks(tmp_path: Path):
+    config = load_config()
+    landmarks = {"T2w": {"contrast": "T2w", "percentiles": [1.0, 99.0], "values": [0.0, 1.0], "source": "/models/a"}}
+    moved = {"T2w": dict(landmarks["T2w"], source="/opt/holoscan/models/a")}
+    CohortBank(tmp_path / "bank", bank_settings(config, ENCODER, landmarks), create=True)
+    CohortBank(tmp_path / "bank", bank_settings(config, ENCODER, moved))
+    changed = {"T2w": dict(landmarks["T2w"], values=[0.0, 0.9])}
+    with pytest.raises(BankError, match="landmarks.T2w.values"):
+        CohortBank(tmp_path / "bank", bank_settings(config, ENCODER, changed))
