@@ -5,6 +5,8 @@
 # LAYERS (default 4) layers per batch; on a 2-core CPU global matching at B = 120 and 180 takes
 # about 7 and 16 minutes per layer, so GLOBAL_LARGE_LAYERS (default 1) layers are timed there:
 # layers are scored one after another on the same sizes, so the time scales exactly with them.
+# GLOBAL_SKIP lists batch sizes whose global run is skipped (e.g. "180": about 25 minutes for one
+# layer here); the summary then says "not run".
 # Outputs under demo/scoring_scale/ (one .md and .json per run) and a summary on stdout.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,6 +28,9 @@ for b in $sizes; do
     fi
     name="$out/B${b}_${mode}"
     [ -f "$name.json" ] && continue
+    if [ "$mode" = global ] && [[ " ${GLOBAL_SKIP:-} " == *" $b "* ]]; then
+      continue
+    fi
     $py -m codegraph3d.benchmark --skip-cohort --device cpu --scorer-sizes "$b" --scorer-tokens 2000 \
       --scorer-dim 384 --scorer-layers "$n_layers" --matmul-size 1024 "${extra[@]}" \
       --out "$name.md" --out "$name.partial.json" > /dev/null
@@ -36,12 +41,17 @@ $py - "$out" $sizes <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-print("| B | matching | layers timed | seconds | seconds for 4 layers | RSS before / peak (MB) | scorer estimate, one layer (MB) |")
-print("|---|---|---|---|---|---|---|")
+print("| B | matching | layers timed | seconds | seconds for 4 layers | RSS before / peak (MB) | scorer estimate, one layer (MB) | load average at end |")
+print("|---|---|---|---|---|---|---|---|")
 for b in sys.argv[2:]:
     for mode in ("global", "window1"):
-        row = json.loads((out / f"B{b}_{mode}.json").read_text())["scorer"][0]
+        path = out / f"B{b}_{mode}.json"
+        if not path.is_file():
+            print(f"| {b} | {'global' if mode == 'global' else 'window r=1'} | not run | | | | | |")
+            continue
+        row = json.loads(path.read_text())["scorer"][0]
         per_layer = row["seconds"] / row["layers"]
         print(f"| {b} | {'global' if mode == 'global' else 'window r=1'} | {row['layers']} | {row['seconds']:.1f} | "
-              f"{4 * per_layer:.1f} | {row['rss_before_mb']:.0f} / {row['peak_rss_mb']:.0f} | {row['estimate_mb']:.0f} |")
+              f"{4 * per_layer:.1f} | {row['rss_before_mb']:.0f} / {row['peak_rss_mb']:.0f} | {row['estimate_mb']:.0f} | "
+              f"{row['load_average_end'][0]:.1f} |")
 PY
