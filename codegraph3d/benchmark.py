@@ -1039,6 +1039,44 @@ def benchmark_scorer(
     return rows
 
 
+def measure_selection_precision(
+    n_volumes: int = 6, tokens_per_volume: int = 1000, dim: int = 384, seed: int = 0, device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """How often TF32 neighbour selection changes the chosen neighbour, and by how much.
+
+    Two token models: iid Gaussian, and clustered (every token a 1 % perturbation of one of 20
+    shared centres, so that a token has many nearly equidistant candidates in every volume). Returns per model the fraction of (token, reference
+    volume) nearest distances that differ from float32 selection and the largest relative increase.
+    On CPU TF32 is emulated by input rounding (:func:`codegraph3d.scoring.selection_precision`).
+    """
+    from .scoring import nearest_distances, selection_precision
+
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((20, dim))
+    models = {
+        "gaussian": [rng.standard_normal((tokens_per_volume, dim)).astype(np.float32) for _ in range(n_volumes)],
+        "clustered": [
+            (centres[rng.integers(0, len(centres), tokens_per_volume)]
+             + 0.01 * rng.standard_normal((tokens_per_volume, dim))).astype(np.float32)
+            for _ in range(n_volumes)
+        ],
+    }
+    rows = []
+    for name, sets in models.items():
+        with selection_precision("float32"):
+            reference = nearest_distances(sets, device=device).astype(np.float64)
+        with selection_precision("tf32"):
+            fast = nearest_distances(sets, device=device).astype(np.float64)
+        finite = np.isfinite(reference)
+        relative = (fast[finite] - reference[finite]) / reference[finite]
+        rows.append({
+            "tokens": name, "volumes": n_volumes, "tokens_per_volume": tokens_per_volume, "dim": dim,
+            "device": str(device), "changed_fraction": float(np.mean(relative > 1e-7)),
+            "max_relative_increase": float(relative.max()), "min_relative_change": float(relative.min()),
+        })
+    return rows
+
+
 # --------------------------------------------------------------------------------------------
 # tokeniser on random working-grid volumes (the GPU table) and the encoder alone
 
@@ -1492,6 +1530,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--slices", type=int, default=32, help="--encoder-only: slices encoded")
     parser.add_argument("--size", type=int, default=224, help="--encoder-only: slice edge in pixels")
     parser.add_argument("--matmul-size", type=int, default=None, help="edge of the timed matmul (default 2048 CPU, 8192 CUDA)")
+    parser.add_argument("--precision-check", action="store_true",
+                        help="only print how TF32 neighbour selection differs from float32 (emulated on CPU)")
     parser.add_argument("--out", action="append", default=[],
                         help="write the report to FILE.md (Markdown) or FILE.json; may be repeated")
     return parser
@@ -1511,6 +1551,11 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
     """Run the benchmark the arguments ask for, print its Markdown and write ``--out`` files."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.precision_check:
+        device_name = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+        for row in measure_selection_precision(seed=args.seed, device=device_name):
+            print(json.dumps(row))
+        raise SystemExit(0)
     for name in args.out:
         if Path(name).suffix not in (".md", ".json"):
             parser.error(f"--out {name}: the file must end in .md or .json")
