@@ -62,6 +62,7 @@ import dataclasses
 import datetime as _dt
 import functools
 import gzip
+import hashlib
 import json
 import logging
 import math
@@ -3215,6 +3216,28 @@ def make_cohort(
         sorted(lesioned), size=n_mass, replace=False).tolist()) if n_mass else set()
     fov_plan = {"fov_mm": fov_mm, "matrix_size": (matrix_lo, matrix_hi)}
 
+    generator = {
+        "module": __name__,
+        "template": f"MNI152 2009 (nilearn), {maps.resolution} mm",
+        "n_subjects": n_subjects, "lesion_fraction": lesion_fraction, "seed": seed,
+        "contrasts": list(contrasts), "with_localizer_fraction": localizer_fraction,
+        "matrix_scale": matrix_scale, "lesion_radius_mm": list(lesion_radius_mm),
+        "lesions_per_subject": [lesions_lo, lesions_hi], "deformation_mm": deformation_mm,
+        "max_rotation_deg": max_rotation_deg, "max_translation_mm": max_translation_mm,
+        "max_scaling": max_scaling, "max_oblique_deg": max_oblique_deg,
+        "in_plane_mm": list(in_plane_mm), "slice_mm": list(slice_mm),
+        "noise_fraction": noise_fraction, "bias_strength": bias_strength,
+        "head_fraction": head_fraction, "eyes": bool(eyes),
+        "mass_effect_fraction": mass_effect_fraction,
+        "mass_effect_ratio": [float(v) for v in mass_effect_ratio],
+        "vary_fov": bool(vary_fov), "fov_mm": list(fov_mm),
+        "matrix_size": [matrix_lo, matrix_hi], "lesion_appearance": lesion_appearance,
+    }
+    # UIDs are deterministic (a cohort regenerated alike has the same UIDs) but depend on every
+    # generator option, not only on the seed: two cohorts that differ in any option must never
+    # share a UID, or UID-keyed stores (the token cache, a cohort bank) would mix them up.
+    uid_scope = hashlib.sha256(json.dumps(generator, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
     studies: list[dict[str, Any]] = []
     for index in range(n_subjects):
         rng = np.random.default_rng([seed, index, 1])
@@ -3223,7 +3246,7 @@ def make_cohort(
                                  mass_effect_ratio=mass_effect_ratio, with_head=index in heads,
                                  eyes=eyes, lesion_appearance=lesion_appearance, **subject_options)
         studies.append(_write_study(
-            out, maps, subject, rng, seed=seed, index=index, contrasts=contrasts,
+            out, maps, subject, rng, seed=seed, index=index, uid_scope=uid_scope, contrasts=contrasts,
             with_localizer=index in with_localizer, matrix_scale=matrix_scale,
             in_plane_mm=in_plane_mm, slice_mm=slice_mm, max_oblique_deg=max_oblique_deg,
             noise_fraction=noise_fraction, bias_strength=bias_strength,
@@ -3234,23 +3257,7 @@ def make_cohort(
 
     labels: dict[str, Any] = {
         "schema": LABELS_SCHEMA,
-        "generator": {
-            "module": __name__,
-            "template": f"MNI152 2009 (nilearn), {maps.resolution} mm",
-            "n_subjects": n_subjects, "lesion_fraction": lesion_fraction, "seed": seed,
-            "contrasts": list(contrasts), "with_localizer_fraction": localizer_fraction,
-            "matrix_scale": matrix_scale, "lesion_radius_mm": list(lesion_radius_mm),
-            "lesions_per_subject": [lesions_lo, lesions_hi], "deformation_mm": deformation_mm,
-            "max_rotation_deg": max_rotation_deg, "max_translation_mm": max_translation_mm,
-            "max_scaling": max_scaling, "max_oblique_deg": max_oblique_deg,
-            "in_plane_mm": list(in_plane_mm), "slice_mm": list(slice_mm),
-            "noise_fraction": noise_fraction, "bias_strength": bias_strength,
-            "head_fraction": head_fraction, "eyes": bool(eyes),
-            "mass_effect_fraction": mass_effect_fraction,
-            "mass_effect_ratio": [float(v) for v in mass_effect_ratio],
-            "vary_fov": bool(vary_fov), "fov_mm": list(fov_mm),
-            "matrix_size": [matrix_lo, matrix_hi], "lesion_appearance": lesion_appearance,
-        },
+        "generator": generator,
         "n_studies": len(studies),
         "n_series": sum(len(s["series"]) for s in studies),
         "n_lesion_studies": sum(1 for s in studies if s["has_lesion"]),
@@ -3272,6 +3279,7 @@ def _write_study(
     *,
     seed: int,
     index: int,
+    uid_scope: str = "",
     contrasts: tuple[str, ...],
     with_localizer: bool,
     matrix_scale: float,
@@ -3284,8 +3292,8 @@ def _write_study(
 ) -> dict[str, Any]:
     number = index + 1
     study_folder = Path("dicom") / f"ST{number:03d}"
-    study_uid = _uid(seed, index, "study")
-    frame_uid = _uid(seed, index, "frame-of-reference")
+    study_uid = _uid(uid_scope, seed, index, "study")
+    frame_uid = _uid(uid_scope, seed, index, "frame-of-reference")
     date = _dt.date(2024, 1, 1) + _dt.timedelta(days=int(rng.integers(0, 365)))
     start = _dt.datetime.combine(date, _dt.time(7, 0)) + _dt.timedelta(
         minutes=int(rng.integers(0, 11 * 60)))
@@ -3312,7 +3320,7 @@ def _write_study(
     series_number = 0
     if with_localizer:
         series_number += 1
-        uid = _uid(seed, index, "series", "localizer")
+        uid = _uid(uid_scope, seed, index, "series", "localizer")
         folder = study_folder / f"SE{series_number:02d}"
         planes = _localizer_planes(maps, subject, _series_rng(seed, index, series_number),
                                    matrix_scale)
@@ -3354,7 +3362,7 @@ def _write_study(
             template_image=template_images[contrast],
         )
         protocol = _protocol(contrast, orientation, rng)
-        uid = _uid(seed, index, "series", contrast)
+        uid = _uid(uid_scope, seed, index, "series", contrast)
         folder = study_folder / f"SE{series_number:02d}"
         series_time = (start + _dt.timedelta(minutes=4 * series_number)).strftime("%H%M%S")
         files = write_series(

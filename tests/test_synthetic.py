@@ -692,3 +692,16 @@ def test_distinct_lesions_are_identical_across_subjects_and_unlike_normal_tissue
     white_matter_like = np.percentile(rendered.image[rendered.brain & ~rendered.lesion], 5)
     # The T2w core is darker than nearly all normal brain.
     assert np.median(rendered.image[core]) < white_matter_like
+
+
+def test_uids_are_reproducible_and_never_shared_by_cohorts_that_differ(tmp_path: Path) -> None:
+    options = dict(TINY, n_subjects=2, with_localizer_fraction=0.0, contrasts=("T2w",))
+
+    def uids(folder: Path, **changes) -> set[str]:
+        labels = make_cohort(folder, **{**options, **changes})
+        return {s["series_instance_uid"] for st in labels["studies"] for s in st["series"]} | {
+            st["study_instance_uid"] for st in labels["studies"]}
+
+    first = uids(tmp_path / "a")
+    assert uids(tmp_path / "b") == first
+    assert not uids(tmp_path / "c", lesion_fraction=1.0) & first
