@@ -45,7 +45,6 @@ import io
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -55,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_path, write_json_atomic
-from .cache import _canonical, settings_material
+from .cache import _UID, _canonical, settings_id, settings_material
 
 __all__ = [
     "BANK_FORMAT",
@@ -73,7 +72,6 @@ BANK_FORMAT_VERSION = 1
 BANK_FORMAT = f"codegraph3d.cohort-bank/{BANK_FORMAT_VERSION}"
 MANIFEST = "bank.json"
 TOKENS_DIR = "tokens"
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 class BankError(ValueError):
@@ -113,10 +111,6 @@ def bank_settings(
         "projection_seed": int(config["tokens"]["projection_seed"]),
     }
     return settings
-
-
-def _settings_id(settings: Mapping[str, Any]) -> str:
-    return hashlib.sha256(_canonical(settings)).hexdigest()[:16]
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -215,7 +209,7 @@ class CohortBank:
         return {
             "format": BANK_FORMAT,
             "created": _utc_now(),
-            "settings_id": _settings_id(settings),
+            "settings_id": settings_id({"settings": settings}),
             "settings": dict(settings),
             "entries": [],
         }
