@@ -34,6 +34,7 @@ See ``docs/CODEGRAPH.md`` for the defaults and their reasons.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -54,6 +55,7 @@ from .scoring import (
 )
 
 __all__ = [
+    "closer_to_members",
     "CoDeGraphConfig",
     "CoDeGraphDiagnostics",
     "CoDeGraphResult",
@@ -110,6 +112,12 @@ class CoDeGraphConfig:
         Seed of Leiden's random node order, so partitions are reproducible. >= 0.
     n_iterations : int, default -1
         Leiden iterations; -1 iterates until the partition no longer changes. -1 or >= 1.
+    member_distance_ratio : float, default 0.6
+        Also implicate, in each community member, the tokens whose median nearest distance to the
+        other members is below this fraction of their median distance to the volumes outside the
+        community (at least three of them), in any layer: the parts of a shared anomaly that do
+        not burn out on their own (tokens only partly covered by the lesion). 0 turns it off
+        (burnout tokens only). In [0, 1).
     """
 
     false_alarm_rate: float = 1e-3
@@ -122,6 +130,7 @@ class CoDeGraphConfig:
     min_community_size: int = 2
     seed: int = 0
     n_iterations: int = -1
+    member_distance_ratio: float = 0.6
 
     def __post_init__(self) -> None:
         def number(name: str, low: float, high: float, low_open: bool, high_open: bool) -> None:
@@ -142,6 +151,7 @@ class CoDeGraphConfig:
         number("distance_floor_fraction", 0.0, math.inf, False, True)
         number("min_edge_weight", 0.0, math.inf, True, True)
         number("resolution", 0.0, math.inf, True, True)
+        number("member_distance_ratio", 0.0, 1.0, False, True)
         if not _is_integer(self.min_references) or self.min_references < 3:
             raise ValueError(
                 "CoDeGraphConfig.min_references must be an integer >= 3 (two spacings at least "
@@ -241,6 +251,45 @@ def _distance_floor(distances: np.ndarray, fraction: float) -> float:
     if positive.size == 0 or fraction == 0:
         return 0.0
     return float(fraction * np.median(positive))
+
+
+def closer_to_members(
+    distances: np.ndarray, members: Sequence[int], outsiders: Sequence[int], ratio: float, min_outsiders: int = 3,
+) -> np.ndarray:
+    """Tokens of one volume much nearer to the other community members than to the rest.
+
+    Parameters
+    ----------
+    distances : numpy.ndarray
+        ``(B, N_u)``: the volume's columns of a :func:`~codegraph3d.scoring.nearest_distances`
+        matrix (``inf`` where no distance exists).
+    members, outsiders : sequence of int
+        Eligible references inside and outside the community.
+    ratio : float
+        A token is returned when its median finite distance to ``members`` is below ``ratio``
+        times its median finite distance to ``outsiders``.
+    min_outsiders : int, default 3
+        With fewer outsiders (or no member), nothing is returned: no reference level to compare.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N_u,)`` bool.
+    """
+    n_tokens = distances.shape[1]
+    if not members or len(outsiders) < min_outsiders:
+        return np.zeros(n_tokens, dtype=bool)
+
+    def finite_median(rows: Sequence[int]) -> np.ndarray:
+        block = np.asarray(distances[list(rows)], dtype=np.float64)
+        block = np.where(np.isfinite(block), block, np.nan)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-nan columns: no window content
+            return np.nanmedian(block, axis=0)
+
+    inside, outside = finite_median(members), finite_median(outsiders)
+    with np.errstate(invalid="ignore"):
+        return np.nan_to_num(inside < ratio * outside, nan=False).astype(bool)
 
 
 def detect_burnout(
@@ -545,15 +594,23 @@ def codegraph_scores(
     n_layers = len(layer_token_sets)
     implicated_counts = np.zeros((n_layers, n_volumes), dtype=int)
     implicated = [np.zeros(n, dtype=bool) for n in sizes]
+    refs = reference_sets(n_volumes, groups)
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     for community in communities:
         for u in community:
             others = [v for v in community if v != u]
             for layer, burn in enumerate(layer_burnout):
                 mask = burn.linked_tokens(u, others)
+                if config.member_distance_ratio > 0:
+                    mask = mask | closer_to_members(
+                        layer_distances[layer][:, starts[u]:starts[u + 1]],
+                        [v for v in others if v in refs[u]],
+                        [v for v in refs[u] if v not in community],
+                        config.member_distance_ratio,
+                    )
                 implicated_counts[layer, u] = int(mask.sum())
                 implicated[u] |= mask
 
-    refs = reference_sets(n_volumes, groups)
     pairs = [
         (q, r)
         for community in communities

@@ -83,8 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="plan skull-stripped series with a 200-260 mm field of view and a "
                         "192-320 matrix (times --matrix-scale) too, so pixel spacing varies")
     parser.add_argument("--lesion-appearance", choices=("typical", "varied", "distinct"), default="typical",
-                        help="typical: lesions look alike across subjects (a consistent anomaly); "
-                        "varied: each lesion draws its own intensities (default typical)")
+                        help="typical: the contrast's lesion intensities; varied: each lesion draws its "
+                        "own; distinct: one look for every lesion, unlike any normal tissue (default typical)")
+    parser.add_argument("--lesion-radius-mm", type=float, nargs=2, default=(6.0, 15.0), metavar=("LOW", "HIGH"),
+                        help="range of the lesions' mean semi-axis in mm (default 6 15)")
     parser.add_argument("--no-eyes", action="store_true",
                         help="heads without eyes and orbits")
     parser.add_argument("--overwrite", action="store_true",
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             contrasts=tuple(args.contrasts), matrix_scale=args.matrix_scale,
             head_fraction=args.head_fraction, mass_effect_fraction=args.mass_effect_fraction,
             vary_fov=args.vary_fov, eyes=not args.no_eyes, lesion_appearance=args.lesion_appearance,
-            overwrite=args.overwrite,
+            lesion_radius_mm=tuple(args.lesion_radius_mm), overwrite=args.overwrite,
         )
     except FileExistsError:
         print(f"error: {args.out} already holds a cohort; pass --overwrite to replace it",

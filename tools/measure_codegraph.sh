@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # CoDeGraph against MuSc (docs/RESULTS.md, "CoDeGraph"): 40-subject T2w cohorts, 35 % of subjects
-# with a lesion, three seeds, lesion models (APPEARANCES, default "distinct varied"):
+# with a lesion of 16-24 mm mean semi-axis (large enough that some 14^3-voxel tokens lie wholly
+# inside it: smaller lesions give only partial-volume tokens, which differ from lesion to lesion
+# and are not a consistent anomaly for the intensity encoder), three seeds, lesion models
+# (APPEARANCES, default "distinct varied"):
 #   distinct - every lesion has one appearance unlike any normal tissue (a consistent anomaly,
 #              where MuSc should drop);
 #   varied   - every lesion draws its own intensities (dissimilar anomalies, the control);
@@ -30,6 +33,7 @@ for appearance in $appearances; do
     # labels.json is written last: without it the cohort is incomplete (an interrupted run) and is redone.
     [ -f "$cohort/labels.json" ] || $py tools/make_demo_cohort.py "$cohort" --subjects 40 --seed "$seed" \
       --lesion-fraction 0.35 --contrasts T2w --localizer-fraction 0 --lesion-appearance "$appearance" \
+      --lesion-radius-mm 16 24 \
       --overwrite --quiet
   done
 done
