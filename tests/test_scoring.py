@@ -245,17 +245,17 @@ def test_score_batch_method_argument():
 
 
 def test_memory_budget_lowers_the_chunk_size_without_changing_scores():
-    from codegraph3d.scoring import fit_chunk_size, scoring_memory
+    from codegraph3d.scoring import ALLOCATOR_FACTOR, fit_chunk_size, scoring_memory
 
     rng = np.random.default_rng(5)
     sets = [[rng.standard_normal((n, 24)).astype(np.float32) for n in (700, 650, 720, 690)]]
     sizes = [a.shape[0] for a in sets[0]]
     estimate = scoring_memory(sizes, 24, chunk_size=4096)
-    assert estimate.per_chunk == 16 * 720 * sum(sizes)
-    budget_mb = (estimate.fixed + 16 * 300 * 300) / 2**20
+    assert estimate.per_chunk == 8 * 4096**2
+    budget_mb = ALLOCATOR_FACTOR * (estimate.fixed + 16 * 300 * 300) / 2**20
     fitted = fit_chunk_size(sizes, 24, budget_mb, chunk_size=4096)
     assert 256 <= fitted <= 300
-    assert scoring_memory(sizes, 24, chunk_size=fitted).total <= budget_mb * 2**20
+    assert ALLOCATOR_FACTOR * scoring_memory(sizes, 24, chunk_size=fitted).total <= budget_mb * 2**20
     assert fit_chunk_size(sizes, 24, 10_000, chunk_size=4096) == 4096
     bounded = score_batch(sets, memory_budget_mb=budget_mb)
     unbounded = score_batch(sets)
@@ -264,15 +264,15 @@ def test_memory_budget_lowers_the_chunk_size_without_changing_scores():
 
 
 def test_batch_too_large_for_the_budget_is_refused_with_the_batch_size_that_fits():
-    from codegraph3d.scoring import fit_chunk_size, scoring_memory
+    from codegraph3d.scoring import ALLOCATOR_FACTOR, fit_chunk_size, scoring_memory
 
     sizes = [2000] * 180
     with pytest.raises(ValueError, match=r"180 volumes .* over the memory budget of 512 MB; split the cohort into chunks of at most (\d+) volumes") as error:
         fit_chunk_size(sizes, 384, 512)
     fit_b = int(re.search(r"at most (\d+) volumes", str(error.value)).group(1))
     assert 2 <= fit_b < 180
-    assert scoring_memory([2000] * fit_b, 384, chunk_size=256).total <= 512 * 2**20
-    assert scoring_memory([2000] * (fit_b + 1), 384, chunk_size=256).total > 512 * 2**20
+    assert ALLOCATOR_FACTOR * scoring_memory([2000] * fit_b, 384, chunk_size=256).total <= 512 * 2**20
+    assert ALLOCATOR_FACTOR * scoring_memory([2000] * (fit_b + 1), 384, chunk_size=256).total > 512 * 2**20
     windowed = scoring_memory(sizes, 384, window_radius=1, grid_shape=(16, 16, 16))
     assert windowed.fixed > scoring_memory(sizes, 384).fixed  # dense padded grids
 
