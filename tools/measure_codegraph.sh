@@ -72,3 +72,4 @@ for appearance in $appearances; do
       --json "$out/compare_${appearance}_r${radius}.json"
   done
 done | tee "$out/summary.md"
+$py tools/summarise_codegraph.py "$out" --appearances $appearances --seeds $seeds | tee "$out/per_seed.md"
