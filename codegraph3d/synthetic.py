@@ -467,6 +467,10 @@ class Lesion:
     appearance : tuple of (contrast, rim, core), default ()
         This lesion's own rim and core intensities per contrast (``lesion_appearance="varied"``),
         replacing the subject's ``lesion_rim`` / ``lesion_core``; empty: the subject's values.
+    stripe_period_mm, stripe_amplitude : float, default 0
+        A laminated texture: ``stripe_amplitude * sin(2 pi x / stripe_period_mm)`` added to the
+        lesion's intensity, ``x`` the template left-right coordinate (the stripes belong to the
+        tissue, so they follow the subject's deformation). Amplitude 0: no texture.
     """
 
     centre_lps: NDArray[np.float64]
@@ -481,6 +485,8 @@ class Lesion:
     mass_effect_mm: float = 0.0
     mass_effect_range_mm: float = 0.0
     appearance: tuple[tuple[str, float, float], ...] = ()
+    stripe_period_mm: float = 0.0
+    stripe_amplitude: float = 0.0
 
     @property
     def max_extent_mm(self) -> float:
@@ -724,7 +730,7 @@ def random_subject(
         Draw a :class:`HeadShape` (skull, scalp, face, neck) so that series show a whole head.
     eyes : bool, default True
         With ``with_head``: draw the eyes and orbits.
-    lesion_appearance : {"typical", "varied"}, default "typical"
+    lesion_appearance : {"typical", "varied", "distinct", "striped"}, default "typical"
         ``typical``: every lesion takes the contrast's lesion intensities (bright T2w, dark T1w
         core; the subject's jitter and +-8 % per lesion), so lesions of different subjects look
         alike: a *consistent* anomaly. ``varied``: each lesion draws its own rim and core
@@ -732,7 +738,11 @@ def random_subject(
         unlike each other. ``distinct``: every lesion takes :data:`DISTINCT_APPEARANCE`, unlike
         any normal tissue (the typical appearance lies between grey matter and CSF on T2w, so
         intensity tokens of such lesions find lookalikes at every CSF border), yet identical
-        across subjects: the consistent anomaly that CoDeGraph targets.
+        across subjects. Measured with the intensity encoder, a *uniform* lesion of any
+        intensity is not anomalous (normal brains hold near-uniform tokens at every standardised
+        intensity), so ``distinct`` lesions are consistent but barely anomalous. ``striped``:
+        every lesion takes :data:`STRIPED_APPEARANCE`, a laminated texture no normal tissue has,
+        identical across subjects: the consistent anomaly that CoDeGraph targets.
     """
     if lesion_appearance not in LESION_APPEARANCES:
         raise ValueError(f"lesion_appearance must be one of {', '.join(LESION_APPEARANCES)}; got {lesion_appearance!r}")
@@ -785,6 +795,12 @@ def random_subject(
         lesions = tuple(dataclasses.replace(item, appearance=_varied_appearance(rng, intensities)) for item in lesions)
     elif lesion_appearance == "distinct":
         lesions = tuple(dataclasses.replace(item, appearance=DISTINCT_APPEARANCE) for item in lesions)
+    elif lesion_appearance == "striped":
+        lesions = tuple(
+            dataclasses.replace(item, appearance=STRIPED_APPEARANCE, stripe_period_mm=STRIPE_PERIOD_MM,
+                                stripe_amplitude=STRIPE_AMPLITUDE)
+            for item in lesions
+        )
     return SubjectAnatomy(
         pullback=pullback,
         wavevectors=wavevectors,
@@ -797,13 +813,23 @@ def random_subject(
 
 
 #: Lesion appearance models of :func:`random_subject`.
-LESION_APPEARANCES = ("typical", "varied", "distinct")
+LESION_APPEARANCES = ("typical", "varied", "distinct", "striped")
 
 #: ``lesion_appearance="distinct"``: one (rim, core) per contrast for every lesion, chosen unlike
 #: any normal tissue of the contrast (darker than white matter on T2w, yet above the intensity
 #: brain-mask threshold; brighter than white matter on T1w), so that a lesion token is anomalous
 #: against every normal brain yet near-identical to the lesions of other subjects.
 DISTINCT_APPEARANCE: tuple[tuple[str, float, float], ...] = (("T2w", 0.15, 0.1), ("T1w", 1.1, 1.2))
+
+#: ``lesion_appearance="striped"``: a mid-grey base per contrast (near grey matter) with stripes of
+#: :data:`STRIPE_AMPLITUDE` and period :data:`STRIPE_PERIOD_MM` across it. Normal anatomy is smooth
+#: at this scale, so a striped token is far from every normal token (intensity encoder: nearest
+#: normal-volume distance about twice the normal tokens' 99th percentile), while the lesions of
+#: all subjects share the texture. The period (8 mm) spans about three pooling bins of a token
+#: and is resolved by slices up to 3 mm thick.
+STRIPED_APPEARANCE: tuple[tuple[str, float, float], ...] = (("T2w", 0.55, 0.55), ("T1w", 0.6, 0.6))
+STRIPE_PERIOD_MM = 8.0
+STRIPE_AMPLITUDE = 0.35
 
 
 def _varied_appearance(
@@ -1710,6 +1736,9 @@ def render_series(
             if name == contrast:
                 rim, core = own_rim, own_core
         lesion_value = item.intensity_scale * (rim + (core - rim) * core_fraction)
+        if item.stripe_amplitude > 0:
+            lesion_value = np.maximum(lesion_value + item.stripe_amplitude * np.sin(
+                2.0 * math.pi * points[:, 0] / item.stripe_period_mm), 0.0)
         blends.append((near, weight, lesion_value, ratio <= 1.0))
     for item in subject.lesions:
         if item.mass_effect_mm > 0:
@@ -3137,9 +3166,10 @@ def make_cohort(
     matrix_size : (int, int), default (192, 320)
         Range of the in-plane matrix before ``matrix_scale`` (rounded to even numbers, at
         least 16).
-    lesion_appearance : {"typical", "varied"}, default "typical"
+    lesion_appearance : {"typical", "varied", "distinct", "striped"}, default "typical"
         See :func:`random_subject`: ``typical`` lesions look alike across subjects (a consistent
-        anomaly); ``varied`` lesions each draw their own intensities.
+        anomaly); ``varied`` lesions each draw their own intensities; ``distinct`` and ``striped``
+        share one appearance unlike normal tissue (``striped`` also to the intensity encoder).
     overwrite : bool, default False
         Replace an existing cohort's ``dicom/``, ``truth/`` and ``labels.json``.
 
@@ -3427,7 +3457,9 @@ def _write_study(
             {"centre_template_lps_mm": [round(float(v), 3) for v in item.centre_lps],
              "semi_axes_mm": [round(float(v), 3) for v in item.semi_axes_mm],
              "mass_effect_mm": round(float(item.mass_effect_mm), 3),
-             **({"appearance": {c: {"rim": r, "core": k} for c, r, k in item.appearance}} if item.appearance else {})}
+             **({"appearance": {c: {"rim": r, "core": k} for c, r, k in item.appearance}} if item.appearance else {}),
+             **({"stripes": {"period_mm": item.stripe_period_mm, "amplitude": item.stripe_amplitude}}
+                if item.stripe_amplitude > 0 else {})}
             for item in subject.lesions
         ],
         "series": series_records,

@@ -671,7 +671,7 @@ def test_varied_lesion_appearance_changes_only_the_lesions() -> None:
     cores = [synthetic.random_subject(np.random.default_rng(s), maps, n_lesions=1, lesion_appearance="varied")
              .lesions[0].appearance[0][2] for s in range(8)]
     assert np.ptp(cores) > 0.3
-    with pytest.raises(ValueError, match="lesion_appearance must be one of typical, varied"):
+    with pytest.raises(ValueError, match="lesion_appearance must be one of typical, varied, distinct, striped"):
         synthetic.random_subject(np.random.default_rng(0), maps, lesion_appearance="odd")
 
 
@@ -692,6 +692,35 @@ def test_distinct_lesions_are_identical_across_subjects_and_unlike_normal_tissue
     white_matter_like = np.percentile(rendered.image[rendered.brain & ~rendered.lesion], 5)
     # The T2w core is darker than nearly all normal brain.
     assert np.median(rendered.image[core]) < white_matter_like
+
+
+def test_striped_lesions_share_a_texture_that_normal_tissue_lacks() -> None:
+    maps = synthetic.load_tissue_maps(2)
+    subjects = [synthetic.random_subject(np.random.default_rng(s), maps, n_lesions=1, lesion_appearance="striped")
+                for s in range(3)]
+    for subject in subjects:
+        lesion = subject.lesions[0]
+        assert lesion.appearance == synthetic.STRIPED_APPEARANCE
+        assert (lesion.stripe_period_mm, lesion.stripe_amplitude) == (synthetic.STRIPE_PERIOD_MM,
+                                                                      synthetic.STRIPE_AMPLITUDE)
+    typical = synthetic.random_subject(np.random.default_rng(0), maps, n_lesions=1)
+    assert typical.lesions[0].stripe_amplitude == 0.0
+    grid = synthetic.acquisition_grid(maps, subjects[0], orientation="axial", spacing=[1.0, 1.0, 2.0],
+                                      rng=np.random.default_rng(1))
+    rendered = synthetic.render_series(maps, subjects[0], grid, "T2w", np.random.default_rng(2),
+                                       noise_fraction=0.0, bias_strength=0.0)
+    from scipy import ndimage
+
+    # Stripes: the lesion core alternates by about twice the amplitude over half a period, far
+    # more than normal brain varies over the same distance.
+    core = ndimage.binary_erosion(rendered.lesion, iterations=3)
+    assert core.sum() > 100
+    local_range = ndimage.maximum_filter(rendered.image, size=(1, 5, 5)) - ndimage.minimum_filter(
+        rendered.image, size=(1, 5, 5))
+    normal = ndimage.binary_erosion(rendered.brain & ~ndimage.binary_dilation(rendered.lesion, iterations=4),
+                                    iterations=3)
+    assert np.median(local_range[core]) > 0.4
+    assert np.median(local_range[core]) > 2.0 * np.percentile(local_range[normal], 90)
 
 
 def test_uids_are_reproducible_and_never_shared_by_cohorts_that_differ(tmp_path: Path) -> None:

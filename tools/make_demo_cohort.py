@@ -82,9 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vary-fov", action="store_true",
                         help="plan skull-stripped series with a 200-260 mm field of view and a "
                         "192-320 matrix (times --matrix-scale) too, so pixel spacing varies")
-    parser.add_argument("--lesion-appearance", choices=("typical", "varied", "distinct"), default="typical",
+    parser.add_argument("--lesion-appearance", choices=("typical", "varied", "distinct", "striped"),
+                        default="typical",
                         help="typical: the contrast's lesion intensities; varied: each lesion draws its "
-                        "own; distinct: one look for every lesion, unlike any normal tissue (default typical)")
+                        "own; distinct: one uniform look for every lesion, unlike any normal tissue; striped: "
+                        "one laminated texture for every lesion, unlike normal tissue also to the intensity "
+                        "encoder (default typical)")
     parser.add_argument("--lesion-radius-mm", type=float, nargs=2, default=(6.0, 15.0), metavar=("LOW", "HIGH"),
                         help="range of the lesions' mean semi-axis in mm (default 6 15)")
     parser.add_argument("--no-eyes", action="store_true",

@@ -3,9 +3,12 @@
 # with a lesion of 16-24 mm mean semi-axis (large enough that some 14^3-voxel tokens lie wholly
 # inside it: smaller lesions give only partial-volume tokens, which differ from lesion to lesion
 # and are not a consistent anomaly for the intensity encoder), three seeds, lesion models
-# (APPEARANCES, default "distinct varied"):
-#   distinct - every lesion has one appearance unlike any normal tissue (a consistent anomaly,
-#              where MuSc should drop);
+# (APPEARANCES, default "striped varied"):
+#   striped  - every lesion has one laminated texture that no normal tissue has (a consistent
+#              anomaly, where MuSc drops);
+#   distinct - every lesion has one uniform intensity unlike any normal tissue; consistent, but to
+#              the intensity encoder barely anomalous (normal brains hold near-uniform tokens at
+#              every standardised intensity), so it does not test CoDeGraph;
 #   varied   - every lesion draws its own intensities (dissimilar anomalies, the control);
 #   typical  - the default appearance (between grey matter and CSF on T2w: intensity tokens of
 #              such lesions find lookalikes at every CSF border, so globally they barely stand out).
@@ -26,7 +29,7 @@ mkdir -p "$out" demo/models
 [ -f demo/models/template/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz ] \
   || $py -m codegraph3d.registration install demo/models
 seeds="${SEEDS:-11 12 13}"
-appearances="${APPEARANCES:-distinct varied}"
+appearances="${APPEARANCES:-striped varied}"
 for appearance in $appearances; do
   for seed in $seeds; do
     cohort="$out/cohort_${appearance}_$seed"
