@@ -180,10 +180,11 @@ def scoring_memory(
     Global matching: stacked float32 tokens (``N_total x D``) and their norms, the running minima
     and their indices and the returned distances (``B x N_total``, 4 + 4 + 4 bytes, plus the
     float32 copy handed back), and about four ``chunk_size^2`` float32 blocks (distances, minima,
-    gathered float64 neighbours). Windowed matching: dense padded grids of every volume
-    (``B x (g + 2r)^3 x D`` float32), the stacked queries, the running minima (``B x N_total``)
-    and about four ``chunk_size^2``-value blocks (blocks are at most one volume's tokens by
-    ``chunk_size`` rows, so small volumes use less). CoDeGraph adds about one more ``B x N_total``
+    gathered float64 neighbours). Windowed matching: the stacked tokens, a padded grid of row
+    indices per volume (``B x (g + 2r)^3`` int64), the distances (``B x N_total``), gathered
+    blocks and their distances near ``chunk_size^2`` float32 values, and the exact
+    recomputation's float32 pairs and float64 differences (``chunk_size^2 / 2`` rows' worth),
+    12 ``chunk_size^2`` bytes in all. CoDeGraph adds about one more ``B x N_total``
     float32 matrix (the masked rescoring starts from a copy). Grows with ``B^2 N``, never with
     ``B^2 N^2``.
     """
@@ -202,7 +203,8 @@ def scoring_memory(
         if grid_shape is None:
             raise ValueError("a windowed estimate needs the grid shape")
         padded = int(np.prod([g + 2 * window_radius for g in grid_shape]))
-        fixed = 4 * n_volumes * padded * (dim + 1) + 4 * n_total * dim + distances
+        fixed = 4 * n_total * (dim + 1) + 8 * n_volumes * padded + n_volumes * n_volumes + distances
+        per_chunk = 12 * chunk_size * chunk_size
     return MemoryEstimate(fixed=int(fixed), per_chunk=int(per_chunk), chunk_size=int(chunk_size))
 
 
@@ -723,40 +725,75 @@ def _windowed_distances(
     dev: torch.device,
     chunk_size: int,
 ) -> torch.Tensor:
-    """All eligible pairs, windowed matching: ``(B, N_total)`` float32 nearest distances."""
+    """All eligible pairs, windowed matching: ``(B, N_total)`` float32 exact nearest distances.
+
+    Grouped by grid position: the tokens of all volumes at one position are matched with the
+    tokens of all volumes at the ``(2r + 1)^3`` positions around it in one batched matmul
+    (``B x D`` by ``D x (2r + 1)^3 B``), the nearest is chosen per reference volume, and its
+    distance recomputed exactly (float64 accumulation), as in global matching. Matmuls, not
+    gathered differences, so the cost is ``(2r + 1)^3 B^2 N D`` multiply-adds at BLAS speed.
+    """
     coords, shape = grid
     window = _Window(shape, radius)
-    arrays, starts, refs = batch.arrays, batch.starts, batch.refs
-    n_volumes, dim = batch.n_volumes, arrays[0].shape[1]
-    # Rows per step keep each gathered (rows, D) neighbour block near chunk_size^2 values.
-    rows = max(1, chunk_size * chunk_size // max(1, dim))
-    # Dense, padded grids of every volume's tokens: a window is a gather, not a search.
-    dense = torch.zeros((n_volumes, window.n_positions, dim), dtype=torch.float32, device=dev)
-    present = torch.zeros((n_volumes, window.n_positions), dtype=torch.bool, device=dev)
-    for v, (a, c) in enumerate(zip(arrays, coords)):
-        index = torch.from_numpy(window.flat(c)).to(dev)
-        dense[v, index] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(dev)
-        present[v, index] = True
-    queries = torch.from_numpy(
-        np.concatenate([np.asarray(a, dtype=np.float32) for a in arrays])
-    ).to(dev)
-    all_coords = np.concatenate(coords)
-    positions = [torch.from_numpy(window.flat(all_coords, o)).to(dev) for o in window.offsets]
-    # best[j, t]: squared distance of token t to its nearest windowed neighbour in volume j.
-    best = torch.full((n_volumes, batch.n_total), float("inf"), dtype=torch.float32, device=dev)
-    for j in range(n_volumes):
-        # Eligibility is symmetric: the volumes that reference j are refs[j], in row runs.
-        for run in _consecutive_runs(refs[j]):
-            lo, hi = int(starts[run[0]]), int(starts[run[-1] + 1])
-            for position in positions:
-                for a in range(lo, hi, rows):
-                    b = min(a + rows, hi)
-                    where = position[a:b]
-                    # Float32 differences, squared and summed: relative error about D x 1e-7.
-                    d2 = (dense[j, where] - queries[a:b]).pow_(2).sum(dim=1)
-                    d2 = torch.where(present[j, where], d2, torch.inf)
-                    torch.minimum(best[j, a:b], d2, out=best[j, a:b])
-    return best.sqrt_()
+    starts, refs = batch.starts, batch.refs
+    n_volumes, n_total = batch.n_volumes, batch.n_total
+    tokens, sq_norms = _stack_centred(batch, dev, chunk_size)
+    selecting = _selection_tokens(tokens)
+    dim = tokens.shape[1]
+    # slot[v, p]: row in ``tokens`` of volume v's token at padded position p; n_total: none
+    # (that row of the padded copies below is a zero token with an infinite norm).
+    slot = torch.full((n_volumes, window.n_positions), n_total, dtype=torch.long, device=dev)
+    for v, c in enumerate(coords):
+        slot[v, torch.from_numpy(window.flat(c)).to(dev)] = torch.arange(
+            int(starts[v]), int(starts[v + 1]), device=dev
+        )
+    padded_selecting = torch.cat([selecting, selecting.new_zeros((1, dim))])
+    padded_norms = torch.cat([sq_norms, sq_norms.new_full((1,), float("inf"))])
+    occupied = torch.nonzero((slot < n_total).any(dim=0)).flatten()
+    padded = window.padded
+    offsets = torch.as_tensor(
+        [(a * padded[1] + b) * padded[2] + c for a, b, c in window.offsets], dtype=torch.long, device=dev
+    )
+    n_offsets = offsets.numel()
+    eligible = torch.zeros((n_volumes, n_volumes), dtype=torch.bool, device=dev)
+    for i in range(n_volumes):
+        eligible[i, torch.as_tensor(refs[i], dtype=torch.long, device=dev)] = True
+    # Positions per step: the gathered references and the distance block stay near
+    # chunk_size^2 values; the exact recomputation goes in its own steps of the same size.
+    per_position = n_offsets * n_volumes * (dim + n_volumes) + n_volumes * dim
+    step = max(1, chunk_size * chunk_size // per_position)
+    exact_rows = max(1, chunk_size * chunk_size // (2 * dim))
+    distances = torch.full((n_volumes, n_total), float("inf"), dtype=torch.float32, device=dev)
+    for lo in range(0, occupied.numel(), step):
+        position = occupied[lo : lo + step]
+        m = position.numel()
+        query_rows = slot[:, position].T  # (m, B)
+        reference_rows = slot[:, position[:, None] + offsets[None, :]].permute(1, 2, 0).reshape(
+            m, n_offsets * n_volumes
+        )  # (m, O * B), offset-major
+        d2 = torch.baddbmm(
+            padded_norms[reference_rows].unsqueeze(1),
+            padded_selecting[query_rows],
+            padded_selecting[reference_rows].transpose(1, 2),
+            beta=1.0, alpha=-2.0,
+        )  # (m, B, O * B); inf where the reference slot is empty
+        d2.add_(padded_norms[query_rows].unsqueeze(2))
+        value, offset_index = d2.view(m, n_volumes, n_offsets, n_volumes).min(dim=2)  # (m, Bq, Br)
+        del d2
+        chosen = torch.gather(
+            reference_rows.view(m, 1, n_offsets, n_volumes).expand(m, n_volumes, n_offsets, n_volumes),
+            2, offset_index.unsqueeze(2),
+        ).squeeze(2)  # (m, Bq, Br)
+        valid = (query_rows < n_total).unsqueeze(2) & torch.isfinite(value) & eligible.unsqueeze(0)
+        where_p, where_i, where_j = torch.nonzero(valid, as_tuple=True)
+        q_rows = query_rows[where_p, where_i]
+        k_rows = chosen[where_p, where_i, where_j]
+        for a in range(0, q_rows.numel(), exact_rows):
+            b = a + exact_rows
+            # Float32 subtraction of close values is exact (Sterbenz); accumulate in float64.
+            diff = (tokens[q_rows[a:b]] - tokens[k_rows[a:b]]).double()
+            distances[where_j[a:b], q_rows[a:b]] = diff.pow_(2).sum(dim=1).sqrt_().float()
+    return distances
 
 
 def _windowed_pair_distances(

@@ -180,6 +180,33 @@ def test_windowed_scores_only_see_the_window():
         musc_scores_windowed([a, b], coords, (4, 4, 4), radius=-1)
 
 
+@pytest.mark.parametrize("chunk_size", [4, 4096])
+def test_windowed_nearest_distances_match_a_float64_brute_force(chunk_size):
+    from codegraph3d.scoring import nearest_distances
+
+    rng = np.random.default_rng(11)
+    grid = (5, 4, 6)
+    coords, sets = [], []
+    for _ in range(5):
+        c = np.argwhere(rng.random(grid) < 0.6)
+        coords.append(c)
+        sets.append((rng.standard_normal((len(c), 7)) + 3.0).astype(np.float32))  # off-centre
+    groups = ["a", "b", "a", "c", "d"]
+    got = nearest_distances(sets, groups=groups, device="cpu", chunk_size=chunk_size, window_radius=1,
+                            coords=coords, grid_shape=grid)
+    starts = np.cumsum([0] + [len(s) for s in sets])
+    for i in range(5):
+        for j in range(5):
+            block = got[j, starts[i] : starts[i + 1]]
+            if i == j or groups[i] == groups[j]:
+                assert np.isinf(block).all()
+                continue
+            for t, (c, q) in enumerate(zip(coords[i], sets[i].astype(np.float64))):
+                near = np.abs(coords[j] - c).max(axis=1) <= 1
+                want = np.sqrt(((sets[j][near].astype(np.float64) - q) ** 2).sum(axis=1)).min() if near.any() else np.inf
+                assert block[t] == pytest.approx(want, rel=1e-6, abs=1e-6)
+
+
 def test_nearest_distances_reduce_to_musc_exactly():
     from codegraph3d.scoring import (
         musc_from_distances,
@@ -274,7 +301,9 @@ def test_batch_too_large_for_the_budget_is_refused_with_the_batch_size_that_fits
     assert ALLOCATOR_FACTOR * scoring_memory([2000] * fit_b, 384, chunk_size=256).total <= 512 * 2**20
     assert ALLOCATOR_FACTOR * scoring_memory([2000] * (fit_b + 1), 384, chunk_size=256).total > 512 * 2**20
     windowed = scoring_memory(sizes, 384, window_radius=1, grid_shape=(16, 16, 16))
-    assert windowed.fixed > scoring_memory(sizes, 384).fixed  # dense padded grids
+    # The padded grids of row indices add B x 18^3 x 8 bytes; there are no index minima.
+    assert windowed.fixed - scoring_memory(sizes, 384).fixed == 8 * 180 * 18**3 + 180 * 180 - 4 * 2 * 180 * 2000 * 180
+    assert windowed.per_chunk == 12 * 4096**2
 
 
 @pytest.mark.parametrize("precision", ["float32", "tf32"])

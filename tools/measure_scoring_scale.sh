@@ -5,6 +5,8 @@
 # LAYERS (default 4) layers per batch; on a 2-core CPU global matching at B = 120 and 180 takes
 # about 7 and 16 minutes per layer, so GLOBAL_LARGE_LAYERS (default 1) layers are timed there:
 # layers are scored one after another on the same sizes, so the time scales exactly with them.
+# The radius-1 window takes about 1/20 of global matching's time (position-grouped matmuls), and
+# WINDOW_LARGE_LAYERS (default 1) layers are timed at B = 120 and 180.
 # GLOBAL_SKIP lists batch sizes whose global run is skipped (e.g. "180": about 25 minutes for one
 # layer here); the summary then says "not run".
 # Outputs under demo/scoring_scale/ (one .md and .json per run) and a summary on stdout.
@@ -23,6 +25,7 @@ for b in $sizes; do
     extra=()
     if [ "$mode" = window1 ]; then
       extra=(--scorer-window 1)
+      [ "$b" -gt 60 ] && n_layers="${WINDOW_LARGE_LAYERS:-1}"
     elif [ "$b" -gt 60 ]; then
       n_layers="${GLOBAL_LARGE_LAYERS:-1}"
     fi

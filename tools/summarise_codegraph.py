@@ -6,7 +6,7 @@ and seed (runs not there yet are left out).
 
 Usage::
 
-    python tools/summarise_codegraph.py demo/codegraph --appearances distinct varied --seeds 11 12 13
+    python tools/summarise_codegraph.py demo/codegraph --appearances striped varied --seeds 11 12 13
 """
 
 from __future__ import annotations
