@@ -42,3 +42,7 @@ $py -m codegraph3d.benchmark --encoder intensity --n 8 --config tools/prestrippe
 $py -m codegraph3d.benchmark --encoder-only --encoder untrained-vit-l14 --slices 32 --out demo/encoder_speed.md
 # On a GPU machine: bash tools/gpu_benchmark.sh (writes gpu_benchmark.md).
 # The full preprocessing chain (skull stripping, registration, QA): tools/measure_preprocessing.sh.
+# CoDeGraph against MuSc (40-subject cohorts, 3 seeds, about 1.5 hours): tools/measure_codegraph.sh,
+#   then the settings sweep from its token cache: python tools/sweep_codegraph.py demo/codegraph.
+# Cohort bank thresholds: tools/measure_bank_threshold.sh. Scoring time and memory against the
+#   batch size (B = 30-180, about 1.5 hours): tools/measure_scoring_scale.sh.
