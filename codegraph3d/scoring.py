@@ -227,8 +227,8 @@ def fit_chunk_size(
         budget; the message gives the largest batch size that would fit, so that
         ``scoring.batch_size`` can split the cohort into chunks that do.
     """
-    # The budget covers the allocator's slack too: measured peak RSS growth was 1.85x (global) and
-    # 1.26x (windowed) the estimate at B = 30, 2,000 tokens, D = 384 (docs/RESULTS.md).
+    # The budget covers the allocator's slack too: measured peak RSS growth was at most 1.85x
+    # (global) and 1.91x (windowed) the estimate, B = 30-180, 2,000 tokens, D = 384 (docs/RESULTS.md).
     budget = float(budget_mb) * 2**20 / ALLOCATOR_FACTOR
     estimate = scoring_memory(sizes, dim, chunk_size=chunk_size, window_radius=window_radius, grid_shape=grid_shape)
     if estimate.total <= budget:
