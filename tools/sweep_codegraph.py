@@ -26,11 +26,11 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from codegraph3d.cache import read_entry
 from codegraph3d.codegraph import CoDeGraphConfig
 from codegraph3d.config import default_config
+from codegraph3d.metrics import patient_auroc
 from codegraph3d.preprocess import resample_from_source
 from codegraph3d.scoring import musc_from_distances, nearest_distances, score_batch
 from codegraph3d.tokens import project
@@ -110,8 +110,8 @@ def _summary(tokens: CohortTokens, token_scores: list[np.ndarray], communities: 
     truth = np.concatenate(tokens.lesion_tokens)
     members = [v for group in communities or [] for v in group]
     return {
-        "patient_auroc": float(roc_auc_score(tokens.has_lesion, volume)),
-        "lesion_token_auroc": float(roc_auc_score(truth, flat)) if truth.any() else None,
+        "patient_auroc": patient_auroc(volume, tokens.has_lesion),
+        "lesion_token_auroc": patient_auroc(flat, truth) if truth.any() else None,  # rank AUROC over tokens
         "lesion_token_median": float(np.median(flat[truth])) if truth.any() else None,
         "communities": [len(group) for group in communities or []],
         "members_with_lesion": int(sum(bool(tokens.has_lesion[v]) for v in members)),
