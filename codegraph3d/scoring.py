@@ -712,6 +712,12 @@ class _Window:
         span = range(-r, r + 1)
         return [(a, b, c) for a in span for b in span for c in span]
 
+    @property
+    def flat_offsets(self) -> np.ndarray:
+        """What each of :attr:`offsets` adds to a flat padded index."""
+        origin = np.zeros((1, 3), dtype=np.int64)
+        return np.array([self.flat(origin, o)[0] for o in self.offsets]) - self.flat(origin)[0]
+
     def flat(self, c: np.ndarray, offset: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
         z, y, x = (c + np.asarray(offset) + self.radius).T
         padded = self.padded
@@ -750,10 +756,7 @@ def _windowed_distances(
     padded_selecting = torch.cat([selecting, selecting.new_zeros((1, dim))])
     padded_norms = torch.cat([sq_norms, sq_norms.new_full((1,), float("inf"))])
     occupied = torch.nonzero((slot < n_total).any(dim=0)).flatten()
-    padded = window.padded
-    offsets = torch.as_tensor(
-        [(a * padded[1] + b) * padded[2] + c for a, b, c in window.offsets], dtype=torch.long, device=dev
-    )
+    offsets = torch.as_tensor(window.flat_offsets, dtype=torch.long, device=dev)
     n_offsets = offsets.numel()
     eligible = torch.zeros((n_volumes, n_volumes), dtype=torch.bool, device=dev)
     for i in range(n_volumes):
