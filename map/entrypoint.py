@@ -27,6 +27,7 @@ import datetime
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +142,10 @@ def run(app_args: list[str], out: TextIO) -> int:
             command, cwd=application, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, encoding="utf-8", errors="replace", bufsize=1,
         )
+        # As PID 1 of a container this process gets the orchestrator's SIGTERM and the kernel
+        # ignores it for PID 1 by default: pass it on, so the app stops (and cleans up) at once.
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, lambda received, _frame: process.send_signal(received))
         assert process.stdout is not None
         for line in process.stdout:
             out.write(line)

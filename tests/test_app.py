@@ -139,3 +139,48 @@ def test_evaluation_reads_the_run_back(good_run, tiny_cohort: Path):
         assert item["n_series"] == 6 and item["n_lesion"] == 2
         for key in ("patient_auroc", "voxel_auroc", "voxel_ap", "dice_max", "iou_at_dice_max"):
             assert 0.0 <= item[key] <= 1.0, (key, item[key])
+
+
+def test_run_diff_finds_a_run_agrees_with_itself_and_catches_each_kind_of_change(good_run, tmp_path: Path):
+    """codegraph3d.run_diff: the check that a container run matches a plain run."""
+    import numpy as np
+    from pydicom.pixels import pack_bits
+
+    from codegraph3d.run_diff import compare_runs
+
+    run, _ = good_run
+    same = compare_runs(run.output, run.output)
+    scored = [s for s in same.series if s.score_difference is not None]
+    assert same.agree and len(scored) == 12
+    assert same.max_score_difference == 0.0 and same.max_mask_fraction == 0.0
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run.output, copy)
+    report = json.loads((copy / "report.json").read_text(encoding="utf-8"))
+    first = next(s for s in report["series"] if s["status"] == "scored")
+    first["score"] += 5e-5
+    (copy / "report.json").write_text(json.dumps(report), encoding="utf-8")
+    assert compare_runs(run.output, copy, score_tolerance=1e-4).agree
+    result = compare_runs(run.output, copy, score_tolerance=1e-5)
+    assert not result.agree and "scores differ" in result.problems[0]
+
+    # Flip voxels of one binary SEG: caught above the mask tolerance, counted exactly.
+    seg_path = copy / first["seg_binary"]
+    dataset = pydicom.dcmread(seg_path)
+    frames = np.asarray(dataset.pixel_array, dtype=np.uint8).reshape(-1, dataset.Rows, dataset.Columns)
+    frames[0, :2, :5] ^= 1
+    dataset.PixelData = pack_bits(frames.ravel())
+    dataset.save_as(seg_path)
+    result = compare_runs(run.output, copy, score_tolerance=1e-4, mask_tolerance=0.0)
+    changed = next(s for s in result.series if s.series_instance_uid == first["series_instance_uid"])
+    assert changed.differing_voxels == 10 and "binary masks differ in 10 of" in result.problems[0]
+    assert compare_runs(run.output, copy, score_tolerance=1e-4, mask_tolerance=1e-3).agree
+
+    # A different decision for a series, and a series only one run knows, are mismatches.
+    first["status"], first["reason"] = "skipped", "test"
+    dropped = next(s for s in reversed(report["series"]) if s is not first)
+    report["series"].remove(dropped)
+    (copy / "report.json").write_text(json.dumps(report), encoding="utf-8")
+    problems = " | ".join(compare_runs(run.output, copy).problems)
+    assert "vs skipped (test)" in problems
+    assert f"series {dropped['series_instance_uid']} is in only one of the reports" in problems
