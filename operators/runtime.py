@@ -1,7 +1,7 @@
 """Process set-up the SDK needs before it is imported, and the exit-code contract of the app.
 
 Import this module before ``monai.deploy``: the SDK's Holoscan runtime loads ``libcudart.so.13``
-even on a CPU-only machine, and the ``nvidia-cuda-runtime`` wheel (a pinned requirement) ships it
+even on a CPU-only machine, and the ``nvidia-cuda-runtime`` wheel (pinned in requirements-cpu.txt) ships it
 inside site-packages, where the dynamic loader does not look. Loading it here by absolute path
 makes ``python app.py`` work with no environment set-up by the user.
 """

@@ -8,8 +8,8 @@
 #   --tag IMAGE          image name (default localhost/codegraph3d-map:<app.yaml version>)
 #   --weights PATH       bake DINOv2 weights into /opt/holoscan/models: a Hugging Face folder
 #                        (dinov2-large/) or the official .pth; default none (mount them at run time)
-#   --torch-index URL    install torch 2.13.0 from this PyTorch index instead of the CPU wheel,
-#                        e.g. https://download.pytorch.org/whl/cu130 (the GPU variant)
+#   --gpu                the GPU variant: PyPI's CUDA 13.0 build of torch 2.13.0 instead of the CPU
+#                        wheel (about 3 GB more; default tag suffix -cuda); run it with run_map.sh --gpu
 #   --mirror URL         Debian mirror for debootstrap (default: this machine's apt source)
 #   --cache DIR          base rootfs, build context and pip cache (default work/map-build)
 #   --rebuild-base       make the Debian base again even when the image exists
@@ -19,14 +19,14 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 version=$(sed -n 's/^  version: *//p' app.yaml | head -n1)
-tag="localhost/codegraph3d-map:${version:-latest}"
-weights="" torch_index="" mirror="" cache="work/map-build" rebuild_base=0 save=""
+tag=""
+weights="" variant=cpu mirror="" cache="work/map-build" rebuild_base=0 save=""
 base_image="localhost/codegraph3d-base:bookworm"
 while [ $# -gt 0 ]; do
   case "$1" in
     --tag) tag="$2"; shift 2 ;;
     --weights) weights="$2"; shift 2 ;;
-    --torch-index) torch_index="$2"; shift 2 ;;
+    --gpu) variant=cuda; shift ;;
     --mirror) mirror="$2"; shift 2 ;;
     --cache) cache="$2"; shift 2 ;;
     --rebuild-base) rebuild_base=1; shift ;;
@@ -36,6 +36,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+[ -n "$tag" ] || { tag="localhost/codegraph3d-map:${version:-latest}"; [ "$variant" = cpu ] || tag="$tag-cuda"; }
 for tool in podman debootstrap; do
   command -v "$tool" >/dev/null 2>&1 || {
     echo "build_map: $tool is not installed; install it with: apt-get install -y podman debootstrap" >&2; exit 2; }
@@ -72,15 +73,15 @@ fi
 context="$cache/context"
 rm -rf "$context" && mkdir -p "$context/app" "$context/wheels" "$context/models"
 tar -c --exclude=__pycache__ --exclude='*.pyc' \
-    app.py app.yaml pyproject.toml requirements.txt README.md operators codegraph3d map \
+    app.py app.yaml pyproject.toml requirements.txt requirements-cpu.txt README.md operators codegraph3d map \
   | tar -x -C "$context/app"
-cp requirements.txt "$context/requirements.txt"
+cp requirements.txt requirements-cpu.txt "$context/"
 cp models/README.md "$context/models/README.md"
 [ ! -f models/nyul_landmarks.json ] || cp models/nyul_landmarks.json "$context/models/"
 if [ -n "$weights" ]; then
   cp -r "$weights" "$context/models/$(basename "$weights")"
 fi
-if [ -z "$torch_index" ]; then
+if [ "$variant" = cpu ]; then
   wheel=""
   for folder in ${PIP_FIND_LINKS:-} /opt/wheels "$cache/wheels"; do
     found=$(ls "$folder"/torch-2.13.0*cpu*-cp311-*.whl 2>/dev/null | head -n1 || true)
@@ -106,7 +107,7 @@ echo "build_map: building $tag ..."
 podman build --isolation chroot --network host \
     --ulimit nofile=1024:1024 --ulimit nproc=4096:4096 \
     --volume "$ca_bundle:/run/build/ca.crt:ro" --volume "$cache/pip:/root/.cache/pip" \
-    --build-arg BASE_IMAGE="$base_image" --build-arg TORCH_INDEX_URL="$torch_index" \
+    --build-arg BASE_IMAGE="$base_image" --build-arg TORCH_VARIANT="$variant" \
     --file map/Containerfile --tag "$tag" "$context"
 
 elapsed=$(( $(date +%s) - started ))
