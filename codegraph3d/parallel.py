@@ -81,11 +81,42 @@ class SeriesOutcome:
     qa: dict[str, Any] = field(default_factory=dict)  # of a series that failed quality control
 
 
+def _cgroup_cpu_limit(cgroup_root: Path) -> float | None:
+    """The CPU quota of this process's cgroup in CPUs (v2 ``cpu.max``, else v1 CFS), or None."""
+    try:
+        quota, period = (cgroup_root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((cgroup_root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((cgroup_root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: its affinity mask, capped by a container's CPU quota.
+
+    ``os.cpu_count()`` counts the host's CPUs; a MAP given ``cpu: 2`` on a 64-core node would
+    otherwise start 4 workers of 16 threads each and thrash under its quota.
+    """
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit(cgroup_root)
+    if limit is not None:
+        count = min(count, max(1, int(limit)))
+    return max(1, count)
+
+
 def resolve_workers(requested: int, n_studies: int) -> int:
-    """Worker count: ``requested`` when positive, else min(CPU count, 4), never more than the studies."""
+    """Worker count: ``requested`` when positive, else min(available CPUs, 4), never more than the studies."""
     if requested < 0:
         raise ValueError(f"preprocess.workers must be >= 0 (0 = automatic); got {requested}")
-    count = requested if requested > 0 else min(os.cpu_count() or 1, 4)
+    count = requested if requested > 0 else min(available_cpus(), 4)
     return max(1, min(count, max(n_studies, 1)))
 
 
@@ -207,7 +238,7 @@ class StudyPreprocessor:
         self.series_total = 0
         self._started = time.perf_counter()
 
-    def __enter__(self) -> "StudyPreprocessor":
+    def __enter__(self) -> StudyPreprocessor:
         # Built here even with worker processes: a missing template, landmark file or skull
         # stripper then fails in the caller with its own message, not as a broken pool.
         self._local = PreprocessModels(self.setup)
@@ -218,7 +249,7 @@ class StudyPreprocessor:
             )
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None

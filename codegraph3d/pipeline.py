@@ -11,7 +11,6 @@ of one) skip that series with a recorded reason; run-level problems (nothing to 
 from __future__ import annotations
 
 import logging
-import os
 import resource
 import time
 from collections import defaultdict
@@ -28,7 +27,7 @@ from .encoders import SliceEncoder, configured_patch_size, load_encoder
 from .io.dicom import ScanResult, chunk_studies, scan_headers
 from .io.selection import SeriesDecision, SelectionRules, select_series
 from .maps import token_grid_map, upsample_token_map
-from .parallel import PreprocessSetup, SeriesJob, SeriesOutcome, StudyPreprocessor, resolve_workers
+from .parallel import PreprocessSetup, SeriesJob, SeriesOutcome, StudyPreprocessor, available_cpus, resolve_workers
 from .preprocess import PreprocessConfig, PreprocessedVolume, resample_to_source
 from .scoring import BatchScores, score_batch
 from .thresholds import (
@@ -342,7 +341,7 @@ def preprocess_setup(
     config: Mapping[str, Any], model_path: str | Path | None, workers: int = 1
 ) -> PreprocessSetup:
     """The worker settings of a run: preprocessing, model folder, device, threads per worker."""
-    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
+    threads = max(1, available_cpus() // workers) if workers > 1 else 0
     return PreprocessSetup(
         config=preprocess_config(config),
         model_path=None if model_path is None else str(model_path),

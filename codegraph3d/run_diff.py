@@ -18,14 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Hashable
+from typing import Any
 
 import numpy as np
 import pydicom
 
-__all__ = ["SeriesDifference", "RunDifference", "compare_runs", "binary_seg_difference"]
+__all__ = ["RunDifference", "SeriesDifference", "binary_seg_difference", "compare_runs"]
 
 
 @dataclass(frozen=True)

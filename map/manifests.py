@@ -19,8 +19,9 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = ["ManifestError", "application_manifest", "package_manifest", "write_manifests"]
 

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import ROOT, run_app
 
 from codegraph3d.run_diff import compare_runs
 from codegraph3d.synthetic import make_cohort
-
-from conftest import ROOT, run_app
 
 IMAGE = os.environ.get("CODEGRAPH3D_MAP_IMAGE", "")
 CONFIG = ROOT / "tools" / "demo_config.yaml"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -127,3 +128,23 @@ def test_without_a_t1w_series_each_series_is_stripped(studies):
 
     (prepared,) = preprocess_study([(volume, "T2w")], PreprocessConfig(size=32, skull_strip="deepbet"), stripper=stripper)
     assert calls == [1] and not isinstance(prepared, Exception)
+
+
+def test_available_cpus_honours_a_containers_cpu_quota(tmp_path: Path):
+    from codegraph3d.parallel import available_cpus
+
+    affinity = len(os.sched_getaffinity(0))
+    assert available_cpus(tmp_path / "no-cgroup") == affinity
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert available_cpus(v2) == affinity
+    (v2 / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs: one worker's worth
+    assert available_cpus(v2) == 1
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert available_cpus(v1) == affinity
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    assert available_cpus(v1) == 1
