@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import pydicom
 
 from . import ALGORITHM_NAME, __version__
 from .atomic import write_json_atomic
 from .config import config_hash
 from .io.seg import write_binary_seg, write_fractional_seg
+from .io.sr import SeriesFinding, write_study_sr
 from .pipeline import Scoring, Selection, StageTimer, peak_rss_mb, series_outputs
 
 __all__ = ["REPORT_SCHEMA", "encoder_warning", "write_results", "write_failure_report"]
@@ -116,6 +118,7 @@ def write_results(
     weights = (encoder.get("weights_sha256") or "")[:12]
     encoder_text = f"{encoder['name']}" + (f" sha256:{weights}" if weights else "")
     rows: dict[str, dict[str, Any]] = {}
+    findings: dict[str, list[SeriesFinding]] = {}
     for decision in selection.decisions:
         if decision.taken:
             reason = scoring.skipped.get(decision.series_instance_uid, "")
@@ -175,6 +178,15 @@ def write_results(
                     references=int(batch.scores.n_references[index]),
                     qa=member.qa,
                 )
+                if config["output"]["sr"]:
+                    findings.setdefault(member.decision.study_instance_uid, []).append(
+                        SeriesFinding(
+                            seg=pydicom.dcmread(binary_path, stop_before_pixels=True),
+                            score=row["score"], rank=row["rank"], batch_size=len(batch.members),
+                            percentile=row["percentile"], threshold=float(batch.decision.volume_threshold),
+                            flagged=row["flagged"], anomalous_volume_ml=row["anomalous_volume_ml"],
+                        )
+                    )
                 logger.info(
                     "study=%s series=%s decision=scored contrast=%s score=%.5g rank=%d/%d flagged=%s "
                     "anomalous_ml=%.2f seg=%s",
@@ -199,6 +211,16 @@ def write_results(
                     **({"codegraph": _codegraph_summary(batch)} if batch.scores.codegraph is not None else {}),
                 }
             )
+        sr_paths: dict[str, str] = {}
+        if findings:
+            sr_dir = output / "SR"
+            sr_dir.mkdir(parents=True, exist_ok=True)
+            for study_uid, study_findings in findings.items():
+                sr_path = write_study_sr(
+                    study_findings, sr_dir / f"{_safe_uid(study_uid)}_sr.dcm",
+                    series_number=int(config["output"]["series_number"]) + 2,
+                )
+                sr_paths[study_uid] = str(sr_path.relative_to(output))
     for contrast, error in scoring.errors.items():
         batches.append({"contrast": contrast, "n_series": 0, "error": error})
 
@@ -207,7 +229,8 @@ def write_results(
         study = studies.setdefault(
             row["study_instance_uid"],
             {"study_instance_uid": row["study_instance_uid"], "patient_id": row["patient_id"],
-             "score": None, "flagged": False, "scored_series": 0},
+             "score": None, "flagged": False, "scored_series": 0,
+             "sr": sr_paths.get(row["study_instance_uid"])},
         )
         if row["status"] == "scored":
             study["scored_series"] += 1

@@ -52,9 +52,42 @@ def test_app_exits_zero_and_reports_every_series(good_run, tiny_cohort: Path):
         assert batch["score_to_unit"]["high"] > batch["score_to_unit"]["low"]
     for field in ("timings_s", "peak_rss_mb", "config"):
         assert field in report
-    # Nothing but SEG/ and report.json in the output folder, and no temporary file left.
-    assert sorted(p.name for p in run.output.iterdir()) == ["SEG", "report.json"]
+    # Nothing but SEG/, SR/ and report.json in the output folder, and no temporary file left.
+    assert sorted(p.name for p in run.output.iterdir()) == ["SEG", "SR", "report.json"]
     assert not [p for p in (run.output / "SEG").iterdir() if not p.name.endswith(".dcm")]
+    assert len(list((run.output / "SR").iterdir())) == len(report["studies"]) == 6
+
+
+def test_one_sr_per_study_holds_every_series_measurements(good_run):
+    """TID 1500: per scored series, the SEG segment and source series referenced, and the figures."""
+    from codegraph3d.io.sr import CONCEPTS
+
+    run, _ = good_run
+    report = run.report
+    rows = [row for row in report["series"] if row["status"] == "scored"]
+    thresholds = {b["contrast"]: b["threshold"] for b in report["batches"]}
+    for study in report["studies"]:
+        sr = hd.sr.srread(run.output / study["sr"])
+        assert sr.StudyInstanceUID == study["study_instance_uid"] and sr.PatientID == study["patient_id"]
+        content = hd.sr.MeasurementReport.from_sequence([sr])
+        groups = content.get_volumetric_roi_measurement_groups()
+        series_rows = {r["series_instance_uid"]: r for r in rows if r["study_instance_uid"] == study["study_instance_uid"]}
+        assert len(groups) == len(series_rows) == study["scored_series"]
+        for group in groups:
+            segment = group.referenced_segment
+            seg_uid = segment.referenced_sop_instance_uid
+            matches = [r for r in series_rows.values()
+                       if pydicom.dcmread(run.output / r["seg_binary"], stop_before_pixels=True).SOPInstanceUID == seg_uid]
+            assert len(matches) == 1
+            row = matches[0]
+            values = {m.name.meaning: m.value for m in group.get_measurements()}
+            assert values[CONCEPTS["score"].meaning] == pytest.approx(row["score"])
+            assert values[CONCEPTS["rank"].meaning] == row["rank"]
+            assert values[CONCEPTS["percentile"].meaning] == pytest.approx(row["percentile"])
+            assert values[CONCEPTS["threshold"].meaning] == pytest.approx(thresholds[row["contrast"]])
+            assert values["Volume"] == pytest.approx(row["anomalous_volume_ml"])
+            flag = group.get_qualitative_evaluations()[0].value.meaning
+            assert flag == ("Yes" if row["flagged"] else "No")
 
 
 def test_corrupt_file_is_skipped_and_named(good_run):
@@ -83,7 +116,7 @@ def test_segs_read_back_and_reference_their_source(good_run, tiny_cohort: Path):
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian dicom3tools) is not installed")
 def test_dciodvfy_reports_no_errors(good_run):
     run, _ = good_run
-    for path in sorted((run.output / "SEG").glob("*.dcm")):
+    for path in sorted((run.output / "SEG").glob("*.dcm")) + sorted((run.output / "SR").glob("*.dcm")):
         result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
         errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
         assert not errors, f"{path.name}: {errors[:5]}"
@@ -180,7 +213,9 @@ def test_run_diff_finds_a_run_agrees_with_itself_and_catches_each_kind_of_change
     first["status"], first["reason"] = "skipped", "test"
     dropped = next(s for s in reversed(report["series"]) if s is not first)
     report["series"].remove(dropped)
+    report["studies"][0]["sr"] = None
     (copy / "report.json").write_text(json.dumps(report), encoding="utf-8")
     problems = " | ".join(compare_runs(run.output, copy).problems)
+    assert "an SR was written in only one run" in problems
     assert "vs skipped (test)" in problems
     assert f"series {dropped['series_instance_uid']} is in only one of the reports" in problems

@@ -36,6 +36,11 @@ def run_map(input_folder: Path, output: Path, *options: str) -> subprocess.Compl
     )
 
 
+def dciodvfy_errors(path: Path) -> list[str]:
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+
+
 def folder_digest(folder: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -85,7 +90,7 @@ def test_container_scores_the_cohort(container_run):
     assert (output / "report.json").stat().st_uid == 1000
 
 
-def test_container_segs_are_valid_and_reference_their_source(container_run, cohort: Path):
+def test_container_segs_and_srs_are_valid_and_reference_their_source(container_run, cohort: Path):
     import highdicom as hd
 
     completed, output, _, _ = container_run
@@ -97,9 +102,11 @@ def test_container_segs_are_valid_and_reference_their_source(container_run, coho
             segmentation = hd.seg.segread(path)
             referenced = {r.SeriesInstanceUID for r in segmentation.ReferencedSeriesSequence}
             assert referenced == {series["series_instance_uid"]}
-            result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
-            errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
-            assert not errors, f"{path.name}: {errors[:5]}"
+            assert not dciodvfy_errors(path), path.name
+    for study in report["studies"]:
+        sr = hd.sr.srread(output / study["sr"])
+        assert sr.StudyInstanceUID == study["study_instance_uid"]
+        assert not dciodvfy_errors(output / study["sr"]), study["sr"]
 
 
 def test_container_logs_to_the_logs_folder_and_leaves_input_untouched(container_run, cohort: Path):
