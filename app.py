@@ -6,6 +6,7 @@ environment variables in a MAP). Exit codes: 0 done, 2 nothing could be scored, 
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from operators.runtime import run_application
 from holoscan.conditions import CountCondition  # noqa: E402 - after the runtime preparation
 from monai.deploy.core import Application
 
+from codegraph3d.atomic import remove_partials
 from codegraph3d.config import load_config
 from codegraph3d.pipeline import StageTimer
 
@@ -35,6 +37,12 @@ class CoDeGraph3DApp(Application):
     def compose(self) -> None:
         context = Application.init_app_context(self.argv)
         self.output_folder = Path(context.output_path)
+        # A run killed outright (SIGKILL, power loss) cannot clean up; its leftovers go now.
+        stale = remove_partials(self.output_folder)
+        if stale:
+            logging.getLogger("codegraph3d").warning(
+                "removed %d half-written file(s) left in %s by an interrupted run", len(stale), self.output_folder
+            )
         model_folder = Path(context.model_path) if context.model_path else None
         self.config = load_config(model_folder)
         self.encoder_identity = None

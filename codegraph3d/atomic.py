@@ -9,7 +9,27 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_path", "write_json_atomic"]
+__all__ = ["atomic_path", "write_json_atomic", "remove_partials", "PARTIAL_SUFFIX"]
+
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def remove_partials(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that a killed run left under ``folder``; return what was removed.
+
+    Only names this module makes (``.<name>.<random>.partial``) are touched. Call it when no
+    other process writes there: at the start of a run, or after the app has exited.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.rglob(f".*{PARTIAL_SUFFIX}"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 @contextmanager
@@ -21,7 +41,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX, dir=target.parent)
     os.close(handle)
     temporary = Path(name)
     # mkstemp creates 0600; results must be readable like any other file the process writes.

@@ -122,6 +122,25 @@ def _log_file(out: TextIO) -> TextIO | None:
         return None
 
 
+def remove_partials(output: Path) -> str:
+    """Delete the half-written files an interrupted app left in the output folder.
+
+    The app writes every result under a hidden temporary name (``.<name>.<random>.partial``) and
+    renames it when whole (``codegraph3d/atomic.py``). An app stopped midway (Holoscan force-exits
+    3 s after SIGTERM; the kernel's OOM killer gives no warning) cannot clean up, so the
+    entrypoint, which outlives it, does. Returns the line to log ("" when nothing was left).
+    """
+    removed = 0
+    if output.is_dir():
+        for path in output.rglob(".*.partial"):
+            try:
+                path.unlink()
+                removed += 1
+            except OSError:
+                pass
+    return f"entrypoint: removed {removed} half-written file(s) from {output}\n" if removed else ""
+
+
 def run(app_args: list[str], out: TextIO) -> int:
     """Run the app, copy its output to ``out`` and the log file, return its exit status."""
     application = Path(setting("HOLOSCAN_APPLICATION"))
@@ -156,7 +175,8 @@ def run(app_args: list[str], out: TextIO) -> int:
         status = process.wait()
         if status < 0:  # killed by a signal: report it as a shell would
             status = 128 - status
-        summary = f"entrypoint: application exited with status {status}\n"
+        summary = remove_partials(Path(setting("HOLOSCAN_OUTPUT_PATH")))
+        summary += f"entrypoint: application exited with status {status}\n"
         out.write(summary)
         if log is not None:
             log.write(summary)

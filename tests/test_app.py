@@ -25,6 +25,9 @@ def good_run(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory):
     corrupt = victim.parent / "corrupt_copy.dcm"
     corrupt.write_bytes(data[: len(data) // 3])
     (input_folder / "README.txt").write_text("side file from the gateway", encoding="utf-8")
+    # What a run killed outright (SIGKILL) leaves behind: the next run removes it.
+    (tmp / "output" / "SEG").mkdir(parents=True)
+    (tmp / "output" / "SEG" / ".1.2.3_binary.dcm.x1y2z3.partial").write_bytes(b"half a SEG")
     run = run_app(input_folder, tmp / "output", tmp / "models", TINY_VIT_CONFIG, tmp)
     return run, corrupt
 
@@ -54,7 +57,8 @@ def test_app_exits_zero_and_reports_every_series(good_run, tiny_cohort: Path):
         assert field in report
     # Nothing but SEG/, SR/ and report.json in the output folder, and no temporary file left.
     assert sorted(p.name for p in run.output.iterdir()) == ["SEG", "SR", "report.json"]
-    assert not [p for p in (run.output / "SEG").iterdir() if not p.name.endswith(".dcm")]
+    assert not [p for p in (run.output / "SEG").iterdir() if not p.name.endswith(".dcm") or p.name.startswith(".")]
+    assert "removed 1 half-written file(s) left in" in run.stdout + run.stderr
     assert len(list((run.output / "SR").iterdir())) == len(report["studies"]) == 6
 
 

@@ -133,3 +133,28 @@ def test_the_real_app_on_input_without_mr_series_fails_through_the_entrypoint(la
     assert [p.name for p in layout["HOLOSCAN_OUTPUT_PATH"].iterdir()] == ["report.json"]
     report = json.loads((layout["HOLOSCAN_OUTPUT_PATH"] / "report.json").read_text(encoding="utf-8"))
     assert (report["status"], report["exit_code"]) == ("failed", 2)
+
+
+def test_an_app_killed_while_writing_leaves_no_half_written_file(layout, tmp_path, monkeypatch):
+    """SIGKILL (the OOM killer; Holoscan's forced exit) runs no clean-up: the entrypoint does it."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "app.py").write_text(
+        "import os, signal, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from pathlib import Path\n"
+        "from codegraph3d.atomic import atomic_path\n"
+        "output = Path(sys.argv[sys.argv.index('-o') + 1])\n"
+        "with atomic_path(output / 'SEG' / 'whole.dcm') as temporary:\n"
+        "    temporary.write_bytes(b'whole')\n"
+        "with atomic_path(output / 'SEG' / 'cut.dcm') as temporary:\n"
+        "    temporary.write_bytes(b'half')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("HOLOSCAN_APPLICATION", str(app))
+    out = io.StringIO()
+    assert entrypoint.main([], out) == 128 + signal.SIGKILL
+    output = layout["HOLOSCAN_OUTPUT_PATH"]
+    assert sorted(p.name for p in (output / "SEG").iterdir()) == ["whole.dcm"]
+    assert f"removed 1 half-written file(s) from {output}" in out.getvalue()
