@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,6 +17,7 @@ import pydicom
 from . import ALGORITHM_NAME, __version__
 from .atomic import write_json_atomic
 from .config import config_hash
+from .io.selection import is_valid_uid
 from .io.seg import write_binary_seg, write_fractional_seg
 from .io.sr import SeriesFinding, write_study_sr
 from .pipeline import Scoring, Selection, StageTimer, peak_rss_mb, series_outputs
@@ -27,7 +27,6 @@ __all__ = ["REPORT_SCHEMA", "encoder_warning", "write_results", "write_failure_r
 logger = logging.getLogger(__name__)
 
 REPORT_SCHEMA = "codegraph3d.report/1"
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 def encoder_warning(encoder: Mapping[str, Any]) -> str | None:
@@ -41,8 +40,9 @@ def encoder_warning(encoder: Mapping[str, Any]) -> str | None:
 
 def _safe_uid(uid: str) -> str:
     # File names come from UIDs; a hostile UID must never become a path.
-    if not _UID.match(uid) or len(uid) > 64:
-        raise ValueError(f"SeriesInstanceUID {uid!r} is not a valid DICOM UID; refusing to use it in a file name")
+    # Selection skips such series; this guards the invariant where the name is made.
+    if not is_valid_uid(uid):
+        raise ValueError(f"UID {uid!r} is not a valid DICOM UID; refusing to use it in a file name")
     return uid
 
 

@@ -223,3 +223,22 @@ def test_run_diff_finds_a_run_agrees_with_itself_and_catches_each_kind_of_change
     assert "an SR was written in only one run" in problems
     assert "vs skipped (test)" in problems
     assert f"series {dropped['series_instance_uid']} is in only one of the reports" in problems
+
+
+def test_a_series_uid_that_is_a_path_is_skipped_and_the_rest_scored(tiny_cohort: Path, tmp_path: Path):
+    """A hostile SeriesInstanceUID never becomes a file name; the other studies' results are written."""
+    input_folder = tmp_path / "input"
+    shutil.copytree(tiny_cohort / "dicom", input_folder)
+    study = sorted(p for p in input_folder.iterdir() if p.is_dir())[0]
+    victim = sorted(p for p in study.iterdir() if p.is_dir())[0]
+    hostile = "1.2.3/../../../escaped"
+    for path in victim.glob("*.dcm"):
+        dataset = pydicom.dcmread(path)
+        dataset.SeriesInstanceUID = hostile
+        dataset.save_as(path)
+    run = run_app(input_folder, tmp_path / "output", tmp_path / "models", TINY_VIT_CONFIG, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {row["series_instance_uid"]: row for row in run.report["series"]}
+    assert rows[hostile]["status"] == "skipped" and "not a valid DICOM UID" in rows[hostile]["reason"]
+    assert sum(row["status"] == "scored" for row in rows.values()) >= 10
+    assert not (tmp_path / "escaped").exists() and not list(tmp_path.glob("**/escaped*"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from pathlib import Path
 
@@ -132,6 +134,10 @@ def test_classification_table(
         (header("T2 multi-echo", positions_per_slice=2, n=40), "4-D series not supported"),
         (header("AX FLAIR"), "contrast FLAIR not in scored contrasts"),
         (header("T1 post gd"), "contrast T1w-CE not in scored contrasts"),
+        # Output files are named by UIDs: a UID that is a path never gets that far.
+        (header("T2 TSE", uid="1.2.3/../../../etc/cron.d/x"), "SeriesInstanceUID '1.2.3/../../../etc/cron.d/x' is not a valid"),
+        (header("T2 TSE", uid="1." + "2" * 70), "is not a valid DICOM UID"),
+        (header("T2 TSE", uid="1.2.3\x00"), "is not a valid DICOM UID"),
     ],
 )
 def test_skip_reasons(series: SeriesHeader, reason_part: str) -> None:
@@ -192,3 +198,9 @@ def test_rules_override_and_validation() -> None:
         SelectionRules.from_dict({"modalities": "MR"})
     with pytest.raises(ValueError, match="unknown selection timing"):
         SelectionRules.from_dict({"timing": {"t2_te": 1}})
+
+
+def test_a_study_uid_that_is_not_a_uid_is_skipped() -> None:
+    series = dataclasses.replace(header("T2 TSE"), study_instance_uid="..\\..\\windows")
+    (decision,) = select_series([series])
+    assert not decision.taken and "StudyInstanceUID" in decision.reason and "not a valid DICOM UID" in decision.reason

@@ -343,7 +343,21 @@ def classify_contrast(series: SeriesHeader, rules: SelectionRules | None = None)
     return contrast, rule
 
 
+# PS3.5 9.1: digits and dots, at most 64 characters. Output file names are built from UIDs, so a
+# series whose UID is anything else (a path, say) is never scored.
+_VALID_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def is_valid_uid(uid: str) -> bool:
+    """Whether ``uid`` is a DICOM UID: digits separated by dots, at most 64 characters."""
+    return isinstance(uid, str) and len(uid) <= 64 and _VALID_UID.match(uid) is not None
+
+
 def _skip_reason(series: SeriesHeader, rules: SelectionRules) -> str | None:
+    for keyword, uid in (("StudyInstanceUID", series.study_instance_uid), ("SeriesInstanceUID", series.series_instance_uid)):
+        if not is_valid_uid(uid):
+            shown = repr(uid) if len(uid) <= 70 else repr(uid[:67]) + "..."
+            return f"{keyword} {shown} is not a valid DICOM UID (output files are named by it)"
     desc = _normalise(series.series_description)
     if series.modality not in rules.modalities:
         return (
