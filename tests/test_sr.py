@@ -99,3 +99,24 @@ def test_bad_calls_are_refused(tmp_path: Path, segs) -> None:
     with pytest.raises(ValueError, match="DICOM-SEG"):
         finding(not_a_seg)
     assert not list(tmp_path.iterdir())
+
+
+def test_non_ascii_patient_and_study_text_survive_in_seg_and_sr(tmp_path: Path) -> None:
+    """UTF-8 names (SpecificCharacterSet ISO_IR 192) are carried into both objects, still valid."""
+    write_sources(tmp_path / "src")
+    for path in (tmp_path / "src").glob("*.dcm"):
+        dataset = pydicom.dcmread(path)
+        dataset.SpecificCharacterSet = "ISO_IR 192"
+        dataset.PatientName = "Müller^Jürgen"
+        dataset.StudyDescription = "Schädel MRT"
+        dataset.save_as(path)
+    loaded = load_series_volume(scan_headers(tmp_path / "src").series[0])
+    mask = np.zeros((N, ROWS, COLS), bool)
+    mask[2:4, 3:6, 3:6] = True
+    seg_path = write_binary_seg(loaded.datasets, mask, tmp_path / "seg.dcm", encoder_description="intensity", series_number=9901)
+    seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
+    sr_path = write_study_sr([finding(seg, rank=1, batch_size=3)], tmp_path / "sr.dcm", series_number=9903)
+    for path in (seg_path, sr_path):
+        dataset = pydicom.dcmread(path)
+        assert str(dataset.PatientName) == "Müller^Jürgen" and dataset.SpecificCharacterSet == "ISO_IR 192"
+        assert _dciodvfy_errors(path) == []

@@ -46,3 +46,9 @@ $py -m codegraph3d.benchmark --encoder-only --encoder untrained-vit-l14 --slices
 #   then the settings sweep from its token cache: python tools/sweep_codegraph.py demo/codegraph.
 # Cohort bank thresholds: tools/measure_bank_threshold.sh. Scoring time and memory against the
 #   batch size (B = 30-180, about 1.5 hours): tools/measure_scoring_scale.sh.
+# The MAP container (root, podman): tools/build_map.sh, then the container against a plain run on
+#   the demo cohort, and the plain run's memory:
+#   tools/run_map.sh --config tools/demo_config.yaml demo/cohort_heads/dicom work/demo_map
+#   CODEGRAPH3D_CONFIG=tools/demo_config.yaml $py tools/peak_memory.py -- \
+#     $py app.py -i demo/cohort_heads/dicom -o work/demo_plain -m demo/models
+#   $py -m codegraph3d.run_diff work/demo_plain work/demo_map
