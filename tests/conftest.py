@@ -68,6 +68,19 @@ def run_app(input_folder: Path, output: Path, models: Path, config_text: str, tm
     return AppRun(completed.returncode, completed.stdout, completed.stderr, output)
 
 
+def copy_as_ct(source: Path, target: Path) -> Path:
+    """Copy the DICOM files under ``source`` to ``target`` relabelled as CT: input with no MR series."""
+    import pydicom
+
+    for path in sorted(source.rglob("*.dcm")):
+        dataset = pydicom.dcmread(path)
+        dataset.Modality = "CT"
+        copy = target / path.relative_to(source)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        dataset.save_as(copy)
+    return target
+
+
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six subjects (two with lesions), T2w + T1w each, localizers in some, coarse matrices."""

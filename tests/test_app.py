@@ -11,7 +11,7 @@ import highdicom as hd
 import pydicom
 import pytest
 
-from conftest import TINY_VIT_CONFIG, run_app
+from conftest import TINY_VIT_CONFIG, copy_as_ct, run_app
 
 
 @pytest.fixture(scope="module")
@@ -143,13 +143,7 @@ def test_empty_input_folder_exits_2(tmp_path: Path):
 def test_no_mr_series_exits_2(tiny_cohort: Path, tmp_path: Path):
     """Only non-MR data (the cohort's series relabelled as CT)."""
     source = sorted(p for p in (tiny_cohort / "dicom").iterdir())[0]
-    input_folder = tmp_path / "input"
-    for path in sorted(source.rglob("*.dcm")):
-        dataset = pydicom.dcmread(path)
-        dataset.Modality = "CT"
-        target = input_folder / path.relative_to(source)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        dataset.save_as(target)
+    input_folder = copy_as_ct(source, tmp_path / "input")
     run = run_app(input_folder, tmp_path / "output", tmp_path / "models", TINY_VIT_CONFIG, tmp_path)
     _assert_clean_failure(run, "no brain MR series to score")
 

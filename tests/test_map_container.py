@@ -13,9 +13,8 @@ import os
 import subprocess
 from pathlib import Path
 
-import pydicom
 import pytest
-from conftest import ROOT, run_app
+from conftest import ROOT, copy_as_ct, run_app
 
 from codegraph3d.run_diff import compare_runs
 from codegraph3d.synthetic import make_cohort
@@ -143,13 +142,7 @@ def template_models() -> Path:
 def test_bad_input_exits_non_zero_with_its_message_in_the_logs(cohort: Path, tmp_path: Path):
     """No MR series (every series relabelled as CT): exit status 2, the reason in log and report."""
     source = sorted(p for p in cohort.iterdir())[0]
-    input_folder = tmp_path / "input"
-    for path in sorted(source.rglob("*.dcm")):
-        dataset = pydicom.dcmread(path)
-        dataset.Modality = "CT"
-        target = input_folder / path.relative_to(source)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        dataset.save_as(target)
+    input_folder = copy_as_ct(source, tmp_path / "input")
     completed = run_map(input_folder, tmp_path / "output", "--config", str(CONFIG), "--logs", str(tmp_path / "logs"))
     assert completed.returncode == 2, completed.stdout[-2000:]
     log_text = "".join(p.read_text(encoding="utf-8") for p in (tmp_path / "logs").glob("app-*.log"))
