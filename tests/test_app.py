@@ -236,3 +236,18 @@ def test_a_series_uid_that_is_a_path_is_skipped_and_the_rest_scored(tiny_cohort:
     assert rows[hostile]["status"] == "skipped" and "not a valid DICOM UID" in rows[hostile]["reason"]
     assert sum(row["status"] == "scored" for row in rows.values()) >= 10
     assert not (tmp_path / "escaped").exists() and not list(tmp_path.glob("**/escaped*"))
+
+
+def test_log_shows_progress_with_eta_a_timing_summary_and_searchable_decisions(good_run):
+    """What an operator watching a long run, or a PACS administrator searching the log, relies on."""
+    import re
+
+    run, _ = good_run
+    log = run.stdout + run.stderr
+    assert re.search(r"tokenised \d+/\d+ series \([\d.]+ s elapsed, ETA \d+ s\)", log)
+    assert re.search(r"preprocessed \d+/\d+ series \(\d+ workers?\), \d+ s elapsed, about \d+ s left", log)
+    assert re.search(r"timings \(s\): .*write [\d.]+", log)
+    for row in run.report["series"]:
+        decision = "scored" if row["status"] == "scored" else "skip reason="
+        line = f"study={row['study_instance_uid']} series={row['series_instance_uid']} decision={decision}"
+        assert line in log, line
