@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import igraph
@@ -553,6 +553,7 @@ def codegraph_scores(
     window_radius: int | None = None,
     coords: Sequence[np.ndarray] | None = None,
     grid_shape: tuple[int, int, int] | None = None,
+    on_layer_done: Callable[[int, int], None] | None = None,
 ) -> CoDeGraphResult:
     """MuSc scores of a batch with consistent anomalies filtered out (CoDeGraph).
 
@@ -563,8 +564,9 @@ def codegraph_scores(
         :func:`codegraph3d.scoring.score_batch`.
     config : CoDeGraphConfig, optional
         ``None``: the defaults.
-    k_fraction, groups, device, chunk_size, window_radius, coords, grid_shape
-        As in :func:`codegraph3d.scoring.score_batch`.
+    k_fraction, groups, device, chunk_size, window_radius, coords, grid_shape, on_layer_done
+        As in :func:`codegraph3d.scoring.score_batch`; ``on_layer_done`` follows the first
+        (MuSc) pass, whose nearest-neighbour searches dominate the cost.
 
     Returns
     -------
@@ -599,6 +601,8 @@ def codegraph_scores(
         layer_distances.append(distances)
         musc_per_layer.append(musc_from_distances(distances, sizes, k_fraction, groups=groups))
         layer_burnout.append(detect_burnout(distances, sizes, config, groups=groups))
+        if on_layer_done is not None:
+            on_layer_done(len(layer_distances), len(layer_token_sets))
 
     layer_weights = np.stack([volume_graph([b.link_counts]) for b in layer_burnout])
     weights = volume_graph([b.link_counts for b in layer_burnout])

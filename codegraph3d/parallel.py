@@ -26,6 +26,7 @@ from typing import Any
 
 from .io.dicom import SeriesHeader, load_series_volume
 from .preprocess import PreprocessConfig, PreprocessedVolume, preprocess_study
+from .progress import StageClock
 
 __all__ = ["PreprocessModels", "PreprocessSetup", "SeriesJob", "SeriesOutcome", "StudyPreprocessor", "resolve_workers"]
 
@@ -234,9 +235,7 @@ class StudyPreprocessor:
         self.workers = workers
         self._executor: ProcessPoolExecutor | None = None
         self._local: PreprocessModels | None = None
-        self.series_done = 0
-        self.series_total = 0
-        self._started = time.perf_counter()
+        self.clock = StageClock(0)
 
     def __enter__(self) -> StudyPreprocessor:
         # Built here even with worker processes: a missing template, landmark file or skull
@@ -257,17 +256,13 @@ class StudyPreprocessor:
 
     def expect(self, n_series: int) -> None:
         """Announce how many series the whole run will preprocess (for the progress line)."""
-        self.series_total = n_series
-        self._started = time.perf_counter()
+        self.clock = StageClock(n_series)
 
     def _progress(self, n: int) -> None:
-        self.series_done += n
-        elapsed = time.perf_counter() - self._started
-        total = max(self.series_total, self.series_done)
-        remaining = elapsed / self.series_done * (total - self.series_done) if self.series_done else 0.0
+        elapsed, remaining = self.clock.advance(n)
         logger.info(
             "preprocessed %d/%d series (%d worker%s), %.0f s elapsed, about %.0f s left",
-            self.series_done, total, self.workers, "" if self.workers == 1 else "s", elapsed, remaining,
+            self.clock.done, self.clock.total, self.workers, "" if self.workers == 1 else "s", elapsed, remaining,
         )
 
     def map(self, studies: Iterable[Sequence[SeriesJob]]) -> Iterator[tuple[Sequence[SeriesJob], list[SeriesOutcome]]]:

@@ -29,6 +29,7 @@ from .io.selection import SeriesDecision, SelectionRules, select_series
 from .maps import token_grid_map, upsample_token_map
 from .parallel import PreprocessSetup, SeriesJob, SeriesOutcome, StudyPreprocessor, available_cpus, resolve_workers
 from .preprocess import PreprocessConfig, PreprocessedVolume, resample_to_source
+from .progress import StageClock
 from .scoring import BatchScores, score_batch
 from .thresholds import (
     ThresholdDecision,
@@ -437,7 +438,7 @@ def tokenise_selected(
                         entry, datasets, status = _from_cache(decision, cache, material)
                     if entry is not None:
                         result.series.append(_finish(decision, entry, datasets, status, config))
-                        pool.series_total -= 1
+                        pool.clock.total -= 1
                         done += 1
                         report_progress()
                         continue
@@ -630,8 +631,16 @@ def score_batches(tokenisation: Tokenisation, config: Mapping[str, Any]) -> Scor
         # A bank that add_scored will fill may not exist yet; one that is only read must.
         bank = open_bank(config, tokenisation, create=bank_config["add_scored"] != "none")
         scoring.bank = {"folder": str(bank.folder), "settings_id": bank.settings_id, "references": {}}
+    chunks_by_contrast = {
+        contrast: batch_chunks(len(members), settings["batch_size"], settings["batch_seed"])
+        for contrast, members in by_contrast.items()
+    }
+    # Work is counted in volume pairs per layer: each layer's nearest-neighbour pass compares every
+    # volume with every other, so a batch's cost grows with the square of its size. Bank
+    # references join the estimate when a chunk draws them.
+    clock = StageClock(sum(len(chunk) ** 2 for chunks in chunks_by_contrast.values() for chunk in chunks))
     for contrast, all_members in by_contrast.items():
-        chunks = batch_chunks(len(all_members), settings["batch_size"], settings["batch_seed"])
+        chunks = chunks_by_contrast[contrast]
         contrast_batches: list[ScoredBatch] = []
         for chunk_index, chunk in enumerate(chunks):
             members = [all_members[i] for i in chunk]
@@ -648,6 +657,16 @@ def score_batches(tokenisation: Tokenisation, config: Mapping[str, Any]) -> Scor
                     seed=bank_config["seed"],
                 )
             n = len(members)
+            n_total = n + len(references)
+            clock.total += n_total**2 - n**2
+
+            def on_layer_done(layers_done: int, n_layers: int, label: str = label, n_total: int = n_total) -> None:
+                elapsed, remaining = clock.advance(n_total**2 / n_layers)
+                logger.info(
+                    "scoring %s: layer %d/%d done, %.0f%% of the scoring work, %.0f s elapsed, ETA %.0f s",
+                    label, layers_done, n_layers, 100 * clock.fraction, elapsed, remaining,
+                )
+
             token_sets = [m.tokens.tokens for m in members] + [r.tokens for r in references]
             coords = [m.tokens.coords for m in members] + [r.coords for r in references]
             groups = own_groups + [("bank", r.entry.patient_id or r.entry.study_instance_uid) for r in references]
@@ -681,8 +700,10 @@ def score_batches(tokenisation: Tokenisation, config: Mapping[str, Any]) -> Scor
                     codegraph=CoDeGraphConfig(**settings["codegraph"]) if settings["method"] == "codegraph" else None,
                     memory_budget_mb=float(settings["memory_budget_mb"]) or None,
                     precision=settings["precision"],
+                    on_layer_done=on_layer_done,
                 )
             except ValueError as error:
+                clock.total -= n_total**2  # this batch's work will not be done
                 reason = f"{label} batch not scored: {error}"
                 logger.error(reason)
                 scoring.errors[label] = str(error)

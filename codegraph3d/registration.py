@@ -133,6 +133,27 @@ def mattes_method(sampling: float, seed: int) -> sitk.ImageRegistrationMethod:
     return method
 
 
+def coarsen_to_spacing(image: sitk.Image, spacing: tuple[float, ...]) -> tuple[sitk.Image, list[int]]:
+    """Average blocks of voxels along the axes at least twice as fine as ``spacing``.
+
+    The registration metric samples the moving image only at template points, so detail much
+    finer than the template adds nothing to the fit, while the per-level smoothing of a 0.5 mm
+    series (eight times the voxels of a 1 mm one) costs gigabytes. Block averaging (BinShrink)
+    keeps the physical extent and filters before it subsamples. Axes coarser than half of
+    ``spacing`` are left alone, so series at usual resolutions are registered exactly as given.
+
+    Returns
+    -------
+    tuple of (SimpleITK.Image, list of int)
+        The image (the input itself when nothing is shrunk) and the factor per axis (x, y, z).
+    """
+    factors = [max(1, int(np.floor(target / step + 1e-6))) for step, target in zip(image.GetSpacing(), spacing)]
+    factors = [min(factor, size) for factor, size in zip(factors, image.GetSize())]
+    if all(factor == 1 for factor in factors):
+        return image, factors
+    return sitk.BinShrink(image, factors), factors
+
+
 def register_affine(
     moving: sitk.Image,
     template: Template,
@@ -165,7 +186,7 @@ def register_affine(
         Step (in the optimiser's physical-shift units, about mm) below which a level has converged.
     """
     fixed = template.image
-    moving = sitk.Cast(moving, sitk.sitkFloat32)
+    moving, moving_shrink = coarsen_to_spacing(sitk.Cast(moving, sitk.sitkFloat32), fixed.GetSpacing())
     initial = sitk.CenteredTransformInitializer(
         fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS
     )
@@ -204,6 +225,7 @@ def register_affine(
         "scales": [round(float(v), 4) for v in scales],
         "doubtful": bool(hit_cap or metric > DOUBTFUL_METRIC or implausible_scale),
         "template": str(template.path.name),
+        "moving_shrink": moving_shrink,
     }
     reasons = []
     if hit_cap:

@@ -21,6 +21,7 @@ from .io.selection import is_valid_uid
 from .io.seg import write_binary_seg, write_fractional_seg
 from .io.sr import SeriesFinding, write_study_sr
 from .pipeline import Scoring, Selection, StageTimer, peak_rss_mb, series_outputs
+from .progress import StageClock
 
 __all__ = ["REPORT_SCHEMA", "encoder_warning", "write_results", "write_failure_report"]
 
@@ -132,6 +133,7 @@ def write_results(
             rows[decision.series_instance_uid] = _series_row(decision, "skipped", decision.reason)
 
     batches = []
+    clock = StageClock(sum(len(batch.members) for batch in scoring.batches))
     with timer("write"):
         for batch in scoring.batches:
             ranks, percentiles = _ranks(batch.scores.volume_scores)
@@ -192,6 +194,11 @@ def write_results(
                     "anomalous_ml=%.2f seg=%s",
                     member.decision.study_instance_uid, uid, batch.contrast, row["score"], row["rank"],
                     len(batch.members), row["flagged"], row["anomalous_volume_ml"], row["seg_binary"],
+                )
+                elapsed, remaining = clock.advance()
+                logger.info(
+                    "wrote the results of %d/%d series (%.0f s elapsed, ETA %.0f s)",
+                    clock.done, clock.total, elapsed, remaining,
                 )
             batches.append(
                 {

@@ -42,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -1185,6 +1185,7 @@ def score_batch(
     codegraph: CoDeGraphConfig | None = None,
     memory_budget_mb: float | None = None,
     precision: str = "float32",
+    on_layer_done: Callable[[int, int], None] | None = None,
 ) -> BatchScores:
     """Run MuSc on every layer of a batch, fuse the layers and take volume scores.
 
@@ -1211,6 +1212,9 @@ def score_batch(
     precision : {"float32", "tf32"}, default "float32"
         Arithmetic of the neighbour-choosing matmuls (:func:`selection_precision`); distances
         are exact either way, within :func:`selection_error_bound` of the true nearest.
+    on_layer_done : callable, optional
+        Called as ``on_layer_done(layers_done, n_layers)`` after each layer's nearest-neighbour
+        pass (the bulk of the work), for progress reporting.
 
     Returns
     -------
@@ -1223,7 +1227,7 @@ def score_batch(
                 layer_token_sets, k_fraction=k_fraction, groups=groups, device=device,
                 chunk_size=chunk_size, window_radius=window_radius, coords=coords,
                 grid_shape=grid_shape, method=method, codegraph=codegraph,
-                memory_budget_mb=memory_budget_mb, precision=precision,
+                memory_budget_mb=memory_budget_mb, precision=precision, on_layer_done=on_layer_done,
             )
     if not isinstance(method, str) or method not in SCORING_METHODS:
         raise ValueError(f"method must be one of {SCORING_METHODS}; got {method!r}")
@@ -1252,7 +1256,7 @@ def score_batch(
         result = codegraph_scores(
             layer_token_sets, CoDeGraphConfig() if codegraph is None else codegraph,
             k_fraction=k_fraction, groups=groups, device=device, chunk_size=chunk_size,
-            window_radius=window_radius, coords=coords, grid_shape=grid_shape,
+            window_radius=window_radius, coords=coords, grid_shape=grid_shape, on_layer_done=on_layer_done,
         )
         return BatchScores(
             token_scores=result.token_scores,
@@ -1262,19 +1266,19 @@ def score_batch(
             k=np.array([k_for_references(int(n), k_fraction) for n in n_refs], dtype=int),
             codegraph=result.diagnostics,
         )
-    if window_radius is None:
-        per_layer = [
-            musc_scores(sets, k_fraction, groups=groups, device=device, chunk_size=chunk_size)
-            for sets in layer_token_sets
-        ]
-    else:
-        per_layer = [
-            musc_scores_windowed(
-                sets, coords, grid_shape, window_radius, k_fraction, groups=groups, device=device,
-                chunk_size=chunk_size,
+    per_layer = []
+    for sets in layer_token_sets:
+        if window_radius is None:
+            per_layer.append(musc_scores(sets, k_fraction, groups=groups, device=device, chunk_size=chunk_size))
+        else:
+            per_layer.append(
+                musc_scores_windowed(
+                    sets, coords, grid_shape, window_radius, k_fraction, groups=groups, device=device,
+                    chunk_size=chunk_size,
+                )
             )
-            for sets in layer_token_sets
-        ]
+        if on_layer_done is not None:
+            on_layer_done(len(per_layer), len(layer_token_sets))
     fused = fuse_layers(per_layer)
     return BatchScores(
         token_scores=fused,

@@ -306,9 +306,13 @@ def n4_bias_correct(
     corrector.SetMaximumNumberOfIterations([int(v) for v in iterations])
     corrector.SetConvergenceThreshold(float(convergence_threshold))
     corrector.Execute(small, small_mask)
-    log_field = sitk.GetArrayFromImage(corrector.GetLogBiasFieldAsImage(image)).astype(np.float64)
-    corrected = (volume.array / np.exp(log_field)).astype(np.float32)
-    inside = np.exp(log_field[fit_mask])
+    # float32 throughout, in place: at full resolution each float64 copy of a 0.5 mm series is
+    # about half a gigabyte, and the field is smooth and near 1, far from float32's limits.
+    field = sitk.GetArrayFromImage(corrector.GetLogBiasFieldAsImage(image)).astype(np.float32, copy=False)
+    np.exp(field, out=field)
+    corrected = np.divide(volume.array, field, dtype=np.float32)
+    inside = field[fit_mask].astype(np.float64)
+    del field
     qa: dict[str, Any] = {
         "seconds": round(time.perf_counter() - start, 3),
         "shrink_factors": factors,

@@ -10,7 +10,6 @@ the first selected series of the first study, so every series is carried here in
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,6 +26,7 @@ from codegraph3d.pipeline import (
     update_bank,
 )
 from codegraph3d.atomic import write_json_atomic
+from codegraph3d.progress import StageClock
 from codegraph3d.report import write_results
 
 logger = logging.getLogger("codegraph3d.operators")
@@ -99,11 +99,11 @@ class TokeniserOperator(Operator):
             encoder = build_encoder(self.config, self.model_folder)
         if self.on_encoder is not None:
             self.on_encoder(encoder.identity())
-        started = time.perf_counter()
+        clock = StageClock(0)
 
         def progress(done: int, total: int) -> None:
-            elapsed = time.perf_counter() - started
-            eta = elapsed / done * (total - done)
+            clock.total = total
+            elapsed, eta = clock.advance(done - clock.done)
             logger.info("tokenised %d/%d series (%.1f s elapsed, ETA %.0f s)", done, total, elapsed, eta)
 
         tokenisation = tokenise_selected(

@@ -246,6 +246,11 @@ def test_log_shows_progress_with_eta_a_timing_summary_and_searchable_decisions(g
     log = run.stdout + run.stderr
     assert re.search(r"tokenised \d+/\d+ series \([\d.]+ s elapsed, ETA \d+ s\)", log)
     assert re.search(r"preprocessed \d+/\d+ series \(\d+ workers?\), \d+ s elapsed, about \d+ s left", log)
+    scoring = re.findall(r"scoring (T1w|T2w): layer (\d)/2 done, (\d+)% of the scoring work, \d+ s elapsed, ETA \d+ s", log)
+    assert len(scoring) == 4 and scoring[-1][1:] == ("2", "100"), scoring  # two batches, two layers each
+    written = re.findall(r"wrote the results of (\d+)/(\d+) series \(\d+ s elapsed, ETA \d+ s\)", log)
+    scored = sum(row["status"] == "scored" for row in run.report["series"])
+    assert [(int(d), int(t)) for d, t in written] == [(i, scored) for i in range(1, scored + 1)]
     assert re.search(r"timings \(s\): .*write [\d.]+", log)
     for row in run.report["series"]:
         decision = "scored" if row["status"] == "scored" else "skip reason="

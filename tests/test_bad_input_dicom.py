@@ -64,6 +64,20 @@ def _utf8_names(dataset: pydicom.Dataset) -> None:
     dataset.SeriesDescription = "T2 TSE ../../etc/passwd ü"
 
 
+def _tripled_matrix(dataset: pydicom.Dataset) -> None:
+    # The same anatomy on a 3x finer in-plane matrix: nine times the voxels of the original.
+    pixels = np.kron(dataset.pixel_array, np.ones((3, 3), dtype=dataset.pixel_array.dtype))
+    dataset.Rows, dataset.Columns = pixels.shape
+    dataset.PixelSpacing = [float(v) / 3 for v in dataset.PixelSpacing]
+    dataset.PixelData = pixels.tobytes()
+
+
+def _voxels(folder: Path) -> int:
+    files = sorted(folder.glob("*.dcm"))
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    return int(first.Rows) * int(first.Columns) * len(files)
+
+
 def _tilted(dataset: pydicom.Dataset) -> None:
     # Slices no longer stacked along their normal (gantry tilt): each is shifted 0.5 mm per slice.
     position = [float(v) for v in dataset.ImagePositionPatient]
@@ -107,7 +121,13 @@ def bad_batch(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory):
     mixed_uids = {pydicom.dcmread(next(folder.glob("*.dcm"))).SeriesInstanceUID for folder in mixed[:2]}
     for path in mixed[1].glob("*.dcm"):
         shutil.move(str(path), mixed[0] / f"mixed_{path.name}")
-    run = run_app(input_folder, root / "output", root / "models", TINY_VIT_CONFIG, root)
+    # A very large series: over selection.max_voxels, set here just above the largest good series.
+    largest_good = max(_voxels(folder) for study in studies for folder in _series_folders(study))
+    very_large = case("very_large")
+    _each_file(very_large, _tripled_matrix)
+    assert _voxels(very_large) > largest_good
+    config = TINY_VIT_CONFIG + f"selection:\n  max_voxels: {largest_good}\n"
+    run = run_app(input_folder, root / "output", root / "models", config, root)
     return run, cases, mixed_uids
 
 
@@ -154,13 +174,23 @@ def test_files_without_pixel_data_are_listed_as_bad_files(bad_batch):
         ("duplicate_position", "slice positions"),
         ("multi_echo", "4-D series not supported"),
         ("gantry_tilt", "slice positions advance along"),
+        ("very_large", "very large series"),
     ],
 )
-def test_geometry_problems_are_skipped_with_their_reason(bad_batch, name, reason):
+def test_geometry_problems_and_very_large_series_are_skipped_with_their_reason(bad_batch, name, reason):
     run, cases, _ = bad_batch
     row = _row(run, cases[name])
     assert row["status"] == "skipped" and reason in row["reason"], row["reason"]
     assert f"series={cases[name]}" in run.stdout + run.stderr
+
+
+def test_a_very_large_series_is_refused_from_its_headers_before_any_pixel_is_decoded(bad_batch):
+    run, cases, _ = bad_batch
+    reason = _row(run, cases["very_large"])["reason"]
+    assert "more than max_voxels=" in reason and "raise selection.max_voxels" in reason
+    # Skipped by selection (headers only), so it never reached the loader or the preprocessing.
+    log = run.stdout + run.stderr
+    assert f"series={cases['very_large']} decision=skip" in log
 
 
 def test_two_series_in_one_folder_are_told_apart(bad_batch):

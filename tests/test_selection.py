@@ -198,6 +198,20 @@ def test_rules_override_and_validation() -> None:
         SelectionRules.from_dict({"modalities": "MR"})
     with pytest.raises(ValueError, match="unknown selection timing"):
         SelectionRules.from_dict({"timing": {"t2_te": 1}})
+    for bad in (0, -5, 1.5, True, "big"):
+        with pytest.raises(ValueError, match="max_voxels must be"):
+            SelectionRules.from_dict({"max_voxels": bad})
+
+
+def test_series_over_max_voxels_is_skipped_from_its_headers() -> None:
+    """16 x 16 x 24 = 6,144 voxels: taken at the limit, skipped one voxel below it."""
+    at_limit, below = select_series([header("T2 TSE", uid="1.1")], {"max_voxels": 6144}), select_series(
+        [header("T2 TSE", uid="1.2")], {"max_voxels": 6143}
+    )
+    assert at_limit[0].taken
+    assert not below[0].taken
+    assert below[0].reason.startswith("very large series: 16x16x24 = 6,144 voxels, more than max_voxels=6,143")
+    assert DEFAULT_SELECTION_RULES["max_voxels"] == 512**3
 
 
 def test_a_study_uid_that_is_not_a_uid_is_skipped() -> None:

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "encoder (default typical)")
     parser.add_argument("--lesion-radius-mm", type=float, nargs=2, default=(6.0, 15.0), metavar=("LOW", "HIGH"),
                         help="range of the lesions' mean semi-axis in mm (default 6 15)")
+    parser.add_argument("--voxel-mm", type=float, default=None,
+                        help="isotropic acquisition voxel size in mm for every series (e.g. 0.5 for "
+                        "very large series); default: 1-1.2 mm in-plane, 1.5-3 mm slices")
     parser.add_argument("--no-eyes", action="store_true",
                         help="heads without eyes and orbits")
     parser.add_argument("--overwrite", action="store_true",
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             head_fraction=args.head_fraction, mass_effect_fraction=args.mass_effect_fraction,
             vary_fov=args.vary_fov, eyes=not args.no_eyes, lesion_appearance=args.lesion_appearance,
             lesion_radius_mm=tuple(args.lesion_radius_mm), overwrite=args.overwrite,
+            **({} if args.voxel_mm is None else {"in_plane_mm": (args.voxel_mm,) * 2, "slice_mm": (args.voxel_mm,) * 2}),
         )
     except FileExistsError:
         print(f"error: {args.out} already holds a cohort; pass --overwrite to replace it",

@@ -4,6 +4,7 @@ Every series of every study gets one :class:`SeriesDecision`: taken (with its co
 names its scoring batch) or skipped with a reason. Checks run in this order; the first that fires
 decides:
 
+0. a Study or Series Instance UID that is not a valid UID (output files are named by them);
 1. modality not in ``modalities``;
 2. SOP class is secondary capture (``secondary_capture_sop_classes``);
 3. multi-frame instances (NumberOfFrames > 1: enhanced MR / 4-D), not supported;
@@ -16,7 +17,9 @@ decides:
 7. header geometry cannot form one 3-D stack (missing geometry, mixed planes, several slices per
    position = 4-D);
 8. fewer than ``min_slices`` slices;
-9. contrast (see :func:`classify_contrast`) not in ``scored_contrasts``.
+9. more than ``max_voxels`` voxels (Rows x Columns x slices), judged from headers before any
+   pixel is decoded, so one huge series cannot exhaust a run's memory;
+10. contrast (see :func:`classify_contrast`) not in ``scored_contrasts``.
 
 Rules are the plain dict :data:`DEFAULT_SELECTION_RULES`; a configuration file overrides any of
 its keys through :meth:`SelectionRules.from_dict`. Patterns are Python regular expressions,
@@ -55,6 +58,9 @@ DEFAULT_SELECTION_RULES: dict[str, Any] = {
     "modalities": ["MR"],
     # Fewest slices (files) a series needs; thick-slab or partial-coverage series are skipped.
     "min_slices": 20,
+    # Largest series loaded, in voxels (Rows x Columns x slices); larger ones are skipped with the
+    # size in the reason. Peak memory grows with it (docs/RESULTS.md, "Very large series").
+    "max_voxels": 134_217_728,
     # Contrasts that are scored; every other contrast is skipped with
     # "contrast X not in scored contrasts". Each scored contrast forms its own batch.
     "scored_contrasts": ["T2w", "T1w"],
@@ -142,6 +148,7 @@ class SelectionRules:
     raw: dict[str, Any]
     modalities: frozenset[str]
     min_slices: int
+    max_voxels: int
     scored_contrasts: tuple[str, ...]
     secondary_capture_sop_classes: frozenset[str]
     localizer_image_types: frozenset[str]
@@ -214,6 +221,10 @@ class SelectionRules:
             raise ValueError(
                 f"selection rule min_slices must be a positive integer; got {raw['min_slices']!r}"
             )
+        if isinstance(raw["max_voxels"], bool) or not isinstance(raw["max_voxels"], int) or raw["max_voxels"] < 1:
+            raise ValueError(
+                f"selection rule max_voxels must be a positive integer; got {raw['max_voxels']!r}"
+            )
         unknown_labels = set(raw["contrast_patterns"]) - set(CONTRASTS)
         if unknown_labels:
             raise ValueError(
@@ -224,6 +235,7 @@ class SelectionRules:
             raw=raw,
             modalities=frozenset(str(m).upper() for m in raw["modalities"]),
             min_slices=int(raw["min_slices"]),
+            max_voxels=int(raw["max_voxels"]),
             scored_contrasts=scored,
             secondary_capture_sop_classes=frozenset(raw["secondary_capture_sop_classes"]),
             localizer_image_types=frozenset(str(v).upper() for v in raw["localizer_image_types"]),
@@ -388,6 +400,13 @@ def _skip_reason(series: SeriesHeader, rules: SelectionRules) -> str | None:
         return problem
     if series.number_of_slices < rules.min_slices:
         return f"{series.number_of_slices} slices, fewer than min_slices={rules.min_slices}"
+    voxels = (series.rows or 0) * (series.columns or 0) * series.number_of_slices
+    if voxels > rules.max_voxels:
+        return (
+            f"very large series: {series.rows}x{series.columns}x{series.number_of_slices} = "
+            f"{voxels:,} voxels, more than max_voxels={rules.max_voxels:,}; raise selection.max_voxels "
+            "if the machine has the memory (about 30 bytes per voxel per worker)"
+        )
     return None
 
 
