@@ -187,7 +187,7 @@ def test_geometry_problems_and_very_large_series_are_skipped_with_their_reason(b
 def test_a_very_large_series_is_refused_from_its_headers_before_any_pixel_is_decoded(bad_batch):
     run, cases, _ = bad_batch
     reason = _row(run, cases["very_large"])["reason"]
-    assert "more than max_voxels=" in reason and "raise selection.max_voxels" in reason
+    assert "more than max_voxels=" in reason and "raise selection.max_voxels with the memory request" in reason
     # Skipped by selection (headers only), so it never reached the loader or the preprocessing.
     log = run.stdout + run.stderr
     assert f"series={cases['very_large']} decision=skip" in log

@@ -211,7 +211,7 @@ def test_series_over_max_voxels_is_skipped_from_its_headers() -> None:
     assert at_limit[0].taken
     assert not below[0].taken
     assert below[0].reason.startswith("very large series: 16x16x24 = 6,144 voxels, more than max_voxels=6,143")
-    assert DEFAULT_SELECTION_RULES["max_voxels"] == 512**3
+    assert DEFAULT_SELECTION_RULES["max_voxels"] == 512 * 512 * 384
 
 
 def test_a_study_uid_that_is_not_a_uid_is_skipped() -> None:
