@@ -74,6 +74,8 @@ def _tripled_matrix(dataset: pydicom.Dataset) -> None:
 
 def _voxels(folder: Path) -> int:
     files = sorted(folder.glob("*.dcm"))
+    if not files:
+        return 0
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     return int(first.Rows) * int(first.Columns) * len(files)
 
