@@ -2,7 +2,8 @@
 # Very large series (docs/RESULTS.md, "Very large series"): time and peak memory of the whole
 # process tree for the product's full preprocessing (tools/demo_config.yaml, weight-free intensity
 # encoder) on T2w cohorts acquired at 0.5 mm and 0.42 mm isotropic (about 60 and 100 million voxels
-# a series), with the default two workers. About 20 minutes on 2 CPU cores. Outputs under demo/.
+# a series), with the default two workers and selection.max_voxels (which skips the 0.42 mm
+# cohort's 106-million-voxel series). About 20 minutes on 2 CPU cores. Outputs under demo/.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
