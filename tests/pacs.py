@@ -186,7 +186,7 @@ class Gateway:
         dataset.file_meta = event.file_meta
         uids = (dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID)
         if not all(is_valid_uid(str(uid)) for uid in uids):
-            return 0xA900  # dataset does not match SOP class: a UID that cannot name a file
+            return 0xC000  # "cannot understand": a UID that cannot name a file is refused, not stored
         study, series, sop = (str(uid) for uid in uids)
         folder = self.inbox / study / series
         folder.mkdir(parents=True, exist_ok=True)
