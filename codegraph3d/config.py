@@ -22,7 +22,13 @@ from typing import Any, Mapping
 
 import yaml
 
-__all__ = ["ConfigError", "CONFIG_ENV_VAR", "MODEL_FOLDER_CONFIG", "default_config", "load_config", "config_hash"]
+from .lesion_policy import LesionPolicy
+from .maps import INTERPOLATIONS
+
+__all__ = [
+    "ConfigError", "CONFIG_ENV_VAR", "MODEL_FOLDER_CONFIG", "default_config", "load_config", "config_hash",
+    "lesion_policy_of",
+]
 
 CONFIG_ENV_VAR = "CODEGRAPH3D_CONFIG"
 MODEL_FOLDER_CONFIG = "codegraph3d.yaml"
@@ -191,8 +197,18 @@ def _validate(config: Mapping[str, Any]) -> None:
     if not isinstance(config["scoring"]["batch_seed"], int) or config["scoring"]["batch_seed"] < 0:
         raise ConfigError(f"scoring.batch_seed must be an integer >= 0; got {config['scoring']['batch_seed']!r}")
     bank = config["bank"]
-    if config["threshold"]["policy"] not in ("robust_z", "bank"):
-        raise ConfigError(f"threshold.policy must be robust_z or bank; got {config['threshold']['policy']!r}")
+    threshold = config["threshold"]
+    if threshold["policy"] not in ("lesion", "robust_z", "bank"):
+        raise ConfigError(f"threshold.policy must be lesion, robust_z or bank; got {threshold['policy']!r}")
+    if threshold["reference"] not in ("auto", "batch"):
+        raise ConfigError(f"threshold.reference must be auto or batch; got {threshold['reference']!r}")
+    try:
+        lesion_policy_of(config)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    for key in ("mask_interpolation", "score_interpolation"):
+        if config["output"][key] not in INTERPOLATIONS:
+            raise ConfigError(f"output.{key} must be one of {list(INTERPOLATIONS)}; got {config['output'][key]!r}")
     if config["threshold"]["policy"] == "bank" and not bank["folder"]:
         raise ConfigError("threshold.policy bank needs a cohort bank: set bank.folder")
     if bank["add_scored"] not in ("none", "unflagged", "all"):
@@ -207,6 +223,15 @@ def _validate(config: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"cache.folder {folder!r} is a file; point it at a folder for the token cache, or '' to turn it off"
         )
+
+
+def lesion_policy_of(config: Mapping[str, Any]) -> LesionPolicy:
+    """The ``threshold`` section's lesion-policy settings as a validated :class:`LesionPolicy`."""
+    threshold = config["threshold"]
+    return LesionPolicy(
+        token_z=threshold["token_z"], finding_mass=threshold["finding_mass"],
+        voxel_z=threshold["voxel_z"], prior_volumes=threshold["prior_volumes"],
+    )
 
 
 def config_hash(config: Mapping[str, Any]) -> str:

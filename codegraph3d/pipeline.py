@@ -10,6 +10,7 @@ of one) skip that series with a recorded reason; run-level problems (nothing to 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import resource
 import time
@@ -20,13 +21,16 @@ from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset
+from scipy import ndimage
 
 from .codegraph import CoDeGraphConfig
 from .cache import CachedSeries, CacheEntryError, TokenCache, key_material, read_source_headers
 from .encoders import SliceEncoder, configured_patch_size, load_encoder
 from .io.dicom import ScanResult, chunk_studies, scan_headers
 from .io.selection import SeriesDecision, SelectionRules, select_series
-from .maps import token_grid_map, upsample_token_map
+from .config import lesion_policy_of
+from .lesion_policy import LESION_POLICY_NAME, decide_lesions
+from .maps import token_voxel_map
 from .parallel import PreprocessSetup, SeriesJob, SeriesOutcome, StudyPreprocessor, available_cpus, resolve_workers
 from .preprocess import PreprocessConfig, PreprocessedVolume, resample_to_source
 from .progress import StageClock
@@ -39,6 +43,7 @@ from .thresholds import (
     to_unit,
 )
 from .tokens import TokenSet, encode_volume, project
+from .volume import index_to_physical_matrix
 
 __all__ = [
     "CohortError",
@@ -545,6 +550,8 @@ class ScoredBatch:
     n_chunks: int = 1
     bank_references: list[str] = field(default_factory=list)
     volume_uids: list[str] = field(default_factory=list)
+    mask_interpolation: str = "masked"  # output.mask_interpolation: the map the binary mask is cut from
+    score_interpolation: str = "zero"  # output.score_interpolation: the raw score map
 
 
 @dataclass
@@ -601,6 +608,69 @@ def open_bank(config: Mapping[str, Any], tokenisation: Tokenisation, create: boo
         return CohortBank(folder, bank_settings(config, tokenisation.encoder, tokenisation.landmarks), create=create)
     except BankError as error:
         raise CohortError(str(error)) from error
+
+
+def _lesion_decision(
+    scores: BatchScores, coords: list[np.ndarray], n: int, grid_shape: tuple[int, int, int],
+    config: Mapping[str, Any], token_ml: float,
+) -> ThresholdDecision:
+    """The lesion policy on a batch's first ``n`` volumes; bank volumes after them, if any, as references.
+
+    With ``threshold.reference: auto`` the bank volumes (studies added to the bank as normal
+    looking) alone give the per-position statistics; without bank volumes, or with ``batch``,
+    every volume of the batch does, and only the input's volumes are decided.
+    """
+    # Without registration a grid position holds different anatomy in every volume.
+    policy = dataclasses.replace(lesion_policy_of(config), by_position=config["preprocess"]["registration"] != "none")
+    banked = config["threshold"]["reference"] == "auto" and len(scores.token_scores) > n
+    if banked:
+        outcome = decide_lesions(
+            scores.token_scores[:n], coords[:n], grid_shape, policy, token_ml=token_ml,
+            reference_scores=scores.token_scores[n:], reference_coords=coords[n:],
+        )
+    else:
+        outcome = decide_lesions(scores.token_scores, coords, grid_shape, policy, token_ml=token_ml)
+    return ThresholdDecision(
+        volume_threshold=policy.finding_mass, voxel_threshold=policy.voxel_z, flagged=outcome.flagged[:n],
+        policy=LESION_POLICY_NAME, params={**outcome.params, "n_bank_volumes": len(scores.token_scores) - n},
+        mask_values=outcome.mask_values[:n], z_values=outcome.z[:n], findings=outcome.findings[:n], units="z",
+    )
+
+
+def token_volume_ml(series: TokenisedSeries) -> float:
+    """Volume (ml) of one token's cube on the series' working grid (template space when registered)."""
+    edge_mm = series.prepared.grid_spacing * series.prepared.size / series.tokens.grid_shape[0]
+    return float(edge_mm) ** 3 / 1000.0
+
+
+def decide_batch(
+    scores: BatchScores, coords: Sequence[np.ndarray], n: int, grid_shape: tuple[int, int, int],
+    config: Mapping[str, Any], token_ml: float = 1.0,
+) -> ThresholdDecision:
+    """Flags and mask bounds for a scored batch's first ``n`` volumes, by ``threshold.policy``.
+
+    ``scores`` and ``coords`` cover the batch's own volumes first and any cohort-bank references
+    after them. ``lesion``: :func:`_lesion_decision`. ``bank``: the first version's two-level rule
+    with bounds from the bank volumes. ``robust_z``: that rule on the whole batch, bank volumes
+    included (the sample an outlier rule needs). ``token_ml`` is one token's volume (ml), the
+    unit of the lesion policy's evidence (:func:`token_volume_ml`).
+    """
+    threshold = config["threshold"]
+    if threshold["policy"] == "lesion":
+        return _lesion_decision(scores, list(coords), n, grid_shape, config, token_ml)
+    if threshold["policy"] == "bank":
+        return decide_thresholds_from_reference(
+            scores.token_scores[:n], scores.volume_scores[:n], scores.token_scores[n:], scores.volume_scores[n:],
+            z_volume=threshold["volume_z"], z_token=threshold["token_z"],
+        )
+    full = decide_thresholds(
+        scores.token_scores, scores.volume_scores, z_volume=threshold["volume_z"], z_token=threshold["token_z"],
+    )
+    n_bank = len(scores.token_scores) - n
+    return ThresholdDecision(
+        full.volume_threshold, full.voxel_threshold, full.flagged[:n], full.policy,
+        {**full.params, "n_bank_volumes": n_bank} if n_bank else full.params,
+    )
 
 
 def score_batches(tokenisation: Tokenisation, config: Mapping[str, Any]) -> Scoring:
@@ -710,22 +780,9 @@ def score_batches(tokenisation: Tokenisation, config: Mapping[str, Any]) -> Scor
                 for member in members:
                     scoring.skipped[member.decision.series_instance_uid] = reason
                 continue
-            if bank_policy:
-                decision = decide_thresholds_from_reference(
-                    scores.token_scores[:n], scores.volume_scores[:n],
-                    scores.token_scores[n:], scores.volume_scores[n:],
-                    z_volume=threshold_settings["volume_z"], z_token=threshold_settings["token_z"],
-                )
-            else:
-                # With bank references, the whole batch is the sample the outlier rule needs.
-                full = decide_thresholds(
-                    scores.token_scores, scores.volume_scores,
-                    z_volume=threshold_settings["volume_z"], z_token=threshold_settings["token_z"],
-                )
-                decision = ThresholdDecision(
-                    full.volume_threshold, full.voxel_threshold, full.flagged[:n], full.policy,
-                    {**full.params, "n_bank_volumes": len(references)} if references else full.params,
-                )
+            decision = decide_batch(
+                scores, coords, n, members[0].tokens.grid_shape, config, token_volume_ml(members[0]),
+            )
             uids = [m.decision.series_instance_uid for m in members] + [
                 f"bank:{r.entry.series_instance_uid}" for r in references
             ]
@@ -743,6 +800,8 @@ def score_batches(tokenisation: Tokenisation, config: Mapping[str, Any]) -> Scor
                 contrast, members, _slice_scores(scores, n), decision, 0.0, 1.0,
                 chunk=chunk_index, n_chunks=len(chunks),
                 bank_references=[r.entry.series_instance_uid for r in references], volume_uids=uids,
+                mask_interpolation=config["output"]["mask_interpolation"],
+                score_interpolation=config["output"]["score_interpolation"],
             )
             contrast_batches.append(batch)
             logger.info(
@@ -795,22 +854,66 @@ class SeriesMaps:
     binary: np.ndarray  # bool (z, y, x)
     unit: np.ndarray  # float32 in [0, 1]
     anomalous_volume_ml: float
+    findings: list[dict[str, Any]] = field(default_factory=list)  # :func:`mask_findings`, largest first
+
+
+def mask_findings(binary: np.ndarray, score: np.ndarray, prepared: PreprocessedVolume) -> list[dict[str, Any]]:
+    """Connected components (26-connectivity) of a source-grid mask, largest first.
+
+    Each finding: ``volume_ml``, ``centroid_lps_mm`` (the component's centre of mass, LPS mm) and
+    ``peak_score`` (the largest raw score inside it).
+    """
+    if not binary.any():
+        return []
+    labels, count = ndimage.label(binary, structure=np.ones((3, 3, 3), dtype=bool))
+    voxel_ml = float(np.prod(prepared.source_spacing)) / 1000.0
+    sizes = ndimage.sum_labels(binary, labels, index=np.arange(1, count + 1))
+    centres = ndimage.center_of_mass(binary, labels, index=np.arange(1, count + 1))
+    peaks = ndimage.maximum(score, labels, index=np.arange(1, count + 1))
+    to_lps = index_to_physical_matrix(prepared.source_origin, prepared.source_spacing, prepared.source_direction)
+    found = []
+    for size, centre_zyx, peak in zip(sizes, centres, peaks):
+        # Arrays are (z, y, x); the geometry maps an (x, y, z) index.
+        lps = to_lps[:3, :3] @ np.asarray(centre_zyx[::-1], float) + to_lps[:3, 3]
+        found.append({
+            "volume_ml": round(float(size) * voxel_ml, 3),
+            "centroid_lps_mm": [round(float(v), 2) for v in lps],
+            "peak_score": float(peak),
+        })
+    return sorted(found, key=lambda finding: -finding["volume_ml"])
 
 
 def series_outputs(batch: ScoredBatch, index: int) -> SeriesMaps:
-    """Upsample one member's token scores and carry them back onto its source grid."""
+    """Upsample one member's token scores and carry them back onto its source grid.
+
+    The binary mask thresholds the decision's per-token mask values when the policy gives them
+    (the lesion policy's standardised scores), else the token scores themselves.
+    """
     member = batch.members[index]
-    token_map = token_grid_map(batch.scores.token_scores[index], member.tokens.coords, member.tokens.grid_shape)
-    grid_map = upsample_token_map(token_map, member.prepared.size, member.prepared.brain_mask)
-    score = resample_to_source(grid_map, member.prepared)
+    tokens, prepared = member.tokens, member.prepared
+
+    def on_source(values: np.ndarray, interpolation: str) -> np.ndarray:
+        grid_map = token_voxel_map(values, tokens.coords, tokens.grid_shape, prepared.size,
+                                   prepared.brain_mask, interpolation)
+        return resample_to_source(grid_map, prepared)
+
+    score = on_source(batch.scores.token_scores[index], batch.score_interpolation)
     flagged = bool(batch.decision.flagged[index])
-    binary = score > batch.decision.voxel_threshold if flagged else np.zeros(score.shape, bool)
-    voxel_ml = float(np.prod(member.prepared.source_spacing)) / 1000.0
+    binary = np.zeros(score.shape, bool)
+    if flagged:
+        mask_values = batch.decision.mask_values
+        decided = (
+            on_source(batch.scores.token_scores[index], batch.mask_interpolation) if mask_values is None
+            else on_source(mask_values[index], batch.mask_interpolation)
+        )
+        binary = decided > batch.decision.voxel_threshold
+    voxel_ml = float(np.prod(prepared.source_spacing)) / 1000.0
     return SeriesMaps(
         score=score,
         binary=binary,
         unit=to_unit(score, batch.unit_low, batch.unit_high),
         anomalous_volume_ml=float(binary.sum()) * voxel_ml,
+        findings=mask_findings(binary, score, prepared),
     )
 
 

@@ -1,7 +1,8 @@
-"""Writing the results: one SEG per scored series and report.json (schema codegraph3d.report/1).
+"""Writing the results: one SEG per scored series, an SR per study and report.json (codegraph3d.report/1).
 
-Every file appears whole (temporary name, then rename); the output folder holds only ``SEG/`` and
-``report.json`` (DESIGN.md §4).
+Every file appears whole (temporary name, then rename); the output folder holds only ``SEG/``,
+``SR/``, ``previews/`` (``output.previews``) and ``report.json`` (DESIGN.md §4). Fields of
+report.json are only ever added, never renamed.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ from .atomic import write_json_atomic
 from .config import config_hash
 from .io.selection import is_valid_uid
 from .io.seg import write_binary_seg, write_fractional_seg
-from .io.sr import SeriesFinding, write_study_sr
-from .pipeline import Scoring, Selection, StageTimer, peak_rss_mb, series_outputs
+from .io.dicom import load_series_volume
+from .io.previews import write_preview
+from .io.sr import MaskFinding, SeriesFinding, write_study_sr
+from .operating_point import operating_point
+from .pipeline import ScoredBatch, Scoring, Selection, SeriesMaps, StageTimer, TokenisedSeries, peak_rss_mb, series_outputs
 from .progress import StageClock
 
 __all__ = ["REPORT_SCHEMA", "encoder_warning", "write_results", "write_failure_report"]
@@ -71,6 +75,8 @@ def _series_row(decision, status: str, reason: str) -> dict[str, Any]:
         "percentile": None,
         "flagged": None,
         "anomalous_volume_ml": None,
+        "n_findings": None,
+        "findings": [],
         "seg_binary": None,
         "seg_score": None,
         "qa": {},
@@ -87,6 +93,54 @@ def _codegraph_summary(batch) -> dict[str, Any]:
         "implicated_tokens": {uids[v]: int(implicated[v]) for v in range(len(uids)) if implicated[v]},
         "burnout_tokens_per_layer": [[int(c) for c in layer] for layer in found.burnout_counts],
     }
+
+
+def _rate(point: Mapping[str, Any]) -> float | None:
+    rate = point["false_flag_rate_per_normal_series"]
+    return None if isinstance(rate, str) else float(rate)
+
+
+def _batch_record(batch: ScoredBatch, operating: Mapping[str, Any]) -> dict[str, Any]:
+    """A contrast batch's entry of report.json: size, thresholds, policy and its operating point."""
+    decision = batch.decision
+    return {
+        "contrast": batch.contrast,
+        "n_series": len(batch.members),
+        "chunk": batch.chunk + 1,
+        "n_chunks": batch.n_chunks,
+        "bank_references": list(batch.bank_references),
+        "threshold": decision.volume_threshold,
+        "voxel_threshold": decision.voxel_threshold,
+        "threshold_units": decision.units,
+        "threshold_policy": decision.policy,
+        "threshold_params": decision.params,
+        "operating_point": dict(operating),
+        "n_flagged": int(decision.flagged.sum()),
+        "k": [int(k) for k in batch.scores.k],
+        "score_to_unit": {"low": batch.unit_low, "high": batch.unit_high},
+        "map_interpolation": {"mask": batch.mask_interpolation, "score": batch.score_interpolation},
+        "method": "codegraph" if batch.scores.codegraph is not None else "musc",
+        **({"codegraph": _codegraph_summary(batch)} if batch.scores.codegraph is not None else {}),
+    }
+
+
+def _preview(member: TokenisedSeries, maps: SeriesMaps, output: Path, config: Mapping[str, Any]) -> str | None:
+    """Write ``previews/<SeriesInstanceUID>.png`` for a flagged series when ``output.previews`` is on.
+
+    The source pixels are decoded again here (only for flagged series): the pipeline releases them
+    after preprocessing to bound memory.
+    """
+    if not config["output"]["previews"] or not maps.binary.any():
+        return None
+    volume = load_series_volume(member.decision.series).volume
+    largest = maps.findings[0]
+    title = (f"{member.decision.contrast}  {len(maps.findings)} finding(s)  largest {largest['volume_ml']:.1f} ml  "
+             "research use only")
+    folder = output / "previews"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = write_preview(folder / f"{_safe_uid(member.decision.series_instance_uid)}.png", volume.array,
+                         maps.binary, tuple(float(v) for v in volume.spacing[::-1]), title=title)
+    return str(path.relative_to(output))
 
 
 def write_results(
@@ -133,6 +187,10 @@ def write_results(
             rows[decision.series_instance_uid] = _series_row(decision, "skipped", decision.reason)
 
     batches = []
+    operating = {
+        batch.contrast: operating_point(batch.decision.policy, encoder["name"], batch.contrast, config)
+        for batch in scoring.batches
+    }
     clock = StageClock(sum(len(batch.members) for batch in scoring.batches))
     with timer("write"):
         for batch in scoring.batches:
@@ -179,6 +237,9 @@ def write_results(
                     batch_size=len(batch.members),
                     references=int(batch.scores.n_references[index]),
                     qa=member.qa,
+                    n_findings=len(maps.findings),
+                    findings=maps.findings,
+                    preview=_preview(member, maps, output, config),
                 )
                 if config["output"]["sr"]:
                     findings.setdefault(member.decision.study_instance_uid, []).append(
@@ -187,37 +248,24 @@ def write_results(
                             score=row["score"], rank=row["rank"], batch_size=len(batch.members),
                             percentile=row["percentile"], threshold=float(batch.decision.volume_threshold),
                             flagged=row["flagged"], anomalous_volume_ml=row["anomalous_volume_ml"],
+                            findings=tuple(MaskFinding(f["volume_ml"], tuple(f["centroid_lps_mm"]), f["peak_score"])
+                                           for f in maps.findings),
+                            policy=batch.decision.policy, threshold_units=batch.decision.units,
+                            false_flag_rate=_rate(operating[batch.contrast]),
                         )
                     )
                 logger.info(
                     "study=%s series=%s decision=scored contrast=%s score=%.5g rank=%d/%d flagged=%s "
-                    "anomalous_ml=%.2f seg=%s",
+                    "anomalous_ml=%.2f findings=%d seg=%s",
                     member.decision.study_instance_uid, uid, batch.contrast, row["score"], row["rank"],
-                    len(batch.members), row["flagged"], row["anomalous_volume_ml"], row["seg_binary"],
+                    len(batch.members), row["flagged"], row["anomalous_volume_ml"], row["n_findings"], row["seg_binary"],
                 )
                 elapsed, remaining = clock.advance()
                 logger.info(
                     "wrote the results of %d/%d series (%.0f s elapsed, ETA %.0f s)",
                     clock.done, clock.total, elapsed, remaining,
                 )
-            batches.append(
-                {
-                    "contrast": batch.contrast,
-                    "n_series": len(batch.members),
-                    "chunk": batch.chunk + 1,
-                    "n_chunks": batch.n_chunks,
-                    "bank_references": list(batch.bank_references),
-                    "threshold": batch.decision.volume_threshold,
-                    "voxel_threshold": batch.decision.voxel_threshold,
-                    "threshold_policy": batch.decision.policy,
-                    "threshold_params": batch.decision.params,
-                    "n_flagged": int(batch.decision.flagged.sum()),
-                    "k": [int(k) for k in batch.scores.k],
-                    "score_to_unit": {"low": batch.unit_low, "high": batch.unit_high},
-                    "method": "codegraph" if batch.scores.codegraph is not None else "musc",
-                    **({"codegraph": _codegraph_summary(batch)} if batch.scores.codegraph is not None else {}),
-                }
-            )
+            batches.append(_batch_record(batch, operating[batch.contrast]))
         sr_paths: dict[str, str] = {}
         if findings:
             sr_dir = output / "SR"
@@ -245,7 +293,9 @@ def write_results(
             study["score"] = row["score"] if study["score"] is None else max(study["score"], row["score"])
 
     report = _base_report(config, encoder)
+    policies = sorted({batch.decision.policy for batch in scoring.batches})
     report.update(
+        decision_policy=[{"name": p.split("/")[0], "version": p.split("/")[-1]} for p in policies],
         status="completed",
         exit_code=0,
         batches=batches,
@@ -264,6 +314,7 @@ def _base_report(config: Mapping[str, Any] | None, encoder: Mapping[str, Any] | 
     return {
         "schema": REPORT_SCHEMA,
         "algorithm": {"name": ALGORITHM_NAME, "version": __version__},
+        "product_version": __version__,
         "encoder": dict(encoder) if encoder else None,
         "encoder_warning": encoder_warning(encoder) if encoder else None,
         "config": dict(config) if config else None,

@@ -471,6 +471,12 @@ class Lesion:
         A laminated texture: ``stripe_amplitude * sin(2 pi x / stripe_period_mm)`` added to the
         lesion's intensity, ``x`` the template left-right coordinate (the stripes belong to the
         tissue, so they follow the subject's deformation). Amplitude 0: no texture.
+    placement : {"deep", "cortical"}, default "deep"
+        Where :func:`random_subject` placed it (see :data:`LESION_PLACEMENTS`). A ``cortical``
+        lesion reaches the brain's surface, so :func:`render_series` confines its intensity
+        change to the brain (blend weighted by the interpolated brain mask): the CSF, skull and
+        scalp around it keep their values, and the ground truth (lesion and brain) is the region
+        that changed. A ``deep`` lesion sits wholly in tissue and is blended as always.
     """
 
     centre_lps: NDArray[np.float64]
@@ -487,6 +493,7 @@ class Lesion:
     appearance: tuple[tuple[str, float, float], ...] = ()
     stripe_period_mm: float = 0.0
     stripe_amplitude: float = 0.0
+    placement: str = "deep"
 
     @property
     def max_extent_mm(self) -> float:
@@ -637,23 +644,43 @@ def _random_lesion(
     radius_mm: tuple[float, float],
     irregularity: float,
     edge_mm: float,
+    placement: str = "deep",
 ) -> Lesion:
+    if placement not in LESION_PLACEMENTS:
+        raise ValueError(f"lesion_placement must be one of {', '.join(LESION_PLACEMENTS)}; "
+                         f"got {placement!r}")
     radius = rng.uniform(*radius_mm)
     semi_axes = radius * rng.uniform(0.8, 1.2, size=3)
     n_lobes = 3
     amplitudes = rng.uniform(-1.0, 1.0, size=n_lobes)
     amplitudes *= irregularity / max(np.abs(amplitudes).sum(), 1e-9)
     extent = float(semi_axes.max() * (1.0 + irregularity))
-    # Centre deep enough that the whole blob and its soft edge sit in brain tissue, and not in a
-    # ventricle, so that the ground truth is the region that really changed intensity.
-    tissue = maps.gm + maps.wm
-    candidates = np.argwhere((maps.depth_mm >= extent + 2.0 * edge_mm + 2.0) & (tissue > 0.5))
-    if candidates.size == 0:
-        raise ValueError(
-            f"no brain position can hold a lesion of extent {extent:.1f} mm: "
-            f"lower lesion_radius_mm (got {radius_mm}); the template brain is at most "
-            f"{float(maps.depth_mm.max()):.0f} mm deep"
-        )
+    if placement == "cortical":
+        # Centre in grey matter a fraction of the extent below the brain's surface (the distance
+        # to the nearest non-brain voxel, a sulcus included): the blob reaches the surface, as a
+        # cortical / juxtacortical lesion or a cortical metastasis does, while most of it lies
+        # in the brain. render_series confines its intensity change to the brain.
+        low, high = _CORTICAL_DEPTH[0] * extent, _CORTICAL_DEPTH[1] * extent
+        candidates = np.argwhere((maps.depth_mm >= low) & (maps.depth_mm <= high)
+                                 & (maps.gm > 0.5))
+        if candidates.size == 0:
+            raise ValueError(
+                f"no grey-matter position lies {low:.1f}-{high:.1f} mm below the brain surface, "
+                f"as a cortical lesion of extent {extent:.1f} mm needs: change lesion_radius_mm "
+                f"(got {radius_mm}); the template's brain voxels are at least "
+                f"{float(maps.resolution):.0f} mm deep"
+            )
+    else:
+        # Centre deep enough that the whole blob and its soft edge sit in brain tissue, and not
+        # in a ventricle, so that the ground truth is the region that really changed intensity.
+        tissue = maps.gm + maps.wm
+        candidates = np.argwhere((maps.depth_mm >= extent + 2.0 * edge_mm + 2.0) & (tissue > 0.5))
+        if candidates.size == 0:
+            raise ValueError(
+                f"no brain position can hold a lesion of extent {extent:.1f} mm: "
+                f"lower lesion_radius_mm (got {radius_mm}); the template brain is at most "
+                f"{float(maps.depth_mm.max()):.0f} mm deep"
+            )
     ijk = candidates[rng.integers(len(candidates))] + rng.uniform(-0.5, 0.5, size=3)
     centre = maps.index_to_lps[:3, :3] @ ijk + maps.index_to_lps[:3, 3]
     return Lesion(
@@ -666,6 +693,7 @@ def _random_lesion(
         lobe_phases=rng.uniform(0.0, 2.0 * math.pi, size=n_lobes),
         edge_mm=edge_mm,
         intensity_scale=float(rng.uniform(0.92, 1.08)),
+        placement=placement,
     )
 
 
@@ -688,6 +716,7 @@ def random_subject(
     with_head: bool = False,
     eyes: bool = True,
     lesion_appearance: str = "typical",
+    lesion_placement: str = "deep",
 ) -> SubjectAnatomy:
     """Draw one subject: affine + elastic warp of the template, tissue jitter and lesions.
 
@@ -743,9 +772,20 @@ def random_subject(
         intensity), so ``distinct`` lesions are consistent but barely anomalous. ``striped``:
         every lesion takes :data:`STRIPED_APPEARANCE`, a laminated texture no normal tissue has,
         identical across subjects: the consistent anomaly that CoDeGraph targets.
+    lesion_placement : {"deep", "cortical"}, default "deep"
+        ``deep``: each lesion, soft edge included, lies wholly in brain tissue (its centre at
+        least its extent plus two edge widths plus 2 mm below the brain's surface, in grey or
+        white matter). ``cortical``: each lesion's centre is in grey matter (probability above
+        0.5) between 0.3 and 0.8 times the lesion's extent (its largest possible radius) below
+        the brain's surface, so it reaches the cortical surface but lies mostly in the brain,
+        like a cortical / juxtacortical lesion or a cortical metastasis; only its part inside
+        the brain changes intensity (:attr:`Lesion.placement`).
     """
     if lesion_appearance not in LESION_APPEARANCES:
         raise ValueError(f"lesion_appearance must be one of {', '.join(LESION_APPEARANCES)}; got {lesion_appearance!r}")
+    if lesion_placement not in LESION_PLACEMENTS:
+        raise ValueError(f"lesion_placement must be one of {', '.join(LESION_PLACEMENTS)}; "
+                         f"got {lesion_placement!r}")
     _check_int("n_lesions", n_lesions, 0, 10)
     radius_mm = _check_interval("lesion_radius_mm", lesion_radius_mm, 0.0, 60.0, lo_open=True)
     irregularity = _check_range("lesion_irregularity", lesion_irregularity, 0.0, 0.5)
@@ -786,7 +826,8 @@ def random_subject(
             for name, value in TISSUE_INTENSITIES[contrast].items()
         }
     lesions = tuple(
-        _random_lesion(rng, maps, radius_mm, irregularity, edge) for _ in range(n_lesions)
+        _random_lesion(rng, maps, radius_mm, irregularity, edge, lesion_placement)
+        for _ in range(n_lesions)
     )
     if mass_effect:
         lesions = tuple(_with_mass_effect(rng, item, push_ratio) for item in lesions)
@@ -814,6 +855,11 @@ def random_subject(
 
 #: Lesion appearance models of :func:`random_subject`.
 LESION_APPEARANCES = ("typical", "varied", "distinct", "striped")
+
+#: Lesion placements of :func:`random_subject` (``lesion_placement``).
+LESION_PLACEMENTS = ("deep", "cortical")
+# A cortical lesion's centre lies this range of its extent below the brain's surface.
+_CORTICAL_DEPTH = (0.3, 0.8)
 
 #: ``lesion_appearance="distinct"``: one (rim, core) per contrast for every lesion, chosen unlike
 #: any normal tissue of the contrast (darker than white matter on T2w, yet above the intensity
@@ -1719,7 +1765,7 @@ def render_series(
     # lesion is what displaced the tissue, not displaced itself.
     voxel_size = float(maps.resolution)
     blends: list[tuple[NDArray[np.intp], NDArray[np.float64], NDArray[np.float64],
-                       NDArray[np.bool_]]] = []
+                       NDArray[np.bool_], bool]] = []
     for item in subject.lesions:
         near = _near_points(coords, lps_to_voxel, item.centre_lps,
                             (item.max_extent_mm + 6.0 * item.edge_mm) / voxel_size)
@@ -1739,7 +1785,7 @@ def render_series(
         if item.stripe_amplitude > 0:
             lesion_value = np.maximum(lesion_value + item.stripe_amplitude * np.sin(
                 2.0 * math.pi * points[:, 0] / item.stripe_period_mm), 0.0)
-        blends.append((near, weight, lesion_value, ratio <= 1.0))
+        blends.append((near, weight, lesion_value, ratio <= 1.0, item.placement == "cortical"))
     for item in subject.lesions:
         if item.mass_effect_mm > 0:
             _apply_mass_effect(maps, item, coords, index_to_lps_sample, lps_to_voxel)
@@ -1756,11 +1802,15 @@ def render_series(
         head_values, in_head = _head_at(maps, subject, contrast, coords, grid)
         values += (np.float32(1.0) - brain_weight) * head_values
         del head_values
-    del brain_weight
     in_lesion = np.zeros(values.shape, dtype=bool)
-    for near, weight, lesion_value, within in blends:
+    for near, weight, lesion_value, within, confined in blends:
+        if confined:
+            # A lesion at the brain's surface changes only the brain: outside it (CSF, skull,
+            # scalp) its weight fades with the interpolated brain mask to 0.
+            weight = weight * brain_weight[near]
         values[near] = ((1.0 - weight) * values[near] + weight * lesion_value).astype(np.float32)
         in_lesion[near] |= within
+    del brain_weight
     del coords
 
     if bias > 0:
@@ -3101,6 +3151,7 @@ def make_cohort(
     fov_mm: tuple[float, float] = (200.0, 260.0),
     matrix_size: tuple[int, int] = (192, 320),
     lesion_appearance: str = "typical",
+    lesion_placement: str = "deep",
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Generate a synthetic multi-study brain MR cohort with ground truth.
@@ -3113,8 +3164,9 @@ def make_cohort(
     Exactly ``round(head_fraction * n_subjects)`` subjects are rendered as whole heads (skull,
     scalp, face, neck; see :func:`synthesize_head`), the others skull-stripped, and
     ``round(mass_effect_fraction * n_lesioned)`` of the lesioned subjects have lesions with mass
-    effect. With the defaults (no heads, no mass effect, ``vary_fov=False``) the cohort is the
-    one earlier versions of this module wrote, byte for byte.
+    effect. With the defaults (no heads, no mass effect, ``vary_fov=False``,
+    ``lesion_placement="deep"``) the cohort is the one earlier versions of this module wrote,
+    byte for byte.
 
     Parameters
     ----------
@@ -3170,6 +3222,13 @@ def make_cohort(
         See :func:`random_subject`: ``typical`` lesions look alike across subjects (a consistent
         anomaly); ``varied`` lesions each draw their own intensities; ``distinct`` and ``striped``
         share one appearance unlike normal tissue (``striped`` also to the intensity encoder).
+    lesion_placement : {"deep", "cortical"}, default "deep"
+        Where lesions sit (see :func:`random_subject`): ``deep`` lesions lie wholly in brain
+        tissue; ``cortical`` lesions are centred in grey matter 0.3-0.8 times their extent below
+        the brain's surface, so they reach the cortical surface (cortical / juxtacortical
+        lesions, cortical metastases), and only their part inside the brain is painted and
+        labelled. Recorded in ``labels.json`` (``generator["lesion_placement"]``) only when not
+        ``deep``, so that default cohorts keep their bytes and UIDs.
     overwrite : bool, default False
         Replace an existing cohort's ``dicom/``, ``truth/`` and ``labels.json``.
 
@@ -3216,10 +3275,13 @@ def make_cohort(
         raise TypeError(f"matrix_size must be a (low, high) pair; got {matrix_size!r}") from None
     matrix_lo = _check_int("matrix_size[0]", matrix_lo, 16, 1024)
     matrix_hi = _check_int("matrix_size[1]", matrix_hi, matrix_lo, 1024)
+    if lesion_placement not in LESION_PLACEMENTS:
+        raise ValueError(f"lesion_placement must be one of {', '.join(LESION_PLACEMENTS)}; "
+                         f"got {lesion_placement!r}")
     subject_options = dict(
         lesion_radius_mm=lesion_radius_mm, deformation_mm=deformation_mm,
         max_rotation_deg=max_rotation_deg, max_translation_mm=max_translation_mm,
-        max_scaling=max_scaling,
+        max_scaling=max_scaling, lesion_placement=lesion_placement,
     )
     # Validate the remaining subject and rendering options before anything is written.
     random_subject(np.random.default_rng(0), load_tissue_maps(template_resolution), n_lesions=0,
@@ -3263,6 +3325,10 @@ def make_cohort(
         "vary_fov": bool(vary_fov), "fov_mm": list(fov_mm),
         "matrix_size": [matrix_lo, matrix_hi], "lesion_appearance": lesion_appearance,
     }
+    if lesion_placement != "deep":
+        # Only when not the default: the UIDs hash these parameters, so recording the default
+        # would change every UID (and byte) of the cohorts written before the option existed.
+        generator["lesion_placement"] = lesion_placement
     # UIDs are deterministic (a cohort regenerated alike has the same UIDs) but depend on every
     # generator option, not only on the seed: two cohorts that differ in any option must never
     # share a UID, or UID-keyed stores (the token cache, a cohort bank) would mix them up.

@@ -90,6 +90,16 @@ class ThresholdDecision:
         Policy name and version, for the report.
     params : dict
         Parameters and intermediate statistics (medians, MADs) for the report.
+    mask_values : list of numpy.ndarray, optional
+        Per-token values the voxel threshold applies to, one array per volume (the lesion policy's
+        clamped standardised scores, :mod:`codegraph3d.lesion_policy`); ``None``: the token scores.
+    z_values : list of numpy.ndarray, optional
+        The lesion policy's position-standardised token scores per volume (unclamped).
+    findings : list, optional
+        The lesion policy's token-level findings per volume (:class:`codegraph3d.lesion_policy.Finding`).
+    units : str
+        ``"score"`` (thresholds on the fused score scale) or ``"z"`` (robust standard deviations
+        above the position's reference median).
     """
 
     volume_threshold: float
@@ -97,6 +107,10 @@ class ThresholdDecision:
     flagged: np.ndarray
     policy: str = POLICY_NAME
     params: dict[str, Any] = field(default_factory=dict)
+    mask_values: list[np.ndarray] | None = None
+    z_values: list[np.ndarray] | None = None
+    findings: list[list[Any]] | None = None
+    units: str = "score"
 
 
 def robust_upper_bound(

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
 
@@ -74,9 +75,13 @@ def test_one_sr_per_study_holds_every_series_measurements(good_run):
         sr = hd.sr.srread(run.output / study["sr"])
         assert sr.StudyInstanceUID == study["study_instance_uid"] and sr.PatientID == study["patient_id"]
         content = hd.sr.MeasurementReport.from_sequence([sr])
-        groups = content.get_volumetric_roi_measurement_groups()
+        all_groups = content.get_volumetric_roi_measurement_groups()
+        # One group per scored series, then one per finding of it (at most 10), "... finding k of n".
+        groups = [g for g in all_groups if " finding " not in g.tracking_identifier]
+        finding_groups = [g for g in all_groups if " finding " in g.tracking_identifier]
         series_rows = {r["series_instance_uid"]: r for r in rows if r["study_instance_uid"] == study["study_instance_uid"]}
         assert len(groups) == len(series_rows) == study["scored_series"]
+        assert len(finding_groups) == sum(min(r["n_findings"], 10) for r in series_rows.values())
         for group in groups:
             segment = group.referenced_segment
             seg_uid = segment.referenced_sop_instance_uid
@@ -88,10 +93,28 @@ def test_one_sr_per_study_holds_every_series_measurements(good_run):
             assert values[CONCEPTS["score"].meaning] == pytest.approx(row["score"])
             assert values[CONCEPTS["rank"].meaning] == row["rank"]
             assert values[CONCEPTS["percentile"].meaning] == pytest.approx(row["percentile"])
-            assert values[CONCEPTS["threshold"].meaning] == pytest.approx(thresholds[row["contrast"]])
+            # The lesion policy's threshold is a bound on a finding's evidence, not on the score.
+            assert values[CONCEPTS["evidence_threshold"].meaning] == pytest.approx(thresholds[row["contrast"]])
+            assert values[CONCEPTS["n_findings"].meaning] == row["n_findings"]
             assert values["Volume"] == pytest.approx(row["anomalous_volume_ml"])
             flag = group.get_qualitative_evaluations()[0].value.meaning
             assert flag == ("Yes" if row["flagged"] else "No")
+
+
+def test_findings_partition_each_binary_mask(good_run):
+    """report.json: the findings (connected components) add up to the anomalous volume, largest first."""
+    run, _ = good_run
+    for row in (r for r in run.report["series"] if r["status"] == "scored"):
+        volumes = [f["volume_ml"] for f in row["findings"]]
+        assert row["n_findings"] == len(volumes) and volumes == sorted(volumes, reverse=True)
+        assert sum(volumes) == pytest.approx(row["anomalous_volume_ml"], abs=1e-3 * max(1, len(volumes)))
+        assert row["flagged"] or not volumes
+        for finding in row["findings"]:
+            assert len(finding["centroid_lps_mm"]) == 3 and np.isfinite(finding["peak_score"])
+    point = run.report["batches"][0]["operating_point"]
+    # The tiny random ViT of this test was never measured: the report must say so.
+    assert point["false_flag_rate_per_normal_series"] == "not measured" and point["why_not"]
+    assert run.report["decision_policy"] == [{"name": "position-z-findings", "version": "1"}]
 
 
 def test_corrupt_file_is_skipped_and_named(good_run):

@@ -185,7 +185,7 @@ def test_batch_chunks_depend_on_the_seed():
     [
         ({"scoring": {"batch_size": 1}}, "batch_size"),
         ({"threshold": {"policy": "bank"}}, "needs a cohort bank"),
-        ({"threshold": {"policy": "fixed"}}, "robust_z or bank"),
+        ({"threshold": {"policy": "fixed"}}, "lesion, robust_z or bank"),
         ({"bank": {"add_scored": "yes"}}, "add_scored"),
         ({"bank": {"min_patients": 1}}, "min_patients"),
         ({"scoring": {"memory_budget_mb": -1}}, "memory_budget_mb"),

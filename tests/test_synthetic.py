@@ -734,3 +734,92 @@ def test_uids_are_reproducible_and_never_shared_by_cohorts_that_differ(tmp_path:
     first = uids(tmp_path / "a")
     assert uids(tmp_path / "b") == first
     assert not uids(tmp_path / "c", lesion_fraction=1.0) & first
+
+
+def _lesion_touches_non_brain(lesion: np.ndarray, brain: np.ndarray, voxels: int) -> bool:
+    """Whether a non-brain voxel lies within ``voxels`` 26-neighbourhood steps of the lesion."""
+    from scipy import ndimage
+
+    near = ndimage.binary_dilation(lesion, structure=np.ones((3, 3, 3), bool), iterations=voxels)
+    return bool(np.any(near & ~brain))
+
+
+def test_cortical_lesions_reach_the_brain_surface_deep_lesions_do_not() -> None:
+    maps = synthetic.load_tissue_maps(2)
+    for seed in range(3):
+        for placement in synthetic.LESION_PLACEMENTS:
+            subject = synthetic.random_subject(np.random.default_rng(seed), maps, n_lesions=1,
+                                               lesion_radius_mm=(6.0, 10.0),
+                                               lesion_placement=placement)
+            assert subject.lesions[0].placement == placement
+            grid = synthetic.acquisition_grid(maps, subject, orientation="axial",
+                                              spacing=[2.0, 2.0, 2.0], rng=np.random.default_rng(1))
+            rendered = synthetic.render_series(maps, subject, grid, "T2w", np.random.default_rng(2),
+                                               noise_fraction=0.0, bias_strength=0.0)
+            lesion, brain = rendered.lesion, rendered.brain
+            assert lesion.sum() > 50 and not np.any(lesion & ~brain)
+            touches = _lesion_touches_non_brain(lesion, brain, voxels=1)
+            assert touches == (placement == "cortical"), (seed, placement)
+            if placement == "deep":
+                assert not _lesion_touches_non_brain(lesion, brain, voxels=2)
+
+
+def test_cortical_lesion_changes_only_the_brain() -> None:
+    # A whole head, where the CSF, skull and scalp next to the lesion carry signal: the lesion
+    # must leave them alone, so the truth (inside the brain) is the region that changed.
+    from scipy import ndimage
+
+    maps = synthetic.load_tissue_maps(2)
+    subject = synthetic.random_subject(np.random.default_rng(3), maps, n_lesions=1,
+                                       lesion_radius_mm=(8.0, 10.0), lesion_placement="cortical",
+                                       with_head=True)
+    healthy = dataclasses.replace(subject, lesions=())
+    grid = synthetic.acquisition_grid(maps, healthy, orientation="coronal", spacing=[2.0, 2.0, 2.0],
+                                      rng=np.random.default_rng(1))
+    for contrast in ("T2w", "T1w"):
+        a = synthetic.render_series(maps, subject, grid, contrast, np.random.default_rng(2),
+                                    noise_fraction=0.0, bias_strength=0.0)
+        b = synthetic.render_series(maps, healthy, grid, contrast, np.random.default_rng(2),
+                                    noise_fraction=0.0, bias_strength=0.0)
+        np.testing.assert_array_equal(a.brain, b.brain)
+        assert a.lesion.any() and not b.lesion.any() and not np.any(a.lesion & ~a.brain)
+        assert _lesion_touches_non_brain(a.lesion, a.brain, voxels=1)
+        # Outside the brain (past the one-voxel partial-volume rim) nothing changed ...
+        rim = ndimage.binary_dilation(a.brain, structure=np.ones((3, 3, 3), bool))
+        np.testing.assert_array_equal(a.image[~rim], b.image[~rim])
+        # ... while the truth did (a few voxels keep their value by chance: partial-volume CSF
+        # about as bright as the lesion's rim).
+        changed = np.abs(a.image - b.image) > 0.01 * np.abs(b.image)
+        assert np.mean(changed[a.lesion]) > 0.9
+
+
+def test_cortical_placement_cohort(cohort: tuple[Path, dict], tmp_path: Path) -> None:
+    options = dict(TINY, n_subjects=2, lesion_fraction=1.0, with_localizer_fraction=0.0,
+                   head_fraction=0.5, lesion_placement="cortical")
+    labels = make_cohort(tmp_path / "cortical", **options)
+    assert labels["generator"]["lesion_placement"] == "cortical"
+    # The default is not recorded: it would change the UIDs of every earlier cohort.
+    assert "lesion_placement" not in cohort[1]["generator"]
+    for study in labels["studies"]:
+        assert study["has_lesion"]
+        for series in study["series"]:
+            truth = {kind: np.asarray(nib.load(tmp_path / "cortical" / path).dataobj) > 0
+                     for kind, path in series["truth"].items()}
+            lesion, brain = truth["lesion"], truth["brain"]
+            assert series["has_lesion"] and lesion.any() and not np.any(lesion & ~brain)
+            assert _lesion_touches_non_brain(lesion, brain, voxels=1)
+    deep = make_cohort(tmp_path / "deep", **{**options, "lesion_placement": "deep"})
+    assert "lesion_placement" not in deep["generator"]
+    assert not ({st["study_instance_uid"] for st in deep["studies"]}
+                & {st["study_instance_uid"] for st in labels["studies"]})
+
+
+def test_unknown_lesion_placement_fails_before_writing(tmp_path: Path) -> None:
+    target = tmp_path / "never"
+    message = "lesion_placement must be one of deep, cortical; got 'surface'"
+    with pytest.raises(ValueError, match=message):
+        make_cohort(target, **{**TINY, "lesion_placement": "surface"})
+    assert not target.exists()
+    with pytest.raises(ValueError, match=message):
+        synthetic.random_subject(np.random.default_rng(0), synthetic.load_tissue_maps(2),
+                                 n_lesions=1, lesion_placement="surface")

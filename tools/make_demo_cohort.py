@@ -30,7 +30,7 @@ except ModuleNotFoundError:
     # Run from a checkout that is not pip-installed: the package sits one folder up.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from codegraph3d.synthetic import CONTRASTS, make_cohort  # noqa: E402
+from codegraph3d.synthetic import CONTRASTS, LESION_PLACEMENTS, make_cohort  # noqa: E402
 
 
 def _fraction(text: str) -> float:
@@ -90,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "encoder (default typical)")
     parser.add_argument("--lesion-radius-mm", type=float, nargs=2, default=(6.0, 15.0), metavar=("LOW", "HIGH"),
                         help="range of the lesions' mean semi-axis in mm (default 6 15)")
+    parser.add_argument("--lesions-per-subject", type=_positive_int, nargs=2, default=(1, 1),
+                        metavar=("LOW", "HIGH"),
+                        help="range of the number of lesions per lesioned subject, e.g. 3 5 with "
+                        "--lesion-radius-mm 5 9 for clusters of small metastases (default 1 1)")
+    parser.add_argument("--lesion-placement", choices=LESION_PLACEMENTS, default="deep",
+                        help="deep: every lesion lies wholly in brain tissue; cortical: lesions "
+                        "are centred in grey matter 0.3-0.8 of their extent below the brain's "
+                        "surface, so they reach it (cortical / juxtacortical lesions, cortical "
+                        "metastases) (default deep)")
     parser.add_argument("--voxel-mm", type=float, default=None,
                         help="isotropic acquisition voxel size in mm for every series (e.g. 0.5 for "
                         "very large series); default: 1-1.2 mm in-plane, 1.5-3 mm slices")
@@ -118,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             head_fraction=args.head_fraction, mass_effect_fraction=args.mass_effect_fraction,
             vary_fov=args.vary_fov, eyes=not args.no_eyes, lesion_appearance=args.lesion_appearance,
             lesion_radius_mm=tuple(args.lesion_radius_mm), overwrite=args.overwrite,
+            lesions_per_subject=tuple(args.lesions_per_subject),
+            lesion_placement=args.lesion_placement,
             **({} if args.voxel_mm is None else {"in_plane_mm": (args.voxel_mm,) * 2, "slice_mm": (args.voxel_mm,) * 2}),
         )
     except FileExistsError:

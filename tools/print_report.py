@@ -1,10 +1,38 @@
-"""Print where a run's outputs are and the per-series scores from its report.json."""
+"""Print a run's findings from its report.json: flagged series first, then the rest.
+
+Usage: ``print_report.py OUTPUT/report.json``. One line per scored series with the patient ID,
+the series description, score, rank in its contrast batch, the flag, the anomalous volume and the
+number of findings; then each flagged series' findings (volume, centroid, peak score), the
+decision policy and its operating point per batch, QA warnings and skipped series.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+
+def _series_line(row: dict[str, Any]) -> str:
+    flag = "FLAGGED" if row["flagged"] else "-"
+    return (
+        f"{flag:7} {row['patient_id'][:14]:14} {row['contrast']:5} {(row['series_description'] or '')[:22]:22} "
+        f"{row['score']:>8.4f} {row['rank']:>3}/{row['batch_size']:<3} {row['anomalous_volume_ml']:>8.2f} "
+        f"{row.get('n_findings') or 0:>4}  {row['qa'].get('status', '-')}"
+    )
+
+
+def _batch_line(batch: dict[str, Any]) -> str:
+    if "error" in batch:
+        return f"Batch {batch['contrast']}: not scored: {batch['error']}"
+    point = batch.get("operating_point", {})
+    rate = point.get("false_flag_rate_per_normal_series", "not measured")
+    rate_text = rate if isinstance(rate, str) else f"{100 * rate:.1f}% of normal series ({point['flagged']}/{point['normal_series']})"
+    return (
+        f"Batch {batch['contrast']}: {batch['n_series']} series, {batch['n_flagged']} flagged; policy "
+        f"{batch.get('threshold_policy', '?')}; false-flag rate {rate_text}"
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -13,26 +41,30 @@ def main(argv: list[str]) -> int:
         return 2
     path = Path(argv[1])
     report = json.loads(path.read_text(encoding="utf-8"))
-    print(f"\nOutputs: {path.parent.resolve()}  (SEG/ and report.json)")
+    print(f"\nOutputs: {path.parent.resolve()}  (SEG/, SR/, report.json)")
     print(f"Encoder: {report['encoder']['description'] if report.get('encoder') else 'n/a'}")
     if report.get("status") != "completed":
         print(f"Run failed: {report.get('message')}")
         return 1
     for batch in report["batches"]:
-        print(f"Batch {batch['contrast']}: {batch['n_series']} series, threshold {batch.get('threshold', float('nan')):.5g}")
-    print(f"{'contrast':8} {'rank':>4} {'score':>9} {'flag':>5} {'ml':>7} {'QA':>7}  series (description)")
+        print(_batch_line(batch))
     rows = [r for r in report["series"] if r["status"] == "scored"]
-    for row in sorted(rows, key=lambda r: (r["contrast"], r["rank"])):
-        print(
-            f"{row['contrast']:8} {row['rank']:>4} {row['score']:>9.5f} {str(row['flagged']):>5} "
-            f"{row['anomalous_volume_ml']:>7.2f} {row['qa'].get('status', '-'):>7}  "
-            f"{row['series_instance_uid']} ({row['series_description']})"
-        )
+    flagged = sum(bool(r["flagged"]) for r in rows)
+    print(f"\n{flagged} of {len(rows)} scored series flagged (flagged first, then by contrast and rank):")
+    print(f"{'flag':7} {'patient':14} {'contr':5} {'description':22} {'score':>8} {'rank':>7} {'anom. ml':>8} {'find':>4}  QA")
+    for row in sorted(rows, key=lambda r: (not r["flagged"], r["contrast"], r["rank"])):
+        print(_series_line(row))
+    for row in (r for r in rows if r["flagged"]):
+        for number, finding in enumerate(row.get("findings") or [], start=1):
+            x, y, z = finding["centroid_lps_mm"]
+            print(f"  {row['patient_id']} {row['contrast']} finding {number}: {finding['volume_ml']:.2f} ml at LPS "
+                  f"({x:.0f}, {y:.0f}, {z:.0f}) mm, peak score {finding['peak_score']:.4f}")
+        if row.get("preview"):
+            print(f"  preview: {path.parent / row['preview']}")
     for row in rows:
         for warning in row["qa"].get("warnings", []):
-            print(f"QA warning {row['series_instance_uid']}: {warning}")
-    skipped = [r for r in report["series"] if r["status"] == "skipped"]
-    for row in skipped:
+            print(f"QA warning {row['patient_id']} {row['series_instance_uid']}: {warning}")
+    for row in (r for r in report["series"] if r["status"] == "skipped"):
         print(f"skipped  {row['series_instance_uid']} ({row['series_description']}): {row['reason']}")
     print(f"Timings (s): {report['timings_s']}; peak RSS {report['peak_rss_mb']} MB")
     return 0

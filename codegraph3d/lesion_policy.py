@@ -1,0 +1,336 @@
+"""The decision policy: findings from position-standardised token scores (``threshold.policy: lesion``).
+
+What reaches a PACS is a flag and a BINARY mask, so this module turns one contrast batch's fused
+token scores into both.
+
+The rule
+--------
+1. **Standardise per grid position.** Every volume of a batch is registered to the same template,
+   so grid position ``p`` holds the same anatomy in every volume. A token's score is compared with
+   the scores of the *reference volumes* at the same position:
+   ``z = (s - m_p) / sigma_p``, with ``m_p`` the median and ``sigma_p`` a robust standard deviation
+   (1.4826 x MAD) of the reference scores at ``p``, shrunk towards the batch-wide robust spread of
+   the residuals with the weight of ``prior_volumes`` volumes (few references at a position give a
+   noisy spread). Anatomical hot spots that every brain shares (ventricle edges, the brain's rim)
+   then stop competing with lesions, and ``z`` has the same meaning in batches of 8 or 180.
+   The reference volumes are the batch itself (its median is not moved by a minority of lesions
+   at any one position), or, when cohort-bank volumes of known-normal studies were scored in the
+   same batch, those volumes only: bounds from volumes known to be normal do not depend on how many
+   of the input's volumes are abnormal.
+2. **Findings, not single tokens.** Tokens with ``z > token_z`` are grouped into connected
+   components on the token grid (26-connectivity). A component's *evidence* is its mass above
+   the bound, ``sum(z - token_z)`` over its tokens times a token's volume (z x ml, so that it
+   means the same on any token grid): a large mildly abnormal region and a small very abnormal
+   one both count, a lone noisy token does not. A component is a *finding* when its evidence
+   exceeds ``finding_mass``; a volume is flagged when it has a finding. Lesion-level evidence replaces the single maximum token of the first policy,
+   whose volume gate (median + 3 robust SD of the batch's maxima) moved with the prevalence of
+   lesions in the batch.
+3. **Masks.** In a flagged volume, the voxels of the upsampled ``z`` map above ``voxel_z`` form
+   the mask (for a faint finding, those above a quarter of the way from ``token_z`` to its peak),
+   restricted to the findings: tokens outside every finding are clamped to ``voxel_z`` before
+   upsampling, so they can bound a finding but never start a mask of their own. An
+   unflagged volume gets an empty mask.
+
+The bounds are in robust standard deviations, so they carry over between batch sizes; their false
+flag rate per normal series still depends on the encoder and contrast and is measured on
+all-normal batches (``tools/measure_decisions.py``; the product reports it as the operating point).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "LESION_POLICY_NAME",
+    "Finding",
+    "LesionPolicy",
+    "LesionDecision",
+    "PositionStatistics",
+    "decide_lesions",
+    "position_statistics",
+    "standardise",
+    "token_findings",
+]
+
+LESION_POLICY_NAME = "position-z-findings/1"
+MAD_TO_SIGMA = 1.4826
+
+
+@dataclass(frozen=True)
+class LesionPolicy:
+    """Settings of the lesion policy (``threshold`` section; the module docstring says why).
+
+    Attributes
+    ----------
+    token_z : float
+        A token is a candidate when its position-standardised score exceeds this.
+    finding_mass : float
+        A connected group of candidates is a finding when ``sum(z - token_z)`` over it, times a
+        token's volume in ml, exceeds this (units: z x ml).
+    voxel_z : float
+        Mask bound on the upsampled ``z`` map inside flagged volumes' findings.
+    prior_volumes : float
+        Weight, in volumes, of the batch-wide spread in each position's spread.
+    by_position : bool
+        Standardise per grid position (volumes registered to one template). ``False``: by the
+        batch-wide median and spread only, for grids that are not anatomically aligned
+        (``preprocess.registration: none``), where a grid position holds different anatomy in
+        every volume.
+    """
+
+    token_z: float = 4.5
+    finding_mass: float = 30.0
+    voxel_z: float = 10.0
+    prior_volumes: float = 4.0
+    by_position: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("token_z", "finding_mass", "voxel_z"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and np.isfinite(value)):
+                raise ValueError(f"threshold.{name} must be a finite number; got {value!r}")
+        if not self.voxel_z > 0:
+            raise ValueError(f"threshold.voxel_z must be > 0 (outside the brain the map is 0); got {self.voxel_z!r}")
+        if not self.finding_mass >= 0:
+            raise ValueError(f"threshold.finding_mass must be >= 0; got {self.finding_mass!r}")
+        if not self.prior_volumes >= 0:
+            raise ValueError(f"threshold.prior_volumes must be >= 0; got {self.prior_volumes!r}")
+
+
+@dataclass
+class PositionStatistics:
+    """Per-position median and robust spread of the reference volumes' scores.
+
+    Attributes
+    ----------
+    median, sigma : numpy.ndarray
+        Token-grid arrays; positions no reference volume covers hold the batch-wide values.
+    count : numpy.ndarray
+        Token-grid int array, reference volumes with a token at each position.
+    global_median, global_sigma : float
+        Median of all reference scores and robust spread of the residuals about ``median``.
+    """
+
+    median: np.ndarray
+    sigma: np.ndarray
+    count: np.ndarray
+    global_median: float
+    global_sigma: float
+
+
+@dataclass
+class Finding:
+    """One connected group of candidate tokens in one volume.
+
+    Attributes
+    ----------
+    tokens : numpy.ndarray
+        Indices into the volume's token array.
+    peak_z : float
+        Largest standardised score of the group.
+    mass : float
+        Its evidence, ``sum(z - token_z)`` over its tokens times a token's volume (z x ml).
+    peak_score : float
+        Largest raw (fused) score of the group.
+    passed : bool
+        Whether its mass exceeds ``finding_mass`` (only passed findings flag and mask).
+    """
+
+    tokens: np.ndarray
+    peak_z: float
+    mass: float
+    peak_score: float
+    passed: bool
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.size)
+
+
+@dataclass
+class LesionDecision:
+    """Outcome of the lesion policy for one batch (query volumes only, in batch order).
+
+    Attributes
+    ----------
+    flagged : numpy.ndarray
+        ``(B,)`` bool.
+    z : list of numpy.ndarray
+        Standardised token scores per volume.
+    mask_values : list of numpy.ndarray
+        Per-token values the voxel bound applies to: ``z`` inside passed findings, at most
+        ``voxel_z`` elsewhere.
+    findings : list of list of Finding
+        Candidate groups per volume, passed or not.
+    policy : LesionPolicy
+    statistics : PositionStatistics
+    reference : str
+        ``"batch"`` or ``"bank"``: which volumes gave the position statistics.
+    """
+
+    flagged: np.ndarray
+    z: list[np.ndarray]
+    mask_values: list[np.ndarray]
+    findings: list[list[Finding]]
+    policy: LesionPolicy
+    statistics: PositionStatistics
+    reference: str = "batch"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _dense(scores: Sequence[np.ndarray], coords: Sequence[np.ndarray], grid_shape: tuple[int, int, int]) -> np.ndarray:
+    """``(V, G)`` float64 scores on the flattened grid, NaN where a volume has no token."""
+    size = int(np.prod(grid_shape))
+    dense = np.full((len(scores), size), np.nan)
+    for row, (values, where) in enumerate(zip(scores, coords)):
+        dense[row, np.ravel_multi_index(tuple(np.asarray(where).T), grid_shape)] = values
+    return dense
+
+
+def position_statistics(
+    scores: Sequence[np.ndarray],
+    coords: Sequence[np.ndarray],
+    grid_shape: tuple[int, int, int],
+    prior_volumes: float = 4.0,
+    *,
+    by_position: bool = True,
+) -> PositionStatistics:
+    """Median and shrunk robust spread per grid position over reference volumes (module docstring).
+
+    Parameters
+    ----------
+    scores, coords : sequence of numpy.ndarray
+        The reference volumes' ``(N_i,)`` token scores and ``(N_i, 3)`` grid indices.
+    grid_shape : tuple of int
+    prior_volumes : float
+        Weight of the batch-wide spread, in volumes.
+    by_position : bool
+        ``False``: every position gets the batch-wide median and spread (unaligned grids).
+    """
+    if not len(scores):
+        raise ValueError("position statistics need at least one reference volume")
+    dense = _dense(scores, coords, grid_shape)
+    count = np.sum(~np.isnan(dense), axis=0)
+    covered = count > 0
+    median = np.full(dense.shape[1], float(np.median(np.concatenate([np.ravel(s) for s in scores]))))
+    if by_position:
+        median[covered] = np.nanmedian(dense[:, covered], axis=0)
+    residual = np.abs(dense - median)
+    global_sigma = MAD_TO_SIGMA * float(np.nanmedian(residual))
+    # Tied scores (identical volumes) would give a zero spread: floor it at float32 resolution.
+    global_sigma = max(global_sigma, float(np.spacing(np.float32(abs(median).max()))) * 16)
+    sigma = np.full(dense.shape[1], global_sigma)
+    if by_position:
+        local = MAD_TO_SIGMA * np.nanmedian(residual[:, covered], axis=0)
+        n = count[covered]
+        sigma[covered] = np.sqrt((n * local**2 + prior_volumes * global_sigma**2) / np.maximum(n + prior_volumes, 1e-12))
+        sigma = np.maximum(sigma, global_sigma * 1e-3)
+    return PositionStatistics(
+        median=median.reshape(grid_shape), sigma=sigma.reshape(grid_shape), count=count.reshape(grid_shape),
+        global_median=float(np.median(median[covered])) if covered.any() else float(median[0]),
+        global_sigma=global_sigma,
+    )
+
+
+def standardise(scores: np.ndarray, coords: np.ndarray, statistics: PositionStatistics) -> np.ndarray:
+    """Position-standardised scores ``(s - m_p) / sigma_p`` of one volume's tokens (float32)."""
+    where = tuple(np.asarray(coords).T)
+    return ((np.asarray(scores, np.float64) - statistics.median[where]) / statistics.sigma[where]).astype(np.float32)
+
+
+def token_findings(
+    z: np.ndarray, scores: np.ndarray, coords: np.ndarray, grid_shape: tuple[int, int, int], policy: LesionPolicy,
+    token_ml: float = 1.0,
+) -> list[Finding]:
+    """Connected groups (26-connectivity) of the tokens with ``z > token_z``, largest mass first."""
+    candidate = z > policy.token_z
+    if not candidate.any():
+        return []
+    grid = np.zeros(grid_shape, dtype=bool)
+    where = np.asarray(coords)
+    grid[tuple(where[candidate].T)] = True
+    labels, _ = ndimage.label(grid, structure=np.ones((3, 3, 3), dtype=bool))
+    token_labels = labels[tuple(where.T)]
+    findings = []
+    for label in np.unique(token_labels[candidate]):
+        members = np.flatnonzero(token_labels == label)
+        mass = float(np.sum(z[members] - policy.token_z)) * token_ml
+        findings.append(Finding(
+            tokens=members, peak_z=float(z[members].max()), mass=mass,
+            peak_score=float(np.max(scores[members])), passed=mass > policy.finding_mass,
+        ))
+    return sorted(findings, key=lambda finding: -finding.mass)
+
+
+def _mask_values(z: np.ndarray, findings: Sequence[Finding], policy: LesionPolicy) -> np.ndarray:
+    """Per-token values whose upsampled map is thresholded at ``voxel_z`` to make the mask.
+
+    Inside a passed finding, ``z`` is scaled so that the finding's own bound lands on
+    ``voxel_z``: that bound is ``voxel_z``, or a quarter of the way from ``token_z`` to the
+    finding's peak when that is lower (so a faint finding gets a mask too). Every other
+    token is clamped to at most ``voxel_z``: it can shape a finding's edge, never start a mask.
+    """
+    values = np.minimum(z, policy.voxel_z).astype(np.float64)
+    for finding in findings:
+        if finding.passed:
+            bound = min(policy.voxel_z, policy.token_z + 0.25 * (finding.peak_z - policy.token_z))
+            values[finding.tokens] = z[finding.tokens] * (policy.voxel_z / bound)
+    return values.astype(np.float32)
+
+
+def decide_lesions(
+    token_scores: Sequence[np.ndarray],
+    coords: Sequence[np.ndarray],
+    grid_shape: tuple[int, int, int],
+    policy: LesionPolicy,
+    *,
+    token_ml: float = 1.0,
+    reference_scores: Sequence[np.ndarray] | None = None,
+    reference_coords: Sequence[np.ndarray] | None = None,
+) -> LesionDecision:
+    """Flag volumes and choose mask values by the lesion policy (module docstring).
+
+    Parameters
+    ----------
+    token_scores, coords : sequence of numpy.ndarray
+        The query volumes' fused ``(N_i,)`` scores and ``(N_i, 3)`` grid indices.
+    grid_shape : tuple of int
+    policy : LesionPolicy
+    token_ml : float, default 1.0
+        Volume of one token's cube in ml (a finding's evidence is in z x ml).
+    reference_scores, reference_coords : sequence of numpy.ndarray, optional
+        Reference volumes scored in the same batch (a cohort bank's known-normal studies); they
+        alone give the position statistics. ``None``: the query volumes themselves.
+    """
+    if len(token_scores) != len(coords) or not len(token_scores):
+        raise ValueError(f"{len(token_scores)} score arrays for {len(coords)} coordinate arrays; need >= 1 of each")
+    banked = reference_scores is not None and len(reference_scores) > 0
+    if not token_ml > 0:
+        raise ValueError(f"token_ml must be > 0; got {token_ml!r}")
+    if banked and (reference_coords is None or len(reference_coords) != len(reference_scores)):
+        raise ValueError("reference_scores need one coordinate array each (reference_coords)")
+    statistics = position_statistics(
+        reference_scores if banked else token_scores, reference_coords if banked else coords,  # type: ignore[arg-type]
+        grid_shape, policy.prior_volumes, by_position=policy.by_position,
+    )
+    z_all, mask_values, findings = [], [], []
+    for scores, where in zip(token_scores, coords):
+        z = standardise(scores, where, statistics)
+        found = token_findings(z, np.asarray(scores), where, grid_shape, policy, token_ml)
+        z_all.append(z)
+        mask_values.append(_mask_values(z, found, policy))
+        findings.append(found)
+    flagged = np.array([any(f.passed for f in found) for found in findings], dtype=bool)
+    return LesionDecision(
+        flagged=flagged, z=z_all, mask_values=mask_values, findings=findings, policy=policy,
+        statistics=statistics, reference="bank" if banked else "batch",
+        params={**asdict(policy), "reference": "bank" if banked else "batch",
+                "n_reference_volumes": len(reference_scores) if banked else len(token_scores),
+                "token_ml": float(token_ml),
+                "global_median": statistics.global_median, "global_sigma": statistics.global_sigma},
+    )

@@ -1,0 +1,73 @@
+"""The decision policy's operating point: its false-flag rate per normal series, where measured.
+
+A flag is only as useful as its false-flag rate is known. ``operating_points.json`` beside this
+module lists the rates measured by ``tools/measure_decisions.py`` on all-normal batches (synthetic
+cohorts, held-out seeds), for one encoder, contrast and set of decision-relevant settings each.
+A run whose settings match an entry reports that rate (report.json and the SR); any other run
+(DINOv2 today: no weights here to measure it with) reports ``not measured`` and says why.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+__all__ = ["NOT_MEASURED", "decision_settings", "operating_point"]
+
+NOT_MEASURED = "not measured"
+_TABLE = Path(__file__).with_name("operating_points.json")
+
+
+def decision_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a flag depends on (besides the encoder and contrast), as an entry records them."""
+    threshold, scoring = config["threshold"], config["scoring"]
+    return {
+        "threshold": {key: threshold[key] for key in sorted(threshold)},
+        "scoring": {key: scoring[key] for key in ("k_fraction", "window_radius", "method")},
+        "min_brain_fraction": config["tokens"]["min_brain_fraction"],
+    }
+
+
+@lru_cache(maxsize=1)
+def _entries() -> tuple[dict[str, Any], ...]:
+    with _TABLE.open(encoding="utf-8") as handle:
+        return tuple(json.load(handle)["entries"])
+
+
+def operating_point(policy: str, encoder: str, contrast: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The measured false-flag rate of this policy, encoder, contrast and settings, or ``not measured``.
+
+    Parameters
+    ----------
+    policy : str
+        Policy name and version (``ThresholdDecision.policy``).
+    encoder : str
+        Encoder name (report.json ``encoder.name``).
+    contrast : str
+    config : mapping
+        The run's configuration.
+
+    Returns
+    -------
+    dict
+        ``false_flag_rate_per_normal_series`` (a fraction, or ``"not measured"``), and either
+        ``normal_series``, ``flagged`` and ``measured_on`` or ``why_not``.
+    """
+    settings = json.loads(json.dumps(decision_settings(config)))
+    candidates = [e for e in _entries() if (e["policy"], e["encoder"], e["contrast"]) == (policy, encoder, contrast)]
+    for entry in candidates:
+        if entry["settings"] == settings:
+            return {
+                "false_flag_rate_per_normal_series": entry["flagged"] / entry["normal_series"],
+                "normal_series": entry["normal_series"],
+                "flagged": entry["flagged"],
+                "measured_on": entry["measured_on"],
+            }
+    why = (
+        "measured for this policy, encoder and contrast with other settings" if candidates
+        else f"never measured for policy {policy} with the {encoder} encoder on {contrast}"
+    )
+    return {"false_flag_rate_per_normal_series": NOT_MEASURED, "why_not": why}

@@ -1,0 +1,115 @@
+"""The lesion decision policy (codegraph3d.lesion_policy) on small synthetic token batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from codegraph3d.lesion_policy import LesionPolicy, decide_lesions, position_statistics, token_findings
+
+GRID = (8, 8, 8)
+
+
+def _batch(n_volumes: int, seed: int, hot_spot: float = 0.0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """All-normal volumes: every position's scores vary a little around a position-dependent mean.
+
+    ``hot_spot`` raises one corner of the grid in every volume alike (an anatomical hot spot).
+    """
+    rng = np.random.default_rng(seed)
+    coords = np.argwhere(np.ones(GRID, bool))
+    base = 1.0 + 0.2 * rng.random(len(coords))
+    base[(coords < 2).all(axis=1)] += hot_spot
+    scores = [base + 0.02 * rng.standard_normal(len(coords)) for _ in range(n_volumes)]
+    return scores, [coords.copy() for _ in range(n_volumes)]
+
+
+def _cube(coords: np.ndarray, centre: tuple[int, int, int], size: int) -> np.ndarray:
+    """Tokens within ``size - 1`` grid steps of ``centre`` along every axis."""
+    return (np.abs(coords - np.asarray(centre)) < size).all(axis=1)
+
+
+def test_a_lesion_is_flagged_and_the_mask_values_cover_it():
+    scores, coords = _batch(12, seed=0)
+    lesion = _cube(coords[3], (4, 4, 4), 2)
+    scores[3] = scores[3] + np.where(lesion, 0.5, 0.0)
+    policy = LesionPolicy(token_z=4.5, finding_mass=5.0, voxel_z=10.0)
+    decision = decide_lesions(scores, coords, GRID, policy)
+    assert decision.flagged.tolist() == [i == 3 for i in range(12)]
+    (finding,) = [f for f in decision.findings[3] if f.passed]
+    assert set(finding.tokens.tolist()) == set(np.flatnonzero(lesion).tolist())
+    # Inside the finding the values exceed the mask bound; elsewhere they never do.
+    assert (decision.mask_values[3][lesion] > policy.voxel_z).all()
+    assert (decision.mask_values[3][~lesion] <= policy.voxel_z).all()
+    assert all((values <= policy.voxel_z).all() for i, values in enumerate(decision.mask_values) if i != 3)
+
+
+def test_a_hot_spot_every_volume_shares_is_not_a_finding():
+    # Raw scores: the hot spot is the highest region of every volume. Per position it is normal.
+    scores, coords = _batch(12, seed=1, hot_spot=0.8)
+    decision = decide_lesions(scores, coords, GRID, LesionPolicy(finding_mass=5.0))
+    assert not decision.flagged.any()
+    assert max(float(z.max()) for z in decision.z) < 6.0
+
+
+def test_flags_do_not_move_with_prevalence():
+    # The same lesion volume in a batch with 1 and with 6 lesioned volumes of 12 (at other places).
+    policy = LesionPolicy(finding_mass=5.0)
+    results = []
+    for n_lesioned in (1, 6):
+        scores, coords = _batch(12, seed=2)
+        for v, centre in zip(range(n_lesioned), [(4, 4, 4), (1, 6, 2), (6, 1, 5), (2, 2, 6), (6, 6, 1), (3, 6, 6)]):
+            scores[v] = scores[v] + np.where(_cube(coords[v], centre, 1), 0.5, 0.0)
+        decision = decide_lesions(scores, coords, GRID, policy)
+        results.append(decision.flagged[:n_lesioned].all() and not decision.flagged[n_lesioned:].any())
+    assert results == [True, True]
+
+
+def test_bank_references_give_the_statistics():
+    bank_scores, bank_coords = _batch(10, seed=3)
+    query_scores, query_coords = _batch(1, seed=4)
+    lesion = _cube(query_coords[0], (4, 4, 4), 1)
+    query_scores[0] = query_scores[0] + np.where(lesion, 0.5, 0.0)
+    decision = decide_lesions(query_scores, query_coords, GRID, LesionPolicy(finding_mass=5.0),
+                              reference_scores=bank_scores, reference_coords=bank_coords)
+    assert decision.reference == "bank" and decision.flagged.tolist() == [True]
+    assert decision.params["n_reference_volumes"] == 10
+
+
+def test_evidence_is_in_z_times_ml():
+    z = np.array([6.5, 5.5, 0.0])
+    coords = np.array([[0, 0, 0], [0, 0, 1], [5, 5, 5]])
+    policy = LesionPolicy(token_z=4.5, finding_mass=10.0)
+    (finding,) = token_findings(z, z, coords, GRID, policy, token_ml=2.0)
+    assert finding.mass == pytest.approx((2.0 + 1.0) * 2.0) and not finding.passed
+    (finding,) = token_findings(z, z, coords, GRID, policy, token_ml=4.0)
+    assert finding.mass == pytest.approx(12.0) and finding.passed
+
+
+def test_unaligned_grids_use_batch_wide_statistics():
+    scores, coords = _batch(6, seed=5, hot_spot=0.8)
+    statistics = position_statistics(scores, coords, GRID, by_position=False)
+    assert np.ptp(statistics.median) == 0 and np.ptp(statistics.sigma) == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"token_z": float("nan")}, "token_z must be a finite number"),
+        ({"finding_mass": -1.0}, "finding_mass must be >= 0"),
+        ({"voxel_z": 0.0}, "voxel_z must be > 0"),
+        ({"prior_volumes": -2.0}, "prior_volumes must be >= 0"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LesionPolicy(**kwargs)
+
+
+def test_bad_calls_are_refused():
+    scores, coords = _batch(3, seed=6)
+    with pytest.raises(ValueError, match="token_ml must be > 0"):
+        decide_lesions(scores, coords, GRID, LesionPolicy(), token_ml=0.0)
+    with pytest.raises(ValueError, match="coordinate arrays"):
+        decide_lesions(scores, coords[:2], GRID, LesionPolicy())
+    with pytest.raises(ValueError, match="reference_coords"):
+        decide_lesions(scores, coords, GRID, LesionPolicy(), reference_scores=scores)

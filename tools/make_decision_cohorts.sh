@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Generate the cohorts of the decision benchmark (tools/measure_decisions.py) and fill one token
+# cache with them: full preprocessing, the weight-free intensity encoder (tools/demo_config.yaml).
+# Tuning seeds: 0 (the demo cohort), 1, and the all-normal seed 10. Every other cohort is held out:
+# its seeds are not looked at while the policy is designed.
+# Usage: tools/make_decision_cohorts.sh [ROOT=work/decisions] [NAME ...]   (default: every cohort)
+set -euo pipefail
+root_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root_dir"
+tools/setup_venv.sh
+out=${1:-work/decisions}
+shift || true
+mkdir -p "$out" demo/models
+[ -f demo/models/template/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz ] \
+    || .venv/bin/python -m codegraph3d.registration install demo/models
+heads="--head-fraction 0.5 --mass-effect-fraction 1.0 --vary-fov"
+declare -A cohorts=(
+  # tuning
+  [demo]="--seed 0 $heads"
+  [tune1]="--seed 1 $heads"
+  [normal12_s10]="--seed 10 --lesion-fraction 0 $heads"
+  # held out
+  [demo_s2]="--seed 2 $heads"
+  [demo_s3]="--seed 3 $heads"
+  [normal12_s11]="--seed 11 --lesion-fraction 0 $heads"
+  [normal12_s12]="--seed 12 --lesion-fraction 0 $heads"
+  [half16_s21]="--subjects 16 --seed 21 --lesion-fraction 0.5 $heads"
+  [mets16_s31]="--subjects 16 --seed 31 --lesion-fraction 0.5 --lesions-per-subject 3 5 --lesion-radius-mm 5 9 $heads"
+  [cortical16_s51]="--subjects 16 --seed 51 --lesion-fraction 0.5 --lesion-placement cortical $heads"
+  [subjects48_s40]="--subjects 48 --seed 40 $heads"
+  [normal48_s41]="--subjects 48 --seed 41 --lesion-fraction 0 $heads"
+)
+order=(demo normal12_s10 tune1 demo_s2 normal12_s11 half16_s21 mets16_s31 cortical16_s51 normal12_s12 demo_s3 subjects48_s40 normal48_s41)
+[ "$#" -gt 0 ] && order=("$@")
+for name in "${order[@]}"; do
+  args=${cohorts[$name]:?unknown cohort $name}
+  # shellcheck disable=SC2086
+  [ -f "$out/$name/labels.json" ] || .venv/bin/python tools/make_demo_cohort.py "$out/$name" --quiet $args
+  CODEGRAPH3D_CONFIG=tools/demo_config.yaml .venv/bin/python -m codegraph3d.ablations fill \
+      --input "$out/$name/dicom" --cache "$out/cache" -m demo/models
+  echo "$(date +%T) cohort $name cached"
+done

@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""Benchmark of the product's decisions: flags and binary masks against ground truth.
+
+Rescoring cached cohorts (``tools/make_decision_cohorts.sh`` fills the cache) with the app's
+configuration, this prints, per batch and contrast, what DESIGN.md §5b asks decisions to be
+judged on:
+
+* lesion-series recall (flagged lesion series / lesion series) and normal series flagged;
+* Dice of the product's binary masks (pooled over the brain voxels of the working grid) against
+  Dice-max of the score maps (the best single threshold, chosen with hindsight);
+* patient AUROC of the volume score, and the recall a hindsight threshold on the volume score
+  reaches at the same number of normals flagged;
+* per lesion series: lesion volume (ml) and whether it was flagged (the detection limit).
+
+Batches are named groups of cohorts pooled into one batch per contrast (``--batch
+all48=subjects48_s40``); ``--bank-studies Q --bank B`` scores every study of the cohorts ``Q``
+alone against the volumes of the cohorts ``B`` as a cohort bank (the per-study clinical mode).
+
+Usage::
+
+    CODEGRAPH3D_CONFIG=tools/demo_config.yaml .venv/bin/python tools/measure_decisions.py \\
+        --root work/decisions --batch demo=demo --batch normal12=normal12_s10 \\
+        [--set threshold.finding_mass=40] [--json OUT.json]
+
+Figures are on the working grid (224^3), not the source grids; the app's own evaluation
+(``python -m codegraph3d.evaluate``) measures its written SEGs on the source grids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+try:
+    import codegraph3d  # noqa: F401
+except ModuleNotFoundError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from codegraph3d.ablations import AblationSeries, load_cohort  # noqa: E402
+from codegraph3d.config import load_config  # noqa: E402
+from codegraph3d.maps import token_voxel_map  # noqa: E402
+from codegraph3d.metrics import StreamingBinaryMetrics, patient_auroc  # noqa: E402
+from codegraph3d.pipeline import decide_batch, reference_groups, token_volume_ml  # noqa: E402
+from codegraph3d.scoring import BatchScores, score_batch  # noqa: E402
+
+
+@dataclass
+class Tally:
+    """Decisions and voxel counts of one scenario and contrast."""
+
+    lesion_series: int = 0
+    lesion_flagged: int = 0
+    normal_series: int = 0
+    normal_flagged: int = 0
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    volume_scores: list[float] = field(default_factory=list)
+    labels: list[bool] = field(default_factory=list)
+    flags: list[bool] = field(default_factory=list)
+    lesions: list[dict[str, Any]] = field(default_factory=list)
+    voxel: StreamingBinaryMetrics | None = None
+    voxel_z: StreamingBinaryMetrics | None = None
+
+    def summary(self) -> dict[str, Any]:
+        scores, labels = np.array(self.volume_scores), np.array(self.labels, bool)
+        auroc = patient_auroc(scores, labels) if labels.any() and (~labels).any() else float("nan")
+        dice_max = self.voxel.dice_max()[0] if self.voxel is not None and labels.any() else float("nan")
+        dice_max_z = self.voxel_z.dice_max()[0] if self.voxel_z is not None and labels.any() else float("nan")
+        dice = 2 * self.tp / (2 * self.tp + self.fp + self.fn) if self.tp + self.fp + self.fn else float("nan")
+        return {
+            "lesion_recall": f"{self.lesion_flagged}/{self.lesion_series}",
+            "normals_flagged": f"{self.normal_flagged}/{self.normal_series}",
+            "hindsight_recall": _hindsight_recall(scores, labels, self.normal_flagged),
+            "patient_auroc": round(auroc, 3),
+            "dice_at_threshold": round(dice, 3),
+            "dice_max": round(dice_max, 3),
+            "dice_max_z": round(dice_max_z, 3),
+            "lesions": self.lesions,
+        }
+
+
+def _hindsight_recall(scores: np.ndarray, labels: np.ndarray, normals_flagged: int) -> str:
+    """Lesion series above the best volume-score threshold that flags ``normals_flagged`` normals."""
+    if not labels.any():
+        return "n/a"
+    normal = np.sort(scores[~labels])[::-1]
+    bound = normal[normals_flagged] if normals_flagged < normal.size else -np.inf
+    return f"{int(np.sum(scores[labels] > bound))}/{int(labels.sum())}"
+
+
+def _score(series: Sequence[AblationSeries], config: Mapping[str, Any]) -> BatchScores:
+    """Score one batch as the app does (scoring section of the configuration)."""
+    settings = config["scoring"]
+    tokens = [item.record.tokens for item in series]
+    groups = reference_groups([item.record.decision for item in series], settings["exclude_same"])
+    return score_batch(
+        [[t.tokens[layer] for t in tokens] for layer in range(len(tokens[0].tokens))],
+        k_fraction=settings["k_fraction"], groups=groups,
+        device=None if settings["device"] == "auto" else settings["device"], chunk_size=settings["chunk_size"],
+        window_radius=None if settings["window_radius"] < 0 else settings["window_radius"],
+        coords=[t.coords for t in tokens], grid_shape=tokens[0].grid_shape, method=settings["method"],
+    )
+
+
+def _tally_batch(series: Sequence[AblationSeries], n: int, config: Mapping[str, Any], tally: Tally) -> None:
+    """Score ``series`` (queries first, then references), decide, and add the queries to ``tally``."""
+    scores = _score(series, config)
+    coords = [item.record.tokens.coords for item in series]
+    decision = decide_batch(scores, coords, n, series[0].record.tokens.grid_shape, config,
+                            token_volume_ml(series[0].record))
+    mask_interpolation = config["output"]["mask_interpolation"]
+    score_interpolation = config["output"]["score_interpolation"]
+    for index, item in enumerate(series[:n]):
+        prepared, tokens = item.record.prepared, item.record.tokens
+        truth = item.lesion_labels()
+        raw = token_voxel_map(scores.token_scores[index], tokens.coords, tokens.grid_shape, prepared.size,
+                              None, score_interpolation)[prepared.brain_mask]
+        flagged = bool(decision.flagged[index])
+        predicted = np.zeros(truth.shape, bool)
+        if flagged:
+            values = scores.token_scores[index] if decision.mask_values is None else decision.mask_values[index]
+            decided = token_voxel_map(values, tokens.coords, tokens.grid_shape, prepared.size, None, mask_interpolation)
+            predicted = decided[prepared.brain_mask] > decision.voxel_threshold
+        tally.tp += int(np.sum(predicted & truth))
+        tally.fp += int(np.sum(predicted & ~truth))
+        tally.fn += int(np.sum(~predicted & truth))
+        tally.voxel = tally.voxel or StreamingBinaryMetrics(0.0, 4.0, n_bins=2000)
+        tally.voxel.update(np.clip(raw, 0.0, 4.0), truth)
+        if decision.mask_values is not None:
+            # The lesion policy's standardised map: Dice-max of the map the decisions are made on.
+            z_map = token_voxel_map(decision.z_values[index], tokens.coords, tokens.grid_shape, prepared.size,
+                                    None, mask_interpolation)[prepared.brain_mask]
+            tally.voxel_z = tally.voxel_z or StreamingBinaryMetrics(0.0, 40.0, n_bins=4000)
+            tally.voxel_z.update(np.clip(z_map, 0.0, 40.0), truth)
+        tally.volume_scores.append(float(scores.volume_scores[index]))
+        tally.labels.append(item.has_lesion)
+        tally.flags.append(flagged)
+        if item.has_lesion:
+            tally.lesion_series += 1
+            tally.lesion_flagged += flagged
+            # Working-grid (template-space) millilitres: the registration's scaling is small.
+            voxel_ml = float(prepared.grid_spacing) ** 3 / 1000.0
+            tally.lesions.append({"uid": item.uid, "lesion_voxels": int(truth.sum()), "lesion_ml": round(truth.sum() * voxel_ml, 2),
+                                  "predicted_ml": round(predicted.sum() * voxel_ml, 2),
+                                  "flagged": flagged, "dice": round(2 * np.sum(predicted & truth) / max(predicted.sum() + truth.sum(), 1), 3)})
+        else:
+            tally.normal_series += 1
+            tally.normal_flagged += flagged
+
+
+def _load(root: Path, names: Sequence[str], config: Mapping[str, Any]) -> dict[str, list[AblationSeries]]:
+    pooled: dict[str, list[AblationSeries]] = {}
+    for name in names:
+        cohort = load_cohort(root / "cache", root / name, config)
+        for contrast, series in cohort.by_contrast.items():
+            pooled.setdefault(contrast, []).extend(series)
+    return pooled
+
+
+def measure_batch(root: Path, names: Sequence[str], config: Mapping[str, Any]) -> dict[str, Any]:
+    """One pooled batch per contrast of the named cohorts."""
+    out = {}
+    for contrast, series in sorted(_load(root, names, config).items()):
+        tally = Tally()
+        _tally_batch(series, len(series), config, tally)
+        out[contrast] = tally.summary()
+    return out
+
+
+def measure_bank_studies(root: Path, queries: Sequence[str], bank: Sequence[str], config: Mapping[str, Any]) -> dict[str, Any]:
+    """Each study of ``queries`` scored alone against the series of ``bank`` as references."""
+    references = _load(root, bank, config)
+    out = {}
+    for contrast, series in sorted(_load(root, queries, config).items()):
+        tally = Tally()
+        for item in series:
+            others = [ref for ref in references.get(contrast, [])
+                      if ref.record.decision.patient_id != item.record.decision.patient_id]
+            _tally_batch([item, *others], 1, config, tally)
+        out[contrast] = {**tally.summary(), "n_bank_volumes": len(references.get(contrast, []))}
+    return out
+
+
+def _apply_sets(config: dict[str, Any], assignments: Sequence[str]) -> None:
+    for assignment in assignments:
+        key, _, text = assignment.partition("=")
+        section, _, name = key.partition(".")
+        if section not in config or name not in config[section]:
+            raise SystemExit(f"--set {assignment}: unknown field {key}")
+        config[section][name] = yaml.safe_load(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=Path("work/decisions"), help="cohorts and cache/ (default work/decisions)")
+    parser.add_argument("--batch", action="append", default=[], metavar="NAME=COHORT[,COHORT...]")
+    parser.add_argument("--bank-studies", nargs="+", default=[], metavar="COHORT", help="cohorts scored study by study")
+    parser.add_argument("--bank", nargs="+", default=[], metavar="COHORT", help="cohorts that form the bank")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="configuration override")
+    parser.add_argument("--models", default="demo/models")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--lesions", action="store_true", help="print every lesion series")
+    args = parser.parse_args(argv)
+    config = load_config(args.models)
+    _apply_sets(config, args.set)
+    results: dict[str, Any] = {"settings": {"threshold": config["threshold"], "scoring": config["scoring"],
+                                            "mask_interpolation": config["output"]["mask_interpolation"],
+                                            "score_interpolation": config["output"]["score_interpolation"]}}
+    for spec in args.batch:
+        name, _, cohorts = spec.partition("=")
+        results[name] = measure_batch(args.root, cohorts.split(","), config)
+    if args.bank_studies:
+        results["single studies vs bank"] = measure_bank_studies(args.root, args.bank_studies, args.bank, config)
+    _print(results, args.lesions)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=float))
+    return 0
+
+
+def _print(results: Mapping[str, Any], lesions: bool) -> None:
+    print("| batch | contrast | lesion recall | normals flagged | hindsight recall | patient AUROC | Dice at threshold | Dice-max | Dice-max of z |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, by_contrast in results.items():
+        if name == "settings":
+            continue
+        for contrast, row in by_contrast.items():
+            print(f"| {name} | {contrast} | {row['lesion_recall']} | {row['normals_flagged']} | {row['hindsight_recall']} | "
+                  f"{row['patient_auroc']} | {row['dice_at_threshold']} | {row['dice_max']} | {row['dice_max_z']} |")
+            for lesion in row["lesions"] if lesions else []:
+                print(f"|   | {lesion['uid'][-12:]} | {lesion['lesion_ml']} ml | flagged {lesion['flagged']} | predicted {lesion['predicted_ml']} ml | | | {lesion['dice']} | |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
