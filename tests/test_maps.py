@@ -61,3 +61,19 @@ def test_no_kept_token_gives_zeros_and_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="does not match the token map"):
         upsample_token_map(empty, SIZE, kept=np.ones((4, 4, 4), bool))
     assert kept_token_grid(np.array([[1, 2, 3]]), (GRID,) * 3).sum() == 1
+
+
+def test_specks_smaller_than_the_minimum_are_dropped():
+    from types import SimpleNamespace
+
+    from codegraph3d.pipeline import drop_small_components
+
+    prepared = SimpleNamespace(source_spacing=np.array([1.0, 1.0, 2.0]))  # 2 microlitres a voxel
+    mask = np.zeros((20, 20, 20), bool)
+    mask[2:7, 2:7, 2:7] = True  # 125 voxels = 0.25 ml
+    mask[15, 15, 15] = True  # 0.002 ml
+    mask[15:17, 2, 2] = True  # 0.004 ml
+    kept = drop_small_components(mask, prepared, 0.1)
+    assert kept.sum() == 125 and kept[2:7, 2:7, 2:7].all()
+    assert drop_small_components(mask, prepared, 0.0) is mask
+    assert not drop_small_components(mask, prepared, 1.0).any()
