@@ -1,4 +1,5 @@
-"""One configuration file with the paper's defaults, overridable per run.
+"""One configuration file with the product's defaults (the paper's, except where
+``default_config.yaml`` says otherwise), overridable per run.
 
 The defaults live in ``default_config.yaml`` beside this module, documented field by field. A run
 overrides them with a YAML file holding only the fields to change:

@@ -1,6 +1,8 @@
 """Preprocessing: N4, skull stripping, atlas registration, central crop, resampling, Nyul scaling.
 
-The chain, per series (paper order, brain-to-brain registration):
+The chain, per series. The paper registers the whole head to a with-skull atlas first and strips
+afterwards; this product strips first and registers brain to brain (a brain-only template), so
+the order differs from the paper's:
 
 1. **N4 bias-field correction** (``bias_correction: n4``) inside the head, so that the skull
    stripper and the histogram landmarks see one tissue at one intensity across the field.
@@ -599,7 +601,8 @@ def preprocess_volume(
     volume : Volume
         Source series with its geometry.
     config : PreprocessConfig, optional
-        Settings; the defaults are the paper's 224^3 grid on skull-stripped, unregistered input.
+        Settings; the dataclass defaults are the paper's 224^3 grid on skull-stripped,
+        unregistered input (the product's configuration turns on N4, deepbet and registration).
     template : Template, optional
         Registration target; required when ``config.registration`` is ``affine``.
     stripper : callable, optional

@@ -46,10 +46,15 @@ except ModuleNotFoundError:
 
 from codegraph3d.ablations import AblationSeries, load_cohort  # noqa: E402
 from codegraph3d.config import load_config  # noqa: E402
+from codegraph3d.lesion_policy import LESION_POLICY_NAME  # noqa: E402
 from codegraph3d.maps import token_voxel_map  # noqa: E402
+from codegraph3d.operating_point import decision_settings  # noqa: E402
 from codegraph3d.metrics import StreamingBinaryMetrics, patient_auroc  # noqa: E402
 from codegraph3d.pipeline import decide_batch, reference_groups, token_volume_ml  # noqa: E402
 from codegraph3d.scoring import BatchScores, score_batch  # noqa: E402
+from codegraph3d.thresholds import BANK_POLICY_NAME, POLICY_NAME  # noqa: E402
+
+OPERATING_POINTS = Path(__file__).resolve().parents[1] / "codegraph3d" / "operating_points.json"
 
 
 @dataclass
@@ -157,10 +162,14 @@ def _tally_batch(series: Sequence[AblationSeries], n: int, config: Mapping[str, 
             tally.normal_flagged += flagged
 
 
+_ENCODERS: set[str] = set()
+
+
 def _load(root: Path, names: Sequence[str], config: Mapping[str, Any]) -> dict[str, list[AblationSeries]]:
     pooled: dict[str, list[AblationSeries]] = {}
     for name in names:
         cohort = load_cohort(root / "cache", root / name, config)
+        _ENCODERS.add(cohort.settings["encoder"]["name"])
         for contrast, series in cohort.by_contrast.items():
             pooled.setdefault(contrast, []).extend(series)
     return pooled
@@ -209,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="demo/models")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--lesions", action="store_true", help="print every lesion series")
+    parser.add_argument("--record-operating-point", nargs="+", default=[], metavar="BATCH",
+                        help="all-normal batches (names given to --batch) whose flags become the policy's "
+                        "measured false-flag rate in codegraph3d/operating_points.json")
     args = parser.parse_args(argv)
     config = load_config(args.models)
     _apply_sets(config, args.set)
@@ -221,9 +233,55 @@ def main(argv: list[str] | None = None) -> int:
     if args.bank_studies:
         results["single studies vs bank"] = measure_bank_studies(args.root, args.bank_studies, args.bank, config)
     _print(results, args.lesions)
+    _detection_limit(results)
+    if args.record_operating_point:
+        _record(results, args.record_operating_point, config)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=float))
     return 0
+
+
+def _record(results: Mapping[str, Any], batches: Sequence[str], config: Mapping[str, Any]) -> None:
+    """Write the flags of all-normal batches as the policy's operating point, per contrast."""
+    if len(_ENCODERS) != 1:
+        raise SystemExit(f"the cohorts were encoded with {sorted(_ENCODERS)}; one encoder per operating point")
+    policy = {"lesion": LESION_POLICY_NAME, "robust_z": POLICY_NAME, "bank": BANK_POLICY_NAME}[config["threshold"]["policy"]]
+    table = json.loads(OPERATING_POINTS.read_text(encoding="utf-8"))
+    settings = json.loads(json.dumps(decision_settings(config)))
+    by_contrast: dict[str, list[int]] = {}
+    for name in batches:
+        for contrast, row in results[name].items():
+            if row["lesion_recall"] != "0/0":
+                raise SystemExit(f"--record-operating-point {name}: {contrast} holds lesion series; use all-normal batches")
+            flagged, normals = (int(v) for v in row["normals_flagged"].split("/"))
+            counts = by_contrast.setdefault(contrast, [0, 0])
+            counts[0] += flagged
+            counts[1] += normals
+    for contrast, (flagged, normals) in sorted(by_contrast.items()):
+        key = {"policy": policy, "encoder": next(iter(_ENCODERS)), "contrast": contrast}
+        table["entries"] = [e for e in table["entries"] if {k: e[k] for k in key} != key or e["settings"] != settings]
+        table["entries"].append({**key, "settings": settings, "flagged": flagged, "normal_series": normals,
+                                 "measured_on": f"all-normal batches {', '.join(batches)} (synthetic cohorts, "
+                                 "tools/make_decision_cohorts.sh; tools/measure_decisions.py)"})
+    OPERATING_POINTS.write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
+    print(f"recorded operating points in {OPERATING_POINTS}: {by_contrast}")
+
+
+VOLUME_BINS_ML = (0.0, 2.0, 4.0, 8.0, float("inf"))
+
+
+def _detection_limit(results: Mapping[str, Any]) -> None:
+    """Lesion-series recall by lesion volume (ml on the working grid), every batch pooled."""
+    print("\n| contrast | " + " | ".join(f"{lo:g}-{hi:g} ml" for lo, hi in zip(VOLUME_BINS_ML, VOLUME_BINS_ML[1:])) + " |")
+    print("|---|" + "---|" * (len(VOLUME_BINS_ML) - 1))
+    contrasts = sorted({c for name, rows in results.items() if name != "settings" for c in rows})
+    for contrast in contrasts:
+        lesions = [les for name, rows in results.items() if name != "settings" for les in rows.get(contrast, {}).get("lesions", [])]
+        cells = []
+        for lo, hi in zip(VOLUME_BINS_ML, VOLUME_BINS_ML[1:]):
+            inside = [les["flagged"] for les in lesions if lo <= les["lesion_ml"] < hi]
+            cells.append(f"{sum(inside)}/{len(inside)}")
+        print(f"| {contrast} | " + " | ".join(cells) + " |")
 
 
 def _print(results: Mapping[str, Any], lesions: bool) -> None:

@@ -1,0 +1,55 @@
+"""The decision policy's operating point: a measured false-flag rate, or 'not measured' and why."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from codegraph3d import operating_point as op
+from codegraph3d.config import load_config
+
+
+@pytest.fixture
+def table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "operating_points.json"
+    monkeypatch.setattr(op, "_TABLE", path)
+    op._entries.cache_clear()
+    yield path
+    op._entries.cache_clear()
+
+
+def _write(path: Path, config: dict, **entry) -> None:
+    settings = json.loads(json.dumps(op.decision_settings(config)))
+    base = {"policy": "position-z-findings/1", "encoder": "intensity", "contrast": "T2w", "settings": settings,
+            "flagged": 1, "normal_series": 40, "measured_on": "all-normal batches x, y"}
+    path.write_text(json.dumps({"entries": [{**base, **entry}]}))
+
+
+def test_a_matching_entry_gives_its_rate(table: Path):
+    config = load_config(override={"encoder": {"name": "intensity"}})
+    _write(table, config)
+    point = op.operating_point("position-z-findings/1", "intensity", "T2w", config)
+    assert point["false_flag_rate_per_normal_series"] == pytest.approx(1 / 40)
+    assert point["normal_series"] == 40 and point["flagged"] == 1 and "x, y" in point["measured_on"]
+
+
+def test_other_settings_encoder_or_contrast_are_not_measured(table: Path):
+    config = load_config(override={"encoder": {"name": "intensity"}})
+    _write(table, config)
+    other = load_config(override={"encoder": {"name": "intensity"}, "threshold": {"finding_mass": 50.0}})
+    point = op.operating_point("position-z-findings/1", "intensity", "T2w", other)
+    assert point == {"false_flag_rate_per_normal_series": op.NOT_MEASURED,
+                     "why_not": "measured for this policy, encoder and contrast with other settings"}
+    for encoder, contrast in (("dinov2", "T2w"), ("intensity", "T1w")):
+        point = op.operating_point("position-z-findings/1", encoder, contrast, config)
+        assert point["false_flag_rate_per_normal_series"] == op.NOT_MEASURED
+        assert encoder in point["why_not"] and contrast in point["why_not"]
+
+
+def test_the_shipped_table_reads_and_names_its_measurements():
+    op._entries.cache_clear()
+    for entry in op._entries():
+        assert 0 <= entry["flagged"] <= entry["normal_series"] and entry["measured_on"]
+        assert set(entry["settings"]) == {"threshold", "scoring", "min_brain_fraction"}
