@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import yaml
 
 from .lesion_policy import LesionPolicy
@@ -201,7 +202,7 @@ def _validate(config: Mapping[str, Any]) -> None:
     threshold = config["threshold"]
     if threshold["policy"] not in ("lesion", "robust_z", "bank"):
         raise ConfigError(f"threshold.policy must be lesion, robust_z or bank; got {threshold['policy']!r}")
-    if not threshold["min_finding_ml"] >= 0:
+    if not (np.isfinite(threshold["min_finding_ml"]) and threshold["min_finding_ml"] >= 0):
         raise ConfigError(f"threshold.min_finding_ml must be >= 0; got {threshold['min_finding_ml']!r}")
     if threshold["reference"] not in ("auto", "batch"):
         raise ConfigError(f"threshold.reference must be auto or batch; got {threshold['reference']!r}")

@@ -597,7 +597,8 @@ def evaluate(run: str | Path, truth: str | Path, n_bins: int = 1000, keep_cases:
         if contrast not in batches:
             threshold = None
             info = batch_info.get(contrast)
-            if info is not None:
+            # The lesion policy's mask bound is on standardised scores, not on this map's scale.
+            if info is not None and info.get("threshold_units", "score") == "score":
                 low, high = info["score_to_unit"]["low"], info["score_to_unit"]["high"]
                 threshold = float(np.clip((info["voxel_threshold"] - low) / (high - low), 0.0, 1.0))
             batches[contrast] = BatchAccumulator(contrast, 0.0, 1.0, n_bins, product_threshold_unit=threshold)

@@ -14,9 +14,10 @@ The rule
    noisy spread). Anatomical hot spots that every brain shares (ventricle edges, the brain's rim)
    then stop competing with lesions, and ``z`` has the same meaning in batches of 8 or 180.
    The reference volumes are the batch itself (its median is not moved by a minority of lesions
-   at any one position), or, when cohort-bank volumes of known-normal studies were scored in the
-   same batch, those volumes only: bounds from volumes known to be normal do not depend on how many
-   of the input's volumes are abnormal.
+   at any one position), or, when cohort-bank volumes (prior studies added to the bank as normal
+   looking: ``bank.add_scored: unflagged``, or curated) were scored in the same batch, those
+   volumes only: bounds from volumes assumed normal do not depend on how many of the input's
+   volumes are abnormal. Fewer than ``min_reference_volumes`` (3) references flag nothing.
 2. **Findings, not single tokens.** Tokens with ``z > token_z`` are grouped into connected
    components on the token grid (26-connectivity). A component's *evidence* is its mass above
    the bound, ``sum(z - token_z)`` over its tokens times a token's volume (z x ml, so that it
@@ -76,6 +77,9 @@ class LesionPolicy:
         Mask bound on the upsampled ``z`` map inside flagged volumes' findings.
     prior_volumes : float
         Weight, in volumes, of the batch-wide spread in each position's spread.
+    min_reference_volumes : int
+        Fewer reference volumes flag nothing: with two, a volume is half of its own reference and
+        its ``z`` can never exceed about 1.2.
     by_position : bool
         Standardise per grid position (volumes registered to one template). ``False``: by the
         batch-wide median and spread only, for grids that are not anatomically aligned
@@ -88,12 +92,18 @@ class LesionPolicy:
     voxel_z: float = 10.0
     prior_volumes: float = 4.0
     by_position: bool = True
+    min_reference_volumes: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("token_z", "finding_mass", "voxel_z"):
+        for name in ("token_z", "finding_mass", "voxel_z", "prior_volumes"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and np.isfinite(value)):
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and np.isfinite(value)):
                 raise ValueError(f"threshold.{name} must be a finite number; got {value!r}")
+        if not self.token_z > 0:
+            raise ValueError(f"threshold.token_z must be > 0 (robust SDs above the position's median); got {self.token_z!r}")
+        if isinstance(self.min_reference_volumes, bool) or not isinstance(self.min_reference_volumes, int) \
+                or self.min_reference_volumes < 3:
+            raise ValueError(f"min_reference_volumes must be an integer >= 3; got {self.min_reference_volumes!r}")
         if not self.voxel_z > 0:
             raise ValueError(f"threshold.voxel_z must be > 0 (outside the brain the map is 0); got {self.voxel_z!r}")
         if not self.finding_mass >= 0:
@@ -149,6 +159,7 @@ class Finding:
 
     @property
     def n_tokens(self) -> int:
+        """Number of tokens in the group."""
         return int(self.tokens.size)
 
 
@@ -163,14 +174,17 @@ class LesionDecision:
     z : list of numpy.ndarray
         Standardised token scores per volume.
     mask_values : list of numpy.ndarray
-        Per-token values the voxel bound applies to: ``z`` inside passed findings, at most
-        ``voxel_z`` elsewhere.
+        Per-token values the voxel bound ``voxel_z`` applies to: inside passed findings ``z``
+        scaled so that the finding's own bound lands on ``voxel_z`` (:func:`_mask_values`), at
+        most ``voxel_z`` elsewhere.
     findings : list of list of Finding
         Candidate groups per volume, passed or not.
     policy : LesionPolicy
     statistics : PositionStatistics
     reference : str
         ``"batch"`` or ``"bank"``: which volumes gave the position statistics.
+    params : dict
+        Settings and statistics for report.json (``not_decided`` when too few references).
     """
 
     flagged: np.ndarray
@@ -304,16 +318,22 @@ def decide_lesions(
     token_ml : float, default 1.0
         Volume of one token's cube in ml (a finding's evidence is in z x ml).
     reference_scores, reference_coords : sequence of numpy.ndarray, optional
-        Reference volumes scored in the same batch (a cohort bank's known-normal studies); they
-        alone give the position statistics. ``None``: the query volumes themselves.
+        Reference volumes scored in the same batch (a cohort bank's studies, assumed normal); at
+        least ``min_reference_volumes`` of them alone give the position statistics (fewer join
+        the queries'). ``None``: the query volumes themselves.
     """
     if len(token_scores) != len(coords) or not len(token_scores):
         raise ValueError(f"{len(token_scores)} score arrays for {len(coords)} coordinate arrays; need >= 1 of each")
-    banked = reference_scores is not None and len(reference_scores) > 0
     if not token_ml > 0:
         raise ValueError(f"token_ml must be > 0; got {token_ml!r}")
-    if banked and (reference_coords is None or len(reference_coords) != len(reference_scores)):
+    n_bank = 0 if reference_scores is None else len(reference_scores)
+    if n_bank and (reference_coords is None or len(reference_coords) != n_bank):
         raise ValueError("reference_scores need one coordinate array each (reference_coords)")
+    banked = n_bank >= policy.min_reference_volumes
+    if 0 < n_bank < policy.min_reference_volumes:
+        # Too few bank volumes for statistics of their own: they join the queries' (and are
+        # decided too, after the queries, so callers keep the first len(queries) results).
+        token_scores, coords = [*token_scores, *reference_scores], [*coords, *reference_coords]  # type: ignore[misc]
     statistics = position_statistics(
         reference_scores if banked else token_scores, reference_coords if banked else coords,  # type: ignore[arg-type]
         grid_shape, policy.prior_volumes, by_position=policy.by_position,
@@ -325,12 +345,16 @@ def decide_lesions(
         z_all.append(z)
         mask_values.append(_mask_values(z, found, policy))
         findings.append(found)
-    flagged = np.array([any(f.passed for f in found) for found in findings], dtype=bool)
+    n_reference = n_bank if banked else len(token_scores)
+    enough = n_reference >= policy.min_reference_volumes
+    flagged = np.array([enough and any(f.passed for f in found) for found in findings], dtype=bool)
     return LesionDecision(
         flagged=flagged, z=z_all, mask_values=mask_values, findings=findings, policy=policy,
         statistics=statistics, reference="bank" if banked else "batch",
         params={**asdict(policy), "reference": "bank" if banked else "batch",
-                "n_reference_volumes": len(reference_scores) if banked else len(token_scores),
+                "n_reference_volumes": n_reference,
+                **({} if enough else {"not_decided": f"{n_reference} reference volume(s); at least "
+                                                    f"{policy.min_reference_volumes} are needed to flag"}),
                 "token_ml": float(token_ml),
                 "global_median": statistics.global_median, "global_sigma": statistics.global_sigma},
     )

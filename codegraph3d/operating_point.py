@@ -28,6 +28,8 @@ def decision_settings(config: Mapping[str, Any]) -> dict[str, Any]:
         "threshold": {key: threshold[key] for key in sorted(threshold)},
         "scoring": {key: scoring[key] for key in ("k_fraction", "window_radius", "method")},
         "min_brain_fraction": config["tokens"]["min_brain_fraction"],
+        # Without registration the policy standardises batch-wide, not per position.
+        "registration": config["preprocess"]["registration"],
     }
 
 

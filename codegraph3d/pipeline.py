@@ -662,10 +662,10 @@ def decide_batch(
     if threshold["policy"] == "bank":
         return decide_thresholds_from_reference(
             scores.token_scores[:n], scores.volume_scores[:n], scores.token_scores[n:], scores.volume_scores[n:],
-            z_volume=threshold["volume_z"], z_token=threshold["token_z"],
+            z_volume=threshold["volume_z"], z_token=threshold["robust_token_z"],
         )
     full = decide_thresholds(
-        scores.token_scores, scores.volume_scores, z_volume=threshold["volume_z"], z_token=threshold["token_z"],
+        scores.token_scores, scores.volume_scores, z_volume=threshold["volume_z"], z_token=threshold["robust_token_z"],
     )
     n_bank = len(scores.token_scores) - n
     return ThresholdDecision(

@@ -77,6 +77,7 @@ def _series_row(decision, status: str, reason: str) -> dict[str, Any]:
         "anomalous_volume_ml": None,
         "n_findings": None,
         "findings": [],
+        "preview": None,
         "seg_binary": None,
         "seg_score": None,
         "qa": {},
@@ -111,7 +112,9 @@ def _batch_record(batch: ScoredBatch, operating: Mapping[str, Any]) -> dict[str,
         "bank_references": list(batch.bank_references),
         "threshold": decision.volume_threshold,
         "voxel_threshold": decision.voxel_threshold,
-        "threshold_units": decision.units,
+        # lesion policy: the flag bound is a finding's evidence (z x ml), the mask bound is in z.
+        "threshold_units": "z*ml" if decision.units == "z" else "score",
+        "voxel_threshold_units": decision.units,
         "threshold_policy": decision.policy,
         "threshold_params": decision.params,
         "operating_point": dict(operating),
@@ -132,14 +135,19 @@ def _preview(member: TokenisedSeries, maps: SeriesMaps, output: Path, config: Ma
     """
     if not config["output"]["previews"] or not maps.binary.any():
         return None
-    volume = load_series_volume(member.decision.series).volume
     largest = maps.findings[0]
     title = (f"{member.decision.contrast}  {len(maps.findings)} finding(s)  largest {largest['volume_ml']:.1f} ml  "
              "research use only")
     folder = output / "previews"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = write_preview(folder / f"{_safe_uid(member.decision.series_instance_uid)}.png", volume.array,
-                         maps.binary, tuple(float(v) for v in volume.spacing[::-1]), title=title)
+    try:
+        volume = load_series_volume(member.decision.series).volume
+        folder.mkdir(parents=True, exist_ok=True)
+        path = write_preview(folder / f"{_safe_uid(member.decision.series_instance_uid)}.png", volume.array,
+                             maps.binary, tuple(float(v) for v in volume.spacing[::-1]), title=title)
+    except (OSError, ValueError) as error:
+        # A preview is a convenience: its failure must not cost the run its SEGs, SR and report.
+        logger.warning("series=%s: no preview written: %s", member.decision.series_instance_uid, error)
+        return None
     return str(path.relative_to(output))
 
 

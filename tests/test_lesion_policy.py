@@ -98,6 +98,9 @@ def test_unaligned_grids_use_batch_wide_statistics():
         ({"finding_mass": -1.0}, "finding_mass must be >= 0"),
         ({"voxel_z": 0.0}, "voxel_z must be > 0"),
         ({"prior_volumes": -2.0}, "prior_volumes must be >= 0"),
+        ({"prior_volumes": float("inf")}, "prior_volumes must be a finite number"),
+        ({"token_z": -1.0}, "token_z must be > 0"),
+        ({"min_reference_volumes": 2}, "min_reference_volumes must be an integer >= 3"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, message):
@@ -113,3 +116,15 @@ def test_bad_calls_are_refused():
         decide_lesions(scores, coords[:2], GRID, LesionPolicy())
     with pytest.raises(ValueError, match="reference_coords"):
         decide_lesions(scores, coords, GRID, LesionPolicy(), reference_scores=scores)
+
+
+def test_too_few_references_flag_nothing_and_a_lone_bank_volume_joins_the_batch():
+    scores, coords = _batch(2, seed=7)
+    scores[0] = scores[0] + np.where(_cube(coords[0], (4, 4, 4), 2), 5.0, 0.0)
+    decision = decide_lesions(scores, coords, GRID, LesionPolicy(finding_mass=5.0))
+    assert not decision.flagged.any() and "at least 3" in decision.params["not_decided"]
+    # One bank volume: too few for statistics of its own; with the two queries it makes three.
+    bank_scores, bank_coords = _batch(1, seed=8)
+    decision = decide_lesions(scores, coords, GRID, LesionPolicy(finding_mass=5.0),
+                              reference_scores=bank_scores, reference_coords=bank_coords)
+    assert decision.reference == "batch" and decision.flagged[:2].tolist() == [True, False]

@@ -52,4 +52,4 @@ def test_the_shipped_table_reads_and_names_its_measurements():
     op._entries.cache_clear()
     for entry in op._entries():
         assert 0 <= entry["flagged"] <= entry["normal_series"] and entry["measured_on"]
-        assert set(entry["settings"]) == {"threshold", "scoring", "min_brain_fraction"}
+        assert set(entry["settings"]) == {"threshold", "scoring", "min_brain_fraction", "registration"}

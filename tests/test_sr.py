@@ -193,13 +193,14 @@ def test_unmeasured_operating_point_says_no(tmp_path: Path, segs) -> None:
     assert _answers(series)["Operating point measured"] == "No"
 
 
-@pytest.mark.parametrize(("units", "used", "unused"), [("z", "evidence_threshold", "threshold"),
-                                                        ("score", "threshold", "evidence_threshold")])
-def test_threshold_concept_follows_its_units(tmp_path: Path, segs, units, used, unused) -> None:
+@pytest.mark.parametrize(("units", "used", "unused", "unit"), [("z", "evidence_threshold", "threshold", "ml"),
+                                                                ("score", "threshold", "evidence_threshold", "1")])
+def test_threshold_concept_follows_its_units(tmp_path: Path, segs, units, used, unused, unit) -> None:
+    # The lesion policy's bound is a finding's evidence, robust SDs x ml: its unit is the ml.
     path = write_study_sr([finding(segs[0], threshold_units=units, threshold=2.5)], tmp_path / "sr.dcm",
                           series_number=1)
     values = _values(_groups(path)[0])
-    assert values[CONCEPTS[used].meaning] == (pytest.approx(2.5), "1")
+    assert values[CONCEPTS[used].meaning] == (pytest.approx(2.5), unit)
     assert CONCEPTS[unused].meaning not in values
 
 

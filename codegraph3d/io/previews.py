@@ -4,7 +4,7 @@ Why: a researcher who wants to glance at what the detector flagged should not ne
 viewer. :func:`write_preview` writes one small PNG per flagged series with three panels side by
 side (axial, coronal, sagittal), each cut through the centroid of the LARGEST connected
 component (26-connectivity) of the series' binary mask, with the mask's outline drawn over the
-image in grey.
+image in red.
 
 Conventions
 -----------

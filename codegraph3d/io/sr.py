@@ -65,7 +65,7 @@ CONCEPTS: dict[str, hd.sr.CodedConcept] = {
     "percentile": hd.sr.CodedConcept("BATCH_PERCENTILE", CODING_SCHEME, "Percentile of anomaly score in batch"),
     "threshold": hd.sr.CodedConcept("BATCH_THRESHOLD", CODING_SCHEME, "Anomaly score threshold of batch"),
     "evidence_threshold": hd.sr.CodedConcept(
-        "EVIDENCE_THRESH", CODING_SCHEME, "Finding evidence threshold (robust SD)"
+        "EVIDENCE_THRESH", CODING_SCHEME, "Finding evidence threshold (robust SD x ml)"
     ),
     "flagged": hd.sr.CodedConcept("ANOMALY_FLAGGED", CODING_SCHEME, "Anomaly flagged"),
     "n_findings": hd.sr.CodedConcept("FINDING_COUNT", CODING_SCHEME, "Number of findings"),
@@ -290,7 +290,8 @@ def _roi_group(finding: SeriesFinding, index: int) -> hd.sr.VolumetricROIMeasure
         _measure(CONCEPTS["rank"], finding.rank, _NO_UNITS),
         _measure(CONCEPTS["batch_size"], finding.batch_size, _NO_UNITS),
         _measure(CONCEPTS["percentile"], finding.percentile, _PERCENT),
-        _measure(threshold, finding.threshold, _NO_UNITS),
+        # The lesion policy's bound is on sum(z - token_z) x token volume: robust SDs times ml.
+        _measure(threshold, finding.threshold, _MILLILITRE if finding.threshold_units == "z" else _NO_UNITS),
         _measure(_VOLUME, finding.anomalous_volume_ml, _MILLILITRE),
         _measure(CONCEPTS["n_findings"], len(finding.findings), _NO_UNITS),
     ]
