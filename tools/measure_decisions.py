@@ -2,8 +2,8 @@
 """Benchmark of the product's decisions: flags and binary masks against ground truth.
 
 Rescoring cached cohorts (``tools/make_decision_cohorts.sh`` fills the cache) with the app's
-configuration, this prints, per batch and contrast, what DESIGN.md §5b asks decisions to be
-judged on:
+configuration, this prints, per batch and contrast, what decisions are judged on (not AUROC
+alone):
 
 * lesion-series recall (flagged lesion series / lesion series) and normal series flagged;
 * Dice of the product's binary masks (pooled over the brain voxels of the working grid) against
@@ -45,7 +45,8 @@ except ModuleNotFoundError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from codegraph3d.ablations import AblationSeries, load_cohort  # noqa: E402
-from codegraph3d.config import load_config  # noqa: E402
+from codegraph3d.codegraph import CoDeGraphConfig  # noqa: E402
+from codegraph3d.config import ConfigError, load_config  # noqa: E402
 from codegraph3d.lesion_policy import LESION_POLICY_NAME  # noqa: E402
 from codegraph3d.maps import token_voxel_map  # noqa: E402
 from codegraph3d.operating_point import decision_settings  # noqa: E402
@@ -76,6 +77,7 @@ class Tally:
     voxel_z: StreamingBinaryMetrics | None = None
 
     def summary(self) -> dict[str, Any]:
+        """Counts as fractions, AUROC, Dice at the threshold and Dice-max, and the lesion list."""
         scores, labels = np.array(self.volume_scores), np.array(self.labels, bool)
         auroc = patient_auroc(scores, labels) if labels.any() and (~labels).any() else float("nan")
         dice_max = self.voxel.dice_max()[0] if self.voxel is not None and labels.any() else float("nan")
@@ -113,6 +115,8 @@ def _score(series: Sequence[AblationSeries], config: Mapping[str, Any]) -> Batch
         device=None if settings["device"] == "auto" else settings["device"], chunk_size=settings["chunk_size"],
         window_radius=None if settings["window_radius"] < 0 else settings["window_radius"],
         coords=[t.coords for t in tokens], grid_shape=tokens[0].grid_shape, method=settings["method"],
+        codegraph=CoDeGraphConfig(**settings["codegraph"]) if settings["method"] == "codegraph" else None,
+        memory_budget_mb=float(settings["memory_budget_mb"]) or None, precision=settings["precision"],
     )
 
 
@@ -199,16 +203,21 @@ def measure_bank_studies(root: Path, queries: Sequence[str], bank: Sequence[str]
     return out
 
 
-def _apply_sets(config: dict[str, Any], assignments: Sequence[str]) -> None:
+def _configure(models: str, assignments: Sequence[str]) -> dict[str, Any]:
+    """The app's configuration with ``SECTION.FIELD=VALUE`` overrides, validated as the app validates."""
+    override: dict[str, dict[str, Any]] = {}
     for assignment in assignments:
         key, _, text = assignment.partition("=")
         section, _, name = key.partition(".")
-        if section not in config or name not in config[section]:
-            raise SystemExit(f"--set {assignment}: unknown field {key}")
-        config[section][name] = yaml.safe_load(text)
+        override.setdefault(section, {})[name] = yaml.safe_load(text)
+    try:
+        return load_config(models, override=override)
+    except ConfigError as error:
+        raise SystemExit(f"--set: {error}") from error
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, measure every batch asked for, print and optionally save the results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=Path("work/decisions"), help="cohorts and cache/ (default work/decisions)")
     parser.add_argument("--batch", action="append", default=[], metavar="NAME=COHORT[,COHORT...]")
@@ -222,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="all-normal batches (names given to --batch) whose flags become the policy's "
                         "measured false-flag rate in codegraph3d/operating_points.json")
     args = parser.parse_args(argv)
-    config = load_config(args.models)
-    _apply_sets(config, args.set)
+    config = _configure(args.models, args.set)
     results: dict[str, Any] = {"settings": {"threshold": config["threshold"], "scoring": config["scoring"],
                                             "mask_interpolation": config["output"]["mask_interpolation"],
                                             "score_interpolation": config["output"]["score_interpolation"]}}

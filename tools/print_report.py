@@ -36,6 +36,7 @@ def _batch_line(batch: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> int:
+    """Print the report named by ``argv[1]``; 2 on bad usage, 1 when the run failed."""
     if len(argv) != 2:
         print("usage: print_report.py OUTPUT/report.json", file=sys.stderr)
         return 2
