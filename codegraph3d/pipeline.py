@@ -919,10 +919,12 @@ def series_outputs(batch: ScoredBatch, index: int) -> SeriesMaps:
     binary = np.zeros(score.shape, bool)
     if flagged:
         mask_values = batch.decision.mask_values
-        decided = (
-            on_source(batch.scores.token_scores[index], batch.mask_interpolation) if mask_values is None
-            else on_source(mask_values[index], batch.mask_interpolation)
-        )
+        if mask_values is not None:
+            decided = on_source(mask_values[index], batch.mask_interpolation)
+        elif batch.mask_interpolation == batch.score_interpolation:
+            decided = score  # the same map: not computed twice
+        else:
+            decided = on_source(batch.scores.token_scores[index], batch.mask_interpolation)
         binary = drop_small_components(decided > batch.decision.voxel_threshold, prepared, batch.min_finding_ml)
     voxel_ml = float(np.prod(prepared.source_spacing)) / 1000.0
     return SeriesMaps(
