@@ -638,6 +638,32 @@ def _lesion_decision(
     )
 
 
+def score_configured(
+    layer_sets: Sequence[Sequence[np.ndarray]],
+    groups: Sequence[Hashable],
+    coords: Sequence[np.ndarray],
+    grid_shape: tuple[int, int, int],
+    settings: Mapping[str, Any],
+    on_layer_done: Callable[[int, int], None] | None = None,
+) -> BatchScores:
+    """:func:`codegraph3d.scoring.score_batch` with the ``scoring`` section's settings (the app's call)."""
+    return score_batch(
+        layer_sets,
+        k_fraction=settings["k_fraction"],
+        groups=groups,
+        device=None if settings["device"] == "auto" else settings["device"],
+        chunk_size=settings["chunk_size"],
+        window_radius=None if settings["window_radius"] < 0 else settings["window_radius"],
+        coords=coords,
+        grid_shape=grid_shape,
+        method=settings["method"],
+        codegraph=CoDeGraphConfig(**settings["codegraph"]) if settings["method"] == "codegraph" else None,
+        memory_budget_mb=float(settings["memory_budget_mb"]) or None,
+        precision=settings["precision"],
+        on_layer_done=on_layer_done,
+    )
+
+
 def token_volume_ml(series: TokenisedSeries) -> float:
     """Volume (ml) of one token's cube on the series' working grid (template space when registered)."""
     edge_mm = series.prepared.grid_spacing * series.prepared.size / series.tokens.grid_shape[0]
@@ -758,20 +784,8 @@ def score_batches(tokenisation: Tokenisation, config: Mapping[str, Any]) -> Scor
                     raise ValueError("cohort bank tokens lie on another token grid than this run's")
                 n_layers = len(members[0].tokens.tokens)
                 layer_sets = [[tokens[layer] for tokens in token_sets] for layer in range(n_layers)]
-                scores = score_batch(
-                    layer_sets,
-                    k_fraction=settings["k_fraction"],
-                    groups=groups,
-                    device=None if settings["device"] == "auto" else settings["device"],
-                    chunk_size=settings["chunk_size"],
-                    window_radius=None if settings["window_radius"] < 0 else settings["window_radius"],
-                    coords=coords,
-                    grid_shape=members[0].tokens.grid_shape,
-                    method=settings["method"],
-                    codegraph=CoDeGraphConfig(**settings["codegraph"]) if settings["method"] == "codegraph" else None,
-                    memory_budget_mb=float(settings["memory_budget_mb"]) or None,
-                    precision=settings["precision"],
-                    on_layer_done=on_layer_done,
+                scores = score_configured(
+                    layer_sets, groups, coords, members[0].tokens.grid_shape, settings, on_layer_done,
                 )
             except ValueError as error:
                 clock.total -= n_total**2  # this batch's work will not be done

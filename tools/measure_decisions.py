@@ -45,14 +45,13 @@ except ModuleNotFoundError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from codegraph3d.ablations import AblationSeries, load_cohort  # noqa: E402
-from codegraph3d.codegraph import CoDeGraphConfig  # noqa: E402
 from codegraph3d.config import ConfigError, load_config  # noqa: E402
 from codegraph3d.lesion_policy import LESION_POLICY_NAME  # noqa: E402
 from codegraph3d.maps import token_voxel_map  # noqa: E402
 from codegraph3d.operating_point import decision_settings  # noqa: E402
 from codegraph3d.metrics import StreamingBinaryMetrics, patient_auroc  # noqa: E402
-from codegraph3d.pipeline import decide_batch, reference_groups, token_volume_ml  # noqa: E402
-from codegraph3d.scoring import BatchScores, score_batch  # noqa: E402
+from codegraph3d.pipeline import decide_batch, reference_groups, score_configured, token_volume_ml  # noqa: E402
+from codegraph3d.scoring import BatchScores  # noqa: E402
 from codegraph3d.thresholds import BANK_POLICY_NAME, POLICY_NAME  # noqa: E402
 
 OPERATING_POINTS = Path(__file__).resolve().parents[1] / "codegraph3d" / "operating_points.json"
@@ -109,14 +108,9 @@ def _score(series: Sequence[AblationSeries], config: Mapping[str, Any]) -> Batch
     settings = config["scoring"]
     tokens = [item.record.tokens for item in series]
     groups = reference_groups([item.record.decision for item in series], settings["exclude_same"])
-    return score_batch(
+    return score_configured(
         [[t.tokens[layer] for t in tokens] for layer in range(len(tokens[0].tokens))],
-        k_fraction=settings["k_fraction"], groups=groups,
-        device=None if settings["device"] == "auto" else settings["device"], chunk_size=settings["chunk_size"],
-        window_radius=None if settings["window_radius"] < 0 else settings["window_radius"],
-        coords=[t.coords for t in tokens], grid_shape=tokens[0].grid_shape, method=settings["method"],
-        codegraph=CoDeGraphConfig(**settings["codegraph"]) if settings["method"] == "codegraph" else None,
-        memory_budget_mb=float(settings["memory_budget_mb"]) or None, precision=settings["precision"],
+        groups, [t.coords for t in tokens], tokens[0].grid_shape, settings,
     )
 
 
