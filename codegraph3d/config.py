@@ -204,6 +204,11 @@ def _validate(config: Mapping[str, Any]) -> None:
         raise ConfigError(f"threshold.policy must be lesion, robust_z or bank; got {threshold['policy']!r}")
     if not (np.isfinite(threshold["min_finding_ml"]) and threshold["min_finding_ml"] >= 0):
         raise ConfigError(f"threshold.min_finding_ml must be >= 0; got {threshold['min_finding_ml']!r}")
+    for contrast, mass in threshold["finding_mass_by_contrast"].items():
+        if isinstance(mass, bool) or not isinstance(mass, (int, float)) or not (np.isfinite(mass) and mass >= 0):
+            raise ConfigError(
+                f"threshold.finding_mass_by_contrast.{contrast} must be a number >= 0 (z x ml); got {mass!r}"
+            )
     if threshold["reference"] not in ("auto", "batch"):
         raise ConfigError(f"threshold.reference must be auto or batch; got {threshold['reference']!r}")
     try:
@@ -229,12 +234,23 @@ def _validate(config: Mapping[str, Any]) -> None:
         )
 
 
-def lesion_policy_of(config: Mapping[str, Any]) -> LesionPolicy:
-    """The ``threshold`` section's lesion-policy settings as a validated :class:`LesionPolicy`."""
+def lesion_policy_of(config: Mapping[str, Any], contrast: str | None = None) -> LesionPolicy:
+    """The ``threshold`` section's lesion-policy settings as a validated :class:`LesionPolicy`.
+
+    Parameters
+    ----------
+    config : mapping
+        The run configuration.
+    contrast : str, optional
+        The contrast batch decided: its ``finding_mass_by_contrast`` entry, if any, replaces
+        ``finding_mass``.
+    """
     threshold = config["threshold"]
+    mass = threshold["finding_mass_by_contrast"].get(contrast, threshold["finding_mass"])
     return LesionPolicy(
-        token_z=threshold["token_z"], finding_mass=threshold["finding_mass"],
+        token_z=threshold["token_z"], finding_mass=mass,
         voxel_z=threshold["voxel_z"], prior_volumes=threshold["prior_volumes"],
+        tail_quantile=threshold["tail_quantile"],
     )
 
 

@@ -11,7 +11,12 @@ The rule
    ``z = (s - m_p) / sigma_p``, with ``m_p`` the median and ``sigma_p`` a robust standard deviation
    (1.4826 x MAD) of the reference scores at ``p``, shrunk towards the batch-wide robust spread of
    the residuals with the weight of ``prior_volumes`` volumes (few references at a position give a
-   noisy spread). Anatomical hot spots that every brain shares (ventricle edges, the brain's rim)
+   noisy spread). The MAD sees only the core of a position's spread; where normal anatomy varies
+   more than registration removes (a ventricle's edge a few mm further out in one brain), the tail
+   is heavier than a normal distribution's, and normal brains were flagged there. The spread is
+   therefore at least the ``tail_quantile`` (0.9) of the absolute residuals divided by the normal
+   quantile it would be for a Gaussian, the largest residual at each position left out so that a
+   single abnormal volume cannot widen its own bound. Anatomical hot spots that every brain shares (ventricle edges, the brain's rim)
    then stop competing with lesions, and ``z`` has the same meaning in batches of 8 or 180.
    The reference volumes are the batch itself (its median is not moved by a minority of lesions
    at any one position), or, when cohort-bank volumes (prior studies added to the bank as normal
@@ -44,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
 
 __all__ = [
     "LESION_POLICY_NAME",
@@ -55,10 +60,11 @@ __all__ = [
     "decide_lesions",
     "position_statistics",
     "standardise",
+    "tail_spread",
     "token_findings",
 ]
 
-LESION_POLICY_NAME = "position-z-findings/1"
+LESION_POLICY_NAME = "position-z-findings/2"
 MAD_TO_SIGMA = 1.4826
 
 
@@ -80,6 +86,9 @@ class LesionPolicy:
     min_reference_volumes : int
         Fewer reference volumes flag nothing: with two, a volume is half of its own reference and
         its ``z`` can never exceed about 1.2.
+    tail_quantile : float
+        Each position's spread is at least this quantile of its absolute residuals (the largest
+        left out) over the matching Gaussian quantile; 0 turns the tail bound off (MAD only).
     by_position : bool
         Standardise per grid position (volumes registered to one template). ``False``: by the
         batch-wide median and spread only, for grids that are not anatomically aligned
@@ -93,6 +102,7 @@ class LesionPolicy:
     prior_volumes: float = 4.0
     by_position: bool = True
     min_reference_volumes: int = 3
+    tail_quantile: float = 0.9
 
     def __post_init__(self) -> None:
         for name in ("token_z", "finding_mass", "voxel_z", "prior_volumes"):
@@ -110,6 +120,9 @@ class LesionPolicy:
             raise ValueError(f"threshold.finding_mass must be >= 0; got {self.finding_mass!r}")
         if not self.prior_volumes >= 0:
             raise ValueError(f"threshold.prior_volumes must be >= 0; got {self.prior_volumes!r}")
+        tail = self.tail_quantile
+        if isinstance(tail, bool) or not isinstance(tail, (int, float)) or not 0.0 <= tail < 1.0:
+            raise ValueError(f"threshold.tail_quantile must lie in [0, 1) (0 = MAD only); got {tail!r}")
 
 
 @dataclass
@@ -213,6 +226,7 @@ def position_statistics(
     prior_volumes: float = 4.0,
     *,
     by_position: bool = True,
+    tail_quantile: float = 0.0,
 ) -> PositionStatistics:
     """Median and shrunk robust spread per grid position over reference volumes (module docstring).
 
@@ -225,6 +239,9 @@ def position_statistics(
         Weight of the batch-wide spread, in volumes.
     by_position : bool
         ``False``: every position gets the batch-wide median and spread (unaligned grids).
+    tail_quantile : float
+        Lower bound of each position's spread from this quantile of its absolute residuals, the
+        largest left out (:func:`tail_spread`); 0: the MAD alone.
     """
     if not len(scores):
         raise ValueError("position statistics need at least one reference volume")
@@ -241,6 +258,8 @@ def position_statistics(
     sigma = np.full(dense.shape[1], global_sigma)
     if by_position:
         local = MAD_TO_SIGMA * np.nanmedian(residual[:, covered], axis=0)
+        if tail_quantile > 0:
+            local = np.maximum(local, tail_spread(residual[:, covered], tail_quantile))
         n = count[covered]
         sigma[covered] = np.sqrt((n * local**2 + prior_volumes * global_sigma**2) / np.maximum(n + prior_volumes, 1e-12))
         sigma = np.maximum(sigma, global_sigma * 1e-3)
@@ -249,6 +268,37 @@ def position_statistics(
         global_median=float(np.median(median[covered])) if covered.any() else float(median[0]),
         global_sigma=global_sigma,
     )
+
+
+def tail_spread(residual: np.ndarray, quantile: float) -> np.ndarray:
+    """Spread implied by a high quantile of absolute residuals, each column's largest left out.
+
+    Parameters
+    ----------
+    residual : numpy.ndarray
+        ``(V, P)`` absolute residuals about each position's median, NaN where a volume has no token.
+    quantile : float
+        In (0, 1). For Gaussian residuals the result is their standard deviation, as the MAD's is;
+        it exceeds the MAD's where the tail is heavier.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(P,)`` spreads; 0 where fewer than two residuals remain.
+    """
+    ranked = np.sort(np.where(np.isnan(residual), np.inf, residual), axis=0)
+    n = np.sum(~np.isnan(residual), axis=0) - 1  # the largest is left out
+    spread = np.zeros(residual.shape[1])
+    usable = n >= 2
+    # Linear interpolation between order statistics, as numpy's default quantile.
+    position = quantile * (n[usable] - 1)
+    low = np.floor(position).astype(int)
+    high = np.minimum(low + 1, n[usable] - 1)
+    columns = np.flatnonzero(usable)
+    fraction = position - low
+    value = ranked[low, columns] * (1 - fraction) + ranked[high, columns] * fraction
+    spread[usable] = value / float(stats.norm.ppf(0.5 + quantile / 2))
+    return spread
 
 
 def standardise(scores: np.ndarray, coords: np.ndarray, statistics: PositionStatistics) -> np.ndarray:
@@ -336,7 +386,7 @@ def decide_lesions(
         token_scores, coords = [*token_scores, *reference_scores], [*coords, *reference_coords]  # type: ignore[misc]
     statistics = position_statistics(
         reference_scores if banked else token_scores, reference_coords if banked else coords,  # type: ignore[arg-type]
-        grid_shape, policy.prior_volumes, by_position=policy.by_position,
+        grid_shape, policy.prior_volumes, by_position=policy.by_position, tail_quantile=policy.tail_quantile,
     )
     z_all, mask_values, findings = [], [], []
     for scores, where in zip(token_scores, coords):

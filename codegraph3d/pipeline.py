@@ -613,7 +613,7 @@ def open_bank(config: Mapping[str, Any], tokenisation: Tokenisation, create: boo
 
 def _lesion_decision(
     scores: BatchScores, coords: list[np.ndarray], n: int, grid_shape: tuple[int, int, int],
-    config: Mapping[str, Any], token_ml: float,
+    config: Mapping[str, Any], token_ml: float, contrast: str | None = None,
 ) -> ThresholdDecision:
     """The lesion policy on a batch's first ``n`` volumes; bank volumes after them, if any, as references.
 
@@ -622,7 +622,7 @@ def _lesion_decision(
     every volume of the batch does, and only the input's volumes are decided.
     """
     # Without registration a grid position holds different anatomy in every volume.
-    policy = dataclasses.replace(lesion_policy_of(config), by_position=config["preprocess"]["registration"] != "none")
+    policy = dataclasses.replace(lesion_policy_of(config, contrast), by_position=config["preprocess"]["registration"] != "none")
     banked = config["threshold"]["reference"] == "auto" and len(scores.token_scores) > n
     if banked:
         outcome = decide_lesions(
@@ -672,19 +672,20 @@ def token_volume_ml(series: TokenisedSeries) -> float:
 
 def decide_batch(
     scores: BatchScores, coords: Sequence[np.ndarray], n: int, grid_shape: tuple[int, int, int],
-    config: Mapping[str, Any], token_ml: float = 1.0,
+    config: Mapping[str, Any], token_ml: float = 1.0, contrast: str | None = None,
 ) -> ThresholdDecision:
     """Flags and mask bounds for a scored batch's first ``n`` volumes, by ``threshold.policy``.
 
     ``scores`` and ``coords`` cover the batch's own volumes first and any cohort-bank references
-    after them. ``lesion``: :func:`_lesion_decision`. ``bank``: the first version's two-level rule
+    after them. ``contrast`` names the batch's contrast (its ``threshold.finding_mass_by_contrast``
+    entry applies). ``lesion``: :func:`_lesion_decision`. ``bank``: the first version's two-level rule
     with bounds from the bank volumes. ``robust_z``: that rule on the whole batch, bank volumes
     included (the sample an outlier rule needs). ``token_ml`` is one token's volume (ml), the
     unit of the lesion policy's evidence (:func:`token_volume_ml`).
     """
     threshold = config["threshold"]
     if threshold["policy"] == "lesion":
-        return _lesion_decision(scores, list(coords), n, grid_shape, config, token_ml)
+        return _lesion_decision(scores, list(coords), n, grid_shape, config, token_ml, contrast)
     if threshold["policy"] == "bank":
         return decide_thresholds_from_reference(
             scores.token_scores[:n], scores.volume_scores[:n], scores.token_scores[n:], scores.volume_scores[n:],
@@ -796,7 +797,7 @@ def score_batches(tokenisation: Tokenisation, config: Mapping[str, Any]) -> Scor
                     scoring.skipped[member.decision.series_instance_uid] = reason
                 continue
             decision = decide_batch(
-                scores, coords, n, members[0].tokens.grid_shape, config, token_volume_ml(members[0]),
+                scores, coords, n, members[0].tokens.grid_shape, config, token_volume_ml(members[0]), contrast,
             )
             uids = [m.decision.series_instance_uid for m in members] + [
                 f"bank:{r.entry.series_instance_uid}" for r in references

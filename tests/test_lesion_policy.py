@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from codegraph3d.lesion_policy import LesionPolicy, decide_lesions, position_statistics, token_findings
+from codegraph3d.config import ConfigError, lesion_policy_of, load_config
+from codegraph3d.lesion_policy import (
+    LesionPolicy, decide_lesions, position_statistics, tail_spread, token_findings,
+)
 
 GRID = (8, 8, 8)
 
@@ -101,6 +104,8 @@ def test_unaligned_grids_use_batch_wide_statistics():
         ({"prior_volumes": float("inf")}, "prior_volumes must be a finite number"),
         ({"token_z": -1.0}, "token_z must be > 0"),
         ({"min_reference_volumes": 2}, "min_reference_volumes must be an integer >= 3"),
+        ({"tail_quantile": 1.0}, "tail_quantile must lie in"),
+        ({"tail_quantile": -0.1}, "tail_quantile must lie in"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, message):
@@ -128,3 +133,45 @@ def test_too_few_references_flag_nothing_and_a_lone_bank_volume_joins_the_batch(
     decision = decide_lesions(scores, coords, GRID, LesionPolicy(finding_mass=5.0),
                               reference_scores=bank_scores, reference_coords=bank_coords)
     assert decision.reference == "batch" and decision.flagged[:2].tolist() == [True, False]
+
+
+def test_tail_spread_matches_the_gaussian_sd_and_leaves_the_largest_out():
+    rng = np.random.default_rng(7)
+    gaussian = np.abs(rng.standard_normal((4000, 2)))
+    assert np.allclose(tail_spread(gaussian, 0.9), 1.0, atol=0.06)
+    # One huge residual per column (an abnormal volume) does not move the spread: it is left out.
+    residual = np.abs(rng.standard_normal((12, 3)))
+    spread = tail_spread(residual, 0.9)
+    residual[5] = 1e6
+    residual[0, 2] = np.nan  # a volume without a token there
+    moved = tail_spread(residual, 0.9)
+    assert np.allclose(moved[:2], spread[:2], rtol=0.35) and np.all(moved < 10)
+    # Too few residuals once the largest is out: no tail bound.
+    assert tail_spread(np.ones((2, 1)), 0.9).tolist() == [0.0]
+
+
+def test_a_heavy_tailed_position_stops_flagging_normal_volumes():
+    # 48 normal volumes; at one block of positions a sixth of them deviate by graded amounts
+    # (normal anatomy that registration leaves misaligned in some brains: a heavy tail). The MAD
+    # alone calls the furthest lesions; the tail bound widens those positions' spread, and a true
+    # lesion elsewhere is still found.
+    scores, coords = _batch(48, seed=11)
+    block = _cube(coords[0], (2, 2, 2), 2)
+    deviating = [4, 9, 17, 30, 41, 2, 13, 36]
+    for volume, step in zip(deviating, np.linspace(0.06, 0.16, len(deviating))):
+        scores[volume] = scores[volume] + np.where(block, step, 0.0)
+    lesion = _cube(coords[0], (5, 5, 5), 2)
+    scores[22] = scores[22] + np.where(lesion, 0.5, 0.0)
+    mad_only = decide_lesions(scores, coords, GRID, LesionPolicy(finding_mass=5.0, tail_quantile=0.0))
+    tailed = decide_lesions(scores, coords, GRID, LesionPolicy(finding_mass=5.0, tail_quantile=0.9))
+    assert mad_only.flagged[deviating].any()
+    assert np.flatnonzero(tailed.flagged).tolist() == [22]
+
+
+def test_finding_mass_per_contrast_comes_from_the_configuration():
+    config = load_config(override={"threshold": {"finding_mass": 30.0, "finding_mass_by_contrast": {"T1w": 45.0}}})
+    assert lesion_policy_of(config, "T1w").finding_mass == 45.0
+    assert lesion_policy_of(config, "T2w").finding_mass == 30.0
+    assert lesion_policy_of(config).finding_mass == 30.0
+    with pytest.raises(ConfigError, match="finding_mass_by_contrast.T2w must be a number >= 0"):
+        load_config(override={"threshold": {"finding_mass_by_contrast": {"T2w": -1.0}}})

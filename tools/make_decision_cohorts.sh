@@ -29,8 +29,11 @@ declare -A cohorts=(
   [cortical16_s51]="--subjects 16 --seed 51 --lesion-fraction 0.5 --lesion-placement cortical $heads"
   [subjects48_s40]="--subjects 48 --seed 40 $heads"
   [normal48_s41]="--subjects 48 --seed 41 --lesion-fraction 0 $heads"
+  # held out from the second round of tuning (seeds 40 and 41 had been looked at)
+  [subjects48_s43]="--subjects 48 --seed 43 $heads"
+  [normal48_s42]="--subjects 48 --seed 42 --lesion-fraction 0 $heads"
 )
-order=(demo normal12_s10 tune1 demo_s2 normal12_s11 half16_s21 mets16_s31 cortical16_s51 normal12_s12 demo_s3 subjects48_s40 normal48_s41)
+order=(demo normal12_s10 tune1 demo_s2 normal12_s11 half16_s21 mets16_s31 cortical16_s51 normal12_s12 demo_s3 subjects48_s40 normal48_s41 subjects48_s43 normal48_s42)
 [ "$#" -gt 0 ] && order=("$@")
 for name in "${order[@]}"; do
   args=${cohorts[$name]:?unknown cohort $name}

@@ -119,7 +119,7 @@ def _tally_batch(series: Sequence[AblationSeries], n: int, config: Mapping[str, 
     scores = _score(series, config)
     coords = [item.record.tokens.coords for item in series]
     decision = decide_batch(scores, coords, n, series[0].record.tokens.grid_shape, config,
-                            token_volume_ml(series[0].record))
+                            token_volume_ml(series[0].record), series[0].record.decision.contrast)
     mask_interpolation = config["output"]["mask_interpolation"]
     score_interpolation = config["output"]["score_interpolation"]
     for index, item in enumerate(series[:n]):
