@@ -114,7 +114,7 @@ def test_findings_partition_each_binary_mask(good_run):
     point = run.report["batches"][0]["operating_point"]
     # The tiny random ViT of this test was never measured: the report must say so.
     assert point["false_flag_rate_per_normal_series"] == "not measured" and point["why_not"]
-    assert run.report["decision_policy"] == [{"name": "position-z-findings", "version": "1"}]
+    assert run.report["decision_policy"] == [{"name": "position-z-findings", "version": "2"}]
 
 
 def test_corrupt_file_is_skipped_and_named(good_run):

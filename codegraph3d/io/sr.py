@@ -12,7 +12,7 @@ series' binary SEG segment "Anomaly" and the source series, and holds:
   components of the binary mask);
 * the decision policy, as the group's "Measurement Method" (SCT 370129005): a private code
   ``POLICY_`` + 9 hex digits of the SHA-256 of the policy name, whose meaning is the name itself
-  (e.g. "position-z-findings/1");
+  (e.g. "position-z-findings/2");
 * the policy's operating point: "False flag rate per normal series" in percent when it was measured
   for this encoder and contrast on all-normal batches, and always a qualitative evaluation
   "Operating point measured" (SCT Yes / No), so "not measured" differs from a missing value;
@@ -159,7 +159,7 @@ class SeriesFinding:
         The mask's connected components, largest volume first (the caller sorts; the order is
         checked). A list or other sequence is accepted and stored as a tuple.
     policy : str
-        Decision policy, ``name/version`` (e.g. ``"position-z-findings/1"``); ``""`` = not given,
+        Decision policy, ``name/version`` (e.g. ``"position-z-findings/2"``); ``""`` = not given,
         no method is then written. At most 64 printable ASCII characters.
     threshold_units : {"score", "z"}
         ``"score"``: ``threshold`` is on the anomaly score scale; ``"z"``: it bounds a finding's
