@@ -61,6 +61,10 @@ def _compatible(default: Any, value: Any) -> bool:
     return True
 
 
+# Mappings whose keys are data (contrast names), not fields: a later layer replaces them whole.
+_WHOLE_MAPPINGS = frozenset({"threshold.finding_mass_by_contrast"})
+
+
 def _merge(base: dict[str, Any], override: Mapping[str, Any], source: str, prefix: str = "") -> None:
     for key, value in override.items():
         name = f"{prefix}{key}"
@@ -73,7 +77,7 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any], source: str, prefi
             base[key] = copy.deepcopy(value)
             continue
         default = base[key]
-        if isinstance(default, dict) and default and isinstance(value, dict):
+        if isinstance(default, dict) and default and isinstance(value, dict) and name not in _WHOLE_MAPPINGS:
             _merge(default, value, source, prefix=f"{name}.")
             continue
         if not _compatible(default, value):
@@ -204,7 +208,13 @@ def _validate(config: Mapping[str, Any]) -> None:
         raise ConfigError(f"threshold.policy must be lesion, robust_z or bank; got {threshold['policy']!r}")
     if not (np.isfinite(threshold["min_finding_ml"]) and threshold["min_finding_ml"] >= 0):
         raise ConfigError(f"threshold.min_finding_ml must be >= 0; got {threshold['min_finding_ml']!r}")
+    scored = config["selection"]["scored_contrasts"]
     for contrast, mass in threshold["finding_mass_by_contrast"].items():
+        if contrast not in scored:
+            raise ConfigError(
+                f"threshold.finding_mass_by_contrast: {contrast!r} is not a scored contrast "
+                f"(selection.scored_contrasts: {scored}); name the contrast batches as the report does"
+            )
         if isinstance(mass, bool) or not isinstance(mass, (int, float)) or not (np.isfinite(mass) and mass >= 0):
             raise ConfigError(
                 f"threshold.finding_mass_by_contrast.{contrast} must be a number >= 0 (z x ml); got {mass!r}"

@@ -11,13 +11,17 @@ The rule
    ``z = (s - m_p) / sigma_p``, with ``m_p`` the median and ``sigma_p`` a robust standard deviation
    (1.4826 x MAD) of the reference scores at ``p``, shrunk towards the batch-wide robust spread of
    the residuals with the weight of ``prior_volumes`` volumes (few references at a position give a
-   noisy spread). The MAD sees only the core of a position's spread; where normal anatomy varies
-   more than registration removes (a ventricle's edge a few mm further out in one brain), the tail
-   is heavier than a normal distribution's, and normal brains were flagged there. The spread is
-   therefore at least the ``tail_quantile`` (0.9) of the absolute residuals divided by the normal
-   quantile it would be for a Gaussian, the largest residual at each position left out so that a
-   single abnormal volume cannot widen its own bound. Anatomical hot spots that every brain shares (ventricle edges, the brain's rim)
+   noisy spread). Anatomical hot spots that every brain shares (ventricle edges, the brain's rim)
    then stop competing with lesions, and ``z`` has the same meaning in batches of 8 or 180.
+   The MAD sees only the core of a position's spread; where normal anatomy varies more than
+   registration removes (a ventricle's edge a few mm further out in some brains), the tail is
+   heavier than a Gaussian's, and normal brains were flagged there. The spread is therefore at
+   least the ``tail_quantile`` (0.9) of the absolute residuals divided by the Gaussian quantile it
+   matches, with the largest residual at each position left out so that a single abnormal volume
+   cannot widen its own bound (in bank mode too: a bank grown from unflagged studies may hold a
+   missed lesion). It is a lower bound, never the estimate: with few volumes at a position (under
+   about 12) it falls below the MAD's and changes nothing, and several lesions sharing one
+   position in a batch (over a tenth of its volumes) widen it.
    The reference volumes are the batch itself (its median is not moved by a minority of lesions
    at any one position), or, when cohort-bank volumes (prior studies added to the bank as normal
    looking: ``bank.add_scored: unflagged``, or curated) were scored in the same batch, those
@@ -28,9 +32,10 @@ The rule
    the bound, ``sum(z - token_z)`` over its tokens times a token's volume (z x ml, so that it
    means the same on any token grid): a large mildly abnormal region and a small very abnormal
    one both count, a lone noisy token does not. A component is a *finding* when its evidence
-   exceeds ``finding_mass``; a volume is flagged when it has a finding. Lesion-level evidence replaces the single maximum token of the first policy,
-   whose volume gate (median + 3 robust SD of the batch's maxima) moved with the prevalence of
-   lesions in the batch.
+   exceeds ``finding_mass`` (per contrast: ``finding_mass_by_contrast``, for bounds calibrated
+   per encoder and contrast); a volume is flagged when it has a finding. Lesion-level evidence
+   replaces the single maximum token of the first policy, whose volume gate (median + 3 robust
+   SD of the batch's maxima) moved with the prevalence of lesions in the batch.
 3. **Masks.** In a flagged volume, the voxels of the upsampled ``z`` map above ``voxel_z`` form
    the mask (for a faint finding, those above a quarter of the way from ``token_z`` to its peak),
    restricted to the findings: tokens outside every finding are clamped to ``voxel_z`` before
@@ -89,6 +94,7 @@ class LesionPolicy:
     tail_quantile : float
         Each position's spread is at least this quantile of its absolute residuals (the largest
         left out) over the matching Gaussian quantile; 0 turns the tail bound off (MAD only).
+        Unused with ``by_position=False``.
     by_position : bool
         Standardise per grid position (volumes registered to one template). ``False``: by the
         batch-wide median and spread only, for grids that are not anatomically aligned
@@ -121,7 +127,7 @@ class LesionPolicy:
         if not self.prior_volumes >= 0:
             raise ValueError(f"threshold.prior_volumes must be >= 0; got {self.prior_volumes!r}")
         tail = self.tail_quantile
-        if isinstance(tail, bool) or not isinstance(tail, (int, float)) or not 0.0 <= tail < 1.0:
+        if isinstance(tail, bool) or not isinstance(tail, (int, float, np.floating)) or not 0.0 <= tail < 1.0:
             raise ValueError(f"threshold.tail_quantile must lie in [0, 1) (0 = MAD only); got {tail!r}")
 
 
@@ -226,7 +232,7 @@ def position_statistics(
     prior_volumes: float = 4.0,
     *,
     by_position: bool = True,
-    tail_quantile: float = 0.0,
+    tail_quantile: float = 0.9,
 ) -> PositionStatistics:
     """Median and shrunk robust spread per grid position over reference volumes (module docstring).
 
@@ -278,14 +284,22 @@ def tail_spread(residual: np.ndarray, quantile: float) -> np.ndarray:
     residual : numpy.ndarray
         ``(V, P)`` absolute residuals about each position's median, NaN where a volume has no token.
     quantile : float
-        In (0, 1). For Gaussian residuals the result is their standard deviation, as the MAD's is;
-        it exceeds the MAD's where the tail is heavier.
+        In (0, 1). For Gaussian residuals of many volumes the result approaches their standard
+        deviation, as the MAD's does (with the largest left out it is low for few volumes: about
+        0.74 of it for 12, 0.93 for 48); it exceeds the MAD's where the tail is heavier.
 
     Returns
     -------
     numpy.ndarray
         ``(P,)`` spreads; 0 where fewer than two residuals remain.
+
+    Raises
+    ------
+    ValueError
+        If ``quantile`` is not in (0, 1).
     """
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must lie in (0, 1); got {quantile!r}")
     ranked = np.sort(np.where(np.isnan(residual), np.inf, residual), axis=0)
     n = np.sum(~np.isnan(residual), axis=0) - 1  # the largest is left out
     spread = np.zeros(residual.shape[1])

@@ -21,9 +21,15 @@ NOT_MEASURED = "not measured"
 _TABLE = Path(__file__).with_name("operating_points.json")
 
 
-def decision_settings(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings a flag depends on (besides the encoder and contrast), as an entry records them."""
-    threshold, scoring = config["threshold"], config["scoring"]
+def decision_settings(config: Mapping[str, Any], contrast: str) -> dict[str, Any]:
+    """The settings a flag on ``contrast`` depends on (besides the encoder), as an entry records them.
+
+    The evidence bound is the one in effect for the contrast (``finding_mass_by_contrast`` or
+    ``finding_mass``), so that another contrast's bound does not make this one "not measured".
+    """
+    threshold, scoring = dict(config["threshold"]), config["scoring"]
+    by_contrast = threshold.pop("finding_mass_by_contrast", {})
+    threshold["finding_mass"] = by_contrast.get(contrast, threshold["finding_mass"])
     return {
         "threshold": {key: threshold[key] for key in sorted(threshold)},
         "scoring": {key: scoring[key] for key in ("k_fraction", "window_radius", "method")},
@@ -58,7 +64,7 @@ def operating_point(policy: str, encoder: str, contrast: str, config: Mapping[st
         ``false_flag_rate_per_normal_series`` (a fraction, or ``"not measured"``), and either
         ``normal_series``, ``flagged`` and ``measured_on`` or ``why_not``.
     """
-    settings = json.loads(json.dumps(decision_settings(config)))
+    settings = json.loads(json.dumps(decision_settings(config, contrast)))
     candidates = [e for e in _entries() if (e["policy"], e["encoder"], e["contrast"]) == (policy, encoder, contrast)]
     for entry in candidates:
         if entry["settings"] == settings:

@@ -617,12 +617,17 @@ def _lesion_decision(
 ) -> ThresholdDecision:
     """The lesion policy on a batch's first ``n`` volumes; bank volumes after them, if any, as references.
 
+    ``contrast`` selects the evidence bound (``threshold.finding_mass_by_contrast``); ``None`` or
+    an unlisted contrast takes ``threshold.finding_mass``.
+
     With ``threshold.reference: auto`` the bank volumes (studies added to the bank as normal
     looking) alone give the per-position statistics; without bank volumes, or with ``batch``,
     every volume of the batch does, and only the input's volumes are decided.
     """
     # Without registration a grid position holds different anatomy in every volume.
-    policy = dataclasses.replace(lesion_policy_of(config, contrast), by_position=config["preprocess"]["registration"] != "none")
+    policy = dataclasses.replace(
+        lesion_policy_of(config, contrast), by_position=config["preprocess"]["registration"] != "none",
+    )
     banked = config["threshold"]["reference"] == "auto" and len(scores.token_scores) > n
     if banked:
         outcome = decide_lesions(

@@ -135,6 +135,22 @@ def test_too_few_references_flag_nothing_and_a_lone_bank_volume_joins_the_batch(
     assert decision.reference == "batch" and decision.flagged[:2].tolist() == [True, False]
 
 
+def test_tail_spread_is_numpys_quantile_of_the_rest_over_the_gaussian_quantile():
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(3)
+    residual = np.abs(rng.standard_normal((9, 40)))
+    residual[rng.random(residual.shape) < 0.3] = np.nan  # volumes without a token there
+    residual[:, 0] = [1.0, 1.0, 1.0, 2.0, 2.0, np.nan, np.nan, np.nan, np.nan]  # ties at the maximum
+    got = tail_spread(residual, 0.8)
+    for column in range(residual.shape[1]):
+        values = np.sort(residual[~np.isnan(residual[:, column]), column])[:-1]
+        expected = np.quantile(values, 0.8) / norm.ppf(0.9) if values.size >= 2 else 0.0
+        assert got[column] == pytest.approx(expected, abs=1e-12), column
+    with pytest.raises(ValueError, match="quantile must lie in"):
+        tail_spread(residual, 0.0)
+
+
 def test_tail_spread_matches_the_gaussian_sd_and_leaves_the_largest_out():
     rng = np.random.default_rng(7)
     gaussian = np.abs(rng.standard_normal((4000, 2)))
@@ -175,3 +191,32 @@ def test_finding_mass_per_contrast_comes_from_the_configuration():
     assert lesion_policy_of(config).finding_mass == 30.0
     with pytest.raises(ConfigError, match="finding_mass_by_contrast.T2w must be a number >= 0"):
         load_config(override={"threshold": {"finding_mass_by_contrast": {"T2w": -1.0}}})
+    with pytest.raises(ConfigError, match="'t1w' is not a scored contrast"):
+        load_config(override={"threshold": {"finding_mass_by_contrast": {"t1w": 45.0}}})
+
+
+def test_a_later_layer_replaces_the_per_contrast_bounds_whole(tmp_path, monkeypatch):
+    # The keys are contrast names, not fields: a later layer may list others, or none.
+    layer = tmp_path / "site.yaml"
+    layer.write_text("threshold:\n  finding_mass_by_contrast: {T1w: 45.0, T2w: 25.0}\n")
+    monkeypatch.setenv("CODEGRAPH3D_CONFIG", str(layer))
+    config = load_config(override={"threshold": {"finding_mass_by_contrast": {"T2w": 12.0}}})
+    assert config["threshold"]["finding_mass_by_contrast"] == {"T2w": 12.0}
+    assert load_config(override={"threshold": {"finding_mass_by_contrast": {}}})["threshold"][
+        "finding_mass_by_contrast"] == {}
+
+
+def test_the_batch_decision_takes_its_contrasts_bound():
+    # The same scores, decided as a T1w and as a T2w batch with different bounds per contrast.
+    from codegraph3d.pipeline import decide_batch
+    from codegraph3d.scoring import BatchScores
+
+    scores, coords = _batch(12, seed=4)
+    lesion = _cube(coords[2], (4, 4, 4), 2)
+    scores[2] = scores[2] + np.where(lesion, 0.5, 0.0)
+    batch = BatchScores(token_scores=scores, volume_scores=np.array([s.max() for s in scores]), per_layer=[scores])
+    config = load_config(override={"threshold": {"finding_mass_by_contrast": {"T1w": 1e6, "T2w": 5.0}}})
+    as_t1w = decide_batch(batch, coords, 12, GRID, config, 1.0, "T1w")
+    as_t2w = decide_batch(batch, coords, 12, GRID, config, 1.0, "T2w")
+    assert (as_t1w.volume_threshold, as_t2w.volume_threshold) == (1e6, 5.0)
+    assert not as_t1w.flagged.any() and np.flatnonzero(as_t2w.flagged).tolist() == [2]

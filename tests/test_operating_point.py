@@ -9,6 +9,7 @@ import pytest
 
 from codegraph3d import operating_point as op
 from codegraph3d.config import load_config
+from codegraph3d.lesion_policy import LESION_POLICY_NAME
 
 
 @pytest.fixture
@@ -21,8 +22,8 @@ def table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _write(path: Path, config: dict, **entry) -> None:
-    settings = json.loads(json.dumps(op.decision_settings(config)))
-    base = {"policy": "position-z-findings/1", "encoder": "intensity", "contrast": "T2w", "settings": settings,
+    settings = json.loads(json.dumps(op.decision_settings(config, entry.get("contrast", "T2w"))))
+    base = {"policy": LESION_POLICY_NAME, "encoder": "intensity", "contrast": "T2w", "settings": settings,
             "flagged": 1, "normal_series": 40, "measured_on": "all-normal batches x, y"}
     path.write_text(json.dumps({"entries": [{**base, **entry}]}))
 
@@ -30,7 +31,7 @@ def _write(path: Path, config: dict, **entry) -> None:
 def test_a_matching_entry_gives_its_rate(table: Path):
     config = load_config(override={"encoder": {"name": "intensity"}})
     _write(table, config)
-    point = op.operating_point("position-z-findings/1", "intensity", "T2w", config)
+    point = op.operating_point(LESION_POLICY_NAME, "intensity", "T2w", config)
     assert point["false_flag_rate_per_normal_series"] == pytest.approx(1 / 40)
     assert point["normal_series"] == 40 and point["flagged"] == 1 and "x, y" in point["measured_on"]
 
@@ -39,11 +40,11 @@ def test_other_settings_encoder_or_contrast_are_not_measured(table: Path):
     config = load_config(override={"encoder": {"name": "intensity"}})
     _write(table, config)
     other = load_config(override={"encoder": {"name": "intensity"}, "threshold": {"finding_mass": 50.0}})
-    point = op.operating_point("position-z-findings/1", "intensity", "T2w", other)
+    point = op.operating_point(LESION_POLICY_NAME, "intensity", "T2w", other)
     assert point == {"false_flag_rate_per_normal_series": op.NOT_MEASURED,
                      "why_not": "measured for this policy, encoder and contrast with other settings"}
     for encoder, contrast in (("dinov2", "T2w"), ("intensity", "T1w")):
-        point = op.operating_point("position-z-findings/1", encoder, contrast, config)
+        point = op.operating_point(LESION_POLICY_NAME, encoder, contrast, config)
         assert point["false_flag_rate_per_normal_series"] == op.NOT_MEASURED
         assert encoder in point["why_not"] and contrast in point["why_not"]
 
@@ -53,3 +54,29 @@ def test_the_shipped_table_reads_and_names_its_measurements():
     for entry in op._entries():
         assert 0 <= entry["flagged"] <= entry["normal_series"] and entry["measured_on"]
         assert set(entry["settings"]) == {"threshold", "scoring", "min_brain_fraction", "registration"}
+
+
+def test_the_bound_of_another_contrast_does_not_matter(table: Path):
+    # An entry records the bound in effect for its contrast: changing T1w's leaves T2w measured,
+    # and the same bound given globally or per contrast is the same setting.
+    config = load_config(override={"encoder": {"name": "intensity"},
+                                   "threshold": {"finding_mass_by_contrast": {"T1w": 45.0, "T2w": 25.0}}})
+    _write(table, config)
+    for threshold in ({"finding_mass_by_contrast": {"T1w": 60.0, "T2w": 25.0}}, {"finding_mass": 25.0}):
+        other = load_config(override={"encoder": {"name": "intensity"}, "threshold": threshold})
+        point = op.operating_point(LESION_POLICY_NAME, "intensity", "T2w", other)
+        assert point["false_flag_rate_per_normal_series"] == pytest.approx(1 / 40)
+    changed = load_config(override={"encoder": {"name": "intensity"},
+                                    "threshold": {"finding_mass_by_contrast": {"T2w": 30.0}}})
+    assert op.operating_point(LESION_POLICY_NAME, "intensity", "T2w", changed)["false_flag_rate_per_normal_series"] \
+        == op.NOT_MEASURED
+
+
+def test_the_demo_configuration_has_a_measured_operating_point(monkeypatch: pytest.MonkeyPatch):
+    # The shipped table must match the shipped demo configuration, or the demo reports "not measured".
+    monkeypatch.setenv("CODEGRAPH3D_CONFIG", str(Path(__file__).parents[1] / "tools" / "demo_config.yaml"))
+    op._entries.cache_clear()
+    config = load_config()
+    for contrast in ("T1w", "T2w"):
+        point = op.operating_point(LESION_POLICY_NAME, config["encoder"]["name"], contrast, config)
+        assert isinstance(point["false_flag_rate_per_normal_series"], float), point

@@ -249,7 +249,6 @@ def _record(results: Mapping[str, Any], batches: Sequence[str], config: Mapping[
         raise SystemExit(f"the cohorts were encoded with {sorted(_ENCODERS)}; one encoder per operating point")
     policy = {"lesion": LESION_POLICY_NAME, "robust_z": POLICY_NAME, "bank": BANK_POLICY_NAME}[config["threshold"]["policy"]]
     table = json.loads(OPERATING_POINTS.read_text(encoding="utf-8"))
-    settings = json.loads(json.dumps(decision_settings(config)))
     by_contrast: dict[str, list[int]] = {}
     for name in batches:
         for contrast, row in results[name].items():
@@ -261,6 +260,7 @@ def _record(results: Mapping[str, Any], batches: Sequence[str], config: Mapping[
             counts[1] += normals
     for contrast, (flagged, normals) in sorted(by_contrast.items()):
         key = {"policy": policy, "encoder": next(iter(_ENCODERS)), "contrast": contrast}
+        settings = json.loads(json.dumps(decision_settings(config, contrast)))
         table["entries"] = [e for e in table["entries"] if {k: e[k] for k in key} != key or e["settings"] != settings]
         table["entries"].append({**key, "settings": settings, "flagged": flagged, "normal_series": normals,
                                  "measured_on": f"all-normal batches {', '.join(batches)} (synthetic cohorts, "
