@@ -20,7 +20,10 @@ Usage::
 
     CODEGRAPH3D_CONFIG=tools/demo_config.yaml .venv/bin/python tools/measure_decisions.py \\
         --root work/decisions --batch demo=demo --batch normal12=normal12_s10 \\
-        [--set threshold.finding_mass=40] [--json OUT.json]
+        [--set "threshold.finding_mass_by_contrast={T1w: 50, T2w: 30}"] [--json OUT.json]
+
+The demo configuration sets the evidence bound per contrast, so ``--set threshold.finding_mass``
+alone does not change T1w or T2w batches; set ``finding_mass_by_contrast`` (replaced whole).
 
 Figures are on the working grid (224^3), not the source grids; the app's own evaluation
 (``python -m codegraph3d.evaluate``) measures its written SEGs on the source grids.
