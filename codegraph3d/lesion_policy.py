@@ -300,17 +300,12 @@ def tail_spread(residual: np.ndarray, quantile: float) -> np.ndarray:
     """
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile must lie in (0, 1); got {quantile!r}")
-    ranked = np.sort(np.where(np.isnan(residual), np.inf, residual), axis=0)
     n = np.sum(~np.isnan(residual), axis=0) - 1  # the largest is left out
     spread = np.zeros(residual.shape[1])
-    usable = n >= 2
-    # Linear interpolation between order statistics, as numpy's default quantile.
-    position = quantile * (n[usable] - 1)
-    low = np.floor(position).astype(int)
-    high = np.minimum(low + 1, n[usable] - 1)
-    columns = np.flatnonzero(usable)
-    fraction = position - low
-    value = ranked[low, columns] * (1 - fraction) + ranked[high, columns] * fraction
+    usable = np.flatnonzero(n >= 2)
+    rest = residual[:, usable].copy()
+    rest[np.nanargmax(rest, axis=0), np.arange(usable.size)] = np.nan
+    value = np.nanquantile(rest, quantile, axis=0)
     spread[usable] = value / float(stats.norm.ppf(0.5 + quantile / 2))
     return spread
 
