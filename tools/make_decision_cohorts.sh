@@ -3,7 +3,8 @@
 # cache with them: full preprocessing, the weight-free intensity encoder (tools/demo_config.yaml).
 # Round 1 tuned on seeds 0 (the demo cohort), 1 and the all-normal seed 10; round 2 (policy
 # version 2) on every cohort of round 1. Seeds 42, 43, 4 and 13 were generated after round 2's
-# bounds were fixed: they are its held-out cohorts (docs/RESULTS.md, "Decisions").
+# bounds were fixed: they are its held-out cohorts (docs/RESULTS.md, "Decisions"). Seeds 22 and 44
+# were named before round 3 (the bank's own bound) began and are held out from it.
 # Usage: tools/make_decision_cohorts.sh [ROOT=work/decisions] [NAME ...]   (default: every cohort)
 set -euo pipefail
 root_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,8 +36,11 @@ declare -A cohorts=(
   [normal48_s42]="--subjects 48 --seed 42 --lesion-fraction 0 $heads"
   [demo_s4]="--seed 4 $heads"
   [normal12_s13]="--seed 13 --lesion-fraction 0 $heads"
+  # held out from the third round (bank-mode bound; named before that round started)
+  [half16_s22]="--subjects 16 --seed 22 --lesion-fraction 0.5 $heads"
+  [subjects48_s44]="--subjects 48 --seed 44 $heads"
 )
-order=(demo normal12_s10 tune1 demo_s2 normal12_s11 half16_s21 mets16_s31 cortical16_s51 normal12_s12 demo_s3 subjects48_s40 normal48_s41 subjects48_s43 normal48_s42 demo_s4 normal12_s13)
+order=(demo normal12_s10 tune1 demo_s2 normal12_s11 half16_s21 mets16_s31 cortical16_s51 normal12_s12 demo_s3 subjects48_s40 normal48_s41 subjects48_s43 normal48_s42 demo_s4 normal12_s13 half16_s22 subjects48_s44)
 [ "$#" -gt 0 ] && order=("$@")
 for name in "${order[@]}"; do
   args=${cohorts[$name]:?unknown cohort $name}
