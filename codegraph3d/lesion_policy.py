@@ -50,7 +50,7 @@ all-normal batches (``tools/measure_decisions.py``; the product reports it as th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -58,10 +58,12 @@ from scipy import ndimage, stats
 
 __all__ = [
     "LESION_POLICY_NAME",
+    "BankCalibration",
     "Finding",
     "LesionPolicy",
     "LesionDecision",
     "PositionStatistics",
+    "bank_calibration",
     "decide_lesions",
     "position_statistics",
     "standardise",
@@ -95,6 +97,10 @@ class LesionPolicy:
         Each position's spread is at least this quantile of its absolute residuals (the largest
         left out) over the matching Gaussian quantile; 0 turns the tail bound off (MAD only).
         Unused with ``by_position=False``.
+    bank_false_flag_rate : float
+        With cohort-bank references: the evidence bound is calibrated on the bank's own normal
+        volumes (:func:`bank_calibration`) so that a normal study is flagged with probability at
+        most about this; 0 keeps ``finding_mass`` with a bank too.
     by_position : bool
         Standardise per grid position (volumes registered to one template). ``False``: by the
         batch-wide median and spread only, for grids that are not anatomically aligned
@@ -109,6 +115,7 @@ class LesionPolicy:
     by_position: bool = True
     min_reference_volumes: int = 3
     tail_quantile: float = 0.9
+    bank_false_flag_rate: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("token_z", "finding_mass", "voxel_z", "prior_volumes"):
@@ -129,6 +136,10 @@ class LesionPolicy:
         tail = self.tail_quantile
         if isinstance(tail, bool) or not isinstance(tail, (int, float, np.floating)) or not 0.0 <= tail < 1.0:
             raise ValueError(f"threshold.tail_quantile must lie in [0, 1) (0 = MAD only); got {tail!r}")
+        rate = self.bank_false_flag_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating)) or not 0.0 <= rate < 0.5:
+            raise ValueError(f"threshold.bank_false_flag_rate must lie in [0, 0.5) (0 = finding_mass with a bank too); "
+                             f"got {rate!r}")
 
 
 @dataclass
@@ -340,6 +351,81 @@ def token_findings(
     return sorted(findings, key=lambda finding: -finding.mass)
 
 
+@dataclass(frozen=True)
+class BankCalibration:
+    """The evidence bound calibrated on a cohort bank's normal volumes (:func:`bank_calibration`).
+
+    Attributes
+    ----------
+    finding_mass : float
+        The bound: the ``rank``-th largest of the reference volumes' leave-one-out evidence.
+    rank : int
+        ``floor(bank_false_flag_rate * (n_reference + 1))``.
+    n_reference : int
+        Reference (bank) volumes.
+    false_flag_bound : float
+        ``rank / (n_reference + 1)``: a normal study exchangeable with the bank's volumes has
+        evidence above the bound with probability at most this (a conformal bound).
+    evidence : tuple of float
+        Each reference volume's largest finding evidence (z x ml), scored against the other
+        references only, largest first.
+    """
+
+    finding_mass: float
+    rank: int
+    n_reference: int
+    false_flag_bound: float
+    evidence: tuple[float, ...]
+
+    def record(self) -> dict[str, Any]:
+        """The calibration as report.json's ``threshold_params.bank_calibration`` holds it."""
+        return {"finding_mass": self.finding_mass, "rank": self.rank, "n_reference_volumes": self.n_reference,
+                "false_flag_bound": self.false_flag_bound, "largest_evidence": list(self.evidence[:max(self.rank, 5)])}
+
+
+def bank_calibration(
+    reference_scores: Sequence[np.ndarray],
+    reference_coords: Sequence[np.ndarray],
+    grid_shape: tuple[int, int, int],
+    policy: LesionPolicy,
+    token_ml: float = 1.0,
+) -> BankCalibration | None:
+    """Evidence bound from a cohort bank's volumes, each scored against the others (leave one out).
+
+    The bank's volumes are normal-looking studies scored in the same batch as the query, so each
+    is, to the policy, what a normal query would be: standardised against the *other* references
+    (as a query is against all of them), its largest finding's evidence is a draw from the
+    evidence of normal studies. With ``n`` such draws, a normal query exceeds the ``k``-th
+    largest with probability at most ``k / (n + 1)`` (exchangeability; the conformal argument), so
+    ``k = floor(bank_false_flag_rate * (n + 1))`` states the false-flag rate without assuming a
+    distribution, for this encoder, contrast and bank. A missed lesion in the bank only raises
+    the bound (fewer flags, never more).
+
+    Returns
+    -------
+    BankCalibration or None
+        ``None`` when the rate asks for no bound (``k < 1``: fewer than ``1 / rate - 1`` bank
+        volumes) or too few volumes remain to standardise one against the others.
+    """
+    n = len(reference_scores)
+    rank = int(np.floor(policy.bank_false_flag_rate * (n + 1) + 1e-9))
+    if rank < 1 or n - 1 < policy.min_reference_volumes:
+        return None
+    evidence = []
+    for left_out in range(n):
+        others = [index for index in range(n) if index != left_out]
+        statistics = position_statistics(
+            [reference_scores[i] for i in others], [reference_coords[i] for i in others], grid_shape,
+            policy.prior_volumes, by_position=policy.by_position, tail_quantile=policy.tail_quantile,
+        )
+        scores, where = np.asarray(reference_scores[left_out]), reference_coords[left_out]
+        found = token_findings(standardise(scores, where, statistics), scores, where, grid_shape, policy, token_ml)
+        evidence.append(max((finding.mass for finding in found), default=0.0))
+    ordered = tuple(sorted((round(float(value), 4) for value in evidence), reverse=True))
+    return BankCalibration(finding_mass=ordered[rank - 1], rank=rank, n_reference=n,
+                           false_flag_bound=rank / (n + 1), evidence=ordered)
+
+
 def _mask_values(z: np.ndarray, findings: Sequence[Finding], policy: LesionPolicy) -> np.ndarray:
     """Per-token values whose upsampled map is thresholded at ``voxel_z`` to make the mask.
 
@@ -397,6 +483,15 @@ def decide_lesions(
         reference_scores if banked else token_scores, reference_coords if banked else coords,  # type: ignore[arg-type]
         grid_shape, policy.prior_volumes, by_position=policy.by_position, tail_quantile=policy.tail_quantile,
     )
+    calibration_record: dict[str, Any] = {}
+    if banked and policy.bank_false_flag_rate > 0:
+        calibration = bank_calibration(reference_scores, reference_coords, grid_shape, policy, token_ml)  # type: ignore[arg-type]
+        if calibration is None:
+            calibration_record = {"bank_calibration": f"not calibrated: {n_bank} bank volume(s) are too few for a "
+                                                      f"false-flag rate of {policy.bank_false_flag_rate:g}"}
+        else:
+            policy = replace(policy, finding_mass=calibration.finding_mass)
+            calibration_record = {"bank_calibration": calibration.record()}
     z_all, mask_values, findings = [], [], []
     for scores, where in zip(token_scores, coords):
         z = standardise(scores, where, statistics)
@@ -414,6 +509,6 @@ def decide_lesions(
                 "n_reference_volumes": n_reference,
                 **({} if enough else {"not_decided": f"{n_reference} reference volume(s); at least "
                                                     f"{policy.min_reference_volumes} are needed to flag"}),
-                "token_ml": float(token_ml),
+                "token_ml": float(token_ml), **calibration_record,
                 "global_median": statistics.global_median, "global_sigma": statistics.global_sigma},
     )

@@ -5,6 +5,10 @@ module lists the rates measured by ``tools/measure_decisions.py`` on all-normal 
 cohorts, held-out seeds), for one encoder, contrast and set of decision-relevant settings each.
 A run whose settings match an entry reports that rate (report.json and the SR); any other run
 (DINOv2 today: no weights here to measure it with) reports ``not measured`` and says why.
+
+A batch scored against a cohort bank with ``threshold.bank_false_flag_rate`` set has its bound
+calibrated on the bank's own volumes in that very batch (:func:`codegraph3d.lesion_policy.bank_calibration`):
+its operating point is that calibration's bound, for any encoder (:func:`bank_operating_point`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["NOT_MEASURED", "decision_settings", "operating_point"]
+__all__ = ["NOT_MEASURED", "bank_operating_point", "decision_settings", "operating_point"]
 
 NOT_MEASURED = "not measured"
 _TABLE = Path(__file__).with_name("operating_points.json")
@@ -28,6 +32,8 @@ def decision_settings(config: Mapping[str, Any], contrast: str) -> dict[str, Any
     ``finding_mass``), so that another contrast's bound does not make this one "not measured".
     """
     threshold, scoring = dict(config["threshold"]), config["scoring"]
+    # Only bank-referenced batches use it, and they report their own calibration (bank_operating_point).
+    threshold.pop("bank_false_flag_rate", None)
     by_contrast = threshold.pop("finding_mass_by_contrast", {})
     threshold["finding_mass"] = by_contrast.get(contrast, threshold["finding_mass"])
     return {
@@ -79,3 +85,28 @@ def operating_point(policy: str, encoder: str, contrast: str, config: Mapping[st
         else f"never measured for policy {policy} with the {encoder} encoder on {contrast}"
     )
     return {"false_flag_rate_per_normal_series": NOT_MEASURED, "why_not": why}
+
+
+def bank_operating_point(params: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The operating point of a bank-calibrated batch, from its ``threshold_params``; else ``None``.
+
+    Returns
+    -------
+    dict or None
+        ``false_flag_rate_per_normal_series`` (the conformal bound ``rank / (n + 1)``),
+        ``normal_series`` (the bank volumes), ``flagged`` (the rank: bank volumes at or above the
+        bound, each scored against the others) and ``measured_on``.
+    """
+    calibration = params.get("bank_calibration")
+    if not isinstance(calibration, Mapping):
+        return None
+    return {
+        "false_flag_rate_per_normal_series": calibration["false_flag_bound"],
+        "normal_series": calibration["n_reference_volumes"],
+        "flagged": calibration["rank"],
+        "measured_on": (
+            f"this batch's {calibration['n_reference_volumes']} cohort-bank volumes, each scored against the "
+            f"others (leave one out); the bound is their {calibration['rank']}-th largest evidence, so a normal "
+            f"study is flagged with probability at most {calibration['rank']}/{calibration['n_reference_volumes'] + 1}"
+        ),
+    }

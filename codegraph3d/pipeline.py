@@ -637,7 +637,8 @@ def _lesion_decision(
     else:
         outcome = decide_lesions(scores.token_scores, coords, grid_shape, policy, token_ml=token_ml)
     return ThresholdDecision(
-        volume_threshold=policy.finding_mass, voxel_threshold=policy.voxel_z, flagged=outcome.flagged[:n],
+        # The bound in effect: calibrated on the bank's volumes when threshold.bank_false_flag_rate asks.
+        volume_threshold=outcome.policy.finding_mass, voxel_threshold=policy.voxel_z, flagged=outcome.flagged[:n],
         policy=LESION_POLICY_NAME, params={**outcome.params, "n_bank_volumes": len(scores.token_scores) - n},
         mask_values=outcome.mask_values[:n], z_values=outcome.z[:n], findings=outcome.findings[:n], units="z",
     )

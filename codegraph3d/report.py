@@ -23,7 +23,7 @@ from .io.seg import write_binary_seg, write_fractional_seg
 from .io.dicom import load_series_volume
 from .io.previews import write_preview
 from .io.sr import MaskFinding, SeriesFinding, write_study_sr
-from .operating_point import operating_point
+from .operating_point import bank_operating_point, operating_point
 from .pipeline import ScoredBatch, Scoring, Selection, SeriesMaps, StageTimer, TokenisedSeries, peak_rss_mb, series_outputs
 from .progress import StageClock
 
@@ -196,7 +196,8 @@ def write_results(
 
     batches = []
     operating = {
-        batch.contrast: operating_point(batch.decision.policy, encoder["name"], batch.contrast, config)
+        id(batch): bank_operating_point(batch.decision.params)
+        or operating_point(batch.decision.policy, encoder["name"], batch.contrast, config)
         for batch in scoring.batches
     }
     clock = StageClock(sum(len(batch.members) for batch in scoring.batches))
@@ -259,7 +260,7 @@ def write_results(
                             findings=tuple(MaskFinding(f["volume_ml"], tuple(f["centroid_lps_mm"]), f["peak_score"])
                                            for f in maps.findings),
                             policy=batch.decision.policy, threshold_units=batch.decision.units,
-                            false_flag_rate=_rate(operating[batch.contrast]),
+                            false_flag_rate=_rate(operating[id(batch)]),
                         )
                     )
                 logger.info(
@@ -273,7 +274,7 @@ def write_results(
                     "wrote the results of %d/%d series (%.0f s elapsed, ETA %.0f s)",
                     clock.done, clock.total, elapsed, remaining,
                 )
-            batches.append(_batch_record(batch, operating[batch.contrast]))
+            batches.append(_batch_record(batch, operating[id(batch)]))
         sr_paths: dict[str, str] = {}
         if findings:
             sr_dir = output / "SR"

@@ -7,8 +7,9 @@ import pytest
 
 from codegraph3d.config import ConfigError, lesion_policy_of, load_config
 from codegraph3d.lesion_policy import (
-    LesionPolicy, decide_lesions, position_statistics, tail_spread, token_findings,
+    LesionPolicy, bank_calibration, decide_lesions, position_statistics, standardise, tail_spread, token_findings,
 )
+from codegraph3d.operating_point import bank_operating_point
 
 GRID = (8, 8, 8)
 
@@ -220,3 +221,79 @@ def test_the_batch_decision_takes_its_contrasts_bound():
     as_t2w = decide_batch(batch, coords, 12, GRID, config, 1.0, "T2w")
     assert (as_t1w.volume_threshold, as_t2w.volume_threshold) == (1e6, 5.0)
     assert not as_t1w.flagged.any() and np.flatnonzero(as_t2w.flagged).tolist() == [2]
+
+
+def _noisy_batch(n_volumes: int, rng: np.random.Generator, grid=(6, 6, 6)) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Normal volumes whose scores carry spatially smooth noise, so that some form small false groups."""
+    from scipy import ndimage
+
+    coords = np.argwhere(np.ones(grid, bool))
+    base = 1.0 + 0.2 * rng.random(len(coords))
+    scores = []
+    for _ in range(n_volumes):
+        field = ndimage.gaussian_filter(rng.standard_normal(grid), 0.8).ravel()
+        scores.append(base + 0.05 * field / field.std())
+    return scores, [coords.copy() for _ in range(n_volumes)]
+
+
+def test_the_bank_calibration_is_the_kth_largest_leave_one_out_evidence():
+    rng = np.random.default_rng(5)
+    bank, coords = _noisy_batch(19, rng)
+    policy = LesionPolicy(token_z=2.0, finding_mass=1e6, bank_false_flag_rate=0.1)
+    calibration = bank_calibration(bank, coords, (6, 6, 6), policy, token_ml=0.5)
+    assert calibration is not None and calibration.rank == 2 and calibration.n_reference == 19
+    assert calibration.false_flag_bound == pytest.approx(2 / 20)
+    expected = []
+    for left_out in range(19):
+        others = [i for i in range(19) if i != left_out]
+        statistics = position_statistics([bank[i] for i in others], [coords[i] for i in others], (6, 6, 6))
+        z = standardise(bank[left_out], coords[left_out], statistics)
+        found = token_findings(z, bank[left_out], coords[left_out], (6, 6, 6), policy, 0.5)
+        expected.append(max((f.mass for f in found), default=0.0))
+    assert calibration.finding_mass == pytest.approx(sorted(expected)[-2], abs=1e-4)
+    # Too few volumes for the rate: no calibration (the configured bound stays).
+    assert bank_calibration(bank[:8], coords[:8], (6, 6, 6), policy, 0.5) is None
+
+
+def test_a_calibrated_bank_flags_normal_studies_at_about_the_stated_rate():
+    # Over many banks and normal queries drawn alike, the share flagged stays near rank / (n + 1).
+    rng = np.random.default_rng(11)
+    policy = LesionPolicy(token_z=2.0, finding_mass=1e6, bank_false_flag_rate=0.1)
+    flags = []
+    for _ in range(12):
+        volumes, coords = _noisy_batch(29, rng)
+        bank, queries = volumes[:19], volumes[19:]
+        decision = decide_lesions(queries, coords[19:], (6, 6, 6), policy, token_ml=0.5,
+                                  reference_scores=bank, reference_coords=coords[:19])
+        assert decision.params["bank_calibration"]["false_flag_bound"] == pytest.approx(0.1)
+        flags.extend(decision.flagged.tolist())
+    assert 0.02 <= np.mean(flags) <= 0.16, np.mean(flags)
+
+
+def test_the_calibrated_bound_replaces_finding_mass_and_is_reported():
+    rng = np.random.default_rng(2)
+    bank, coords = _noisy_batch(24, rng)
+    query = bank[0].copy() + np.where(_cube(coords[0], (3, 3, 3), 2), 0.4, 0.0)
+    fixed = LesionPolicy(token_z=2.0, finding_mass=1e6)
+    calibrated = LesionPolicy(token_z=2.0, finding_mass=1e6, bank_false_flag_rate=0.05)
+    kwargs = {"token_ml": 0.5, "reference_scores": bank[1:], "reference_coords": coords[1:]}
+    assert not decide_lesions([query], coords[:1], (6, 6, 6), fixed, **kwargs).flagged[0]
+    decision = decide_lesions([query], coords[:1], (6, 6, 6), calibrated, **kwargs)
+    assert decision.flagged[0] and decision.policy.finding_mass < 1e6
+    record = decision.params["bank_calibration"]
+    assert record["rank"] == 1 and record["n_reference_volumes"] == 23
+    assert record["finding_mass"] == decision.policy.finding_mass
+    point = bank_operating_point(decision.params)
+    assert point["false_flag_rate_per_normal_series"] == pytest.approx(1 / 24) and point["normal_series"] == 23
+    # Without a bank the configured bound applies and no calibration is reported.
+    batch = decide_lesions([query, *bank[1:]], coords, (6, 6, 6), calibrated, token_ml=0.5)
+    assert "bank_calibration" not in batch.params and bank_operating_point(batch.params) is None
+
+
+def test_the_bank_rate_is_validated_and_read_from_the_configuration():
+    with pytest.raises(ValueError, match="bank_false_flag_rate must lie in"):
+        LesionPolicy(bank_false_flag_rate=0.5)
+    with pytest.raises(ConfigError, match="bank_false_flag_rate must lie in"):
+        load_config(override={"threshold": {"bank_false_flag_rate": -0.1}})
+    config = load_config(override={"threshold": {"bank_false_flag_rate": 0.05}})
+    assert lesion_policy_of(config).bank_false_flag_rate == 0.05
