@@ -23,20 +23,16 @@ files after. A writer killed at any point leaves the previous manifest intact pl
 ``.npz`` no manifest entry names: readers use only manifest entries whose file hashes to the
 recorded SHA-256, and ``check --repair`` deletes such orphans.
 
-Command line::
+Command line (:mod:`codegraph3d.cli.bank`)::
 
-    python -m codegraph3d.bank list BANK
-    python -m codegraph3d.bank add BANK -i DICOM_FOLDER [-m MODEL_FOLDER]
-    python -m codegraph3d.bank remove BANK --study STUDY_UID [STUDY_UID ...]
-    python -m codegraph3d.bank check BANK [--repair]
-
-``add`` preprocesses and tokenises the input's selected series with the run configuration (the
-``CODEGRAPH3D_CONFIG`` file, or ``codegraph3d.yaml`` in the model folder), exactly as a run does.
+    codegraph3d bank list BANK
+    codegraph3d bank add BANK -i DICOM_FOLDER [-m MODEL_FOLDER]
+    codegraph3d bank remove BANK --study STUDY_UID [STUDY_UID ...]
+    codegraph3d bank check BANK [--repair]
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as _dt
 import fcntl
@@ -45,7 +41,6 @@ import io
 import json
 import logging
 import os
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -183,7 +178,7 @@ class CohortBank:
             if not create or settings is None:
                 raise BankError(
                     f"no cohort bank at {self.folder} ({MANIFEST} missing); create one with "
-                    f"`python -m codegraph3d.bank add {self.folder} -i DICOM_FOLDER`, or set bank.add_scored"
+                    f"`python -m codegraph3d bank add {self.folder} -i DICOM_FOLDER`, or set bank.add_scored"
                 )
             self.folder.mkdir(parents=True, exist_ok=True)
             with self._locked():
@@ -199,7 +194,7 @@ class CohortBank:
                 f"(differs in: {', '.join(differing[:8])}{' ...' if len(differing) > 8 else ''}); its tokens "
                 "cannot be compared with this run's. Point bank.folder at a bank built with this "
                 "configuration, or build a new bank in an empty folder with "
-                "`python -m codegraph3d.bank add NEW_FOLDER -i DICOM_FOLDER`."
+                "`python -m codegraph3d bank add NEW_FOLDER -i DICOM_FOLDER`."
             )
 
     # -- manifest ---------------------------------------------------------------------------
@@ -331,7 +326,7 @@ class CohortBank:
             if missing:
                 raise BankError(
                     f"cohort bank {self.folder} holds no study {', '.join(missing)}; "
-                    f"`python -m codegraph3d.bank list {self.folder}` shows what it holds"
+                    f"`python -m codegraph3d bank list {self.folder}` shows what it holds"
                 )
             removed = [BankEntry(**e) for e in manifest["entries"] if e["study_instance_uid"] in wanted]
             manifest["entries"] = [e for e in manifest["entries"] if e["study_instance_uid"] not in wanted]
@@ -435,27 +430,6 @@ class CohortBank:
                 for path in orphans:
                     path.unlink(missing_ok=True)
         return problems
-
-
-# -------------------------------------------------------------------------------------------
-# command line
-
-
-def _add_from_input(bank_folder: Path, input_folder: Path, model_folder: Path | None) -> list[str]:
-    from .config import load_config
-    from .pipeline import build_encoder, scan_input, select_input, tokenise_selected
-
-    config = load_config(model_folder)
-    scan = scan_input(input_folder)
-    selection = select_input(scan, config)
-    encoder = build_encoder(config, model_folder)
-    tokenisation = tokenise_selected(selection, config, encoder, model_path=model_folder)
-    bank = CohortBank(bank_folder, bank_settings(config, encoder, tokenisation.landmarks), create=True)
-    for uid, reason in tokenisation.skipped.items():
-        print(f"not added: series {uid}: {reason}")
-    return bank.add([series_record(record) for record in tokenisation.series], source=str(input_folder))
-
-
 def series_record(record: Any) -> dict[str, Any]:
     """The fields :meth:`CohortBank.add` needs, from a :class:`~codegraph3d.pipeline.TokenisedSeries`."""
     decision = record.decision
@@ -467,58 +441,3 @@ def series_record(record: Any) -> dict[str, Any]:
         "series_description": decision.series_description,
         "tokens": record.tokens,
     }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m codegraph3d.bank {list,add,remove,check}``; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m codegraph3d.bank", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    listing = commands.add_parser("list", help="print the banked series")
-    listing.add_argument("bank", type=Path)
-    adding = commands.add_parser("add", help="tokenise a DICOM folder and add its selected series")
-    adding.add_argument("bank", type=Path)
-    adding.add_argument("-i", "--input", type=Path, required=True, help="DICOM folder")
-    adding.add_argument("-m", "--models", type=Path, default=None, help="model folder (template, weights)")
-    removing = commands.add_parser("remove", help="remove every series of the given studies")
-    removing.add_argument("bank", type=Path)
-    removing.add_argument("--study", nargs="+", required=True, help="Study Instance UID(s)")
-    checking = commands.add_parser("check", help="verify every entry; --repair drops bad entries and orphans")
-    checking.add_argument("bank", type=Path)
-    checking.add_argument("--repair", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.command == "add":
-            if not args.input.is_dir():
-                raise BankError(f"input folder {args.input} does not exist")
-            added = _add_from_input(args.bank, args.input, args.models)
-            print(f"added {len(added)} series to {args.bank}")
-            return 0
-        bank = CohortBank(args.bank)
-        if args.command == "list":
-            entries = bank.entries()
-            print(f"cohort bank {bank.folder}: settings {bank.settings_id}, encoder "
-                  f"{bank.settings['encoder']['name']}, {len(entries)} series")
-            for entry in sorted(entries, key=lambda e: (e.contrast, e.study_instance_uid)):
-                print(f"  {entry.contrast:4s} study {entry.study_instance_uid} series {entry.series_instance_uid} "
-                      f"patient {entry.patient_id or '-'} tokens {entry.n_tokens} added {entry.added}")
-            return 0
-        if args.command == "remove":
-            removed = bank.remove(args.study)
-            print(f"removed {len(removed)} series of {len(set(args.study))} study(ies) from {bank.folder}")
-            return 0
-        problems = bank.check(repair=args.repair)
-        for problem in problems:
-            print(problem)
-        if problems and args.repair:
-            print(f"repaired: {len(problems)} problem(s) removed")
-            return 0
-        print("bank OK" if not problems else f"{len(problems)} problem(s); run with --repair to remove them")
-        return 0 if not problems else 1
-    except (BankError, ValueError, OSError, RuntimeError) as error:  # RuntimeError: CohortError
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

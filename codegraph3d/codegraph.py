@@ -44,12 +44,12 @@ import numpy as np
 import torch
 
 from .scoring import (
-    _check_k_fraction,
-    _check_layer_token_sets,
-    _nearest_distances,
+    check_k_fraction,
+    check_layer_token_sets,
     fuse_layers,
     musc_from_distances,
     nearest_distances,
+    nearest_distances_with_batch,
     reference_sets,
     volume_scores,
 )
@@ -561,11 +561,11 @@ def codegraph_scores(
     ----------
     layer_token_sets : sequence of sequence of numpy.ndarray
         ``[layer][volume]`` ``(N_volume, D_layer)`` arrays, as in
-        :func:`codegraph3d.scoring.score_batch`.
+        :func:`codegraph3d.batch_scoring.score_batch`.
     config : CoDeGraphConfig, optional
         ``None``: the defaults.
     k_fraction, groups, device, chunk_size, window_radius, coords, grid_shape, on_layer_done
-        As in :func:`codegraph3d.scoring.score_batch`; ``on_layer_done`` follows the first
+        As in :func:`codegraph3d.batch_scoring.score_batch`; ``on_layer_done`` follows the first
         (MuSc) pass, whose nearest-neighbour searches dominate the cost.
 
     Returns
@@ -576,7 +576,7 @@ def codegraph_scores(
     Raises
     ------
     ValueError
-        Bad inputs, as :func:`codegraph3d.scoring.score_batch`, or a config of the wrong type.
+        Bad inputs, as :func:`codegraph3d.batch_scoring.score_batch`, or a config of the wrong type.
     """
     if config is None:
         config = CoDeGraphConfig()
@@ -584,10 +584,10 @@ def codegraph_scores(
         raise ValueError(  # noqa: TRY004 - every input error of scoring is a ValueError
             f"config must be a CoDeGraphConfig; got {type(config).__name__}"
         )
-    _check_k_fraction(k_fraction)
+    check_k_fraction(k_fraction)
     if window_radius is not None and (coords is None or grid_shape is None):
         raise ValueError("windowed scoring needs the token coords and the grid shape")
-    n_volumes = _check_layer_token_sets(layer_token_sets)
+    n_volumes = check_layer_token_sets(layer_token_sets)
     window = {"window_radius": window_radius, "coords": coords, "grid_shape": grid_shape}
     common = {"groups": groups, "device": device, "chunk_size": chunk_size}
 
@@ -596,7 +596,7 @@ def codegraph_scores(
     layer_burnout: list[LayerBurnout] = []
     sizes: list[int] = []
     for sets in layer_token_sets:
-        distances, batch = _nearest_distances(sets, **common, **window)
+        distances, batch = nearest_distances_with_batch(sets, **common, **window)
         sizes = batch.sizes
         layer_distances.append(distances)
         musc_per_layer.append(musc_from_distances(distances, sizes, k_fraction, groups=groups))

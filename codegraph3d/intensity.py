@@ -15,9 +15,9 @@ a uniform reference (equally spaced values) does not preserve.
 Where the references come from (:func:`load_reference_landmarks`):
 
 1. ``<model folder>/landmarks/reference_landmarks.json``, written by
-   ``python -m codegraph3d.intensity learn`` from a site's own normal studies;
+   ``codegraph3d landmarks learn`` from a site's own normal studies;
 2. the package's ``reference_landmarks.json``: T1w learnt from the MNI152 2009c T1 brain template
-   that nilearn ships (``python -m codegraph3d.intensity template``; the template is the average
+   that nilearn ships (``codegraph3d landmarks template``; the template is the average
    of 152 normal T1 scans, so its histogram is a normal T1w histogram);
 3. otherwise the uniform reference (equally spaced values), with its ``source`` saying so.
 
@@ -35,19 +35,12 @@ packages (deprecated, einops, humanize, jaxtyping, ...); ``intensity-normalizati
 scikit-fuzzy and its ``interp1d`` mapping breaks on tied landmarks. The method is a few lines of
 numpy, written and tested here.
 
-Command line::
-
-    python -m codegraph3d.intensity template MODEL_FOLDER_OR_JSON [--percentiles 1 10 ... 99]
-    python -m codegraph3d.intensity learn --contrast T2w --output MODEL_FOLDER \\
-        image1.nii.gz --mask mask1.nii.gz image2.nii.gz --mask mask2.nii.gz dicom_series_folder/
-    python -m codegraph3d.intensity show [MODEL_FOLDER]
+Command line: ``codegraph3d landmarks {template,learn,show}`` (:mod:`codegraph3d.cli.landmarks`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -363,7 +356,7 @@ def read_landmarks_file(path: str | Path) -> dict[str, ReferenceLandmarks]:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(
-            f"{path}: not valid JSON ({error}); regenerate it with python -m codegraph3d.intensity"
+            f"{path}: not valid JSON ({error}); regenerate it with python -m codegraph3d landmarks"
         ) from None
     if not isinstance(payload, dict) or payload.get("schema") != SCHEMA:
         found = payload.get("schema") if isinstance(payload, dict) else type(payload).__name__
@@ -436,9 +429,9 @@ def load_reference_landmarks(
         if not _same_percentiles(reference.percentiles, marks):
             listed = " ".join(f"{m:g}" for m in marks)
             command = (
-                f"python -m codegraph3d.intensity template MODEL_FOLDER --percentiles {listed}"
+                f"python -m codegraph3d landmarks template MODEL_FOLDER --percentiles {listed}"
                 if contrast == "T1w"
-                else f"python -m codegraph3d.intensity learn --contrast {contrast} --percentiles {listed} "
+                else f"python -m codegraph3d landmarks learn --contrast {contrast} --percentiles {listed} "
                 "--output MODEL_FOLDER ..."
             )
             raise ValueError(
@@ -451,7 +444,7 @@ def load_reference_landmarks(
         uniform_reference(contrast, marks),
         source=(
             f"uniform reference (equally spaced values): no {contrast} landmarks in {'; '.join(searched)}; "
-            f"learn them from normal studies with 'python -m codegraph3d.intensity learn --contrast {contrast}'"
+            f"learn them from normal studies with 'python -m codegraph3d landmarks learn --contrast {contrast}'"
         ),
     )
 
@@ -490,178 +483,3 @@ def template_reference(percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> Re
             f"brain = intensity > {_TEMPLATE_MASK_FRACTION:g} x max ({int(mask.sum())} voxels)"
         ),
     )
-
-
-def _read_nifti(path: Path) -> np.ndarray:
-    import SimpleITK as sitk
-
-    image = sitk.ReadImage(str(path))
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"{path}: expected a 3-D scalar image; got {image.GetDimension()}-D with "
-                         f"{image.GetNumberOfComponentsPerPixel()} components")
-    return sitk.GetArrayFromImage(image).astype(np.float64)
-
-
-def _is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith((".nii", ".nii.gz"))
-
-
-def _dicom_array(folder: Path) -> np.ndarray:
-    from .io.dicom import load_series_volume, scan_headers
-
-    series = scan_headers(folder).series
-    if len(series) != 1:
-        found = [f"{s.series_instance_uid} ({s.series_description!r})" for s in series]
-        raise ValueError(
-            f"{folder}: expected exactly one DICOM series, found {len(series)}"
-            + (f": {', '.join(found)}" if found else "")
-            + "; give one folder per series of the contrast being learnt"
-        )
-    return np.asarray(load_series_volume(series[0]).volume.array, dtype=np.float64)
-
-
-def _training_inputs(tokens: Sequence[str]) -> list[tuple[Path, Path | None]]:
-    """Pair each input with the ``--mask`` that follows it (``learn`` takes ``IMAGE [--mask MASK]``)."""
-    pairs: list[tuple[Path, Path | None]] = []
-    index = 0
-    while index < len(tokens):
-        token = tokens[index]
-        if token.startswith("--mask="):
-            tokens = [*tokens[:index], "--mask", token.split("=", 1)[1], *tokens[index + 1:]]
-            continue
-        if token == "--mask":
-            if not pairs or index + 1 >= len(tokens):
-                raise ValueError("--mask must follow the NIfTI image it belongs to and name a file")
-            image, mask = pairs[-1]
-            if mask is not None:
-                raise ValueError(f"{image}: two --mask options; give one mask per image")
-            if not _is_nifti(image):
-                raise ValueError(f"{image}: --mask applies to NIfTI images; a DICOM series uses the intensity mask")
-            pairs[-1] = (image, Path(tokens[index + 1]))
-            index += 2
-            continue
-        if token.startswith("-"):
-            raise ValueError(f"unknown option {token!r} among the training inputs")
-        pairs.append((Path(token), None))
-        index += 1
-    if not pairs:
-        raise ValueError("learn needs at least one NIfTI image or DICOM series folder")
-    return pairs
-
-
-def _training_landmarks(
-    image_path: Path, mask_path: Path | None, percentiles: Sequence[float], mask_threshold: float
-) -> np.ndarray:
-    if image_path.is_dir():
-        array = _dicom_array(image_path)
-    elif image_path.is_file() and _is_nifti(image_path):
-        array = _read_nifti(image_path)
-    else:
-        raise ValueError(f"{image_path}: not a NIfTI file (.nii, .nii.gz) nor a DICOM series folder")
-    if mask_path is not None:
-        if not mask_path.is_file():
-            raise ValueError(f"{mask_path}: mask file not found")
-        mask = _read_nifti(mask_path) > 0
-        if mask.shape != array.shape:
-            raise ValueError(f"{mask_path}: mask shape {mask.shape} does not match {image_path} {array.shape}")
-    else:
-        # The preprocessing's own mask, so that training and use see the same brain voxels.
-        from .preprocess import brain_mask_from_intensity
-
-        mask = brain_mask_from_intensity(array, mask_threshold)
-    if not mask.any():
-        raise ValueError(f"{image_path}: the brain mask is empty; give a --mask or check the image")
-    return volume_landmarks(array, mask, percentiles)
-
-
-# --------------------------------------------------------------------------------------------
-# command line
-
-
-def _output_json(target: str) -> Path:
-    """A ``.json`` target is the file itself; anything else is a model folder."""
-    path = Path(target)
-    return path if path.suffix.lower() == ".json" else model_landmarks_path(path)
-
-
-def _configured_percentiles(model_path: str | None) -> tuple[float, ...]:
-    from .config import load_config
-
-    return tuple(float(v) for v in load_config(model_path)["preprocess"]["landmark_percentiles"])
-
-
-def _describe(reference: ReferenceLandmarks) -> str:
-    pairs = ", ".join(f"p{p:g}->{v:.4f}" for p, v in zip(reference.percentiles, reference.values, strict=True))
-    return f"{reference.contrast}: {reference.source}\n    {pairs}"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m codegraph3d.intensity``; returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="python -m codegraph3d.intensity",
-        description="Reference landmarks of the Nyul histogram standardisation, per contrast",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    template = sub.add_parser("template", help="compute the T1w reference from the MNI152 template nilearn ships")
-    template.add_argument("target", help="model folder (writes landmarks/reference_landmarks.json) or a .json file")
-    template.add_argument("--percentiles", type=float, nargs="+", default=list(DEFAULT_PERCENTILES))
-    # allow_abbrev=False: "--mask" (an input's mask, left to _training_inputs) must not be read as
-    # an abbreviation of "--mask-threshold".
-    learn = sub.add_parser(
-        "learn",
-        allow_abbrev=False,
-        help="Nyul training from normal studies of one contrast",
-        description="Inputs: NIfTI images, each optionally followed by --mask MASK.nii.gz (otherwise the "
-        "preprocessing's intensity mask), and/or DICOM folders holding one series each. Give the options "
-        "(--percentiles in particular) before the inputs.",
-    )
-    learn.add_argument("--contrast", required=True, choices=KNOWN_CONTRASTS)
-    learn.add_argument("--output", required=True, help="model folder; writes landmarks/reference_landmarks.json")
-    learn.add_argument("--percentiles", type=float, nargs="+", default=None,
-                       help="default: preprocess.landmark_percentiles of the output folder's configuration")
-    learn.add_argument("--mask-threshold", type=float, default=0.05,
-                       help="intensity mask: fraction of the 99th percentile (preprocess.mask_threshold)")
-    show = sub.add_parser("show", help="print the reference in effect per contrast and its source")
-    show.add_argument("model_path", nargs="?", default=None)
-    show.add_argument("--percentiles", type=float, nargs="+", default=None,
-                      help="default: preprocess.landmark_percentiles of the model folder's configuration")
-
-    args, rest = parser.parse_known_args(argv)
-    if args.command != "learn" and rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    try:
-        if args.command == "template":
-            reference = template_reference(args.percentiles)
-            written = merge_landmarks_file(_output_json(args.target), reference)
-            print(f"wrote {written}\n{_describe(reference)}")
-        elif args.command == "learn":
-            if not 0.0 < args.mask_threshold < 1.0:
-                raise ValueError(f"--mask-threshold must lie in (0, 1); got {args.mask_threshold}")
-            percentiles = args.percentiles or _configured_percentiles(args.output)
-            inputs = _training_inputs(rest)
-            landmark_sets = [
-                _training_landmarks(image, mask, percentiles, args.mask_threshold) for image, mask in inputs
-            ]
-            names = ", ".join(image.name for image, _ in inputs[:3]) + (", ..." if len(inputs) > 3 else "")
-            reference = learn_reference(
-                landmark_sets, percentiles, contrast=args.contrast,
-                source=f"learnt from {len(inputs)} normal {args.contrast} scan(s) ({names})",
-            )
-            written = merge_landmarks_file(model_landmarks_path(args.output), reference)
-            print(f"wrote {written}\n{_describe(reference)}")
-        else:
-            percentiles = args.percentiles or _configured_percentiles(args.model_path)
-            contrasts = list(KNOWN_CONTRASTS)
-            for path in ([model_landmarks_path(args.model_path)] if args.model_path else []) + [PACKAGE_LANDMARKS]:
-                if path.is_file():
-                    contrasts += [name for name in read_landmarks_file(path) if name not in contrasts]
-            for contrast in contrasts:
-                print(_describe(load_reference_landmarks(contrast, args.model_path, percentiles)))
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -34,7 +34,7 @@ from .maps import token_voxel_map
 from .parallel import PreprocessSetup, SeriesJob, SeriesOutcome, StudyPreprocessor, available_cpus, resolve_workers
 from .preprocess import PreprocessConfig, PreprocessedVolume, resample_to_source
 from .progress import StageClock
-from .scoring import BatchScores, score_batch
+from .batch_scoring import BatchScores, score_batch
 from .thresholds import (
     ThresholdDecision,
     decide_thresholds,
@@ -652,7 +652,7 @@ def score_configured(
     settings: Mapping[str, Any],
     on_layer_done: Callable[[int, int], None] | None = None,
 ) -> BatchScores:
-    """:func:`codegraph3d.scoring.score_batch` with the ``scoring`` section's settings (the app's call)."""
+    """:func:`codegraph3d.batch_scoring.score_batch` with the ``scoring`` section's settings (the app's call)."""
     return score_batch(
         layer_sets,
         k_fraction=settings["k_fraction"],
@@ -785,7 +785,7 @@ def score_batches(tokenisation: Tokenisation, config: Mapping[str, Any]) -> Scor
                 if bank_policy and not references:
                     raise ValueError(
                         f"threshold.policy is bank, but the cohort bank holds no {contrast} series of other "
-                        "patients; add prior studies with `python -m codegraph3d.bank add`, or use policy robust_z"
+                        "patients; add prior studies with `python -m codegraph3d bank add`, or use policy robust_z"
                     )
                 if any(r.grid_shape != members[0].tokens.grid_shape for r in references):
                     raise ValueError("cohort bank tokens lie on another token grid than this run's")

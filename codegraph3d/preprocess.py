@@ -56,7 +56,6 @@ __all__ = [
     "PreprocessedVolume",
     "SKULL_STRIP_CHOICES",
     "preprocess_study",
-    "brain_mask_from_intensity",
     "preprocess_volume",
     "resample_to_source",
     "resample_from_source",
@@ -319,38 +318,6 @@ class PreprocessedVolume:
             "grid_to_source": self.grid_to_source.tolist(),
             "source_shape_zyx": list(self.source_shape_zyx),
         }
-
-
-def brain_mask_from_intensity(array: np.ndarray, threshold_fraction: float) -> np.ndarray:
-    """Brain mask of a skull-stripped image: threshold, largest component, holes filled.
-
-    Parameters
-    ----------
-    array : numpy.ndarray
-        Image, any shape (3-D expected).
-    threshold_fraction : float
-        Fraction of the 99th percentile of the positive voxels used as the threshold.
-
-    Returns
-    -------
-    numpy.ndarray
-        Boolean mask; all False when the image holds no positive voxel.
-    """
-    positive = array[array > 0]
-    if positive.size == 0:
-        return np.zeros(array.shape, dtype=bool)
-    threshold = threshold_fraction * float(np.percentile(positive, 99.0))
-    mask = array > threshold
-    labels, count = ndimage.label(mask)
-    if count == 0:
-        return mask
-    # Noise specks outside the head survive a low threshold; the brain is the largest component.
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    mask = labels == int(np.argmax(sizes))
-    # Dark ventricles and lesions can fall under the threshold: the brain has no interior holes.
-    mask = ndimage.binary_closing(mask, structure=np.ones((3, 3, 3)), iterations=1)
-    return ndimage.binary_fill_holes(mask)
 
 
 def harmonise_resolution(image: sitk.Image, fwhm_mm: float) -> sitk.Image:

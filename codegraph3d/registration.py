@@ -2,7 +2,7 @@
 
 Batch scoring compares the same token position across volumes, so the same anatomy must sit in
 the same token. The template is the MNI152 2009c T1 brain that nilearn ships (1 mm, skull-stripped),
-installed under the model folder by ``python -m codegraph3d.registration install MODEL_FOLDER``
+installed under the model folder by ``codegraph3d template install MODEL_FOLDER``
 (nothing is read from the network, and a MAP carries its model folder).
 
 Registration: SimpleITK, Mattes mutual information (so T2w and FLAIR register to the T1 template),
@@ -14,9 +14,7 @@ iteration cap, or with a weak final metric, is flagged in the QA record rather t
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,13 +93,13 @@ def load_template(model_folder: str | Path | None) -> Template:
     if model_folder is None:
         raise FileNotFoundError(
             "registration needs the template under the model folder; pass -m MODEL_FOLDER and run "
-            "'python -m codegraph3d.registration install MODEL_FOLDER'"
+            "'python -m codegraph3d template install MODEL_FOLDER'"
         )
     path = Path(model_folder) / TEMPLATE_FOLDER / TEMPLATE_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"registration template not found: expected {path}; install it with "
-            f"'python -m codegraph3d.registration install {model_folder}' (README: 'Registration')"
+            f"'python -m codegraph3d template install {model_folder}' (README: 'Registration')"
         )
     image = sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32)
     array = sitk.GetArrayFromImage(image)
@@ -237,17 +235,3 @@ def register_affine(
     if reasons:
         qa["warning"] = "registration doubtful: " + "; ".join(reasons)
     return RegistrationResult(matrix=matrix, qa=qa)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Registration template set-up")
-    sub = parser.add_subparsers(dest="command", required=True)
-    install = sub.add_parser("install", help="copy the MNI152 2009 T1 brain template into MODEL_FOLDER/template/")
-    install.add_argument("model_folder")
-    args = parser.parse_args(argv)
-    print(f"installed {install_template(args.model_folder)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,16 +8,14 @@ flip.
 
 Command line::
 
-    python -m codegraph3d.run_diff OUTPUT_A OUTPUT_B [--score-tolerance 1e-4] [--mask-tolerance 1e-3]
+    codegraph3d run-diff OUTPUT_A OUTPUT_B [--score-tolerance 1e-4] [--mask-tolerance 1e-3]
 
 prints one line per series and exits 0 when the runs agree, 1 when they do not, 2 on bad input.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,37 +189,3 @@ def compare_runs(output_a: Path, output_b: Path, score_tolerance: float = 1e-4, 
             )
         )
     return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Check that two runs of the app on the same input agree.")
-    parser.add_argument("output_a", type=Path)
-    parser.add_argument("output_b", type=Path)
-    parser.add_argument("--score-tolerance", type=float, default=1e-4)
-    parser.add_argument("--mask-tolerance", type=float, default=1e-3, help="fraction of a series' voxels")
-    args = parser.parse_args(argv)
-    try:
-        result = compare_runs(args.output_a, args.output_b, args.score_tolerance, args.mask_tolerance)
-    except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    for series in result.series:
-        if series.status_a == "scored" and series.status_b == "scored":
-            mask = "-" if series.mask_fraction is None else f"{series.differing_voxels} voxels ({series.mask_fraction:.4%})"
-            flags = "" if series.flagged_a == series.flagged_b else f"  flagged {series.flagged_a} vs {series.flagged_b}"
-            print(f"{series.series_instance_uid}  score diff {series.score_difference:.2e}  mask diff {mask}{flags}")
-        else:
-            print(f"{series.series_instance_uid}  {series.status_a} vs {series.status_b} ({series.reason_a})")
-    scored = sum(s.score_difference is not None for s in result.series)
-    print(
-        f"{scored} scored series compared: max score difference {result.max_score_difference:.2e}, "
-        f"max mask difference {result.max_mask_fraction:.4%}"
-    )
-    for problem in result.problems:
-        print(f"MISMATCH: {problem}")
-    print("runs agree" if result.agree else "runs DIFFER")
-    return 0 if result.agree else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

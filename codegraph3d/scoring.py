@@ -15,6 +15,9 @@ that gives NaN in the reference 2D implementation when ``B`` is small.
 A volume never serves as a reference for a volume of the same ``group`` (patient or study): two
 series of one patient share the patient's lesion, so they would explain each other's anomaly away.
 
+A whole batch (every layer, fused, MuSc or CoDeGraph) is scored by
+:func:`codegraph3d.batch_scoring.score_batch`, which sits above this module and CoDeGraph.
+
 The computation is split in two so that CoDeGraph (:mod:`codegraph3d.codegraph`) can share it:
 :func:`nearest_distances` returns the ``(B, N_total)`` matrix of per-reference nearest distances
 (``inf`` where a volume is not a reference), optionally with reference tokens masked out for
@@ -42,28 +45,27 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .encoders import resolve_device
 
-if TYPE_CHECKING:  # codegraph imports this module; the runtime import is deferred to score_batch
-    from .codegraph import CoDeGraphConfig, CoDeGraphDiagnostics
-
 __all__ = [
-    "BatchScores",
+    "active_selection_precision",
+    "check_chunk_size",
+    "check_k_fraction",
+    "check_layer_token_sets",
     "fuse_layers",
     "k_for_references",
     "musc_from_distances",
     "musc_scores",
     "musc_scores_windowed",
     "nearest_distances",
+    "nearest_distances_with_batch",
     "reference_sets",
-    "score_batch",
     "scoring_memory",
     "selection_error_bound",
     "selection_precision",
@@ -84,6 +86,11 @@ _SELECTION_PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("sele
 # Unit roundoffs: float32 (24-bit significand) and TensorFloat-32 (11-bit: 10 stored bits).
 _U_FLOAT32 = 2.0**-24
 _U_TF32 = 2.0**-11
+
+
+def active_selection_precision() -> str:
+    """The selection precision in force here (:func:`selection_precision`; ``"float32"`` outside)."""
+    return _SELECTION_PRECISION.get()
 
 
 @contextlib.contextmanager
@@ -271,7 +278,7 @@ def k_for_references(n_references: int, k_fraction: float) -> int:
     int
         ``max(1, floor(k_fraction * n_references))``, never more than ``n_references``.
     """
-    _check_k_fraction(k_fraction)
+    check_k_fraction(k_fraction)
     if n_references < 1:
         raise ValueError(f"n_references must be >= 1; got {n_references}")
     k = math.floor(k_fraction * n_references + _K_EPS)
@@ -305,7 +312,7 @@ def reference_sets(n_volumes: int, groups: Sequence[Hashable] | None = None) -> 
     ]
 
 
-def _check_k_fraction(k_fraction: float) -> None:
+def check_k_fraction(k_fraction: float) -> None:
     if not isinstance(k_fraction, (int, float, np.floating, np.integer)) or isinstance(
         k_fraction, bool
     ):
@@ -357,7 +364,7 @@ def _validated_arrays(token_sets: Sequence[np.ndarray]) -> list[np.ndarray]:
     return arrays
 
 
-def _check_chunk_size(chunk_size: int) -> int:
+def check_chunk_size(chunk_size: int) -> int:
     if (
         isinstance(chunk_size, bool)
         or not isinstance(chunk_size, (int, np.integer))
@@ -531,7 +538,7 @@ def nearest_distances(
     ValueError
         As :func:`musc_scores`, plus bad windowed inputs, masks, pairs or ``base``.
     """
-    distances, _ = _nearest_distances(
+    distances, _ = nearest_distances_with_batch(
         token_sets, groups=groups, device=device, chunk_size=chunk_size,
         window_radius=window_radius, coords=coords, grid_shape=grid_shape, excluded=excluded,
         pairs=pairs, base=base,
@@ -539,7 +546,7 @@ def nearest_distances(
     return distances
 
 
-def _nearest_distances(
+def nearest_distances_with_batch(
     token_sets: Sequence[np.ndarray],
     *,
     groups: Sequence[Hashable] | None,
@@ -552,7 +559,7 @@ def _nearest_distances(
     pairs: Sequence[tuple[int, int]] | None = None,
     base: np.ndarray | None = None,
 ) -> tuple[np.ndarray, _Batch]:
-    chunk_size = _check_chunk_size(chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     radius = None if window_radius is None else _check_radius(window_radius, "window_radius")
     batch = _prepare_batch(token_sets, groups)
     grid = None if radius is None else _validated_coords(coords, grid_shape, batch.arrays)
@@ -869,7 +876,7 @@ def musc_from_distances(
     list of numpy.ndarray
         One ``(N_i,)`` float32 array per volume.
     """
-    _check_k_fraction(k_fraction)
+    check_k_fraction(k_fraction)
     sizes = [int(s) for s in sizes]
     if not sizes or min(sizes) < 1:
         raise ValueError(f"sizes must be positive token counts, one per volume; got {sizes}")
@@ -943,8 +950,8 @@ def musc_scores(
         ``k_fraction`` outside ``(0, 1]``, a bad ``chunk_size`` or ``groups`` length, or a volume
         with no eligible reference (all other volumes in its group).
     """
-    _check_k_fraction(k_fraction)
-    distances, batch = _nearest_distances(
+    check_k_fraction(k_fraction)
+    distances, batch = nearest_distances_with_batch(
         token_sets, groups=groups, device=device, chunk_size=chunk_size, window_radius=None,
         coords=None, grid_shape=None,
     )
@@ -985,10 +992,10 @@ def musc_scores_windowed(
         As in :func:`musc_scores`; ``chunk_size`` bounds the gathered neighbour block to about
         ``chunk_size^2`` values.
     """
-    _check_k_fraction(k_fraction)
-    _check_chunk_size(chunk_size)
+    check_k_fraction(k_fraction)
+    check_chunk_size(chunk_size)
     radius = _check_radius(radius, "radius")
-    distances, batch = _nearest_distances(
+    distances, batch = nearest_distances_with_batch(
         token_sets, groups=groups, device=device, chunk_size=chunk_size, window_radius=radius,
         coords=coords, grid_shape=grid_shape,
     )
@@ -1118,35 +1125,7 @@ def volume_scores(token_scores: Sequence[np.ndarray]) -> np.ndarray:
     return out
 
 
-@dataclass
-class BatchScores:
-    """MuSc (or CoDeGraph-filtered MuSc) scores of one contrast batch.
-
-    Attributes
-    ----------
-    token_scores : list of numpy.ndarray
-        Layer-fused ``(N_i,)`` float32 token scores, one array per volume.
-    volume_scores : numpy.ndarray
-        ``(B,)`` float32, the maximum fused token score of each volume.
-    per_layer : list of list of numpy.ndarray
-        ``per_layer[layer][volume]``, the unfused scores.
-    n_references : numpy.ndarray
-        ``(B,)`` int, reference volumes used for each volume (after group exclusion).
-    k : numpy.ndarray
-        ``(B,)`` int, the ``K`` used for each volume.
-    codegraph : CoDeGraphDiagnostics, optional
-        Communities, graph and token counts when scored with ``method="codegraph"``; else None.
-    """
-
-    token_scores: list[np.ndarray]
-    volume_scores: np.ndarray
-    per_layer: list[list[np.ndarray]]
-    n_references: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
-    k: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
-    codegraph: CoDeGraphDiagnostics | None = None
-
-
-def _check_layer_token_sets(layer_token_sets: Sequence[Sequence[np.ndarray]]) -> int:
+def check_layer_token_sets(layer_token_sets: Sequence[Sequence[np.ndarray]]) -> int:
     """Check that every layer holds the same volumes with the same token counts; return ``B``."""
     if isinstance(layer_token_sets, (np.ndarray, torch.Tensor)) or not isinstance(
         layer_token_sets, Sequence
@@ -1169,121 +1148,3 @@ def _check_layer_token_sets(layer_token_sets: Sequence[Sequence[np.ndarray]]) ->
                     f"{n0[0] if n0 else 0}"
                 )
     return n_volumes
-
-
-def score_batch(
-    layer_token_sets: Sequence[Sequence[np.ndarray]],
-    *,
-    k_fraction: float = 0.3,
-    groups: Sequence[Hashable] | None = None,
-    device: str | torch.device | None = None,
-    chunk_size: int = 4096,
-    window_radius: int | None = None,
-    coords: Sequence[np.ndarray] | None = None,
-    grid_shape: tuple[int, int, int] | None = None,
-    method: str = "musc",
-    codegraph: CoDeGraphConfig | None = None,
-    memory_budget_mb: float | None = None,
-    precision: str = "float32",
-    on_layer_done: Callable[[int, int], None] | None = None,
-) -> BatchScores:
-    """Run MuSc on every layer of a batch, fuse the layers and take volume scores.
-
-    Parameters
-    ----------
-    layer_token_sets : sequence of sequence of numpy.ndarray
-        ``layer_token_sets[layer][volume]`` is an ``(N_volume, D_layer)`` array. ``N_volume`` must
-        agree across layers (the same tokens, seen at different depths); ``D`` may differ.
-    k_fraction, groups, device, chunk_size
-        As in :func:`musc_scores`.
-    window_radius : int, optional
-        ``None`` (default, the paper's global matching): :func:`musc_scores`. An integer: spatially
-        windowed matching, :func:`musc_scores_windowed`, which needs ``coords`` and ``grid_shape``.
-    method : {"musc", "codegraph"}, default "musc"
-        ``"codegraph"``: MuSc with consistent-anomaly filtering,
-        :func:`codegraph3d.codegraph.codegraph_scores`; the result's ``codegraph`` attribute then
-        holds its diagnostics. When it finds no community the scores equal ``"musc"`` exactly.
-    codegraph : CoDeGraphConfig, optional
-        Settings for ``method="codegraph"`` (``None``: the defaults); must be ``None`` otherwise.
-    memory_budget_mb : float, optional
-        Bound on the scorer's extra memory (device memory on CUDA): ``chunk_size`` is lowered to
-        fit (:func:`fit_chunk_size`; results do not depend on it), and a batch that cannot fit
-        at all is refused with the largest batch size that would. ``None``: no bound.
-    precision : {"float32", "tf32"}, default "float32"
-        Arithmetic of the neighbour-choosing matmuls (:func:`selection_precision`); distances
-        are exact either way, within :func:`selection_error_bound` of the true nearest.
-    on_layer_done : callable, optional
-        Called as ``on_layer_done(layers_done, n_layers)`` after each layer's nearest-neighbour
-        pass (the bulk of the work), for progress reporting.
-
-    Returns
-    -------
-    BatchScores
-    """
-    if precision != _SELECTION_PRECISION.get():
-        # Enter the precision once for every layer and pass (CoDeGraph rescoring included).
-        with selection_precision(precision):
-            return score_batch(
-                layer_token_sets, k_fraction=k_fraction, groups=groups, device=device,
-                chunk_size=chunk_size, window_radius=window_radius, coords=coords,
-                grid_shape=grid_shape, method=method, codegraph=codegraph,
-                memory_budget_mb=memory_budget_mb, precision=precision, on_layer_done=on_layer_done,
-            )
-    if not isinstance(method, str) or method not in SCORING_METHODS:
-        raise ValueError(f"method must be one of {SCORING_METHODS}; got {method!r}")
-    if method != "codegraph" and codegraph is not None:
-        raise ValueError(
-            f"a CoDeGraph configuration was given with method={method!r}; pass "
-            "method='codegraph' to use it, or leave codegraph=None"
-        )
-    if window_radius is not None and (coords is None or grid_shape is None):
-        raise ValueError("windowed scoring needs the token coords and the grid shape")
-    n_volumes = _check_layer_token_sets(layer_token_sets)
-    if memory_budget_mb is not None:
-        if not memory_budget_mb > 0:
-            raise ValueError(f"memory_budget_mb must be positive; got {memory_budget_mb!r}")
-        chunk_size = fit_chunk_size(
-            [a.shape[0] for a in layer_token_sets[0]],
-            max(int(np.asarray(sets[0]).shape[1]) for sets in layer_token_sets),
-            memory_budget_mb, chunk_size=_check_chunk_size(chunk_size), window_radius=window_radius,
-            grid_shape=grid_shape,
-        )
-    refs = reference_sets(n_volumes, groups)
-    n_refs = np.array([len(r) for r in refs], dtype=int)
-    if method == "codegraph":
-        from .codegraph import CoDeGraphConfig, codegraph_scores
-
-        result = codegraph_scores(
-            layer_token_sets, CoDeGraphConfig() if codegraph is None else codegraph,
-            k_fraction=k_fraction, groups=groups, device=device, chunk_size=chunk_size,
-            window_radius=window_radius, coords=coords, grid_shape=grid_shape, on_layer_done=on_layer_done,
-        )
-        return BatchScores(
-            token_scores=result.token_scores,
-            volume_scores=result.volume_scores,
-            per_layer=result.per_layer,
-            n_references=n_refs,
-            k=np.array([k_for_references(int(n), k_fraction) for n in n_refs], dtype=int),
-            codegraph=result.diagnostics,
-        )
-    per_layer = []
-    for sets in layer_token_sets:
-        if window_radius is None:
-            per_layer.append(musc_scores(sets, k_fraction, groups=groups, device=device, chunk_size=chunk_size))
-        else:
-            per_layer.append(
-                musc_scores_windowed(
-                    sets, coords, grid_shape, window_radius, k_fraction, groups=groups, device=device,
-                    chunk_size=chunk_size,
-                )
-            )
-        if on_layer_done is not None:
-            on_layer_done(len(per_layer), len(layer_token_sets))
-    fused = fuse_layers(per_layer)
-    return BatchScores(
-        token_scores=fused,
-        volume_scores=volume_scores(fused),
-        per_layer=per_layer,
-        n_references=n_refs,
-        k=np.array([k_for_references(int(n), k_fraction) for n in n_refs], dtype=int),
-    )

@@ -38,7 +38,6 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .preprocess import brain_mask_from_intensity
 from .registration import Template, mattes_method, register_affine
 from .volume import Volume
 
@@ -48,6 +47,7 @@ __all__ = [
     "SkullStripError",
     "DeepBetStripper",
     "HDBetStripper",
+    "brain_mask_from_intensity",
     "intensity_brain_mask",
     "template_brain_mask",
     "hdbet_available",
@@ -539,10 +539,42 @@ class DeepBetStripper:
 # intensity and template masks
 
 
+def brain_mask_from_intensity(array: np.ndarray, threshold_fraction: float) -> np.ndarray:
+    """Brain mask of a skull-stripped image: threshold, largest component, holes filled.
+
+    Parameters
+    ----------
+    array : numpy.ndarray
+        Image, any shape (3-D expected).
+    threshold_fraction : float
+        Fraction of the 99th percentile of the positive voxels used as the threshold.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean mask; all False when the image holds no positive voxel.
+    """
+    positive = array[array > 0]
+    if positive.size == 0:
+        return np.zeros(array.shape, dtype=bool)
+    threshold = threshold_fraction * float(np.percentile(positive, 99.0))
+    mask = array > threshold
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return mask
+    # Noise specks outside the head survive a low threshold; the brain is the largest component.
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    mask = labels == int(np.argmax(sizes))
+    # Dark ventricles and lesions can fall under the threshold: the brain has no interior holes.
+    mask = ndimage.binary_closing(mask, structure=np.ones((3, 3, 3)), iterations=1)
+    return ndimage.binary_fill_holes(mask)
+
+
 def intensity_brain_mask(volume: Volume, threshold_fraction: float = 0.05) -> BrainMaskResult:
     """Brain mask of already skull-stripped input: intensity threshold, largest component, filled.
 
-    Wraps :func:`codegraph3d.preprocess.brain_mask_from_intensity`.
+    Wraps :func:`brain_mask_from_intensity`.
 
     Raises
     ------
@@ -769,7 +801,7 @@ def make_stripper(
         if template is None:
             raise SkullStripError(
                 "skull stripping method 'template' needs the registration template; pass -m MODEL_FOLDER "
-                "and run 'python -m codegraph3d.registration install MODEL_FOLDER'"
+                "and run 'python -m codegraph3d template install MODEL_FOLDER'"
             )
         return functools.partial(template_brain_mask, template=template)
     return HDBetStripper(model_path, device=device)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from codegraph3d.synthetic import make_cohort
+from codegraph3d_research.synthetic import make_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
 

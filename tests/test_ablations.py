@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import STRIPPED_PREPROCESS_YAML
 
-from codegraph3d.ablations import (
+from codegraph3d_research.ablations import (
     CHUNK_DIVISORS,
     K_VALUES,
     VIEW_SETS,
@@ -21,7 +21,7 @@ from codegraph3d.ablations import (
     main,
 )
 from codegraph3d.config import CONFIG_ENV_VAR, load_config
-from codegraph3d.synthetic import make_cohort
+from codegraph3d_research.synthetic import make_cohort
 
 # A 2-layer, 128-wide untrained ViT on an 8^3 grid: every table has rows (no signal is expected).
 VIT = STRIPPED_PREPROCESS_YAML + "encoder:\n  name: untrained-tiny\n  patch_size: 4\n  layers: [1, 2]\n  batch_size: 32\ntokens:\n  grid_size: 8\n"
@@ -116,7 +116,7 @@ def test_missing_entry_names_the_series_and_the_fill_command(filled, tmp_path: P
     assert code == 2
     message = capsys.readouterr().err
     assert uid in message and "no entry for 1 of the 4 series" in message
-    assert f"python -m codegraph3d.ablations fill --input {filled['cohort'] / 'dicom'} --cache {tmp_path / 'cache'}" in message
+    assert f"python -m codegraph3d_research.ablations fill --input {filled['cohort'] / 'dicom'} --cache {tmp_path / 'cache'}" in message
     # a corrupt entry is named too, and fill is the remedy
     shutil.copy(settings / victim.name, victim)
     victim.write_bytes(victim.read_bytes()[:-10])

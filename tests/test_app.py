@@ -184,7 +184,7 @@ def test_missing_weights_exit_2_and_name_the_files(tiny_cohort: Path, tmp_path: 
 
 
 def test_evaluation_reads_the_run_back(good_run, tiny_cohort: Path):
-    from codegraph3d.evaluate import evaluate_run
+    from codegraph3d_research.evaluate import evaluate_run
 
     run, _ = good_run
     results = evaluate_run(run.output, tiny_cohort)
@@ -196,7 +196,7 @@ def test_evaluation_reads_the_run_back(good_run, tiny_cohort: Path):
 
 
 def test_run_diff_finds_a_run_agrees_with_itself_and_catches_each_kind_of_change(good_run, tmp_path: Path):
-    """codegraph3d.run_diff: the check that a container run matches a plain run."""
+    """codegraph3d run-diff: the check that a container run matches a plain run."""
     import numpy as np
     from pydicom.pixels import pack_bits
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from codegraph3d.registration import install_template
-from codegraph3d.synthetic import (
+from codegraph3d_research.synthetic import (
     make_cohort,
     write_anisotropic_series,
     write_knee_series,

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from codegraph3d import bank as bank_module
-from codegraph3d.bank import BankError, CohortBank, bank_settings, main
+from codegraph3d.bank import BankError, CohortBank, bank_settings
+from codegraph3d.cli import main as codegraph3d_command
 from codegraph3d.config import ConfigError, load_config
 from codegraph3d.pipeline import batch_chunks
 from codegraph3d.tokens import TokenSet
@@ -89,7 +90,7 @@ def test_bank_of_other_settings_is_refused_with_the_fields(tmp_path: Path):
 
 
 def test_missing_bank_and_bad_manifest_are_named(tmp_path: Path):
-    with pytest.raises(BankError, match="no cohort bank at .*codegraph3d.bank add"):
+    with pytest.raises(BankError, match="no cohort bank at .*codegraph3d bank add"):
         CohortBank(tmp_path / "nothing")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "bank.json").write_text("{not json", encoding="utf-8")
@@ -147,18 +148,18 @@ def test_remove_of_an_unknown_study_removes_nothing(tmp_path: Path):
 def test_command_line_list_check_remove(tmp_path: Path, capsys):
     bank = CohortBank(tmp_path / "bank", _settings(), create=True)
     bank.add([_series(0), _series(1)])
-    assert main(["list", str(tmp_path / "bank")]) == 0
+    assert codegraph3d_command(["bank", "list", str(tmp_path / "bank")]) == 0
     out = capsys.readouterr().out
     assert "2 series" in out and "1.2.3.1.1" in out
-    assert main(["check", str(tmp_path / "bank")]) == 0
+    assert codegraph3d_command(["bank", "check", str(tmp_path / "bank")]) == 0
     (tmp_path / "bank" / "tokens" / "stray.npz").write_bytes(b"x")
-    assert main(["check", str(tmp_path / "bank")]) == 1
+    assert codegraph3d_command(["bank", "check", str(tmp_path / "bank")]) == 1
     assert "orphan file" in capsys.readouterr().out
-    assert main(["check", str(tmp_path / "bank"), "--repair"]) == 0
-    assert main(["remove", str(tmp_path / "bank"), "--study", "1.2.3.0"]) == 0
-    assert main(["remove", str(tmp_path / "bank"), "--study", "1.2.3.0"]) == 2
+    assert codegraph3d_command(["bank", "check", str(tmp_path / "bank"), "--repair"]) == 0
+    assert codegraph3d_command(["bank", "remove", str(tmp_path / "bank"), "--study", "1.2.3.0"]) == 0
+    assert codegraph3d_command(["bank", "remove", str(tmp_path / "bank"), "--study", "1.2.3.0"]) == 2
     assert "holds no study" in capsys.readouterr().err
-    assert main(["list", str(tmp_path / "missing")]) == 2
+    assert codegraph3d_command(["bank", "list", str(tmp_path / "missing")]) == 2
 
 
 @pytest.mark.parametrize("n, size", [(10, 4), (7, 3), (40, 30), (5, 5), (5, 0), (181, 60)])

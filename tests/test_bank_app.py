@@ -11,7 +11,7 @@ import highdicom as hd
 import pytest
 
 from codegraph3d.bank import CohortBank
-from codegraph3d.synthetic import make_cohort
+from codegraph3d_research.synthetic import make_cohort
 from conftest import ROOT, TINY_VIT_CONFIG, run_app
 
 
@@ -34,7 +34,7 @@ def bank_setup(tmp_path_factory: pytest.TempPathFactory):
     config_file.write_text(TINY_VIT_CONFIG, encoding="utf-8")
     bank = tmp / "bank"
     completed = subprocess.run(
-        [sys.executable, "-m", "codegraph3d.bank", "add", str(bank), "-i", str(priors), "-m", str(models)],
+        [sys.executable, "-m", "codegraph3d", "bank", "add", str(bank), "-i", str(priors), "-m", str(models)],
         cwd=ROOT, env=dict(os.environ, CODEGRAPH3D_CONFIG=str(config_file)),
         capture_output=True, text=True, timeout=600,
     )

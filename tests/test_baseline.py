@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import STRIPPED_PREPROCESS
 
-from codegraph3d.baseline import (
+from codegraph3d_research.baseline import (
     BaselineSettings,
     baseline_markdown,
     main,
@@ -20,7 +20,7 @@ from codegraph3d.baseline import (
 )
 from codegraph3d.pipeline import working_grid_size
 from codegraph3d.config import load_config
-from codegraph3d.evaluate import (
+from codegraph3d_research.evaluate import (
     EvaluationInputError,
     TruthMismatchError,
     write_evaluation,

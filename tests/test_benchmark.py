@@ -12,7 +12,7 @@ from conftest import STRIPPED_PREPROCESS_YAML
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from codegraph3d.benchmark import (
+from codegraph3d_research.benchmark import (
     benchmark_scorer,
     benchmark_tokeniser,
     intensity_flops_per_slice,

@@ -17,7 +17,8 @@ from codegraph3d.codegraph import (
     find_communities,
     volume_graph,
 )
-from codegraph3d.scoring import BatchScores, nearest_distances, score_batch
+from codegraph3d.batch_scoring import BatchScores, score_batch
+from codegraph3d.scoring import nearest_distances
 
 GRID = (5, 5, 6)
 COORDS = np.argwhere(np.ones(GRID, dtype=bool))  # every volume has a token at every position

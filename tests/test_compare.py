@@ -1,4 +1,4 @@
-"""Paired bootstrap comparison of evaluated runs (codegraph3d.compare)."""
+"""Paired bootstrap comparison of evaluated runs (codegraph3d_research.compare)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from codegraph3d.compare import ComparisonError, load_seed_run, main, paired_bootstrap
-from codegraph3d.evaluate import SERIES_HISTOGRAMS, BatchAccumulator, write_series_histograms
-from codegraph3d.metrics import StreamingBinaryMetrics, patient_auroc
+from codegraph3d_research.compare import ComparisonError, load_seed_run, main, paired_bootstrap
+from codegraph3d_research.evaluate import SERIES_HISTOGRAMS, BatchAccumulator, write_series_histograms
+from codegraph3d_research.metrics import StreamingBinaryMetrics, patient_auroc
 
 
 def _write_run(folder: Path, rng: np.random.Generator, lesion_boost: float, n: int = 10, n_lesion: int = 4) -> None:

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from codegraph3d.evaluate import (
+from codegraph3d_research.evaluate import (
     EvaluationInputError,
     RunOutputError,
     TruthMismatchError,
@@ -28,8 +28,8 @@ from codegraph3d.evaluate import (
 )
 from codegraph3d.io.dicom import load_series_volume, scan_headers
 from codegraph3d.io.seg import write_binary_seg, write_fractional_seg
-from codegraph3d.plots import CaseSlices, case_slices, lps_view, rank_cases
-from codegraph3d.synthetic import make_cohort
+from codegraph3d_research.plots import CaseSlices, case_slices, lps_view, rank_cases
+from codegraph3d_research.synthetic import make_cohort
 from codegraph3d.volume import Volume
 
 # Per contrast: the first lesion series is found exactly ("hit": score map and mask = the lesion),

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from codegraph3d import intensity
+from codegraph3d.cli import main as codegraph3d_command
 from codegraph3d.intensity import (
     DEFAULT_PERCENTILES,
     PACKAGE_LANDMARKS,
@@ -19,7 +20,6 @@ from codegraph3d.intensity import (
     ReferenceLandmarks,
     learn_reference,
     load_reference_landmarks,
-    main,
     read_landmarks_file,
     standardise,
     uniform_reference,
@@ -232,7 +232,7 @@ def test_unknown_schema_and_wrong_percentiles_are_clear_errors(tmp_path: Path) -
     with pytest.raises(ValueError, match=r"computed at percentiles .* but preprocess.landmark_percentiles is \[2\.0"):
         load_reference_landmarks("T2w", tmp_path, percentiles=(2.0, 25.0, 50.0, 75.0, 98.0))
     # The shipped T1w reference is at the default percentiles: other ones need a recomputed one.
-    with pytest.raises(ValueError, match="intensity template MODEL_FOLDER --percentiles 2 50 98"):
+    with pytest.raises(ValueError, match="landmarks template MODEL_FOLDER --percentiles 2 50 98"):
         load_reference_landmarks("T1w", None, percentiles=(2.0, 50.0, 98.0))
     path.write_text("{not json", encoding="utf-8")
     with pytest.raises(ValueError, match="not valid JSON"):
@@ -285,8 +285,8 @@ def test_learn_reference_validation() -> None:
 
 def test_template_command_is_deterministic_and_matches_the_shipped_file(tmp_path: Path) -> None:
     first, second = tmp_path / "a.json", tmp_path / "b.json"
-    assert main(["template", str(first)]) == 0
-    assert main(["template", str(second)]) == 0
+    assert codegraph3d_command(["landmarks", "template", str(first)]) == 0
+    assert codegraph3d_command(["landmarks", "template", str(second)]) == 0
     assert first.read_bytes() == second.read_bytes()
     reference = read_landmarks_file(first)["T1w"]
     assert reference.percentiles == DEFAULT_PERCENTILES
@@ -301,7 +301,7 @@ def test_template_command_is_deterministic_and_matches_the_shipped_file(tmp_path
 
 def test_template_into_a_model_folder_merges_with_other_contrasts(tmp_path: Path) -> None:
     intensity.merge_landmarks_file(intensity.model_landmarks_path(tmp_path), REFERENCE)
-    assert main(["template", str(tmp_path)]) == 0
+    assert codegraph3d_command(["landmarks", "template", str(tmp_path)]) == 0
     stored = read_landmarks_file(tmp_path / "landmarks" / "reference_landmarks.json")
     assert set(stored) == {"T2w", "T1w"} and stored["T2w"] == REFERENCE
     assert not list((tmp_path / "landmarks").glob(".*partial"))
@@ -348,7 +348,7 @@ def _write_nifti(path: Path, array_zyx: np.ndarray) -> Path:
 
 
 def test_cli_learn_show_round_trip(tmp_path: Path) -> None:
-    from codegraph3d.synthetic import write_series
+    from codegraph3d_research.synthetic import write_series
 
     rng = np.random.default_rng(6)
     base, mask = _ball_brain(rng)
@@ -371,7 +371,7 @@ def test_cli_learn_show_round_trip(tmp_path: Path) -> None:
     )
     inputs.append(str(data / "dicom_t2"))
     models = tmp_path / "models"
-    assert main(["learn", "--contrast", "T2w", "--output", str(models), *inputs]) == 0
+    assert codegraph3d_command(["landmarks", "learn", "--contrast", "T2w", "--output", str(models), *inputs]) == 0
     learnt_file = models / "landmarks" / "reference_landmarks.json"
     payload = json.loads(learnt_file.read_text(encoding="utf-8"))
     assert payload["schema"] == SCHEMA and list(payload["contrasts"]) == ["T2w"]
@@ -381,13 +381,13 @@ def test_cli_learn_show_round_trip(tmp_path: Path) -> None:
     # (measured: 4e-5).
     np.testing.assert_allclose(learnt.values, expected, atol=5e-4)
     # A second contrast merges into the same file.
-    assert main(["learn", "--contrast", "FLAIR", "--output", str(models), inputs[0], "--mask", inputs[2]]) == 0
+    assert codegraph3d_command(["landmarks", "learn", "--contrast", "FLAIR", "--output", str(models), inputs[0], "--mask", inputs[2]]) == 0
     assert set(read_landmarks_file(learnt_file)) == {"T2w", "FLAIR"}
     # float32 NIfTI storage: exact up to single precision.
     np.testing.assert_allclose(load_reference_landmarks("FLAIR", models).values, expected, atol=1e-6)
 
     shown = subprocess.run(
-        [sys.executable, "-m", "codegraph3d.intensity", "show", str(models)],
+        [sys.executable, "-m", "codegraph3d", "landmarks", "show", str(models)],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
     ).stdout
     lines = shown.splitlines()
@@ -406,7 +406,7 @@ def test_cli_learn_show_round_trip(tmp_path: Path) -> None:
     ],
 )
 def test_cli_learn_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], arguments, message) -> None:
-    code = main(["learn", "--contrast", "T2w", "--output", str(tmp_path / "models"), *arguments])
+    code = codegraph3d_command(["landmarks", "learn", "--contrast", "T2w", "--output", str(tmp_path / "models"), *arguments])
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "models" / "landmarks" / "reference_landmarks.json").exists()
@@ -416,5 +416,5 @@ def test_cli_learn_rejects_a_mismatched_mask(tmp_path: Path, capsys: pytest.Capt
     image, mask = _ball_brain(np.random.default_rng(7))
     scan = _write_nifti(tmp_path / "scan.nii.gz", image)
     wrong = _write_nifti(tmp_path / "mask.nii.gz", mask[:-1].astype(np.float32))
-    assert main(["learn", "--contrast", "T2w", "--output", str(tmp_path), str(scan), "--mask", str(wrong)]) == 2
+    assert codegraph3d_command(["landmarks", "learn", "--contrast", "T2w", "--output", str(tmp_path), str(scan), "--mask", str(wrong)]) == 2
     assert "does not match" in capsys.readouterr().err

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from codegraph3d import synthetic
+from codegraph3d_research import synthetic
 from codegraph3d.preprocess import (
     PreprocessConfig,
     PreprocessedVolume,

@@ -210,7 +210,7 @@ def test_a_later_layer_replaces_the_per_contrast_bounds_whole(tmp_path, monkeypa
 def test_the_batch_decision_takes_its_contrasts_bound():
     # The same scores, decided as a T1w and as a T2w batch with different bounds per contrast.
     from codegraph3d.pipeline import decide_batch
-    from codegraph3d.scoring import BatchScores
+    from codegraph3d.batch_scoring import BatchScores
 
     scores, coords = _batch(12, seed=4)
     lesion = _cube(coords[2], (4, 4, 4), 2)

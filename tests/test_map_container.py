@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, copy_as_ct, run_app
 
 from codegraph3d.run_diff import compare_runs
-from codegraph3d.synthetic import make_cohort
+from codegraph3d_research.synthetic import make_cohort
 
 IMAGE = os.environ.get("CODEGRAPH3D_MAP_IMAGE", "")
 CONFIG = ROOT / "tools" / "demo_config.yaml"
@@ -133,7 +133,7 @@ def template_models() -> Path:
     folder = ROOT / "work" / "map-test-models"
     if not (folder / "template").is_dir():
         subprocess.run(
-            [str(ROOT / ".venv" / "bin" / "python"), "-m", "codegraph3d.registration", "install", str(folder)],
+            [str(ROOT / ".venv" / "bin" / "python"), "-m", "codegraph3d", "template", "install", str(folder)],
             check=True, capture_output=True,
         )
     return folder
@@ -151,6 +151,24 @@ def test_bad_input_exits_non_zero_with_its_message_in_the_logs(cohort: Path, tmp
     report = json.loads((tmp_path / "output" / "report.json").read_text(encoding="utf-8"))
     assert report["status"] == "failed" and report["exit_code"] == 2
     assert sorted(p.name for p in (tmp_path / "output").iterdir()) == ["report.json"]
+
+
+def test_image_ships_the_product_without_the_research_tooling():
+    """The MAP holds codegraph3d only: evaluation, experiments and synthetic cohorts stay outside."""
+    probe = (
+        "import importlib.util as u, json; "
+        "print(json.dumps({name: u.find_spec(name) is not None for name in "
+        "('codegraph3d', 'codegraph3d.pipeline', 'codegraph3d_research', 'codegraph3d.synthetic', 'codegraph3d.evaluate')}))"
+    )
+    completed = subprocess.run(
+        ["podman", "run", "--rm", "--network", "none", "--entrypoint", "/opt/holoscan/venv/bin/python", IMAGE, "-c", probe],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout.strip().splitlines()[-1]) == {
+        "codegraph3d": True, "codegraph3d.pipeline": True,
+        "codegraph3d_research": False, "codegraph3d.synthetic": False, "codegraph3d.evaluate": False,
+    }
 
 
 def test_missing_image_is_named(tmp_path: Path):

@@ -1,4 +1,4 @@
-"""Brain mask quality against a synthetic cohort's truth (codegraph3d.mask_quality).
+"""Brain mask quality against a synthetic cohort's truth (codegraph3d_research.mask_quality).
 
 One tiny whole-head cohort (2 studies, T2w + T1w, matrix scale 0.3: ~70-90 voxel matrices, 5-9 mm
 slices) is measured once, with deepbet and the carried T1w mask, on its first study; the template
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from codegraph3d.io.dicom import load_series_volume, scan_headers
-from codegraph3d.mask_quality import (
+from codegraph3d_research.mask_quality import (
     CohortLabelsError,
     dice,
     load_labels,
@@ -26,7 +26,7 @@ from codegraph3d.mask_quality import (
     read_truth_brain,
 )
 from codegraph3d.registration import install_template
-from codegraph3d.synthetic import make_cohort
+from codegraph3d_research.synthetic import make_cohort
 
 # Measured on this cohort (seed 3, N4 on, CPU): T1w deepbet Dice 0.976 (study 1) and 0.981
 # (study 2); T2w deepbet 0.875 / 0.801; the T1w mask carried onto T2w 0.971 / 0.974. The floors
@@ -113,7 +113,7 @@ def test_missing_labels_json_is_named(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_template_method_without_the_template_names_the_install_command(
     measured: dict[str, Any], tmp_path: Path
 ) -> None:
-    with pytest.raises(FileNotFoundError, match=r"registration template not found.*registration install"):
+    with pytest.raises(FileNotFoundError, match=r"registration template not found.*template install"):
         measure_cohort(measured["cohort"], models=tmp_path, methods=["template"], limit=1)
 
 

@@ -10,7 +10,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from codegraph3d.metrics import (
+from codegraph3d_research.metrics import (
     StreamingBinaryMetrics,
     patient_auroc,
     patient_average_precision,

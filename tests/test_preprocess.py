@@ -9,10 +9,10 @@ from scipy.spatial.transform import Rotation
 from codegraph3d.maps import token_grid_map, upsample_token_map
 from codegraph3d.preprocess import (
     PreprocessConfig,
-    brain_mask_from_intensity,
     preprocess_volume,
     resample_to_source,
 )
+from codegraph3d.skullstrip import brain_mask_from_intensity
 from codegraph3d.volume import Volume
 
 

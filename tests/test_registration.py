@@ -78,7 +78,7 @@ def test_registered_grid_round_trips_onto_the_source(template):
 
 
 def test_missing_template_names_the_install_command(tmp_path: Path):
-    with pytest.raises(FileNotFoundError, match="codegraph3d.registration install"):
+    with pytest.raises(FileNotFoundError, match="codegraph3d template install"):
         load_template(tmp_path)
     with pytest.raises(ValueError, match="no template"):
         preprocess_volume(Volume(np.ones((30, 30, 30)), (0, 0, 0), (1, 1, 1), np.eye(3)), PreprocessConfig(size=16, registration="affine"))

@@ -8,12 +8,11 @@ import re
 import numpy as np
 import pytest
 
+from codegraph3d.batch_scoring import BatchScores, score_batch
 from codegraph3d.scoring import (
-    BatchScores,
     fuse_layers,
     k_for_references,
     musc_scores,
-    score_batch,
     volume_scores,
 )
 

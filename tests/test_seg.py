@@ -13,7 +13,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from codegraph3d.io.dicom import load_series_volume, scan_headers
-from codegraph3d.synthetic import write_series
+from codegraph3d_research.synthetic import write_series
 from codegraph3d.io.seg import write_binary_seg, write_fractional_seg
 
 N, ROWS, COLS = 8, 16, 12

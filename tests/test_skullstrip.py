@@ -279,7 +279,7 @@ def test_make_stripper_validates_its_arguments(tmp_path: Path):
     assert SKULL_STRIP_METHODS == ("deepbet", "template", "none", "hd-bet")
     with pytest.raises(ValueError, match="unknown skull stripping method 'bet2'.*deepbet, template, none, hd-bet"):
         make_stripper("bet2")
-    with pytest.raises(SkullStripError, match="needs the registration template.*registration install"):
+    with pytest.raises(SkullStripError, match="needs the registration template.*template install"):
         make_stripper("template")
     with pytest.raises(ValueError, match="takes no option"):
         make_stripper("deepbet", iterations=3)

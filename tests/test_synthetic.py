@@ -13,8 +13,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from codegraph3d import synthetic
-from codegraph3d.synthetic import lps_to_ras_affine, make_cohort, write_series
+from codegraph3d_research import synthetic
+from codegraph3d_research.synthetic import lps_to_ras_affine, make_cohort, write_series
 
 TINY = dict(
     n_subjects=6,

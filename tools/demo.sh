@@ -13,6 +13,6 @@ cohort=demo/cohort_heads
     --head-fraction 0.5 --mass-effect-fraction 1.0 --vary-fov
 rm -rf demo/output && mkdir -p demo/output demo/models
 [ -f demo/models/template/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz ] \
-    || .venv/bin/python -m codegraph3d.registration install demo/models
+    || .venv/bin/python -m codegraph3d template install demo/models
 CODEGRAPH3D_CONFIG=tools/demo_config.yaml .venv/bin/python app.py -i "$cohort/dicom" -o demo/output -m demo/models
 .venv/bin/python tools/print_report.py demo/output/report.json

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from codegraph3d.evaluate import TruthCohort, _read_report, _seg_array, default_out_dir
+from codegraph3d_research.evaluate import TruthCohort, _read_report, _seg_array, default_out_dir
 from codegraph3d.io.dicom import load_series_volume, scan_headers
 
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     metrics_path = default_out_dir(args.run) / "metrics.json"
     if not metrics_path.is_file():
-        print(f"error: {metrics_path} does not exist: run python -m codegraph3d.evaluate --run {args.run} --truth {args.truth}",
+        print(f"error: {metrics_path} does not exist: run python -m codegraph3d_research.evaluate --run {args.run} --truth {args.truth}",
               file=sys.stderr)
         return 2
     thresholds = {c: b["dice_max_threshold"] for c, b in json.loads(metrics_path.read_text())["batches"].items()}

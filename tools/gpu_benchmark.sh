@@ -9,7 +9,7 @@
 # Results: $OUT/gpu_benchmark.md (the table), $OUT/gpu_benchmark.json, $OUT/gpu_benchmark.log,
 # $OUT/environment.txt. Without $OUT (elsewhere) they go to work/gpu_benchmark/.
 #
-# What it runs (python -m codegraph3d.benchmark --gpu-table): a float32 and a bf16 8192^3 matmul
+# What it runs (python -m codegraph3d_research.benchmark --gpu-table): a float32 and a bf16 8192^3 matmul
 # (the machine's rates); an UNTRAINED ViT-L/14 of DINOv2's size (the product's transformers-based
 # encoder, or a plain-torch ViT of identical size when transformers fails there) with bf16 autocast,
 # blocks 6/12/18/24, tokenising 8 random 224^3 volumes (3 axes x 224 slices each, ~1500 kept
@@ -51,7 +51,7 @@ EOF
 } 2>&1 | tee "$out/environment.txt"
 
 set +e
-timeout 540 "$python" -m codegraph3d.benchmark --gpu-table --device cuda \
+timeout 540 "$python" -m codegraph3d_research.benchmark --gpu-table --device cuda \
     --encoder untrained-vit-l14 --layers 6 12 18 24 --tokenise-volumes 8 --scorer-sizes 30 180 \
     --out "$out/gpu_benchmark.md" --out "$out/gpu_benchmark.json" "$@" 2>&1 | tee "$out/gpu_benchmark.log"
 status=${PIPESTATUS[0]}

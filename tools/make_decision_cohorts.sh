@@ -14,7 +14,7 @@ out=${1:-work/decisions}
 shift || true
 mkdir -p "$out" demo/models
 [ -f demo/models/template/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz ] \
-    || .venv/bin/python -m codegraph3d.registration install demo/models
+    || .venv/bin/python -m codegraph3d template install demo/models
 heads="--head-fraction 0.5 --mass-effect-fraction 1.0 --vary-fov"
 declare -A cohorts=(
   # tuning
@@ -46,7 +46,7 @@ for name in "${order[@]}"; do
   args=${cohorts[$name]:?unknown cohort $name}
   # shellcheck disable=SC2086
   [ -f "$out/$name/labels.json" ] || .venv/bin/python tools/make_demo_cohort.py "$out/$name" --quiet $args
-  CODEGRAPH3D_CONFIG=tools/demo_config.yaml .venv/bin/python -m codegraph3d.ablations fill \
+  CODEGRAPH3D_CONFIG=tools/demo_config.yaml .venv/bin/python -m codegraph3d_research.ablations fill \
       --input "$out/$name/dicom" --cache "$out/cache" -m demo/models
   echo "$(date +%T) cohort $name cached"
 done

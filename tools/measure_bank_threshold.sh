@@ -28,7 +28,7 @@ printf 'preprocess:\n  bias_correction: none\n  skull_strip: none\n  registratio
 make_cohort "$out/bank_cohort" 30 21 0
 if [ ! -f "$out/bank/bank.json" ]; then
   rm -rf "$out/bank"
-  CODEGRAPH3D_CONFIG="$base" $py -m codegraph3d.bank add "$out/bank" -i "$out/bank_cohort/dicom" -m demo/models
+  CODEGRAPH3D_CONFIG="$base" $py -m codegraph3d bank add "$out/bank" -i "$out/bank_cohort/dicom" -m demo/models
 fi
 CODEGRAPH3D_CONFIG="$base" $py -m codegraph3d.bank check "$out/bank"
 
@@ -52,7 +52,7 @@ for seed in $seeds; do
       [ -f "$run-evaluation/metrics.json" ] && continue
       rm -rf "$run" && mkdir -p "$run"
       CODEGRAPH3D_CONFIG="$(arm_config "$arm")" $py app.py -i "$cohort/dicom" -o "$run" -m demo/models > "$run.log" 2>&1
-      $py -m codegraph3d.evaluate --run "$run" --truth "$cohort" --no-plots > /dev/null
+      $py -m codegraph3d_research.evaluate --run "$run" --truth "$cohort" --no-plots > /dev/null
     done
   done
 done

@@ -14,7 +14,7 @@
 #              such lesions find lookalikes at every CSF border, so globally they barely stand out).
 # Each cohort is preprocessed and encoded once (token cache); MuSc and CoDeGraph then score the
 # same tokens, with global matching (the paper) and with the radius-1 window (the demo's).
-# Differences are paired over the same subjects, with bootstrap intervals (codegraph3d.compare).
+# Differences are paired over the same subjects, with bootstrap intervals (codegraph3d_research.compare).
 # The cohorts are generated pre-skull-stripped on one grid, so preprocessing is the first version's
 # (tools/prestripped_config.yaml: no bias correction, stripping or registration): both methods score
 # the same tokens, and what differs is only the scorer. Weight-free intensity encoder.
@@ -27,7 +27,7 @@ py=.venv/bin/python
 out=demo/codegraph
 mkdir -p "$out" demo/models
 [ -f demo/models/template/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz ] \
-  || $py -m codegraph3d.registration install demo/models
+  || $py -m codegraph3d template install demo/models
 seeds="${SEEDS:-11 12 13}"
 appearances="${APPEARANCES:-striped varied}"
 for appearance in $appearances; do
@@ -57,7 +57,7 @@ for appearance in $appearances; do
         [ -f "$run-evaluation/metrics.json" ] && continue
         rm -rf "$run" && mkdir -p "$run"
         CODEGRAPH3D_CONFIG="$(config "$method" "$radius")" $py app.py -i "$cohort/dicom" -o "$run" -m demo/models
-        $py -m codegraph3d.evaluate --run "$run" --truth "$cohort" --no-plots
+        $py -m codegraph3d_research.evaluate --run "$run" --truth "$cohort" --no-plots
       done
     done
   done
@@ -71,7 +71,7 @@ for appearance in $appearances; do
       b+=("$out/run_${appearance}_${seed}_codegraph_r${radius}-evaluation")
     done
     echo "## lesions: $appearance, window radius $radius (-1 = global)"
-    $py -m codegraph3d.compare --a "${a[@]}" --b "${b[@]}" --name-a MuSc --name-b CoDeGraph --contrasts T2w \
+    $py -m codegraph3d_research.compare --a "${a[@]}" --b "${b[@]}" --name-a MuSc --name-b CoDeGraph --contrasts T2w \
       --json "$out/compare_${appearance}_r${radius}.json"
   done
 done | tee "$out/summary.md"

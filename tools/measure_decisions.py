@@ -26,7 +26,7 @@ The demo configuration sets the evidence bound per contrast, so ``--set threshol
 alone does not change T1w or T2w batches; set ``finding_mass_by_contrast`` (replaced whole).
 
 Figures are on the working grid (224^3), not the source grids; the app's own evaluation
-(``python -m codegraph3d.evaluate``) measures its written SEGs on the source grids.
+(``python -m codegraph3d_research.evaluate``) measures its written SEGs on the source grids.
 """
 
 from __future__ import annotations
@@ -47,14 +47,14 @@ try:
 except ModuleNotFoundError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from codegraph3d.ablations import AblationSeries, load_cohort  # noqa: E402
+from codegraph3d_research.ablations import AblationSeries, load_cohort  # noqa: E402
 from codegraph3d.config import ConfigError, load_config  # noqa: E402
 from codegraph3d.lesion_policy import LESION_POLICY_NAME  # noqa: E402
 from codegraph3d.maps import token_voxel_map  # noqa: E402
 from codegraph3d.operating_point import decision_settings  # noqa: E402
-from codegraph3d.metrics import StreamingBinaryMetrics, patient_auroc  # noqa: E402
+from codegraph3d_research.metrics import StreamingBinaryMetrics, patient_auroc  # noqa: E402
 from codegraph3d.pipeline import decide_batch, reference_groups, score_configured, token_volume_ml  # noqa: E402
-from codegraph3d.scoring import BatchScores  # noqa: E402
+from codegraph3d.batch_scoring import BatchScores  # noqa: E402
 from codegraph3d.thresholds import BANK_POLICY_NAME, POLICY_NAME  # noqa: E402
 
 OPERATING_POINTS = Path(__file__).resolve().parents[1] / "codegraph3d" / "operating_points.json"

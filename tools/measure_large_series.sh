@@ -11,7 +11,7 @@ tools/setup_venv.sh
 py=.venv/bin/python
 mkdir -p demo/models
 [ -f demo/models/template/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz ] \
-  || $py -m codegraph3d.registration install demo/models
+  || $py -m codegraph3d template install demo/models
 for case in "0.5 4" "0.42 3"; do
   set -- $case
   voxel=$1 subjects=$2

@@ -11,7 +11,7 @@ tools/setup_venv.sh
 py=.venv/bin/python
 mkdir -p demo/models
 [ -f demo/models/template/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz ] \
-  || $py -m codegraph3d.registration install demo/models
+  || $py -m codegraph3d template install demo/models
 [ -f demo/cohort/labels.json ] || $py tools/make_demo_cohort.py demo/cohort --quiet
 [ -f demo/cohort_heads/labels.json ] || $py tools/make_demo_cohort.py demo/cohort_heads \
   --head-fraction 0.5 --mass-effect-fraction 1.0 --vary-fov --quiet
@@ -30,7 +30,7 @@ done
 run() {  # run CONFIG INPUT_COHORT OUTPUT
   rm -rf "$3" && mkdir -p "$3"
   CODEGRAPH3D_CONFIG="$1" $py app.py -i "$2/dicom" -o "$3" -m demo/models
-  $py -m codegraph3d.evaluate --run "$3" --truth "$2" --no-plots
+  $py -m codegraph3d_research.evaluate --run "$3" --truth "$2" --no-plots
 }
 variant() {  # variant EXTRA_PREPROCESS_YAML_LINES: the demo configuration with preprocess changes
   local file
@@ -52,7 +52,7 @@ done
 carry_a="demo/exp_s0_h0_carry-evaluation demo/exp_s1_h0_carry-evaluation demo/exp_s2_h0_carry-evaluation"
 carry_b="demo/exp_s0_h0.5_carry-evaluation demo/exp_s1_h0.5_carry-evaluation demo/exp_s2_h0.5_carry-evaluation"
 # shellcheck disable=SC2086
-$py -m codegraph3d.compare --a $carry_a --b $carry_b --name-a pre-stripped --name-b heads \
+$py -m codegraph3d_research.compare --a $carry_a --b $carry_b --name-a pre-stripped --name-b heads \
   --json demo/compare_heads_vs_stripped.json | tee demo/compare_heads_vs_stripped.md
 # 2. Each series registered on its own (no T1w carry), the same seeds.
 run "$no_carry" demo/cohort_heads demo/exp_heads_inter
@@ -61,17 +61,17 @@ for seed in 1 2; do
   run "$no_carry" demo/seed$seed-h0.5 demo/exp_s${seed}_h0.5_inter
   run "$no_carry" demo/seed$seed-h0 demo/exp_s${seed}_h0_inter
 done
-$py -m codegraph3d.compare --a demo/exp_s0_h0_inter-evaluation demo/exp_s1_h0_inter-evaluation \
+$py -m codegraph3d_research.compare --a demo/exp_s0_h0_inter-evaluation demo/exp_s1_h0_inter-evaluation \
   demo/exp_s2_h0_inter-evaluation --b demo/exp_heads_inter-evaluation demo/exp_s1_h0.5_inter-evaluation \
   demo/exp_s2_h0.5_inter-evaluation --name-a pre-stripped --name-b heads | tee demo/compare_no_carry.md
 # shellcheck disable=SC2086
-$py -m codegraph3d.compare --a demo/exp_heads_inter-evaluation demo/exp_s1_h0.5_inter-evaluation \
+$py -m codegraph3d_research.compare --a demo/exp_heads_inter-evaluation demo/exp_s1_h0.5_inter-evaluation \
   demo/exp_s2_h0.5_inter-evaluation --b $carry_b --name-a "own registration" --name-b "T1w carried" \
   | tee demo/compare_carry_heads.md
 # 3. The earlier default (the subject's brain mask as the analysis region, own registration), seed 0.
 run "$earlier" demo/cohort_heads demo/output_heads
 run "$earlier" demo/cohort_heads_stripped demo/output_heads_stripped
-$py -m codegraph3d.compare --a demo/output_heads-evaluation --b demo/exp_heads_inter-evaluation \
+$py -m codegraph3d_research.compare --a demo/output_heads-evaluation --b demo/exp_heads_inter-evaluation \
   --name-a "subject mask" --name-b "within template" | tee demo/compare_analysis_mask.md
 # Where the false positives lie, with either analysis mask.
 $py tools/edge_false_positives.py --run demo/output_heads --truth demo/cohort_heads | tee demo/edge_subject.md
@@ -84,8 +84,8 @@ run "$(variant '  analysis_mask: subject\n  carry_t1w_registration: false\n  bia
 run "$(variant '  analysis_mask: subject\n  carry_t1w_registration: false\n  landmark_region: template')" demo/cohort_heads demo/output_heads_lmt
 run "$(variant '  analysis_mask: subject\n  carry_t1w_registration: false\n  landmark_region: template')" demo/cohort_heads_stripped demo/output_hs_lmt
 # 5. Brain masks against the generator's truth: deepbet, the T1w mask carried, the template mask.
-$py -m codegraph3d.mask_quality demo/cohort_heads --models demo/models --methods deepbet carried template \
+$py -m codegraph3d_research.mask_quality demo/cohort_heads --models demo/models --methods deepbet carried template \
   --out demo/mask_quality.md --out demo/mask_quality.json
 # 6. Per-step preprocessing time, one worker, on the T1w series of the harder cohort.
-$py -m codegraph3d.benchmark --encoder intensity --cohort-dir demo/cohort_heads --contrast T1w \
+$py -m codegraph3d_research.benchmark --encoder intensity --cohort-dir demo/cohort_heads --contrast T1w \
   --models demo/models --config tools/demo_config.yaml --out demo/benchmark_preprocess.md

@@ -34,7 +34,7 @@ for b in $sizes; do
     if [ "$mode" = global ] && [[ " ${GLOBAL_SKIP:-} " == *" $b "* ]]; then
       continue
     fi
-    $py -m codegraph3d.benchmark --skip-cohort --device cpu --scorer-sizes "$b" --scorer-tokens 2000 \
+    $py -m codegraph3d_research.benchmark --skip-cohort --device cpu --scorer-sizes "$b" --scorer-tokens 2000 \
       --scorer-dim 384 --scorer-layers "$n_layers" --matmul-size 1024 "${extra[@]}" \
       --out "$name.md" --out "$name.partial.json" > /dev/null
     mv "$name.partial.json" "$name.json"

@@ -21,25 +21,25 @@ for name in cohort cohort48 cohort_normal; do
   rm -rf "demo/output_$name" && mkdir -p "demo/output_$name"
   $py app.py -i "demo/$name/dicom" -o "demo/output_$name" -m demo/models
 done
-$py -m codegraph3d.evaluate --run demo/output_cohort --truth demo/cohort
-$py -m codegraph3d.evaluate --run demo/output_cohort48 --truth demo/cohort48
+$py -m codegraph3d_research.evaluate --run demo/output_cohort --truth demo/cohort
+$py -m codegraph3d_research.evaluate --run demo/output_cohort48 --truth demo/cohort48
 
 # 3. The per-position z-score baseline on the same cohorts, side by side with the product.
-$py -m codegraph3d.baseline --input demo/cohort/dicom --truth demo/cohort --out demo/baseline_cohort \
+$py -m codegraph3d_research.baseline --input demo/cohort/dicom --truth demo/cohort --out demo/baseline_cohort \
   --compare demo/output_cohort-evaluation/metrics.json
-$py -m codegraph3d.baseline --input demo/cohort48/dicom --truth demo/cohort48 --out demo/baseline_cohort48 \
+$py -m codegraph3d_research.baseline --input demo/cohort48/dicom --truth demo/cohort48 --out demo/baseline_cohort48 \
   --compare demo/output_cohort48-evaluation/metrics.json
 
 # 4. Ablations from the token cache (views, chunked batches, projection size, layers; 3 seeds).
-$py -m codegraph3d.ablations fill --input demo/cohort48/dicom --cache demo/cache48
-$py -m codegraph3d.ablations --cache demo/cache48 --truth demo/cohort48 --seeds 0 1 2 \
+$py -m codegraph3d_research.ablations fill --input demo/cohort48/dicom --cache demo/cache48
+$py -m codegraph3d_research.ablations --cache demo/cache48 --truth demo/cohort48 --seeds 0 1 2 \
   --json demo/ablations48.json --markdown demo/ablations48.md
 
 # 5. Speed: the pipeline on 8 generated volumes and the scorer at B = 30 (intensity encoder),
 #    and the untrained ViT-L/14 encoder alone.
 unset CODEGRAPH3D_CONFIG
-$py -m codegraph3d.benchmark --encoder intensity --n 8 --config tools/prestripped_config.yaml --out demo/benchmark.md
-$py -m codegraph3d.benchmark --encoder-only --encoder untrained-vit-l14 --slices 32 --out demo/encoder_speed.md
+$py -m codegraph3d_research.benchmark --encoder intensity --n 8 --config tools/prestripped_config.yaml --out demo/benchmark.md
+$py -m codegraph3d_research.benchmark --encoder-only --encoder untrained-vit-l14 --slices 32 --out demo/encoder_speed.md
 # On a GPU machine: bash tools/gpu_benchmark.sh (writes gpu_benchmark.md).
 # The full preprocessing chain (skull stripping, registration, QA): tools/measure_preprocessing.sh.
 # CoDeGraph against MuSc (40-subject cohorts, 3 seeds, about 1.5 hours): tools/measure_codegraph.sh,

@@ -1,8 +1,8 @@
 """Speed and memory of the pipeline's stages, and of the encoder and scorer alone, on this machine.
 
-Three modes (``python -m codegraph3d.benchmark --help``):
+Three modes (``python -m codegraph3d_research.benchmark --help``):
 
-* **cohort** (default): N synthetic volumes as a DICOM cohort (:func:`codegraph3d.synthetic.make_cohort`,
+* **cohort** (default): N synthetic volumes as a DICOM cohort (:func:`codegraph3d_research.synthetic.make_cohort`,
   one contrast, generated in a child process so that its memory does not count), then the real
   stage functions: header scan and selection (:mod:`codegraph3d.pipeline`), per series pixel
   loading, preprocessing and tokenisation (each timed on its own), MuSc scoring
@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoders import (
+from codegraph3d.encoders import (
     inference_autocast,
     vit_pixels,
     UNTRAINED_WARNING,
@@ -83,8 +83,9 @@ from .encoders import (
     load_encoder,
     resolve_device,
 )
-from .scoring import k_for_references, reference_sets, score_batch, scoring_memory
-from .tokens import TokenSet, encode_volume, project, tokenise
+from codegraph3d.batch_scoring import score_batch
+from codegraph3d.scoring import k_for_references, reference_sets, scoring_memory
+from codegraph3d.tokens import TokenSet, encode_volume, project, tokenise
 
 __all__ = [
     "BenchmarkReport",
@@ -686,7 +687,7 @@ class GpuTableRow:
 
 @dataclass
 class BenchmarkReport:
-    """Everything one ``python -m codegraph3d.benchmark`` run measured."""
+    """Everything one ``python -m codegraph3d_research.benchmark`` run measured."""
 
     started: str
     machine: dict[str, Any]
@@ -728,7 +729,7 @@ def encoded_slices(tokens: TokenSet, patch_size: int) -> int:
 
 _COHORT_CHILD = """
 import json, sys
-from codegraph3d.synthetic import make_cohort
+from codegraph3d_research.synthetic import make_cohort
 args = json.loads(sys.argv[1])
 make_cohort(args["folder"], n_subjects=args["n"], seed=args["seed"], contrasts=(args["contrast"],),
             matrix_scale=args["matrix_scale"], with_localizer_fraction=0.0)
@@ -755,7 +756,7 @@ def _make_cohort_in_child(folder: Path, n_volumes: int, seed: int, matrix_scale:
 def _benchmark_config(
     encoder: str, device: str, contrast: str, config_override: Mapping[str, Any] | str | Path | None
 ) -> dict[str, Any]:
-    from .config import load_config
+    from codegraph3d.config import load_config
 
     config = load_config(override=config_override)
     config["encoder"]["name"] = encoder
@@ -819,8 +820,8 @@ def benchmark_cohort(
     """
     # DICOM, preprocessing and SEG writing need pydicom, SimpleITK and highdicom, which the GPU
     # machine lacks: imported here, not at module level, so that --gpu-table runs there
-    from .io.dicom import load_series_volume
-    from .pipeline import (
+    from codegraph3d.io.dicom import load_series_volume
+    from codegraph3d.pipeline import (
         StageTimer,
         Tokenisation,
         TokenisedSeries,
@@ -831,9 +832,9 @@ def benchmark_cohort(
         score_batches,
         select_input,
     )
-    from .parallel import PreprocessModels
-    from .preprocess import preprocess_volume
-    from .report import write_results
+    from codegraph3d.parallel import PreprocessModels
+    from codegraph3d.preprocess import preprocess_volume
+    from codegraph3d.report import write_results
 
     n_volumes = _check_positive_int("n_volumes", n_volumes)
     if n_volumes < 2:
@@ -973,7 +974,7 @@ def benchmark_scorer(
     chunk_size: int = 4096,
     window_radius: int | None = None,
 ) -> list[ScorerBenchmark]:
-    """Time MuSc (:func:`codegraph3d.scoring.score_batch`) on random float32 token sets.
+    """Time MuSc (:func:`codegraph3d.batch_scoring.score_batch`) on random float32 token sets.
 
     The cost does not depend on the token values (every pair block is computed, minima and top-K
     are data-independent), so random Gaussian tokens measure the real scorer at the real sizes.
@@ -1049,7 +1050,7 @@ def measure_selection_precision(
     volume) nearest distances that differ from float32 selection and the largest relative increase.
     On CPU TF32 is emulated by input rounding (:func:`codegraph3d.scoring.selection_precision`).
     """
-    from .scoring import nearest_distances, selection_precision
+    from codegraph3d.scoring import nearest_distances, selection_precision
 
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((20, dim))
@@ -1490,7 +1491,7 @@ def render_markdown(report: BenchmarkReport) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m codegraph3d.benchmark",
+        prog="python -m codegraph3d_research.benchmark",
         description="Speed and memory of CoDeGraph3D on this machine (Table 6 columns, stage times, "
         "FLOP rates). Default: the pipeline on a generated DICOM cohort, then the scorer alone.",
     )

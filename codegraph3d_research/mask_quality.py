@@ -1,9 +1,9 @@
 """Measure brain masks against the truth of a synthetic cohort.
 
-``python -m codegraph3d.mask_quality COHORT_FOLDER --models MODEL_FOLDER
+``python -m codegraph3d_research.mask_quality COHORT_FOLDER --models MODEL_FOLDER
 [--methods deepbet carried template] [--n4/--no-n4] [--limit N] [--out results.md --out results.json]``
 
-For every series of a cohort written by :func:`codegraph3d.synthetic.make_cohort` (or
+For every series of a cohort written by :func:`codegraph3d_research.synthetic.make_cohort` (or
 ``tools/make_demo_cohort.py``), optionally only of its first ``N`` studies, each requested method
 makes a brain mask on the series' own grid, and the mask is compared with the series' ``_brain``
 truth (``labels.json`` -> ``truth.brain``):
@@ -56,8 +56,8 @@ from typing import Any, TextIO
 import numpy as np
 import SimpleITK as sitk
 
-from .io.dicom import SeriesHeader, load_series_volume, scan_headers
-from .skullstrip import (
+from codegraph3d.io.dicom import SeriesHeader, load_series_volume, scan_headers
+from codegraph3d.skullstrip import (
     BrainMaskResult,
     SkullStripError,
     carry_mask,
@@ -65,7 +65,7 @@ from .skullstrip import (
     n4_bias_correct,
 )
 from .synthetic import read_labels
-from .volume import Volume
+from codegraph3d.volume import Volume
 
 __all__ = [
     "MASK_QUALITY_SCHEMA",
@@ -91,7 +91,7 @@ SUMMARY_HEADER = (
     "| mean abs. volume error (ml) | mean seconds |"
 )
 # Grid agreement between a truth mask and its series: far above float32 header rounding, far
-# below any real misfit (the same tolerances as codegraph3d.evaluate).
+# below any real misfit (the same tolerances as codegraph3d_research.evaluate).
 _LINEAR_TOLERANCE = 1e-3
 _ORIGIN_TOLERANCE_MM = 1e-2
 
@@ -363,7 +363,7 @@ def measure_cohort(
         deepbet = make_stripper("deepbet", model_path=models, device=device)
     template_stripper: Callable[[Volume], BrainMaskResult] | None = None
     if "template" in methods:
-        from .registration import load_template
+        from codegraph3d.registration import load_template
 
         template_stripper = make_stripper("template", model_path=models, template=load_template(models))
 
@@ -614,16 +614,16 @@ def to_markdown(rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python -m codegraph3d.mask_quality``."""
+    """The command line of ``python -m codegraph3d_research.mask_quality``."""
     parser = argparse.ArgumentParser(
-        prog="python -m codegraph3d.mask_quality",
+        prog="python -m codegraph3d_research.mask_quality",
         description="Measure brain masks (deepbet, carried T1w mask, template) against a synthetic "
         "cohort's _brain truth: Dice, volumes (ml), seconds, summarised by contrast x input x method.",
     )
     parser.add_argument("cohort", type=Path, help="synthetic cohort folder (labels.json, truth/, dicom/)")
     parser.add_argument("--models", type=Path, default=None,
                         help="model folder; the template method needs its registration template "
-                        "('python -m codegraph3d.registration install MODEL_FOLDER')")
+                        "('python -m codegraph3d template install MODEL_FOLDER')")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="methods to measure (default: all)")
     parser.add_argument("--n4", action=argparse.BooleanOptionalAction, default=True,

@@ -118,7 +118,10 @@ logger = logging.getLogger(__name__)
 
 CONTRASTS: tuple[str, ...] = ("T2w", "T1w")
 ORIENTATIONS: tuple[str, ...] = ("axial", "coronal", "sagittal")
+# The schema, UID namespace and generator name keep the module's first home (codegraph3d.synthetic):
+# they enter every UID and file this module writes, so regenerated cohorts stay byte-identical.
 LABELS_SCHEMA = "codegraph3d.synthetic-labels/1"
+_GENERATOR_NAME = "codegraph3d.synthetic"
 
 #: Relative tissue intensities before the per-subject jitter. The lesion is a brightness
 #: between the rim and the core value, like oedema around a tumour core: clearly above GM and WM
@@ -144,7 +147,7 @@ _ORIENTATION_CODES = {"axial": "AX", "coronal": "COR", "sagittal": "SAG"}
 _MASS_EFFECT_DEPTH_MM = 10.0
 
 _MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
-_UID_NAMESPACE = "codegraph3d.synthetic"
+_UID_NAMESPACE = _GENERATOR_NAME
 _DEFAULT_IMAGE_TYPE: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "M", "ND")
 
 
@@ -1947,7 +1950,7 @@ def read_labels(cohort: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(
             f"{path} does not exist; the folder must be a synthetic cohort with labels.json, truth/ and "
-            "dicom/ (write one with tools/make_demo_cohort.py or codegraph3d.synthetic.make_cohort)"
+            "dicom/ (write one with tools/make_demo_cohort.py or codegraph3d_research.synthetic.make_cohort)"
         )
     try:
         labels = json.loads(path.read_text(encoding="utf-8"))
@@ -2140,7 +2143,7 @@ def _base_dataset(
     ds.ImagedNucleus = "1H"
     ds.MagneticFieldStrength = _ds(magnetic_field_strength)
     ds.EchoTrainLength = echo_train_length if echo_train_length is not None else ""
-    ds.SoftwareVersions = "codegraph3d.synthetic"
+    ds.SoftwareVersions = _GENERATOR_NAME
     ds.ProtocolName = protocol_name or series_description
     if flip_angle is not None:
         ds.FlipAngle = _ds(flip_angle)
@@ -3309,7 +3312,7 @@ def make_cohort(
     fov_plan = {"fov_mm": fov_mm, "matrix_size": (matrix_lo, matrix_hi)}
 
     generator = {
-        "module": __name__,
+        "module": _GENERATOR_NAME,
         "template": f"MNI152 2009 (nilearn), {maps.resolution} mm",
         "n_subjects": n_subjects, "lesion_fraction": lesion_fraction, "seed": seed,
         "contrasts": list(contrasts), "with_localizer_fraction": localizer_fraction,

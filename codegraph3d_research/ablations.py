@@ -2,8 +2,8 @@
 
 Two commands::
 
-    python -m codegraph3d.ablations fill --input DICOM_DIR --cache CACHE_DIR [--models MODEL_DIR]
-    python -m codegraph3d.ablations --cache CACHE_DIR --truth COHORT_DIR [--contrast T2w]
+    python -m codegraph3d_research.ablations fill --input DICOM_DIR --cache CACHE_DIR [--models MODEL_DIR]
+    python -m codegraph3d_research.ablations --cache CACHE_DIR --truth COHORT_DIR [--contrast T2w]
         [--seeds 0 1 2] [--json OUT.json] [--markdown OUT.md] [--settings ID] [--tables ...]
 
 ``fill`` tokenises every selected series of ``DICOM_DIR`` with the configured encoder (the
@@ -12,8 +12,8 @@ model folder) and stores the encoder output in the cache (:mod:`codegraph3d.cach
 are already there and valid are kept. The app fills the same cache when ``cache.folder`` is set.
 
 The ablation run reads the entries of the series listed in ``COHORT_DIR/labels.json`` (the demo
-cohort's format, :mod:`codegraph3d.synthetic`), rescoring them per contrast batch with
-:func:`codegraph3d.scoring.score_batch` and the configuration's scoring settings (``k_fraction``,
+cohort's format, :mod:`codegraph3d_research.synthetic`), rescoring them per contrast batch with
+:func:`codegraph3d.batch_scoring.score_batch` and the configuration's scoring settings (``k_fraction``,
 ``window_radius``, ``exclude_same`` through :func:`codegraph3d.pipeline.reference_groups`), and
 measures for every setting:
 
@@ -57,13 +57,13 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from .cache import CacheEntryError, read_entry, settings_id, settings_material
-from .config import ConfigError, load_config
+from codegraph3d.cache import CacheEntryError, read_entry, settings_id, settings_material
+from codegraph3d.config import ConfigError, load_config
 from .evaluate import EvaluationInputError, SeriesTruth, TruthCohort
-from .io.selection import SeriesDecision
-from .maps import token_grid_map, upsample_token_map
+from codegraph3d.io.selection import SeriesDecision
+from codegraph3d.maps import token_grid_map, upsample_token_map
 from .metrics import StreamingBinaryMetrics, patient_auroc, patient_average_precision
-from .pipeline import (
+from codegraph3d.pipeline import (
     CohortError,
     StageTimer,
     TokenisedSeries,
@@ -74,10 +74,10 @@ from .pipeline import (
     select_input,
     tokenise_selected,
 )
-from .preprocess import PreprocessedVolume, resample_from_source
-from .scoring import score_batch
-from .tokens import AXES, EncodedVolume, TokenSet, parse_views, project
-from .volume import index_to_physical_matrix
+from codegraph3d.preprocess import PreprocessedVolume, resample_from_source
+from codegraph3d.batch_scoring import score_batch
+from codegraph3d.tokens import AXES, EncodedVolume, TokenSet, parse_views, project
+from codegraph3d.volume import index_to_physical_matrix
 
 __all__ = [
     "CHUNK_DIVISORS",
@@ -120,7 +120,7 @@ PAPER_HEADLINE: dict[str, Any] = {
 # RAS <-> LPS flips x and y (NIfTI affines are RAS).
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _FILL_HINT = (
-    "fill the cache first: python -m codegraph3d.ablations fill --input {dicom} --cache {cache} "
+    "fill the cache first: python -m codegraph3d_research.ablations fill --input {dicom} --cache {cache} "
     "(or run the app with cache.folder: {cache} in the CODEGRAPH3D_CONFIG file)"
 )
 
@@ -210,7 +210,7 @@ def _lesion_on_source_grid(row: SeriesTruth, prepared: PreprocessedVolume) -> np
         prepared.source_origin, prepared.source_spacing, prepared.source_direction
     )
     affine = np.asarray(image.affine, dtype=float)
-    # Tolerances as in codegraph3d.evaluate: far above float32 header rounding, far below a misfit.
+    # Tolerances as in codegraph3d_research.evaluate: far above float32 header rounding, far below a misfit.
     if not (np.allclose(affine[:3, :3], expected[:3, :3], atol=1e-3) and np.allclose(affine[:3, 3], expected[:3, 3], atol=1e-2)):
         raise AblationError(
             f"{path}: not on the grid of the cached series {row.series_instance_uid} (NIfTI affine "
@@ -781,7 +781,7 @@ def fill_cache(
 
 def _fill_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m codegraph3d.ablations fill",
+        prog="python -m codegraph3d_research.ablations fill",
         description="Tokenise every selected series of a DICOM folder into the token cache "
         "(configuration as for the app: CODEGRAPH3D_CONFIG, else codegraph3d.yaml in the model folder).",
     )
@@ -823,9 +823,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "fill":
         return _fill_main(argv[1:])
     parser = argparse.ArgumentParser(
-        prog="python -m codegraph3d.ablations",
+        prog="python -m codegraph3d_research.ablations",
         description="Ablation tables (views, chunked batches, projection size, layers) rescored from the "
-        "token cache. 'python -m codegraph3d.ablations fill --input DICOM_DIR --cache CACHE_DIR' fills it.",
+        "token cache. 'python -m codegraph3d_research.ablations fill --input DICOM_DIR --cache CACHE_DIR' fills it.",
     )
     parser.add_argument("--cache", required=True, help="token cache folder (or one settings folder in it)")
     parser.add_argument("--truth", required=True, help="cohort folder with labels.json and the truth masks")

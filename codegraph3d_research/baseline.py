@@ -1,6 +1,6 @@
 """Per-position intensity z-score baseline, scored like the product.
 
-``python -m codegraph3d.baseline --input DICOM_DIR --truth TRUTH_DIR [--out DIR] [--config FILE]
+``python -m codegraph3d_research.baseline --input DICOM_DIR --truth TRUTH_DIR [--out DIR] [--config FILE]
 [--compare PRODUCT_METRICS_JSON]``
 
 The simplest batch-based zero-shot detector: a voxel is anomalous when its intensity is far from
@@ -24,8 +24,8 @@ product except the scoring, so the product has to beat it to show that its token
   the default 100 is the maximum, as the product's volume score is its maximum token score;
 * **map back**: :func:`codegraph3d.preprocess.resample_to_source` (linear) onto each series'
   native grid;
-* **metrics**: :class:`codegraph3d.evaluate.BatchAccumulator` against the truth folder, exactly as
-  :mod:`codegraph3d.evaluate` does for the product (same truth checks; the voxel histogram spans
+* **metrics**: :class:`codegraph3d_research.evaluate.BatchAccumulator` against the truth folder, exactly as
+  :mod:`codegraph3d_research.evaluate` does for the product (same truth checks; the voxel histogram spans
   ``[0, the batch's largest |z|]``). The baseline has no binary threshold, so there is no "Dice at
   the product's threshold".
 
@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from .config import ConfigError, config_hash, load_config
+from codegraph3d.config import ConfigError, config_hash, load_config
 from .evaluate import (
     BatchAccumulator,
     Evaluation,
@@ -63,16 +63,16 @@ from .evaluate import (
     notes_and_exclusions,
     write_evaluation,
 )
-from .io.dicom import load_series_volume
-from .io.selection import SeriesDecision
-from .pipeline import CohortError, preprocess_config, reference_groups, scan_input, select_input
-from .preprocess import (
+from codegraph3d.io.dicom import load_series_volume
+from codegraph3d.io.selection import SeriesDecision
+from codegraph3d.pipeline import CohortError, preprocess_config, reference_groups, scan_input, select_input
+from codegraph3d.preprocess import (
     PreprocessConfig,
     PreprocessedVolume,
     preprocess_volume,
     resample_to_source,
 )
-from .volume import Volume
+from codegraph3d.volume import Volume
 
 __all__ = [
     "BASELINE_SCHEMA",
@@ -88,6 +88,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# Kept from the module's first home (codegraph3d.baseline): readers of saved results check it.
 BASELINE_SCHEMA = "codegraph3d.baseline/1"
 
 
@@ -270,7 +271,7 @@ def run_baseline(
     input_dir : path-like
         The DICOM folder (the product's ``-i``).
     truth : path-like
-        The cohort folder (labels.json, truth/); see :mod:`codegraph3d.evaluate`.
+        The cohort folder (labels.json, truth/); see :mod:`codegraph3d_research.evaluate`.
     config : mapping, optional
         Run configuration; default :func:`codegraph3d.config.load_config` (``CODEGRAPH3D_CONFIG``
         applies).
@@ -289,7 +290,7 @@ def run_baseline(
     CohortError
         When the input holds nothing to score.
     TruthMismatchError
-        When the truth does not describe the input (see :mod:`codegraph3d.evaluate`).
+        When the truth does not describe the input (see :mod:`codegraph3d_research.evaluate`).
     """
     from .plots import case_slices
 
@@ -497,7 +498,7 @@ def default_out_dir(truth: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Command line; returns the exit code (0 done, 2 bad input or configuration)."""
     parser = argparse.ArgumentParser(
-        prog="python -m codegraph3d.baseline",
+        prog="python -m codegraph3d_research.baseline",
         description="Per-position intensity z-score baseline on the product's preprocessing, evaluated like the product.",
     )
     parser.add_argument("--input", required=True, help="DICOM folder (the app's -i)")

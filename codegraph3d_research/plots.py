@@ -2,7 +2,7 @@
 
 All drawing uses :class:`matplotlib.figure.Figure` directly (the Agg renderer, no pyplot, no
 display, no global state), so it runs headless and in threads. Everything is drawn from data an
-evaluation already holds (:class:`codegraph3d.evaluate.Evaluation`): score lists, voxel
+evaluation already holds (:class:`codegraph3d_research.evaluate.Evaluation`): score lists, voxel
 histograms, and three orthogonal slices per lesion series cut while the volumes were loaded
 (:func:`case_slices`), so no volume is read again.
 
@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .atomic import atomic_path
+from codegraph3d.atomic import atomic_path
 from .metrics import patient_pr_curve, patient_roc_curve
-from .volume import Volume
+from codegraph3d.volume import Volume
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -1,6 +1,6 @@
 """Score a run's outputs against ground truth.
 
-``python -m codegraph3d.evaluate --run OUTPUT_FOLDER --truth TRUTH_FOLDER [--out DIR] [--no-plots]``
+``python -m codegraph3d_research.evaluate --run OUTPUT_FOLDER --truth TRUTH_FOLDER [--out DIR] [--no-plots]``
 
 Inputs
 ------
@@ -10,7 +10,7 @@ Inputs
     ``output.fractional: true``; without them only patient-level metrics and the Dice of the
     BINARY masks are computed, and the output says so).
 ``TRUTH_FOLDER``
-    A cohort folder in the demo cohort's format (:func:`codegraph3d.synthetic.make_cohort`):
+    A cohort folder in the demo cohort's format (:func:`codegraph3d_research.synthetic.make_cohort`):
 
     * ``labels.json``: ``{"studies": [{"patient_id", "study_instance_uid", "series": [...],
       "distractors": [...]}, ...]}``; each entry of ``series`` holds ``series_instance_uid``,
@@ -35,13 +35,13 @@ patient AUROC / AP
 voxel AUROC / AP, Dice-max (+ its threshold on the unit scale and the IoU there)
     Pooled over the truth brain voxels of every scored series, from the FRACTIONAL SEGs (unit
     scores, one linear mapping per batch), in streaming histograms
-    (:class:`codegraph3d.metrics.StreamingBinaryMetrics`), so no voxel array is ever sorted.
+    (:class:`codegraph3d_research.metrics.StreamingBinaryMetrics`), so no voxel array is ever sorted.
 Dice / IoU at the product's threshold
     Of the BINARY SEGs over whole volumes (what a user gets), pooled over the batch.
 
 Outputs (``--out``, default ``<run>/../<run name>-evaluation``; never inside the run folder, which
 holds only ``SEG/`` and ``report.json``): ``metrics.json`` (schema ``codegraph3d.evaluation/1``),
-``metrics.md`` and the pictures of :mod:`codegraph3d.plots`.
+``metrics.md`` and the pictures of :mod:`codegraph3d_research.plots`.
 """
 
 from __future__ import annotations
@@ -62,10 +62,10 @@ import highdicom as hd
 import nibabel as nib
 import numpy as np
 
-from .atomic import atomic_path
-from .io.dicom import SeriesHeader, load_series_volume, scan_headers
+from codegraph3d.atomic import atomic_path
+from codegraph3d.io.dicom import SeriesHeader, load_series_volume, scan_headers
 from .metrics import StreamingBinaryMetrics, patient_auroc, patient_average_precision
-from .volume import Volume
+from codegraph3d.volume import Volume
 
 if TYPE_CHECKING:
     from .plots import CaseSlices
@@ -328,7 +328,7 @@ def lps_ras_affine(volume: Volume) -> np.ndarray:
 class BatchAccumulator:
     """Everything one contrast batch's metrics need, filled series by series.
 
-    Used by :func:`evaluate` (the product) and :mod:`codegraph3d.baseline`, so both report the
+    Used by :func:`evaluate` (the product) and :mod:`codegraph3d_research.baseline`, so both report the
     same metrics computed the same way.
 
     Parameters
@@ -358,7 +358,7 @@ class BatchAccumulator:
     cases: list[CaseSlices] = field(default_factory=list)  # lesion series, for the montage
     notes: list[str] = field(default_factory=list)
     # Per series (uid, lesion-voxel counts, other brain-voxel counts) per bin: what a bootstrap
-    # over series needs to recompute the pooled voxel metrics (codegraph3d.compare).
+    # over series needs to recompute the pooled voxel metrics (codegraph3d_research.compare).
     series_histograms: list[tuple[str, np.ndarray, np.ndarray]] = field(default_factory=list)
 
     def add_volume(self, uid: str, score: float, has_lesion: bool, flagged: bool | None = None) -> None:
@@ -859,11 +859,11 @@ def write_evaluation(
     Parameters
     ----------
     evaluation : Evaluation
-        From :func:`evaluate` or :func:`codegraph3d.baseline.run_baseline`.
+        From :func:`evaluate` or :func:`codegraph3d_research.baseline.run_baseline`.
     out_dir : path-like
         Created when missing.
     plots : bool
-        Also draw the pictures of :mod:`codegraph3d.plots`.
+        Also draw the pictures of :mod:`codegraph3d_research.plots`.
     forbidden : iterable of path-like, optional
         Folders ``out_dir`` must not lie in; default the run folder (``metrics["run"]``).
     markdown : callable, optional
@@ -895,7 +895,7 @@ def write_evaluation(
 def main(argv: list[str] | None = None) -> int:
     """Command line; returns the exit code (0 done, 2 bad input)."""
     parser = argparse.ArgumentParser(
-        prog="python -m codegraph3d.evaluate",
+        prog="python -m codegraph3d_research.evaluate",
         description="Score a CoDeGraph3D run's outputs against a cohort's ground truth.",
     )
     parser.add_argument("--run", required=True, help="the app's output folder (report.json, SEG/)")

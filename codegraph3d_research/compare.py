@@ -1,6 +1,6 @@
 """Paired comparison of two conditions over seeds, with bootstrap confidence intervals.
 
-A condition is one or more evaluated runs (``python -m codegraph3d.evaluate`` folders), one per
+A condition is one or more evaluated runs (``python -m codegraph3d_research.evaluate`` folders), one per
 seed; the other condition has one run per seed too, on the *same subjects* (for example the same
 generated cohort rendered with and without heads, or one cohort scored two ways). For each seed
 and contrast the two runs are paired by patient, and the difference ``B - A`` of the seed-mean
@@ -81,7 +81,7 @@ def load_seed_run(folder: str | Path, contrast: str) -> SeedRun:
         if not path.is_file():
             raise ComparisonError(
                 f"{path} does not exist: evaluate the run again with this version "
-                "(python -m codegraph3d.evaluate --run RUN --truth COHORT), which writes both files"
+                "(python -m codegraph3d_research.evaluate --run RUN --truth COHORT), which writes both files"
             )
     metrics = json.loads(metrics_path.read_text())
     rows = [r for r in metrics["series"] if r.get("status") == "scored" and r.get("contrast") == contrast]
@@ -196,7 +196,7 @@ def paired_bootstrap(
 def main(argv: list[str] | None = None) -> int:
     """Command line; prints a Markdown table, returns 0 (2 on bad input)."""
     parser = argparse.ArgumentParser(
-        prog="python -m codegraph3d.compare",
+        prog="python -m codegraph3d_research.compare",
         description="Paired bootstrap comparison of two conditions, one evaluated run per seed each.",
     )
     parser.add_argument("--a", nargs="+", required=True, metavar="EVALUATION", help="condition A, one folder per seed")

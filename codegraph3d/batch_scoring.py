@@ -1,0 +1,176 @@
+"""One contrast batch scored end to end: MuSc (or CoDeGraph-filtered MuSc) on every layer, fused.
+
+This sits above both scorers: :mod:`codegraph3d.scoring` (nearest distances, MuSc, layer
+fusion) and :mod:`codegraph3d.codegraph` (consistent-anomaly filtering, built on the former), so
+neither has to import the other's caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .codegraph import CoDeGraphConfig, CoDeGraphDiagnostics, codegraph_scores
+from .scoring import (
+    SCORING_METHODS,
+    active_selection_precision,
+    check_chunk_size,
+    check_layer_token_sets,
+    fit_chunk_size,
+    fuse_layers,
+    k_for_references,
+    musc_scores,
+    musc_scores_windowed,
+    reference_sets,
+    selection_precision,
+    volume_scores,
+)
+
+__all__ = ["BatchScores", "score_batch"]
+
+
+@dataclass
+class BatchScores:
+    """MuSc (or CoDeGraph-filtered MuSc) scores of one contrast batch.
+
+    Attributes
+    ----------
+    token_scores : list of numpy.ndarray
+        Layer-fused ``(N_i,)`` float32 token scores, one array per volume.
+    volume_scores : numpy.ndarray
+        ``(B,)`` float32, the maximum fused token score of each volume.
+    per_layer : list of list of numpy.ndarray
+        ``per_layer[layer][volume]``, the unfused scores.
+    n_references : numpy.ndarray
+        ``(B,)`` int, reference volumes used for each volume (after group exclusion).
+    k : numpy.ndarray
+        ``(B,)`` int, the ``K`` used for each volume.
+    codegraph : CoDeGraphDiagnostics, optional
+        Communities, graph and token counts when scored with ``method="codegraph"``; else None.
+    """
+
+    token_scores: list[np.ndarray]
+    volume_scores: np.ndarray
+    per_layer: list[list[np.ndarray]]
+    n_references: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    k: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    codegraph: CoDeGraphDiagnostics | None = None
+
+
+def score_batch(
+    layer_token_sets: Sequence[Sequence[np.ndarray]],
+    *,
+    k_fraction: float = 0.3,
+    groups: Sequence[Hashable] | None = None,
+    device: str | torch.device | None = None,
+    chunk_size: int = 4096,
+    window_radius: int | None = None,
+    coords: Sequence[np.ndarray] | None = None,
+    grid_shape: tuple[int, int, int] | None = None,
+    method: str = "musc",
+    codegraph: CoDeGraphConfig | None = None,
+    memory_budget_mb: float | None = None,
+    precision: str = "float32",
+    on_layer_done: Callable[[int, int], None] | None = None,
+) -> BatchScores:
+    """Run MuSc on every layer of a batch, fuse the layers and take volume scores.
+
+    Parameters
+    ----------
+    layer_token_sets : sequence of sequence of numpy.ndarray
+        ``layer_token_sets[layer][volume]`` is an ``(N_volume, D_layer)`` array. ``N_volume`` must
+        agree across layers (the same tokens, seen at different depths); ``D`` may differ.
+    k_fraction, groups, device, chunk_size
+        As in :func:`musc_scores`.
+    window_radius : int, optional
+        ``None`` (default, the paper's global matching): :func:`musc_scores`. An integer: spatially
+        windowed matching, :func:`musc_scores_windowed`, which needs ``coords`` and ``grid_shape``.
+    method : {"musc", "codegraph"}, default "musc"
+        ``"codegraph"``: MuSc with consistent-anomaly filtering,
+        :func:`codegraph3d.codegraph.codegraph_scores`; the result's ``codegraph`` attribute then
+        holds its diagnostics. When it finds no community the scores equal ``"musc"`` exactly.
+    codegraph : CoDeGraphConfig, optional
+        Settings for ``method="codegraph"`` (``None``: the defaults); must be ``None`` otherwise.
+    memory_budget_mb : float, optional
+        Bound on the scorer's extra memory (device memory on CUDA): ``chunk_size`` is lowered to
+        fit (:func:`fit_chunk_size`; results do not depend on it), and a batch that cannot fit
+        at all is refused with the largest batch size that would. ``None``: no bound.
+    precision : {"float32", "tf32"}, default "float32"
+        Arithmetic of the neighbour-choosing matmuls (:func:`selection_precision`); distances
+        are exact either way, within :func:`selection_error_bound` of the true nearest.
+    on_layer_done : callable, optional
+        Called as ``on_layer_done(layers_done, n_layers)`` after each layer's nearest-neighbour
+        pass (the bulk of the work), for progress reporting.
+
+    Returns
+    -------
+    BatchScores
+    """
+    if precision != active_selection_precision():
+        # Enter the precision once for every layer and pass (CoDeGraph rescoring included).
+        with selection_precision(precision):
+            return score_batch(
+                layer_token_sets, k_fraction=k_fraction, groups=groups, device=device,
+                chunk_size=chunk_size, window_radius=window_radius, coords=coords,
+                grid_shape=grid_shape, method=method, codegraph=codegraph,
+                memory_budget_mb=memory_budget_mb, precision=precision, on_layer_done=on_layer_done,
+            )
+    if not isinstance(method, str) or method not in SCORING_METHODS:
+        raise ValueError(f"method must be one of {SCORING_METHODS}; got {method!r}")
+    if method != "codegraph" and codegraph is not None:
+        raise ValueError(
+            f"a CoDeGraph configuration was given with method={method!r}; pass "
+            "method='codegraph' to use it, or leave codegraph=None"
+        )
+    if window_radius is not None and (coords is None or grid_shape is None):
+        raise ValueError("windowed scoring needs the token coords and the grid shape")
+    n_volumes = check_layer_token_sets(layer_token_sets)
+    if memory_budget_mb is not None:
+        if not memory_budget_mb > 0:
+            raise ValueError(f"memory_budget_mb must be positive; got {memory_budget_mb!r}")
+        chunk_size = fit_chunk_size(
+            [a.shape[0] for a in layer_token_sets[0]],
+            max(int(np.asarray(sets[0]).shape[1]) for sets in layer_token_sets),
+            memory_budget_mb, chunk_size=check_chunk_size(chunk_size), window_radius=window_radius,
+            grid_shape=grid_shape,
+        )
+    refs = reference_sets(n_volumes, groups)
+    n_refs = np.array([len(r) for r in refs], dtype=int)
+    if method == "codegraph":
+        result = codegraph_scores(
+            layer_token_sets, CoDeGraphConfig() if codegraph is None else codegraph,
+            k_fraction=k_fraction, groups=groups, device=device, chunk_size=chunk_size,
+            window_radius=window_radius, coords=coords, grid_shape=grid_shape, on_layer_done=on_layer_done,
+        )
+        return BatchScores(
+            token_scores=result.token_scores,
+            volume_scores=result.volume_scores,
+            per_layer=result.per_layer,
+            n_references=n_refs,
+            k=np.array([k_for_references(int(n), k_fraction) for n in n_refs], dtype=int),
+            codegraph=result.diagnostics,
+        )
+    per_layer = []
+    for sets in layer_token_sets:
+        if window_radius is None:
+            per_layer.append(musc_scores(sets, k_fraction, groups=groups, device=device, chunk_size=chunk_size))
+        else:
+            per_layer.append(
+                musc_scores_windowed(
+                    sets, coords, grid_shape, window_radius, k_fraction, groups=groups, device=device,
+                    chunk_size=chunk_size,
+                )
+            )
+        if on_layer_done is not None:
+            on_layer_done(len(per_layer), len(layer_token_sets))
+    fused = fuse_layers(per_layer)
+    return BatchScores(
+        token_scores=fused,
+        volume_scores=volume_scores(fused),
+        per_layer=per_layer,
+        n_references=n_refs,
+        k=np.array([k_for_references(int(n), k_fraction) for n in n_refs], dtype=int),
+    )

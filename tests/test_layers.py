@@ -1,0 +1,64 @@
+"""The import contracts of pyproject.toml ([tool.importlinter]) hold, and fail on a violation."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+
+
+def lint_imports(folder: Path) -> subprocess.CompletedProcess[str]:
+    """``lint-imports`` with ``folder`` first on the import path and its pyproject.toml as config."""
+    env = {**os.environ, "PYTHONPATH": str(folder)}
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache", "--config", str(folder / "pyproject.toml")],
+        cwd=folder, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def packages(folder: Path) -> Path:
+    """Empty stand-ins of the three root packages, with the project's contracts, under ``folder``."""
+    shutil.copy(ROOT / "pyproject.toml", folder / "pyproject.toml")
+    for package in ("codegraph3d", "codegraph3d_research", "operators"):
+        (folder / package).mkdir()
+        (folder / package / "__init__.py").write_text("")
+    return folder
+
+
+def test_the_product_keeps_its_import_contracts():
+    completed = lint_imports(ROOT)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "0 broken" in completed.stdout
+
+
+def test_the_stand_in_packages_keep_the_contracts(tmp_path: Path):
+    completed = lint_imports(packages(tmp_path))
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+def test_the_contract_fails_when_the_product_imports_research_code(tmp_path: Path):
+    packages(tmp_path)
+    (tmp_path / "codegraph3d_research" / "metrics.py").write_text("def auroc():\n    return 1.0\n")
+    # An import inside a function counts: it still ships the research code's dependency.
+    (tmp_path / "codegraph3d" / "report.py").write_text(
+        "def write():\n    from codegraph3d_research.metrics import auroc\n    return auroc()\n")
+    completed = lint_imports(tmp_path)
+    assert completed.returncode == 1, completed.stdout + completed.stderr
+    assert "BROKEN" in completed.stdout and "codegraph3d.report -> codegraph3d_research.metrics" in completed.stdout
+
+
+def test_the_contract_fails_on_an_import_cycle_in_the_product(tmp_path: Path):
+    packages(tmp_path)
+    (tmp_path / "codegraph3d" / "scoring.py").write_text("from codegraph3d.codegraph import rescore\n")
+    # The way back hides inside a function, where a lazy import used to hide such cycles.
+    (tmp_path / "codegraph3d" / "codegraph.py").write_text(
+        "def rescore():\n    from codegraph3d import scoring\n    return scoring\n")
+    completed = lint_imports(tmp_path)
+    assert completed.returncode == 1, completed.stdout + completed.stderr
+    assert "No import cycles in the product" in completed.stdout and "BROKEN" in completed.stdout
