@@ -27,6 +27,10 @@ The rule
    looking: ``bank.add_scored: unflagged``, or curated) were scored in the same batch, those
    volumes only: bounds from volumes assumed normal do not depend on how many of the input's
    volumes are abnormal. Fewer than ``min_reference_volumes`` (3) references flag nothing.
+   With a cohort bank, the evidence bound is calibrated on the bank's own volumes
+   (``bank_false_flag_rate``; :func:`bank_calibration`): each is standardised against the others
+   as the query is against all of them, and the bound is the k-th largest of their evidence, so
+   a normal query is flagged with probability at most ``k / (n + 1)`` whatever the encoder.
 2. **Findings, not single tokens.** Tokens with ``z > token_z`` are grouped into connected
    components on the token grid (26-connectivity). A component's *evidence* is its mass above
    the bound, ``sum(z - token_z)`` over its tokens times a token's volume (z x ml, so that it

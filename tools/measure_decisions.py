@@ -13,7 +13,7 @@ alone):
 * per lesion series: lesion volume (ml) and whether it was flagged (the detection limit).
 
 Batches are named groups of cohorts pooled into one batch per contrast (``--batch
-all48=subjects48_s40``); ``--bank-studies Q --bank B`` scores every study of the cohorts ``Q``
+all48=subjects48_s40``; ``--normal-batch`` keeps only their lesion-free series); ``--bank-studies Q --bank B`` scores every study of the cohorts ``Q``
 alone against the volumes of the cohorts ``B`` as a cohort bank (the per-study clinical mode).
 
 Usage::
@@ -176,10 +176,12 @@ def _load(root: Path, names: Sequence[str], config: Mapping[str, Any]) -> dict[s
     return pooled
 
 
-def measure_batch(root: Path, names: Sequence[str], config: Mapping[str, Any]) -> dict[str, Any]:
-    """One pooled batch per contrast of the named cohorts."""
+def measure_batch(root: Path, names: Sequence[str], config: Mapping[str, Any], normals_only: bool = False) -> dict[str, Any]:
+    """One pooled batch per contrast of the named cohorts (``normals_only``: their lesion-free series)."""
     out = {}
     for contrast, series in sorted(_load(root, names, config).items()):
+        if normals_only:
+            series = [item for item in series if not item.has_lesion]
         tally = Tally()
         _tally_batch(series, len(series), config, tally)
         out[contrast] = tally.summary()
@@ -218,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=Path("work/decisions"), help="cohorts and cache/ (default work/decisions)")
     parser.add_argument("--batch", action="append", default=[], metavar="NAME=COHORT[,COHORT...]")
+    parser.add_argument("--normal-batch", action="append", default=[], metavar="NAME=COHORT[,COHORT...]",
+                        help="an all-normal batch: the lesion-free series of the named cohorts")
     parser.add_argument("--bank-studies", nargs="+", default=[], metavar="COHORT", help="cohorts scored study by study")
     parser.add_argument("--bank", nargs="+", default=[], metavar="COHORT", help="cohorts that form the bank")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="configuration override")
@@ -235,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.batch:
         name, _, cohorts = spec.partition("=")
         results[name] = measure_batch(args.root, cohorts.split(","), config)
+    for spec in args.normal_batch:
+        name, _, cohorts = spec.partition("=")
+        results[name] = measure_batch(args.root, cohorts.split(","), config, normals_only=True)
     if args.bank_studies:
         results["single studies vs bank"] = measure_bank_studies(args.root, args.bank_studies, args.bank, config)
     _print(results, args.lesions)
