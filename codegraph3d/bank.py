@@ -441,3 +441,7 @@ def series_record(record: Any) -> dict[str, Any]:
         "series_description": decision.series_description,
         "tokens": record.tokens,
     }
+
+
+if __name__ == "__main__":  # the command line moved to the codegraph3d command (codegraph3d.cli)
+    raise SystemExit("python -m codegraph3d.bank is now: python -m codegraph3d bank ... (see --help)")

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .codegraph import CoDeGraphConfig, CoDeGraphDiagnostics, codegraph_scores
 from .scoring import (
     SCORING_METHODS,
     active_selection_precision,
@@ -28,6 +28,9 @@ from .scoring import (
     selection_precision,
     volume_scores,
 )
+
+if TYPE_CHECKING:
+    from .codegraph import CoDeGraphConfig, CoDeGraphDiagnostics
 
 __all__ = ["BatchScores", "score_batch"]
 
@@ -140,6 +143,10 @@ def score_batch(
     refs = reference_sets(n_volumes, groups)
     n_refs = np.array([len(r) for r in refs], dtype=int)
     if method == "codegraph":
+        # Loaded here: igraph and leidenalg are needed by CoDeGraph only (a MuSc-only benchmark
+        # on a bare GPU machine runs without them).
+        from .codegraph import CoDeGraphConfig, codegraph_scores
+
         result = codegraph_scores(
             layer_token_sets, CoDeGraphConfig() if codegraph is None else codegraph,
             k_fraction=k_fraction, groups=groups, device=device, chunk_size=chunk_size,

@@ -159,7 +159,17 @@ def settings_material(
             "min_brain_fraction": config["tokens"]["min_brain_fraction"],
         },
         "encoder": {key: identity[key] for key in _ENCODER_KEYS},
-        **({"landmarks": dict(landmarks)} if landmarks else {}),
+        # The references' values and percentiles, not their "source" text: that names files as
+        # they were written (relative or absolute) and commands, which change nothing cached.
+        **({"landmarks": _landmark_values(landmarks)} if landmarks else {}),
+    }
+
+
+def _landmark_values(landmarks: Mapping[str, Any]) -> dict[str, Any]:
+    """Each contrast's reference landmarks without the descriptive ``source`` (as the bank keeps them)."""
+    return {
+        contrast: {key: value for key, value in item.items() if key != "source"} if isinstance(item, Mapping) else item
+        for contrast, item in landmarks.items()
     }
 
 

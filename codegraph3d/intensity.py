@@ -483,3 +483,7 @@ def template_reference(percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> Re
             f"brain = intensity > {_TEMPLATE_MASK_FRACTION:g} x max ({int(mask.sum())} voxels)"
         ),
     )
+
+
+if __name__ == "__main__":  # the command line moved to the codegraph3d command (codegraph3d.cli)
+    raise SystemExit("python -m codegraph3d.intensity is now: python -m codegraph3d landmarks ... (see --help)")

@@ -53,7 +53,7 @@ all-normal batches (``tools/measure_decisions.py``; the product reports it as th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -368,8 +368,8 @@ class BankCalibration:
     n_reference : int
         Reference (bank) volumes.
     false_flag_bound : float
-        ``rank / (n_reference + 1)``: a normal study exchangeable with the bank's volumes has
-        evidence above the bound with probability at most this (a conformal bound).
+        ``rank / (n_reference + 1)``: a normal study like the bank's volumes has evidence above
+        the bound with probability at most about this (a conformal bound; :func:`bank_calibration`).
     evidence : tuple of float
         Each reference volume's largest finding evidence (z x ml), scored against the other
         references only, largest first.
@@ -384,7 +384,8 @@ class BankCalibration:
     def record(self) -> dict[str, Any]:
         """The calibration as report.json's ``threshold_params.bank_calibration`` holds it."""
         return {"finding_mass": self.finding_mass, "rank": self.rank, "n_reference_volumes": self.n_reference,
-                "false_flag_bound": self.false_flag_bound, "largest_evidence": list(self.evidence[:max(self.rank, 5)])}
+                "false_flag_bound": self.false_flag_bound,
+                "largest_evidence": [round(value, 4) for value in self.evidence[:max(self.rank, 5)]]}
 
 
 def bank_calibration(
@@ -393,31 +394,50 @@ def bank_calibration(
     grid_shape: tuple[int, int, int],
     policy: LesionPolicy,
     token_ml: float = 1.0,
+    groups: Sequence[Hashable] | None = None,
 ) -> BankCalibration | None:
     """Evidence bound from a cohort bank's volumes, each scored against the others (leave one out).
 
     The bank's volumes are normal-looking studies scored in the same batch as the query, so each
-    is, to the policy, what a normal query would be: standardised against the *other* references
-    (as a query is against all of them), its largest finding's evidence is a draw from the
-    evidence of normal studies. With ``n`` such draws, a normal query exceeds the ``k``-th
-    largest with probability at most ``k / (n + 1)`` (exchangeability; the conformal argument), so
-    ``k = floor(bank_false_flag_rate * (n + 1))`` states the false-flag rate without assuming a
-    distribution, for this encoder, contrast and bank. A missed lesion in the bank only raises
-    the bound (fewer flags, never more).
+    is, to the policy, what a normal query would be: standardised against the references of
+    *other* patients (as a query is against the whole bank, which never holds its own patient),
+    its largest finding's evidence is a draw from the evidence of normal studies. With ``n`` such
+    draws, a normal query exceeds the ``k``-th largest with probability at most about
+    ``k / (n + 1)`` (the conformal argument for exchangeable draws; approximate here, since the
+    query's statistics rest on one patient's volumes more than each left-out volume's, which makes
+    the bound, if anything, conservative), so ``k = floor(bank_false_flag_rate * (n + 1))`` states
+    the false-flag rate without assuming a distribution, for this encoder, contrast and bank. A
+    missed lesion in the bank only raises the bound. A bank grown with ``bank.add_scored:
+    unflagged`` keeps only studies below its bound, which lowers the bound over time: calibrate on
+    banks of curated normal studies.
+
+    Parameters
+    ----------
+    reference_scores, reference_coords : sequence of numpy.ndarray
+        The bank volumes' fused token scores and grid indices, from the query's batch.
+    grid_shape : tuple of int
+    policy : LesionPolicy
+    token_ml : float
+    groups : sequence of hashable, optional
+        Patient (or study) of each bank volume: a volume is left out with every volume of its
+        group. ``None``: each volume is its own group.
 
     Returns
     -------
     BankCalibration or None
         ``None`` when the rate asks for no bound (``k < 1``: fewer than ``1 / rate - 1`` bank
-        volumes) or too few volumes remain to standardise one against the others.
+        volumes) or too few volumes of other groups remain to standardise one against.
     """
     n = len(reference_scores)
+    groups = list(range(n)) if groups is None else list(groups)
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} groups for {n} bank volumes")
     rank = int(np.floor(policy.bank_false_flag_rate * (n + 1) + 1e-9))
-    if rank < 1 or n - 1 < policy.min_reference_volumes:
+    if rank < 1 or n - max(groups.count(g) for g in set(groups)) < policy.min_reference_volumes:
         return None
     evidence = []
     for left_out in range(n):
-        others = [index for index in range(n) if index != left_out]
+        others = [index for index in range(n) if groups[index] != groups[left_out]]
         statistics = position_statistics(
             [reference_scores[i] for i in others], [reference_coords[i] for i in others], grid_shape,
             policy.prior_volumes, by_position=policy.by_position, tail_quantile=policy.tail_quantile,
@@ -425,7 +445,7 @@ def bank_calibration(
         scores, where = np.asarray(reference_scores[left_out]), reference_coords[left_out]
         found = token_findings(standardise(scores, where, statistics), scores, where, grid_shape, policy, token_ml)
         evidence.append(max((finding.mass for finding in found), default=0.0))
-    ordered = tuple(sorted((round(float(value), 4) for value in evidence), reverse=True))
+    ordered = tuple(sorted((float(value) for value in evidence), reverse=True))
     return BankCalibration(finding_mass=ordered[rank - 1], rank=rank, n_reference=n,
                            false_flag_bound=rank / (n + 1), evidence=ordered)
 
@@ -455,6 +475,7 @@ def decide_lesions(
     token_ml: float = 1.0,
     reference_scores: Sequence[np.ndarray] | None = None,
     reference_coords: Sequence[np.ndarray] | None = None,
+    reference_groups: Sequence[Hashable] | None = None,
 ) -> LesionDecision:
     """Flag volumes and choose mask values by the lesion policy (module docstring).
 
@@ -470,6 +491,8 @@ def decide_lesions(
         Reference volumes scored in the same batch (a cohort bank's studies, assumed normal); at
         least ``min_reference_volumes`` of them alone give the position statistics (fewer join
         the queries'). ``None``: the query volumes themselves.
+    reference_groups : sequence of hashable, optional
+        Patient of each reference volume, for the bank calibration's leave-one-patient-out.
     """
     if len(token_scores) != len(coords) or not len(token_scores):
         raise ValueError(f"{len(token_scores)} score arrays for {len(coords)} coordinate arrays; need >= 1 of each")
@@ -489,7 +512,9 @@ def decide_lesions(
     )
     calibration_record: dict[str, Any] = {}
     if banked and policy.bank_false_flag_rate > 0:
-        calibration = bank_calibration(reference_scores, reference_coords, grid_shape, policy, token_ml)  # type: ignore[arg-type]
+        calibration = bank_calibration(
+            reference_scores, reference_coords, grid_shape, policy, token_ml, reference_groups,  # type: ignore[arg-type]
+        )
         if calibration is None:
             calibration_record = {"bank_calibration": f"not calibrated: {n_bank} bank volume(s) are too few for a "
                                                       f"false-flag rate of {policy.bank_false_flag_rate:g}"}

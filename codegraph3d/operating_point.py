@@ -93,9 +93,9 @@ def bank_operating_point(params: Mapping[str, Any]) -> dict[str, Any] | None:
     Returns
     -------
     dict or None
-        ``false_flag_rate_per_normal_series`` (the conformal bound ``rank / (n + 1)``),
-        ``normal_series`` (the bank volumes), ``flagged`` (the rank: bank volumes at or above the
-        bound, each scored against the others) and ``measured_on``.
+        ``false_flag_rate_per_normal_series`` (the bound ``rank / (n + 1)``: an upper bound, not a
+        count of flags), ``normal_series`` (the bank volumes it rests on), ``bound_rank`` and
+        ``measured_on``.
     """
     calibration = params.get("bank_calibration")
     if not isinstance(calibration, Mapping):
@@ -103,10 +103,11 @@ def bank_operating_point(params: Mapping[str, Any]) -> dict[str, Any] | None:
     return {
         "false_flag_rate_per_normal_series": calibration["false_flag_bound"],
         "normal_series": calibration["n_reference_volumes"],
-        "flagged": calibration["rank"],
+        "bound_rank": calibration["rank"],
         "measured_on": (
             f"this batch's {calibration['n_reference_volumes']} cohort-bank volumes, each scored against the "
-            f"others (leave one out); the bound is their {calibration['rank']}-th largest evidence, so a normal "
-            f"study is flagged with probability at most {calibration['rank']}/{calibration['n_reference_volumes'] + 1}"
+            f"others (leave one patient out); the bound is their {calibration['rank']}-th largest evidence, so a "
+            f"normal study is flagged with probability at most about {calibration['rank']}/"
+            f"{calibration['n_reference_volumes'] + 1}"
         ),
     }

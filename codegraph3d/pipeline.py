@@ -614,6 +614,7 @@ def open_bank(config: Mapping[str, Any], tokenisation: Tokenisation, create: boo
 def _lesion_decision(
     scores: BatchScores, coords: list[np.ndarray], n: int, grid_shape: tuple[int, int, int],
     config: Mapping[str, Any], token_ml: float, contrast: str | None = None,
+    groups: Sequence[Hashable] | None = None,
 ) -> ThresholdDecision:
     """The lesion policy on a batch's first ``n`` volumes; bank volumes after them, if any, as references.
 
@@ -633,6 +634,7 @@ def _lesion_decision(
         outcome = decide_lesions(
             scores.token_scores[:n], coords[:n], grid_shape, policy, token_ml=token_ml,
             reference_scores=scores.token_scores[n:], reference_coords=coords[n:],
+            reference_groups=None if groups is None else list(groups)[n:],
         )
     else:
         outcome = decide_lesions(scores.token_scores, coords, grid_shape, policy, token_ml=token_ml)
@@ -679,6 +681,7 @@ def token_volume_ml(series: TokenisedSeries) -> float:
 def decide_batch(
     scores: BatchScores, coords: Sequence[np.ndarray], n: int, grid_shape: tuple[int, int, int],
     config: Mapping[str, Any], token_ml: float = 1.0, contrast: str | None = None,
+    groups: Sequence[Hashable] | None = None,
 ) -> ThresholdDecision:
     """Flags and mask bounds for a scored batch's first ``n`` volumes, by ``threshold.policy``.
 
@@ -687,11 +690,12 @@ def decide_batch(
     entry applies). ``lesion``: :func:`_lesion_decision`. ``bank``: the first version's two-level rule
     with bounds from the bank volumes. ``robust_z``: that rule on the whole batch, bank volumes
     included (the sample an outlier rule needs). ``token_ml`` is one token's volume (ml), the
-    unit of the lesion policy's evidence (:func:`token_volume_ml`).
+    unit of the lesion policy's evidence (:func:`token_volume_ml`). ``groups`` gives each volume's
+    patient (the scoring's groups), so that the bank calibration leaves patients out whole.
     """
     threshold = config["threshold"]
     if threshold["policy"] == "lesion":
-        return _lesion_decision(scores, list(coords), n, grid_shape, config, token_ml, contrast)
+        return _lesion_decision(scores, list(coords), n, grid_shape, config, token_ml, contrast, groups)
     if threshold["policy"] == "bank":
         return decide_thresholds_from_reference(
             scores.token_scores[:n], scores.volume_scores[:n], scores.token_scores[n:], scores.volume_scores[n:],
@@ -803,7 +807,7 @@ def score_batches(tokenisation: Tokenisation, config: Mapping[str, Any]) -> Scor
                     scoring.skipped[member.decision.series_instance_uid] = reason
                 continue
             decision = decide_batch(
-                scores, coords, n, members[0].tokens.grid_shape, config, token_volume_ml(members[0]), contrast,
+                scores, coords, n, members[0].tokens.grid_shape, config, token_volume_ml(members[0]), contrast, groups,
             )
             uids = [m.decision.series_instance_uid for m in members] + [
                 f"bank:{r.entry.series_instance_uid}" for r in references

@@ -164,6 +164,18 @@ def test_projection_and_scoring_settings_keep_the_key_encoder_and_preprocess_cha
         key_material("../../etc", sops, config, encoder)
 
 
+def test_the_landmarks_values_key_the_cache_not_their_source_text(encoder, config):
+    # The source names files as they were written (a relative or an absolute model path) and the
+    # command that makes them: neither changes what is cached, so neither may change the key.
+    reference = {"percentiles": [1.0, 50.0, 99.0], "values": [0.0, 0.4, 1.0], "contrast": "T2w"}
+    here = {"T2w": {**reference, "source": "uniform reference; learn one with python -m codegraph3d landmarks learn"}}
+    there = {"T2w": {**reference, "source": "/elsewhere/models/landmarks/reference_landmarks.json"}}
+    key = cache_key(key_material(UID_A, ["1.2.3.0"], config, encoder, here))
+    assert cache_key(key_material(UID_A, ["1.2.3.0"], config, encoder, there)) == key
+    moved = {"T2w": {**reference, "values": [0.0, 0.5, 1.0], "source": here["T2w"]["source"]}}
+    assert cache_key(key_material(UID_A, ["1.2.3.0"], config, encoder, moved)) != key
+
+
 def test_cache_folder_is_configured_and_validated(tmp_path: Path):
     assert load_config()["cache"]["folder"] == ""
     assert open_cache(load_config()) is None

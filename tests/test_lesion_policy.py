@@ -285,6 +285,7 @@ def test_the_calibrated_bound_replaces_finding_mass_and_is_reported():
     assert record["finding_mass"] == decision.policy.finding_mass
     point = bank_operating_point(decision.params)
     assert point["false_flag_rate_per_normal_series"] == pytest.approx(1 / 24) and point["normal_series"] == 23
+    assert point["bound_rank"] == 1
     # Without a bank the configured bound applies and no calibration is reported.
     batch = decide_lesions([query, *bank[1:]], coords, (6, 6, 6), calibrated, token_ml=0.5)
     assert "bank_calibration" not in batch.params and bank_operating_point(batch.params) is None
@@ -297,3 +298,18 @@ def test_the_bank_rate_is_validated_and_read_from_the_configuration():
         load_config(override={"threshold": {"bank_false_flag_rate": -0.1}})
     config = load_config(override={"threshold": {"bank_false_flag_rate": 0.05}})
     assert lesion_policy_of(config).bank_false_flag_rate == 0.05
+
+
+def test_the_bank_calibration_leaves_a_patients_volumes_out_together():
+    # Two series of one patient share its odd anatomy: left out alone, each hides behind its twin.
+    rng = np.random.default_rng(4)
+    bank, coords = _noisy_batch(20, rng)
+    odd = np.where(_cube(coords[0], (3, 3, 3), 2), 0.3, 0.0)
+    bank[0], bank[1] = bank[0] + odd, bank[0] + odd + 0.001
+    policy = LesionPolicy(token_z=2.0, finding_mass=1e6, bank_false_flag_rate=0.05)
+    alone = bank_calibration(bank, coords, (6, 6, 6), policy, 0.5)
+    groups = ["twin", "twin", *range(18)]
+    together = bank_calibration(bank, coords, (6, 6, 6), policy, 0.5, groups)
+    assert together.evidence[0] > alone.evidence[0] and together.finding_mass >= alone.finding_mass
+    with pytest.raises(ValueError, match="3 groups for 20 bank volumes"):
+        bank_calibration(bank, coords, (6, 6, 6), policy, 0.5, ["a", "b", "c"])

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 try:
-    import codegraph3d  # noqa: F401
+    import codegraph3d_research  # noqa: F401
 except ModuleNotFoundError:
     # Run from a checkout that is not pip-installed: the package sits one folder up.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -30,7 +30,7 @@ if [ ! -f "$out/bank/bank.json" ]; then
   rm -rf "$out/bank"
   CODEGRAPH3D_CONFIG="$base" $py -m codegraph3d bank add "$out/bank" -i "$out/bank_cohort/dicom" -m demo/models
 fi
-CODEGRAPH3D_CONFIG="$base" $py -m codegraph3d.bank check "$out/bank"
+CODEGRAPH3D_CONFIG="$base" $py -m codegraph3d bank check "$out/bank"
 
 arm_config() {  # arm_config ARM -> a YAML file
   local file

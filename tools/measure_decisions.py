@@ -43,7 +43,7 @@ import numpy as np
 import yaml
 
 try:
-    import codegraph3d  # noqa: F401
+    import codegraph3d_research  # noqa: F401
 except ModuleNotFoundError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -121,8 +121,9 @@ def _tally_batch(series: Sequence[AblationSeries], n: int, config: Mapping[str, 
     """Score ``series`` (queries first, then references), decide, and add the queries to ``tally``."""
     scores = _score(series, config)
     coords = [item.record.tokens.coords for item in series]
+    groups = reference_groups([item.record.decision for item in series], config["scoring"]["exclude_same"])
     decision = decide_batch(scores, coords, n, series[0].record.tokens.grid_shape, config,
-                            token_volume_ml(series[0].record), series[0].record.decision.contrast)
+                            token_volume_ml(series[0].record), series[0].record.decision.contrast, groups)
     mask_interpolation = config["output"]["mask_interpolation"]
     score_interpolation = config["output"]["score_interpolation"]
     for index, item in enumerate(series[:n]):

@@ -51,4 +51,4 @@ $py -m codegraph3d_research.benchmark --encoder-only --encoder untrained-vit-l14
 #   tools/run_map.sh --config tools/demo_config.yaml demo/cohort_heads/dicom work/demo_map
 #   CODEGRAPH3D_CONFIG=tools/demo_config.yaml $py tools/peak_memory.py -- \
 #     $py app.py -i demo/cohort_heads/dicom -o work/demo_plain -m demo/models
-#   $py -m codegraph3d.run_diff work/demo_plain work/demo_map
+#   $py -m codegraph3d run-diff work/demo_plain work/demo_map
