@@ -41,10 +41,31 @@ class ConfigError(ValueError):
     """Raised for a configuration file that cannot be used."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that gives one key twice (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(
+                    f"line {line}: key {key!r} is given twice in one section (first on line {seen[key]}); "
+                    "keep one: YAML would silently take the last"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(handle: Any) -> Any:
+    return yaml.load(handle, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def default_config() -> dict[str, Any]:
     """Return a fresh copy of the documented defaults."""
     with _DEFAULTS_PATH.open(encoding="utf-8") as handle:
-        return yaml.safe_load(handle)
+        return _load_yaml(handle)
 
 
 def _compatible(default: Any, value: Any) -> bool:
@@ -142,7 +163,9 @@ def load_config(
 def _read_yaml(path: Path) -> Mapping[str, Any]:
     try:
         with path.open(encoding="utf-8") as handle:
-            values = yaml.safe_load(handle) or {}
+            values = _load_yaml(handle) or {}
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from error
     except (OSError, yaml.YAMLError) as error:
         raise ConfigError(f"{path}: cannot read the configuration file ({error})") from error
     if not isinstance(values, Mapping):

@@ -61,3 +61,18 @@ def test_hash_changes_with_settings_not_with_sources(monkeypatch: pytest.MonkeyP
     c = default_config()
     c["config_sources"] = ["somewhere.yaml"]
     assert config_hash(c) == config_hash(a)
+
+
+def test_a_key_given_twice_is_refused_with_its_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    path = tmp_path / "twice.yaml"
+    path.write_text("threshold:\n  policy: lesion\n  token_z: 4.5\n  policy: robust_z\n", encoding="utf-8")
+    monkeypatch.setenv("CODEGRAPH3D_CONFIG", str(path))
+    with pytest.raises(ConfigError, match=r"twice.yaml: line 4: key 'policy' is given twice .*first on line 2"):
+        load_config()
+    # The same key in two sections is fine.
+    path.write_text("threshold:\n  policy: lesion\nbank:\n  seed: 3\nscoring:\n  batch_seed: 3\n", encoding="utf-8")
+    assert load_config()["bank"]["seed"] == 3
+
+
+def test_the_shipped_defaults_give_no_key_twice():
+    assert default_config()["threshold"]["policy"] == "lesion"
