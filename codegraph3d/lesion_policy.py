@@ -30,7 +30,7 @@ The rule
    With a cohort bank, the evidence bound is calibrated on the bank's own volumes
    (``bank_false_flag_rate``; :func:`bank_calibration`): each is standardised against the others
    as the query is against all of them, and the bound is the k-th largest of their evidence, so
-   a normal query is flagged with probability at most ``k / (n + 1)`` whatever the encoder.
+   a normal query is flagged with probability at most about ``k / (n + 1)`` whatever the encoder.
 2. **Findings, not single tokens.** Tokens with ``z > token_z`` are grouped into connected
    components on the token grid (26-connectivity). A component's *evidence* is its mass above
    the bound, ``sum(z - token_z)`` over its tokens times a token's volume (z x ml, so that it
