@@ -39,8 +39,10 @@ declare -A cohorts=(
   # held out from the third round (bank-mode bound; named before that round started)
   [half16_s22]="--subjects 16 --seed 22 --lesion-fraction 0.5 $heads"
   [subjects48_s44]="--subjects 48 --seed 44 $heads"
+  # held out from round 3's second bank rule (the bound's confidence; named before it was measured)
+  [subjects24_s45]="--subjects 24 --seed 45 $heads"
 )
-order=(demo normal12_s10 tune1 demo_s2 normal12_s11 half16_s21 mets16_s31 cortical16_s51 normal12_s12 demo_s3 subjects48_s40 normal48_s41 subjects48_s43 normal48_s42 demo_s4 normal12_s13 half16_s22 subjects48_s44)
+order=(demo normal12_s10 tune1 demo_s2 normal12_s11 half16_s21 mets16_s31 cortical16_s51 normal12_s12 demo_s3 subjects48_s40 normal48_s41 subjects48_s43 normal48_s42 demo_s4 normal12_s13 half16_s22 subjects48_s44 subjects24_s45)
 [ "$#" -gt 0 ] && order=("$@")
 for name in "${order[@]}"; do
   args=${cohorts[$name]:?unknown cohort $name}
