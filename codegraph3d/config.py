@@ -284,6 +284,7 @@ def lesion_policy_of(config: Mapping[str, Any], contrast: str | None = None) -> 
         token_z=threshold["token_z"], finding_mass=mass,
         voxel_z=threshold["voxel_z"], prior_volumes=threshold["prior_volumes"],
         tail_quantile=threshold["tail_quantile"], bank_false_flag_rate=threshold["bank_false_flag_rate"],
+        bank_confidence=threshold["bank_confidence"],
     )
 
 

@@ -29,8 +29,9 @@ The rule
    volumes are abnormal. Fewer than ``min_reference_volumes`` (3) references flag nothing.
    With a cohort bank, the evidence bound is calibrated on the bank's own volumes
    (``bank_false_flag_rate``; :func:`bank_calibration`): each is standardised against the others
-   as the query is against all of them, and the bound is the k-th largest of their evidence, so
-   a normal query is flagged with probability at most about ``k / (n + 1)`` whatever the encoder.
+   as the query is against all of them, and the bound is the k-th largest of their evidence, k
+   chosen so that a normal query is flagged with probability at most ``bank_false_flag_rate``
+   (for this bank with ``bank_confidence``) whatever the encoder.
 2. **Findings, not single tokens.** Tokens with ``z > token_z`` are grouped into connected
    components on the token grid (26-connectivity). A component's *evidence* is its mass above
    the bound, ``sum(z - token_z)`` over its tokens times a token's volume (z x ml, so that it
@@ -68,6 +69,7 @@ __all__ = [
     "LesionDecision",
     "PositionStatistics",
     "bank_calibration",
+    "calibration_rank",
     "decide_lesions",
     "position_statistics",
     "standardise",
@@ -105,6 +107,10 @@ class LesionPolicy:
         With cohort-bank references: the evidence bound is calibrated on the bank's own normal
         volumes (:func:`bank_calibration`) so that a normal study is flagged with probability at
         most about this; 0 keeps ``finding_mass`` with a bank too.
+    bank_confidence : float
+        In (0, 1): the calibration holds ``bank_false_flag_rate`` for this bank with this
+        confidence (over the draw of the bank's volumes), not only on average over banks; 0: on
+        average (the plain conformal rank).
     by_position : bool
         Standardise per grid position (volumes registered to one template). ``False``: by the
         batch-wide median and spread only, for grids that are not anatomically aligned
@@ -120,6 +126,7 @@ class LesionPolicy:
     min_reference_volumes: int = 3
     tail_quantile: float = 0.9
     bank_false_flag_rate: float = 0.0
+    bank_confidence: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("token_z", "finding_mass", "voxel_z", "prior_volumes"):
@@ -144,6 +151,10 @@ class LesionPolicy:
         if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating)) or not 0.0 <= rate < 0.5:
             raise ValueError(f"threshold.bank_false_flag_rate must lie in [0, 0.5) (0 = finding_mass with a bank too); "
                              f"got {rate!r}")
+        confidence = self.bank_confidence
+        if isinstance(confidence, bool) or not isinstance(confidence, (int, float, np.floating)) \
+                or not 0.0 <= confidence < 1.0:
+            raise ValueError(f"threshold.bank_confidence must lie in [0, 1) (0 = on average over banks); got {confidence!r}")
 
 
 @dataclass
@@ -364,12 +375,17 @@ class BankCalibration:
     finding_mass : float
         The bound: the ``rank``-th largest of the reference volumes' leave-one-out evidence.
     rank : int
-        ``floor(bank_false_flag_rate * (n_reference + 1))``.
+        Which largest evidence is the bound (:func:`calibration_rank`).
     n_reference : int
         Reference (bank) volumes.
     false_flag_bound : float
-        ``rank / (n_reference + 1)``: a normal study like the bank's volumes has evidence above
-        the bound with probability at most about this (a conformal bound; :func:`bank_calibration`).
+        The false-flag rate the bound keeps for a normal study like the bank's volumes: the
+        configured rate when calibrated with a confidence, else ``rank / (n_reference + 1)``
+        (on average over banks; :func:`bank_calibration`).
+    confidence : float
+        The confidence of ``false_flag_bound`` over the draw of the bank (0: on average).
+    expected_false_flag_rate : float
+        ``rank / (n_reference + 1)``, the rate on average over banks like this one.
     evidence : tuple of float
         Each reference volume's largest finding evidence (z x ml), scored against the other
         references only, largest first.
@@ -380,12 +396,34 @@ class BankCalibration:
     n_reference: int
     false_flag_bound: float
     evidence: tuple[float, ...]
+    confidence: float = 0.0
+    expected_false_flag_rate: float = 0.0
 
     def record(self) -> dict[str, Any]:
         """The calibration as report.json's ``threshold_params.bank_calibration`` holds it."""
         return {"finding_mass": self.finding_mass, "rank": self.rank, "n_reference_volumes": self.n_reference,
-                "false_flag_bound": self.false_flag_bound,
+                "false_flag_bound": self.false_flag_bound, "confidence": self.confidence,
+                "expected_false_flag_rate": self.expected_false_flag_rate,
                 "largest_evidence": [round(value, 4) for value in self.evidence[:max(self.rank, 5)]]}
+
+
+def calibration_rank(n: int, rate: float, confidence: float = 0.0) -> int:
+    """Which largest of ``n`` normal evidence values bounds a new normal one at ``rate`` (0: none).
+
+    A new value exceeds the ``k``-th largest of ``n`` exchangeable ones with probability
+    ``k / (n + 1)`` on average over draws, but for one draw that probability is itself random:
+    Beta(k, n + 1 - k) distributed (the conformal coverage of an order statistic). With
+    ``confidence`` 0 the rank is ``floor(rate * (n + 1))`` (right on average); otherwise it is the
+    largest ``k`` whose probability stays at most ``rate`` with that confidence,
+    ``P(Beta(k, n + 1 - k) <= rate) >= confidence`` (right for this bank with that confidence;
+    0.1 at 0.9 needs at least 22 volumes and gives k = 2 for 40 or 48).
+    """
+    if confidence <= 0:
+        return int(np.floor(rate * (n + 1) + 1e-9))
+    rank = 0
+    while rank + 1 <= n and stats.beta.cdf(rate, rank + 1, n - rank) >= confidence:
+        rank += 1
+    return rank
 
 
 def bank_calibration(
@@ -406,7 +444,9 @@ def bank_calibration(
     ``k / (n + 1)`` (the conformal argument for exchangeable draws; approximate here, since the
     query's statistics rest on one patient's volumes more than each left-out volume's, which makes
     the bound, if anything, conservative), so ``k = floor(bank_false_flag_rate * (n + 1))`` states
-    the false-flag rate without assuming a distribution, for this encoder, contrast and bank. A
+    the false-flag rate without assuming a distribution, for this encoder, contrast and bank; with
+    ``bank_confidence`` the rank is lowered so that the rate holds for this bank with that
+    confidence (:func:`calibration_rank`). A
     missed lesion in the bank only raises the bound. A bank grown with ``bank.add_scored:
     unflagged`` keeps only studies below its bound, which lowers the bound over time: calibrate on
     banks of curated normal studies.
@@ -425,14 +465,14 @@ def bank_calibration(
     Returns
     -------
     BankCalibration or None
-        ``None`` when the rate asks for no bound (``k < 1``: fewer than ``1 / rate - 1`` bank
-        volumes) or too few volumes of other groups remain to standardise one against.
+        ``None`` when the rate asks for no bound (``k < 1``: too few bank volumes for the rate and
+        confidence) or too few volumes of other groups remain to standardise one against.
     """
     n = len(reference_scores)
     groups = list(range(n)) if groups is None else list(groups)
     if len(groups) != n:
         raise ValueError(f"{len(groups)} groups for {n} bank volumes")
-    rank = int(np.floor(policy.bank_false_flag_rate * (n + 1) + 1e-9))
+    rank = calibration_rank(n, policy.bank_false_flag_rate, policy.bank_confidence)
     if rank < 1 or n - max(groups.count(g) for g in set(groups)) < policy.min_reference_volumes:
         return None
     evidence = []
@@ -446,8 +486,12 @@ def bank_calibration(
         found = token_findings(standardise(scores, where, statistics), scores, where, grid_shape, policy, token_ml)
         evidence.append(max((finding.mass for finding in found), default=0.0))
     ordered = tuple(sorted((float(value) for value in evidence), reverse=True))
-    return BankCalibration(finding_mass=ordered[rank - 1], rank=rank, n_reference=n,
-                           false_flag_bound=rank / (n + 1), evidence=ordered)
+    expected = rank / (n + 1)
+    return BankCalibration(
+        finding_mass=ordered[rank - 1], rank=rank, n_reference=n, evidence=ordered,
+        false_flag_bound=policy.bank_false_flag_rate if policy.bank_confidence > 0 else expected,
+        confidence=policy.bank_confidence, expected_false_flag_rate=expected,
+    )
 
 
 def _mask_values(z: np.ndarray, findings: Sequence[Finding], policy: LesionPolicy) -> np.ndarray:

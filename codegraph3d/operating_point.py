@@ -34,6 +34,7 @@ def decision_settings(config: Mapping[str, Any], contrast: str) -> dict[str, Any
     threshold, scoring = dict(config["threshold"]), config["scoring"]
     # Only bank-referenced batches use it, and they report their own calibration (bank_operating_point).
     threshold.pop("bank_false_flag_rate", None)
+    threshold.pop("bank_confidence", None)
     by_contrast = threshold.pop("finding_mass_by_contrast", {})
     threshold["finding_mass"] = by_contrast.get(contrast, threshold["finding_mass"])
     return {
@@ -100,14 +101,18 @@ def bank_operating_point(params: Mapping[str, Any]) -> dict[str, Any] | None:
     calibration = params.get("bank_calibration")
     if not isinstance(calibration, Mapping):
         return None
+    confidence = float(calibration.get("confidence", 0.0))
+    held = (f"at most {calibration['false_flag_bound']:g} with confidence {confidence:g} for this bank"
+            if confidence > 0 else
+            f"at most about {calibration['rank']}/{calibration['n_reference_volumes'] + 1} on average over banks")
     return {
         "false_flag_rate_per_normal_series": calibration["false_flag_bound"],
         "normal_series": calibration["n_reference_volumes"],
         "bound_rank": calibration["rank"],
+        "confidence": confidence,
         "measured_on": (
             f"this batch's {calibration['n_reference_volumes']} cohort-bank volumes, each scored against the "
             f"others (leave one patient out); the bound is their {calibration['rank']}-th largest evidence, so a "
-            f"normal study is flagged with probability at most about {calibration['rank']}/"
-            f"{calibration['n_reference_volumes'] + 1}"
+            f"normal study is flagged with probability {held}"
         ),
     }

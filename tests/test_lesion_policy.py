@@ -7,7 +7,8 @@ import pytest
 
 from codegraph3d.config import ConfigError, lesion_policy_of, load_config
 from codegraph3d.lesion_policy import (
-    LesionPolicy, bank_calibration, decide_lesions, position_statistics, standardise, tail_spread, token_findings,
+    LesionPolicy, bank_calibration, calibration_rank, decide_lesions, position_statistics, standardise, tail_spread,
+    token_findings,
 )
 from codegraph3d.operating_point import bank_operating_point
 
@@ -313,3 +314,33 @@ def test_the_bank_calibration_leaves_a_patients_volumes_out_together():
     assert together.evidence[0] > alone.evidence[0] and together.finding_mass >= alone.finding_mass
     with pytest.raises(ValueError, match="3 groups for 20 bank volumes"):
         bank_calibration(bank, coords, (6, 6, 6), policy, 0.5, ["a", "b", "c"])
+
+
+def test_the_rank_keeps_the_rate_for_this_bank_with_the_confidence():
+    from scipy import stats
+
+    for n in (22, 40, 48, 100, 500):
+        rank = calibration_rank(n, 0.1, 0.9)
+        # The rank-th largest keeps the rate with the confidence; the next would not.
+        assert stats.beta.cdf(0.1, rank, n + 1 - rank) >= 0.9 > stats.beta.cdf(0.1, rank + 1, n - rank)
+        assert rank <= calibration_rank(n, 0.1, 0.0) == int(0.1 * (n + 1))
+    assert calibration_rank(21, 0.1, 0.9) == 0 and calibration_rank(22, 0.1, 0.9) == 1
+    assert (calibration_rank(40, 0.1, 0.9), calibration_rank(40, 0.1, 0.0)) == (2, 4)
+
+
+def test_a_confident_calibration_reports_the_rate_it_keeps():
+    rng = np.random.default_rng(8)
+    bank, coords = _noisy_batch(30, rng)
+    policy = LesionPolicy(token_z=2.0, finding_mass=1e6, bank_false_flag_rate=0.1, bank_confidence=0.9)
+    decision = decide_lesions(bank[:1], coords[:1], (6, 6, 6), policy, token_ml=0.5,
+                              reference_scores=bank[1:], reference_coords=coords[1:])
+    record = decision.params["bank_calibration"]
+    assert record["rank"] == calibration_rank(29, 0.1, 0.9) == 1
+    assert record["false_flag_bound"] == 0.1 and record["confidence"] == 0.9
+    assert record["expected_false_flag_rate"] == pytest.approx(1 / 30)
+    point = bank_operating_point(decision.params)
+    assert point["false_flag_rate_per_normal_series"] == 0.1 and point["confidence"] == 0.9
+    assert "with confidence 0.9 for this bank" in point["measured_on"]
+    with pytest.raises(ValueError, match="bank_confidence must lie in"):
+        LesionPolicy(bank_confidence=1.0)
+    assert lesion_policy_of(load_config()).bank_confidence == 0.9
