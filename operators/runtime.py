@@ -9,12 +9,14 @@ makes ``python app.py`` work with no environment set-up by the user.
 from __future__ import annotations
 
 import ctypes
+import gc
 import glob
 import logging
 import os
 import resource
 import sys
 import sysconfig
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
@@ -73,8 +75,16 @@ def run_application(make_app: Callable[[], Any]) -> int:
     else:
         return EXIT_OK
     output = getattr(app, "output_folder", None)
+    # Before the configuration loads, app.config is still the SDK Application's config() method.
+    config = getattr(app, "config", None)
+    config = config if isinstance(config, Mapping) else None
+    encoder = getattr(app, "encoder_identity", None)
+    # The application logs its own teardown when it is destroyed: let that happen now, so that
+    # the failure stays the last line of the log.
+    del app
+    gc.collect()
     if output is not None:
-        write_failure_report(output, message, code, getattr(app, "config", None), getattr(app, "encoder_identity", None))
+        write_failure_report(output, message, code, config, encoder)
     logging.getLogger("codegraph3d").error("FAILED (exit code %d): %s", code, message)
     print(f"ERROR: {message}", file=sys.stderr, flush=True)
     return code

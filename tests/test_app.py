@@ -177,6 +177,14 @@ def test_single_study_exits_2(tiny_cohort: Path, tmp_path: Path):
     _assert_clean_failure(run, "at least two different patients")
 
 
+def test_a_bad_configuration_file_exits_2_and_names_the_line(tiny_cohort: Path, tmp_path: Path):
+    # The configuration is read before the app has one: the failure report must still be written.
+    config = TINY_VIT_CONFIG + "threshold:\n  policy: lesion\n  policy: robust_z\n"
+    run = run_app(tiny_cohort / "dicom", tmp_path / "output", tmp_path / "models", config, tmp_path)
+    _assert_clean_failure(run, "key 'policy' is given twice")
+    assert "override.yaml: line" in run.last_line
+
+
 def test_missing_weights_exit_2_and_name_the_files(tiny_cohort: Path, tmp_path: Path):
     run = run_app(tiny_cohort / "dicom", tmp_path / "output", tmp_path / "models", "encoder:\n  name: dinov2\n", tmp_path)
     _assert_clean_failure(run, "model.safetensors")

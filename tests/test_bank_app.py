@@ -81,7 +81,9 @@ def test_bank_threshold_policy_and_adding_scored_series(bank_setup):
 
 def test_bank_of_another_configuration_is_refused(bank_setup):
     tmp, _, single, models, bank = bank_setup
-    config = TINY_VIT_CONFIG + f"tokens:\n  grid_size: 8\n  projection_dim: 8\nbank:\n  folder: {bank}\n"
+    # One tokens section (a key given twice is refused): the bank was built with the default projection.
+    config = TINY_VIT_CONFIG.replace("tokens:\n  grid_size: 8\n", "tokens:\n  grid_size: 8\n  projection_dim: 8\n") \
+        + f"bank:\n  folder: {bank}\n"
     run = run_app(single, tmp / "out_refused", models, config, tmp)
     assert run.returncode == 2
     assert "was built with another configuration or encoder" in run.last_line
