@@ -160,8 +160,12 @@ def test_image_ships_the_product_without_the_research_tooling():
         "print(json.dumps({name: u.find_spec(name) is not None for name in "
         "('codegraph3d', 'codegraph3d.pipeline', 'codegraph3d_research', 'codegraph3d.synthetic', 'codegraph3d.evaluate')}))"
     )
+    # The podman options of tools/run_map.sh (runc, no network, its ulimits, PODMAN_RUN_OPTS).
+    extra = os.environ.get("PODMAN_RUN_OPTS", "").split()
     completed = subprocess.run(
-        ["podman", "run", "--rm", "--network", "none", "--entrypoint", "/opt/holoscan/venv/bin/python", IMAGE, "-c", probe],
+        ["podman", "run", "--rm", "--runtime", "runc", "--network", "none",
+         "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096", *extra,
+         "--entrypoint", "/opt/holoscan/venv/bin/python", IMAGE, "-c", probe],
         capture_output=True, text=True, timeout=300,
     )
     assert completed.returncode == 0, completed.stderr
