@@ -39,7 +39,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .registration import Template, mattes_method, register_affine
-from .volume import Volume
+from .volume import LPS_TO_RAS, Volume
 
 __all__ = [
     "SKULL_STRIP_METHODS",
@@ -341,10 +341,8 @@ def n4_bias_correct(
 # --------------------------------------------------------------------------------------------------
 # deepbet
 
-# LPS -> RAS flips the first two physical axes.
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # The RAS-aligned grid written in LPS: index x grows towards Right, y towards Anterior, z Superior.
-_RAS_GRID_DIRECTION = np.diag([-1.0, -1.0, 1.0])
+_RAS_GRID_DIRECTION = LPS_TO_RAS[:3, :3]
 
 
 def _obliquity_deg(direction: np.ndarray) -> float:
@@ -376,7 +374,7 @@ def _reorientation(volume: Volume) -> np.ndarray:
     """nibabel orientation (axis, flip) taking the ``[x, y, z]`` array to RAS canonical."""
     import nibabel as nib
 
-    return nib.io_orientation(_LPS_TO_RAS @ volume.index_to_physical)
+    return nib.io_orientation(LPS_TO_RAS @ volume.index_to_physical)
 
 
 def _device(device: str) -> Any:

@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Volume", "index_to_physical_matrix"]
+__all__ = ["LPS_TO_RAS", "Volume", "index_to_physical_matrix"]
+
+#: 4x4 homogeneous map from LPS to RAS millimetres (NIfTI, nibabel): x and y change sign. The same
+#: matrix maps RAS back to LPS; its upper 3x3 block flips directions.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+LPS_TO_RAS.setflags(write=False)
 
 
 def index_to_physical_matrix(

@@ -77,7 +77,7 @@ from codegraph3d.pipeline import (
 from codegraph3d.preprocess import PreprocessedVolume, resample_from_source
 from codegraph3d.batch_scoring import score_batch
 from codegraph3d.tokens import AXES, EncodedVolume, TokenSet, parse_views, project
-from codegraph3d.volume import index_to_physical_matrix
+from codegraph3d.volume import LPS_TO_RAS, index_to_physical_matrix
 
 __all__ = [
     "CHUNK_DIVISORS",
@@ -118,7 +118,6 @@ PAPER_HEADLINE: dict[str, Any] = {
     "setting": "DINOv2 ViT-L/14, T2w, 180 volumes, A+C+S, full batch, k = 128, layers 6/12/18/24",
 }
 # RAS <-> LPS flips x and y (NIfTI affines are RAS).
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _FILL_HINT = (
     "fill the cache first: python -m codegraph3d_research.ablations fill --input {dicom} --cache {cache} "
     "(or run the app with cache.folder: {cache} in the CODEGRAPH3D_CONFIG file)"
@@ -206,7 +205,7 @@ def _lesion_on_source_grid(row: SeriesTruth, prepared: PreprocessedVolume) -> np
             f"{path}: shape (z, y, x) {lesion.shape} differs from the cached series grid "
             f"{tuple(prepared.source_shape_zyx)}; the mask does not belong to series {row.series_instance_uid}"
         )
-    expected = _LPS_TO_RAS @ index_to_physical_matrix(
+    expected = LPS_TO_RAS @ index_to_physical_matrix(
         prepared.source_origin, prepared.source_spacing, prepared.source_direction
     )
     affine = np.asarray(image.affine, dtype=float)

@@ -65,7 +65,7 @@ import numpy as np
 from codegraph3d.atomic import atomic_path
 from codegraph3d.io.dicom import SeriesHeader, load_series_volume, scan_headers
 from .metrics import StreamingBinaryMetrics, patient_auroc, patient_average_precision
-from codegraph3d.volume import Volume
+from codegraph3d.volume import LPS_TO_RAS, Volume
 
 if TYPE_CHECKING:
     from .plots import CaseSlices
@@ -103,7 +103,6 @@ logger = logging.getLogger(__name__)
 EVALUATION_SCHEMA = "codegraph3d.evaluation/1"
 
 # RAS <-> LPS flips x and y.
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 class EvaluationInputError(ValueError):
@@ -317,7 +316,7 @@ class TruthCohort:
 
 def lps_ras_affine(volume: Volume) -> np.ndarray:
     """The NIfTI (RAS) affine of a volume's ``(x, y, z)`` index grid."""
-    return _LPS_TO_RAS @ volume.index_to_physical
+    return LPS_TO_RAS @ volume.index_to_physical
 
 
 # ---------------------------------------------------------------------------------------------

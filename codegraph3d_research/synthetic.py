@@ -77,7 +77,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from codegraph3d.volume import index_to_physical_matrix
+from codegraph3d.volume import LPS_TO_RAS, index_to_physical_matrix
 
 __all__ = [
     "CONTRASTS",
@@ -132,7 +132,7 @@ TISSUE_INTENSITIES: dict[str, dict[str, float]] = {
 }
 
 # RAS <-> LPS: both flip x and y; the same matrix is its own inverse.
-_FLIP_LPS_RAS = np.diag([-1.0, -1.0, 1.0])
+_FLIP_LPS_RAS = LPS_TO_RAS[:3, :3]
 
 # Unit LPS direction columns (x, y, z index axes) of the three standard planes, with z the slice
 # normal x cross y, which is the order a loader that sorts slices by position produces.
