@@ -49,7 +49,8 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_path, write_json_atomic
-from .cache import _UID, _canonical, settings_id, settings_material
+from .cache import canonical_json, settings_id, settings_material
+from .io.selection import is_valid_uid
 
 __all__ = [
     "BANK_FORMAT",
@@ -115,7 +116,7 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
         for key in sorted(set(a) | set(b)):
             names += _differences(a.get(key), b.get(key), f"{prefix}{key}.")
         return names
-    return [] if _canonical(a) == _canonical(b) else [prefix.rstrip(".")]
+    return [] if canonical_json(a) == canonical_json(b) else [prefix.rstrip(".")]
 
 
 @dataclass
@@ -187,7 +188,7 @@ class CohortBank:
         manifest = self._read_manifest()
         self.settings: dict[str, Any] = manifest["settings"]
         self.settings_id: str = manifest["settings_id"]
-        if settings is not None and _canonical(dict(settings)) != _canonical(self.settings):
+        if settings is not None and canonical_json(dict(settings)) != canonical_json(self.settings):
             differing = _differences(self.settings, dict(settings))
             raise BankError(
                 f"cohort bank {self.folder} was built with another configuration or encoder "
@@ -260,7 +261,7 @@ class CohortBank:
         width = self.settings["projection"]["projection_dim"]
         for item in series:
             uid = str(item["series_instance_uid"])
-            if not _UID.match(uid) or len(uid) > 64:
+            if not is_valid_uid(uid):
                 raise BankError(f"SeriesInstanceUID {uid!r} is not a valid DICOM UID; it cannot name a bank entry")
             token_set = item["tokens"]
             if expected_layers is None:

@@ -34,7 +34,6 @@ import io
 import json
 import logging
 import os
-import re
 import time
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -50,10 +49,12 @@ from pydicom.errors import InvalidDicomError
 from .atomic import atomic_path, write_json_atomic
 from .encoders import SliceEncoder
 from .io.dicom import SeriesHeader
+from .io.selection import is_valid_uid
 from .preprocess import PreprocessedVolume
 from .tokens import EncodedVolume
 
 __all__ = [
+    "canonical_json",
     "CACHE_FORMAT",
     "CACHE_FORMAT_VERSION",
     "CacheEntryError",
@@ -73,7 +74,6 @@ logger = logging.getLogger(__name__)
 #: Bump when what is stored, or how tokens are computed before projection, changes.
 CACHE_FORMAT_VERSION = 1
 CACHE_FORMAT = f"codegraph3d.token-cache/{CACHE_FORMAT_VERSION}"
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _ENCODER_KEYS = ("name", "pretrained", "weights_sha256", "description", "layers", "patch_size", "dim", "normalisation")
 _ARRAYS = (
     "features", "coords", "brain_fraction", "layer_names", "mask_packed", "mask_shape", "grid_origin",
@@ -125,7 +125,8 @@ class CacheLookup:
     reason: str = ""
 
 
-def _canonical(payload: Any) -> bytes:
+def canonical_json(payload: Any) -> bytes:
+    """Canonical JSON bytes (sorted keys, no spaces): what settings ids and keys hash."""
     return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
@@ -191,7 +192,7 @@ def key_material(
     config, encoder, landmarks
         As in :func:`settings_material`.
     """
-    if not _UID.match(series_instance_uid or "") or len(series_instance_uid) > 64:
+    if not is_valid_uid(series_instance_uid):
         # The UID names the entry's files: a hostile UID must never become a path.
         raise ValueError(f"SeriesInstanceUID {series_instance_uid!r} is not a valid DICOM UID; it cannot name a cache entry")
     sources = hashlib.sha256("\n".join(sorted(sop_instance_uids)).encode("utf-8")).hexdigest()
@@ -204,12 +205,12 @@ def key_material(
 
 def cache_key(material: Mapping[str, Any]) -> str:
     """SHA-256 (hex) of the canonical JSON of the key material."""
-    return hashlib.sha256(_canonical(material)).hexdigest()
+    return hashlib.sha256(canonical_json(material)).hexdigest()
 
 
 def settings_id(material: Mapping[str, Any]) -> str:
     """Folder name of the settings: 16 hex digits of the SHA-256 of ``material['settings']``."""
-    return hashlib.sha256(_canonical(material["settings"])).hexdigest()[:16]
+    return hashlib.sha256(canonical_json(material["settings"])).hexdigest()[:16]
 
 
 def _pack_arrays(entry: CachedSeries) -> dict[str, np.ndarray]:
