@@ -22,9 +22,9 @@ from operators.runtime import run_application
 from holoscan.conditions import CountCondition  # noqa: E402 - after the runtime preparation
 from monai.deploy.core import Application
 
-from codegraph3d.atomic import remove_partials
-from codegraph3d.config import load_config
-from codegraph3d.pipeline import StageTimer
+from codegraph3d.core.files import remove_partials
+from codegraph3d.run.config import load_config
+from codegraph3d.run.pipeline import StageTimer
 
 
 class CoDeGraph3DApp(Application):

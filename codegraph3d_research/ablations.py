@@ -8,19 +8,19 @@ Two commands::
 
 ``fill`` tokenises every selected series of ``DICOM_DIR`` with the configured encoder (the
 configuration is read as the app reads it: ``CODEGRAPH3D_CONFIG``, else ``codegraph3d.yaml`` in the
-model folder) and stores the encoder output in the cache (:mod:`codegraph3d.cache`); entries that
+model folder) and stores the encoder output in the cache (:mod:`codegraph3d.store.cache`); entries that
 are already there and valid are kept. The app fills the same cache when ``cache.folder`` is set.
 
 The ablation run reads the entries of the series listed in ``COHORT_DIR/labels.json`` (the demo
 cohort's format, :mod:`codegraph3d_research.synthetic`), rescoring them per contrast batch with
-:func:`codegraph3d.batch_scoring.score_batch` and the configuration's scoring settings (``k_fraction``,
-``window_radius``, ``exclude_same`` through :func:`codegraph3d.pipeline.reference_groups`), and
+:func:`codegraph3d.scoring.batch.score_batch` and the configuration's scoring settings (``k_fraction``,
+``window_radius``, ``exclude_same`` through :func:`codegraph3d.run.pipeline.reference_groups`), and
 measures for every setting:
 
 * patient level: AUROC and AP of the volume scores (maximum token score) against ``has_lesion``;
 * voxel level, on the working grid: the token map upsampled trilinearly
-  (:func:`codegraph3d.maps.upsample_token_map`) against the ``truth.lesion`` mask carried onto the
-  working grid (:func:`codegraph3d.preprocess.resample_from_source`, linear, >= 0.5), pooled over
+  (:func:`codegraph3d.scoring.maps.upsample_token_map`) against the ``truth.lesion`` mask carried onto the
+  working grid (:func:`codegraph3d.preprocess.chain.resample_from_source`, linear, >= 0.5), pooled over
   the brain voxels of every series in streaming histograms: AUROC, AP and Dice-max.
 
 Tables (the paper's numbering):
@@ -57,13 +57,13 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from codegraph3d.cache import CacheEntryError, read_entry, settings_id, settings_material
-from codegraph3d.config import ConfigError, load_config
+from codegraph3d.store.cache import CacheEntryError, read_entry, settings_id, settings_material
+from codegraph3d.run.config import ConfigError, load_config
 from .evaluate import EvaluationInputError, SeriesTruth, TruthCohort
 from codegraph3d.io.selection import SeriesDecision
-from codegraph3d.maps import token_grid_map, upsample_token_map
+from codegraph3d.scoring.maps import token_grid_map, upsample_token_map
 from .metrics import StreamingBinaryMetrics, patient_auroc, patient_average_precision
-from codegraph3d.pipeline import (
+from codegraph3d.run.pipeline import (
     CohortError,
     StageTimer,
     TokenisedSeries,
@@ -74,10 +74,10 @@ from codegraph3d.pipeline import (
     select_input,
     tokenise_selected,
 )
-from codegraph3d.preprocess import PreprocessedVolume, resample_from_source
-from codegraph3d.batch_scoring import score_batch
-from codegraph3d.tokens import AXES, EncodedVolume, TokenSet, parse_views, project
-from codegraph3d.volume import LPS_TO_RAS, index_to_physical_matrix
+from codegraph3d.preprocess.chain import PreprocessedVolume, resample_from_source
+from codegraph3d.scoring.batch import score_batch
+from codegraph3d.features.tokens import AXES, EncodedVolume, TokenSet, parse_views, project
+from codegraph3d.core.volume import LPS_TO_RAS, index_to_physical_matrix
 
 __all__ = [
     "CHUNK_DIVISORS",
@@ -359,7 +359,7 @@ def chunk_indices(groups: Sequence[Hashable], n_chunks: int, seed: int) -> list[
     Parameters
     ----------
     groups : sequence of hashable
-        Reference group per volume (:func:`codegraph3d.pipeline.reference_groups`): a patient's
+        Reference group per volume (:func:`codegraph3d.run.pipeline.reference_groups`): a patient's
         volumes stay in one chunk, so every chunk offers each volume references of other patients.
     n_chunks : int
         Number of chunks (1 = the full batch).

@@ -7,22 +7,22 @@ The simplest batch-based zero-shot detector: a voxel is anomalous when its inten
 the same working-grid voxel of the other patients' volumes. It shares everything with the
 product except the scoring, so the product has to beat it to show that its tokens add anything:
 
-* **input and preprocessing**: :func:`codegraph3d.pipeline.scan_input` and
-  :func:`~codegraph3d.pipeline.select_input`, then per series
+* **input and preprocessing**: :func:`codegraph3d.run.pipeline.scan_input` and
+  :func:`~codegraph3d.run.pipeline.select_input`, then per series
   :func:`codegraph3d.io.dicom.load_series_volume` and
-  :func:`codegraph3d.preprocess.preprocess_volume` with the run configuration
-  (:func:`codegraph3d.config.load_config`, so ``CODEGRAPH3D_CONFIG`` applies), on the same
+  :func:`codegraph3d.preprocess.chain.preprocess_volume` with the run configuration
+  (:func:`codegraph3d.run.config.load_config`, so ``CODEGRAPH3D_CONFIG`` applies), on the same
   brain-aligned ``grid_size x patch`` working grid (224^3 by default; a smaller grid through the
   configuration, e.g. ``tokens.grid_size: 8``, cuts memory and time);
 * **batches**: one per contrast, volumes never compared with volumes of the same patient
-  (``scoring.exclude_same``, :func:`codegraph3d.pipeline.reference_groups`);
+  (``scoring.exclude_same``, :func:`codegraph3d.run.pipeline.reference_groups`);
 * **score**: for volume ``i`` and working voxel ``v`` inside its brain,
   ``|z| = |x_i(v) - mean_j x_j(v)| / max(std_j x_j(v), std_floor)`` over the other-patient
   volumes ``j`` whose brain mask holds ``v`` (sample standard deviation; 0 where fewer than two
   such volumes exist); then a Gaussian of ``smoothing_sigma_mm`` (0 = none) and the brain mask;
 * **volume score**: the ``volume_percentile`` percentile of the smoothed map over the brain;
   the default 100 is the maximum, as the product's volume score is its maximum token score;
-* **map back**: :func:`codegraph3d.preprocess.resample_to_source` (linear) onto each series'
+* **map back**: :func:`codegraph3d.preprocess.chain.resample_to_source` (linear) onto each series'
   native grid;
 * **metrics**: :class:`codegraph3d_research.evaluate.BatchAccumulator` against the truth folder, exactly as
   :mod:`codegraph3d_research.evaluate` does for the product (same truth checks; the voxel histogram spans
@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from codegraph3d.config import ConfigError, config_hash, load_config
+from codegraph3d.run.config import ConfigError, config_hash, load_config
 from .evaluate import (
     BatchAccumulator,
     Evaluation,
@@ -65,14 +65,14 @@ from .evaluate import (
 )
 from codegraph3d.io.dicom import load_series_volume
 from codegraph3d.io.selection import SeriesDecision
-from codegraph3d.pipeline import CohortError, preprocess_config, reference_groups, scan_input, select_input
-from codegraph3d.preprocess import (
+from codegraph3d.run.pipeline import CohortError, preprocess_config, reference_groups, scan_input, select_input
+from codegraph3d.preprocess.chain import (
     PreprocessConfig,
     PreprocessedVolume,
     preprocess_volume,
     resample_to_source,
 )
-from codegraph3d.volume import Volume
+from codegraph3d.core.volume import Volume
 
 __all__ = [
     "BASELINE_SCHEMA",
@@ -273,7 +273,7 @@ def run_baseline(
     truth : path-like
         The cohort folder (labels.json, truth/); see :mod:`codegraph3d_research.evaluate`.
     config : mapping, optional
-        Run configuration; default :func:`codegraph3d.config.load_config` (``CODEGRAPH3D_CONFIG``
+        Run configuration; default :func:`codegraph3d.run.config.load_config` (``CODEGRAPH3D_CONFIG``
         applies).
     settings : BaselineSettings, optional
         The baseline's own settings.

@@ -4,10 +4,10 @@ Three modes (``python -m codegraph3d_research.benchmark --help``):
 
 * **cohort** (default): N synthetic volumes as a DICOM cohort (:func:`codegraph3d_research.synthetic.make_cohort`,
   one contrast, generated in a child process so that its memory does not count), then the real
-  stage functions: header scan and selection (:mod:`codegraph3d.pipeline`), per series pixel
+  stage functions: header scan and selection (:mod:`codegraph3d.run.pipeline`), per series pixel
   loading, preprocessing and tokenisation (each timed on its own), MuSc scoring
-  (:func:`~codegraph3d.pipeline.score_batches`) and the SEG/report writer
-  (:func:`~codegraph3d.report.write_results`). It prints the paper's Table 6 columns for this
+  (:func:`~codegraph3d.run.pipeline.score_batches`) and the SEG/report writer
+  (:func:`~codegraph3d.run.report.write_results`). It prints the paper's Table 6 columns for this
   machine (extraction = load + preprocess + tokenise, scoring, total, seconds per volume, peak RSS,
   peak GPU memory), per-stage times, encoder slices per second and the achieved FLOP rates.
   Followed by the **scorer alone** on random token sets of the real sizes.
@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codegraph3d.encoders import (
+from codegraph3d.features.encoders import (
     inference_autocast,
     vit_pixels,
     UNTRAINED_WARNING,
@@ -83,9 +83,9 @@ from codegraph3d.encoders import (
     load_encoder,
     resolve_device,
 )
-from codegraph3d.batch_scoring import score_batch
-from codegraph3d.scoring import k_for_references, reference_sets, scoring_memory
-from codegraph3d.tokens import TokenSet, encode_volume, project, tokenise
+from codegraph3d.scoring.batch import score_batch
+from codegraph3d.scoring.musc import k_for_references, reference_sets, scoring_memory
+from codegraph3d.features.tokens import TokenSet, encode_volume, project, tokenise
 
 __all__ = [
     "BenchmarkReport",
@@ -461,7 +461,7 @@ class PlainViTEncoder(SliceEncoder):
     """A randomly initialised DINOv2-size ViT in plain torch: the speed of ViT-L/14 without transformers.
 
     Same interface, preprocessing (grey -> 3 channels, ImageNet normalisation), bf16 autocast on
-    CUDA, layer selection and dropping of unused blocks as :class:`~codegraph3d.encoders.Dinov2Encoder`;
+    CUDA, layer selection and dropping of unused blocks as :class:`~codegraph3d.features.encoders.Dinov2Encoder`;
     the blocks are DINOv2's (pre-norm, fused qkv, SDPA attention, GELU MLP, LayerScale). Used by
     the GPU benchmark where ``transformers`` is missing or fails; never by the app.
 
@@ -517,7 +517,7 @@ class PlainViTEncoder(SliceEncoder):
 
 def plain_vit(variant: str = "tiny", seed: int = 0, *, layers: Any = None,
               device: str | torch.device = "auto") -> PlainViTEncoder:
-    """A seeded plain-torch ViT of one of :data:`~codegraph3d.encoders.VIT_VARIANTS`."""
+    """A seeded plain-torch ViT of one of :data:`~codegraph3d.features.encoders.VIT_VARIANTS`."""
     return PlainViTEncoder(variant, seed=seed, layers=layers, device=device)
 
 
@@ -601,7 +601,7 @@ class ScorerBenchmark:
     peak_gpu_mb: float | None
     load_average_end: tuple[float, float, float]
     window_radius: int | None = None
-    estimate_mb: float | None = None  # codegraph3d.scoring.scoring_memory, one layer
+    estimate_mb: float | None = None  # codegraph3d.scoring.musc.scoring_memory, one layer
     rss_before_mb: float | None = None  # resident memory with the token sets loaded
     peak_rss_mb: float | None = None  # process peak after scoring (run one B per process)
 
@@ -718,7 +718,7 @@ class BenchmarkReport:
 
 
 def encoded_slices(tokens: TokenSet, patch_size: int) -> int:
-    """Slices :func:`codegraph3d.tokens.tokenise` ran through the encoder for ``tokens``.
+    """Slices :func:`codegraph3d.features.tokens.tokenise` ran through the encoder for ``tokens``.
 
     Per axis it encodes the ``patch_size`` slices of every slab holding a kept cube, i.e. of every
     distinct coordinate of the kept tokens along that axis.
@@ -756,7 +756,7 @@ def _make_cohort_in_child(folder: Path, n_volumes: int, seed: int, matrix_scale:
 def _benchmark_config(
     encoder: str, device: str, contrast: str, config_override: Mapping[str, Any] | str | Path | None
 ) -> dict[str, Any]:
-    from codegraph3d.config import load_config
+    from codegraph3d.run.config import load_config
 
     config = load_config(override=config_override)
     config["encoder"]["name"] = encoder
@@ -782,7 +782,7 @@ def benchmark_cohort(
 
     The stages are the pipeline's own functions; pixel loading, preprocessing and tokenisation are
     called here per series as ``pipeline._prepare_one`` calls them (``load_series_volume``,
-    ``preprocess_volume`` with :func:`~codegraph3d.pipeline.preprocess_config`, then
+    ``preprocess_volume`` with :func:`~codegraph3d.run.pipeline.preprocess_config`, then
     ``encode_volume`` and ``project``: the "tokenise" stage), so that each is timed on its own,
     which the app's combined ``preprocess_and_tokenise`` stage does not do. No token cache is used:
     this measures a cold run.
@@ -821,7 +821,7 @@ def benchmark_cohort(
     # DICOM, preprocessing and SEG writing need pydicom, SimpleITK and highdicom, which the GPU
     # machine lacks: imported here, not at module level, so that --gpu-table runs there
     from codegraph3d.io.dicom import load_series_volume
-    from codegraph3d.pipeline import (
+    from codegraph3d.run.pipeline import (
         StageTimer,
         Tokenisation,
         TokenisedSeries,
@@ -832,9 +832,9 @@ def benchmark_cohort(
         score_batches,
         select_input,
     )
-    from codegraph3d.parallel import PreprocessModels
-    from codegraph3d.preprocess import preprocess_volume
-    from codegraph3d.report import write_results
+    from codegraph3d.preprocess.workers import PreprocessModels
+    from codegraph3d.preprocess.chain import preprocess_volume
+    from codegraph3d.run.report import write_results
 
     n_volumes = _check_positive_int("n_volumes", n_volumes)
     if n_volumes < 2:
@@ -974,7 +974,7 @@ def benchmark_scorer(
     chunk_size: int = 4096,
     window_radius: int | None = None,
 ) -> list[ScorerBenchmark]:
-    """Time MuSc (:func:`codegraph3d.batch_scoring.score_batch`) on random float32 token sets.
+    """Time MuSc (:func:`codegraph3d.scoring.batch.score_batch`) on random float32 token sets.
 
     The cost does not depend on the token values (every pair block is computed, minima and top-K
     are data-independent), so random Gaussian tokens measure the real scorer at the real sizes.
@@ -990,7 +990,7 @@ def benchmark_scorer(
     layers : int
         Layers scored (4 for ViT-L/14 at blocks 6/12/18/24).
     device, chunk_size, k_fraction
-        As in :func:`codegraph3d.scoring.musc_scores`.
+        As in :func:`codegraph3d.scoring.musc.musc_scores`.
     window_radius : int, optional
         ``None``: global matching. An integer: windowed matching on a 16^3 grid, every volume's
         tokens at the grid positions nearest the centre (a brain-like ball).
@@ -1048,9 +1048,9 @@ def measure_selection_precision(
     Two token models: iid Gaussian, and clustered (every token a 1 % perturbation of one of 20
     shared centres, so that a token has many nearly equidistant candidates in every volume). Returns per model the fraction of (token, reference
     volume) nearest distances that differ from float32 selection and the largest relative increase.
-    On CPU TF32 is emulated by input rounding (:func:`codegraph3d.scoring.selection_precision`).
+    On CPU TF32 is emulated by input rounding (:func:`codegraph3d.scoring.musc.selection_precision`).
     """
-    from codegraph3d.scoring import nearest_distances, selection_precision
+    from codegraph3d.scoring.musc import nearest_distances, selection_precision
 
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((20, dim))
@@ -1163,7 +1163,7 @@ def benchmark_tokeniser(
     device: str = "auto",
     seed: int = 0,
 ) -> TokeniserBenchmark:
-    """Time :func:`codegraph3d.tokens.tokenise` on random volumes of the working grid.
+    """Time :func:`codegraph3d.features.tokens.tokenise` on random volumes of the working grid.
 
     One encoder call on a full batch of slices runs first and is not timed (kernel selection and
     first-call allocations are not throughput). Each volume is then timed on its own.
@@ -1171,7 +1171,7 @@ def benchmark_tokeniser(
     Parameters
     ----------
     encoder : str
-        An encoder name of :func:`codegraph3d.encoders.load_encoder` (not ``dinov2``: no weights).
+        An encoder name of :func:`codegraph3d.features.encoders.load_encoder` (not ``dinov2``: no weights).
     implementation : {"auto", "transformers", "plain"}
         For untrained ViTs: the product's transformers-based encoder, or :class:`PlainViTEncoder`;
         ``auto`` tries the first and falls back to the second.

@@ -62,10 +62,10 @@ import highdicom as hd
 import nibabel as nib
 import numpy as np
 
-from codegraph3d.atomic import atomic_path
+from codegraph3d.core.files import atomic_path
 from codegraph3d.io.dicom import SeriesHeader, load_series_volume, scan_headers
 from .metrics import StreamingBinaryMetrics, patient_auroc, patient_average_precision
-from codegraph3d.volume import LPS_TO_RAS, Volume
+from codegraph3d.core.volume import LPS_TO_RAS, Volume
 
 if TYPE_CHECKING:
     from .plots import CaseSlices

@@ -8,17 +8,17 @@ For every series of a cohort written by :func:`codegraph3d_research.synthetic.ma
 makes a brain mask on the series' own grid, and the mask is compared with the series' ``_brain``
 truth (``labels.json`` -> ``truth.brain``):
 
-* ``deepbet``: :class:`codegraph3d.skullstrip.DeepBetStripper` on the series itself;
+* ``deepbet``: :class:`codegraph3d.preprocess.skullstrip.DeepBetStripper` on the series itself;
 * ``carried``: for a series other than T1w in a study that has a T1w series, the T1w series'
-  deepbet mask moved onto it by :func:`codegraph3d.skullstrip.carry_mask` (rigid, intra-study),
+  deepbet mask moved onto it by :func:`codegraph3d.preprocess.skullstrip.carry_mask` (rigid, intra-study),
   with the carry's ``doubtful`` flag; T1w series, and studies without one, get ``n/a``. The raw
   carry is measured: the application's fallback (stripping the series itself when the carry is
   doubtful) is not applied, so the flag can be judged against the Dice it warned about;
-* ``template``: :func:`codegraph3d.skullstrip.template_brain_mask` (affine registration to the
+* ``template``: :func:`codegraph3d.preprocess.skullstrip.template_brain_mask` (affine registration to the
   MNI152 brain template installed under the model folder).
 
 With ``--n4`` (the default, as in the application) each series is first corrected by
-:func:`codegraph3d.skullstrip.n4_bias_correct`, and every method sees the corrected series.
+:func:`codegraph3d.preprocess.skullstrip.n4_bias_correct`, and every method sees the corrected series.
 
 What is measured, per (series, method):
 
@@ -57,7 +57,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from codegraph3d.io.dicom import SeriesHeader, load_series_volume, scan_headers
-from codegraph3d.skullstrip import (
+from codegraph3d.preprocess.skullstrip import (
     BrainMaskResult,
     SkullStripError,
     carry_mask,
@@ -65,7 +65,7 @@ from codegraph3d.skullstrip import (
     n4_bias_correct,
 )
 from .synthetic import read_labels
-from codegraph3d.volume import Volume
+from codegraph3d.core.volume import Volume
 
 __all__ = [
     "MASK_QUALITY_SCHEMA",
@@ -363,7 +363,7 @@ def measure_cohort(
         deepbet = make_stripper("deepbet", model_path=models, device=device)
     template_stripper: Callable[[Volume], BrainMaskResult] | None = None
     if "template" in methods:
-        from codegraph3d.registration import load_template
+        from codegraph3d.preprocess.registration import load_template
 
         template_stripper = make_stripper("template", model_path=models, template=load_template(models))
 

@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from codegraph3d.atomic import atomic_path
+from codegraph3d.core.files import atomic_path
 from .metrics import patient_pr_curve, patient_roc_curve
-from codegraph3d.volume import Volume
+from codegraph3d.core.volume import Volume
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

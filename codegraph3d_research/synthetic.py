@@ -32,7 +32,7 @@ Bad inputs for an application's input checks are written one series at a time:
 :func:`write_truncated_series` (only the top of the head), :func:`write_slab_series` (one slice
 or a thin slab) and :func:`write_anisotropic_series` (e.g. 0.5 x 0.5 x 5 mm voxels).
 
-Conventions are those of :mod:`codegraph3d.volume`: arrays ``[z, y, x]``, index ``(x, y, z)``,
+Conventions are those of :mod:`codegraph3d.core.volume`: arrays ``[z, y, x]``, index ``(x, y, z)``,
 LPS millimetres, ``point = origin + direction @ (spacing * index)``. Template arrays keep
 nibabel's ``[i, j, k]`` order, since they never leave this module.
 
@@ -77,7 +77,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from codegraph3d.volume import LPS_TO_RAS, index_to_physical_matrix
+from codegraph3d.core.volume import LPS_TO_RAS, index_to_physical_matrix
 
 __all__ = [
     "CONTRASTS",

@@ -126,7 +126,7 @@ def remove_partials(output: Path) -> str:
     """Delete the half-written files an interrupted app left in the output folder.
 
     The app writes every result under a hidden temporary name (``.<name>.<random>.partial``) and
-    renames it when whole (``codegraph3d/atomic.py``). An app stopped midway (Holoscan force-exits
+    renames it when whole (``codegraph3d/core/files.py``). An app stopped midway (Holoscan force-exits
     3 s after SIGTERM; the kernel's OOM killer gives no warning) cannot clean up, so the
     entrypoint, which outlives it, does. Returns the line to log ("" when nothing was left).
     """

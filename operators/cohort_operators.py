@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
-from codegraph3d.pipeline import (
+from codegraph3d.run.pipeline import (
     StageTimer,
     CohortError,
     build_encoder,
@@ -25,9 +25,9 @@ from codegraph3d.pipeline import (
     tokenise_selected,
     update_bank,
 )
-from codegraph3d.atomic import write_json_atomic
-from codegraph3d.progress import StageClock
-from codegraph3d.report import write_results
+from codegraph3d.core.files import write_json_atomic
+from codegraph3d.core.progress import StageClock
+from codegraph3d.run.report import write_results
 
 logger = logging.getLogger("codegraph3d.operators")
 

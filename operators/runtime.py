@@ -57,9 +57,9 @@ def run_application(make_app: Callable[[], Any]) -> int:
     scored (bad or empty input, missing weights, bad configuration); 1: an internal error. For a
     non-zero exit the message is the last log line and, when possible, in report.json.
     """
-    from codegraph3d.config import ConfigError
-    from codegraph3d.pipeline import CohortError
-    from codegraph3d.report import write_failure_report
+    from codegraph3d.run.config import ConfigError
+    from codegraph3d.run.pipeline import CohortError
+    from codegraph3d.run.report import write_failure_report
 
     app = None
     try:

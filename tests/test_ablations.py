@@ -20,7 +20,7 @@ from codegraph3d_research.ablations import (
     load_cohort,
     main,
 )
-from codegraph3d.config import CONFIG_ENV_VAR, load_config
+from codegraph3d.run.config import CONFIG_ENV_VAR, load_config
 from codegraph3d_research.synthetic import make_cohort
 
 # A 2-layer, 128-wide untrained ViT on an 8^3 grid: every table has rows (no signal is expected).

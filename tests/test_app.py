@@ -208,7 +208,7 @@ def test_run_diff_finds_a_run_agrees_with_itself_and_catches_each_kind_of_change
     import numpy as np
     from pydicom.pixels import pack_bits
 
-    from codegraph3d.run_diff import compare_runs
+    from codegraph3d.run.diff import compare_runs
 
     run, _ = good_run
     same = compare_runs(run.output, run.output)

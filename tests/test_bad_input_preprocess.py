@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from codegraph3d.registration import install_template
+from codegraph3d.preprocess.registration import install_template
 from codegraph3d_research.synthetic import (
     make_cohort,
     write_anisotropic_series,

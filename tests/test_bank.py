@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from codegraph3d import bank as bank_module
-from codegraph3d.bank import BankError, CohortBank, bank_settings
+from codegraph3d.store import bank as bank_module
+from codegraph3d.store.bank import BankError, CohortBank, bank_settings
 from codegraph3d.cli import main as codegraph3d_command
-from codegraph3d.config import ConfigError, load_config
-from codegraph3d.pipeline import batch_chunks
-from codegraph3d.tokens import TokenSet
+from codegraph3d.run.config import ConfigError, load_config
+from codegraph3d.run.pipeline import batch_chunks
+from codegraph3d.features.tokens import TokenSet
 
 ENCODER = {
     "name": "intensity", "pretrained": False, "weights_sha256": None, "description": "intensity test",

@@ -10,7 +10,7 @@ import sys
 import highdicom as hd
 import pytest
 
-from codegraph3d.bank import CohortBank
+from codegraph3d.store.bank import CohortBank
 from codegraph3d_research.synthetic import make_cohort
 from conftest import ROOT, TINY_VIT_CONFIG, run_app
 

@@ -18,8 +18,8 @@ from codegraph3d_research.baseline import (
     volume_score,
     zscore_maps,
 )
-from codegraph3d.pipeline import working_grid_size
-from codegraph3d.config import load_config
+from codegraph3d.run.pipeline import working_grid_size
+from codegraph3d.run.config import load_config
 from codegraph3d_research.evaluate import (
     EvaluationInputError,
     TruthMismatchError,

@@ -22,7 +22,7 @@ from codegraph3d_research.benchmark import (
     random_brain_volume,
     vit_flops_per_slice,
 )
-from codegraph3d.encoders import IntensityEncoder, untrained_vit
+from codegraph3d.features.encoders import IntensityEncoder, untrained_vit
 
 TINY_GRID_CONFIG = STRIPPED_PREPROCESS_YAML + """\
 encoder:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import STRIPPED_PREPROCESS
 
-from codegraph3d.cache import (
+from codegraph3d.store.cache import (
     CachedSeries,
     TokenCache,
     cache_key,
@@ -18,11 +18,11 @@ from codegraph3d.cache import (
     read_entry,
     settings_id,
 )
-from codegraph3d.config import ConfigError, load_config
-from codegraph3d.encoders import IntensityEncoder
-from codegraph3d.pipeline import CohortError, Selection, open_cache, scan_input, select_input, tokenise_selected
-from codegraph3d.preprocess import PreprocessedVolume
-from codegraph3d.tokens import encode_volume, project, tokenise
+from codegraph3d.run.config import ConfigError, load_config
+from codegraph3d.features.encoders import IntensityEncoder
+from codegraph3d.run.pipeline import CohortError, Selection, open_cache, scan_input, select_input, tokenise_selected
+from codegraph3d.preprocess.chain import PreprocessedVolume
+from codegraph3d.features.tokens import encode_volume, project, tokenise
 
 P, G = 4, 8
 S = P * G
@@ -124,7 +124,7 @@ def test_bad_entries_are_detected_logged_and_rebuilt(stored, encoder, config, da
         sidecar.unlink()
     else:
         sidecar.write_text("{not json", encoding="utf-8")
-    with caplog.at_level(logging.WARNING, logger="codegraph3d.cache"):
+    with caplog.at_level(logging.WARNING, logger="codegraph3d.store.cache"):
         lookup = cache.load(material)
     assert lookup.status == "invalid" and lookup.entry is None and reason in lookup.reason
     assert any(str(npz.parent) in record.getMessage() and reason in record.getMessage() for record in caplog.records)
@@ -201,7 +201,7 @@ def test_pipeline_hits_skip_pixels_and_keep_headers(tiny_cohort: Path, tmp_path:
     assert [r.qa["token_cache"] for r in first.series] == ["miss", "miss"]
 
     # Pixels are read where studies are preprocessed (in process here: preprocess.workers is 1).
-    import codegraph3d.parallel as parallel
+    import codegraph3d.preprocess.workers as parallel
 
     def no_pixels(*args, **kwargs):
         raise AssertionError("a cache hit must not load pixels")

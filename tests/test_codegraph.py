@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from codegraph3d.codegraph import (
+from codegraph3d.scoring.codegraph import (
     CoDeGraphConfig,
     burnout_threshold,
     codegraph_scores,
@@ -17,8 +17,8 @@ from codegraph3d.codegraph import (
     find_communities,
     volume_graph,
 )
-from codegraph3d.batch_scoring import BatchScores, score_batch
-from codegraph3d.scoring import nearest_distances
+from codegraph3d.scoring.batch import BatchScores, score_batch
+from codegraph3d.scoring.musc import nearest_distances
 
 GRID = (5, 5, 6)
 COORDS = np.argwhere(np.ones(GRID, dtype=bool))  # every volume has a token at every position
@@ -377,7 +377,7 @@ def test_member_distance_rule_adds_few_normal_tokens_and_keeps_their_scores(mode
 
 
 def test_closer_to_members_compares_medians_over_finite_distances():
-    from codegraph3d.codegraph import closer_to_members
+    from codegraph3d.scoring.codegraph import closer_to_members
 
     inf = np.inf
     # rows: volumes 0..5; columns: tokens of the volume under test (row 0 is itself). Token 0

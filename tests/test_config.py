@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from codegraph3d.config import CONFIG_ENV_VAR, ConfigError, config_hash, default_config, load_config
+from codegraph3d.run.config import CONFIG_ENV_VAR, ConfigError, config_hash, default_config, load_config
 
 
 def test_defaults_are_the_papers(monkeypatch: pytest.MonkeyPatch):

@@ -16,13 +16,13 @@ from conftest import STRIPPED_PREPROCESS
 
 from PIL import Image
 
-from codegraph3d.config import load_config
+from codegraph3d.run.config import load_config
 from codegraph3d.io.dicom import load_series_volume
 from codegraph3d.io.previews import panel_boxes, preview_planes
-from codegraph3d.report import write_results
+from codegraph3d.run.report import write_results
 from codegraph3d_research.metrics import patient_auroc
-from codegraph3d.pipeline import run_pipeline, series_outputs
-from codegraph3d.preprocess import resample_from_source
+from codegraph3d.run.pipeline import run_pipeline, series_outputs
+from codegraph3d.preprocess.chain import resample_from_source
 from codegraph3d_research import synthetic
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from conftest import ROOT
 
-from codegraph3d.config import default_config
+from codegraph3d.run.config import default_config
 
 # Mappings whose keys are the user's (contrast names, CoDeGraph's documented group of settings).
 _OPEN_MAPPINGS = {"threshold.finding_mass_by_contrast", "scoring.codegraph"}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from codegraph3d.encoders import (
+from codegraph3d.features.encoders import (
     UNTRAINED_WARNING,
     Dinov2Encoder,
     IntensityEncoder,

@@ -30,7 +30,7 @@ from codegraph3d.io.dicom import load_series_volume, scan_headers
 from codegraph3d.io.seg import write_binary_seg, write_fractional_seg
 from codegraph3d_research.plots import CaseSlices, case_slices, lps_view, rank_cases
 from codegraph3d_research.synthetic import make_cohort
-from codegraph3d.volume import Volume
+from codegraph3d.core.volume import Volume
 
 # Per contrast: the first lesion series is found exactly ("hit": score map and mask = the lesion),
 # the second missed (all zero); the normal series score zero everywhere.

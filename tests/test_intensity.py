@@ -11,9 +11,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from codegraph3d import intensity
+from codegraph3d.preprocess import intensity
 from codegraph3d.cli import main as codegraph3d_command
-from codegraph3d.intensity import (
+from codegraph3d.preprocess.intensity import (
     DEFAULT_PERCENTILES,
     PACKAGE_LANDMARKS,
     SCHEMA,

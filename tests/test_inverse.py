@@ -26,15 +26,15 @@ import pytest
 from scipy import ndimage
 
 from codegraph3d_research import synthetic
-from codegraph3d.preprocess import (
+from codegraph3d.preprocess.chain import (
     PreprocessConfig,
     PreprocessedVolume,
     preprocess_volume,
     resample_from_source,
     resample_to_source,
 )
-from codegraph3d.registration import install_template, load_template
-from codegraph3d.volume import Volume
+from codegraph3d.preprocess.registration import install_template, load_template
+from codegraph3d.core.volume import Volume
 
 SIZE = 128
 SPACING_MM = (1.5, 1.2, 4.0)  # column, row, slice: thick slices, as in clinical 2-D series

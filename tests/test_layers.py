@@ -22,10 +22,14 @@ def lint_imports(folder: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+LAYERS = ("cli", "run", "store", "decision", "scoring", "features", "preprocess", "io", "core")
+
+
 def packages(folder: Path) -> Path:
-    """Empty stand-ins of the three root packages, with the project's contracts, under ``folder``."""
+    """Empty stand-ins of the root packages and the product's layers, with the project's contracts."""
     shutil.copy(ROOT / "pyproject.toml", folder / "pyproject.toml")
-    for package in ("codegraph3d", "codegraph3d_research", "operators"):
+    for package in ("codegraph3d", "codegraph3d_research", "operators",
+                    *(f"codegraph3d/{layer}" for layer in LAYERS)):
         (folder / package).mkdir()
         (folder / package / "__init__.py").write_text("")
     return folder
@@ -46,19 +50,41 @@ def test_the_contract_fails_when_the_product_imports_research_code(tmp_path: Pat
     packages(tmp_path)
     (tmp_path / "codegraph3d_research" / "metrics.py").write_text("def auroc():\n    return 1.0\n")
     # An import inside a function counts: it still ships the research code's dependency.
-    (tmp_path / "codegraph3d" / "report.py").write_text(
+    (tmp_path / "codegraph3d" / "run" / "report.py").write_text(
         "def write():\n    from codegraph3d_research.metrics import auroc\n    return auroc()\n")
     completed = lint_imports(tmp_path)
     assert completed.returncode == 1, completed.stdout + completed.stderr
-    assert "BROKEN" in completed.stdout and "codegraph3d.report -> codegraph3d_research.metrics" in completed.stdout
+    assert "BROKEN" in completed.stdout and "codegraph3d.run.report -> codegraph3d_research.metrics" in completed.stdout
 
 
 def test_the_contract_fails_on_an_import_cycle_in_the_product(tmp_path: Path):
     packages(tmp_path)
-    (tmp_path / "codegraph3d" / "scoring.py").write_text("from codegraph3d.codegraph import rescore\n")
+    scoring = tmp_path / "codegraph3d" / "scoring"
+    (scoring / "musc.py").write_text("from codegraph3d.scoring.codegraph import rescore\n")
     # The way back hides inside a function, where a lazy import used to hide such cycles.
-    (tmp_path / "codegraph3d" / "codegraph.py").write_text(
-        "def rescore():\n    from codegraph3d import scoring\n    return scoring\n")
+    (scoring / "codegraph.py").write_text(
+        "def rescore():\n    from codegraph3d.scoring import musc\n    return musc\n")
     completed = lint_imports(tmp_path)
     assert completed.returncode == 1, completed.stdout + completed.stderr
     assert "No import cycles in the product" in completed.stdout and "BROKEN" in completed.stdout
+
+
+def test_the_contract_fails_when_a_lower_layer_imports_a_higher_one(tmp_path: Path):
+    packages(tmp_path)
+    (tmp_path / "codegraph3d" / "run" / "config.py").write_text("LIMIT = 1\n")
+    # The writer of SEGs reading the run's configuration is the kind of back-call the layers forbid.
+    (tmp_path / "codegraph3d" / "io" / "seg.py").write_text(
+        "def write():\n    from codegraph3d.run.config import LIMIT\n    return LIMIT\n")
+    completed = lint_imports(tmp_path)
+    assert completed.returncode == 1, completed.stdout + completed.stderr
+    assert "import only downward" in completed.stdout and "BROKEN" in completed.stdout
+    assert "codegraph3d.io.seg -> codegraph3d.run.config" in completed.stdout
+
+
+def test_the_contract_fails_when_an_operator_reaches_below_the_run_layer(tmp_path: Path):
+    packages(tmp_path)
+    (tmp_path / "codegraph3d" / "scoring" / "musc.py").write_text("def musc_scores():\n    return 0\n")
+    (tmp_path / "operators" / "scorer.py").write_text("from codegraph3d.scoring.musc import musc_scores\n")
+    completed = lint_imports(tmp_path)
+    assert completed.returncode == 1, completed.stdout + completed.stderr
+    assert "The SDK operators call run stages only" in completed.stdout and "BROKEN" in completed.stdout

@@ -1,16 +1,16 @@
-"""The lesion decision policy (codegraph3d.lesion_policy) on small synthetic token batches."""
+"""The lesion decision policy (codegraph3d.decision.lesion_policy) on small synthetic token batches."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from codegraph3d.config import ConfigError, lesion_policy_of, load_config
-from codegraph3d.lesion_policy import (
+from codegraph3d.run.config import ConfigError, lesion_policy_of, load_config
+from codegraph3d.decision.lesion_policy import (
     LesionPolicy, bank_calibration, calibration_rank, decide_lesions, position_statistics, standardise, tail_spread,
     token_findings,
 )
-from codegraph3d.operating_point import bank_operating_point
+from codegraph3d.decision.operating_point import bank_operating_point
 
 GRID = (8, 8, 8)
 
@@ -210,8 +210,8 @@ def test_a_later_layer_replaces_the_per_contrast_bounds_whole(tmp_path, monkeypa
 
 def test_the_batch_decision_takes_its_contrasts_bound():
     # The same scores, decided as a T1w and as a T2w batch with different bounds per contrast.
-    from codegraph3d.pipeline import decide_batch
-    from codegraph3d.batch_scoring import BatchScores
+    from codegraph3d.run.pipeline import decide_batch
+    from codegraph3d.scoring.batch import BatchScores
 
     scores, coords = _batch(12, seed=4)
     lesion = _cube(coords[2], (4, 4, 4), 2)

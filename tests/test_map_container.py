@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, copy_as_ct, run_app
 
-from codegraph3d.run_diff import compare_runs
+from codegraph3d.run.diff import compare_runs
 from codegraph3d_research.synthetic import make_cohort
 
 IMAGE = os.environ.get("CODEGRAPH3D_MAP_IMAGE", "")
@@ -158,7 +158,7 @@ def test_image_ships_the_product_without_the_research_tooling():
     probe = (
         "import importlib.util as u, json; "
         "print(json.dumps({name: u.find_spec(name) is not None for name in "
-        "('codegraph3d', 'codegraph3d.pipeline', 'codegraph3d_research', 'codegraph3d.synthetic', 'codegraph3d.evaluate')}))"
+        "('codegraph3d', 'codegraph3d.run.pipeline', 'codegraph3d_research', 'codegraph3d.synthetic', 'codegraph3d.evaluate')}))"
     )
     # The podman options of tools/run_map.sh (runc, no network, its ulimits, PODMAN_RUN_OPTS).
     extra = os.environ.get("PODMAN_RUN_OPTS", "").split()
@@ -170,7 +170,7 @@ def test_image_ships_the_product_without_the_research_tooling():
     )
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout.strip().splitlines()[-1]) == {
-        "codegraph3d": True, "codegraph3d.pipeline": True,
+        "codegraph3d": True, "codegraph3d.run.pipeline": True,
         "codegraph3d_research": False, "codegraph3d.synthetic": False, "codegraph3d.evaluate": False,
     }
 

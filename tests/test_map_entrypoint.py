@@ -143,7 +143,7 @@ def test_an_app_killed_while_writing_leaves_no_half_written_file(layout, tmp_pat
         "import os, signal, sys\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "from pathlib import Path\n"
-        "from codegraph3d.atomic import atomic_path\n"
+        "from codegraph3d.core.files import atomic_path\n"
         "output = Path(sys.argv[sys.argv.index('-o') + 1])\n"
         "with atomic_path(output / 'SEG' / 'whole.dcm') as temporary:\n"
         "    temporary.write_bytes(b'whole')\n"

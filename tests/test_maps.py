@@ -1,11 +1,11 @@
-"""Token maps to voxel maps (codegraph3d.maps): masked interpolation over kept tokens."""
+"""Token maps to voxel maps (codegraph3d.scoring.maps): masked interpolation over kept tokens."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from codegraph3d.maps import kept_token_grid, token_voxel_map, upsample_token_map
+from codegraph3d.scoring.maps import kept_token_grid, token_voxel_map, upsample_token_map
 
 SIZE, GRID = 112, 8  # 14-voxel tokens, as on the product's grid
 
@@ -66,7 +66,7 @@ def test_no_kept_token_gives_zeros_and_bad_inputs_are_refused():
 def test_specks_smaller_than_the_minimum_are_dropped():
     from types import SimpleNamespace
 
-    from codegraph3d.pipeline import drop_small_components
+    from codegraph3d.run.pipeline import drop_small_components
 
     prepared = SimpleNamespace(source_spacing=np.array([1.0, 1.0, 2.0]))  # 2 microlitres a voxel
     mask = np.zeros((20, 20, 20), bool)

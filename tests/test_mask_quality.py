@@ -25,7 +25,7 @@ from codegraph3d_research.mask_quality import (
     measure_cohort,
     read_truth_brain,
 )
-from codegraph3d.registration import install_template
+from codegraph3d.preprocess.registration import install_template
 from codegraph3d_research.synthetic import make_cohort
 
 # Measured on this cohort (seed 3, N4 on, CPU): T1w deepbet Dice 0.976 (study 1) and 0.981

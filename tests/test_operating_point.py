@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from codegraph3d import operating_point as op
-from codegraph3d.config import load_config
-from codegraph3d.lesion_policy import LESION_POLICY_NAME
+from codegraph3d.decision import operating_point as op
+from codegraph3d.run.config import load_config
+from codegraph3d.decision.lesion_policy import LESION_POLICY_NAME
 
 
 @pytest.fixture

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from codegraph3d.config import load_config
+from codegraph3d.run.config import load_config
 from codegraph3d.io.dicom import load_series_volume
-from codegraph3d.parallel import PreprocessSetup, SeriesJob, StudyPreprocessor, resolve_workers
-from codegraph3d.pipeline import preprocess_config, scan_input, select_input
-from codegraph3d.preprocess import PreprocessConfig, preprocess_study
-from codegraph3d.skullstrip import intensity_brain_mask
+from codegraph3d.preprocess.workers import PreprocessSetup, SeriesJob, StudyPreprocessor, resolve_workers
+from codegraph3d.run.pipeline import preprocess_config, scan_input, select_input
+from codegraph3d.preprocess.chain import PreprocessConfig, preprocess_study
+from codegraph3d.preprocess.skullstrip import intensity_brain_mask
 from conftest import STRIPPED_PREPROCESS
 
 SMALL = {"encoder": {"name": "intensity", "patch_size": 4}, "tokens": {"grid_size": 8}, "preprocess": STRIPPED_PREPROCESS}
@@ -41,7 +41,7 @@ def _setup() -> PreprocessSetup:
 def test_workers_give_the_same_volumes_as_one_process(studies, caplog):
     with StudyPreprocessor(_setup(), workers=1) as pool:
         serial = [outcomes for _, outcomes in pool.map(studies)]
-    caplog.set_level(logging.INFO, logger="codegraph3d.parallel")
+    caplog.set_level(logging.INFO, logger="codegraph3d.preprocess.workers")
     with StudyPreprocessor(_setup(), workers=2) as pool:
         pool.expect(sum(len(jobs) for jobs in studies))
         parallel = [(jobs, outcomes) for jobs, outcomes in pool.map(studies)]
@@ -131,7 +131,7 @@ def test_without_a_t1w_series_each_series_is_stripped(studies):
 
 
 def test_available_cpus_honours_a_containers_cpu_quota(tmp_path: Path):
-    from codegraph3d.parallel import available_cpus
+    from codegraph3d.preprocess.workers import available_cpus
 
     affinity = len(os.sched_getaffinity(0))
     assert available_cpus(tmp_path / "no-cgroup") == affinity

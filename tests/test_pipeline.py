@@ -5,17 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from codegraph3d.config import load_config
+from codegraph3d.run.config import load_config
 from codegraph3d.io.selection import SeriesDecision
-from codegraph3d.pipeline import (
+from codegraph3d.run.pipeline import (
     CohortError,
     Tokenisation,
     TokenisedSeries,
     reference_groups,
     score_batches,
 )
-from codegraph3d.preprocess import PreprocessedVolume
-from codegraph3d.tokens import TokenSet
+from codegraph3d.preprocess.chain import PreprocessedVolume
+from codegraph3d.features.tokens import TokenSet
 
 
 def _series(uid: str, patient: str, study: str, contrast: str, rng: np.random.Generator) -> TokenisedSeries:
@@ -97,7 +97,7 @@ def test_codegraph_method_finds_the_volumes_sharing_an_anomaly():
 
 
 def test_codegraph_settings_are_validated():
-    from codegraph3d.config import ConfigError
+    from codegraph3d.run.config import ConfigError
 
     with pytest.raises(ConfigError, match="scoring.method must be musc or codegraph"):
         load_config(override={"scoring": {"method": "graph"}})

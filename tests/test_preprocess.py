@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from codegraph3d.maps import token_grid_map, upsample_token_map
-from codegraph3d.preprocess import (
+from codegraph3d.scoring.maps import token_grid_map, upsample_token_map
+from codegraph3d.preprocess.chain import (
     PreprocessConfig,
     preprocess_volume,
     resample_to_source,
 )
-from codegraph3d.skullstrip import brain_mask_from_intensity
-from codegraph3d.volume import Volume
+from codegraph3d.preprocess.skullstrip import brain_mask_from_intensity
+from codegraph3d.core.volume import Volume
 
 
 def _oblique_brain(shape_zyx=(30, 40, 36), spacing=(1.1, 0.9, 2.5)) -> Volume:
@@ -114,7 +114,7 @@ def test_upsampling_places_token_values_at_cube_centres():
 
 
 def test_landmark_scaling_removes_gain_and_offset():
-    from codegraph3d.preprocess import scale_intensities
+    from codegraph3d.preprocess.chain import scale_intensities
 
     rng = np.random.default_rng(0)
     image = rng.gamma(4.0, 1.0, size=(16, 16, 16)).astype(np.float32)
@@ -132,7 +132,7 @@ def test_landmark_scaling_removes_gain_and_offset():
 def test_resolution_harmonisation_blurs_only_the_fine_axes():
     import SimpleITK as sitk
 
-    from codegraph3d.preprocess import harmonise_resolution
+    from codegraph3d.preprocess.chain import harmonise_resolution
 
     array = np.zeros((20, 20, 20), np.float32)
     array[10, 10, 10] = 1.0

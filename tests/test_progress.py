@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from codegraph3d.progress import StageClock
+from codegraph3d.core.progress import StageClock
 
 
 def test_eta_extrapolates_the_rate_so_far():

@@ -10,9 +10,9 @@ import SimpleITK as sitk
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from codegraph3d.preprocess import PreprocessConfig, preprocess_volume, resample_to_source
-from codegraph3d.registration import coarsen_to_spacing, install_template, load_template, register_affine
-from codegraph3d.volume import Volume
+from codegraph3d.preprocess.chain import PreprocessConfig, preprocess_volume, resample_to_source
+from codegraph3d.preprocess.registration import coarsen_to_spacing, install_template, load_template, register_affine
+from codegraph3d.core.volume import Volume
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +125,8 @@ def test_analysis_mask_is_validated():
 
 
 def test_t1w_registration_is_carried_to_the_other_series_of_the_study(template):
-    from codegraph3d.preprocess import preprocess_study
-    from codegraph3d.skullstrip import intensity_brain_mask
+    from codegraph3d.preprocess.chain import preprocess_study
+    from codegraph3d.preprocess.skullstrip import intensity_brain_mask
 
     t1w, _ = _misaligned_subject(template, (4.0, -3.0, 5.0), (5.0, -4.0, 2.0))
     t1w.series_instance_uid = "1.2.1"

@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from codegraph3d.batch_scoring import BatchScores, score_batch
-from codegraph3d.scoring import (
+from codegraph3d.scoring.batch import BatchScores, score_batch
+from codegraph3d.scoring.musc import (
     fuse_layers,
     k_for_references,
     musc_scores,
@@ -154,7 +154,7 @@ def _random_grid_tokens(rng, n_volumes, grid=4, dim=5):
 
 
 def test_windowed_scores_equal_global_when_the_window_covers_the_grid():
-    from codegraph3d.scoring import musc_scores_windowed
+    from codegraph3d.scoring.musc import musc_scores_windowed
 
     rng = np.random.default_rng(5)
     sets, coords = _random_grid_tokens(rng, 4)
@@ -165,7 +165,7 @@ def test_windowed_scores_equal_global_when_the_window_covers_the_grid():
 
 
 def test_windowed_scores_only_see_the_window():
-    from codegraph3d.scoring import musc_scores_windowed
+    from codegraph3d.scoring.musc import musc_scores_windowed
 
     # Volume 0's token at (0,0,0) equals volume 1's token at (3,3,3): far apart, so unmatched.
     a = np.array([[1.0, 0.0]], np.float32)
@@ -181,7 +181,7 @@ def test_windowed_scores_only_see_the_window():
 
 @pytest.mark.parametrize("chunk_size", [4, 4096])
 def test_windowed_nearest_distances_match_a_float64_brute_force(chunk_size):
-    from codegraph3d.scoring import nearest_distances
+    from codegraph3d.scoring.musc import nearest_distances
 
     rng = np.random.default_rng(11)
     grid = (5, 4, 6)
@@ -207,7 +207,7 @@ def test_windowed_nearest_distances_match_a_float64_brute_force(chunk_size):
 
 
 def test_nearest_distances_reduce_to_musc_exactly():
-    from codegraph3d.scoring import (
+    from codegraph3d.scoring.musc import (
         musc_from_distances,
         musc_scores_windowed,
         nearest_distances,
@@ -241,7 +241,7 @@ def test_nearest_distances_reduce_to_musc_exactly():
 
 
 def test_musc_from_distances_skips_inf_and_checks_input():
-    from codegraph3d.scoring import musc_from_distances
+    from codegraph3d.scoring.musc import musc_from_distances
 
     inf = np.inf
     # 4 volumes of one token; column v is token v; K = floor(1.0 * 3) = 3.
@@ -271,7 +271,7 @@ def test_score_batch_method_argument():
 
 
 def test_memory_budget_lowers_the_chunk_size_without_changing_scores():
-    from codegraph3d.scoring import ALLOCATOR_FACTOR, fit_chunk_size, scoring_memory
+    from codegraph3d.scoring.musc import ALLOCATOR_FACTOR, fit_chunk_size, scoring_memory
 
     rng = np.random.default_rng(5)
     sets = [[rng.standard_normal((n, 24)).astype(np.float32) for n in (700, 650, 720, 690)]]
@@ -290,7 +290,7 @@ def test_memory_budget_lowers_the_chunk_size_without_changing_scores():
 
 
 def test_batch_too_large_for_the_budget_is_refused_with_the_batch_size_that_fits():
-    from codegraph3d.scoring import ALLOCATOR_FACTOR, fit_chunk_size, scoring_memory
+    from codegraph3d.scoring.musc import ALLOCATOR_FACTOR, fit_chunk_size, scoring_memory
 
     sizes = [2000] * 180
     with pytest.raises(ValueError, match=r"180 volumes .* over the memory budget of 512 MB; split the cohort into chunks of at most (\d+) volumes") as error:
@@ -308,7 +308,7 @@ def test_batch_too_large_for_the_budget_is_refused_with_the_batch_size_that_fits
 @pytest.mark.parametrize("precision", ["float32", "tf32"])
 def test_selection_precision_keeps_distances_within_the_documented_bound(precision: str):
     """Exact float64 brute force against the scorer's chosen-neighbour distances."""
-    from codegraph3d.scoring import nearest_distances, selection_error_bound, selection_precision
+    from codegraph3d.scoring.musc import nearest_distances, selection_error_bound, selection_precision
 
     rng = np.random.default_rng(11)
     base = rng.standard_normal((1, 64))
@@ -345,7 +345,7 @@ def test_selection_precision_keeps_distances_within_the_documented_bound(precisi
 def test_precision_is_validated_and_restored():
     import torch
 
-    from codegraph3d.scoring import selection_precision
+    from codegraph3d.scoring.musc import selection_precision
 
     before = torch.backends.cuda.matmul.allow_tf32
     with pytest.raises(ValueError, match="float32"):

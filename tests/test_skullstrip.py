@@ -10,8 +10,8 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from codegraph3d.registration import Template, _nilearn_template
-from codegraph3d.skullstrip import (
+from codegraph3d.preprocess.registration import Template, _nilearn_template
+from codegraph3d.preprocess.skullstrip import (
     SKULL_STRIP_METHODS,
     DeepBetStripper,
     HDBetStripper,
@@ -25,7 +25,7 @@ from codegraph3d.skullstrip import (
     n4_bias_correct,
     template_brain_mask,
 )
-from codegraph3d.volume import Volume
+from codegraph3d.core.volume import Volume
 
 SAGITTAL = np.column_stack([[0.0, 1.0, 0.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0]])  # x->P, y->I, z->L
 

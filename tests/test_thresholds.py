@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from codegraph3d.thresholds import (
+from codegraph3d.decision.thresholds import (
     binary_token_masks,
     decide_thresholds,
     robust_upper_bound,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from codegraph3d.encoders import IntensityEncoder, untrained_vit
-from codegraph3d.tokens import EncodedVolume, TokenSet, encode_volume, parse_views, project, projection_matrix, tokenise
+from codegraph3d.features.encoders import IntensityEncoder, untrained_vit
+from codegraph3d.features.tokens import EncodedVolume, TokenSet, encode_volume, parse_views, project, projection_matrix, tokenise
 
 P, G = 4, 8
 S = P * G

@@ -48,16 +48,16 @@ except ModuleNotFoundError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from codegraph3d_research.ablations import AblationSeries, load_cohort  # noqa: E402
-from codegraph3d.config import ConfigError, load_config  # noqa: E402
-from codegraph3d.lesion_policy import LESION_POLICY_NAME  # noqa: E402
-from codegraph3d.maps import token_voxel_map  # noqa: E402
-from codegraph3d.operating_point import decision_settings  # noqa: E402
+from codegraph3d.run.config import ConfigError, load_config  # noqa: E402
+from codegraph3d.decision.lesion_policy import LESION_POLICY_NAME  # noqa: E402
+from codegraph3d.scoring.maps import token_voxel_map  # noqa: E402
+from codegraph3d.decision.operating_point import decision_settings  # noqa: E402
 from codegraph3d_research.metrics import StreamingBinaryMetrics, patient_auroc  # noqa: E402
-from codegraph3d.pipeline import decide_batch, reference_groups, score_configured, token_volume_ml  # noqa: E402
-from codegraph3d.batch_scoring import BatchScores  # noqa: E402
-from codegraph3d.thresholds import BANK_POLICY_NAME, POLICY_NAME  # noqa: E402
+from codegraph3d.run.pipeline import decide_batch, reference_groups, score_configured, token_volume_ml  # noqa: E402
+from codegraph3d.scoring.batch import BatchScores  # noqa: E402
+from codegraph3d.decision.thresholds import BANK_POLICY_NAME, POLICY_NAME  # noqa: E402
 
-OPERATING_POINTS = Path(__file__).resolve().parents[1] / "codegraph3d" / "operating_points.json"
+OPERATING_POINTS = Path(__file__).resolve().parents[1] / "codegraph3d" / "decision" / "operating_points.json"
 
 
 @dataclass
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lesions", action="store_true", help="print every lesion series")
     parser.add_argument("--record-operating-point", nargs="+", default=[], metavar="BATCH",
                         help="all-normal batches (names given to --batch) whose flags become the policy's "
-                        "measured false-flag rate in codegraph3d/operating_points.json")
+                        "measured false-flag rate in codegraph3d/decision/operating_points.json")
     args = parser.parse_args(argv)
     config = _configure(args.models, args.set)
     results: dict[str, Any] = {"settings": {"threshold": config["threshold"], "scoring": config["scoring"],

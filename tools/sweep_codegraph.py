@@ -27,14 +27,14 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from codegraph3d.cache import read_entry
-from codegraph3d.codegraph import CoDeGraphConfig
-from codegraph3d.config import default_config
+from codegraph3d.store.cache import read_entry
+from codegraph3d.scoring.codegraph import CoDeGraphConfig
+from codegraph3d.run.config import default_config
 from codegraph3d_research.metrics import patient_auroc
-from codegraph3d.preprocess import resample_from_source
-from codegraph3d.batch_scoring import score_batch
-from codegraph3d.scoring import musc_from_distances, nearest_distances
-from codegraph3d.tokens import project
+from codegraph3d.preprocess.chain import resample_from_source
+from codegraph3d.scoring.batch import score_batch
+from codegraph3d.scoring.musc import musc_from_distances, nearest_distances
+from codegraph3d.features.tokens import project
 
 #: One-at-a-time variations around the defaults; each entry changes the named fields.
 VARIATIONS: tuple[tuple[str, dict[str, Any]], ...] = (

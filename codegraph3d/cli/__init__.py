@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from . import bank, landmarks, run_diff, template
+from codegraph3d.cli import bank, landmarks, run_diff, template
 
 __all__ = ["main"]
 

@@ -12,9 +12,9 @@ import logging
 import sys
 from pathlib import Path
 
-from ..bank import BankError, CohortBank, bank_settings, series_record
-from ..config import load_config
-from ..pipeline import build_encoder, scan_input, select_input, tokenise_selected
+from codegraph3d.store.bank import BankError, CohortBank, bank_settings, series_record
+from codegraph3d.run.config import load_config
+from codegraph3d.run.pipeline import build_encoder, scan_input, select_input, tokenise_selected
 
 __all__ = ["configure", "run"]
 

@@ -11,7 +11,7 @@ Usage::
 one contrast's reference from a site's normal studies (NIfTI images, each optionally followed by
 its ``--mask``, or DICOM folders of one series each) into ``MODEL_FOLDER/landmarks/``; ``show``
 prints the reference in effect per contrast and where it comes from
-(:func:`codegraph3d.intensity.load_reference_landmarks`).
+(:func:`codegraph3d.preprocess.intensity.load_reference_landmarks`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..config import load_config
-from ..intensity import (
+from codegraph3d.run.config import load_config
+from codegraph3d.preprocess.intensity import (
     DEFAULT_PERCENTILES,
     KNOWN_CONTRASTS,
     PACKAGE_LANDMARKS,
@@ -38,8 +38,8 @@ from ..intensity import (
     template_reference,
     volume_landmarks,
 )
-from ..io.dicom import load_series_volume, scan_headers
-from ..skullstrip import brain_mask_from_intensity
+from codegraph3d.io.dicom import load_series_volume, scan_headers
+from codegraph3d.preprocess.skullstrip import brain_mask_from_intensity
 
 __all__ = ["TAKES_EXTRA_ARGUMENTS", "configure", "run"]
 

@@ -1,6 +1,6 @@
 """``codegraph3d run-diff OUTPUT_A OUTPUT_B``: do two runs of the app on the same input agree?
 
-Prints one line per series (:func:`codegraph3d.run_diff.compare_runs` says what "agree" means)
+Prints one line per series (:func:`codegraph3d.run.diff.compare_runs` says what "agree" means)
 and exits 0 when the runs agree, 1 when they do not, 2 on bad input.
 """
 
@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..run_diff import RunDifference, compare_runs
+from codegraph3d.run.diff import RunDifference, compare_runs
 
 __all__ = ["configure", "run"]
 

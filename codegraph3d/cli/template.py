@@ -1,14 +1,14 @@
 """``codegraph3d template install MODEL_FOLDER``: copy the MNI152 template into a model folder.
 
 The template is the MNI152 2009c T1 brain that nilearn ships (nothing is read from the network);
-:func:`codegraph3d.registration.install_template` puts it under ``MODEL_FOLDER/template/``.
+:func:`codegraph3d.preprocess.registration.install_template` puts it under ``MODEL_FOLDER/template/``.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from ..registration import install_template
+from codegraph3d.preprocess.registration import install_template
 
 __all__ = ["configure", "run"]
 

@@ -8,10 +8,10 @@ one truncated file can abort the whole load. Here
   from the file size, whether an image file's Pixel Data is truncated;
 * :func:`chunk_studies` bounds memory for large cohorts;
 * :func:`load_series_volume` decodes the pixels of one series only, sorts and validates the slices
-  and returns a :class:`~codegraph3d.volume.Volume` plus the per-slice header datasets (in the
+  and returns a :class:`~codegraph3d.core.volume.Volume` plus the per-slice header datasets (in the
   volume's z order, without Pixel Data) that the DICOM-SEG writer references.
 
-Geometry follows DICOM and :mod:`codegraph3d.volume`: the first ImageOrientationPatient triplet
+Geometry follows DICOM and :mod:`codegraph3d.core.volume`: the first ImageOrientationPatient triplet
 (direction along a row, i.e. increasing column index) is the x index axis, the second (increasing
 row index) the y axis; PixelSpacing is ``[row spacing (between rows, y), column spacing (x)]``;
 slices are sorted by increasing position along ``row x col`` and z points from the first to the
@@ -33,7 +33,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from codegraph3d.volume import Volume
+from codegraph3d.core.volume import Volume
 
 __all__ = [
     "SliceHeader",

@@ -48,7 +48,7 @@ to non-identifying content such as ``"T2w  finding 1 of 2  12.3 ml"`` -- never a
 ID, birth date, study date, accession number or UID.
 
 The file appears whole: it is written under a hidden temporary name in the same folder and
-renamed (:func:`codegraph3d.atomic.atomic_path`).
+renamed (:func:`codegraph3d.core.files.atomic_path`).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from codegraph3d.atomic import atomic_path
+from codegraph3d.core.files import atomic_path
 
 __all__ = [
     "GAP_PX",
@@ -210,7 +210,7 @@ def preview_planes(image: np.ndarray, mask: np.ndarray, spacing_zyx: tuple[float
     mask : numpy.ndarray
         Binary mask of the same shape (boolean, or 0/1 numbers); must not be empty.
     spacing_zyx : tuple of float
-        Voxel spacing in mm along ``z``, ``y``, ``x`` (note: :class:`~codegraph3d.volume.Volume`
+        Voxel spacing in mm along ``z``, ``y``, ``x`` (note: :class:`~codegraph3d.core.volume.Volume`
         stores x, y, z, so pass ``tuple(volume.spacing[::-1])``).
 
     Returns

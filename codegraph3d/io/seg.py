@@ -17,7 +17,7 @@ full, untruncated text goes to ImageComments (LT, up to 10240 characters).
 Source datasets may lack Pixel Data (read with ``stop_before_pixels`` or as returned by
 :func:`codegraph3d.io.dicom.load_series_volume`): highdicom only needs their headers (checked by
 the tests). Files appear whole: they are written to a temporary name in the target folder and
-renamed (:func:`codegraph3d.atomic.atomic_path`).
+renamed (:func:`codegraph3d.core.files.atomic_path`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from codegraph3d import ALGORITHM_NAME, __version__
-from codegraph3d.atomic import atomic_path
+from codegraph3d.core.files import atomic_path
 
 __all__ = ["write_binary_seg", "write_fractional_seg", "LO_MAX", "SEGMENT_LABEL"]
 

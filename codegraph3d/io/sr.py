@@ -45,7 +45,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from codegraph3d import ALGORITHM_NAME, __version__
-from codegraph3d.atomic import atomic_path
+from codegraph3d.core.files import atomic_path
 
 __all__ = [
     "CODING_SCHEME", "CONCEPTS", "MAX_FINDING_GROUPS", "MaskFinding", "SeriesFinding", "policy_concept",

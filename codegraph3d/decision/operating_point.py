@@ -7,7 +7,7 @@ A run whose settings match an entry reports that rate (report.json and the SR); 
 (DINOv2 today: no weights here to measure it with) reports ``not measured`` and says why.
 
 A batch scored against a cohort bank with ``threshold.bank_false_flag_rate`` set has its bound
-calibrated on the bank's own volumes in that very batch (:func:`codegraph3d.lesion_policy.bank_calibration`):
+calibrated on the bank's own volumes in that very batch (:func:`codegraph3d.decision.lesion_policy.bank_calibration`):
 its operating point is that calibration's bound, for any encoder (:func:`bank_operating_point`).
 """
 

@@ -1,6 +1,6 @@
 """CoDeGraph: MuSc with consistent-anomaly filtering.
 
-MuSc (:mod:`codegraph3d.scoring`) assumes that anomalies are rare and unlike each other. When
+MuSc (:mod:`codegraph3d.scoring.musc`) assumes that anomalies are rare and unlike each other. When
 several volumes of a batch carry near-identical lesions, a lesion token finds close matches in
 the other lesion volumes and scores low. CoDeGraph detects such groups and rescores them:
 
@@ -43,7 +43,7 @@ import leidenalg
 import numpy as np
 import torch
 
-from .scoring import (
+from codegraph3d.scoring.musc import (
     check_k_fraction,
     check_layer_token_sets,
     fuse_layers,
@@ -265,7 +265,7 @@ def closer_to_members(
     Parameters
     ----------
     distances : numpy.ndarray
-        ``(B, N_u)``: the volume's columns of a :func:`~codegraph3d.scoring.nearest_distances`
+        ``(B, N_u)``: the volume's columns of a :func:`~codegraph3d.scoring.musc.nearest_distances`
         matrix (``inf`` where no distance exists).
     members, outsiders : sequence of int
         Eligible references inside and outside the community.
@@ -317,7 +317,7 @@ def detect_burnout(
     Parameters
     ----------
     distances : numpy.ndarray
-        ``(B, N_total)`` from :func:`codegraph3d.scoring.nearest_distances` (``inf`` where a
+        ``(B, N_total)`` from :func:`codegraph3d.scoring.musc.nearest_distances` (``inf`` where a
         volume is no reference or the window is empty).
     sizes : sequence of int
         Tokens per volume, in stacking order.
@@ -561,11 +561,11 @@ def codegraph_scores(
     ----------
     layer_token_sets : sequence of sequence of numpy.ndarray
         ``[layer][volume]`` ``(N_volume, D_layer)`` arrays, as in
-        :func:`codegraph3d.batch_scoring.score_batch`.
+        :func:`codegraph3d.scoring.batch.score_batch`.
     config : CoDeGraphConfig, optional
         ``None``: the defaults.
     k_fraction, groups, device, chunk_size, window_radius, coords, grid_shape, on_layer_done
-        As in :func:`codegraph3d.batch_scoring.score_batch`; ``on_layer_done`` follows the first
+        As in :func:`codegraph3d.scoring.batch.score_batch`; ``on_layer_done`` follows the first
         (MuSc) pass, whose nearest-neighbour searches dominate the cost.
 
     Returns
@@ -576,7 +576,7 @@ def codegraph_scores(
     Raises
     ------
     ValueError
-        Bad inputs, as :func:`codegraph3d.batch_scoring.score_batch`, or a config of the wrong type.
+        Bad inputs, as :func:`codegraph3d.scoring.batch.score_batch`, or a config of the wrong type.
     """
     if config is None:
         config = CoDeGraphConfig()

@@ -16,9 +16,9 @@ A volume never serves as a reference for a volume of the same ``group`` (patient
 series of one patient share the patient's lesion, so they would explain each other's anomaly away.
 
 A whole batch (every layer, fused, MuSc or CoDeGraph) is scored by
-:func:`codegraph3d.batch_scoring.score_batch`, which sits above this module and CoDeGraph.
+:func:`codegraph3d.scoring.batch.score_batch`, which sits above this module and CoDeGraph.
 
-The computation is split in two so that CoDeGraph (:mod:`codegraph3d.codegraph`) can share it:
+The computation is split in two so that CoDeGraph (:mod:`codegraph3d.scoring.codegraph`) can share it:
 :func:`nearest_distances` returns the ``(B, N_total)`` matrix of per-reference nearest distances
 (``inf`` where a volume is not a reference), optionally with reference tokens masked out for
 chosen (query, reference) pairs, and :func:`musc_from_distances` reduces it to token scores.
@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .encoders import resolve_device
+from codegraph3d.features.encoders import resolve_device
 
 __all__ = [
     "active_selection_precision",

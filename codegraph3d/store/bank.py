@@ -48,9 +48,9 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_path, write_json_atomic
-from .cache import canonical_json, settings_id, settings_material
-from .io.selection import is_valid_uid
+from codegraph3d.core.files import atomic_path, write_json_atomic
+from codegraph3d.store.cache import canonical_json, settings_id, settings_material
+from codegraph3d.io.selection import is_valid_uid
 
 __all__ = [
     "BANK_FORMAT",
@@ -252,7 +252,7 @@ class CohortBank:
         series : sequence of mapping
             Each with ``series_instance_uid``, ``study_instance_uid``, ``patient_id``,
             ``contrast``, ``series_description`` and ``tokens`` (a
-            :class:`~codegraph3d.tokens.TokenSet` projected with the bank's settings).
+            :class:`~codegraph3d.features.tokens.TokenSet` projected with the bank's settings).
         source : str
             Where they came from (recorded).
         """
@@ -432,7 +432,7 @@ class CohortBank:
                     path.unlink(missing_ok=True)
         return problems
 def series_record(record: Any) -> dict[str, Any]:
-    """The fields :meth:`CohortBank.add` needs, from a :class:`~codegraph3d.pipeline.TokenisedSeries`."""
+    """The fields :meth:`CohortBank.add` needs, from a :class:`~codegraph3d.run.pipeline.TokenisedSeries`."""
     decision = record.decision
     return {
         "series_instance_uid": decision.series_instance_uid,
@@ -442,7 +442,3 @@ def series_record(record: Any) -> dict[str, Any]:
         "series_description": decision.series_description,
         "tokens": record.tokens,
     }
-
-
-if __name__ == "__main__":  # the command line moved to the codegraph3d command (codegraph3d.cli)
-    raise SystemExit("python -m codegraph3d.bank is now: python -m codegraph3d bank ... (see --help)")

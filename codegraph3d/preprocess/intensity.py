@@ -47,7 +47,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .atomic import write_json_atomic
+from codegraph3d.core.files import write_json_atomic
 
 __all__ = [
     "SCHEMA",
@@ -465,7 +465,7 @@ def template_reference(percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> Re
     import nibabel as nib
     import nilearn
 
-    from .registration import TEMPLATE_FILE
+    from codegraph3d.preprocess.registration import TEMPLATE_FILE
 
     path = Path(nilearn.__file__).parent / "datasets" / "data" / TEMPLATE_FILE
     if not path.is_file():
@@ -483,7 +483,3 @@ def template_reference(percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> Re
             f"brain = intensity > {_TEMPLATE_MASK_FRACTION:g} x max ({int(mask.sum())} voxels)"
         ),
     )
-
-
-if __name__ == "__main__":  # the command line moved to the codegraph3d command (codegraph3d.cli)
-    raise SystemExit("python -m codegraph3d.intensity is now: python -m codegraph3d landmarks ... (see --help)")

@@ -189,7 +189,3 @@ def compare_runs(output_a: Path, output_b: Path, score_tolerance: float = 1e-4, 
             )
         )
     return result
-
-
-if __name__ == "__main__":  # the command line moved to the codegraph3d command (codegraph3d.cli)
-    raise SystemExit("python -m codegraph3d.run_diff is now: python -m codegraph3d run-diff ... (see --help)")

@@ -235,7 +235,3 @@ def register_affine(
     if reasons:
         qa["warning"] = "registration doubtful: " + "; ".join(reasons)
     return RegistrationResult(matrix=matrix, qa=qa)
-
-
-if __name__ == "__main__":  # the command line moved to the codegraph3d command (codegraph3d.cli)
-    raise SystemExit("python -m codegraph3d.registration is now: python -m codegraph3d template ... (see --help)")

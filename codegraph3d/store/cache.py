@@ -2,9 +2,9 @@
 
 Encoding (preprocessing plus the 2D encoder on 3 x 224 slices) is the whole cost of a run; the
 projection, the choice of views and layers, and scoring are cheap. The cache therefore stores what
-:func:`codegraph3d.tokens.encode_volume` returns (pooled, normalised, *unprojected* features of the
+:func:`codegraph3d.features.tokens.encode_volume` returns (pooled, normalised, *unprojected* features of the
 kept cubes, their coordinates and brain fractions) plus what mapping scores back needs (the
-working-grid brain mask and the :class:`~codegraph3d.preprocess.PreprocessedVolume` geometry) and
+working-grid brain mask and the :class:`~codegraph3d.preprocess.chain.PreprocessedVolume` geometry) and
 the series' SOP Instance UIDs in z order (to read the headers a DICOM-SEG references without
 reading pixels).
 
@@ -46,12 +46,12 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from .atomic import atomic_path, write_json_atomic
-from .encoders import SliceEncoder
-from .io.dicom import SeriesHeader
-from .io.selection import is_valid_uid
-from .preprocess import PreprocessedVolume
-from .tokens import EncodedVolume
+from codegraph3d.core.files import atomic_path, write_json_atomic
+from codegraph3d.features.encoders import SliceEncoder
+from codegraph3d.io.dicom import SeriesHeader
+from codegraph3d.io.selection import is_valid_uid
+from codegraph3d.preprocess.chain import PreprocessedVolume
+from codegraph3d.features.tokens import EncodedVolume
 
 __all__ = [
     "canonical_json",
@@ -93,7 +93,7 @@ class CachedSeries:
     Attributes
     ----------
     encoded : EncodedVolume
-        The unprojected features; :func:`codegraph3d.tokens.project` turns them into tokens.
+        The unprojected features; :func:`codegraph3d.features.tokens.project` turns them into tokens.
     prepared : PreprocessedVolume
         Geometry and working-grid brain mask; ``image`` is empty (pixels are not cached).
     sop_instance_uids : list of str
@@ -142,7 +142,7 @@ def settings_material(
     config : mapping
         The run configuration (``preprocess`` and ``tokens`` are read).
     encoder : SliceEncoder or mapping
-        The encoder, or its :meth:`~codegraph3d.encoders.SliceEncoder.identity`.
+        The encoder, or its :meth:`~codegraph3d.features.encoders.SliceEncoder.identity`.
     landmarks : mapping, optional
         The Nyul reference landmarks in effect per contrast (they may come from the model folder,
         so the configuration alone does not fix them).

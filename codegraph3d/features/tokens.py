@@ -6,7 +6,7 @@ token describes one ``p x p x p`` cube of the ``(S, S, S)`` volume (``S = grid_s
 three axes' tokens of a cube are normalised (the encoder's rule), randomly projected and
 concatenated. Only cubes that are (almost) entirely brain are kept.
 
-Axis conventions (arrays are ``[z, y, x]``, see :mod:`codegraph3d.volume`):
+Axis conventions (arrays are ``[z, y, x]``, see :mod:`codegraph3d.core.volume`):
 
 ========  ===============  ========================
 axis      slices along     2D slice image (rows, columns)
@@ -19,7 +19,7 @@ sagittal  x                (z, y)
 Token columns are ``[axial | coronal | sagittal]``, each ``projection_dim`` wide (or the encoder's
 ``dim`` when that is not larger).
 
-Tokenisation is two steps, so that the expensive one can be cached (:mod:`codegraph3d.cache`):
+Tokenisation is two steps, so that the expensive one can be cached (:mod:`codegraph3d.store.cache`):
 :func:`encode_volume` runs the encoder and keeps the pooled, normalised but *unprojected* features
 of every axis and layer (:class:`EncodedVolume`); :func:`project` applies the seeded projection and
 picks the views and layers (seconds). :func:`tokenise` is both with every view and layer.
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .encoders import SliceEncoder
+from codegraph3d.features.encoders import SliceEncoder
 
 __all__ = [
     "AXES",

@@ -15,17 +15,17 @@ from typing import Any, Mapping
 import numpy as np
 import pydicom
 
-from . import ALGORITHM_NAME, __version__
-from .atomic import write_json_atomic
-from .config import config_hash
-from .io.selection import is_valid_uid
-from .io.seg import write_binary_seg, write_fractional_seg
-from .io.dicom import load_series_volume
-from .io.previews import write_preview
-from .io.sr import MaskFinding, SeriesFinding, write_study_sr
-from .operating_point import bank_operating_point, operating_point
-from .pipeline import ScoredBatch, Scoring, Selection, SeriesMaps, StageTimer, TokenisedSeries, peak_rss_mb, series_outputs
-from .progress import StageClock
+from codegraph3d import ALGORITHM_NAME, __version__
+from codegraph3d.core.files import write_json_atomic
+from codegraph3d.run.config import config_hash
+from codegraph3d.io.selection import is_valid_uid
+from codegraph3d.io.seg import write_binary_seg, write_fractional_seg
+from codegraph3d.io.dicom import load_series_volume
+from codegraph3d.io.previews import write_preview
+from codegraph3d.io.sr import MaskFinding, SeriesFinding, write_study_sr
+from codegraph3d.decision.operating_point import bank_operating_point, operating_point
+from codegraph3d.run.pipeline import ScoredBatch, Scoring, Selection, SeriesMaps, StageTimer, TokenisedSeries, peak_rss_mb, series_outputs
+from codegraph3d.core.progress import StageClock
 
 __all__ = ["REPORT_SCHEMA", "encoder_warning", "write_results", "write_failure_report"]
 

@@ -92,11 +92,11 @@ class ThresholdDecision:
         Parameters and intermediate statistics (medians, MADs) for the report.
     mask_values : list of numpy.ndarray, optional
         Per-token values the voxel threshold applies to, one array per volume (the lesion policy's
-        clamped standardised scores, :mod:`codegraph3d.lesion_policy`); ``None``: the token scores.
+        clamped standardised scores, :mod:`codegraph3d.decision.lesion_policy`); ``None``: the token scores.
     z_values : list of numpy.ndarray, optional
         The lesion policy's position-standardised token scores per volume (unclamped).
     findings : list, optional
-        The lesion policy's token-level findings per volume (:class:`codegraph3d.lesion_policy.Finding`).
+        The lesion policy's token-level findings per volume (:class:`codegraph3d.decision.lesion_policy.Finding`).
     units : str
         ``"score"`` (thresholds on the fused score scale) or ``"z"`` (robust standard deviations
         above the position's reference median).
@@ -357,7 +357,7 @@ def simulate_all_normal_flag_rate(
     n_batches, n_volumes, n_tokens, dim : int
         Simulation size.
     k_fraction : float
-        As in :func:`codegraph3d.scoring.musc_scores`.
+        As in :func:`codegraph3d.scoring.musc.musc_scores`.
     seed : int
         Seed of the generator.
     **policy_kwargs
@@ -368,7 +368,7 @@ def simulate_all_normal_flag_rate(
     float
         Flagged volumes / all volumes.
     """
-    from codegraph3d.scoring import musc_scores  # local: keeps this module import-light
+    from codegraph3d.scoring.musc import musc_scores  # local: keeps this module import-light
 
     rng = np.random.default_rng(seed)
     n_clusters = 8

@@ -13,7 +13,7 @@ skull, scalp and neck. Methods (``SKULL_STRIP_METHODS``):
   obliquity (0.977 vs 0.976), and resampling wins beyond (32 degrees: 0.969 vs 0.976; 40 degrees,
   0.7x0.7x6 mm: 0.968 vs 0.976), so only strongly oblique series are resampled.
 * ``template``: affine registration of the head to the brain-only MNI152 template
-  (:mod:`codegraph3d.registration`) and the template's brain mask warped back (nearest neighbour).
+  (:mod:`codegraph3d.preprocess.registration`) and the template's brain mask warped back (nearest neighbour).
   Coarser than deepbet; a fallback when deepbet is unavailable.
 * ``none``: the input is already skull-stripped; the mask is an intensity threshold.
 * ``hd-bet``: HD-BET 2.x when it and its weights are installed under ``<model folder>/hd-bet/``.
@@ -38,8 +38,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .registration import Template, mattes_method, register_affine
-from .volume import LPS_TO_RAS, Volume
+from codegraph3d.preprocess.registration import Template, mattes_method, register_affine
+from codegraph3d.core.volume import LPS_TO_RAS, Volume
 
 __all__ = [
     "SKULL_STRIP_METHODS",
@@ -602,7 +602,7 @@ def template_brain_mask(
     """Brain mask from an affine registration of the head to the brain-only MNI152 template.
 
     The (bias-corrected) head, background zeroed outside ``head_mask``, is registered with
-    :func:`codegraph3d.registration.register_affine` (Mattes MI sampled inside the template brain,
+    :func:`codegraph3d.preprocess.registration.register_affine` (Mattes MI sampled inside the template brain,
     so scalp and skull weigh little); the template's brain mask is then warped onto the source grid
     (nearest neighbour) and kept inside the head.
 

@@ -24,8 +24,8 @@ from typing import Any, Mapping
 import numpy as np
 import yaml
 
-from .lesion_policy import LesionPolicy
-from .maps import INTERPOLATIONS
+from codegraph3d.decision.lesion_policy import LesionPolicy
+from codegraph3d.scoring.maps import INTERPOLATIONS
 
 __all__ = [
     "ConfigError", "CONFIG_ENV_VAR", "MODEL_FOLDER_CONFIG", "default_config", "load_config", "config_hash",
@@ -92,7 +92,7 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any], source: str, prefi
         if key not in base and prefix != "selection.":
             raise ConfigError(
                 f"{source}: unknown configuration field '{name}'; valid fields here are "
-                f"{sorted(base)} (see codegraph3d/default_config.yaml)"
+                f"{sorted(base)} (see codegraph3d/run/default_config.yaml)"
             )
         if key not in base:  # a selection rule: validated as a whole by SelectionRules
             base[key] = copy.deepcopy(value)
@@ -175,7 +175,7 @@ def _read_yaml(path: Path) -> Mapping[str, Any]:
 
 def _validate(config: Mapping[str, Any]) -> None:
     """Cross-field checks that single-field types cannot express."""
-    from .io.selection import SelectionRules
+    from codegraph3d.io.selection import SelectionRules
 
     try:
         SelectionRules.from_dict(config["selection"])
@@ -193,7 +193,7 @@ def _validate(config: Mapping[str, Any]) -> None:
     if config["scoring"]["method"] not in ("musc", "codegraph"):
         raise ConfigError(f"scoring.method must be musc or codegraph; got {config['scoring']['method']!r}")
     try:
-        from .codegraph import CoDeGraphConfig
+        from codegraph3d.scoring.codegraph import CoDeGraphConfig
 
         CoDeGraphConfig(**config["scoring"]["codegraph"])
     except (ValueError, TypeError) as error:
@@ -202,7 +202,7 @@ def _validate(config: Mapping[str, Any]) -> None:
     for key in ("clip_percentiles", "landmark_percentiles", "brain_ml_warn", "brain_ml_fail"):
         preprocess[key] = tuple(preprocess[key])
     try:
-        from .preprocess import PreprocessConfig
+        from codegraph3d.preprocess.chain import PreprocessConfig
 
         PreprocessConfig(**preprocess)
     except (ValueError, TypeError) as error:

@@ -7,16 +7,16 @@ the order differs from the paper's:
 1. **N4 bias-field correction** (``bias_correction: n4``) inside the head, so that the skull
    stripper and the histogram landmarks see one tissue at one intensity across the field.
 2. **Skull stripping** (``skull_strip``): deepbet, a warped template brain mask, HD-BET, or
-   ``none`` (an intensity mask of already-stripped input); see :mod:`codegraph3d.skullstrip`.
+   ``none`` (an intensity mask of already-stripped input); see :mod:`codegraph3d.preprocess.skullstrip`.
    Within a study, the T1w series' mask is carried to the other series by rigid registration
    (:func:`preprocess_study`), since deepbet was trained on T1w.
 3. **Affine registration** of the brain to the brain-only MNI152 template
-   (:mod:`codegraph3d.registration`); the working grid is the template's central ``crop_mm``
+   (:mod:`codegraph3d.preprocess.registration`); the working grid is the template's central ``crop_mm``
    cube (156 mm), resampled to ``size^3`` (224) voxels: linear or B-spline for the image,
    nearest neighbour for the mask. Without registration the working grid is the brain's
    bounding cube in the series' own space.
 4. **Nyul standardisation** of the brain intensities to the contrast's reference landmarks, then
-   [0, 1] (:mod:`codegraph3d.intensity`).
+   [0, 1] (:mod:`codegraph3d.preprocess.intensity`).
 5. **QA** per series: brain volume, Dice of the brain mask against the warped template mask, the
    template brain's coverage by the field of view, anisotropy, the registration's own record;
    implausible values are warnings, impossible ones a :class:`PreprocessQAError` (the series is
@@ -40,12 +40,12 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .registration import RegistrationResult, Template, register_affine
-from .volume import Volume, index_to_physical_matrix
+from codegraph3d.preprocess.registration import RegistrationResult, Template, register_affine
+from codegraph3d.core.volume import Volume, index_to_physical_matrix
 
 if TYPE_CHECKING:  # run-time imports are local: skullstrip and intensity import this module
-    from .intensity import ReferenceLandmarks
-    from .skullstrip import BrainMaskResult
+    from codegraph3d.preprocess.intensity import ReferenceLandmarks
+    from codegraph3d.preprocess.skullstrip import BrainMaskResult
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class PreprocessConfig:
     registration : {"none", "affine"}
         ``none``: the working grid is the brain's bounding cube in the series' own space.
         ``affine``: the series is registered to the MNI152 brain template
-        (:mod:`codegraph3d.registration`) and the working grid is the central ``crop_mm`` cube of
+        (:mod:`codegraph3d.preprocess.registration`) and the working grid is the central ``crop_mm`` cube of
         the template, so the same anatomy lands in the same token across volumes.
     crop_mm : float
         Edge (mm) of the template-space cube with ``registration="affine"`` (156 in the paper).
@@ -392,7 +392,7 @@ def _scale_from_reference(
 ) -> tuple[np.ndarray, dict]:
     """Nyul standardisation to the contrast's reference (or the first version's uniform rule)."""
     if config.intensity_scaling == "landmarks" and reference is not None:
-        from .intensity import standardise
+        from codegraph3d.preprocess.intensity import standardise
 
         qa = {"reference": reference.contrast, "source": reference.source, "landmark_region": "brain mask"}
         region = None
@@ -532,7 +532,7 @@ def _quality_control(
 def _brain_mask_of(
     volume: Volume, config: PreprocessConfig, stripper: "Callable[[Volume], BrainMaskResult] | None"
 ) -> "BrainMaskResult":
-    from .skullstrip import intensity_brain_mask
+    from codegraph3d.preprocess.skullstrip import intensity_brain_mask
 
     if config.skull_strip == "none" or stripper is None:
         if config.skull_strip != "none":
@@ -544,7 +544,7 @@ def _brain_mask_of(
 def _bias_corrected(volume: Volume, config: PreprocessConfig) -> tuple[Volume, dict]:
     if config.bias_correction == "none":
         return volume, {}
-    from .skullstrip import n4_bias_correct
+    from codegraph3d.preprocess.skullstrip import n4_bias_correct
 
     corrected, n4_qa = n4_bias_correct(volume)
     return corrected, {"bias_correction": n4_qa}
@@ -573,7 +573,7 @@ def preprocess_volume(
     template : Template, optional
         Registration target; required when ``config.registration`` is ``affine``.
     stripper : callable, optional
-        ``Volume -> BrainMaskResult`` (:func:`codegraph3d.skullstrip.make_stripper`); required
+        ``Volume -> BrainMaskResult`` (:func:`codegraph3d.preprocess.skullstrip.make_stripper`); required
         unless ``config.skull_strip`` is ``none`` or ``brain`` is given.
     brain : BrainMaskResult, optional
         A brain mask already made for this series (e.g. carried from the study's T1w series).
@@ -752,7 +752,7 @@ def preprocess_study(
         None,
     )
     if carries and anchor is not None and len(series) > 1:
-        from .skullstrip import BrainMaskResult, carry_mask
+        from codegraph3d.preprocess.skullstrip import BrainMaskResult, carry_mask
 
         anchor_volume = corrected[anchor][0]
         clock = time.perf_counter()

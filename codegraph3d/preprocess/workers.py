@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .io.dicom import SeriesHeader, load_series_volume
-from .preprocess import PreprocessConfig, PreprocessedVolume, preprocess_study
-from .progress import StageClock
+from codegraph3d.io.dicom import SeriesHeader, load_series_volume
+from codegraph3d.preprocess.chain import PreprocessConfig, PreprocessedVolume, preprocess_study
+from codegraph3d.core.progress import StageClock
 
 __all__ = ["PreprocessModels", "PreprocessSetup", "SeriesJob", "SeriesOutcome", "StudyPreprocessor", "resolve_workers"]
 
@@ -125,9 +125,9 @@ class PreprocessModels:
     """The models a process holds: loaded once, used for every study it is given."""
 
     def __init__(self, setup: PreprocessSetup) -> None:
-        from .intensity import load_reference_landmarks
-        from .registration import load_template
-        from .skullstrip import make_stripper
+        from codegraph3d.preprocess.intensity import load_reference_landmarks
+        from codegraph3d.preprocess.registration import load_template
+        from codegraph3d.preprocess.skullstrip import make_stripper
 
         if setup.threads > 0:
             import SimpleITK as sitk

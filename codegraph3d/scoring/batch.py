@@ -1,7 +1,7 @@
 """One contrast batch scored end to end: MuSc (or CoDeGraph-filtered MuSc) on every layer, fused.
 
-This sits above both scorers: :mod:`codegraph3d.scoring` (nearest distances, MuSc, layer
-fusion) and :mod:`codegraph3d.codegraph` (consistent-anomaly filtering, built on the former), so
+This sits above both scorers: :mod:`codegraph3d.scoring.musc` (nearest distances, MuSc, layer
+fusion) and :mod:`codegraph3d.scoring.codegraph` (consistent-anomaly filtering, built on the former), so
 neither has to import the other's caller.
 """
 
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .scoring import (
+from codegraph3d.scoring.musc import (
     SCORING_METHODS,
     active_selection_precision,
     check_chunk_size,
@@ -30,7 +30,7 @@ from .scoring import (
 )
 
 if TYPE_CHECKING:
-    from .codegraph import CoDeGraphConfig, CoDeGraphDiagnostics
+    from codegraph3d.scoring.codegraph import CoDeGraphConfig, CoDeGraphDiagnostics
 
 __all__ = ["BatchScores", "score_batch"]
 
@@ -93,7 +93,7 @@ def score_batch(
         windowed matching, :func:`musc_scores_windowed`, which needs ``coords`` and ``grid_shape``.
     method : {"musc", "codegraph"}, default "musc"
         ``"codegraph"``: MuSc with consistent-anomaly filtering,
-        :func:`codegraph3d.codegraph.codegraph_scores`; the result's ``codegraph`` attribute then
+        :func:`codegraph3d.scoring.codegraph.codegraph_scores`; the result's ``codegraph`` attribute then
         holds its diagnostics. When it finds no community the scores equal ``"musc"`` exactly.
     codegraph : CoDeGraphConfig, optional
         Settings for ``method="codegraph"`` (``None``: the defaults); must be ``None`` otherwise.
@@ -145,7 +145,7 @@ def score_batch(
     if method == "codegraph":
         # Loaded here: igraph and leidenalg are needed by CoDeGraph only (a MuSc-only benchmark
         # on a bare GPU machine runs without them).
-        from .codegraph import CoDeGraphConfig, codegraph_scores
+        from codegraph3d.scoring.codegraph import CoDeGraphConfig, codegraph_scores
 
         result = codegraph_scores(
             layer_token_sets, CoDeGraphConfig() if codegraph is None else codegraph,

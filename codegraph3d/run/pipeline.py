@@ -23,27 +23,27 @@ import numpy as np
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from .codegraph import CoDeGraphConfig
-from .cache import CachedSeries, CacheEntryError, TokenCache, key_material, read_source_headers
-from .encoders import SliceEncoder, configured_patch_size, load_encoder
-from .io.dicom import ScanResult, chunk_studies, scan_headers
-from .io.selection import SeriesDecision, SelectionRules, select_series
-from .config import lesion_policy_of
-from .lesion_policy import LESION_POLICY_NAME, decide_lesions
-from .maps import token_voxel_map
-from .parallel import PreprocessSetup, SeriesJob, SeriesOutcome, StudyPreprocessor, available_cpus, resolve_workers
-from .preprocess import PreprocessConfig, PreprocessedVolume, resample_to_source
-from .progress import StageClock
-from .batch_scoring import BatchScores, score_batch
-from .thresholds import (
+from codegraph3d.scoring.codegraph import CoDeGraphConfig
+from codegraph3d.store.cache import CachedSeries, CacheEntryError, TokenCache, key_material, read_source_headers
+from codegraph3d.features.encoders import SliceEncoder, configured_patch_size, load_encoder
+from codegraph3d.io.dicom import ScanResult, chunk_studies, scan_headers
+from codegraph3d.io.selection import SeriesDecision, SelectionRules, select_series
+from codegraph3d.run.config import lesion_policy_of
+from codegraph3d.decision.lesion_policy import LESION_POLICY_NAME, decide_lesions
+from codegraph3d.scoring.maps import token_voxel_map
+from codegraph3d.preprocess.workers import PreprocessSetup, SeriesJob, SeriesOutcome, StudyPreprocessor, available_cpus, resolve_workers
+from codegraph3d.preprocess.chain import PreprocessConfig, PreprocessedVolume, resample_to_source
+from codegraph3d.core.progress import StageClock
+from codegraph3d.scoring.batch import BatchScores, score_batch
+from codegraph3d.decision.thresholds import (
     ThresholdDecision,
     decide_thresholds,
     decide_thresholds_from_reference,
     score_to_unit_mapping,
     to_unit,
 )
-from .tokens import TokenSet, encode_volume, project
-from .volume import index_to_physical_matrix
+from codegraph3d.features.tokens import TokenSet, encode_volume, project
+from codegraph3d.core.volume import index_to_physical_matrix
 
 __all__ = [
     "CohortError",
@@ -359,7 +359,7 @@ def preprocess_setup(
 
 def landmark_material(config: Mapping[str, Any], model_path: str | Path | None) -> dict[str, Any] | None:
     """The Nyul references a run uses per scored contrast (part of the token cache key), or None."""
-    from .intensity import load_reference_landmarks
+    from codegraph3d.preprocess.intensity import load_reference_landmarks
 
     settings = config["preprocess"]
     if settings["intensity_scaling"] != "landmarks":
@@ -385,7 +385,7 @@ def tokenise_selected(
 
     Pixels are read only here, chunk by chunk, and only tokens, masks and headers are kept, so
     memory grows with the number of series by megabytes, not by volumes. Studies are loaded and
-    preprocessed in ``preprocess.workers`` processes (:mod:`codegraph3d.parallel`) while this
+    preprocessed in ``preprocess.workers`` processes (:mod:`codegraph3d.preprocess.workers`) while this
     process encodes. With ``cache.folder`` set, a series whose verified entry exists skips
     pixels, preprocessing and the encoder (its headers are still read, without pixels, for the
     SEG writer); ``qa.token_cache`` says ``hit``, ``miss`` (built and stored), ``rebuilt`` (a bad
@@ -600,7 +600,7 @@ def open_bank(config: Mapping[str, Any], tokenisation: Tokenisation, create: boo
     CohortError
         When the bank is missing (and not to be created) or was built with other settings.
     """
-    from .bank import BankError, CohortBank, bank_settings
+    from codegraph3d.store.bank import BankError, CohortBank, bank_settings
 
     folder = str(config.get("bank", {}).get("folder", "") or "")
     if not folder:
@@ -654,7 +654,7 @@ def score_configured(
     settings: Mapping[str, Any],
     on_layer_done: Callable[[int, int], None] | None = None,
 ) -> BatchScores:
-    """:func:`codegraph3d.batch_scoring.score_batch` with the ``scoring`` section's settings (the app's call)."""
+    """:func:`codegraph3d.scoring.batch.score_batch` with the ``scoring`` section's settings (the app's call)."""
     return score_batch(
         layer_sets,
         k_fraction=settings["k_fraction"],
@@ -854,7 +854,7 @@ def update_bank(scoring: Scoring, config: Mapping[str, Any], source: str = "") -
     ``unflagged`` adds only series the threshold policy did not flag (the bank should describe
     normal-looking anatomy); ``all`` adds every scored series; ``none`` adds nothing.
     """
-    from .bank import series_record
+    from codegraph3d.store.bank import series_record
 
     policy = config["bank"]["add_scored"]
     if policy == "none" or not config["bank"]["folder"]:
@@ -970,7 +970,7 @@ def run_pipeline(
     """Run load -> select -> tokenise -> score without the SDK (evaluation, benchmarks, tests).
 
     The app runs the same stages through its operators; writing is left to
-    :func:`codegraph3d.report.write_results`.
+    :func:`codegraph3d.run.report.write_results`.
     """
     timer = StageTimer()
     with timer("load_headers"):

@@ -1,0 +1,1 @@
+"""What outlives a run: the token cache (``cache``) and the cohort bank of normal studies (``bank``)."""
