@@ -524,6 +524,101 @@ def _unwrap_official(state: Any) -> dict[str, torch.Tensor]:
     return flat
 
 
+def _check_official_keys(state: dict[str, torch.Tensor]) -> None:
+    """Refuse a register-token variant and a state dict that lacks the ViT's stem."""
+    if "register_tokens" in state:
+        raise ValueError("has register_tokens (a DINOv2 'reg' variant): not supported, use the plain model")
+    required = ["cls_token", "pos_embed", "patch_embed.proj.weight"]
+    absent = [key for key in required if key not in state]
+    if absent:
+        raise ValueError(f"not a DINOv2 ViT checkpoint: missing keys {_short_list(absent)}")
+
+
+def _patch_grid(state: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Patch size and side of the square position grid of an official state dict."""
+    patch_weight = state["patch_embed.proj.weight"]
+    if patch_weight.ndim != 4 or patch_weight.shape[-1] != patch_weight.shape[-2]:
+        raise ValueError(f"patch_embed.proj.weight has shape {tuple(patch_weight.shape)}; expected (D, 3, p, p)")
+    patch = int(patch_weight.shape[-1])
+    positions = int(state["pos_embed"].shape[1]) - 1
+    side = math.isqrt(max(positions, 0))
+    if positions <= 0 or side * side != positions:
+        raise ValueError(f"pos_embed has {positions} patch positions, not a square grid")
+    return patch, side
+
+
+def _mlp_kind(state: dict[str, torch.Tensor], width: int) -> tuple[bool, float]:
+    """Whether the MLP is SwiGLU (ViT-g), and its hidden-to-width ratio."""
+    swiglu = "blocks.0.mlp.w12.weight" in state
+    if swiglu:
+        mlp_ratio: float = 4
+    elif "blocks.0.mlp.fc1.weight" in state:
+        hidden = int(state["blocks.0.mlp.fc1.weight"].shape[0])
+        mlp_ratio = hidden // width if hidden % width == 0 else hidden / width
+    else:
+        raise ValueError("blocks.0 has neither mlp.fc1 nor mlp.w12")
+    return swiglu, mlp_ratio
+
+
+def _official_config(state: dict[str, torch.Tensor], num_heads: int | None) -> dict[str, Any]:
+    """``transformers.Dinov2Config`` keyword arguments inferred from an official state dict."""
+    _check_official_keys(state)
+    width = int(state["cls_token"].shape[-1])
+    patch, side = _patch_grid(state)
+    block_ids = sorted({int(m.group(1)) for m in map(_BLOCK_KEY.match, state) if m})
+    if not block_ids or block_ids != list(range(len(block_ids))):
+        raise ValueError(f"blocks must be numbered 0..n-1; found {_short_list(block_ids)}")
+    if num_heads is None:
+        if width not in _HEADS_BY_WIDTH and width % 64:
+            raise ValueError(f"width {width} is not an official DINOv2 width: pass num_heads")
+        num_heads = _HEADS_BY_WIDTH.get(width, width // 64)
+    swiglu, mlp_ratio = _mlp_kind(state, width)
+    return dict(
+        hidden_size=width,
+        num_hidden_layers=len(block_ids),
+        num_attention_heads=int(num_heads),
+        mlp_ratio=mlp_ratio,
+        patch_size=patch,
+        image_size=side * patch,
+        layer_norm_eps=1e-6,
+        layerscale_value=1.0,
+        qkv_bias="blocks.0.attn.qkv.bias" in state,
+        use_swiglu_ffn=swiglu,
+    )
+
+
+def _hf_block_entries(key: str, value: torch.Tensor) -> list[tuple[str, torch.Tensor]] | None:
+    """The transformers entries of one official ``blocks.i.*`` tensor; ``None`` if not a block key.
+
+    Fused tensors (``attn.qkv``, ``mlp.w12``) are split along dim 0 into cloned parts.
+    """
+    match = _BLOCK_KEY.match(key)
+    if not match:
+        return None
+    index, rest = match.group(1), match.group(2)
+    prefix = f"encoder.layer.{index}."
+    module, _, leaf = rest.rpartition(".")
+    if module == "attn.qkv":
+        if value.shape[0] % 3:
+            raise ValueError(f"{key} has shape {tuple(value.shape)}: first dimension not divisible by 3")
+        return [
+            (f"{prefix}attention.{part}.{leaf}", chunk.clone())
+            for part, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0))
+        ]
+    if module == "mlp.w12":
+        if value.shape[0] % 2:
+            raise ValueError(f"{key} has shape {tuple(value.shape)}: first dimension is odd")
+        return [
+            (f"{prefix}mlp.{part}.{leaf}", chunk.clone())
+            for part, chunk in zip(("gate_proj", "up_proj"), value.chunk(2, dim=0))
+        ]
+    if rest in _BLOCK_RENAMES:  # ls1.gamma, ls2.gamma
+        return [(prefix + _BLOCK_RENAMES[rest], value)]
+    if module in _BLOCK_RENAMES:
+        return [(f"{prefix}{_BLOCK_RENAMES[module]}.{leaf}", value)]
+    return None
+
+
 def official_to_hf_state_dict(
     state: dict[str, torch.Tensor], *, num_heads: int | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -581,78 +676,18 @@ def official_to_hf_state_dict(
         If a required tensor is missing or has an impossible shape, or keys are not recognised.
     """
     state = _unwrap_official(state)
-    if "register_tokens" in state:
-        raise ValueError("has register_tokens (a DINOv2 'reg' variant): not supported, use the plain model")
-    required = ["cls_token", "pos_embed", "patch_embed.proj.weight"]
-    absent = [key for key in required if key not in state]
-    if absent:
-        raise ValueError(f"not a DINOv2 ViT checkpoint: missing keys {_short_list(absent)}")
-    width = int(state["cls_token"].shape[-1])
-    patch_weight = state["patch_embed.proj.weight"]
-    if patch_weight.ndim != 4 or patch_weight.shape[-1] != patch_weight.shape[-2]:
-        raise ValueError(f"patch_embed.proj.weight has shape {tuple(patch_weight.shape)}; expected (D, 3, p, p)")
-    patch = int(patch_weight.shape[-1])
-    positions = int(state["pos_embed"].shape[1]) - 1
-    side = math.isqrt(max(positions, 0))
-    if positions <= 0 or side * side != positions:
-        raise ValueError(f"pos_embed has {positions} patch positions, not a square grid")
-    block_ids = sorted({int(m.group(1)) for m in map(_BLOCK_KEY.match, state) if m})
-    if not block_ids or block_ids != list(range(len(block_ids))):
-        raise ValueError(f"blocks must be numbered 0..n-1; found {_short_list(block_ids)}")
-    if num_heads is None:
-        if width not in _HEADS_BY_WIDTH and width % 64:
-            raise ValueError(f"width {width} is not an official DINOv2 width: pass num_heads")
-        num_heads = _HEADS_BY_WIDTH.get(width, width // 64)
-    swiglu = "blocks.0.mlp.w12.weight" in state
-    if swiglu:
-        mlp_ratio: float = 4
-    elif "blocks.0.mlp.fc1.weight" in state:
-        hidden = int(state["blocks.0.mlp.fc1.weight"].shape[0])
-        mlp_ratio = hidden // width if hidden % width == 0 else hidden / width
-    else:
-        raise ValueError("blocks.0 has neither mlp.fc1 nor mlp.w12")
-    config = dict(
-        hidden_size=width,
-        num_hidden_layers=len(block_ids),
-        num_attention_heads=int(num_heads),
-        mlp_ratio=mlp_ratio,
-        patch_size=patch,
-        image_size=side * patch,
-        layer_norm_eps=1e-6,
-        layerscale_value=1.0,
-        qkv_bias="blocks.0.attn.qkv.bias" in state,
-        use_swiglu_ffn=swiglu,
-    )
-
+    config = _official_config(state, num_heads)
     mapped: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     for key, value in state.items():
         if key in _GLOBAL_RENAMES:
             mapped[_GLOBAL_RENAMES[key]] = value
             continue
-        match = _BLOCK_KEY.match(key)
-        if not match:
+        entries = _hf_block_entries(key, value)
+        if entries is None:
             unknown.append(key)
             continue
-        index, rest = match.group(1), match.group(2)
-        prefix = f"encoder.layer.{index}."
-        module, _, leaf = rest.rpartition(".")
-        if module == "attn.qkv":
-            if value.shape[0] % 3:
-                raise ValueError(f"{key} has shape {tuple(value.shape)}: first dimension not divisible by 3")
-            for part, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
-                mapped[f"{prefix}attention.{part}.{leaf}"] = chunk.clone()
-        elif module == "mlp.w12":
-            if value.shape[0] % 2:
-                raise ValueError(f"{key} has shape {tuple(value.shape)}: first dimension is odd")
-            for part, chunk in zip(("gate_proj", "up_proj"), value.chunk(2, dim=0)):
-                mapped[f"{prefix}mlp.{part}.{leaf}"] = chunk.clone()
-        elif rest in _BLOCK_RENAMES:  # ls1.gamma, ls2.gamma
-            mapped[prefix + _BLOCK_RENAMES[rest]] = value
-        elif module in _BLOCK_RENAMES:
-            mapped[f"{prefix}{_BLOCK_RENAMES[module]}.{leaf}"] = value
-        else:
-            unknown.append(key)
+        mapped.update(entries)
     if unknown:
         raise ValueError(f"unexpected keys {_short_list(unknown)}")
     return mapped, config

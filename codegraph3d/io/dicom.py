@@ -444,6 +444,127 @@ def _iter_files(root: Path) -> list[Path]:
     return sorted(files, key=lambda p: str(p))
 
 
+_DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+
+
+@dataclass
+class _ScanState:
+    """What :func:`scan_headers` accumulates while it walks the files.
+
+    Parameters
+    ----------
+    result : ScanResult
+        Collects the bad and ignored files as they are met.
+    series_by_uid : dict
+        ``(StudyInstanceUID, SeriesInstanceUID) -> SeriesHeader``, in order of first file.
+    study_info : dict
+        ``StudyInstanceUID -> Study``, from the first usable file of the study.
+    seen_sops : dict
+        ``(SeriesInstanceUID, SOPInstanceUID) -> path`` of the instance kept.
+    excluded : list
+        ``(series key, path, reason)`` of bad files that carried their series' UIDs.
+    """
+
+    result: ScanResult = field(default_factory=ScanResult)
+    series_by_uid: dict[tuple[str, str], SeriesHeader] = field(default_factory=dict)
+    study_info: dict[str, Study] = field(default_factory=dict)
+    seen_sops: dict[tuple[str, str], Path] = field(default_factory=dict)
+    excluded: list[tuple[tuple[str, str], Path, str]] = field(default_factory=list)
+
+    def bad(self, path: Path, reason: str, key: tuple[str, str] | None = None) -> None:
+        """Record an unusable file, logged with its path (and, with ``key``, for its series)."""
+        logger.warning("Skipping DICOM file %s: %s", path, reason)
+        self.result.bad_files.append((path, reason))
+        if key is not None:
+            self.excluded.append((key, path, reason))
+
+    def add_instance(self, path: Path, ds: Dataset, problem: str | None) -> None:
+        """Add a parsed file that has all three UIDs to its series and study, unless a duplicate."""
+        study_uid = _text(ds, "StudyInstanceUID")
+        series_uid = _text(ds, "SeriesInstanceUID")
+        sop_uid = _text(ds, "SOPInstanceUID")
+        key = (study_uid, series_uid)
+        series = self.series_by_uid.get(key)
+        if series is None:
+            series = _series_header(ds)
+            self.series_by_uid[key] = series
+        if (series_uid, sop_uid) in self.seen_sops:
+            self.bad(
+                path,
+                f"duplicate SOPInstanceUID {sop_uid} "
+                f"(same instance as {self.seen_sops[(series_uid, sop_uid)]})",
+                key,
+            )
+            return
+        self.seen_sops[(series_uid, sop_uid)] = path
+        if problem is not None:
+            logger.warning("DICOM file %s: %s", path, problem)
+        series.slices.append(_slice_header(path, ds, problem))
+        if study_uid not in self.study_info:
+            self.study_info[study_uid] = Study(
+                study_instance_uid=study_uid,
+                patient_id=_text(ds, "PatientID"),
+                study_date=_text(ds, "StudyDate"),
+                study_description=_text(ds, "StudyDescription"),
+                accession_number=_text(ds, "AccessionNumber"),
+            )
+
+
+def _missing_uids(ds: Dataset) -> list[str]:
+    """Names of the Study/Series/SOP Instance UIDs that ``ds`` lacks."""
+    return [
+        keyword
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+        if not _text(ds, keyword)
+    ]
+
+
+def _scan_file(path: Path, state: _ScanState) -> None:
+    """Read one file's header and file it: ignored, bad, or an instance of its series."""
+    if not _has_preamble(path):
+        logger.debug("Ignoring non-DICOM file %s (no DICM preamble)", path)
+        state.result.ignored_files.append(path)
+        return
+    try:
+        ds, problem = _read_header(path)
+    except Exception as exc:  # any parse failure must not abort the scan
+        state.bad(path, f"unreadable DICOM header ({type(exc).__name__}: {exc})")
+        return
+    if problem == _HEADER_TRUNCATED:
+        # Its header may lack geometry too: keep it out of the series, but name it there.
+        key = (_text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID"))
+        state.bad(path, problem, key)
+        return
+    if _text(ds, "SOPClassUID") == _DICOMDIR_SOP_CLASS:
+        state.result.ignored_files.append(path)  # DICOMDIR: an index, not an instance
+        return
+    missing = _missing_uids(ds)
+    if missing:
+        state.bad(path, f"missing {', '.join(missing)} (truncated header or not a DICOM instance)")
+        return
+    state.add_instance(path, ds, problem)
+
+
+def _sorted_studies(state: _ScanState) -> list[Study]:
+    """Attach the series to their studies and sort both; drop series and studies left empty."""
+    series_by_uid, study_info = state.series_by_uid, state.study_info
+    for key, path, reason in state.excluded:
+        if key in series_by_uid:
+            series_by_uid[key].excluded_files.append((path, reason))
+    for (study_uid, _), series in series_by_uid.items():
+        if not series.slices:
+            continue  # only duplicates/bad files: nothing to load
+        study_info[study_uid].series.append(series)
+    for study in study_info.values():
+        study.series.sort(
+            key=lambda s: (
+                s.series_number if s.series_number is not None else 1 << 31,
+                s.series_instance_uid,
+            )
+        )
+    return [study_info[uid] for uid in sorted(study_info) if study_info[uid].series]
+
+
 def scan_headers(root: Path | str) -> ScanResult:
     """Find every DICOM file under ``root`` and group the files into studies and series.
 
@@ -473,93 +594,11 @@ def scan_headers(root: Path | str) -> ScanResult:
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"DICOM input folder {root} does not exist; check the input path")
-    result = ScanResult()
-    series_by_uid: dict[tuple[str, str], SeriesHeader] = {}
-    study_info: dict[str, Study] = {}
-    seen_sops: dict[tuple[str, str], Path] = {}
-
-    excluded: list[tuple[tuple[str, str], Path, str]] = []
-
-    def bad(path: Path, reason: str, key: tuple[str, str] | None = None) -> None:
-        logger.warning("Skipping DICOM file %s: %s", path, reason)
-        result.bad_files.append((path, reason))
-        if key is not None:
-            excluded.append((key, path, reason))
-
+    state = _ScanState()
     for path in _iter_files(root):
-        if not _has_preamble(path):
-            logger.debug("Ignoring non-DICOM file %s (no DICM preamble)", path)
-            result.ignored_files.append(path)
-            continue
-        try:
-            ds, problem = _read_header(path)
-        except Exception as exc:  # any parse failure must not abort the scan
-            bad(path, f"unreadable DICOM header ({type(exc).__name__}: {exc})")
-            continue
-        if problem == _HEADER_TRUNCATED:
-            # Its header may lack geometry too: keep it out of the series, but name it there.
-            key = (_text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID"))
-            bad(path, problem, key)
-            continue
-        if _text(ds, "SOPClassUID") == "1.2.840.10008.1.3.10":
-            result.ignored_files.append(path)  # DICOMDIR: an index, not an instance
-            continue
-        study_uid = _text(ds, "StudyInstanceUID")
-        series_uid = _text(ds, "SeriesInstanceUID")
-        sop_uid = _text(ds, "SOPInstanceUID")
-        missing = [
-            k
-            for k, v in (
-                ("StudyInstanceUID", study_uid),
-                ("SeriesInstanceUID", series_uid),
-                ("SOPInstanceUID", sop_uid),
-            )
-            if not v
-        ]
-        if missing:
-            bad(path, f"missing {', '.join(missing)} (truncated header or not a DICOM instance)")
-            continue
-        key = (study_uid, series_uid)
-        series = series_by_uid.get(key)
-        if series is None:
-            series = _series_header(ds)
-            series_by_uid[key] = series
-        if (series_uid, sop_uid) in seen_sops:
-            bad(
-                path,
-                f"duplicate SOPInstanceUID {sop_uid} "
-                f"(same instance as {seen_sops[(series_uid, sop_uid)]})",
-                key,
-            )
-            continue
-        seen_sops[(series_uid, sop_uid)] = path
-        if problem is not None:
-            logger.warning("DICOM file %s: %s", path, problem)
-        series.slices.append(_slice_header(path, ds, problem))
-        if study_uid not in study_info:
-            study_info[study_uid] = Study(
-                study_instance_uid=study_uid,
-                patient_id=_text(ds, "PatientID"),
-                study_date=_text(ds, "StudyDate"),
-                study_description=_text(ds, "StudyDescription"),
-                accession_number=_text(ds, "AccessionNumber"),
-            )
-
-    for key, path, reason in excluded:
-        if key in series_by_uid:
-            series_by_uid[key].excluded_files.append((path, reason))
-    for (study_uid, _), series in series_by_uid.items():
-        if not series.slices:
-            continue  # only duplicates/bad files: nothing to load
-        study_info[study_uid].series.append(series)
-    for study in study_info.values():
-        study.series.sort(
-            key=lambda s: (
-                s.series_number if s.series_number is not None else 1 << 31,
-                s.series_instance_uid,
-            )
-        )
-    result.studies = [study_info[uid] for uid in sorted(study_info) if study_info[uid].series]
+        _scan_file(path, state)
+    result = state.result
+    result.studies = _sorted_studies(state)
     logger.info(
         "Scanned %s: %d studies, %d series, %d bad files, %d non-DICOM files ignored",
         root,
@@ -648,6 +687,312 @@ def _check_spacing(
     return spacing, None
 
 
+#: One readable file of a series: path, header (Pixel Data dropped), pixels or None, problem.
+_ReadSlice = tuple[Path, Dataset, np.ndarray | None, str | None]
+
+
+@dataclass(frozen=True)
+class _InPlaneGrid:
+    """The in-plane geometry every slice of a series must share (from its first readable file).
+
+    Parameters
+    ----------
+    iop : tuple of 6 float
+        ImageOrientationPatient.
+    ps : tuple of 2 float
+        PixelSpacing ``(row spacing, column spacing)``.
+    rows, cols : int or None
+        Matrix size.
+    ref_path : pathlib.Path
+        The file these come from, named in error messages.
+    """
+
+    iop: tuple[float, ...]
+    ps: tuple[float, ...]
+    rows: int | None
+    cols: int | None
+    ref_path: Path
+
+
+def _check_series_kind(series: SeriesHeader, name: str, require_mr: bool) -> None:
+    """Refuse, from the scanned headers alone, a series that cannot be loaded at all."""
+    if not series.slices:
+        raise ValueError(f"{name} has no files")
+    if series.max_number_of_frames > 1:
+        # Checked before decoding anything: enhanced/4-D objects would be read in vain.
+        raise ValueError(
+            f"{name}: multi-frame instances ({series.max_number_of_frames} frames) are not "
+            "supported; export the series as single-frame (classic) MR images"
+        )
+    if require_mr and series.modality != "MR":
+        raise ValueError(
+            f"{name}: modality {series.modality or 'missing'} is not MR; "
+            "only MR series can be loaded"
+        )
+
+
+def _read_series_files(
+    series: SeriesHeader, name: str
+) -> tuple[list[_ReadSlice], list[tuple[Path, str]]]:
+    """Read every file of the series once.
+
+    Returns
+    -------
+    readable : list
+        ``(path, header, pixels or None, problem)`` of each file whose header could be read.
+    unreadable : list of (pathlib.Path, str)
+        The other files, with the reason.
+    """
+    readable: list[_ReadSlice] = []
+    unreadable: list[tuple[Path, str]] = []
+    for s in series.slices:
+        ds, pixels, problem = _read_slice(s.path)
+        if ds is None:
+            unreadable.append((s.path, problem or "unreadable"))
+        else:
+            readable.append((s.path, ds, pixels, problem))
+    if not readable:
+        raise ValueError(
+            f"{name}: no file could be read; first error: {unreadable[0][0]}: {unreadable[0][1]}"
+        )
+    return readable, unreadable
+
+
+def _slice_position(
+    path: Path, ds: Dataset, grid: _InPlaneGrid, name: str, require_mr: bool
+) -> tuple[float, ...]:
+    """Check one slice's header against the series' grid; return its ImagePositionPatient."""
+    if require_mr and _text(ds, "Modality").upper() != "MR":
+        raise ValueError(f"{name}: {path} has modality {_text(ds, 'Modality')!r}, not MR")
+    frames = _int(ds, "NumberOfFrames") or 1
+    if frames > 1:
+        raise ValueError(
+            f"{name}: {path} is a multi-frame instance ({frames} frames); only series of "
+            "single-frame slices are supported: export the series as classic MR images"
+        )
+    if (_int(ds, "SamplesPerPixel") or 1) != 1:
+        raise ValueError(f"{name}: {path} is not grayscale (SamplesPerPixel != 1)")
+    iop, ps, ref_path = grid.iop, grid.ps, grid.ref_path
+    this_iop = _floats(ds, "ImageOrientationPatient", 6)
+    if this_iop is None or np.abs(np.subtract(this_iop, iop)).max() > 1e-4:
+        raise ValueError(
+            f"{name}: {path} has ImageOrientationPatient {this_iop}, {ref_path} has {iop}; "
+            "a series must have one orientation"
+        )
+    if (_int(ds, "Rows"), _int(ds, "Columns")) != (grid.rows, grid.cols):
+        raise ValueError(
+            f"{name}: {path} is {_int(ds, 'Rows')}x{_int(ds, 'Columns')}, "
+            f"{ref_path} is {grid.rows}x{grid.cols}"
+        )
+    this_ps = _floats(ds, "PixelSpacing", 2)
+    if this_ps is None or not np.allclose(this_ps, ps, rtol=1e-4, atol=1e-6):
+        raise ValueError(f"{name}: {path} has PixelSpacing {this_ps}, {ref_path} has {ps}")
+    ipp = _floats(ds, "ImagePositionPatient", 3)
+    if ipp is None:
+        raise ValueError(f"{name}: {path} lacks a valid ImagePositionPatient")
+    return ipp
+
+
+def _check_slice_headers(
+    readable: Sequence[_ReadSlice], name: str, require_mr: bool
+) -> tuple[_InPlaneGrid, list[tuple[float, ...]]]:
+    """Check that the readable headers form one grid; return it and each file's position.
+
+    Every file whose header is readable takes part, pixels or not: a bad slice must not hide a
+    geometry problem of the series.
+    """
+    ref_path, ref_ds = readable[0][0], readable[0][1]
+    iop = _floats(ref_ds, "ImageOrientationPatient", 6)
+    ps = _floats(ref_ds, "PixelSpacing", 2)
+    if iop is None or ps is None:
+        raise ValueError(
+            f"{name}: {ref_path} lacks a valid ImageOrientationPatient or PixelSpacing"
+        )
+    grid = _InPlaneGrid(iop, ps, _int(ref_ds, "Rows"), _int(ref_ds, "Columns"), ref_path)
+    positions = [_slice_position(path, ds, grid, name, require_mr) for path, ds, _, _ in readable]
+    if min(ps) <= 0:
+        raise ValueError(f"{name}: PixelSpacing {ps} in {ref_path} must be positive")
+    return grid, positions
+
+
+def _slice_axes(grid: _InPlaneGrid, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unit row and column directions of the slices and their normal ``row x col``."""
+    iop = grid.iop
+    row_dir = np.asarray(iop[:3], float)
+    col_dir = np.asarray(iop[3:], float)
+    if (
+        abs(np.linalg.norm(row_dir) - 1) > 1e-3
+        or abs(np.linalg.norm(col_dir) - 1) > 1e-3
+        or abs(row_dir @ col_dir) > 1e-3
+    ):
+        raise ValueError(
+            f"{name}: ImageOrientationPatient {iop} in {grid.ref_path} is not two orthonormal "
+            "vectors"
+        )
+    row_dir /= np.linalg.norm(row_dir)
+    col_dir /= np.linalg.norm(col_dir)
+    return row_dir, col_dir, np.cross(row_dir, col_dir)
+
+
+def _sort_along_normal(
+    readable: Sequence[_ReadSlice],
+    positions: Sequence[tuple[float, ...]],
+    normal: np.ndarray,
+    position_tolerance_mm: float,
+    name: str,
+) -> tuple[list[_ReadSlice], np.ndarray]:
+    """Sort the files along the slice normal and refuse coincident slices.
+
+    Returns
+    -------
+    readable : list
+        The files in ascending order along ``normal``.
+    pos : numpy.ndarray
+        ``(n, 3)`` their ImagePositionPatient, same order.
+    """
+    pos = np.asarray(positions, float)
+    along = pos @ normal
+    # Ties broken by path so the order never depends on the file system.
+    names = [str(item[0]) for item in readable]
+    order = sorted(range(len(names)), key=lambda i: (along[i], names[i]))
+    ordered = [readable[i] for i in order]
+    pos, along = pos[order], along[order]
+    steps = np.diff(along)
+    dup = np.flatnonzero(steps < position_tolerance_mm)
+    if dup.size:
+        i = int(dup[0])
+        raise ValueError(
+            f"{name}: duplicate slice positions ({dup.size} coincident pair(s)), e.g. "
+            f"{ordered[i][0]} and {ordered[i + 1][0]} at {along[i]:.4f} mm along the slice "
+            "normal; a series with several echoes/phases per position (4-D) is not supported: "
+            "split it or remove the duplicate files"
+        )
+    return ordered, pos
+
+
+def _skipped_text(skipped: Sequence[tuple[Path, str]]) -> str:
+    """The left-out files and their reasons, as error messages list them."""
+    return "; ".join(f"{p}: {r}" for p, r in skipped)
+
+
+def _kept_slices(
+    readable: Sequence[_ReadSlice],
+    pos: np.ndarray,
+    unreadable: Sequence[tuple[Path, str]],
+    name: str,
+) -> tuple[list[tuple[Path, Dataset, np.ndarray]], list[tuple[Path, str]], np.ndarray]:
+    """Split the sorted files into those with pixels and those left out.
+
+    Returns
+    -------
+    kept : list of (pathlib.Path, Dataset, numpy.ndarray)
+        Files with decoded pixels, in z order.
+    skipped : list of (pathlib.Path, str)
+        Files whose pixels are unreadable, then the unreadable files, with the reason.
+    kept_pos : numpy.ndarray
+        ``(len(kept), 3)`` ImagePositionPatient of the kept files.
+    """
+    skipped = [(p, r) for p, _, px, r in readable if px is None] + list(unreadable)
+    kept = [(p, ds, px) for p, ds, px, _ in readable if px is not None]
+    if skipped and len(kept) < 2:
+        raise ValueError(
+            f"{name}: fewer than 2 slices with readable pixels; {_skipped_text(skipped)}"
+        )
+    if len(kept) < 2:
+        raise ValueError(f"{name}: a volume needs at least 2 slices; found {len(kept)}")
+    kept_pos = np.asarray([pos[i] for i, item in enumerate(readable) if item[2] is not None])
+    return kept, skipped, kept_pos
+
+
+def _uniform_spacing(
+    kept_along: np.ndarray,
+    kept_files: Sequence[Path],
+    skipped: Sequence[tuple[Path, str]],
+    series: SeriesHeader,
+    spacing_tolerance: float,
+    name: str,
+) -> float:
+    """Median slice step of the kept slices; a ``ValueError`` naming the missing files if uneven."""
+    slice_spacing, spacing_problem = _check_spacing(kept_along, kept_files, spacing_tolerance, name)
+    if spacing_problem is not None:
+        # Uneven steps are usually slices left out: name them, so the cause is plain.
+        context = []
+        if skipped:
+            context.append(
+                f"slices missing because their pixels are unreadable: {_skipped_text(skipped)}"
+            )
+        if series.excluded_files:
+            context.append(
+                "files of this series excluded at scan: "
+                + "; ".join(f"{p}: {r}" for p, r in series.excluded_files)
+            )
+        raise ValueError(spacing_problem + ("; " + "; ".join(context) if context else ""))
+    for path, reason in skipped:
+        logger.warning(
+            "%s: skipping %s (%s); the remaining %d slices form a uniform stack",
+            name,
+            path,
+            reason,
+            len(kept_files),
+        )
+    return slice_spacing
+
+
+def _stack_direction(kept_pos: np.ndarray, normal: np.ndarray, name: str) -> np.ndarray:
+    """Unit vector from the first to the last slice, which must run along the slice normal."""
+    extent = kept_pos[-1] - kept_pos[0]
+    z_dir = extent / np.linalg.norm(extent)
+    # Positions must advance along the normal: an oblique offset (gantry tilt) would make the
+    # grid sheared, which a direction matrix cannot express.
+    if np.linalg.norm(np.cross(z_dir, normal)) > 1e-3:
+        raise ValueError(
+            f"{name}: slice positions advance along {np.round(z_dir, 4).tolist()}, not along "
+            f"the slice normal {np.round(normal, 4).tolist()} (gantry tilt / sheared stack); "
+            "resample it first"
+        )
+    return z_dir
+
+
+def _stack_slices(
+    slices: list[np.ndarray | None], rows: int | None, cols: int | None
+) -> np.ndarray:
+    """Copy the slices into one array, releasing each entry of ``slices`` once copied.
+
+    The caller must hold no other reference to the slice arrays, so that peak memory stays near
+    one volume.
+    """
+    array = np.empty((len(slices), rows or 0, cols or 0), np.float32)
+    for i in range(len(slices)):
+        array[i] = slices[i]
+        slices[i] = None
+    return array
+
+
+def _volume_metadata(
+    series: SeriesHeader,
+    datasets: Sequence[Dataset],
+    kept_along: np.ndarray,
+    skipped: Sequence[tuple[Path, str]],
+) -> dict[str, Any]:
+    """The ``Volume.metadata`` of a loaded series."""
+    return {
+        "series_description": series.series_description,
+        "series_number": series.series_number,
+        "modality": series.modality,
+        "image_type": list(series.image_type),
+        "echo_time": series.echo_time,
+        "repetition_time": series.repetition_time,
+        "inversion_time": series.inversion_time,
+        "contrast_agent": series.contrast_agent,
+        "frame_of_reference_uid": _text(datasets[0], "FrameOfReferenceUID"),
+        "slice_step_range_mm": [
+            float(np.diff(kept_along).min()),
+            float(np.diff(kept_along).max()),
+        ],
+        "skipped_files": [[str(p), r] for p, r in skipped],
+    }
+
+
 def load_series_volume(
     series: SeriesHeader,
     *,
@@ -696,182 +1041,33 @@ def load_series_volume(
         On any validation failure listed above.
     """
     name = _series_name(series)
-    if not series.slices:
-        raise ValueError(f"{name} has no files")
-    if series.max_number_of_frames > 1:
-        # Checked before decoding anything: enhanced/4-D objects would be read in vain.
-        raise ValueError(
-            f"{name}: multi-frame instances ({series.max_number_of_frames} frames) are not "
-            "supported; export the series as single-frame (classic) MR images"
-        )
-    if require_mr and series.modality != "MR":
-        raise ValueError(
-            f"{name}: modality {series.modality or 'missing'} is not MR; "
-            "only MR series can be loaded"
-        )
-
-    readable: list[tuple[Path, Dataset, np.ndarray | None, str | None]] = []
-    unreadable: list[tuple[Path, str]] = []
-    for s in series.slices:
-        ds, pixels, problem = _read_slice(s.path)
-        if ds is None:
-            unreadable.append((s.path, problem or "unreadable"))
-        else:
-            readable.append((s.path, ds, pixels, problem))
-    if not readable:
-        raise ValueError(
-            f"{name}: no file could be read; first error: {unreadable[0][0]}: {unreadable[0][1]}"
-        )
-
-    # Header consistency over every file whose header is readable, pixels or not: a bad slice
-    # must not hide a geometry problem of the series.
-    ref_path, ref_ds = readable[0][0], readable[0][1]
-    iop = _floats(ref_ds, "ImageOrientationPatient", 6)
-    ps = _floats(ref_ds, "PixelSpacing", 2)
-    if iop is None or ps is None:
-        raise ValueError(
-            f"{name}: {ref_path} lacks a valid ImageOrientationPatient or PixelSpacing"
-        )
-    rows, cols = _int(ref_ds, "Rows"), _int(ref_ds, "Columns")
-    positions = []
-    for path, ds, _, _ in readable:
-        if require_mr and _text(ds, "Modality").upper() != "MR":
-            raise ValueError(f"{name}: {path} has modality {_text(ds, 'Modality')!r}, not MR")
-        frames = _int(ds, "NumberOfFrames") or 1
-        if frames > 1:
-            raise ValueError(
-                f"{name}: {path} is a multi-frame instance ({frames} frames); only series of "
-                "single-frame slices are supported: export the series as classic MR images"
-            )
-        if (_int(ds, "SamplesPerPixel") or 1) != 1:
-            raise ValueError(f"{name}: {path} is not grayscale (SamplesPerPixel != 1)")
-        this_iop = _floats(ds, "ImageOrientationPatient", 6)
-        if this_iop is None or np.abs(np.subtract(this_iop, iop)).max() > 1e-4:
-            raise ValueError(
-                f"{name}: {path} has ImageOrientationPatient {this_iop}, {ref_path} has {iop}; "
-                "a series must have one orientation"
-            )
-        if (_int(ds, "Rows"), _int(ds, "Columns")) != (rows, cols):
-            raise ValueError(
-                f"{name}: {path} is {_int(ds, 'Rows')}x{_int(ds, 'Columns')}, "
-                f"{ref_path} is {rows}x{cols}"
-            )
-        this_ps = _floats(ds, "PixelSpacing", 2)
-        if this_ps is None or not np.allclose(this_ps, ps, rtol=1e-4, atol=1e-6):
-            raise ValueError(f"{name}: {path} has PixelSpacing {this_ps}, {ref_path} has {ps}")
-        ipp = _floats(ds, "ImagePositionPatient", 3)
-        if ipp is None:
-            raise ValueError(f"{name}: {path} lacks a valid ImagePositionPatient")
-        positions.append(ipp)
-    if min(ps) <= 0:
-        raise ValueError(f"{name}: PixelSpacing {ps} in {ref_path} must be positive")
-
-    row_dir = np.asarray(iop[:3], float)
-    col_dir = np.asarray(iop[3:], float)
-    if (
-        abs(np.linalg.norm(row_dir) - 1) > 1e-3
-        or abs(np.linalg.norm(col_dir) - 1) > 1e-3
-        or abs(row_dir @ col_dir) > 1e-3
-    ):
-        raise ValueError(
-            f"{name}: ImageOrientationPatient {iop} in {ref_path} is not two orthonormal vectors"
-        )
-    row_dir /= np.linalg.norm(row_dir)
-    col_dir /= np.linalg.norm(col_dir)
-    normal = np.cross(row_dir, col_dir)
-
-    pos = np.asarray(positions, float)
-    along = pos @ normal
-    # Ties broken by path so the order never depends on the file system.
-    names = [str(item[0]) for item in readable]
-    order = sorted(range(len(names)), key=lambda i: (along[i], names[i]))
-    readable = [readable[i] for i in order]
-    pos, along = pos[order], along[order]
-    steps = np.diff(along)
-    dup = np.flatnonzero(steps < position_tolerance_mm)
-    if dup.size:
-        i = int(dup[0])
-        raise ValueError(
-            f"{name}: duplicate slice positions ({dup.size} coincident pair(s)), e.g. "
-            f"{readable[i][0]} and {readable[i + 1][0]} at {along[i]:.4f} mm along the slice "
-            "normal; a series with several echoes/phases per position (4-D) is not supported: "
-            "split it or remove the duplicate files"
-        )
-
-    skipped = [(p, r) for p, _, px, r in readable if px is None] + unreadable
-    kept = [(p, ds, px) for p, ds, px, _ in readable if px is not None]
-    if skipped:
-        skipped_text = "; ".join(f"{p}: {r}" for p, r in skipped)
-        if len(kept) < 2:
-            raise ValueError(f"{name}: fewer than 2 slices with readable pixels; {skipped_text}")
-    if len(kept) < 2:
-        raise ValueError(f"{name}: a volume needs at least 2 slices; found {len(kept)}")
-    kept_pos = np.asarray([pos[i] for i, item in enumerate(readable) if item[2] is not None])
+    _check_series_kind(series, name, require_mr)
+    readable, unreadable = _read_series_files(series, name)
+    grid, positions = _check_slice_headers(readable, name, require_mr)
+    row_dir, col_dir, normal = _slice_axes(grid, name)
+    readable, pos = _sort_along_normal(readable, positions, normal, position_tolerance_mm, name)
+    kept, skipped, kept_pos = _kept_slices(readable, pos, unreadable, name)
     kept_along = kept_pos @ normal
     kept_files = [p for p, _, _ in kept]
-    slice_spacing, spacing_problem = _check_spacing(kept_along, kept_files, spacing_tolerance, name)
-    if spacing_problem is not None:
-        context = []
-        if skipped:
-            context.append(f"slices missing because their pixels are unreadable: {skipped_text}")
-        if series.excluded_files:
-            context.append(
-                "files of this series excluded at scan: "
-                + "; ".join(f"{p}: {r}" for p, r in series.excluded_files)
-            )
-        raise ValueError(spacing_problem + ("; " + "; ".join(context) if context else ""))
-    for path, reason in skipped:
-        logger.warning(
-            "%s: skipping %s (%s); the remaining %d slices form a uniform stack",
-            name,
-            path,
-            reason,
-            len(kept),
-        )
+    slice_spacing = _uniform_spacing(
+        kept_along, kept_files, skipped, series, spacing_tolerance, name
+    )
+    z_dir = _stack_direction(kept_pos, normal, name)
 
-    extent = kept_pos[-1] - kept_pos[0]
-    z_dir = extent / np.linalg.norm(extent)
-    # Positions must advance along the normal: an oblique offset (gantry tilt) would make the
-    # grid sheared, which a direction matrix cannot express.
-    if np.linalg.norm(np.cross(z_dir, normal)) > 1e-3:
-        raise ValueError(
-            f"{name}: slice positions advance along {np.round(z_dir, 4).tolist()}, not along "
-            f"the slice normal {np.round(normal, 4).tolist()} (gantry tilt / sheared stack); "
-            "resample it first"
-        )
-
-    # Copy slice by slice, dropping each source slice, so peak memory stays near one volume.
+    # Copy slice by slice, dropping each source slice, so peak memory stays near one volume:
+    # ``slices`` must then hold the only references to the pixel arrays.
     slices: list[np.ndarray | None] = [px for _, _, px in kept]
     datasets = [ds for _, ds, _ in kept]
     del kept, readable
-    array = np.empty((len(slices), rows or 0, cols or 0), np.float32)
-    for i in range(len(slices)):
-        array[i] = slices[i]
-        slices[i] = None
     volume = Volume(
-        array=array,
+        array=_stack_slices(slices, grid.rows, grid.cols),
         origin=kept_pos[0],
-        spacing=np.array([ps[1], ps[0], slice_spacing]),
+        spacing=np.array([grid.ps[1], grid.ps[0], slice_spacing]),
         direction=np.column_stack([row_dir, col_dir, z_dir]),
         series_instance_uid=series.series_instance_uid,
         study_instance_uid=series.study_instance_uid,
         patient_id=series.patient_id,
         sop_instance_uids=[_text(ds, "SOPInstanceUID") for ds in datasets],
-        metadata={
-            "series_description": series.series_description,
-            "series_number": series.series_number,
-            "modality": series.modality,
-            "image_type": list(series.image_type),
-            "echo_time": series.echo_time,
-            "repetition_time": series.repetition_time,
-            "inversion_time": series.inversion_time,
-            "contrast_agent": series.contrast_agent,
-            "frame_of_reference_uid": _text(datasets[0], "FrameOfReferenceUID"),
-            "slice_step_range_mm": [
-                float(np.diff(kept_along).min()),
-                float(np.diff(kept_along).max()),
-            ],
-            "skipped_files": [[str(p), r] for p, r in skipped],
-        },
+        metadata=_volume_metadata(series, datasets, kept_along, skipped),
     )
     return LoadedSeries(volume=volume, datasets=datasets, files=kept_files, skipped_files=skipped)

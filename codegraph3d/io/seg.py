@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -80,27 +82,27 @@ def _check_sources(source_datasets: Sequence[Dataset], shape: tuple[int, ...], w
         )
 
 
-def _write(
-    kind: str,
-    source_datasets: Sequence[Dataset],
-    pixel_array: np.ndarray,
-    out_path: Path | str,
-    *,
-    algorithm_version: str,
-    encoder_description: str,
-    series_number: int,
-    encoder_warning: str | None,
-    details: str | None,
-    series_description: str | None,
-    series_instance_uid: str | None,
-    sop_instance_uid: str | None,
-    manufacturer: str,
-    manufacturer_model_name: str,
-    software_versions: str,
-    device_serial_number: str,
-    fractional: bool,
-) -> Path:
-    out_path = Path(out_path)
+@dataclass(frozen=True)
+class _SegTexts:
+    """The descriptive texts of one SEG.
+
+    Parameters
+    ----------
+    series_description : str
+        SeriesDescription (LO).
+    short : str
+        ContentDescription and SegmentDescription (LO).
+    image_comments : str
+        ImageComments (LT): the full, untruncated text.
+    """
+
+    series_description: str
+    short: str
+    image_comments: str
+
+
+def _check_write_args(out_path: Path, encoder_description: str, series_number: int) -> None:
+    """Refuse a missing output folder, an unnamed encoder or a bad SeriesNumber."""
     if not out_path.parent.is_dir():
         raise FileNotFoundError(f"output folder {out_path.parent} does not exist; create it first")
     if not encoder_description.strip():
@@ -108,6 +110,17 @@ def _write(
     if not isinstance(series_number, (int, np.integer)) or series_number < 0:
         raise ValueError(f"series_number must be a non-negative integer; got {series_number!r}")
 
+
+def _seg_texts(
+    kind: str,
+    *,
+    algorithm_version: str,
+    encoder_description: str,
+    encoder_warning: str | None,
+    details: str | None,
+    series_description: str | None,
+) -> _SegTexts:
+    """Build the SEG's texts within their VR limits (a given ``series_description`` is checked)."""
     warning = _clean(encoder_warning) if encoder_warning else ""
     if series_description is None:
         # "not for clinical use" must survive the 64-character limit: only the warning is cut.
@@ -134,8 +147,11 @@ def _write(
         comments.append(f"WARNING: {warning}.")
     if details:
         comments.append(details)
-    image_comments = _clean(" ".join(comments))[:_LT_MAX]
+    return _SegTexts(series_description, short, _clean(" ".join(comments))[:_LT_MAX])
 
+
+def _anomaly_segment(algorithm_version: str, short: str) -> hd.seg.SegmentDescription:
+    """The single "Anomaly" segment, described by ``short``."""
     algorithm = hd.AlgorithmIdentificationSequence(
         name=ALGORITHM_NAME,
         family=codes.cid7162.ArtificialIntelligence,
@@ -151,21 +167,76 @@ def _write(
         anatomic_regions=[codes.SCT.Brain],
     )
     segment.SegmentDescription = short
-    empty = not np.any(pixel_array)
-    kwargs = {}
-    if fractional:
-        kwargs = {
-            "fractional_type": hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
-            "max_fractional_value": 255,
-        }
-    seg = hd.seg.Segmentation(
-        source_images=list(source_datasets),
-        pixel_array=pixel_array,
-        segmentation_type=(
+    return segment
+
+
+def _segmentation_type_kwargs(fractional: bool) -> dict[str, Any]:
+    """The ``hd.seg.Segmentation`` arguments that differ between BINARY and FRACTIONAL."""
+    kwargs: dict[str, Any] = {
+        "segmentation_type": (
             hd.seg.SegmentationTypeValues.FRACTIONAL
             if fractional
             else hd.seg.SegmentationTypeValues.BINARY
         ),
+        "content_label": "ANOMALY_SCORE" if fractional else "ANOMALY",
+    }
+    if fractional:
+        kwargs["fractional_type"] = hd.seg.SegmentationFractionalTypeValues.PROBABILITY
+        kwargs["max_fractional_value"] = 255
+    return kwargs
+
+
+def _save(
+    seg: hd.seg.Segmentation, out_path: Path, kind: str, empty: bool, series_uid: str
+) -> None:
+    """Write ``seg`` atomically to ``out_path`` and log it."""
+    with atomic_path(out_path) as temporary:
+        seg.save_as(temporary, enforce_file_format=True)
+    logger.info(
+        "Wrote %s SEG %s (%d frames, %s) for series %s",
+        kind,
+        out_path,
+        int(seg.NumberOfFrames),
+        "empty" if empty else "non-empty",
+        series_uid,
+    )
+
+
+def _write(
+    kind: str,
+    source_datasets: Sequence[Dataset],
+    pixel_array: np.ndarray,
+    out_path: Path | str,
+    *,
+    algorithm_version: str,
+    encoder_description: str,
+    series_number: int,
+    encoder_warning: str | None,
+    details: str | None,
+    series_description: str | None,
+    series_instance_uid: str | None,
+    sop_instance_uid: str | None,
+    manufacturer: str,
+    manufacturer_model_name: str,
+    software_versions: str,
+    device_serial_number: str,
+    fractional: bool,
+) -> Path:
+    out_path = Path(out_path)
+    _check_write_args(out_path, encoder_description, series_number)
+    texts = _seg_texts(
+        kind,
+        algorithm_version=algorithm_version,
+        encoder_description=encoder_description,
+        encoder_warning=encoder_warning,
+        details=details,
+        series_description=series_description,
+    )
+    segment = _anomaly_segment(algorithm_version, texts.short)
+    empty = not np.any(pixel_array)
+    seg = hd.seg.Segmentation(
+        source_images=list(source_datasets),
+        pixel_array=pixel_array,
         segment_descriptions=[segment],
         series_instance_uid=series_instance_uid or hd.UID(),
         series_number=int(series_number),
@@ -175,27 +246,16 @@ def _write(
         manufacturer_model_name=_fit(manufacturer_model_name),
         software_versions=_fit(software_versions),
         device_serial_number=_fit(device_serial_number),
-        content_description=short,
-        content_label="ANOMALY_SCORE" if fractional else "ANOMALY",
+        content_description=texts.short,
         content_creator_name=None,
         # An all-empty mask keeps every frame: explicit and valid (highdicom would otherwise
         # fall back to that itself, with a warning).
         omit_empty_frames=not empty,
-        **kwargs,
+        **_segmentation_type_kwargs(fractional),
     )
-    seg.SeriesDescription = series_description
-    seg.ImageComments = image_comments
-
-    with atomic_path(out_path) as temporary:
-        seg.save_as(temporary, enforce_file_format=True)
-    logger.info(
-        "Wrote %s SEG %s (%d frames, %s) for series %s",
-        kind,
-        out_path,
-        int(seg.NumberOfFrames),
-        "empty" if empty else "non-empty",
-        source_datasets[0].SeriesInstanceUID,
-    )
+    seg.SeriesDescription = texts.series_description
+    seg.ImageComments = texts.image_comments
+    _save(seg, out_path, kind, empty, source_datasets[0].SeriesInstanceUID)
     return out_path
 
 

@@ -140,6 +140,75 @@ DEFAULT_SELECTION_RULES: dict[str, Any] = {
 }
 
 
+def _merged_rules(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """:data:`DEFAULT_SELECTION_RULES` with ``overrides`` applied (``timing`` merged key by key)."""
+    raw: dict[str, Any] = {k: v for k, v in DEFAULT_SELECTION_RULES.items()}
+    raw["timing"] = dict(DEFAULT_SELECTION_RULES["timing"])
+    for key, value in (overrides or {}).items():
+        if key not in DEFAULT_SELECTION_RULES:
+            raise ValueError(
+                f"unknown selection rule {key!r}; "
+                f"valid keys: {', '.join(DEFAULT_SELECTION_RULES)}"
+            )
+        default = DEFAULT_SELECTION_RULES[key]
+        expected = (list, tuple) if isinstance(default, list) else type(default)
+        # A YAML scalar where a list belongs ("modalities: MR") would be split into letters.
+        if not isinstance(value, expected) or isinstance(value, bool) != isinstance(
+            default, bool
+        ):
+            raise ValueError(
+                f"selection rule {key} must be a {type(default).__name__} like the default "
+                f"{default!r}; got {value!r}"
+            )
+        if key == "timing":
+            unknown = set(value) - set(DEFAULT_SELECTION_RULES["timing"])
+            if unknown:
+                raise ValueError(
+                    f"unknown selection timing rule(s) {sorted(unknown)}; valid: "
+                    f"{', '.join(DEFAULT_SELECTION_RULES['timing'])}"
+                )
+            raw["timing"].update(value)
+        else:
+            raw[key] = value
+    return raw
+
+
+def _compile_rule(key: str, pattern: str) -> re.Pattern[str]:
+    """Compile one rule's pattern, case-insensitive; a ``ValueError`` naming the rule if invalid."""
+    try:
+        return re.compile(pattern, re.IGNORECASE)
+    except re.error as exc:
+        raise ValueError(
+            f"selection rule {key}: invalid regular expression {pattern!r}: {exc}"
+        ) from exc
+
+
+def _checked_scored_contrasts(raw: Mapping[str, Any]) -> tuple[str, ...]:
+    """Validate the non-pattern values of merged rules; return the scored contrasts."""
+    scored = tuple(raw["scored_contrasts"])
+    bad = [c for c in scored if c not in CONTRASTS]
+    if bad or not scored:
+        raise ValueError(
+            f"selection rule scored_contrasts: {bad or 'empty'}; "
+            f"choose from {', '.join(CONTRASTS)}"
+        )
+    if not isinstance(raw["min_slices"], int) or raw["min_slices"] < 1:
+        raise ValueError(
+            f"selection rule min_slices must be a positive integer; got {raw['min_slices']!r}"
+        )
+    if isinstance(raw["max_voxels"], bool) or not isinstance(raw["max_voxels"], int) or raw["max_voxels"] < 1:
+        raise ValueError(
+            f"selection rule max_voxels must be a positive integer; got {raw['max_voxels']!r}"
+        )
+    unknown_labels = set(raw["contrast_patterns"]) - set(CONTRASTS)
+    if unknown_labels:
+        raise ValueError(
+            f"selection rule contrast_patterns: unknown label(s) {sorted(unknown_labels)}; "
+            f"choose from {', '.join(CONTRASTS)}"
+        )
+    return scored
+
+
 @dataclass(frozen=True)
 class SelectionRules:
     """Compiled selection rules; build with :meth:`from_dict` (defaults when called without args).
@@ -175,64 +244,8 @@ class SelectionRules:
         ValueError
             Unknown key, bad value or invalid regular expression (the message names the key).
         """
-        raw: dict[str, Any] = {k: v for k, v in DEFAULT_SELECTION_RULES.items()}
-        raw["timing"] = dict(DEFAULT_SELECTION_RULES["timing"])
-        for key, value in (overrides or {}).items():
-            if key not in DEFAULT_SELECTION_RULES:
-                raise ValueError(
-                    f"unknown selection rule {key!r}; "
-                    f"valid keys: {', '.join(DEFAULT_SELECTION_RULES)}"
-                )
-            default = DEFAULT_SELECTION_RULES[key]
-            expected = (list, tuple) if isinstance(default, list) else type(default)
-            # A YAML scalar where a list belongs ("modalities: MR") would be split into letters.
-            if not isinstance(value, expected) or isinstance(value, bool) != isinstance(
-                default, bool
-            ):
-                raise ValueError(
-                    f"selection rule {key} must be a {type(default).__name__} like the default "
-                    f"{default!r}; got {value!r}"
-                )
-            if key == "timing":
-                unknown = set(value) - set(DEFAULT_SELECTION_RULES["timing"])
-                if unknown:
-                    raise ValueError(
-                        f"unknown selection timing rule(s) {sorted(unknown)}; valid: "
-                        f"{', '.join(DEFAULT_SELECTION_RULES['timing'])}"
-                    )
-                raw["timing"].update(value)
-            else:
-                raw[key] = value
-
-        def compile_(key: str, pattern: str) -> re.Pattern[str]:
-            try:
-                return re.compile(pattern, re.IGNORECASE)
-            except re.error as exc:
-                raise ValueError(
-                    f"selection rule {key}: invalid regular expression {pattern!r}: {exc}"
-                ) from exc
-
-        scored = tuple(raw["scored_contrasts"])
-        bad = [c for c in scored if c not in CONTRASTS]
-        if bad or not scored:
-            raise ValueError(
-                f"selection rule scored_contrasts: {bad or 'empty'}; "
-                f"choose from {', '.join(CONTRASTS)}"
-            )
-        if not isinstance(raw["min_slices"], int) or raw["min_slices"] < 1:
-            raise ValueError(
-                f"selection rule min_slices must be a positive integer; got {raw['min_slices']!r}"
-            )
-        if isinstance(raw["max_voxels"], bool) or not isinstance(raw["max_voxels"], int) or raw["max_voxels"] < 1:
-            raise ValueError(
-                f"selection rule max_voxels must be a positive integer; got {raw['max_voxels']!r}"
-            )
-        unknown_labels = set(raw["contrast_patterns"]) - set(CONTRASTS)
-        if unknown_labels:
-            raise ValueError(
-                f"selection rule contrast_patterns: unknown label(s) {sorted(unknown_labels)}; "
-                f"choose from {', '.join(CONTRASTS)}"
-            )
+        raw = _merged_rules(overrides)
+        scored = _checked_scored_contrasts(raw)
         return cls(
             raw=raw,
             modalities=frozenset(str(m).upper() for m in raw["modalities"]),
@@ -242,7 +255,7 @@ class SelectionRules:
             secondary_capture_sop_classes=frozenset(raw["secondary_capture_sop_classes"]),
             localizer_image_types=frozenset(str(v).upper() for v in raw["localizer_image_types"]),
             localizer_patterns=tuple(
-                compile_("localizer_patterns", p) for p in raw["localizer_patterns"]
+                _compile_rule("localizer_patterns", p) for p in raw["localizer_patterns"]
             ),
             derived_image_type_values=frozenset(
                 str(v).upper() for v in raw["derived_image_type_values"]
@@ -251,16 +264,19 @@ class SelectionRules:
                 str(v).upper() for v in raw["secondary_image_type_values"]
             ),
             excluded_series_types={
-                k: compile_("excluded_series_types", p)
+                k: _compile_rule("excluded_series_types", p)
                 for k, p in raw["excluded_series_types"].items()
             },
             contrast_patterns={
-                k: compile_("contrast_patterns", p) for k, p in raw["contrast_patterns"].items()
+                k: _compile_rule("contrast_patterns", p)
+                for k, p in raw["contrast_patterns"].items()
             },
-            contrast_enhanced_pattern=compile_(
+            contrast_enhanced_pattern=_compile_rule(
                 "contrast_enhanced_pattern", raw["contrast_enhanced_pattern"]
             ),
-            non_enhanced_pattern=compile_("non_enhanced_pattern", raw["non_enhanced_pattern"]),
+            non_enhanced_pattern=_compile_rule(
+                "non_enhanced_pattern", raw["non_enhanced_pattern"]
+            ),
             no_agent_values=frozenset(str(v).strip().upper() for v in raw["no_agent_values"]),
             timing=raw["timing"],
         )

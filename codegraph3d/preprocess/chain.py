@@ -550,6 +550,210 @@ def _bias_corrected(volume: Volume, config: PreprocessConfig) -> tuple[Volume, d
     return corrected, {"bias_correction": n4_qa}
 
 
+@dataclass(frozen=True)
+class _WorkingGrid:
+    """Where the cubic working grid lies, and how its physical space maps onto the series.
+
+    Parameters
+    ----------
+    origin : numpy.ndarray
+        Physical position (mm) of working voxel ``(0, 0, 0)``: template space when registered,
+        else the series' LPS.
+    spacing : float
+        Isotropic working voxel size (mm).
+    grid_to_subject : numpy.ndarray
+        4x4 map from the grid's physical space to the series' LPS: identity, or the
+        registration's template -> subject map.
+    """
+
+    origin: np.ndarray
+    spacing: float
+    grid_to_subject: np.ndarray
+
+
+def _corrected_and_stripped(
+    volume: Volume,
+    config: PreprocessConfig,
+    stripper: "Callable[[Volume], BrainMaskResult] | None",
+    brain: "BrainMaskResult | None",
+    bias_corrected: bool,
+    qa: dict,
+    steps: dict[str, float],
+) -> tuple[Volume, "BrainMaskResult"]:
+    """N4-correct the series unless done already, and skull-strip it unless a mask was given.
+
+    The N4 QA goes into ``qa`` and the seconds of each step run into ``steps``.
+    """
+    clock = time.perf_counter()
+    if not bias_corrected:
+        volume, n4_qa = _bias_corrected(volume, config)
+        qa.update(n4_qa)
+        steps["bias_correction"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    if brain is None:
+        brain = _brain_mask_of(volume, config, stripper)
+        steps["skull_strip"] = time.perf_counter() - clock
+    return volume, brain
+
+
+def _checked_brain_mask(
+    volume: Volume, brain: "BrainMaskResult", config: PreprocessConfig, qa: dict
+) -> tuple[np.ndarray, float]:
+    """The brain mask as booleans and its volume (ml); the stripper's QA goes into ``qa``.
+
+    Raises
+    ------
+    ValueError
+        When the mask is not on the series grid.
+    EmptyBrainMaskError
+        When it holds less than ``config.min_brain_ml``.
+    """
+    mask = np.asarray(brain.mask, bool)
+    if mask.shape != volume.array.shape:
+        raise ValueError(
+            f"series {volume.series_instance_uid}: brain mask shape {mask.shape} does not match the series {volume.array.shape}"
+        )
+    qa["skull_strip"] = {"method": brain.method, **{k: v for k, v in brain.qa.items() if k != "warnings"}}
+    qa["warnings"].extend(brain.qa.get("warnings", []))
+    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    brain_ml = float(mask.sum()) * voxel_ml
+    if brain_ml < config.min_brain_ml:
+        raise EmptyBrainMaskError(
+            f"series {volume.series_instance_uid}: the brain mask is empty ({brain_ml:.2f} ml of tissue, "
+            f"method {brain.method}); the series may be blank, not a brain, or not skull-stripped while "
+            "preprocess.skull_strip is 'none'. Check the series, or set preprocess.skull_strip."
+        )
+    return mask, brain_ml
+
+
+def _series_images(volume: Volume, mask: np.ndarray) -> tuple[sitk.Image, sitk.Image]:
+    """The series as a float32 SimpleITK image, and its brain mask (uint8) on the same grid."""
+    source_image = sitk.Cast(volume.to_sitk(), sitk.sitkFloat32)
+    mask_image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    mask_image.CopyInformation(source_image)
+    return source_image, mask_image
+
+
+def _place_working_grid(
+    volume: Volume,
+    mask: np.ndarray,
+    source_image: sitk.Image,
+    mask_image: sitk.Image,
+    config: PreprocessConfig,
+    template: Template | None,
+    registration: RegistrationResult | None,
+    qa: dict,
+) -> _WorkingGrid:
+    """Register the brain to the template (unless a registration is given) and place the grid.
+
+    Without registration the grid is the brain's bounding cube in the series' own space. The
+    registration's QA goes into ``qa``.
+    """
+    if config.registration != "affine":
+        origin, spacing = _working_grid(volume, mask, config)
+        return _WorkingGrid(origin, spacing, np.eye(4))
+    if template is None:
+        raise ValueError("preprocess.registration is 'affine' but no template was given")
+    # Brain to brain: the template is skull-stripped, so the subject's brain alone is registered.
+    if registration is None:
+        moving = sitk.Mask(source_image, mask_image)
+        registration = register_affine(moving, template)
+    qa["registration"] = {
+        **registration.qa,
+        "template_to_subject": [[round(float(v), 6) for v in row] for row in registration.matrix],
+    }
+    spacing = config.crop_mm / config.size
+    origin = template.centre_lps - config.crop_mm / 2.0 + spacing / 2.0
+    return _WorkingGrid(origin, spacing, registration.matrix)
+
+
+def _template_mask_on_grid(
+    template: Template | None, reference_grid: sitk.Image, config: PreprocessConfig
+) -> np.ndarray | None:
+    """The registered template's brain mask on the working grid; ``None`` without registration."""
+    if config.registration != "affine":
+        return None
+    return sitk.GetArrayFromImage(
+        sitk.Resample(template.mask, reference_grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    ).astype(bool)
+
+
+def _resample_onto_grid(
+    source_image: sitk.Image,
+    mask_image: sitk.Image,
+    reference_grid: sitk.Image,
+    transform: sitk.AffineTransform,
+    config: PreprocessConfig,
+    volume: Volume,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resample the image and its brain mask onto the working grid.
+
+    Returns
+    -------
+    image : numpy.ndarray
+        float32 ``(size, size, size)``.
+    brain_grid : numpy.ndarray
+        The boolean brain mask on the grid.
+
+    Raises
+    ------
+    EmptyBrainMaskError
+        When no brain voxel lands on the grid.
+    """
+    interpolator = sitk.sitkBSpline if config.interpolation == "bspline" else sitk.sitkLinear
+    resampled = sitk.Resample(source_image, reference_grid, transform, interpolator, 0.0, sitk.sitkFloat32)
+    resampled_mask = sitk.Resample(mask_image, reference_grid, transform, sitk.sitkNearestNeighbor, 0)
+
+    image = sitk.GetArrayFromImage(resampled).astype(np.float32)
+    if config.interpolation == "bspline":
+        # B-splines overshoot at edges; intensities are non-negative magnitudes.
+        np.maximum(image, 0.0, out=image)
+    brain_grid = sitk.GetArrayFromImage(resampled_mask).astype(bool)
+    if not brain_grid.any():
+        raise EmptyBrainMaskError(
+            f"series {volume.series_instance_uid}: the brain mask is empty on the working grid; "
+            "the series is too small or its geometry is broken."
+        )
+    return image, brain_grid
+
+
+def _grid_to_source(volume: Volume, grid: _WorkingGrid) -> np.ndarray:
+    """4x4 map from a continuous working index to the continuous source index."""
+    grid_to_physical = index_to_physical_matrix(grid.origin, np.full(3, grid.spacing), np.eye(3))
+    return np.linalg.inv(volume.index_to_physical) @ grid.grid_to_subject @ grid_to_physical
+
+
+def _standardise_on_grid(
+    image: np.ndarray,
+    brain_grid: np.ndarray,
+    template_mask_grid: np.ndarray | None,
+    spacing: float,
+    config: PreprocessConfig,
+    reference: "ReferenceLandmarks | None",
+    qa: dict,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Choose the analysis mask and standardise the intensities within it.
+
+    Returns
+    -------
+    image : numpy.ndarray
+        The standardised image.
+    analysis_grid : numpy.ndarray
+        The analysis mask: the brain, or the brain within the registered template brain.
+    """
+    analysis_grid = brain_grid
+    if config.analysis_mask == "template_intersection" and template_mask_grid is not None:
+        analysis_grid = _within_template(brain_grid, template_mask_grid, config.analysis_margin_mm / spacing)
+        qa["analysis_mask"] = {
+            "region": "brain mask within the registered template brain",
+            "margin_mm": config.analysis_margin_mm,
+            "fraction_of_brain_kept": round(float(analysis_grid.sum()) / float(brain_grid.sum()), 4),
+        }
+    image, scaling_qa = _scale_from_reference(image, analysis_grid, config, reference, template_mask_grid)
+    qa["intensity"] = scaling_qa
+    return image, analysis_grid
+
+
 def preprocess_volume(
     volume: Volume,
     config: PreprocessConfig | None = None,
@@ -599,94 +803,29 @@ def preprocess_volume(
     config = config or PreprocessConfig()
     qa: dict = {"warnings": []}
     steps: dict[str, float] = {}
+    volume, brain = _corrected_and_stripped(volume, config, stripper, brain, bias_corrected, qa, steps)
+    mask, brain_ml = _checked_brain_mask(volume, brain, config, qa)
+    source_image, mask_image = _series_images(volume, mask)
     clock = time.perf_counter()
-    if not bias_corrected:
-        volume, n4_qa = _bias_corrected(volume, config)
-        qa.update(n4_qa)
-        steps["bias_correction"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    if brain is None:
-        brain = _brain_mask_of(volume, config, stripper)
-        steps["skull_strip"] = time.perf_counter() - clock
-    mask = np.asarray(brain.mask, bool)
-    if mask.shape != volume.array.shape:
-        raise ValueError(
-            f"series {volume.series_instance_uid}: brain mask shape {mask.shape} does not match the series {volume.array.shape}"
-        )
-    qa["skull_strip"] = {"method": brain.method, **{k: v for k, v in brain.qa.items() if k != "warnings"}}
-    qa["warnings"].extend(brain.qa.get("warnings", []))
-    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
-    brain_ml = float(mask.sum()) * voxel_ml
-    if brain_ml < config.min_brain_ml:
-        raise EmptyBrainMaskError(
-            f"series {volume.series_instance_uid}: the brain mask is empty ({brain_ml:.2f} ml of tissue, "
-            f"method {brain.method}); the series may be blank, not a brain, or not skull-stripped while "
-            "preprocess.skull_strip is 'none'. Check the series, or set preprocess.skull_strip."
-        )
-    source_image = sitk.Cast(volume.to_sitk(), sitk.sitkFloat32)
-    mask_image = sitk.GetImageFromArray(mask.astype(np.uint8))
-    mask_image.CopyInformation(source_image)
-    # grid physical space -> series LPS: identity, or the registration's template -> subject map
-    grid_to_subject = np.eye(4)
-    template_mask_grid = None
-    clock = time.perf_counter()
-    if config.registration == "affine":
-        if template is None:
-            raise ValueError("preprocess.registration is 'affine' but no template was given")
-        # Brain to brain: the template is skull-stripped, so the subject's brain alone is registered.
-        if registration is None:
-            moving = sitk.Mask(source_image, mask_image)
-            registration = register_affine(moving, template)
-        grid_to_subject = registration.matrix
-        qa["registration"] = {
-            **registration.qa,
-            "template_to_subject": [[round(float(v), 6) for v in row] for row in registration.matrix],
-        }
-        spacing = config.crop_mm / config.size
-        origin = template.centre_lps - config.crop_mm / 2.0 + spacing / 2.0
-    else:
-        origin, spacing = _working_grid(volume, mask, config)
+    grid = _place_working_grid(volume, mask, source_image, mask_image, config, template, registration, qa)
     steps["registration"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    reference_grid = _grid_reference(origin, spacing, config.size)
-    transform = _sitk_affine(grid_to_subject)
-    if config.registration == "affine":
-        template_mask_grid = sitk.GetArrayFromImage(
-            sitk.Resample(template.mask, reference_grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-        ).astype(bool)
-
+    reference_grid = _grid_reference(grid.origin, grid.spacing, config.size)
+    template_mask_grid = _template_mask_on_grid(template, reference_grid, config)
+    # Smoothed here, not in a helper, so that the unsmoothed copy is released at once.
     if config.resolution_fwhm_mm > 0:
         source_image = harmonise_resolution(source_image, config.resolution_fwhm_mm)
-    interpolator = sitk.sitkBSpline if config.interpolation == "bspline" else sitk.sitkLinear
-    resampled = sitk.Resample(source_image, reference_grid, transform, interpolator, 0.0, sitk.sitkFloat32)
-    resampled_mask = sitk.Resample(mask_image, reference_grid, transform, sitk.sitkNearestNeighbor, 0)
-
-    image = sitk.GetArrayFromImage(resampled).astype(np.float32)
-    if config.interpolation == "bspline":
-        # B-splines overshoot at edges; intensities are non-negative magnitudes.
-        np.maximum(image, 0.0, out=image)
-    brain_grid = sitk.GetArrayFromImage(resampled_mask).astype(bool)
-    if not brain_grid.any():
-        raise EmptyBrainMaskError(
-            f"series {volume.series_instance_uid}: the brain mask is empty on the working grid; "
-            "the series is too small or its geometry is broken."
-        )
+    image, brain_grid = _resample_onto_grid(
+        source_image, mask_image, reference_grid, _sitk_affine(grid.grid_to_subject), config, volume
+    )
     steps["resample"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    analysis_grid = brain_grid
-    if config.analysis_mask == "template_intersection" and template_mask_grid is not None:
-        analysis_grid = _within_template(brain_grid, template_mask_grid, config.analysis_margin_mm / spacing)
-        qa["analysis_mask"] = {
-            "region": "brain mask within the registered template brain",
-            "margin_mm": config.analysis_margin_mm,
-            "fraction_of_brain_kept": round(float(analysis_grid.sum()) / float(brain_grid.sum()), 4),
-        }
-    image, scaling_qa = _scale_from_reference(image, analysis_grid, config, reference, template_mask_grid)
-    qa["intensity"] = scaling_qa
+    image, analysis_grid = _standardise_on_grid(
+        image, brain_grid, template_mask_grid, grid.spacing, config, reference, qa
+    )
     steps["standardise"] = time.perf_counter() - clock
 
-    grid_to_physical = index_to_physical_matrix(origin, np.full(3, spacing), np.eye(3))
-    grid_to_source = np.linalg.inv(volume.index_to_physical) @ grid_to_subject @ grid_to_physical
+    grid_to_source = _grid_to_source(volume, grid)
     clock = time.perf_counter()
     _quality_control(volume, mask, brain_ml, brain_grid, template_mask_grid, grid_to_source, config, qa)
     steps["quality_control"] = time.perf_counter() - clock
@@ -694,8 +833,8 @@ def preprocess_volume(
     return PreprocessedVolume(
         image=image.astype(np.float32),
         brain_mask=analysis_grid,
-        grid_origin=origin,
-        grid_spacing=float(spacing),
+        grid_origin=grid.origin,
+        grid_spacing=float(grid.spacing),
         grid_to_source=grid_to_source,
         source_shape_zyx=tuple(int(v) for v in volume.array.shape),
         source_origin=volume.origin.copy(),
@@ -704,6 +843,107 @@ def preprocess_volume(
         brain_volume_ml=brain_ml,
         qa=qa,
     )
+
+
+def _bias_correct_all(
+    series: Sequence[tuple[Volume, str]], config: PreprocessConfig
+) -> list[tuple[Volume, dict] | Exception]:
+    """N4-correct each series; its QA carries the seconds under ``_seconds``, a failure its error."""
+    corrected: list[tuple[Volume, dict] | Exception] = []
+    for volume, _ in series:
+        clock = time.perf_counter()
+        try:
+            volume_corrected, n4_qa = _bias_corrected(volume, config)
+            corrected.append((volume_corrected, {**n4_qa, "_seconds": time.perf_counter() - clock}))
+        except (ValueError, RuntimeError) as error:
+            corrected.append(error)
+    return corrected
+
+
+def _carried_brain(
+    anchor_volume: Volume, anchor_brain: "BrainMaskResult", target: Volume
+) -> tuple["BrainMaskResult | None", float | None]:
+    """The T1w brain mask carried onto ``target``.
+
+    Returns
+    -------
+    brain : BrainMaskResult or None
+        ``None`` when the carry failed or is doubtful: the series is then stripped itself.
+    seconds : float or None
+        Time the carry took; ``None`` when it raised.
+    """
+    from codegraph3d.preprocess.skullstrip import BrainMaskResult, carry_mask
+
+    seconds = None
+    clock = time.perf_counter()
+    try:
+        carried, carry_qa = carry_mask(anchor_volume, anchor_brain.mask, target)
+        seconds = time.perf_counter() - clock
+    except (ValueError, RuntimeError) as error:
+        carried, carry_qa = None, {"doubtful": True, "error": str(error)}
+    if carried is None or carry_qa.get("doubtful"):
+        logger.warning(
+            "series %s: carrying the T1w brain mask was doubtful (%s); stripping the series itself",
+            target.series_instance_uid, carry_qa,
+        )
+        return None, seconds
+    brain = BrainMaskResult(
+        mask=carried,
+        method=f"{anchor_brain.method} (carried from T1w series {anchor_volume.series_instance_uid})",
+        qa={"carry": carry_qa, "t1w": anchor_brain.qa},
+    )
+    return brain, seconds
+
+
+def _strip_with_t1w_carry(
+    corrected: Sequence[tuple[Volume, dict] | Exception],
+    anchor: int,
+    stripper: "Callable[[Volume], BrainMaskResult]",
+) -> tuple[list["BrainMaskResult | None"], list[float | None]]:
+    """Strip the T1w series and carry its mask to the other series of the study.
+
+    Returns
+    -------
+    brains : list
+        Per series, its brain mask, or ``None`` where the series must be stripped itself.
+    strip_seconds : list
+        Per series, the seconds its mask took (stripping or carrying), or ``None``.
+    """
+    strip_seconds: list[float | None] = [None] * len(corrected)
+    brains: list["BrainMaskResult | None"] = [None] * len(corrected)
+    anchor_volume = corrected[anchor][0]
+    clock = time.perf_counter()
+    try:
+        brains[anchor] = stripper(anchor_volume)
+        strip_seconds[anchor] = time.perf_counter() - clock
+    except (ValueError, RuntimeError) as error:
+        logger.warning("series %s: T1w skull stripping failed (%s); each series is stripped alone",
+                       anchor_volume.series_instance_uid, error)
+    if brains[anchor] is None:
+        return brains, strip_seconds
+    for i, item in enumerate(corrected):
+        if i == anchor or isinstance(item, Exception):
+            continue
+        brains[i], seconds = _carried_brain(anchor_volume, brains[anchor], item[0])
+        if seconds is not None:
+            strip_seconds[i] = seconds
+    return brains, strip_seconds
+
+
+def _record_study_steps(
+    prepared: PreprocessedVolume,
+    n4_qa: dict,
+    n4_seconds: float,
+    strip_seconds: float | None,
+    config: PreprocessConfig,
+) -> None:
+    """Add the study-level N4 QA and the N4 and stripping times to a series' QA record."""
+    prepared.qa.update(n4_qa)
+    steps = prepared.qa["step_seconds"]
+    if config.bias_correction != "none":
+        steps["bias_correction"] = round(n4_seconds, 3)
+    if strip_seconds is not None:
+        steps["skull_strip"] = round(strip_seconds, 3)
 
 
 def preprocess_study(
@@ -736,14 +976,7 @@ def preprocess_study(
     """
     config = config or PreprocessConfig()
     references = references or {}
-    corrected: list[tuple[Volume, dict] | Exception] = []
-    for volume, _ in series:
-        clock = time.perf_counter()
-        try:
-            volume_corrected, n4_qa = _bias_corrected(volume, config)
-            corrected.append((volume_corrected, {**n4_qa, "_seconds": time.perf_counter() - clock}))
-        except (ValueError, RuntimeError) as error:
-            corrected.append(error)
+    corrected = _bias_correct_all(series, config)
     strip_seconds: list[float | None] = [None] * len(series)
     brains: list["BrainMaskResult | None"] = [None] * len(series)
     carries = config.carry_t1w_mask and config.skull_strip in ("deepbet", "hd-bet") and stripper is not None
@@ -752,38 +985,7 @@ def preprocess_study(
         None,
     )
     if carries and anchor is not None and len(series) > 1:
-        from codegraph3d.preprocess.skullstrip import BrainMaskResult, carry_mask
-
-        anchor_volume = corrected[anchor][0]
-        clock = time.perf_counter()
-        try:
-            brains[anchor] = stripper(anchor_volume)
-            strip_seconds[anchor] = time.perf_counter() - clock
-        except (ValueError, RuntimeError) as error:
-            logger.warning("series %s: T1w skull stripping failed (%s); each series is stripped alone",
-                           anchor_volume.series_instance_uid, error)
-        if brains[anchor] is not None:
-            for i, item in enumerate(corrected):
-                if i == anchor or isinstance(item, Exception):
-                    continue
-                target = item[0]
-                clock = time.perf_counter()
-                try:
-                    carried, carry_qa = carry_mask(anchor_volume, brains[anchor].mask, target)
-                    strip_seconds[i] = time.perf_counter() - clock
-                except (ValueError, RuntimeError) as error:
-                    carried, carry_qa = None, {"doubtful": True, "error": str(error)}
-                if carried is None or carry_qa.get("doubtful"):
-                    logger.warning(
-                        "series %s: carrying the T1w brain mask was doubtful (%s); stripping the series itself",
-                        target.series_instance_uid, carry_qa,
-                    )
-                    continue
-                brains[i] = BrainMaskResult(
-                    mask=carried,
-                    method=f"{brains[anchor].method} (carried from T1w series {anchor_volume.series_instance_uid})",
-                    qa={"carry": carry_qa, "t1w": brains[anchor].qa},
-                )
+        brains, strip_seconds = _strip_with_t1w_carry(corrected, anchor, stripper)
     results: list[PreprocessedVolume | Exception | None] = [None] * len(series)
     anchor_registration = None
     # The T1w series first: its registration may be carried to the others.
@@ -807,12 +1009,7 @@ def preprocess_study(
             if (i == anchor and config.registration == "affine" and config.carry_t1w_registration
                     and not prepared.qa["registration"].get("doubtful")):
                 anchor_registration = prepared.qa["registration"]
-            prepared.qa.update(n4_qa)
-            steps = prepared.qa["step_seconds"]
-            if config.bias_correction != "none":
-                steps["bias_correction"] = round(n4_seconds, 3)
-            if strip_seconds[i] is not None:
-                steps["skull_strip"] = round(strip_seconds[i], 3)
+            _record_study_steps(prepared, n4_qa, n4_seconds, strip_seconds[i], config)
             results[i] = prepared
         except (ValueError, RuntimeError, OSError) as error:
             results[i] = error

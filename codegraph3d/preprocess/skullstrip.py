@@ -814,6 +814,156 @@ def _bin_factors(spacing: np.ndarray, working_mm: float) -> list[int]:
     return [max(1, round(working_mm / float(step))) for step in spacing]
 
 
+@dataclass(frozen=True)
+class _RigidFit:
+    """The rigid registration of a target series onto the source series of a mask carry.
+
+    Parameters
+    ----------
+    transform : SimpleITK.Euler3DTransform
+        Maps target LPS points to source LPS points.
+    matrix : numpy.ndarray
+        The same as a 4x4 matrix.
+    stop : str
+        The optimiser's stop condition.
+    metric : float
+        Final Mattes mutual information (negative; lower is better).
+    iterations : int
+        Optimiser iterations of the last level.
+    rotation_deg, shift_mm : float
+        Rotation angle, and displacement of the source brain centre.
+    """
+
+    transform: sitk.Euler3DTransform
+    matrix: np.ndarray
+    stop: str
+    metric: float
+    iterations: int
+    rotation_deg: float
+    shift_mm: float
+
+
+def _frame_of_reference_warnings(source: Volume, target: Volume) -> list[str]:
+    """A warning when the two series name different patient frames, else nothing."""
+    warnings: list[str] = []
+    frames = [v.metadata.get("frame_of_reference_uid") for v in (source, target)]
+    if all(frames) and frames[0] != frames[1]:
+        warnings.append(
+            "the two series have different FrameOfReferenceUIDs; their patient frames may not coincide, "
+            "so the identity start can be far off"
+        )
+    return warnings
+
+
+def _carry_metric_region(
+    source_mask_image: sitk.Image, fixed: sitk.Image, margin_mm: float, source: Volume, target: Volume
+) -> tuple[sitk.Image, float]:
+    """The metric's mask on the fixed (target) grid and the sampling fraction that goes with it.
+
+    Raises
+    ------
+    SkullStripError
+        When the source brain barely lands on the target grid.
+    """
+    # The metric is sampled on the fixed (target) grid, restricted to where the source brain lands
+    # under the identity start, dilated: the target's own neck and shoulders stay out of it.
+    landed = sitk.Resample(
+        sitk.Cast(source_mask_image, sitk.sitkFloat32), fixed, sitk.Transform(), sitk.sitkLinear, 0.0
+    )
+    landed_array = sitk.GetArrayFromImage(landed) >= 0.5
+    if landed_array.sum() < 100:
+        raise SkullStripError(
+            f"{_series_name(target)} does not overlap the brain of {_series_name(source)}; the two series "
+            "do not cover the same anatomy, so the mask cannot be carried. Skull-strip the series on its own."
+        )
+    outside_mm = ndimage.distance_transform_edt(~landed_array, sampling=fixed.GetSpacing()[::-1])
+    region = outside_mm <= margin_mm
+    fixed_region = _mask_image(region, fixed)
+    # A fixed number of samples (~60k, Mattes' accuracy saturates well below that) keeps the cost
+    # independent of the grid.
+    sampling = float(min(1.0, 60_000 / max(int(region.sum()), 1)))
+    return fixed_region, sampling
+
+
+def _rigid_fit(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    fixed_region: sitk.Image,
+    sampling: float,
+    seed: int,
+    centre: np.ndarray,
+) -> _RigidFit:
+    """Register ``moving`` (source) to ``fixed`` (target) rigidly, rotating about ``centre``."""
+    transform = sitk.Euler3DTransform()
+    transform.SetCenter(tuple(float(v) for v in centre[:3]))
+    method = mattes_method(sampling, seed)
+    method.SetMetricFixedMask(fixed_region)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=2.0, minStep=1e-3, numberOfIterations=200, relaxationFactor=0.5,
+        gradientMagnitudeTolerance=1e-6,
+    )
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel([4, 2, 1])
+    method.SetSmoothingSigmasPerLevel([4.0, 2.0, 0.0])
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    method.SetInitialTransform(transform, inPlace=True)
+    method.Execute(fixed, moving)
+    matrix = _transform_matrix(transform)
+    rotation_deg = float(np.degrees(np.arccos(np.clip((np.trace(matrix[:3, :3]) - 1.0) / 2.0, -1.0, 1.0))))
+    shift_mm = float(np.linalg.norm(matrix[:3, :3] @ centre[:3] + matrix[:3, 3] - centre[:3]))
+    return _RigidFit(
+        transform=transform,
+        matrix=matrix,
+        stop=method.GetOptimizerStopConditionDescription(),
+        metric=float(method.GetMetricValue()),
+        iterations=int(method.GetOptimizerIteration()),
+        rotation_deg=rotation_deg,
+        shift_mm=shift_mm,
+    )
+
+
+def _carry_doubts(fit: _RigidFit, mask: np.ndarray) -> list[str]:
+    """Why a carried mask should not be trusted (empty when it can be)."""
+    reasons = []
+    if "Maximum number of iterations" in fit.stop:
+        reasons.append("the optimiser stopped at its iteration cap")
+    if fit.metric > CARRY_DOUBTFUL_METRIC:
+        reasons.append(f"weak final metric {fit.metric:.3f} (> {CARRY_DOUBTFUL_METRIC})")
+    if fit.rotation_deg > CARRY_PLAUSIBLE_ROTATION_DEG or fit.shift_mm > CARRY_PLAUSIBLE_SHIFT_MM:
+        reasons.append(
+            f"implausible motion between series ({fit.rotation_deg:.1f} deg, {fit.shift_mm:.1f} mm at the brain centre)"
+        )
+    if not mask.any():
+        reasons.append("the carried mask is empty on the target grid")
+    return reasons
+
+
+def _carry_qa(
+    fit: _RigidFit,
+    fixed: sitk.Image,
+    sampling: float,
+    reasons: list[str],
+    start: float,
+    warnings: list[str],
+) -> dict[str, Any]:
+    """The QA record of a mask carry (``start``: its :func:`time.perf_counter` at the outset)."""
+    return {
+        "method": "rigid Euler3D, Mattes MI, 3 levels",
+        "working_spacing_mm": [round(float(v), 3) for v in fixed.GetSpacing()],
+        "sampling_fraction": round(sampling, 4),
+        "metric": round(fit.metric, 5),
+        "stop_condition": fit.stop,
+        "iterations": fit.iterations,
+        "rotation_deg": round(fit.rotation_deg, 3),
+        "translation_mm": round(fit.shift_mm, 3),
+        "target_to_source": np.round(fit.matrix, 6).tolist(),
+        "doubtful": bool(reasons),
+        "seconds": round(time.perf_counter() - start, 3),
+        "warnings": warnings,
+    }
+
+
 def carry_mask(
     source: Volume,
     source_mask: np.ndarray,
@@ -860,13 +1010,7 @@ def carry_mask(
     source_mask = _check_mask_shape("source_mask", source_mask, source)
     if not source_mask.any():
         raise SkullStripError(f"{_series_name(source)}: the source brain mask is empty; nothing to carry")
-    warnings: list[str] = []
-    frames = [v.metadata.get("frame_of_reference_uid") for v in (source, target)]
-    if all(frames) and frames[0] != frames[1]:
-        warnings.append(
-            "the two series have different FrameOfReferenceUIDs; their patient frames may not coincide, "
-            "so the identity start can be far off"
-        )
+    warnings = _frame_of_reference_warnings(source, target)
     target_image = sitk.Cast(target.to_sitk(), sitk.sitkFloat32)
     source_image = sitk.Cast(source.to_sitk(), sitk.sitkFloat32)
     source_mask_image = _mask_image(source_mask, source_image)
@@ -874,77 +1018,20 @@ def carry_mask(
     # 16x fewer voxels at 2 x 2 x 4 mm): a brain mask needs ~1 mm accuracy, not the in-plane detail.
     fixed = sitk.BinShrink(target_image, _bin_factors(target.spacing, working_mm))
     moving = sitk.BinShrink(source_image, _bin_factors(source.spacing, working_mm))
-    # The metric is sampled on the fixed (target) grid, restricted to where the source brain lands
-    # under the identity start, dilated: the target's own neck and shoulders stay out of it.
-    landed = sitk.Resample(
-        sitk.Cast(source_mask_image, sitk.sitkFloat32), fixed, sitk.Transform(), sitk.sitkLinear, 0.0
-    )
-    landed_array = sitk.GetArrayFromImage(landed) >= 0.5
-    if landed_array.sum() < 100:
-        raise SkullStripError(
-            f"{_series_name(target)} does not overlap the brain of {_series_name(source)}; the two series "
-            "do not cover the same anatomy, so the mask cannot be carried. Skull-strip the series on its own."
-        )
-    outside_mm = ndimage.distance_transform_edt(~landed_array, sampling=fixed.GetSpacing()[::-1])
-    region = outside_mm <= margin_mm
-    fixed_region = _mask_image(region, fixed)
-    # A fixed number of samples (~60k, Mattes' accuracy saturates well below that) keeps the cost
-    # independent of the grid.
-    sampling = float(min(1.0, 60_000 / max(int(region.sum()), 1)))
+    fixed_region, sampling = _carry_metric_region(source_mask_image, fixed, margin_mm, source, target)
     z, y, x = np.nonzero(source_mask)
     centre = source.index_to_physical @ np.array([x.mean(), y.mean(), z.mean(), 1.0])
-    transform = sitk.Euler3DTransform()
-    transform.SetCenter(tuple(float(v) for v in centre[:3]))
-    method = mattes_method(sampling, seed)
-    method.SetMetricFixedMask(fixed_region)
-    method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=2.0, minStep=1e-3, numberOfIterations=200, relaxationFactor=0.5,
-        gradientMagnitudeTolerance=1e-6,
-    )
-    method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel([4, 2, 1])
-    method.SetSmoothingSigmasPerLevel([4.0, 2.0, 0.0])
-    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    method.SetInitialTransform(transform, inPlace=True)
-    method.Execute(fixed, moving)
-    stop = method.GetOptimizerStopConditionDescription()
-    metric = float(method.GetMetricValue())
+    fit = _rigid_fit(fixed, moving, fixed_region, sampling, seed, centre)
     # transform maps target points to source points: each target voxel pulls the source mask there.
     carried = sitk.Resample(
-        sitk.Cast(source_mask_image, sitk.sitkFloat32), target_image, transform, sitk.sitkLinear, 0.0,
+        sitk.Cast(source_mask_image, sitk.sitkFloat32), target_image, fit.transform, sitk.sitkLinear, 0.0,
         sitk.sitkFloat32,
     )
     mask = sitk.GetArrayFromImage(carried) >= 0.5
-    matrix = _transform_matrix(transform)
-    rotation_deg = float(np.degrees(np.arccos(np.clip((np.trace(matrix[:3, :3]) - 1.0) / 2.0, -1.0, 1.0))))
-    shift_mm = float(np.linalg.norm(matrix[:3, :3] @ centre[:3] + matrix[:3, 3] - centre[:3]))
-    reasons = []
-    if "Maximum number of iterations" in stop:
-        reasons.append("the optimiser stopped at its iteration cap")
-    if metric > CARRY_DOUBTFUL_METRIC:
-        reasons.append(f"weak final metric {metric:.3f} (> {CARRY_DOUBTFUL_METRIC})")
-    if rotation_deg > CARRY_PLAUSIBLE_ROTATION_DEG or shift_mm > CARRY_PLAUSIBLE_SHIFT_MM:
-        reasons.append(f"implausible motion between series ({rotation_deg:.1f} deg, {shift_mm:.1f} mm at the brain centre)")
-    if not mask.any():
-        reasons.append("the carried mask is empty on the target grid")
+    reasons = _carry_doubts(fit, mask)
     if reasons:
         warnings.append("mask carry doubtful: " + "; ".join(reasons))
-    qa: dict[str, Any] = {
-        "method": "rigid Euler3D, Mattes MI, 3 levels",
-        "working_spacing_mm": [round(float(v), 3) for v in fixed.GetSpacing()],
-        "sampling_fraction": round(sampling, 4),
-        "metric": round(metric, 5),
-        "stop_condition": stop,
-        "iterations": int(method.GetOptimizerIteration()),
-        "rotation_deg": round(rotation_deg, 3),
-        "translation_mm": round(shift_mm, 3),
-        "target_to_source": np.round(matrix, 6).tolist(),
-        "doubtful": bool(reasons),
-        "seconds": round(time.perf_counter() - start, 3),
-        "warnings": warnings,
-    }
-    return mask, qa
+    return mask, _carry_qa(fit, fixed, sampling, reasons, start, warnings)
 
 
 def carry_brain_mask(

@@ -63,6 +63,109 @@ class BatchScores:
     codegraph: CoDeGraphDiagnostics | None = None
 
 
+def _check_options(
+    method: str,
+    codegraph: CoDeGraphConfig | None,
+    window_radius: int | None,
+    coords: Sequence[np.ndarray] | None,
+    grid_shape: tuple[int, int, int] | None,
+) -> None:
+    """Refuse an unknown method, a CoDeGraph config without it, or a window without its grid."""
+    if not isinstance(method, str) or method not in SCORING_METHODS:
+        raise ValueError(f"method must be one of {SCORING_METHODS}; got {method!r}")
+    if method != "codegraph" and codegraph is not None:
+        raise ValueError(
+            f"a CoDeGraph configuration was given with method={method!r}; pass "
+            "method='codegraph' to use it, or leave codegraph=None"
+        )
+    if window_radius is not None and (coords is None or grid_shape is None):
+        raise ValueError("windowed scoring needs the token coords and the grid shape")
+
+
+def _budgeted_chunk_size(
+    layer_token_sets: Sequence[Sequence[np.ndarray]],
+    chunk_size: int,
+    memory_budget_mb: float,
+    window_radius: int | None,
+    grid_shape: tuple[int, int, int] | None,
+) -> int:
+    """``chunk_size`` lowered to fit ``memory_budget_mb`` (:func:`fit_chunk_size`)."""
+    if not memory_budget_mb > 0:
+        raise ValueError(f"memory_budget_mb must be positive; got {memory_budget_mb!r}")
+    return fit_chunk_size(
+        [a.shape[0] for a in layer_token_sets[0]],
+        max(int(np.asarray(sets[0]).shape[1]) for sets in layer_token_sets),
+        memory_budget_mb, chunk_size=check_chunk_size(chunk_size), window_radius=window_radius,
+        grid_shape=grid_shape,
+    )
+
+
+def _k_per_volume(n_refs: np.ndarray, k_fraction: float) -> np.ndarray:
+    """``(B,)`` int, the ``K`` of each volume from its number of references."""
+    return np.array([k_for_references(int(n), k_fraction) for n in n_refs], dtype=int)
+
+
+def _codegraph_batch(
+    layer_token_sets: Sequence[Sequence[np.ndarray]],
+    codegraph: CoDeGraphConfig | None,
+    n_refs: np.ndarray,
+    k_fraction: float,
+    groups: Sequence[Hashable] | None,
+    device: str | torch.device | None,
+    chunk_size: int,
+    window_radius: int | None,
+    coords: Sequence[np.ndarray] | None,
+    grid_shape: tuple[int, int, int] | None,
+    on_layer_done: Callable[[int, int], None] | None,
+) -> BatchScores:
+    """The batch scored by :func:`codegraph3d.scoring.codegraph.codegraph_scores`."""
+    # Loaded here: igraph and leidenalg are needed by CoDeGraph only (a MuSc-only benchmark
+    # on a bare GPU machine runs without them).
+    from codegraph3d.scoring.codegraph import CoDeGraphConfig, codegraph_scores
+
+    result = codegraph_scores(
+        layer_token_sets, CoDeGraphConfig() if codegraph is None else codegraph,
+        k_fraction=k_fraction, groups=groups, device=device, chunk_size=chunk_size,
+        window_radius=window_radius, coords=coords, grid_shape=grid_shape, on_layer_done=on_layer_done,
+    )
+    return BatchScores(
+        token_scores=result.token_scores,
+        volume_scores=result.volume_scores,
+        per_layer=result.per_layer,
+        n_references=n_refs,
+        k=_k_per_volume(n_refs, k_fraction),
+        codegraph=result.diagnostics,
+    )
+
+
+def _musc_per_layer(
+    layer_token_sets: Sequence[Sequence[np.ndarray]],
+    k_fraction: float,
+    groups: Sequence[Hashable] | None,
+    device: str | torch.device | None,
+    chunk_size: int,
+    window_radius: int | None,
+    coords: Sequence[np.ndarray] | None,
+    grid_shape: tuple[int, int, int] | None,
+    on_layer_done: Callable[[int, int], None] | None,
+) -> list[list[np.ndarray]]:
+    """``[layer][volume]`` MuSc token scores, global or windowed."""
+    per_layer = []
+    for sets in layer_token_sets:
+        if window_radius is None:
+            per_layer.append(musc_scores(sets, k_fraction, groups=groups, device=device, chunk_size=chunk_size))
+        else:
+            per_layer.append(
+                musc_scores_windowed(
+                    sets, coords, grid_shape, window_radius, k_fraction, groups=groups, device=device,
+                    chunk_size=chunk_size,
+                )
+            )
+        if on_layer_done is not None:
+            on_layer_done(len(per_layer), len(layer_token_sets))
+    return per_layer
+
+
 def score_batch(
     layer_token_sets: Sequence[Sequence[np.ndarray]],
     *,
@@ -121,63 +224,28 @@ def score_batch(
                 grid_shape=grid_shape, method=method, codegraph=codegraph,
                 memory_budget_mb=memory_budget_mb, precision=precision, on_layer_done=on_layer_done,
             )
-    if not isinstance(method, str) or method not in SCORING_METHODS:
-        raise ValueError(f"method must be one of {SCORING_METHODS}; got {method!r}")
-    if method != "codegraph" and codegraph is not None:
-        raise ValueError(
-            f"a CoDeGraph configuration was given with method={method!r}; pass "
-            "method='codegraph' to use it, or leave codegraph=None"
-        )
-    if window_radius is not None and (coords is None or grid_shape is None):
-        raise ValueError("windowed scoring needs the token coords and the grid shape")
+    _check_options(method, codegraph, window_radius, coords, grid_shape)
     n_volumes = check_layer_token_sets(layer_token_sets)
     if memory_budget_mb is not None:
-        if not memory_budget_mb > 0:
-            raise ValueError(f"memory_budget_mb must be positive; got {memory_budget_mb!r}")
-        chunk_size = fit_chunk_size(
-            [a.shape[0] for a in layer_token_sets[0]],
-            max(int(np.asarray(sets[0]).shape[1]) for sets in layer_token_sets),
-            memory_budget_mb, chunk_size=check_chunk_size(chunk_size), window_radius=window_radius,
-            grid_shape=grid_shape,
+        chunk_size = _budgeted_chunk_size(
+            layer_token_sets, chunk_size, memory_budget_mb, window_radius, grid_shape
         )
     refs = reference_sets(n_volumes, groups)
     n_refs = np.array([len(r) for r in refs], dtype=int)
     if method == "codegraph":
-        # Loaded here: igraph and leidenalg are needed by CoDeGraph only (a MuSc-only benchmark
-        # on a bare GPU machine runs without them).
-        from codegraph3d.scoring.codegraph import CoDeGraphConfig, codegraph_scores
-
-        result = codegraph_scores(
-            layer_token_sets, CoDeGraphConfig() if codegraph is None else codegraph,
-            k_fraction=k_fraction, groups=groups, device=device, chunk_size=chunk_size,
-            window_radius=window_radius, coords=coords, grid_shape=grid_shape, on_layer_done=on_layer_done,
+        return _codegraph_batch(
+            layer_token_sets, codegraph, n_refs, k_fraction, groups, device, chunk_size,
+            window_radius, coords, grid_shape, on_layer_done,
         )
-        return BatchScores(
-            token_scores=result.token_scores,
-            volume_scores=result.volume_scores,
-            per_layer=result.per_layer,
-            n_references=n_refs,
-            k=np.array([k_for_references(int(n), k_fraction) for n in n_refs], dtype=int),
-            codegraph=result.diagnostics,
-        )
-    per_layer = []
-    for sets in layer_token_sets:
-        if window_radius is None:
-            per_layer.append(musc_scores(sets, k_fraction, groups=groups, device=device, chunk_size=chunk_size))
-        else:
-            per_layer.append(
-                musc_scores_windowed(
-                    sets, coords, grid_shape, window_radius, k_fraction, groups=groups, device=device,
-                    chunk_size=chunk_size,
-                )
-            )
-        if on_layer_done is not None:
-            on_layer_done(len(per_layer), len(layer_token_sets))
+    per_layer = _musc_per_layer(
+        layer_token_sets, k_fraction, groups, device, chunk_size, window_radius, coords, grid_shape,
+        on_layer_done,
+    )
     fused = fuse_layers(per_layer)
     return BatchScores(
         token_scores=fused,
         volume_scores=volume_scores(fused),
         per_layer=per_layer,
         n_references=n_refs,
-        k=np.array([k_for_references(int(n), k_fraction) for n in n_refs], dtype=int),
+        k=_k_per_volume(n_refs, k_fraction),
     )

@@ -37,6 +37,7 @@ import math
 import warnings
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import igraph
 import leidenalg
@@ -542,6 +543,156 @@ class CoDeGraphResult:
     diagnostics: CoDeGraphDiagnostics
 
 
+@dataclass(frozen=True)
+class _MuscPass:
+    """The first (MuSc) pass over every layer of a batch.
+
+    Parameters
+    ----------
+    distances : list of numpy.ndarray
+        Per layer, the ``(B, N_total)`` nearest distances (the base of the rescoring).
+    musc_per_layer : list of list of numpy.ndarray
+        ``[layer][volume]`` MuSc token scores.
+    burnout : list of LayerBurnout
+        Per layer, the burnout tokens and their links.
+    sizes : list of int
+        Tokens per volume.
+    """
+
+    distances: list[np.ndarray]
+    musc_per_layer: list[list[np.ndarray]]
+    burnout: list[LayerBurnout]
+    sizes: list[int]
+
+
+def _checked_config(
+    config: CoDeGraphConfig | None,
+    k_fraction: float,
+    window_radius: int | None,
+    coords: Sequence[np.ndarray] | None,
+    grid_shape: tuple[int, int, int] | None,
+    layer_token_sets: Sequence[Sequence[np.ndarray]],
+) -> tuple[CoDeGraphConfig, int]:
+    """Validate the inputs of :func:`codegraph_scores`; return the config and the batch size."""
+    if config is None:
+        config = CoDeGraphConfig()
+    if not isinstance(config, CoDeGraphConfig):
+        raise ValueError(  # noqa: TRY004 - every input error of scoring is a ValueError
+            f"config must be a CoDeGraphConfig; got {type(config).__name__}"
+        )
+    check_k_fraction(k_fraction)
+    if window_radius is not None and (coords is None or grid_shape is None):
+        raise ValueError("windowed scoring needs the token coords and the grid shape")
+    return config, check_layer_token_sets(layer_token_sets)
+
+
+def _musc_pass(
+    layer_token_sets: Sequence[Sequence[np.ndarray]],
+    config: CoDeGraphConfig,
+    k_fraction: float,
+    groups: Sequence[Hashable] | None,
+    search: dict[str, Any],
+    on_layer_done: Callable[[int, int], None] | None,
+) -> _MuscPass:
+    """Nearest distances, MuSc scores and burnout detection of every layer.
+
+    ``search`` holds the keyword arguments of :func:`nearest_distances_with_batch`.
+    """
+    layer_distances: list[np.ndarray] = []
+    musc_per_layer: list[list[np.ndarray]] = []
+    layer_burnout: list[LayerBurnout] = []
+    sizes: list[int] = []
+    for sets in layer_token_sets:
+        distances, batch = nearest_distances_with_batch(sets, **search)
+        sizes = batch.sizes
+        layer_distances.append(distances)
+        musc_per_layer.append(musc_from_distances(distances, sizes, k_fraction, groups=groups))
+        layer_burnout.append(detect_burnout(distances, sizes, config, groups=groups))
+        if on_layer_done is not None:
+            on_layer_done(len(layer_distances), len(layer_token_sets))
+    return _MuscPass(layer_distances, musc_per_layer, layer_burnout, sizes)
+
+
+def _implicated_tokens(
+    communities: Sequence[Sequence[int]],
+    first: _MuscPass,
+    refs: Sequence[Sequence[int]],
+    n_volumes: int,
+    config: CoDeGraphConfig,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The tokens of each community member that the other members must not match.
+
+    Returns
+    -------
+    implicated_counts : numpy.ndarray
+        ``(L, B)`` int, implicated tokens per layer and volume.
+    implicated : list of numpy.ndarray
+        Per volume, ``(N_v,)`` bool, implicated in any layer.
+    """
+    implicated_counts = np.zeros((len(first.burnout), n_volumes), dtype=int)
+    implicated = [np.zeros(n, dtype=bool) for n in first.sizes]
+    starts = np.concatenate([[0], np.cumsum(first.sizes)]).astype(np.int64)
+    for community in communities:
+        for u in community:
+            others = [v for v in community if v != u]
+            for layer, burn in enumerate(first.burnout):
+                mask = burn.linked_tokens(u, others)
+                if config.member_distance_ratio > 0:
+                    mask = mask | closer_to_members(
+                        first.distances[layer][:, starts[u]:starts[u + 1]],
+                        [v for v in others if v in refs[u]],
+                        [v for v in refs[u] if v not in community],
+                        config.member_distance_ratio,
+                    )
+                implicated_counts[layer, u] = int(mask.sum())
+                implicated[u] |= mask
+    return implicated_counts, implicated
+
+
+def _rescored_pairs(
+    communities: Sequence[Sequence[int]],
+    refs: Sequence[Sequence[int]],
+    implicated: Sequence[np.ndarray],
+) -> list[tuple[int, int]]:
+    """``(query, reference)`` member pairs whose distances change: the reference lost tokens."""
+    return [
+        (q, r)
+        for community in communities
+        for q in community
+        for r in community
+        if r != q and r in refs[q] and implicated[r].any()
+    ]
+
+
+def _rescored_per_layer(
+    layer_token_sets: Sequence[Sequence[np.ndarray]],
+    pairs: list[tuple[int, int]],
+    implicated: Sequence[np.ndarray],
+    first: _MuscPass,
+    search: dict[str, Any],
+    k_fraction: float,
+    groups: Sequence[Hashable] | None,
+) -> list[list[np.ndarray]]:
+    """``[layer][volume]`` MuSc scores, members rescored without the implicated tokens."""
+    n_volumes = len(implicated)
+    members = sorted({q for q, _ in pairs})
+    excluded = [m if m.any() else None for m in implicated]
+    per_layer: list[list[np.ndarray]] = []
+    for layer, sets in enumerate(layer_token_sets):
+        rescored_distances = nearest_distances(
+            sets, **search, excluded=excluded, pairs=pairs, base=first.distances[layer],
+        )
+        rescored = musc_from_distances(rescored_distances, first.sizes, k_fraction, groups=groups)
+        # Non-members keep their MuSc arrays as they are: their distances did not change.
+        per_layer.append(
+            [
+                rescored[v] if v in members else first.musc_per_layer[layer][v]
+                for v in range(n_volumes)
+            ]
+        )
+    return per_layer
+
+
 def codegraph_scores(
     layer_token_sets: Sequence[Sequence[np.ndarray]],
     config: CoDeGraphConfig | None = None,
@@ -578,92 +729,38 @@ def codegraph_scores(
     ValueError
         Bad inputs, as :func:`codegraph3d.scoring.batch.score_batch`, or a config of the wrong type.
     """
-    if config is None:
-        config = CoDeGraphConfig()
-    if not isinstance(config, CoDeGraphConfig):
-        raise ValueError(  # noqa: TRY004 - every input error of scoring is a ValueError
-            f"config must be a CoDeGraphConfig; got {type(config).__name__}"
-        )
-    check_k_fraction(k_fraction)
-    if window_radius is not None and (coords is None or grid_shape is None):
-        raise ValueError("windowed scoring needs the token coords and the grid shape")
-    n_volumes = check_layer_token_sets(layer_token_sets)
-    window = {"window_radius": window_radius, "coords": coords, "grid_shape": grid_shape}
-    common = {"groups": groups, "device": device, "chunk_size": chunk_size}
+    config, n_volumes = _checked_config(
+        config, k_fraction, window_radius, coords, grid_shape, layer_token_sets
+    )
+    search = {
+        "groups": groups, "device": device, "chunk_size": chunk_size,
+        "window_radius": window_radius, "coords": coords, "grid_shape": grid_shape,
+    }
+    first = _musc_pass(layer_token_sets, config, k_fraction, groups, search, on_layer_done)
 
-    layer_distances: list[np.ndarray] = []
-    musc_per_layer: list[list[np.ndarray]] = []
-    layer_burnout: list[LayerBurnout] = []
-    sizes: list[int] = []
-    for sets in layer_token_sets:
-        distances, batch = nearest_distances_with_batch(sets, **common, **window)
-        sizes = batch.sizes
-        layer_distances.append(distances)
-        musc_per_layer.append(musc_from_distances(distances, sizes, k_fraction, groups=groups))
-        layer_burnout.append(detect_burnout(distances, sizes, config, groups=groups))
-        if on_layer_done is not None:
-            on_layer_done(len(layer_distances), len(layer_token_sets))
-
-    layer_weights = np.stack([volume_graph([b.link_counts]) for b in layer_burnout])
-    weights = volume_graph([b.link_counts for b in layer_burnout])
+    layer_weights = np.stack([volume_graph([b.link_counts]) for b in first.burnout])
+    weights = volume_graph([b.link_counts for b in first.burnout])
     communities = find_communities(weights, config)
-
-    n_layers = len(layer_token_sets)
-    implicated_counts = np.zeros((n_layers, n_volumes), dtype=int)
-    implicated = [np.zeros(n, dtype=bool) for n in sizes]
     refs = reference_sets(n_volumes, groups)
-    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    for community in communities:
-        for u in community:
-            others = [v for v in community if v != u]
-            for layer, burn in enumerate(layer_burnout):
-                mask = burn.linked_tokens(u, others)
-                if config.member_distance_ratio > 0:
-                    mask = mask | closer_to_members(
-                        layer_distances[layer][:, starts[u]:starts[u + 1]],
-                        [v for v in others if v in refs[u]],
-                        [v for v in refs[u] if v not in community],
-                        config.member_distance_ratio,
-                    )
-                implicated_counts[layer, u] = int(mask.sum())
-                implicated[u] |= mask
+    implicated_counts, implicated = _implicated_tokens(communities, first, refs, n_volumes, config)
 
-    pairs = [
-        (q, r)
-        for community in communities
-        for q in community
-        for r in community
-        if r != q and r in refs[q] and implicated[r].any()
-    ]
+    pairs = _rescored_pairs(communities, refs, implicated)
     if pairs:
-        members = sorted({q for q, _ in pairs})
-        excluded = [m if m.any() else None for m in implicated]
-        per_layer: list[list[np.ndarray]] = []
-        for layer, sets in enumerate(layer_token_sets):
-            rescored_distances = nearest_distances(
-                sets, **common, **window, excluded=excluded, pairs=pairs,
-                base=layer_distances[layer],
-            )
-            rescored = musc_from_distances(rescored_distances, sizes, k_fraction, groups=groups)
-            # Non-members keep their MuSc arrays as they are: their distances did not change.
-            per_layer.append(
-                [
-                    rescored[v] if v in members else musc_per_layer[layer][v]
-                    for v in range(n_volumes)
-                ]
-            )
+        per_layer = _rescored_per_layer(
+            layer_token_sets, pairs, implicated, first, search, k_fraction, groups
+        )
     else:
-        per_layer = musc_per_layer
+        per_layer = first.musc_per_layer
     fused = fuse_layers(per_layer)
-    musc_fused = fused if per_layer is musc_per_layer else fuse_layers(musc_per_layer)
+    musc_fused = fused if per_layer is first.musc_per_layer else fuse_layers(first.musc_per_layer)
     diagnostics = CoDeGraphDiagnostics(
         communities=communities,
         edge_weights=weights,
         layer_edge_weights=layer_weights,
-        burnout_counts=np.stack([b.burnout_counts for b in layer_burnout]),
+        burnout_counts=np.stack([b.burnout_counts for b in first.burnout]),
         implicated_counts=implicated_counts,
         implicated=implicated,
-        distance_floors=np.array([b.distance_floor for b in layer_burnout]),
+        distance_floors=np.array([b.distance_floor for b in first.burnout]),
         rescored_pairs=pairs,
     )
     return CoDeGraphResult(
