@@ -58,7 +58,7 @@ import nibabel as nib
 import numpy as np
 
 from codegraph3d.store.cache import CacheEntryError, read_entry, settings_id, settings_material
-from codegraph3d.run.config import ConfigError, load_config
+from codegraph3d.run.config import ConfigError, RunConfig, load_config
 from .evaluate import EvaluationInputError, SeriesTruth, TruthCohort
 from codegraph3d.io.selection import SeriesDecision
 from codegraph3d.scoring.maps import token_grid_map, upsample_token_map
@@ -275,7 +275,7 @@ def _choose_folder(cache: Path, uids: list[str], settings: str | None, hint: str
 def load_cohort(
     cache: str | Path,
     truth: str | Path,
-    config: Mapping[str, Any],
+    config: RunConfig,
     *,
     contrast: str | None = None,
     settings: str | None = None,
@@ -288,7 +288,7 @@ def load_cohort(
         The cache folder (``cache.folder``), or one settings folder inside it.
     truth : path-like
         Cohort folder with ``labels.json`` and the truth NIfTI files it names.
-    config : mapping
+    config : RunConfig
         Configuration whose ``tokens.projection_dim``/``projection_seed`` give the default tokens.
     contrast : str, optional
         Only this contrast; default every contrast the labels list.
@@ -337,8 +337,8 @@ def load_cohort(
         )
         tokens = project(
             entry.encoded,
-            projection_dim=config["tokens"]["projection_dim"],
-            projection_seed=config["tokens"]["projection_seed"],
+            projection_dim=config.tokens.projection_dim,
+            projection_seed=config.tokens.projection_seed,
         )
         record = TokenisedSeries(decision=decision, datasets=[], prepared=prepared, tokens=tokens,
                                  qa={"token_cache": "hit"})
@@ -437,20 +437,20 @@ def _metrics_of(
 
 
 def evaluate_setting(
-    series: list[AblationSeries], setting: Setting, config: Mapping[str, Any], n_bins: int = 1000
+    series: list[AblationSeries], setting: Setting, config: RunConfig, n_bins: int = 1000
 ) -> dict[str, float]:
     """Project, score (chunk by chunk) and measure one setting on one contrast batch.
 
     ``n_bins`` is the number of histogram bins of the voxel metrics; 0 skips them (patient level
     only: the upsampling of every map to the working grid is most of the cost).
     """
-    scoring = config["scoring"]
+    scoring = config.scoring
     token_sets = [
         project(item.encoded, projection_dim=setting.k, projection_seed=setting.projection_seed,
                 views=setting.views, layers=setting.layers)
         for item in series
     ]
-    groups = reference_groups([item.record.decision for item in series], scoring["exclude_same"])
+    groups = reference_groups([item.record.decision for item in series], scoring.exclude_same.value)
     chunks = (
         [np.arange(len(series))] if setting.n_chunks == 1
         else chunk_indices(groups, setting.n_chunks, setting.chunk_seed)
@@ -466,11 +466,11 @@ def evaluate_setting(
             )
         result = score_batch(
             [[tokens.tokens[layer] for tokens in members] for layer in range(len(members[0].tokens))],
-            k_fraction=scoring["k_fraction"],
+            k_fraction=scoring.k_fraction,
             groups=chunk_groups,
-            device=None if scoring["device"] == "auto" else scoring["device"],
-            chunk_size=scoring["chunk_size"],
-            window_radius=None if scoring["window_radius"] < 0 else scoring["window_radius"],
+            device=None if scoring.device == "auto" else scoring.device,
+            chunk_size=scoring.chunk_size,
+            window_radius=None if scoring.window_radius < 0 else scoring.window_radius,
             coords=[tokens.coords for tokens in members],
             grid_shape=members[0].grid_shape,
         )
@@ -483,7 +483,7 @@ def evaluate_setting(
 class _Measure:
     """Evaluate each distinct setting of one batch once: the default setting recurs in every table."""
 
-    def __init__(self, series: list[AblationSeries], config: Mapping[str, Any], n_bins: int) -> None:
+    def __init__(self, series: list[AblationSeries], config: RunConfig, n_bins: int) -> None:
         self.series, self.config, self.n_bins = series, config, n_bins
         self.dim = series[0].encoded.dim
         self.results: dict[tuple[Any, ...], dict[str, float]] = {}
@@ -517,7 +517,7 @@ def _paper_cells(contrast: str, default_row: bool) -> dict[str, str]:
 
 def run_ablations(
     cohort: Cohort,
-    config: Mapping[str, Any],
+    config: RunConfig,
     *,
     seeds: Sequence[int] = (0, 1, 2),
     tables: Sequence[str] = TABLES,
@@ -555,14 +555,14 @@ def run_ablations(
     if n_bins < 0:
         raise AblationError(f"n_bins must be >= 0 (0: patient-level metrics only); got {n_bins}")
     say = progress or (lambda message: logger.info("%s", message))
-    k0, seed0 = int(config["tokens"]["projection_dim"]), int(config["tokens"]["projection_seed"])
+    k0, seed0 = int(config.tokens.projection_dim), int(config.tokens.projection_seed)
     encoder = cohort.settings["encoder"]
     results: dict[str, Any] = {
         "cache": str(cohort.cache_folder),
         "truth": str(cohort.truth_folder),
         "settings_id": settings_id({"settings": cohort.settings}),
         "encoder": encoder,
-        "scoring": {key: config["scoring"][key] for key in ("k_fraction", "exclude_same", "window_radius")},
+        "scoring": {key: config.as_dict()["scoring"][key] for key in ("k_fraction", "exclude_same", "window_radius")},
         "projection": {"projection_dim": k0, "projection_seed": seed0},
         "seeds": [int(s) for s in seeds],
         "voxel_metrics": n_bins > 0,
@@ -574,7 +574,7 @@ def run_ablations(
         dim, layer_names = series[0].encoded.dim, series[0].encoded.layer_names
         measure = _Measure(series, config, n_bins)
         n = len(series)
-        groups = reference_groups([item.record.decision for item in series], config["scoring"]["exclude_same"])
+        groups = reference_groups([item.record.decision for item in series], config.scoring.exclude_same.value)
         entry: dict[str, Any] = {
             "n_series": n,
             "n_lesion": int(sum(item.has_lesion for item in series)),
@@ -745,8 +745,7 @@ def fill_cache(
     dict
         Settings folder, counts of hits / built / rebuilt / skipped series and timings.
     """
-    config = load_config(model_path)
-    config["cache"]["folder"] = str(cache_dir)
+    config = load_config(model_path).with_overrides({"cache": {"folder": str(cache_dir)}}, "<ablation cache>")
     timer = StageTimer()
     start = time.perf_counter()
     with timer("load_headers"):
@@ -758,7 +757,7 @@ def fill_cache(
     status = [record.qa["token_cache"] for record in tokenisation.series]
     built_seconds = [record.qa["seconds"] for record in tokenisation.series if record.qa["token_cache"] != "hit"]
     folder = Path(cache_dir).expanduser().absolute() / settings_id(
-        {"settings": settings_material(config, encoder, landmark_material(config, model_path))}
+        {"settings": settings_material(config.token_recipe(), encoder, landmark_material(config, model_path))}
     )
     return {
         "cache": str(folder),

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from codegraph3d.run.config import ConfigError, config_hash, load_config
+from codegraph3d.run.config import ConfigError, RunConfig, config_hash, load_config
 from .evaluate import (
     BatchAccumulator,
     Evaluation,
@@ -65,7 +65,7 @@ from .evaluate import (
 )
 from codegraph3d.io.dicom import load_series_volume
 from codegraph3d.io.selection import SeriesDecision
-from codegraph3d.run.pipeline import CohortError, preprocess_config, reference_groups, scan_input, select_input
+from codegraph3d.run.pipeline import CohortError, reference_groups, scan_input, select_input
 from codegraph3d.preprocess.chain import (
     PreprocessConfig,
     PreprocessedVolume,
@@ -260,7 +260,7 @@ def _load_member(decision: SeriesDecision, pre: PreprocessConfig, cohort: TruthC
 def run_baseline(
     input_dir: str | Path,
     truth: str | Path,
-    config: Mapping[str, Any] | None = None,
+    config: RunConfig | None = None,
     settings: BaselineSettings | None = None,
     keep_cases: bool = True,
 ) -> Evaluation:
@@ -272,7 +272,7 @@ def run_baseline(
         The DICOM folder (the product's ``-i``).
     truth : path-like
         The cohort folder (labels.json, truth/); see :mod:`codegraph3d_research.evaluate`.
-    config : mapping, optional
+    config : RunConfig, optional
         Run configuration; default :func:`codegraph3d.run.config.load_config` (``CODEGRAPH3D_CONFIG``
         applies).
     settings : BaselineSettings, optional
@@ -295,9 +295,9 @@ def run_baseline(
     from .plots import case_slices
 
     start = time.perf_counter()
-    config = dict(config) if config is not None else load_config()
+    config = config if config is not None else load_config()
     settings = settings or BaselineSettings()
-    pre = preprocess_config(config)
+    pre = config.preprocess.chain
     scan = scan_input(input_dir)
     selection = select_input(scan, config)
     cohort = TruthCohort.load(truth)
@@ -357,7 +357,7 @@ def run_baseline(
                 logger.warning("series %s skipped: %s", decision.series_instance_uid, reason)
                 exclude(decision, reason)
         timings["load_and_preprocess"] += time.perf_counter() - t0
-        groups = reference_groups([m.decision for m in members], config["scoring"]["exclude_same"])
+        groups = reference_groups([m.decision for m in members], config.scoring.exclude_same.value)
         if len(set(groups)) < 2:
             for member in members:
                 exclude(member.decision, f"{contrast} batch not scored: the batch needs series of at least two "
@@ -425,7 +425,7 @@ def run_baseline(
         "settings": asdict(settings),
         "working_grid_size": pre.size,
         "config_sha256": config_hash(config),
-        "config_sources": config.get("config_sources", []),
+        "config_sources": list(config.sources),
         "batches": {contrast: acc.summary() for contrast, acc in accumulators.items()},
         "excluded": excluded_summary(excluded_rows),
         "series": series_rows + excluded_rows,

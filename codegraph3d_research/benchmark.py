@@ -56,7 +56,6 @@ import logging
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -83,6 +82,7 @@ from codegraph3d.features.encoders import (
     load_encoder,
     resolve_device,
 )
+from codegraph3d.core.progress import peak_rss_mb
 from codegraph3d.scoring.batch import score_batch
 from codegraph3d.scoring.musc import k_for_references, reference_sets, scoring_memory
 from codegraph3d.features.tokens import TokenSet, encode_volume, project, tokenise
@@ -149,11 +149,6 @@ def _gpu_peak_mb(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2**20
-
-
-def _peak_rss_mb() -> float:
-    # Linux reports ru_maxrss in KiB; children (the cohort generator) are not included.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _load_average() -> tuple[float, float, float]:
@@ -758,12 +753,10 @@ def _benchmark_config(
 ) -> dict[str, Any]:
     from codegraph3d.run.config import load_config
 
-    config = load_config(override=config_override)
-    config["encoder"]["name"] = encoder
-    config["encoder"]["device"] = device
-    config["scoring"]["device"] = device
-    config["selection"]["scored_contrasts"] = [contrast]
-    return config
+    return load_config(override=config_override).with_overrides({
+        "encoder": {"name": encoder, "device": device}, "scoring": {"device": device},
+        "selection": {"scored_contrasts": [contrast]},
+    }, "<benchmark>")
 
 
 def benchmark_cohort(
@@ -782,7 +775,7 @@ def benchmark_cohort(
 
     The stages are the pipeline's own functions; pixel loading, preprocessing and tokenisation are
     called here per series as ``pipeline._prepare_one`` calls them (``load_series_volume``,
-    ``preprocess_volume`` with :func:`~codegraph3d.run.pipeline.preprocess_config`, then
+    ``preprocess_volume`` with the configuration's ``preprocess.chain``, then
     ``encode_volume`` and ``project``: the "tokenise" stage), so that each is timed on its own,
     which the app's combined ``preprocess_and_tokenise`` stage does not do. No token cache is used:
     this measures a cold run.
@@ -861,7 +854,7 @@ def benchmark_cohort(
         with timer("load_preprocess_models"):
             models = PreprocessModels(preprocess_setup(config, model_path, workers=1))
         step_seconds: dict[str, float] = {}
-        token_settings = config["tokens"]
+        token_settings = config.tokens
         records: list[TokenisedSeries] = []
         for decision in selection.taken:
             with timer("load_pixels"):
@@ -877,14 +870,14 @@ def benchmark_cohort(
             with timer("tokenise"):
                 encoded = encode_volume(
                     prepared.image, prepared.brain_mask, slice_encoder,
-                    grid_size=token_settings["grid_size"],
-                    min_brain_fraction=token_settings["min_brain_fraction"],
-                    batch_size=config["encoder"]["batch_size"],
+                    grid_size=token_settings.grid_size,
+                    min_brain_fraction=token_settings.min_brain_fraction,
+                    batch_size=config.encoder.batch_size,
                 )
                 tokens = project(
                     encoded,
-                    projection_dim=token_settings["projection_dim"],
-                    projection_seed=token_settings["projection_seed"],
+                    projection_dim=token_settings.projection_dim,
+                    projection_seed=token_settings.projection_seed,
                 )
                 _synchronise(dev)
             prepared.image = np.zeros((0, 0, 0), np.float32)  # as the pipeline does: bound memory
@@ -907,15 +900,15 @@ def benchmark_cohort(
     if n_scored != n_volumes:
         raise ValueError(f"{n_scored} of {n_volumes} selected series were scored; the benchmark needs all")
     extraction = stages["scan_headers"] + stages["load_pixels"] + stages["preprocess"] + stages["tokenise"]
-    size = config["tokens"]["grid_size"] * slice_encoder.patch_size
+    size = config.tokens.grid_size * slice_encoder.patch_size
     slices = sum(encoded_slices(r.tokens, slice_encoder.patch_size) for r in records)
     per_slice, note = encoder_flops_per_slice(slice_encoder, size, size)
-    window = int(config["scoring"]["window_radius"])
+    window = int(config.scoring.window_radius)
     scorer_flops: float | None = None
     if window < 0:
         scorer_flops = 0.0
         for batch in scoring.batches:
-            groups = reference_groups([m.decision for m in batch.members], config["scoring"]["exclude_same"])
+            groups = reference_groups([m.decision for m in batch.members], config.scoring.exclude_same)
             scorer_flops += musc_flops(
                 [m.tokens.n_tokens for m in batch.members],
                 [layer.shape[1] for layer in batch.members[0].tokens.tokens],
@@ -929,14 +922,14 @@ def benchmark_cohort(
         n_volumes=n_volumes,
         n_scored=n_scored,
         matrix_scale=float(matrix_scale),
-        grid_size=int(config["tokens"]["grid_size"]),
+        grid_size=int(config.tokens.grid_size),
         window_radius=window,
         stages=stages,
         extraction_s=extraction,
         scoring_s=stages["score"],
         total_s=extraction + stages["score"],
         per_volume_s=(extraction + stages["score"]) / n_scored,
-        peak_rss_mb=_peak_rss_mb(),
+        peak_rss_mb=peak_rss_mb(),
         peak_gpu_mb=peak_gpu,
         slices_encoded=slices,
         slice_size=size,
@@ -1034,7 +1027,7 @@ def benchmark_scorer(
             k=k_for_references(batch_size - 1, k_fraction), device=str(dev), seconds=seconds,
             flops=musc_flops(sizes, [dim] * layers) if window_radius is None else 0.0, peak_gpu_mb=_gpu_peak_mb(dev),
             load_average_end=_load_average(), window_radius=window_radius, estimate_mb=estimate.total / 2**20,
-            rss_before_mb=rss_before, peak_rss_mb=_peak_rss_mb(),
+            rss_before_mb=rss_before, peak_rss_mb=peak_rss_mb(),
         ))
         del sets
     return rows
@@ -1238,7 +1231,7 @@ def gpu_table_rows(
             extraction_s=row.batch_size * tokeniser.seconds_per_volume,
             scoring_s=row.seconds,
             peak_gpu_mb=max(peaks) if peaks else None,
-            peak_rss_mb=_peak_rss_mb(),
+            peak_rss_mb=peak_rss_mb(),
         ))
     return rows
 
@@ -1605,7 +1598,7 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
                 window_radius=args.scorer_window,
             )
     report.load_average_end = _load_average()
-    report.peak_rss_mb = _peak_rss_mb()
+    report.peak_rss_mb = peak_rss_mb()
     text = render_markdown(report)
     print(text)
     _write(report, text, args.out)

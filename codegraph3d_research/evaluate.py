@@ -63,6 +63,7 @@ import nibabel as nib
 import numpy as np
 
 from codegraph3d.core.files import atomic_path
+from codegraph3d.run.diff import read_report
 from codegraph3d.io.dicom import SeriesHeader, load_series_volume, scan_headers
 from .metrics import StreamingBinaryMetrics, patient_auroc, patient_average_precision
 from codegraph3d.core.volume import LPS_TO_RAS, Volume
@@ -511,9 +512,9 @@ def _read_report(run: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RunOutputError(f"{path} does not exist; --run must be the app's output folder (-o)")
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise RunOutputError(f"{path}: cannot read it as JSON ({error})") from error
+        report = read_report(run)
+    except ValueError as error:
+        raise RunOutputError(str(error)) from error
     if report.get("status") != "completed":
         raise RunOutputError(f"{path}: the run did not complete ({report.get('message')}); nothing to evaluate")
     return report

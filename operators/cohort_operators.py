@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
@@ -27,6 +27,7 @@ from codegraph3d.run.pipeline import (
 )
 from codegraph3d.core.files import write_json_atomic
 from codegraph3d.core.progress import StageClock
+from codegraph3d.run.config import RunConfig
 from codegraph3d.run.report import write_results
 
 logger = logging.getLogger("codegraph3d.operators")
@@ -52,7 +53,7 @@ class CohortLoaderOperator(Operator):
 class SeriesSelectorOperator(Operator):
     """Select brain MR series and classify their contrast. ``scan`` -> ``selection``."""
 
-    def __init__(self, fragment: Fragment, *args: Any, config: Mapping[str, Any], timer: StageTimer, **kwargs: Any) -> None:
+    def __init__(self, fragment: Fragment, *args: Any, config: RunConfig, timer: StageTimer, **kwargs: Any) -> None:
         self.config = config
         self.timer = timer
         super().__init__(fragment, *args, **kwargs)
@@ -77,7 +78,7 @@ class TokeniserOperator(Operator):
         self,
         fragment: Fragment,
         *args: Any,
-        config: Mapping[str, Any],
+        config: RunConfig,
         model_folder: Path | None,
         timer: StageTimer,
         on_encoder: Any = None,
@@ -115,7 +116,7 @@ class TokeniserOperator(Operator):
 class BatchScorerOperator(Operator):
     """MuSc-score every contrast batch and apply the threshold policy. ``tokens`` -> ``scores``."""
 
-    def __init__(self, fragment: Fragment, *args: Any, config: Mapping[str, Any], timer: StageTimer, **kwargs: Any) -> None:
+    def __init__(self, fragment: Fragment, *args: Any, config: RunConfig, timer: StageTimer, **kwargs: Any) -> None:
         self.config = config
         self.timer = timer
         super().__init__(fragment, *args, **kwargs)
@@ -138,7 +139,7 @@ class ResultWriterOperator(Operator):
         self,
         fragment: Fragment,
         *args: Any,
-        config: Mapping[str, Any],
+        config: RunConfig,
         output_folder: Path,
         timer: StageTimer,
         **kwargs: Any,
@@ -158,13 +159,13 @@ class ResultWriterOperator(Operator):
         # highdicom logs every copied module at INFO: thousands of lines per cohort.
         logging.getLogger("highdicom").setLevel(logging.WARNING)
         report = write_results(scoring, selection, self.output_folder, self.config, self.timer)
-        if self.config["bank"]["add_scored"] != "none":
+        if self.config.bank.add_scored != "none":
             # After the results are written: a bank problem must not cost the study its SEGs.
             try:
                 added = update_bank(scoring, self.config, source=str(self.output_folder))
                 report.setdefault("bank", None)
                 report["bank"] = {**(report["bank"] or {}), "added": added}
-                logger.info("cohort bank: added %d series (bank.add_scored %s)", len(added), self.config["bank"]["add_scored"])
+                logger.info("cohort bank: added %d series (bank.add_scored %s)", len(added), self.config.bank.add_scored)
             except (CohortError, ValueError, OSError) as error:
                 report["bank_error"] = str(error)
                 logger.error("cohort bank not updated: %s", error)

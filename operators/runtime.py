@@ -16,7 +16,6 @@ import os
 import resource
 import sys
 import sysconfig
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,7 +56,7 @@ def run_application(make_app: Callable[[], Any]) -> int:
     scored (bad or empty input, missing weights, bad configuration); 1: an internal error. For a
     non-zero exit the message is the last log line and, when possible, in report.json.
     """
-    from codegraph3d.run.config import ConfigError
+    from codegraph3d.run.config import ConfigError, RunConfig
     from codegraph3d.run.pipeline import CohortError
     from codegraph3d.run.report import write_failure_report
 
@@ -77,7 +76,7 @@ def run_application(make_app: Callable[[], Any]) -> int:
     output = getattr(app, "output_folder", None)
     # Before the configuration loads, app.config is still the SDK Application's config() method.
     config = getattr(app, "config", None)
-    config = config if isinstance(config, Mapping) else None
+    config = config if isinstance(config, RunConfig) else None
     encoder = getattr(app, "encoder_identity", None)
     # The application logs its own teardown when it is destroyed: let that happen now, so that
     # the failure stays the last line of the log.

@@ -23,7 +23,7 @@ ENCODER = {
 
 def _settings(**token_overrides) -> dict:
     config = load_config(override={"tokens": token_overrides} if token_overrides else None)
-    return bank_settings(config, ENCODER)
+    return bank_settings(config.token_recipe(), ENCODER)
 
 
 def _series(index: int, contrast: str = "T2w", n_tokens: int = 20, patient: str | None = None) -> dict:
@@ -86,7 +86,7 @@ def test_bank_of_other_settings_is_refused_with_the_fields(tmp_path: Path):
     other_encoder = dict(ENCODER, weights_sha256="ab" * 32)
     config = load_config()
     with pytest.raises(BankError, match="encoder.weights_sha256"):
-        CohortBank(tmp_path / "bank", bank_settings(config, other_encoder))
+        CohortBank(tmp_path / "bank", bank_settings(config.token_recipe(), other_encoder))
 
 
 def test_missing_bank_and_bad_manifest_are_named(tmp_path: Path):
@@ -210,8 +210,8 @@ def test_landmark_source_paths_do_not_split_banks(tmp_path: Path):
     config = load_config()
     landmarks = {"T2w": {"contrast": "T2w", "percentiles": [1.0, 99.0], "values": [0.0, 1.0], "source": "/models/a"}}
     moved = {"T2w": dict(landmarks["T2w"], source="/opt/holoscan/models/a")}
-    CohortBank(tmp_path / "bank", bank_settings(config, ENCODER, landmarks), create=True)
-    CohortBank(tmp_path / "bank", bank_settings(config, ENCODER, moved))
+    CohortBank(tmp_path / "bank", bank_settings(config.token_recipe(), ENCODER, landmarks), create=True)
+    CohortBank(tmp_path / "bank", bank_settings(config.token_recipe(), ENCODER, moved))
     changed = {"T2w": dict(landmarks["T2w"], values=[0.0, 0.9])}
     with pytest.raises(BankError, match="landmarks.T2w.values"):
-        CohortBank(tmp_path / "bank", bank_settings(config, ENCODER, changed))
+        CohortBank(tmp_path / "bank", bank_settings(config.token_recipe(), ENCODER, changed))

@@ -18,7 +18,6 @@ from codegraph3d_research.baseline import (
     volume_score,
     zscore_maps,
 )
-from codegraph3d.run.pipeline import working_grid_size
 from codegraph3d.run.config import load_config
 from codegraph3d_research.evaluate import (
     EvaluationInputError,
@@ -96,10 +95,10 @@ def test_smoothing_and_volume_score():
 
 def test_settings_and_grid_size(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("CODEGRAPH3D_CONFIG", raising=False)
-    assert working_grid_size(load_config()) == 224
-    assert working_grid_size(load_config(override=SMALL)) == 32
-    assert working_grid_size(load_config(override={"encoder": {"name": "untrained-vit-s14"}})) == 224
-    assert working_grid_size(load_config(override={"encoder": {"name": "untrained-tiny"}, "tokens": {"grid_size": 8}})) == 8 * 14
+    assert load_config().working_grid_size == 224
+    assert load_config(override=SMALL).working_grid_size == 32
+    assert load_config(override={"encoder": {"name": "untrained-vit-s14"}}).working_grid_size == 224
+    assert load_config(override={"encoder": {"name": "untrained-tiny"}, "tokens": {"grid_size": 8}}).working_grid_size == 8 * 14
     for bad, match in [({"std_floor": 0.0}, "std_floor"), ({"smoothing_sigma_mm": -1.0}, "smoothing"),
                        ({"volume_percentile": 0.0}, "volume_percentile"), ({"n_bins": 5}, "n_bins")]:
         with pytest.raises(ValueError, match=match):

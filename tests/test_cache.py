@@ -65,7 +65,7 @@ def _entry(encoder: IntensityEncoder) -> CachedSeries:
 @pytest.fixture()
 def stored(tmp_path: Path, encoder, config) -> tuple[TokenCache, dict, CachedSeries]:
     cache = TokenCache(tmp_path / "cache")
-    material = key_material(UID_A, ["1.2.3.3", "1.2.3.1", "1.2.3.0", "1.2.3.2"], config, encoder)
+    material = key_material(UID_A, ["1.2.3.3", "1.2.3.1", "1.2.3.0", "1.2.3.2"], config.token_recipe(), encoder)
     entry = _entry(encoder)
     cache.store(material, entry)
     return cache, material, entry
@@ -115,7 +115,7 @@ def test_bad_entries_are_detected_logged_and_rebuilt(stored, encoder, config, da
     elif damage == "truncate":
         npz.write_bytes(npz.read_bytes()[:-100])
     elif damage == "other_key":  # another series' entry under this name
-        other = key_material(UID_B, ["1.2.3.0"], config, encoder)
+        other = key_material(UID_B, ["1.2.3.0"], config.token_recipe(), encoder)
         cache.store(other, entry)
         other_npz, other_sidecar = cache.paths(other)
         shutil.copy(other_npz, npz)
@@ -143,25 +143,25 @@ def test_an_edited_sidecar_is_not_trusted(stored):
 
 def test_projection_and_scoring_settings_keep_the_key_encoder_and_preprocess_change_it(encoder, config):
     sops = ["1.2.3.0", "1.2.3.1"]
-    base = cache_key(key_material(UID_A, sops, config, encoder))
+    base = cache_key(key_material(UID_A, sops, config.token_recipe(), encoder))
     same = load_config(override={**SMALL, "tokens": {"grid_size": G, "projection_dim": 7, "projection_seed": 5},
                                  "scoring": {"k_fraction": 0.5, "window_radius": 1},
                                  "encoder": {"name": "intensity", "patch_size": P, "batch_size": 3, "device": "cpu"}})
-    assert cache_key(key_material(UID_A, list(reversed(sops)), same, encoder)) == base
+    assert cache_key(key_material(UID_A, list(reversed(sops)), same.token_recipe(), encoder)) == base
     changed = {
         "preprocess": load_config(override={**SMALL, "preprocess": {**STRIPPED_PREPROCESS, "crop_margin": 0.1}}),
         "min_brain_fraction": load_config(override={**SMALL, "tokens": {"grid_size": G, "min_brain_fraction": 0.5}}),
         "grid": load_config(override={**SMALL, "tokens": {"grid_size": 4}}),
     }
     for label, other in changed.items():
-        assert cache_key(key_material(UID_A, sops, other, encoder)) != base, label
+        assert cache_key(key_material(UID_A, sops, other.token_recipe(), encoder)) != base, label
     identity = encoder.identity()
     for field, value in (("weights_sha256", "ab" * 32), ("layers", ["other"]), ("patch_size", 7), ("name", "dinov2")):
-        assert cache_key(key_material(UID_A, sops, config, {**identity, field: value})) != base, field
-    assert cache_key(key_material(UID_A, sops + ["1.2.3.9"], config, encoder)) != base  # a file more
-    assert cache_key(key_material(UID_B, sops, config, encoder)) != base
+        assert cache_key(key_material(UID_A, sops, config.token_recipe(), {**identity, field: value})) != base, field
+    assert cache_key(key_material(UID_A, sops + ["1.2.3.9"], config.token_recipe(), encoder)) != base  # a file more
+    assert cache_key(key_material(UID_B, sops, config.token_recipe(), encoder)) != base
     with pytest.raises(ValueError, match="not a valid DICOM UID"):
-        key_material("../../etc", sops, config, encoder)
+        key_material("../../etc", sops, config.token_recipe(), encoder)
 
 
 def test_the_landmarks_values_key_the_cache_not_their_source_text(encoder, config):
@@ -170,14 +170,14 @@ def test_the_landmarks_values_key_the_cache_not_their_source_text(encoder, confi
     reference = {"percentiles": [1.0, 50.0, 99.0], "values": [0.0, 0.4, 1.0], "contrast": "T2w"}
     here = {"T2w": {**reference, "source": "uniform reference; learn one with python -m codegraph3d landmarks learn"}}
     there = {"T2w": {**reference, "source": "/elsewhere/models/landmarks/reference_landmarks.json"}}
-    key = cache_key(key_material(UID_A, ["1.2.3.0"], config, encoder, here))
-    assert cache_key(key_material(UID_A, ["1.2.3.0"], config, encoder, there)) == key
+    key = cache_key(key_material(UID_A, ["1.2.3.0"], config.token_recipe(), encoder, here))
+    assert cache_key(key_material(UID_A, ["1.2.3.0"], config.token_recipe(), encoder, there)) == key
     moved = {"T2w": {**reference, "values": [0.0, 0.5, 1.0], "source": here["T2w"]["source"]}}
-    assert cache_key(key_material(UID_A, ["1.2.3.0"], config, encoder, moved)) != key
+    assert cache_key(key_material(UID_A, ["1.2.3.0"], config.token_recipe(), encoder, moved)) != key
 
 
 def test_cache_folder_is_configured_and_validated(tmp_path: Path):
-    assert load_config()["cache"]["folder"] == ""
+    assert load_config().cache.folder == ""
     assert open_cache(load_config()) is None
     a_file = tmp_path / "file"
     a_file.write_text("x", encoding="utf-8")
@@ -185,7 +185,9 @@ def test_cache_folder_is_configured_and_validated(tmp_path: Path):
         load_config(override={"cache": {"folder": str(a_file)}})
     config = load_config(override={"cache": {"folder": str(tmp_path / "new" / "cache")}})
     assert open_cache(config).folder == tmp_path / "new" / "cache"
-    config["cache"]["folder"] = str(a_file)  # appeared after the configuration was read
+    # A file appears where the folder was, after the configuration was read.
+    (tmp_path / "new" / "cache").rmdir()
+    a_file.rename(tmp_path / "new" / "cache")
     with pytest.raises(CohortError, match="is a file"):
         open_cache(config)
 

@@ -2,34 +2,39 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 
-from codegraph3d.run.config import CONFIG_ENV_VAR, ConfigError, config_hash, default_config, load_config
+from codegraph3d.decision.settings import ThresholdPolicy
+from codegraph3d.run.config import (
+    CONFIG_ENV_VAR, AddScored, ConfigError, ExcludeSame, RunConfig, ScoringMethod, config_hash, default_config, load_config,
+)
 
 
 def test_defaults_are_the_papers(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv(CONFIG_ENV_VAR, raising=False)
     config = load_config()
-    assert config["encoder"]["name"] == "dinov2"
-    assert config["encoder"]["layers"] == [6, 12, 18, 24]
-    assert config["tokens"]["grid_size"] == 16 and config["tokens"]["projection_dim"] == 128
-    assert config["scoring"]["k_fraction"] == 0.3
-    assert config["scoring"]["window_radius"] == -1
-    assert config["config_sources"] == []
+    assert config.encoder.name == "dinov2"
+    assert config.encoder.layers == (6, 12, 18, 24)
+    assert config.tokens.grid_size == 16 and config.tokens.projection_dim == 128
+    assert config.scoring.k_fraction == 0.3
+    assert config.scoring.window_radius == -1
+    assert config.sources == () and config.as_dict()["config_sources"] == []
 
 
 def test_model_folder_file_applies_and_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv(CONFIG_ENV_VAR, raising=False)
     (tmp_path / "codegraph3d.yaml").write_text("encoder:\n  name: intensity\n", encoding="utf-8")
-    assert load_config(tmp_path)["encoder"]["name"] == "intensity"
+    assert load_config(tmp_path).encoder.name == "intensity"
     other = tmp_path / "other.yaml"
     other.write_text("encoder:\n  name: untrained-vit-s14\n", encoding="utf-8")
     monkeypatch.setenv(CONFIG_ENV_VAR, str(other))
     config = load_config(tmp_path)
-    assert config["encoder"]["name"] == "untrained-vit-s14"
-    assert config["config_sources"] == [str(other)]
+    assert config.encoder.name == "untrained-vit-s14"
+    assert config.sources == (str(other),)
 
 
 @pytest.mark.parametrize(
@@ -58,9 +63,8 @@ def test_hash_changes_with_settings_not_with_sources(monkeypatch: pytest.MonkeyP
     a = load_config()
     b = load_config(override={"scoring": {"k_fraction": 0.2}})
     assert config_hash(a) != config_hash(b)
-    c = default_config()
-    c["config_sources"] = ["somewhere.yaml"]
-    assert config_hash(c) == config_hash(a)
+    c = load_config(override={})
+    assert c.sources == ("<override>",) and config_hash(c) == config_hash(a)
 
 
 def test_a_key_given_twice_is_refused_with_its_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -71,8 +75,58 @@ def test_a_key_given_twice_is_refused_with_its_lines(tmp_path: Path, monkeypatch
         load_config()
     # The same key in two sections is fine.
     path.write_text("threshold:\n  policy: lesion\nbank:\n  seed: 3\nscoring:\n  batch_seed: 3\n", encoding="utf-8")
-    assert load_config()["bank"]["seed"] == 3
+    assert load_config().bank.seed == 3
 
 
 def test_the_shipped_defaults_give_no_key_twice():
     assert default_config()["threshold"]["policy"] == "lesion"
+
+
+def test_the_configuration_is_typed_frozen_and_validated_once(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv(CONFIG_ENV_VAR, raising=False)
+    config = load_config(override={"encoder": {"name": "intensity", "patch_size": 4}, "tokens": {"grid_size": 8}})
+    assert isinstance(config, RunConfig)
+    assert config.scoring.method is ScoringMethod.MUSC and config.scoring.exclude_same is ExcludeSame.PATIENT_ID
+    assert config.threshold.policy is ThresholdPolicy.LESION and config.bank.add_scored is AddScored.NONE
+    # The chain's settings are the ones a run uses, on its working grid (tokens x patch size).
+    assert config.preprocess.chain.size == config.working_grid_size == 8 * 4
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.scoring.k_fraction = 0.5  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.values["scoring"]["k_fraction"] = 0.5  # type: ignore[index]
+    copy = config.as_dict()  # report.json's copy: changing it changes nothing the run uses
+    copy["scoring"]["k_fraction"] = 0.5
+    assert config.scoring.k_fraction == 0.3 and config.as_dict()["scoring"]["k_fraction"] == 0.3
+
+
+def test_a_variant_is_merged_and_validated_again_and_the_original_is_kept(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv(CONFIG_ENV_VAR, raising=False)
+    config = load_config()
+    variant = config.with_overrides({"scoring": {"method": "codegraph", "k_fraction": 0.2}}, "sweep")
+    assert variant.scoring.method is ScoringMethod.CODEGRAPH and variant.scoring.k_fraction == 0.2
+    assert variant.sources == ("sweep",) and config.scoring.method is ScoringMethod.MUSC
+    assert variant.as_dict()["scoring"]["k_fraction"] == 0.2 and config_hash(variant) != config_hash(config)
+    with pytest.raises(ConfigError, match=r"scoring.k_fraction must lie in \(0, 1\]"):
+        config.with_overrides({"scoring": {"k_fraction": 2.0}})
+    with pytest.raises(ConfigError, match="unknown configuration field 'scoring.k'"):
+        config.with_overrides({"scoring": {"k": 2.0}})
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"scoring": {"method": "knn"}}, "scoring.method must be musc or codegraph; got 'knn'"),
+        ({"scoring": {"exclude_same": "site"}}, "scoring.exclude_same must be patient_id, study or none"),
+        ({"bank": {"add_scored": "some"}}, "bank.add_scored must be none, unflagged or all"),
+        ({"threshold": {"reference": "bank"}}, "threshold.reference must be auto or batch"),
+        ({"threshold": {"finding_mass_by_contrast": {"FLAIR": 10.0}}}, "'FLAIR' is not a scored contrast"),
+        ({"threshold": {"policy": "bank"}}, "threshold.policy bank needs a cohort bank: set bank.folder"),
+        ({"preprocess": {"workers": -1}}, "preprocess.workers must be an integer >= 0"),
+        ({"encoder": {"layers": [0, 12]}}, "encoder.layers must be 1-based block indices"),
+        ({"output": {"mask_interpolation": "cubic"}}, "output.mask_interpolation must be one of"),
+    ],
+)
+def test_each_section_names_the_field_it_refuses(override, message, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv(CONFIG_ENV_VAR, raising=False)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(override=override)

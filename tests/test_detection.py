@@ -104,7 +104,7 @@ def test_binary_masks_overlap_the_large_lesions(scored_cohort):
 def test_previews_show_the_mask_where_the_seg_has_it(scored_cohort, tmp_path: Path):
     """output.previews: one PNG per flagged series, its red outline in every panel of the mask's planes."""
     scoring, _, (selection, timer, config) = scored_cohort
-    config = {**config, "output": {**config["output"], "previews": True, "sr": False}}
+    config = config.with_overrides({"output": {"previews": True, "sr": False}})
     report = write_results(scoring, selection, tmp_path, config, timer)
     (batch,) = scoring.batches
     rows = {row["series_instance_uid"]: row for row in report["series"]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from codegraph3d.run.config import ConfigError, lesion_policy_of, load_config
+from codegraph3d.run.config import ConfigError, load_config
 from codegraph3d.decision.lesion_policy import (
     LesionPolicy, bank_calibration, calibration_rank, decide_lesions, position_statistics, standardise, tail_spread,
     token_findings,
@@ -188,9 +188,9 @@ def test_a_heavy_tailed_position_stops_flagging_normal_volumes():
 
 def test_finding_mass_per_contrast_comes_from_the_configuration():
     config = load_config(override={"threshold": {"finding_mass": 30.0, "finding_mass_by_contrast": {"T1w": 45.0}}})
-    assert lesion_policy_of(config, "T1w").finding_mass == 45.0
-    assert lesion_policy_of(config, "T2w").finding_mass == 30.0
-    assert lesion_policy_of(config).finding_mass == 30.0
+    assert config.threshold.lesion_policy("T1w").finding_mass == 45.0
+    assert config.threshold.lesion_policy("T2w").finding_mass == 30.0
+    assert config.threshold.lesion_policy().finding_mass == 30.0
     with pytest.raises(ConfigError, match="finding_mass_by_contrast.T2w must be a number >= 0"):
         load_config(override={"threshold": {"finding_mass_by_contrast": {"T2w": -1.0}}})
     with pytest.raises(ConfigError, match="'t1w' is not a scored contrast"):
@@ -203,9 +203,8 @@ def test_a_later_layer_replaces_the_per_contrast_bounds_whole(tmp_path, monkeypa
     layer.write_text("threshold:\n  finding_mass_by_contrast: {T1w: 45.0, T2w: 25.0}\n")
     monkeypatch.setenv("CODEGRAPH3D_CONFIG", str(layer))
     config = load_config(override={"threshold": {"finding_mass_by_contrast": {"T2w": 12.0}}})
-    assert config["threshold"]["finding_mass_by_contrast"] == {"T2w": 12.0}
-    assert load_config(override={"threshold": {"finding_mass_by_contrast": {}}})["threshold"][
-        "finding_mass_by_contrast"] == {}
+    assert config.threshold.finding_mass_by_contrast == {"T2w": 12.0}
+    assert load_config(override={"threshold": {"finding_mass_by_contrast": {}}}).threshold.finding_mass_by_contrast == {}
 
 
 def test_the_batch_decision_takes_its_contrasts_bound():
@@ -298,7 +297,7 @@ def test_the_bank_rate_is_validated_and_read_from_the_configuration():
     with pytest.raises(ConfigError, match="bank_false_flag_rate must lie in"):
         load_config(override={"threshold": {"bank_false_flag_rate": -0.1}})
     config = load_config(override={"threshold": {"bank_false_flag_rate": 0.05}})
-    assert lesion_policy_of(config).bank_false_flag_rate == 0.05
+    assert config.threshold.lesion_policy().bank_false_flag_rate == 0.05
 
 
 def test_the_bank_calibration_leaves_a_patients_volumes_out_together():
@@ -343,4 +342,4 @@ def test_a_confident_calibration_reports_the_rate_it_keeps():
     assert "with confidence 0.9 for this bank" in point["measured_on"]
     with pytest.raises(ValueError, match="bank_confidence must lie in"):
         LesionPolicy(bank_confidence=1.0)
-    assert lesion_policy_of(load_config()).bank_confidence == 0.9
+    assert load_config().threshold.lesion_policy().bank_confidence == 0.9

@@ -22,7 +22,7 @@ def table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _write(path: Path, config: dict, **entry) -> None:
-    settings = json.loads(json.dumps(op.decision_settings(config, entry.get("contrast", "T2w"))))
+    settings = json.loads(json.dumps(config.decision_settings().record(entry.get("contrast", "T2w"))))
     base = {"policy": LESION_POLICY_NAME, "encoder": "intensity", "contrast": "T2w", "settings": settings,
             "flagged": 1, "normal_series": 40, "measured_on": "all-normal batches x, y"}
     path.write_text(json.dumps({"entries": [{**base, **entry}]}))
@@ -31,7 +31,7 @@ def _write(path: Path, config: dict, **entry) -> None:
 def test_a_matching_entry_gives_its_rate(table: Path):
     config = load_config(override={"encoder": {"name": "intensity"}})
     _write(table, config)
-    point = op.operating_point(LESION_POLICY_NAME, "intensity", "T2w", config)
+    point = op.operating_point(LESION_POLICY_NAME, "intensity", "T2w", config.decision_settings())
     assert point["false_flag_rate_per_normal_series"] == pytest.approx(1 / 40)
     assert point["normal_series"] == 40 and point["flagged"] == 1 and "x, y" in point["measured_on"]
 
@@ -40,11 +40,11 @@ def test_other_settings_encoder_or_contrast_are_not_measured(table: Path):
     config = load_config(override={"encoder": {"name": "intensity"}})
     _write(table, config)
     other = load_config(override={"encoder": {"name": "intensity"}, "threshold": {"finding_mass": 50.0}})
-    point = op.operating_point(LESION_POLICY_NAME, "intensity", "T2w", other)
+    point = op.operating_point(LESION_POLICY_NAME, "intensity", "T2w", other.decision_settings())
     assert point == {"false_flag_rate_per_normal_series": op.NOT_MEASURED,
                      "why_not": "measured for this policy, encoder and contrast with other settings"}
     for encoder, contrast in (("dinov2", "T2w"), ("intensity", "T1w")):
-        point = op.operating_point(LESION_POLICY_NAME, encoder, contrast, config)
+        point = op.operating_point(LESION_POLICY_NAME, encoder, contrast, config.decision_settings())
         assert point["false_flag_rate_per_normal_series"] == op.NOT_MEASURED
         assert encoder in point["why_not"] and contrast in point["why_not"]
 
@@ -64,11 +64,11 @@ def test_the_bound_of_another_contrast_does_not_matter(table: Path):
     _write(table, config)
     for threshold in ({"finding_mass_by_contrast": {"T1w": 60.0, "T2w": 25.0}}, {"finding_mass": 25.0}):
         other = load_config(override={"encoder": {"name": "intensity"}, "threshold": threshold})
-        point = op.operating_point(LESION_POLICY_NAME, "intensity", "T2w", other)
+        point = op.operating_point(LESION_POLICY_NAME, "intensity", "T2w", other.decision_settings())
         assert point["false_flag_rate_per_normal_series"] == pytest.approx(1 / 40)
     changed = load_config(override={"encoder": {"name": "intensity"},
                                     "threshold": {"finding_mass_by_contrast": {"T2w": 30.0}}})
-    assert op.operating_point(LESION_POLICY_NAME, "intensity", "T2w", changed)["false_flag_rate_per_normal_series"] \
+    assert op.operating_point(LESION_POLICY_NAME, "intensity", "T2w", changed.decision_settings())["false_flag_rate_per_normal_series"] \
         == op.NOT_MEASURED
 
 
@@ -78,5 +78,5 @@ def test_the_demo_configuration_has_a_measured_operating_point(monkeypatch: pyte
     op._entries.cache_clear()
     config = load_config()
     for contrast in ("T1w", "T2w"):
-        point = op.operating_point(LESION_POLICY_NAME, config["encoder"]["name"], contrast, config)
+        point = op.operating_point(LESION_POLICY_NAME, config.encoder.name, contrast, config.decision_settings())
         assert isinstance(point["false_flag_rate_per_normal_series"], float), point

@@ -30,5 +30,7 @@ def test_extras_match_the_cpu_and_dev_requirements():
     assert sorted(extras["dev"]) == sorted(_pins(ROOT / "requirements-dev.txt"))
 
 
-def test_the_command_is_installed_as_a_console_script():
-    assert _project()["scripts"] == {"codegraph3d": "codegraph3d.cli:main"}
+def test_the_commands_are_installed_as_console_scripts():
+    assert _project()["scripts"] == {
+        "codegraph3d": "codegraph3d.cli:main", "codegraph3d-research": "codegraph3d_research.cli:main",
+    }

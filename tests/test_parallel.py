@@ -13,7 +13,7 @@ import pytest
 from codegraph3d.run.config import load_config
 from codegraph3d.io.dicom import load_series_volume
 from codegraph3d.preprocess.workers import PreprocessSetup, SeriesJob, StudyPreprocessor, resolve_workers
-from codegraph3d.run.pipeline import preprocess_config, scan_input, select_input
+from codegraph3d.run.pipeline import scan_input, select_input
 from codegraph3d.preprocess.chain import PreprocessConfig, preprocess_study
 from codegraph3d.preprocess.skullstrip import intensity_brain_mask
 from conftest import STRIPPED_PREPROCESS
@@ -35,7 +35,7 @@ def studies(tiny_cohort: Path) -> list[list[SeriesJob]]:
 
 def _setup() -> PreprocessSetup:
     config = load_config(override=SMALL)
-    return PreprocessSetup(config=preprocess_config(config), model_path=None, device="cpu", threads=1)
+    return PreprocessSetup(config=config.preprocess.chain, model_path=None, device="cpu", threads=1)
 
 
 def test_workers_give_the_same_volumes_as_one_process(studies, caplog):

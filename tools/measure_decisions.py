@@ -48,10 +48,9 @@ except ModuleNotFoundError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from codegraph3d_research.ablations import AblationSeries, load_cohort  # noqa: E402
-from codegraph3d.run.config import ConfigError, load_config  # noqa: E402
+from codegraph3d.run.config import ConfigError, RunConfig, load_config  # noqa: E402
 from codegraph3d.decision.lesion_policy import LESION_POLICY_NAME  # noqa: E402
 from codegraph3d.scoring.maps import token_voxel_map  # noqa: E402
-from codegraph3d.decision.operating_point import decision_settings  # noqa: E402
 from codegraph3d_research.metrics import StreamingBinaryMetrics, patient_auroc  # noqa: E402
 from codegraph3d.run.pipeline import decide_batch, reference_groups, score_configured, token_volume_ml  # noqa: E402
 from codegraph3d.scoring.batch import BatchScores  # noqa: E402
@@ -106,26 +105,26 @@ def _hindsight_recall(scores: np.ndarray, labels: np.ndarray, normals_flagged: i
     return f"{int(np.sum(scores[labels] > bound))}/{int(labels.sum())}"
 
 
-def _score(series: Sequence[AblationSeries], config: Mapping[str, Any]) -> BatchScores:
+def _score(series: Sequence[AblationSeries], config: RunConfig) -> BatchScores:
     """Score one batch as the app does (scoring section of the configuration)."""
-    settings = config["scoring"]
+    settings = config.scoring
     tokens = [item.record.tokens for item in series]
-    groups = reference_groups([item.record.decision for item in series], settings["exclude_same"])
+    groups = reference_groups([item.record.decision for item in series], settings.exclude_same.value)
     return score_configured(
         [[t.tokens[layer] for t in tokens] for layer in range(len(tokens[0].tokens))],
         groups, [t.coords for t in tokens], tokens[0].grid_shape, settings,
     )
 
 
-def _tally_batch(series: Sequence[AblationSeries], n: int, config: Mapping[str, Any], tally: Tally) -> None:
+def _tally_batch(series: Sequence[AblationSeries], n: int, config: RunConfig, tally: Tally) -> None:
     """Score ``series`` (queries first, then references), decide, and add the queries to ``tally``."""
     scores = _score(series, config)
     coords = [item.record.tokens.coords for item in series]
-    groups = reference_groups([item.record.decision for item in series], config["scoring"]["exclude_same"])
+    groups = reference_groups([item.record.decision for item in series], config.scoring.exclude_same.value)
     decision = decide_batch(scores, coords, n, series[0].record.tokens.grid_shape, config,
                             token_volume_ml(series[0].record), series[0].record.decision.contrast, groups)
-    mask_interpolation = config["output"]["mask_interpolation"]
-    score_interpolation = config["output"]["score_interpolation"]
+    mask_interpolation = config.output.mask_interpolation
+    score_interpolation = config.output.score_interpolation
     for index, item in enumerate(series[:n]):
         prepared, tokens = item.record.prepared, item.record.tokens
         truth = item.lesion_labels()
@@ -167,7 +166,7 @@ def _tally_batch(series: Sequence[AblationSeries], n: int, config: Mapping[str, 
 _ENCODERS: set[str] = set()
 
 
-def _load(root: Path, names: Sequence[str], config: Mapping[str, Any]) -> dict[str, list[AblationSeries]]:
+def _load(root: Path, names: Sequence[str], config: RunConfig) -> dict[str, list[AblationSeries]]:
     pooled: dict[str, list[AblationSeries]] = {}
     for name in names:
         cohort = load_cohort(root / "cache", root / name, config)
@@ -177,7 +176,7 @@ def _load(root: Path, names: Sequence[str], config: Mapping[str, Any]) -> dict[s
     return pooled
 
 
-def measure_batch(root: Path, names: Sequence[str], config: Mapping[str, Any], normals_only: bool = False) -> dict[str, Any]:
+def measure_batch(root: Path, names: Sequence[str], config: RunConfig, normals_only: bool = False) -> dict[str, Any]:
     """One pooled batch per contrast of the named cohorts (``normals_only``: their lesion-free series)."""
     out = {}
     for contrast, series in sorted(_load(root, names, config).items()):
@@ -189,7 +188,7 @@ def measure_batch(root: Path, names: Sequence[str], config: Mapping[str, Any], n
     return out
 
 
-def measure_bank_studies(root: Path, queries: Sequence[str], bank: Sequence[str], config: Mapping[str, Any]) -> dict[str, Any]:
+def measure_bank_studies(root: Path, queries: Sequence[str], bank: Sequence[str], config: RunConfig) -> dict[str, Any]:
     """Each study of ``queries`` scored alone against the series of ``bank`` as references."""
     references = _load(root, bank, config)
     out = {}
@@ -203,7 +202,7 @@ def measure_bank_studies(root: Path, queries: Sequence[str], bank: Sequence[str]
     return out
 
 
-def _configure(models: str, assignments: Sequence[str]) -> dict[str, Any]:
+def _configure(models: str, assignments: Sequence[str]) -> RunConfig:
     """The app's configuration with ``SECTION.FIELD=VALUE`` overrides, validated as the app validates."""
     override: dict[str, dict[str, Any]] = {}
     for assignment in assignments:
@@ -234,9 +233,9 @@ def main(argv: list[str] | None = None) -> int:
                         "measured false-flag rate in codegraph3d/decision/operating_points.json")
     args = parser.parse_args(argv)
     config = _configure(args.models, args.set)
-    results: dict[str, Any] = {"settings": {"threshold": config["threshold"], "scoring": config["scoring"],
-                                            "mask_interpolation": config["output"]["mask_interpolation"],
-                                            "score_interpolation": config["output"]["score_interpolation"]}}
+    results: dict[str, Any] = {"settings": {"threshold": config.as_dict()["threshold"], "scoring": config.as_dict()["scoring"],
+                                            "mask_interpolation": config.output.mask_interpolation,
+                                            "score_interpolation": config.output.score_interpolation}}
     for spec in args.batch:
         name, _, cohorts = spec.partition("=")
         results[name] = measure_batch(args.root, cohorts.split(","), config)
@@ -254,11 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _record(results: Mapping[str, Any], batches: Sequence[str], config: Mapping[str, Any]) -> None:
+def _record(results: Mapping[str, Any], batches: Sequence[str], config: RunConfig) -> None:
     """Write the flags of all-normal batches as the policy's operating point, per contrast."""
     if len(_ENCODERS) != 1:
         raise SystemExit(f"the cohorts were encoded with {sorted(_ENCODERS)}; one encoder per operating point")
-    policy = {"lesion": LESION_POLICY_NAME, "robust_z": POLICY_NAME, "bank": BANK_POLICY_NAME}[config["threshold"]["policy"]]
+    policy = {"lesion": LESION_POLICY_NAME, "robust_z": POLICY_NAME, "bank": BANK_POLICY_NAME}[config.threshold.policy]
     table = json.loads(OPERATING_POINTS.read_text(encoding="utf-8"))
     by_contrast: dict[str, list[int]] = {}
     for name in batches:
@@ -271,7 +270,7 @@ def _record(results: Mapping[str, Any], batches: Sequence[str], config: Mapping[
             counts[1] += normals
     for contrast, (flagged, normals) in sorted(by_contrast.items()):
         key = {"policy": policy, "encoder": next(iter(_ENCODERS)), "contrast": contrast}
-        settings = json.loads(json.dumps(decision_settings(config, contrast)))
+        settings = json.loads(json.dumps(config.decision_settings().record(contrast)))
         table["entries"] = [e for e in table["entries"] if {k: e[k] for k in key} != key or e["settings"] != settings]
         table["entries"].append({**key, "settings": settings, "flagged": flagged, "normal_series": normals,
                                  "measured_on": f"all-normal batches {', '.join(batches)} (synthetic cohorts, "

@@ -8,6 +8,7 @@ decision policy and its operating point per batch, QA warnings and skipped serie
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -35,13 +36,16 @@ def _batch_line(batch: dict[str, Any]) -> str:
     )
 
 
-def main(argv: list[str]) -> int:
-    """Print the report named by ``argv[1]``; 2 on bad usage, 1 when the run failed."""
-    if len(argv) != 2:
-        print("usage: print_report.py OUTPUT/report.json", file=sys.stderr)
+def main(argv: list[str] | None = None) -> int:
+    """Print the report named on the command line; 2 on bad usage or an unreadable file, 1 when the run failed."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("report", type=Path, help="a run's OUTPUT/report.json")
+    path = parser.parse_args(argv).report
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        print(f"{path}: cannot read the report ({error}); name a run's OUTPUT/report.json", file=sys.stderr)
         return 2
-    path = Path(argv[1])
-    report = json.loads(path.read_text(encoding="utf-8"))
     print(f"\nOutputs: {path.parent.resolve()}  (SEG/, SR/, report.json)")
     print(f"Encoder: {report['encoder']['description'] if report.get('encoder') else 'n/a'}")
     if report.get("status") != "completed":
@@ -72,4 +76,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(main())

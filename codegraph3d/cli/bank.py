@@ -44,7 +44,7 @@ def add_from_input(bank_folder: Path, input_folder: Path, model_folder: Path | N
     selection = select_input(scan_input(input_folder), config)
     encoder = build_encoder(config, model_folder)
     tokenisation = tokenise_selected(selection, config, encoder, model_path=model_folder)
-    bank = CohortBank(bank_folder, bank_settings(config, encoder, tokenisation.landmarks), create=True)
+    bank = CohortBank(bank_folder, bank_settings(config.token_recipe(), encoder, tokenisation.landmarks), create=True)
     for uid, reason in tokenisation.skipped.items():
         print(f"not added: series {uid}: {reason}")
     return bank.add([series_record(record) for record in tokenisation.series], source=str(input_folder))

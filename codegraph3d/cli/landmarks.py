@@ -134,7 +134,7 @@ def _output_json(target: str) -> Path:
 
 
 def _configured_percentiles(model_path: str | None) -> tuple[float, ...]:
-    return tuple(float(v) for v in load_config(model_path)["preprocess"]["landmark_percentiles"])
+    return load_config(model_path).preprocess.chain.landmark_percentiles
 
 
 def _describe(reference: ReferenceLandmarks) -> str:

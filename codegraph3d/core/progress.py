@@ -1,4 +1,4 @@
-"""Elapsed time and a linear ETA for the progress lines every long stage logs.
+"""Elapsed time and a linear ETA for the progress lines every long stage logs, and peak memory.
 
 Each stage logs its own line (an operator searching a log greps for the stage's words); this
 module only keeps the clock and the arithmetic in one place.
@@ -6,7 +6,15 @@ module only keeps the clock and the arithmetic in one place.
 
 from __future__ import annotations
 
+import resource
 import time
+
+__all__ = ["StageClock", "peak_rss_mb"]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB; children not included)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 class StageClock:

@@ -19,31 +19,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["NOT_MEASURED", "bank_operating_point", "decision_settings", "operating_point"]
+from codegraph3d.decision.settings import DecisionSettings
+
+__all__ = ["NOT_MEASURED", "bank_operating_point", "operating_point"]
 
 NOT_MEASURED = "not measured"
 _TABLE = Path(__file__).with_name("operating_points.json")
-
-
-def decision_settings(config: Mapping[str, Any], contrast: str) -> dict[str, Any]:
-    """The settings a flag on ``contrast`` depends on (besides the encoder), as an entry records them.
-
-    The evidence bound is the one in effect for the contrast (``finding_mass_by_contrast`` or
-    ``finding_mass``), so that another contrast's bound does not make this one "not measured".
-    """
-    threshold, scoring = dict(config["threshold"]), config["scoring"]
-    # Only bank-referenced batches use it, and they report their own calibration (bank_operating_point).
-    threshold.pop("bank_false_flag_rate", None)
-    threshold.pop("bank_confidence", None)
-    by_contrast = threshold.pop("finding_mass_by_contrast", {})
-    threshold["finding_mass"] = by_contrast.get(contrast, threshold["finding_mass"])
-    return {
-        "threshold": {key: threshold[key] for key in sorted(threshold)},
-        "scoring": {key: scoring[key] for key in ("k_fraction", "window_radius", "method")},
-        "min_brain_fraction": config["tokens"]["min_brain_fraction"],
-        # Without registration the policy standardises batch-wide, not per position.
-        "registration": config["preprocess"]["registration"],
-    }
 
 
 @lru_cache(maxsize=1)
@@ -52,7 +33,7 @@ def _entries() -> tuple[dict[str, Any], ...]:
         return tuple(json.load(handle)["entries"])
 
 
-def operating_point(policy: str, encoder: str, contrast: str, config: Mapping[str, Any]) -> dict[str, Any]:
+def operating_point(policy: str, encoder: str, contrast: str, settings: DecisionSettings) -> dict[str, Any]:
     """The measured false-flag rate of this policy, encoder, contrast and settings, or ``not measured``.
 
     Parameters
@@ -62,8 +43,8 @@ def operating_point(policy: str, encoder: str, contrast: str, config: Mapping[st
     encoder : str
         Encoder name (report.json ``encoder.name``).
     contrast : str
-    config : mapping
-        The run's configuration.
+    settings : DecisionSettings
+        The run's settings a flag depends on (:meth:`DecisionSettings.record` is what is matched).
 
     Returns
     -------
@@ -71,10 +52,10 @@ def operating_point(policy: str, encoder: str, contrast: str, config: Mapping[st
         ``false_flag_rate_per_normal_series`` (a fraction, or ``"not measured"``), and either
         ``normal_series``, ``flagged`` and ``measured_on`` or ``why_not``.
     """
-    settings = json.loads(json.dumps(decision_settings(config, contrast)))
+    wanted = json.loads(json.dumps(settings.record(contrast)))
     candidates = [e for e in _entries() if (e["policy"], e["encoder"], e["contrast"]) == (policy, encoder, contrast)]
     for entry in candidates:
-        if entry["settings"] == settings:
+        if entry["settings"] == wanted:
             return {
                 "false_flag_rate_per_normal_series": entry["flagged"] / entry["normal_series"],
                 "normal_series": entry["normal_series"],

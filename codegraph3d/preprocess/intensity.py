@@ -64,7 +64,6 @@ __all__ = [
     "read_landmarks_file",
     "merge_landmarks_file",
     "template_reference",
-    "main",
 ]
 
 SCHEMA = "codegraph3d.landmarks/1"

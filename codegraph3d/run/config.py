@@ -8,8 +8,11 @@ overrides them with a YAML file holding only the fields to change:
 2. ``codegraph3d.yaml`` in the model folder, else
 3. nothing (the defaults).
 
-Overrides are validated eagerly against the defaults: an unknown section or field, or a value of
-another type, is an error naming the file and the field.
+Overrides are validated eagerly, once, when the file is read: an unknown section or field, or a
+value of another type, is an error naming the file and the field (the merge); then each section
+becomes a frozen, typed record that checks its own ranges and choices, and :class:`RunConfig`
+checks what spans sections. The run layer hands those records down; no module below it reads the
+raw mapping. :meth:`RunConfig.as_dict` is the merged mapping, as report.json records it.
 """
 
 from __future__ import annotations
@@ -18,18 +21,27 @@ import copy
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Mapping
 
-import numpy as np
 import yaml
 
-from codegraph3d.decision.lesion_policy import LesionPolicy
+from codegraph3d.decision.settings import DecisionSettings, ThresholdPolicy, ThresholdSettings, choice
+from codegraph3d.features.encoders import configured_patch_size
+from codegraph3d.io.selection import SelectionRules
+from codegraph3d.preprocess.chain import PreprocessConfig
+from codegraph3d.scoring.codegraph import CoDeGraphConfig
 from codegraph3d.scoring.maps import INTERPOLATIONS
+from codegraph3d.store.cache import TokenRecipe
 
 __all__ = [
-    "ConfigError", "CONFIG_ENV_VAR", "MODEL_FOLDER_CONFIG", "default_config", "load_config", "config_hash",
-    "lesion_policy_of",
+    "AddScored", "BankSettings", "CacheSettings", "ConfigError", "CONFIG_ENV_VAR", "EncoderSettings",
+    "ExcludeSame", "LoadingSettings", "MODEL_FOLDER_CONFIG", "OutputSettings", "PreprocessSettings",
+    "RunConfig", "ScoringMethod", "ScoringPrecision", "ScoringSettings", "TokenSettings", "config_hash",
+    "default_config", "load_config",
 ]
 
 CONFIG_ENV_VAR = "CODEGRAPH3D_CONFIG"
@@ -109,11 +121,337 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any], source: str, prefi
         base[key] = copy.deepcopy(value)
 
 
+# ---------------------------------------------------------------------------------------------
+# typed sections: each checks its own fields when made; the messages name the field
+
+
+class ExcludeSame(StrEnum):
+    """Which references a volume is never scored against (``scoring.exclude_same``)."""
+
+    PATIENT_ID = "patient_id"
+    STUDY = "study"
+    NONE = "none"
+
+
+class ScoringMethod(StrEnum):
+    """``scoring.method``: plain MuSc, or MuSc with CoDeGraph's removal of repeated anomalies."""
+
+    MUSC = "musc"
+    CODEGRAPH = "codegraph"
+
+
+class ScoringPrecision(StrEnum):
+    """``scoring.precision`` of the distance matmuls on a GPU."""
+
+    FLOAT32 = "float32"
+    TF32 = "tf32"
+
+
+class AddScored(StrEnum):
+    """Which scored series join the cohort bank after a run (``bank.add_scored``)."""
+
+    NONE = "none"
+    UNFLAGGED = "unflagged"
+    ALL = "all"
+
+
+def _integer(value: Any, name: str, low: int, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}{hint}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class LoadingSettings:
+    """``loading``: how many studies are loaded and preprocessed at a time (bounds memory)."""
+
+    studies_per_chunk: int = 8
+
+    def __post_init__(self) -> None:
+        if self.studies_per_chunk < 1:
+            raise ValueError("loading.studies_per_chunk must be at least 1")
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """``preprocess``: worker processes, and the chain's settings on the working grid.
+
+    Attributes
+    ----------
+    workers : int
+        Worker processes (0: automatic); how a run is spread, not what a series becomes.
+    chain : PreprocessConfig
+        The chain's validated settings, with ``size`` the working grid of the configured encoder.
+    """
+
+    workers: int
+    chain: PreprocessConfig
+
+    def __post_init__(self) -> None:
+        _integer(self.workers, "preprocess.workers", 0, " (0 = automatic)")
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    """``encoder``: which 2D encoder, its weights, layers, batch, device, seed and patch size."""
+
+    name: str
+    weights: str
+    layers: tuple[int, ...]
+    batch_size: int
+    device: str
+    seed: int
+    patch_size: int
+
+    def __post_init__(self) -> None:
+        if any(isinstance(layer, bool) or not isinstance(layer, int) or layer < 1 for layer in self.layers):
+            raise ValueError(f"encoder.layers must be 1-based block indices; got {list(self.layers)}")
+
+    @property
+    def family_patch_size(self) -> int:
+        """The patch size of the encoder's family (DINOv2: 14), which fixes the working grid."""
+        return configured_patch_size(self.name, self.patch_size)
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    """``tokens``: the 3D token grid, the brain-fraction rule and the seeded projection."""
+
+    grid_size: int
+    projection_dim: int
+    projection_seed: int
+    min_brain_fraction: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_brain_fraction <= 1.0:
+            raise ValueError("tokens.min_brain_fraction must lie in (0, 1]")
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """``scoring``: the MuSc / CoDeGraph scorer, its memory bound and the batch chunks."""
+
+    k_fraction: float
+    exclude_same: ExcludeSame
+    device: str
+    chunk_size: int
+    memory_budget_mb: float
+    precision: ScoringPrecision
+    window_radius: int
+    batch_size: int
+    batch_seed: int
+    method: ScoringMethod
+    codegraph: CoDeGraphConfig
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.k_fraction <= 1.0:
+            raise ValueError(f"scoring.k_fraction must lie in (0, 1]; got {self.k_fraction}")
+        for name, enum in (("exclude_same", ExcludeSame), ("precision", ScoringPrecision), ("method", ScoringMethod)):
+            object.__setattr__(self, name, choice(enum, getattr(self, name), f"scoring.{name}"))
+        if isinstance(self.window_radius, bool) or not isinstance(self.window_radius, int) or self.window_radius < -1:
+            raise ValueError(f"scoring.window_radius must be -1 (global) or a radius >= 0; got {self.window_radius}")
+        if self.memory_budget_mb < 0:
+            raise ValueError(f"scoring.memory_budget_mb must be >= 0 (0 = no bound); got {self.memory_budget_mb!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size in (1,) or self.batch_size < 0:
+            raise ValueError(f"scoring.batch_size must be 0 (one batch) or at least 2; got {self.batch_size!r}")
+        _integer(self.batch_seed, "scoring.batch_seed", 0)
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """``output``: map interpolation, previews, the FRACTIONAL SEG, series numbers, the SR."""
+
+    mask_interpolation: str
+    score_interpolation: str
+    previews: bool
+    fractional: bool
+    series_number: int
+    sr: bool
+
+    def __post_init__(self) -> None:
+        for name in ("mask_interpolation", "score_interpolation"):
+            if getattr(self, name) not in INTERPOLATIONS:
+                raise ValueError(f"output.{name} must be one of {list(INTERPOLATIONS)}; got {getattr(self, name)!r}")
+
+
+def _not_a_file(folder: str, name: str, use: str) -> None:
+    if folder and Path(folder).expanduser().exists() and not Path(folder).expanduser().is_dir():
+        raise ValueError(f"{name} {folder!r} is a file; point it at {use}, or '' to turn it off")
+
+
+@dataclass(frozen=True)
+class BankSettings:
+    """``bank``: the cohort bank's folder, when it joins a batch, its draw, what a run adds."""
+
+    folder: str
+    min_patients: int
+    max_references: int
+    seed: int
+    add_scored: AddScored
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "add_scored", choice(AddScored, self.add_scored, "bank.add_scored"))
+        for name, low in (("min_patients", 2), ("max_references", 1), ("seed", 0)):
+            _integer(getattr(self, name), f"bank.{name}", low)
+        _not_a_file(self.folder, "bank.folder", "the cohort bank's folder")
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """``cache``: the token cache's folder (``""``: no cache)."""
+
+    folder: str
+
+    def __post_init__(self) -> None:
+        _not_a_file(self.folder, "cache.folder", "a folder for the token cache")
+
+
+# ---------------------------------------------------------------------------------------------
+# the run's configuration
+
+
+def _frozen(value: Any) -> Any:
+    """A read-only deep copy: the record a run hands down cannot change under it."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({key: _frozen(item) for key, item in value.items()})
+    if isinstance(value, list):
+        return tuple(_frozen(item) for item in value)
+    return value
+
+
+def _thawed(value: Any) -> Any:
+    """The plain JSON-able form of :func:`_frozen`'s output (lists, dicts), as read from YAML."""
+    if isinstance(value, Mapping):
+        return {key: _thawed(item) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return [_thawed(item) for item in value]
+    return value
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A run's configuration: validated once, typed by section, read-only.
+
+    Made by :func:`load_config` (or :meth:`from_mapping`); a variant is made with
+    :meth:`with_overrides`, never by replacing a section, so that :meth:`as_dict` (what report.json
+    records and the configuration hash covers) always describes the sections.
+    """
+
+    loading: LoadingSettings
+    selection: SelectionRules
+    preprocess: PreprocessSettings
+    encoder: EncoderSettings
+    tokens: TokenSettings
+    scoring: ScoringSettings
+    threshold: ThresholdSettings
+    output: OutputSettings
+    bank: BankSettings
+    cache: CacheSettings
+    sources: tuple[str, ...] = ()
+    values: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], sources: tuple[str, ...] = ()) -> RunConfig:
+        """Build the typed record from a merged mapping of every section (types already checked).
+
+        Raises
+        ------
+        ConfigError
+            For a value out of range, a choice outside its options, or settings that conflict
+            across sections; the message names the field.
+        """
+        try:
+            return cls(**_sections(values), sources=tuple(sources), values=_frozen(values))
+        except (ValueError, TypeError) as error:
+            raise ConfigError(str(error)) from error
+
+    def __post_init__(self) -> None:
+        scored = self.selection.scored_contrasts
+        for contrast in self.threshold.finding_mass_by_contrast:
+            if contrast not in scored:
+                raise ValueError(
+                    f"threshold.finding_mass_by_contrast: {contrast!r} is not a scored contrast "
+                    f"(selection.scored_contrasts: {list(scored)}); name the contrast batches as the report does"
+                )
+        if self.threshold.policy is ThresholdPolicy.BANK and not self.bank.folder:
+            raise ValueError("threshold.policy bank needs a cohort bank: set bank.folder")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The merged mapping of every section plus ``config_sources``, as report.json records it."""
+        return {**_thawed(self.values), "config_sources": list(self.sources)}
+
+    def with_overrides(self, override: Mapping[str, Any], source: str = "<override>") -> RunConfig:
+        """A new configuration: this one with ``override`` merged on and validated again."""
+        values = _thawed(self.values)
+        _merge(values, override, source)
+        return RunConfig.from_mapping(values, (*self.sources, source))
+
+    @property
+    def working_grid_size(self) -> int:
+        """Edge of the working grid: ``tokens.grid_size`` x the encoder family's patch size."""
+        return int(self.tokens.grid_size) * self.encoder.family_patch_size
+
+    def token_recipe(self) -> TokenRecipe:
+        """The settings that make two series' tokens comparable (token cache and bank identity)."""
+        return TokenRecipe(
+            preprocess=_thawed(self.values["preprocess"]), grid_size=self.tokens.grid_size,
+            min_brain_fraction=self.tokens.min_brain_fraction,
+            projection_dim=self.tokens.projection_dim, projection_seed=self.tokens.projection_seed,
+        )
+
+    def decision_settings(self) -> DecisionSettings:
+        """The settings a flag depends on besides the encoder (matched against operating points)."""
+        return DecisionSettings(
+            threshold=self.threshold, k_fraction=self.scoring.k_fraction,
+            window_radius=self.scoring.window_radius, method=self.scoring.method.value,
+            min_brain_fraction=self.tokens.min_brain_fraction, registration=self.preprocess.chain.registration,
+        )
+
+
+def _section(values: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """One section's fields, lists as tuples (the records are frozen)."""
+    return {key: tuple(item) if isinstance(item, list) else item for key, item in values[name].items()}
+
+
+def _preprocess_settings(values: Mapping[str, Any], size: int) -> PreprocessSettings:
+    settings = _section(values, "preprocess")
+    workers = settings.pop("workers")
+    for key in ("clip_percentiles", "brain_ml_warn", "brain_ml_fail", "landmark_percentiles"):
+        settings[key] = tuple(float(v) for v in settings[key])
+    return PreprocessSettings(workers=workers, chain=PreprocessConfig(size=size, **settings))
+
+
+def _sections(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Every section of a merged mapping as its typed record, in the order the file has them."""
+    try:
+        selection = SelectionRules.from_dict(values["selection"])
+    except (ValueError, TypeError, KeyError) as error:
+        raise ConfigError(f"selection rules: {error}") from error
+    scoring = _section(values, "scoring")
+    try:
+        scoring["codegraph"] = CoDeGraphConfig(**values["scoring"]["codegraph"])
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"scoring.codegraph: {error}") from error
+    encoder = EncoderSettings(**_section(values, "encoder"))
+    tokens = TokenSettings(**_section(values, "tokens"))
+    return {
+        "loading": LoadingSettings(**_section(values, "loading")),
+        "selection": selection,
+        "preprocess": _preprocess_settings(values, int(tokens.grid_size) * encoder.family_patch_size),
+        "encoder": encoder,
+        "tokens": tokens,
+        "scoring": ScoringSettings(**scoring),
+        "threshold": ThresholdSettings(**values["threshold"]),
+        "output": OutputSettings(**_section(values, "output")),
+        "bank": BankSettings(**_section(values, "bank")),
+        "cache": CacheSettings(**_section(values, "cache")),
+    }
+
+
 def load_config(
     model_path: str | os.PathLike | None = None,
     override: str | os.PathLike | Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Load the defaults and apply the run's overrides.
+) -> RunConfig:
+    """Load the defaults, apply the run's overrides, and validate them once.
 
     Parameters
     ----------
@@ -124,17 +462,28 @@ def load_config(
 
     Returns
     -------
-    dict
-        The merged configuration, with ``config_sources`` listing the files applied.
+    RunConfig
+        The typed configuration; ``sources`` lists the files applied.
 
     Raises
     ------
     ConfigError
-        For a missing or unreadable override file, an unknown field or a value of the wrong type.
+        For a missing or unreadable override file, an unknown field, a value of the wrong type or
+        out of range, or settings that conflict.
     """
-    config = default_config()
-    sources: list[str] = []
-    candidates: list[Path] = []
+    values = default_config()
+    overrides = [(str(path), _read_yaml(path)) for path in _override_files(model_path)]
+    if isinstance(override, Mapping):
+        overrides.append(("<override>", override))
+    elif override is not None:
+        overrides.append((str(override), _read_yaml(Path(override))))
+    for source, layer in overrides:
+        _merge(values, layer, source)
+    return RunConfig.from_mapping(values, tuple(source for source, _ in overrides))
+
+
+def _override_files(model_path: str | os.PathLike | None) -> list[Path]:
+    """The configuration file of the environment variable, else the model folder's, else none."""
     env_value = os.environ.get(CONFIG_ENV_VAR, "").strip()
     if env_value:
         path = Path(env_value)
@@ -142,22 +491,10 @@ def load_config(
             raise ConfigError(
                 f"{CONFIG_ENV_VAR}={env_value}: no such file; point it at a YAML file or unset it"
             )
-        candidates.append(path)
-    elif model_path is not None and (Path(model_path) / MODEL_FOLDER_CONFIG).is_file():
-        candidates.append(Path(model_path) / MODEL_FOLDER_CONFIG)
-    overrides: list[tuple[str, Mapping[str, Any]]] = []
-    for path in candidates:
-        overrides.append((str(path), _read_yaml(path)))
-    if isinstance(override, Mapping):
-        overrides.append(("<override>", override))
-    elif override is not None:
-        overrides.append((str(override), _read_yaml(Path(override))))
-    for source, values in overrides:
-        _merge(config, values, source)
-        sources.append(source)
-    _validate(config)
-    config["config_sources"] = sources
-    return config
+        return [path]
+    if model_path is not None and (Path(model_path) / MODEL_FOLDER_CONFIG).is_file():
+        return [Path(model_path) / MODEL_FOLDER_CONFIG]
+    return []
 
 
 def _read_yaml(path: Path) -> Mapping[str, Any]:
@@ -173,122 +510,7 @@ def _read_yaml(path: Path) -> Mapping[str, Any]:
     return values
 
 
-def _validate(config: Mapping[str, Any]) -> None:
-    """Cross-field checks that single-field types cannot express."""
-    from codegraph3d.io.selection import SelectionRules
-
-    try:
-        SelectionRules.from_dict(config["selection"])
-    except (ValueError, TypeError, KeyError) as error:
-        raise ConfigError(f"selection rules: {error}") from error
-    if not 0.0 < config["scoring"]["k_fraction"] <= 1.0:
-        raise ConfigError(f"scoring.k_fraction must lie in (0, 1]; got {config['scoring']['k_fraction']}")
-    if config["scoring"]["exclude_same"] not in ("patient_id", "study", "none"):
-        raise ConfigError(
-            "scoring.exclude_same must be one of patient_id, study, none; "
-            f"got {config['scoring']['exclude_same']!r}"
-        )
-    if not isinstance(config["scoring"]["window_radius"], int) or config["scoring"]["window_radius"] < -1:
-        raise ConfigError(f"scoring.window_radius must be -1 (global) or a radius >= 0; got {config['scoring']['window_radius']}")
-    if config["scoring"]["method"] not in ("musc", "codegraph"):
-        raise ConfigError(f"scoring.method must be musc or codegraph; got {config['scoring']['method']!r}")
-    try:
-        from codegraph3d.scoring.codegraph import CoDeGraphConfig
-
-        CoDeGraphConfig(**config["scoring"]["codegraph"])
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"scoring.codegraph: {error}") from error
-    preprocess = {key: value for key, value in config["preprocess"].items() if key != "workers"}
-    for key in ("clip_percentiles", "landmark_percentiles", "brain_ml_warn", "brain_ml_fail"):
-        preprocess[key] = tuple(preprocess[key])
-    try:
-        from codegraph3d.preprocess.chain import PreprocessConfig
-
-        PreprocessConfig(**preprocess)
-    except (ValueError, TypeError) as error:
-        raise ConfigError(str(error)) from error
-    workers = config["preprocess"]["workers"]
-    if not isinstance(workers, int) or workers < 0:
-        raise ConfigError(f"preprocess.workers must be an integer >= 0 (0 = automatic); got {workers!r}")
-    if config["loading"]["studies_per_chunk"] < 1:
-        raise ConfigError("loading.studies_per_chunk must be at least 1")
-    if not 0.0 < config["tokens"]["min_brain_fraction"] <= 1.0:
-        raise ConfigError("tokens.min_brain_fraction must lie in (0, 1]")
-    if any(not isinstance(layer, int) or layer < 1 for layer in config["encoder"]["layers"]):
-        raise ConfigError(f"encoder.layers must be 1-based block indices; got {config['encoder']['layers']}")
-    if config["scoring"]["memory_budget_mb"] < 0:
-        raise ConfigError(f"scoring.memory_budget_mb must be >= 0 (0 = no bound); got {config['scoring']['memory_budget_mb']!r}")
-    if config["scoring"]["precision"] not in ("float32", "tf32"):
-        raise ConfigError(f"scoring.precision must be float32 or tf32; got {config['scoring']['precision']!r}")
-    batch_size = config["scoring"]["batch_size"]
-    if not isinstance(batch_size, int) or batch_size == 1 or batch_size < 0:
-        raise ConfigError(f"scoring.batch_size must be 0 (one batch) or at least 2; got {batch_size!r}")
-    if not isinstance(config["scoring"]["batch_seed"], int) or config["scoring"]["batch_seed"] < 0:
-        raise ConfigError(f"scoring.batch_seed must be an integer >= 0; got {config['scoring']['batch_seed']!r}")
-    bank = config["bank"]
-    threshold = config["threshold"]
-    if threshold["policy"] not in ("lesion", "robust_z", "bank"):
-        raise ConfigError(f"threshold.policy must be lesion, robust_z or bank; got {threshold['policy']!r}")
-    if not (np.isfinite(threshold["min_finding_ml"]) and threshold["min_finding_ml"] >= 0):
-        raise ConfigError(f"threshold.min_finding_ml must be >= 0; got {threshold['min_finding_ml']!r}")
-    scored = config["selection"]["scored_contrasts"]
-    for contrast, mass in threshold["finding_mass_by_contrast"].items():
-        if contrast not in scored:
-            raise ConfigError(
-                f"threshold.finding_mass_by_contrast: {contrast!r} is not a scored contrast "
-                f"(selection.scored_contrasts: {scored}); name the contrast batches as the report does"
-            )
-        if isinstance(mass, bool) or not isinstance(mass, (int, float)) or not (np.isfinite(mass) and mass >= 0):
-            raise ConfigError(
-                f"threshold.finding_mass_by_contrast.{contrast} must be a number >= 0 (z x ml); got {mass!r}"
-            )
-    if threshold["reference"] not in ("auto", "batch"):
-        raise ConfigError(f"threshold.reference must be auto or batch; got {threshold['reference']!r}")
-    try:
-        lesion_policy_of(config)
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
-    for key in ("mask_interpolation", "score_interpolation"):
-        if config["output"][key] not in INTERPOLATIONS:
-            raise ConfigError(f"output.{key} must be one of {list(INTERPOLATIONS)}; got {config['output'][key]!r}")
-    if config["threshold"]["policy"] == "bank" and not bank["folder"]:
-        raise ConfigError("threshold.policy bank needs a cohort bank: set bank.folder")
-    if bank["add_scored"] not in ("none", "unflagged", "all"):
-        raise ConfigError(f"bank.add_scored must be none, unflagged or all; got {bank['add_scored']!r}")
-    for key, low in (("min_patients", 2), ("max_references", 1), ("seed", 0)):
-        if not isinstance(bank[key], int) or bank[key] < low:
-            raise ConfigError(f"bank.{key} must be an integer >= {low}; got {bank[key]!r}")
-    if bank["folder"] and Path(bank["folder"]).expanduser().exists() and not Path(bank["folder"]).expanduser().is_dir():
-        raise ConfigError(f"bank.folder {bank['folder']!r} is a file; point it at the cohort bank's folder, or '' to turn it off")
-    folder = config["cache"]["folder"]
-    if folder and Path(folder).expanduser().exists() and not Path(folder).expanduser().is_dir():
-        raise ConfigError(
-            f"cache.folder {folder!r} is a file; point it at a folder for the token cache, or '' to turn it off"
-        )
-
-
-def lesion_policy_of(config: Mapping[str, Any], contrast: str | None = None) -> LesionPolicy:
-    """The ``threshold`` section's lesion-policy settings as a validated :class:`LesionPolicy`.
-
-    Parameters
-    ----------
-    config : mapping
-        The run configuration.
-    contrast : str, optional
-        The contrast batch decided: its ``finding_mass_by_contrast`` entry, if any, replaces
-        ``finding_mass``.
-    """
-    threshold = config["threshold"]
-    mass = threshold["finding_mass_by_contrast"].get(contrast, threshold["finding_mass"])
-    return LesionPolicy(
-        token_z=threshold["token_z"], finding_mass=mass,
-        voxel_z=threshold["voxel_z"], prior_volumes=threshold["prior_volumes"],
-        tail_quantile=threshold["tail_quantile"], bank_false_flag_rate=threshold["bank_false_flag_rate"],
-        bank_confidence=threshold["bank_confidence"],
-    )
-
-
-def config_hash(config: Mapping[str, Any]) -> str:
-    """SHA-256 of the configuration's canonical JSON (sources excluded), for reports and caches."""
-    relevant = {key: value for key, value in config.items() if key != "config_sources"}
+def config_hash(config: RunConfig) -> str:
+    """SHA-256 of the configuration's canonical JSON (sources excluded), for reports."""
+    relevant = {key: value for key, value in config.as_dict().items() if key != "config_sources"}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode("utf-8")).hexdigest()

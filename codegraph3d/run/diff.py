@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pydicom
 
-__all__ = ["RunDifference", "SeriesDifference", "binary_seg_difference", "compare_runs"]
+__all__ = ["RunDifference", "SeriesDifference", "binary_seg_difference", "compare_runs", "read_report"]
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,8 @@ class RunDifference:
         return max(values, default=0.0)
 
 
-def _read_report(folder: Path) -> dict[str, Any]:
+def read_report(folder: Path) -> dict[str, Any]:
+    """The report.json of an output folder; a ``ValueError`` naming the file when it is not a run's report."""
     path = folder / "report.json"
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
@@ -152,7 +153,7 @@ def compare_runs(output_a: Path, output_b: Path, score_tolerance: float = 1e-4, 
     if score_tolerance < 0 or not 0 <= mask_tolerance <= 1:
         raise ValueError("score_tolerance must be >= 0 and mask_tolerance within [0, 1]")
     output_a, output_b = Path(output_a), Path(output_b)
-    report_a, report_b = _read_report(output_a), _read_report(output_b)
+    report_a, report_b = read_report(output_a), read_report(output_b)
     result = RunDifference()
     if report_a.get("status") != report_b.get("status"):
         result.problems.append(f"run status {report_a.get('status')!r} vs {report_b.get('status')!r}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import resource
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -23,16 +22,15 @@ import numpy as np
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from codegraph3d.scoring.codegraph import CoDeGraphConfig
 from codegraph3d.store.cache import CachedSeries, CacheEntryError, TokenCache, key_material, read_source_headers
-from codegraph3d.features.encoders import SliceEncoder, configured_patch_size, load_encoder
+from codegraph3d.features.encoders import SliceEncoder, load_encoder
 from codegraph3d.io.dicom import ScanResult, chunk_studies, scan_headers
-from codegraph3d.io.selection import SeriesDecision, SelectionRules, select_series
-from codegraph3d.run.config import lesion_policy_of
+from codegraph3d.io.selection import SeriesDecision, select_series
+from codegraph3d.run.config import RunConfig, ScoringSettings
 from codegraph3d.decision.lesion_policy import LESION_POLICY_NAME, decide_lesions
 from codegraph3d.scoring.maps import token_voxel_map
 from codegraph3d.preprocess.workers import PreprocessSetup, SeriesJob, SeriesOutcome, StudyPreprocessor, available_cpus, resolve_workers
-from codegraph3d.preprocess.chain import PreprocessConfig, PreprocessedVolume, resample_to_source
+from codegraph3d.preprocess.chain import PreprocessedVolume, resample_to_source
 from codegraph3d.core.progress import StageClock
 from codegraph3d.scoring.batch import BatchScores, score_batch
 from codegraph3d.decision.thresholds import (
@@ -55,7 +53,6 @@ __all__ = [
     "StageTimer",
     "build_encoder",
     "open_cache",
-    "preprocess_config",
     "scan_input",
     "select_input",
     "tokenise_selected",
@@ -71,11 +68,6 @@ logger = logging.getLogger(__name__)
 
 class CohortError(RuntimeError):
     """The input as a whole cannot be scored (exit code 2); the message says why and what to do."""
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 class StageTimer:
@@ -142,15 +134,15 @@ class Selection:
         return [d for d in self.decisions if d.taken]
 
 
-def select_input(scan: ScanResult, config: Mapping[str, Any]) -> Selection:
-    """Apply the selection rules of ``config['selection']`` to every series.
+def select_input(scan: ScanResult, config: RunConfig) -> Selection:
+    """Apply the selection rules (``config.selection``) to every series.
 
     Raises
     ------
     CohortError
         When no series qualifies (no MR brain series of a scored contrast).
     """
-    rules = SelectionRules.from_dict(config["selection"])
+    rules = config.selection
     decisions = select_series(scan, rules)
     selection = Selection(scan=scan, decisions=decisions)
     if not selection.taken:
@@ -168,27 +160,27 @@ def select_input(scan: ScanResult, config: Mapping[str, Any]) -> Selection:
 # preprocess and tokenise
 
 
-def build_encoder(config: Mapping[str, Any], model_path: str | Path | None) -> SliceEncoder:
+def build_encoder(config: RunConfig, model_path: str | Path | None) -> SliceEncoder:
     """Create the encoder the configuration names; missing weights are a :class:`CohortError`."""
-    settings = config["encoder"]
-    name = settings["name"]
-    options: dict[str, Any] = {"device": settings["device"]}
+    settings = config.encoder
+    name = settings.name
+    options: dict[str, Any] = {"device": settings.device}
     if name == "intensity":
-        options["patch_size"] = settings["patch_size"]
+        options["patch_size"] = settings.patch_size
     else:
-        options["layers"] = settings["layers"]
-        options["seed"] = settings["seed"]
+        options["layers"] = list(settings.layers)
+        options["seed"] = settings.seed
         if name == "untrained-tiny":
-            options["patch_size"] = settings["patch_size"]
-        if name == "dinov2" and settings["weights"]:
-            options["weights"] = settings["weights"]
+            options["patch_size"] = settings.patch_size
+        if name == "dinov2" and settings.weights:
+            options["weights"] = settings.weights
     try:
         encoder = load_encoder(name, model_path, **options)
     except FileNotFoundError as error:
         raise CohortError(str(error)) from error
     except ValueError as error:
         raise CohortError(f"encoder {name!r} cannot be loaded: {error}") from error
-    expected = configured_patch_size(name, settings["patch_size"])
+    expected = settings.family_patch_size
     if encoder.patch_size != expected:
         raise CohortError(
             f"encoder {name!r} has patch size {encoder.patch_size}, not the {expected} its family has; "
@@ -224,39 +216,20 @@ class Tokenisation:
     landmarks: dict[str, Any] | None = None  # Nyul references in effect (part of token identity)
 
 
-def open_cache(config: Mapping[str, Any]) -> TokenCache | None:
-    """The token cache ``config['cache']['folder']`` names, or ``None`` when it is off (``""``).
+def open_cache(config: RunConfig) -> TokenCache | None:
+    """The token cache ``cache.folder`` names, or ``None`` when it is off (``""``).
 
     Raises
     ------
     CohortError
         When the folder cannot be used (a file of that name, not writable).
     """
-    folder = str(config.get("cache", {}).get("folder", "") or "")
-    if not folder:
+    if not config.cache.folder:
         return None
     try:
-        return TokenCache(folder)
+        return TokenCache(config.cache.folder)
     except ValueError as error:
         raise CohortError(str(error)) from error
-
-
-def working_grid_size(config: Mapping[str, Any]) -> int:
-    """Edge of the working grid: ``tokens.grid_size`` x the configured encoder's patch size."""
-    encoder = config["encoder"]
-    return int(config["tokens"]["grid_size"]) * configured_patch_size(encoder["name"], encoder["patch_size"])
-
-
-def preprocess_config(config: Mapping[str, Any]) -> PreprocessConfig:
-    """The preprocessing settings of ``config['preprocess']`` on the configured working grid."""
-    size = working_grid_size(config)
-    # workers is how the run is spread over processes, not what a series becomes.
-    settings = {key: value for key, value in config["preprocess"].items() if key != "workers"}
-    for key in ("clip_percentiles", "brain_ml_warn", "brain_ml_fail"):
-        if key in settings:
-            settings[key] = tuple(float(v) for v in settings[key])
-    settings["landmark_percentiles"] = tuple(float(v) for v in settings["landmark_percentiles"])
-    return PreprocessConfig(size=size, **settings)
 
 
 def _series_info(decision: SeriesDecision) -> dict[str, Any]:
@@ -287,7 +260,7 @@ def _from_cache(
 def _encode_outcome(
     decision: SeriesDecision,
     outcome: SeriesOutcome,
-    config: Mapping[str, Any],
+    config: RunConfig,
     encoder: SliceEncoder,
     cache: TokenCache | None,
     material: Mapping[str, Any] | None,
@@ -299,9 +272,9 @@ def _encode_outcome(
         prepared.image,
         prepared.brain_mask,
         encoder,
-        grid_size=config["tokens"]["grid_size"],
-        min_brain_fraction=config["tokens"]["min_brain_fraction"],
-        batch_size=config["encoder"]["batch_size"],
+        grid_size=config.tokens.grid_size,
+        min_brain_fraction=config.tokens.min_brain_fraction,
+        batch_size=config.encoder.batch_size,
     )
     # The scorer and writer need only the mask and geometry: drop the image to bound memory.
     prepared.image = np.zeros((0, 0, 0), np.float32)
@@ -323,14 +296,11 @@ def _encode_outcome(
 
 
 def _finish(
-    decision: SeriesDecision, entry: CachedSeries, datasets: list[Dataset], status: str, config: Mapping[str, Any]
+    decision: SeriesDecision, entry: CachedSeries, datasets: list[Dataset], status: str, config: RunConfig
 ) -> TokenisedSeries:
     """Project a series' tokens and assemble its QA record."""
-    token_settings = config["tokens"]
     tokens = project(
-        entry.encoded,
-        projection_dim=token_settings["projection_dim"],
-        projection_seed=token_settings["projection_seed"],
+        entry.encoded, projection_dim=config.tokens.projection_dim, projection_seed=config.tokens.projection_seed,
     )
     qa = {
         "brain_volume_ml": round(entry.prepared.brain_volume_ml, 2),
@@ -344,38 +314,119 @@ def _finish(
 
 
 def preprocess_setup(
-    config: Mapping[str, Any], model_path: str | Path | None, workers: int = 1
+    config: RunConfig, model_path: str | Path | None, workers: int = 1
 ) -> PreprocessSetup:
     """The worker settings of a run: preprocessing, model folder, device, threads per worker."""
     threads = max(1, available_cpus() // workers) if workers > 1 else 0
     return PreprocessSetup(
-        config=preprocess_config(config),
+        config=config.preprocess.chain,
         model_path=None if model_path is None else str(model_path),
-        device=str(config["encoder"]["device"]),
+        device=str(config.encoder.device),
         threads=threads,
-        contrasts=tuple(config["selection"]["scored_contrasts"]),
+        contrasts=tuple(config.selection.scored_contrasts),
     )
 
 
-def landmark_material(config: Mapping[str, Any], model_path: str | Path | None) -> dict[str, Any] | None:
+def landmark_material(config: RunConfig, model_path: str | Path | None) -> dict[str, Any] | None:
     """The Nyul references a run uses per scored contrast (part of the token cache key), or None."""
     from codegraph3d.preprocess.intensity import load_reference_landmarks
 
-    settings = config["preprocess"]
-    if settings["intensity_scaling"] != "landmarks":
+    chain = config.preprocess.chain
+    if chain.intensity_scaling != "landmarks":
         return None
     try:
         return {
-            contrast: load_reference_landmarks(contrast, model_path, settings["landmark_percentiles"]).to_dict()
-            for contrast in config["selection"]["scored_contrasts"]
+            contrast: load_reference_landmarks(contrast, model_path, chain.landmark_percentiles).to_dict()
+            for contrast in config.selection.scored_contrasts
         }
     except (ValueError, OSError) as error:
         raise CohortError(f"intensity reference landmarks cannot be loaded: {error}") from error
 
 
+@dataclass
+class _TokenisationRun:
+    """State of one :func:`tokenise_selected` call: the result so far, the cache and the progress count."""
+
+    config: RunConfig
+    encoder: SliceEncoder
+    timer: StageTimer
+    progress: Callable[[int, int], None] | None
+    cache: TokenCache | None
+    result: Tokenisation
+    total: int
+    done: int = 0
+    plans: dict[str, tuple[SeriesDecision, Mapping[str, Any] | None, str]] = field(default_factory=dict)
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+    def skip(self, decision: SeriesDecision, reason: str) -> None:
+        logger.warning(
+            "study=%s series=%s decision=skip reason=%s",
+            decision.study_instance_uid, decision.series_instance_uid, reason,
+        )
+        self.result.skipped[decision.series_instance_uid] = reason
+
+    def jobs_of(self, decisions: Sequence[SeriesDecision], pool: StudyPreprocessor) -> list[SeriesJob]:
+        """A study's series to preprocess; those the cache holds are finished here, without pixels."""
+        jobs: list[SeriesJob] = []
+        for decision in decisions:
+            status, material, entry, datasets = "off", None, None, []
+            if self.cache is not None and decision.series is not None:
+                material = key_material(
+                    decision.series_instance_uid, [s.sop_instance_uid for s in decision.series.slices],
+                    self.config.token_recipe(), self.encoder, self.result.landmarks,
+                )
+                entry, datasets, status = _from_cache(decision, self.cache, material)
+            if entry is not None:
+                self.result.series.append(_finish(decision, entry, datasets, status, self.config))
+                pool.clock.total -= 1
+                self.advance()
+                continue
+            self.plans[decision.series_instance_uid] = (decision, material, status)
+            jobs.append(SeriesJob(decision.series, decision.contrast, decision.series_instance_uid))
+        return jobs
+
+    def take(self, outcome: SeriesOutcome) -> None:
+        """Encode a preprocessed series (and cache it), or record why it was skipped."""
+        decision, material, status = self.plans.pop(outcome.series_instance_uid)
+        if outcome.error is not None or outcome.prepared is None:
+            self.skip(decision, outcome.error or "could not be preprocessed")
+            if outcome.qa:
+                self.result.skipped_qa[decision.series_instance_uid] = outcome.qa
+        else:
+            start = time.perf_counter()
+            with self.timer("tokenise"):
+                entry = _encode_outcome(decision, outcome, self.config, self.encoder, self.cache, material)
+            record = _finish(decision, entry, outcome.datasets, status, self.config)
+            record.qa["seconds"] = round(outcome.seconds + time.perf_counter() - start, 2)
+            record.qa["seconds_preprocess"] = round(outcome.seconds, 2)
+            for warning in record.qa.get("warnings", []):
+                logger.warning(
+                    "study=%s series=%s qa=warning reason=%s",
+                    decision.study_instance_uid, decision.series_instance_uid, warning,
+                )
+            self.result.series.append(record)
+        self.advance()
+
+
+def _log_cache_use(result: Tokenisation, cache: TokenCache | None) -> None:
+    if cache is None:
+        return
+    counts: dict[str, int] = defaultdict(int)
+    for record in result.series:
+        counts[record.qa["token_cache"]] += 1
+    logger.info(
+        "token cache %s: %d hit(s), %d miss(es), %d rebuilt", cache.folder,
+        counts["hit"], counts["miss"], counts["rebuilt"],
+    )
+
+
 def tokenise_selected(
     selection: Selection,
-    config: Mapping[str, Any],
+    config: RunConfig,
     encoder: SliceEncoder,
     timer: StageTimer | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -397,95 +448,36 @@ def tokenise_selected(
         When nothing could be preprocessed, or a model file preprocessing needs is missing.
     """
     timer = timer or StageTimer()
-    cache = open_cache(config)
     taken_by_study: dict[str, list[SeriesDecision]] = defaultdict(list)
     for decision in selection.taken:
         taken_by_study[decision.study_instance_uid].append(decision)
     studies = [study for study in selection.scan.studies if study.study_instance_uid in taken_by_study]
-    total = len(selection.taken)
-    done = 0
     landmarks = landmark_material(config, model_path)
-    result = Tokenisation(series=[], skipped={}, encoder=encoder.identity(), landmarks=landmarks)
-    workers = resolve_workers(int(config["preprocess"]["workers"]), len(studies))
+    run = _TokenisationRun(
+        config, encoder, timer, progress, open_cache(config),
+        Tokenisation(series=[], skipped={}, encoder=encoder.identity(), landmarks=landmarks), len(selection.taken),
+    )
+    workers = resolve_workers(int(config.preprocess.workers), len(studies))
     setup = preprocess_setup(config, model_path, workers)
-
-    def skip(decision: SeriesDecision, reason: str) -> None:
-        logger.warning(
-            "study=%s series=%s decision=skip reason=%s",
-            decision.study_instance_uid, decision.series_instance_uid, reason,
-        )
-        result.skipped[decision.series_instance_uid] = reason
-
-    def report_progress() -> None:
-        if progress is not None:
-            progress(done, total)
-
     try:
         pool = StudyPreprocessor(setup, workers).__enter__()
     except (FileNotFoundError, ValueError, ImportError) as error:
         raise CohortError(f"preprocessing cannot start: {error}") from error
     try:
-        pool.expect(total)
-        overall = timer("preprocess_and_tokenise")
-        overall.__enter__()
-        for chunk in chunk_studies(studies, config["loading"]["studies_per_chunk"]):
-            pending: list[list[SeriesJob]] = []
-            plans: dict[str, tuple[SeriesDecision, Mapping[str, Any] | None, str]] = {}
-            for study in chunk:
-                jobs: list[SeriesJob] = []
-                for decision in taken_by_study[study.study_instance_uid]:
-                    status, material, entry, datasets = "off", None, None, []
-                    if cache is not None and decision.series is not None:
-                        material = key_material(
-                            decision.series_instance_uid,
-                            [s.sop_instance_uid for s in decision.series.slices], config, encoder, landmarks,
-                        )
-                        entry, datasets, status = _from_cache(decision, cache, material)
-                    if entry is not None:
-                        result.series.append(_finish(decision, entry, datasets, status, config))
-                        pool.clock.total -= 1
-                        done += 1
-                        report_progress()
-                        continue
-                    plans[decision.series_instance_uid] = (decision, material, status)
-                    jobs.append(SeriesJob(decision.series, decision.contrast, decision.series_instance_uid))
-                pending.append(jobs)
-            for _, outcomes in pool.map(pending):
-                for outcome in outcomes:
-                    decision, material, status = plans[outcome.series_instance_uid]
-                    if outcome.error is not None or outcome.prepared is None:
-                        skip(decision, outcome.error or "could not be preprocessed")
-                        if outcome.qa:
-                            result.skipped_qa[decision.series_instance_uid] = outcome.qa
-                    else:
-                        start = time.perf_counter()
-                        with timer("tokenise"):
-                            entry = _encode_outcome(decision, outcome, config, encoder, cache, material)
-                        record = _finish(decision, entry, outcome.datasets, status, config)
-                        record.qa["seconds"] = round(outcome.seconds + time.perf_counter() - start, 2)
-                        record.qa["seconds_preprocess"] = round(outcome.seconds, 2)
-                        for warning in record.qa.get("warnings", []):
-                            logger.warning(
-                                "study=%s series=%s qa=warning reason=%s",
-                                decision.study_instance_uid, decision.series_instance_uid, warning,
-                            )
-                        result.series.append(record)
-                    done += 1
-                    report_progress()
-        overall.__exit__(None)
+        pool.expect(run.total)
+        with timer("preprocess_and_tokenise"):
+            for chunk in chunk_studies(studies, config.loading.studies_per_chunk):
+                pending = [run.jobs_of(taken_by_study[study.study_instance_uid], pool) for study in chunk]
+                for _, outcomes in pool.map(pending):
+                    for outcome in outcomes:
+                        run.take(outcome)
     finally:
         pool.__exit__(None, None, None)
+    result = run.result
     # Cache hits come back before the series built alongside them: restore the selection order.
     order = {decision.series_instance_uid: i for i, decision in enumerate(selection.taken)}
     result.series.sort(key=lambda record: order[record.decision.series_instance_uid])
-    if cache is not None:
-        counts = defaultdict(int)
-        for record in result.series:
-            counts[record.qa["token_cache"]] += 1
-        logger.info(
-            "token cache %s: %d hit(s), %d miss(es), %d rebuilt", cache.folder,
-            counts["hit"], counts["miss"], counts["rebuilt"],
-        )
+    _log_cache_use(result, run.cache)
     if not result.series:
         raise CohortError(
             "no selected series could be loaded and preprocessed: "
@@ -592,7 +584,7 @@ def _slice_scores(scores: BatchScores, n: int) -> BatchScores:
     )
 
 
-def open_bank(config: Mapping[str, Any], tokenisation: Tokenisation, create: bool = False) -> Any:
+def open_bank(config: RunConfig, tokenisation: Tokenisation, create: bool = False) -> Any:
     """The configured cohort bank, checked against this run's settings; None when off.
 
     Raises
@@ -602,18 +594,18 @@ def open_bank(config: Mapping[str, Any], tokenisation: Tokenisation, create: boo
     """
     from codegraph3d.store.bank import BankError, CohortBank, bank_settings
 
-    folder = str(config.get("bank", {}).get("folder", "") or "")
-    if not folder:
+    if not config.bank.folder:
         return None
+    settings = bank_settings(config.token_recipe(), tokenisation.encoder, tokenisation.landmarks)
     try:
-        return CohortBank(folder, bank_settings(config, tokenisation.encoder, tokenisation.landmarks), create=create)
+        return CohortBank(config.bank.folder, settings, create=create)
     except BankError as error:
         raise CohortError(str(error)) from error
 
 
 def _lesion_decision(
     scores: BatchScores, coords: list[np.ndarray], n: int, grid_shape: tuple[int, int, int],
-    config: Mapping[str, Any], token_ml: float, contrast: str | None = None,
+    config: RunConfig, token_ml: float, contrast: str | None = None,
     groups: Sequence[Hashable] | None = None,
 ) -> ThresholdDecision:
     """The lesion policy on a batch's first ``n`` volumes; bank volumes after them, if any, as references.
@@ -627,9 +619,9 @@ def _lesion_decision(
     """
     # Without registration a grid position holds different anatomy in every volume.
     policy = dataclasses.replace(
-        lesion_policy_of(config, contrast), by_position=config["preprocess"]["registration"] != "none",
+        config.threshold.lesion_policy(contrast), by_position=config.preprocess.chain.registration != "none",
     )
-    banked = config["threshold"]["reference"] == "auto" and len(scores.token_scores) > n
+    banked = config.threshold.reference == "auto" and len(scores.token_scores) > n
     if banked:
         outcome = decide_lesions(
             scores.token_scores[:n], coords[:n], grid_shape, policy, token_ml=token_ml,
@@ -651,23 +643,23 @@ def score_configured(
     groups: Sequence[Hashable],
     coords: Sequence[np.ndarray],
     grid_shape: tuple[int, int, int],
-    settings: Mapping[str, Any],
+    settings: ScoringSettings,
     on_layer_done: Callable[[int, int], None] | None = None,
 ) -> BatchScores:
     """:func:`codegraph3d.scoring.batch.score_batch` with the ``scoring`` section's settings (the app's call)."""
     return score_batch(
         layer_sets,
-        k_fraction=settings["k_fraction"],
+        k_fraction=settings.k_fraction,
         groups=groups,
-        device=None if settings["device"] == "auto" else settings["device"],
-        chunk_size=settings["chunk_size"],
-        window_radius=None if settings["window_radius"] < 0 else settings["window_radius"],
+        device=None if settings.device == "auto" else settings.device,
+        chunk_size=settings.chunk_size,
+        window_radius=None if settings.window_radius < 0 else settings.window_radius,
         coords=coords,
         grid_shape=grid_shape,
-        method=settings["method"],
-        codegraph=CoDeGraphConfig(**settings["codegraph"]) if settings["method"] == "codegraph" else None,
-        memory_budget_mb=float(settings["memory_budget_mb"]) or None,
-        precision=settings["precision"],
+        method=settings.method.value,
+        codegraph=settings.codegraph if settings.method == "codegraph" else None,
+        memory_budget_mb=float(settings.memory_budget_mb) or None,
+        precision=settings.precision.value,
         on_layer_done=on_layer_done,
     )
 
@@ -680,7 +672,7 @@ def token_volume_ml(series: TokenisedSeries) -> float:
 
 def decide_batch(
     scores: BatchScores, coords: Sequence[np.ndarray], n: int, grid_shape: tuple[int, int, int],
-    config: Mapping[str, Any], token_ml: float = 1.0, contrast: str | None = None,
+    config: RunConfig, token_ml: float = 1.0, contrast: str | None = None,
     groups: Sequence[Hashable] | None = None,
 ) -> ThresholdDecision:
     """Flags and mask bounds for a scored batch's first ``n`` volumes, by ``threshold.policy``.
@@ -693,16 +685,16 @@ def decide_batch(
     unit of the lesion policy's evidence (:func:`token_volume_ml`). ``groups`` gives each volume's
     patient (the scoring's groups), so that the bank calibration leaves patients out whole.
     """
-    threshold = config["threshold"]
-    if threshold["policy"] == "lesion":
+    threshold = config.threshold
+    if threshold.policy == "lesion":
         return _lesion_decision(scores, list(coords), n, grid_shape, config, token_ml, contrast, groups)
-    if threshold["policy"] == "bank":
+    if threshold.policy == "bank":
         return decide_thresholds_from_reference(
             scores.token_scores[:n], scores.volume_scores[:n], scores.token_scores[n:], scores.volume_scores[n:],
-            z_volume=threshold["volume_z"], z_token=threshold["robust_token_z"],
+            z_volume=threshold.volume_z, z_token=threshold.robust_token_z,
         )
     full = decide_thresholds(
-        scores.token_scores, scores.volume_scores, z_volume=threshold["volume_z"], z_token=threshold["robust_token_z"],
+        scores.token_scores, scores.volume_scores, z_volume=threshold.volume_z, z_token=threshold.robust_token_z,
     )
     n_bank = len(scores.token_scores) - n
     return ThresholdDecision(
@@ -711,7 +703,137 @@ def decide_batch(
     )
 
 
-def score_batches(tokenisation: Tokenisation, config: Mapping[str, Any]) -> Scoring:
+@dataclass
+class _Chunk:
+    """One chunk of a contrast batch on its way to a :class:`ScoredBatch`: members, then bank volumes."""
+
+    contrast: str
+    label: str
+    index: int
+    n_chunks: int
+    members: list[TokenisedSeries]
+    own_groups: list[Hashable]
+    references: list[Any] = field(default_factory=list)
+
+    @property
+    def groups(self) -> list[Hashable]:
+        return self.own_groups + [("bank", r.entry.patient_id or r.entry.study_instance_uid) for r in self.references]
+
+    @property
+    def coords(self) -> list[np.ndarray]:
+        return [m.tokens.coords for m in self.members] + [r.coords for r in self.references]
+
+    @property
+    def uids(self) -> list[str]:
+        return [m.decision.series_instance_uid for m in self.members] + [
+            f"bank:{r.entry.series_instance_uid}" for r in self.references
+        ]
+
+
+def _draw_references(chunk: _Chunk, bank: Any, config: RunConfig) -> None:
+    """Bank volumes join a chunk with too few patients, or every chunk under ``threshold.policy: bank``."""
+    if bank is None:
+        return
+    if config.threshold.policy != "bank" and len(set(chunk.own_groups)) >= config.bank.min_patients:
+        return
+    chunk.references = bank.references(
+        chunk.contrast,
+        exclude_patients=[m.decision.patient_id for m in chunk.members],
+        exclude_studies=[m.decision.study_instance_uid for m in chunk.members],
+        layer_names=chunk.members[0].tokens.layer_names,
+        max_count=config.bank.max_references,
+        seed=config.bank.seed,
+    )
+
+
+def _check_chunk(chunk: _Chunk, config: RunConfig) -> None:
+    """A ``ValueError`` saying why a chunk cannot be scored (one patient, no bank volumes, another grid)."""
+    if len(set(chunk.groups)) < 2:
+        raise ValueError(
+            f"the {chunk.label} batch holds {len(chunk.members)} series from {len(set(chunk.own_groups))} patient(s); "
+            "batch scoring needs series of at least two different patients of the same "
+            "contrast. Add studies of other patients to the input"
+            + ("." if config.bank.folder else ", or configure a cohort bank (bank.folder) of prior studies.")
+        )
+    if config.threshold.policy == "bank" and not chunk.references:
+        raise ValueError(
+            f"threshold.policy is bank, but the cohort bank holds no {chunk.contrast} series of other "
+            "patients; add prior studies with `python -m codegraph3d bank add`, or use policy robust_z"
+        )
+    if any(r.grid_shape != chunk.members[0].tokens.grid_shape for r in chunk.references):
+        raise ValueError("cohort bank tokens lie on another token grid than this run's")
+
+
+def _score_chunk(chunk: _Chunk, config: RunConfig, clock: StageClock) -> BatchScores:
+    """Score one chunk (members and bank volumes), logging progress in volume pairs; may raise ValueError."""
+    n_total = len(chunk.members) + len(chunk.references)
+
+    def on_layer_done(layers_done: int, n_layers: int) -> None:
+        elapsed, remaining = clock.advance(n_total**2 / n_layers)
+        logger.info(
+            "scoring %s: layer %d/%d done, %.0f%% of the scoring work, %.0f s elapsed, ETA %.0f s",
+            chunk.label, layers_done, n_layers, 100 * clock.fraction, elapsed, remaining,
+        )
+
+    _check_chunk(chunk, config)
+    token_sets = [m.tokens.tokens for m in chunk.members] + [r.tokens for r in chunk.references]
+    n_layers = len(chunk.members[0].tokens.tokens)
+    layer_sets = [[tokens[layer] for tokens in token_sets] for layer in range(n_layers)]
+    return score_configured(
+        layer_sets, chunk.groups, chunk.coords, chunk.members[0].tokens.grid_shape, config.scoring, on_layer_done,
+    )
+
+
+def _scored_batch(chunk: _Chunk, scores: BatchScores, config: RunConfig, scoring: Scoring) -> ScoredBatch:
+    """Decide a scored chunk and record it (CoDeGraph's groups and the bank volumes in the log)."""
+    members, n, uids = chunk.members, len(chunk.members), chunk.uids
+    decision = decide_batch(
+        scores, chunk.coords, n, members[0].tokens.grid_shape, config, token_volume_ml(members[0]),
+        chunk.contrast, chunk.groups,
+    )
+    if scores.codegraph is not None:
+        found = scores.codegraph.communities
+        logger.info(
+            "batch %s: CoDeGraph found %d group(s) of volumes sharing an anomaly %s; %d token(s) "
+            "excluded from their references", chunk.label, len(found),
+            [[uids[v] for v in group] for group in found], int(scores.codegraph.implicated_totals.sum()),
+        )
+    if chunk.references:
+        scoring.bank["references"][chunk.label] = [r.entry.series_instance_uid for r in chunk.references]
+        logger.info("batch %s: %d cohort-bank volume(s) joined as references", chunk.label, len(chunk.references))
+    logger.info(
+        "batch %s: %d series scored, %d flagged (volume threshold %.4g, voxel threshold %.4g)",
+        chunk.label, n, int(decision.flagged.sum()), decision.volume_threshold, decision.voxel_threshold,
+    )
+    return ScoredBatch(
+        chunk.contrast, members, _slice_scores(scores, n), decision, 0.0, 1.0,
+        chunk=chunk.index, n_chunks=chunk.n_chunks,
+        bank_references=[r.entry.series_instance_uid for r in chunk.references], volume_uids=uids,
+        mask_interpolation=config.output.mask_interpolation,
+        score_interpolation=config.output.score_interpolation,
+        min_finding_ml=float(config.threshold.min_finding_ml),
+    )
+
+
+def _contrast_chunks(tokenisation: Tokenisation, config: RunConfig) -> list[_Chunk]:
+    """Each contrast's series in ``scoring.batch_size`` chunks (:func:`batch_chunks`), contrasts in input order."""
+    by_contrast: dict[str, list[TokenisedSeries]] = defaultdict(list)
+    for record in tokenisation.series:
+        by_contrast[record.decision.contrast].append(record)
+    chunks = []
+    for contrast, all_members in by_contrast.items():
+        indices = batch_chunks(len(all_members), config.scoring.batch_size, config.scoring.batch_seed)
+        for index, chunk in enumerate(indices):
+            members = [all_members[i] for i in chunk]
+            chunks.append(_Chunk(
+                contrast, contrast if len(indices) == 1 else f"{contrast} chunk {index + 1}/{len(indices)}",
+                index, len(indices), members,
+                reference_groups([m.decision for m in members], config.scoring.exclude_same.value),
+            ))
+    return chunks
+
+
+def score_batches(tokenisation: Tokenisation, config: RunConfig) -> Scoring:
     """Score each contrast batch (in chunks when configured), fuse layers, apply the threshold policy.
 
     A contrast's series are split into ``scoring.batch_size`` chunks (:func:`batch_chunks`). A
@@ -725,122 +847,39 @@ def score_batches(tokenisation: Tokenisation, config: Mapping[str, Any]) -> Scor
     CohortError
         When no batch could be scored, or the configured bank cannot be used.
     """
-    by_contrast: dict[str, list[TokenisedSeries]] = defaultdict(list)
-    for record in tokenisation.series:
-        by_contrast[record.decision.contrast].append(record)
     scoring = Scoring(batches=[], skipped=dict(tokenisation.skipped), tokenisation=tokenisation)
-    settings = config["scoring"]
-    bank_config = config["bank"]
-    threshold_settings = config["threshold"]
-    bank_policy = threshold_settings["policy"] == "bank"
-    has_bank_folder = bool(bank_config["folder"])
     bank = None
-    if has_bank_folder:
+    if config.bank.folder:
         # A bank that add_scored will fill may not exist yet; one that is only read must.
-        bank = open_bank(config, tokenisation, create=bank_config["add_scored"] != "none")
+        bank = open_bank(config, tokenisation, create=config.bank.add_scored != "none")
         scoring.bank = {"folder": str(bank.folder), "settings_id": bank.settings_id, "references": {}}
-    chunks_by_contrast = {
-        contrast: batch_chunks(len(members), settings["batch_size"], settings["batch_seed"])
-        for contrast, members in by_contrast.items()
-    }
+    chunks = _contrast_chunks(tokenisation, config)
     # Work is counted in volume pairs per layer: each layer's nearest-neighbour pass compares every
     # volume with every other, so a batch's cost grows with the square of its size. Bank
     # references join the estimate when a chunk draws them.
-    clock = StageClock(sum(len(chunk) ** 2 for chunks in chunks_by_contrast.values() for chunk in chunks))
-    for contrast, all_members in by_contrast.items():
-        chunks = chunks_by_contrast[contrast]
-        contrast_batches: list[ScoredBatch] = []
-        for chunk_index, chunk in enumerate(chunks):
-            members = [all_members[i] for i in chunk]
-            label = contrast if len(chunks) == 1 else f"{contrast} chunk {chunk_index + 1}/{len(chunks)}"
-            own_groups = reference_groups([m.decision for m in members], settings["exclude_same"])
-            references = []
-            if bank is not None and (bank_policy or len(set(own_groups)) < bank_config["min_patients"]):
-                references = bank.references(
-                    contrast,
-                    exclude_patients=[m.decision.patient_id for m in members],
-                    exclude_studies=[m.decision.study_instance_uid for m in members],
-                    layer_names=members[0].tokens.layer_names,
-                    max_count=bank_config["max_references"],
-                    seed=bank_config["seed"],
-                )
-            n = len(members)
-            n_total = n + len(references)
-            clock.total += n_total**2 - n**2
-
-            def on_layer_done(layers_done: int, n_layers: int, label: str = label, n_total: int = n_total) -> None:
-                elapsed, remaining = clock.advance(n_total**2 / n_layers)
-                logger.info(
-                    "scoring %s: layer %d/%d done, %.0f%% of the scoring work, %.0f s elapsed, ETA %.0f s",
-                    label, layers_done, n_layers, 100 * clock.fraction, elapsed, remaining,
-                )
-
-            token_sets = [m.tokens.tokens for m in members] + [r.tokens for r in references]
-            coords = [m.tokens.coords for m in members] + [r.coords for r in references]
-            groups = own_groups + [("bank", r.entry.patient_id or r.entry.study_instance_uid) for r in references]
-            try:
-                if len(set(groups)) < 2:
-                    raise ValueError(
-                        f"the {label} batch holds {n} series from {len(set(own_groups))} patient(s); "
-                        "batch scoring needs series of at least two different patients of the same "
-                        "contrast. Add studies of other patients to the input"
-                        + ("." if has_bank_folder else ", or configure a cohort bank (bank.folder) of prior studies.")
-                    )
-                if bank_policy and not references:
-                    raise ValueError(
-                        f"threshold.policy is bank, but the cohort bank holds no {contrast} series of other "
-                        "patients; add prior studies with `python -m codegraph3d bank add`, or use policy robust_z"
-                    )
-                if any(r.grid_shape != members[0].tokens.grid_shape for r in references):
-                    raise ValueError("cohort bank tokens lie on another token grid than this run's")
-                n_layers = len(members[0].tokens.tokens)
-                layer_sets = [[tokens[layer] for tokens in token_sets] for layer in range(n_layers)]
-                scores = score_configured(
-                    layer_sets, groups, coords, members[0].tokens.grid_shape, settings, on_layer_done,
-                )
-            except ValueError as error:
-                clock.total -= n_total**2  # this batch's work will not be done
-                reason = f"{label} batch not scored: {error}"
-                logger.error(reason)
-                scoring.errors[label] = str(error)
-                for member in members:
-                    scoring.skipped[member.decision.series_instance_uid] = reason
-                continue
-            decision = decide_batch(
-                scores, coords, n, members[0].tokens.grid_shape, config, token_volume_ml(members[0]), contrast, groups,
-            )
-            uids = [m.decision.series_instance_uid for m in members] + [
-                f"bank:{r.entry.series_instance_uid}" for r in references
-            ]
-            if scores.codegraph is not None:
-                found = scores.codegraph.communities
-                logger.info(
-                    "batch %s: CoDeGraph found %d group(s) of volumes sharing an anomaly %s; %d token(s) "
-                    "excluded from their references", label, len(found),
-                    [[uids[v] for v in group] for group in found], int(scores.codegraph.implicated_totals.sum()),
-                )
-            if references:
-                scoring.bank["references"][label] = [r.entry.series_instance_uid for r in references]
-                logger.info("batch %s: %d cohort-bank volume(s) joined as references", label, len(references))
-            batch = ScoredBatch(
-                contrast, members, _slice_scores(scores, n), decision, 0.0, 1.0,
-                chunk=chunk_index, n_chunks=len(chunks),
-                bank_references=[r.entry.series_instance_uid for r in references], volume_uids=uids,
-                mask_interpolation=config["output"]["mask_interpolation"],
-                score_interpolation=config["output"]["score_interpolation"],
-                min_finding_ml=float(config["threshold"]["min_finding_ml"]),
-            )
-            contrast_batches.append(batch)
-            logger.info(
-                "batch %s: %d series scored, %d flagged (volume threshold %.4g, voxel threshold %.4g)",
-                label, n, int(decision.flagged.sum()), decision.volume_threshold, decision.voxel_threshold,
-            )
-        if contrast_batches:
-            # One unit mapping per contrast, so FRACTIONAL maps of all its chunks share a scale.
-            low, high = score_to_unit_mapping([s for b in contrast_batches for s in b.scores.token_scores])
-            for batch in contrast_batches:
-                batch.unit_low, batch.unit_high = low, high
-            scoring.batches += contrast_batches
+    clock = StageClock(sum(len(chunk.members) ** 2 for chunk in chunks))
+    by_contrast: dict[str, list[ScoredBatch]] = defaultdict(list)
+    for chunk in chunks:
+        _draw_references(chunk, bank, config)
+        n, n_total = len(chunk.members), len(chunk.members) + len(chunk.references)
+        clock.total += n_total**2 - n**2
+        try:
+            scores = _score_chunk(chunk, config, clock)
+        except ValueError as error:
+            clock.total -= n_total**2  # this batch's work will not be done
+            reason = f"{chunk.label} batch not scored: {error}"
+            logger.error(reason)
+            scoring.errors[chunk.label] = str(error)
+            for member in chunk.members:
+                scoring.skipped[member.decision.series_instance_uid] = reason
+            continue
+        by_contrast[chunk.contrast].append(_scored_batch(chunk, scores, config, scoring))
+    for contrast_batches in by_contrast.values():
+        # One unit mapping per contrast, so FRACTIONAL maps of all its chunks share a scale.
+        low, high = score_to_unit_mapping([s for b in contrast_batches for s in b.scores.token_scores])
+        for batch in contrast_batches:
+            batch.unit_low, batch.unit_high = low, high
+        scoring.batches += contrast_batches
     if not scoring.batches:
         raise CohortError(
             "no contrast batch could be scored: " + "; ".join(f"{c}: {e}" for c, e in scoring.errors.items())
@@ -848,7 +887,7 @@ def score_batches(tokenisation: Tokenisation, config: Mapping[str, Any]) -> Scor
     return scoring
 
 
-def update_bank(scoring: Scoring, config: Mapping[str, Any], source: str = "") -> list[str]:
+def update_bank(scoring: Scoring, config: RunConfig, source: str = "") -> list[str]:
     """Add the run's scored series to the cohort bank as ``bank.add_scored`` says; return their UIDs.
 
     ``unflagged`` adds only series the threshold policy did not flag (the bank should describe
@@ -856,8 +895,8 @@ def update_bank(scoring: Scoring, config: Mapping[str, Any], source: str = "") -
     """
     from codegraph3d.store.bank import series_record
 
-    policy = config["bank"]["add_scored"]
-    if policy == "none" or not config["bank"]["folder"]:
+    policy = config.bank.add_scored
+    if policy == "none" or not config.bank.folder:
         return []
     bank = open_bank(config, scoring.tokenisation, create=True)
     records = [
@@ -963,7 +1002,7 @@ def series_outputs(batch: ScoredBatch, index: int) -> SeriesMaps:
 
 def run_pipeline(
     input_path: str | Path,
-    config: Mapping[str, Any],
+    config: RunConfig,
     model_path: str | Path | None = None,
     encoder: SliceEncoder | None = None,
 ) -> tuple[Selection, Scoring, StageTimer]:

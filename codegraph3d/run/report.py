@@ -17,15 +17,15 @@ import pydicom
 
 from codegraph3d import ALGORITHM_NAME, __version__
 from codegraph3d.core.files import write_json_atomic
-from codegraph3d.run.config import config_hash
+from codegraph3d.run.config import RunConfig, config_hash
 from codegraph3d.io.selection import is_valid_uid
 from codegraph3d.io.seg import write_binary_seg, write_fractional_seg
 from codegraph3d.io.dicom import load_series_volume
 from codegraph3d.io.previews import write_preview
 from codegraph3d.io.sr import MaskFinding, SeriesFinding, write_study_sr
 from codegraph3d.decision.operating_point import bank_operating_point, operating_point
-from codegraph3d.run.pipeline import ScoredBatch, Scoring, Selection, SeriesMaps, StageTimer, TokenisedSeries, peak_rss_mb, series_outputs
-from codegraph3d.core.progress import StageClock
+from codegraph3d.run.pipeline import ScoredBatch, Scoring, Selection, SeriesMaps, StageTimer, TokenisedSeries, series_outputs
+from codegraph3d.core.progress import StageClock, peak_rss_mb
 
 __all__ = ["REPORT_SCHEMA", "encoder_warning", "write_results", "write_failure_report"]
 
@@ -127,13 +127,13 @@ def _batch_record(batch: ScoredBatch, operating: Mapping[str, Any]) -> dict[str,
     }
 
 
-def _preview(member: TokenisedSeries, maps: SeriesMaps, output: Path, config: Mapping[str, Any]) -> str | None:
+def _preview(member: TokenisedSeries, maps: SeriesMaps, output: Path, config: RunConfig) -> str | None:
     """Write ``previews/<SeriesInstanceUID>.png`` for a flagged series when ``output.previews`` is on.
 
     The source pixels are decoded again here (only for flagged series): the pipeline releases them
     after preprocessing to bound memory.
     """
-    if not config["output"]["previews"] or not maps.binary.any():
+    if not config.output.previews or not maps.binary.any():
         return None
     largest = maps.findings[0]
     title = (f"{member.decision.contrast}  {len(maps.findings)} finding(s)  largest {largest['volume_ml']:.1f} ml  "
@@ -151,143 +151,110 @@ def _preview(member: TokenisedSeries, maps: SeriesMaps, output: Path, config: Ma
     return str(path.relative_to(output))
 
 
-def write_results(
-    scoring: Scoring,
-    selection: Selection,
-    output_dir: str | Path,
-    config: Mapping[str, Any],
-    timer: StageTimer,
-) -> dict[str, Any]:
-    """Write the SEGs of every scored series and report.json; return the report.
-
-    Parameters
-    ----------
-    scoring : Scoring
-        The scored batches.
-    selection : Selection
-        Every series' selection decision (skipped series are reported too).
-    output_dir : path-like
-        The output folder (created when missing).
-    config : mapping
-        The run's configuration (recorded in the report).
-    timer : StageTimer
-        Stage timings so far; the write stage is added.
-    """
-    output = Path(output_dir)
-    seg_dir = output / "SEG"
-    seg_dir.mkdir(parents=True, exist_ok=True)
-    encoder = scoring.tokenisation.encoder
-    warning = encoder_warning(encoder)
-    weights = (encoder.get("weights_sha256") or "")[:12]
-    encoder_text = f"{encoder['name']}" + (f" sha256:{weights}" if weights else "")
+def _selection_rows(selection: Selection, scoring: Scoring) -> dict[str, dict[str, Any]]:
+    """A report row per series of the input, in selection order; scored rows are filled in later."""
     rows: dict[str, dict[str, Any]] = {}
-    findings: dict[str, list[SeriesFinding]] = {}
     for decision in selection.decisions:
-        if decision.taken:
-            reason = scoring.skipped.get(decision.series_instance_uid, "")
-            rows[decision.series_instance_uid] = _series_row(decision, "skipped" if reason else "scored", reason)
-            if reason:
-                # A series that failed quality control keeps the measurements that failed it.
-                rows[decision.series_instance_uid]["qa"] = scoring.tokenisation.skipped_qa.get(
-                    decision.series_instance_uid, {}
-                )
-        else:
-            rows[decision.series_instance_uid] = _series_row(decision, "skipped", decision.reason)
+        uid = decision.series_instance_uid
+        if not decision.taken:
+            rows[uid] = _series_row(decision, "skipped", decision.reason)
+            continue
+        reason = scoring.skipped.get(uid, "")
+        rows[uid] = _series_row(decision, "skipped" if reason else "scored", reason)
+        if reason:
+            # A series that failed quality control keeps the measurements that failed it.
+            rows[uid]["qa"] = scoring.tokenisation.skipped_qa.get(uid, {})
+    return rows
 
-    batches = []
-    operating = {
-        id(batch): bank_operating_point(batch.decision.params)
-        or operating_point(batch.decision.policy, encoder["name"], batch.contrast, config)
-        for batch in scoring.batches
-    }
-    clock = StageClock(sum(len(batch.members) for batch in scoring.batches))
-    with timer("write"):
-        for batch in scoring.batches:
-            ranks, percentiles = _ranks(batch.scores.volume_scores)
-            for index, member in enumerate(batch.members):
-                uid = member.decision.series_instance_uid
-                maps = series_outputs(batch, index)
-                details = (
-                    f"{ALGORITHM_NAME} {__version__}; encoder {encoder['description']}; "
-                    f"batch {batch.contrast} of {len(batch.members)}"
-                    + (f" + {len(batch.bank_references)} bank references" if batch.bank_references else "")
-                    + (f" (chunk {batch.chunk + 1}/{batch.n_chunks})" if batch.n_chunks > 1 else "")
-                    + "; volume threshold "
-                    f"{batch.decision.volume_threshold:.6g}, voxel threshold {batch.decision.voxel_threshold:.6g}"
-                )
-                common = dict(
-                    encoder_description=encoder_text,
-                    encoder_warning=warning,
-                    details=details,
-                )
-                binary_path = seg_dir / f"{_safe_uid(uid)}_binary.dcm"
-                write_binary_seg(
-                    member.datasets, maps.binary, binary_path,
-                    series_number=int(config["output"]["series_number"]), **common,
-                )
-                score_path = None
-                if config["output"]["fractional"]:
-                    score_path = seg_dir / f"{_safe_uid(uid)}_score.dcm"
-                    write_fractional_seg(
-                        member.datasets, maps.unit, score_path,
-                        series_number=int(config["output"]["series_number"]) + 1, **common,
-                    )
-                row = rows[uid]
-                row.update(
-                    status="scored",
-                    reason="",
-                    score=float(batch.scores.volume_scores[index]),
-                    rank=int(ranks[index]),
-                    percentile=round(float(percentiles[index]), 2),
-                    flagged=bool(batch.decision.flagged[index]),
-                    anomalous_volume_ml=round(maps.anomalous_volume_ml, 3),
-                    seg_binary=str(binary_path.relative_to(output)),
-                    seg_score=str(score_path.relative_to(output)) if score_path else None,
-                    batch_size=len(batch.members),
-                    references=int(batch.scores.n_references[index]),
-                    qa=member.qa,
-                    n_findings=len(maps.findings),
-                    findings=maps.findings,
-                    preview=_preview(member, maps, output, config),
-                )
-                if config["output"]["sr"]:
-                    findings.setdefault(member.decision.study_instance_uid, []).append(
-                        SeriesFinding(
-                            seg=pydicom.dcmread(binary_path, stop_before_pixels=True),
-                            score=row["score"], rank=row["rank"], batch_size=len(batch.members),
-                            percentile=row["percentile"], threshold=float(batch.decision.volume_threshold),
-                            flagged=row["flagged"], anomalous_volume_ml=row["anomalous_volume_ml"],
-                            findings=tuple(MaskFinding(f["volume_ml"], tuple(f["centroid_lps_mm"]), f["peak_score"])
-                                           for f in maps.findings),
-                            policy=batch.decision.policy, threshold_units=batch.decision.units,
-                            false_flag_rate=_rate(operating[id(batch)]),
-                        )
-                    )
-                logger.info(
-                    "study=%s series=%s decision=scored contrast=%s score=%.5g rank=%d/%d flagged=%s "
-                    "anomalous_ml=%.2f findings=%d seg=%s",
-                    member.decision.study_instance_uid, uid, batch.contrast, row["score"], row["rank"],
-                    len(batch.members), row["flagged"], row["anomalous_volume_ml"], row["n_findings"], row["seg_binary"],
-                )
-                elapsed, remaining = clock.advance()
-                logger.info(
-                    "wrote the results of %d/%d series (%.0f s elapsed, ETA %.0f s)",
-                    clock.done, clock.total, elapsed, remaining,
-                )
-            batches.append(_batch_record(batch, operating[id(batch)]))
-        sr_paths: dict[str, str] = {}
-        if findings:
-            sr_dir = output / "SR"
-            sr_dir.mkdir(parents=True, exist_ok=True)
-            for study_uid, study_findings in findings.items():
-                sr_path = write_study_sr(
-                    study_findings, sr_dir / f"{_safe_uid(study_uid)}_sr.dcm",
-                    series_number=int(config["output"]["series_number"]) + 2,
-                )
-                sr_paths[study_uid] = str(sr_path.relative_to(output))
-    for contrast, error in scoring.errors.items():
-        batches.append({"contrast": contrast, "n_series": 0, "error": error})
 
+def _seg_text(encoder: Mapping[str, Any], batch: ScoredBatch) -> dict[str, Any]:
+    """What every SEG of a batch says about the encoder and the batch (its content description)."""
+    weights = (encoder.get("weights_sha256") or "")[:12]
+    details = (
+        f"{ALGORITHM_NAME} {__version__}; encoder {encoder['description']}; "
+        f"batch {batch.contrast} of {len(batch.members)}"
+        + (f" + {len(batch.bank_references)} bank references" if batch.bank_references else "")
+        + (f" (chunk {batch.chunk + 1}/{batch.n_chunks})" if batch.n_chunks > 1 else "")
+        + "; volume threshold "
+        f"{batch.decision.volume_threshold:.6g}, voxel threshold {batch.decision.voxel_threshold:.6g}"
+    )
+    return dict(
+        encoder_description=f"{encoder['name']}" + (f" sha256:{weights}" if weights else ""),
+        encoder_warning=encoder_warning(encoder),
+        details=details,
+    )
+
+
+def _write_segs(member: TokenisedSeries, maps: SeriesMaps, seg_dir: Path, config: RunConfig,
+                text: Mapping[str, Any]) -> tuple[Path, Path | None]:
+    """The BINARY SEG of a series, and its FRACTIONAL SEG when ``output.fractional`` is on."""
+    uid = member.decision.series_instance_uid
+    binary_path = seg_dir / f"{_safe_uid(uid)}_binary.dcm"
+    write_binary_seg(member.datasets, maps.binary, binary_path, series_number=int(config.output.series_number), **text)
+    if not config.output.fractional:
+        return binary_path, None
+    score_path = seg_dir / f"{_safe_uid(uid)}_score.dcm"
+    write_fractional_seg(
+        member.datasets, maps.unit, score_path, series_number=int(config.output.series_number) + 1, **text,
+    )
+    return binary_path, score_path
+
+
+def _scored_row(batch: ScoredBatch, index: int, maps: SeriesMaps, paths: tuple[Path, Path | None],
+                ranks: tuple[np.ndarray, np.ndarray], output: Path) -> dict[str, Any]:
+    """The report fields of a scored series."""
+    member, (binary_path, score_path) = batch.members[index], paths
+    return dict(
+        status="scored",
+        reason="",
+        score=float(batch.scores.volume_scores[index]),
+        rank=int(ranks[0][index]),
+        percentile=round(float(ranks[1][index]), 2),
+        flagged=bool(batch.decision.flagged[index]),
+        anomalous_volume_ml=round(maps.anomalous_volume_ml, 3),
+        seg_binary=str(binary_path.relative_to(output)),
+        seg_score=str(score_path.relative_to(output)) if score_path else None,
+        batch_size=len(batch.members),
+        references=int(batch.scores.n_references[index]),
+        qa=member.qa,
+        n_findings=len(maps.findings),
+        findings=maps.findings,
+    )
+
+
+def _sr_finding(batch: ScoredBatch, row: Mapping[str, Any], maps: SeriesMaps, binary_path: Path,
+                point: Mapping[str, Any]) -> SeriesFinding:
+    """A series' entry of its study's SR (the SEG it references is read back, without pixels)."""
+    return SeriesFinding(
+        seg=pydicom.dcmread(binary_path, stop_before_pixels=True),
+        score=row["score"], rank=row["rank"], batch_size=len(batch.members),
+        percentile=row["percentile"], threshold=float(batch.decision.volume_threshold),
+        flagged=row["flagged"], anomalous_volume_ml=row["anomalous_volume_ml"],
+        findings=tuple(MaskFinding(f["volume_ml"], tuple(f["centroid_lps_mm"]), f["peak_score"])
+                       for f in maps.findings),
+        policy=batch.decision.policy, threshold_units=batch.decision.units,
+        false_flag_rate=_rate(point),
+    )
+
+
+def _write_srs(findings: Mapping[str, list[SeriesFinding]], output: Path, config: RunConfig) -> dict[str, str]:
+    """One SR per study with scored series; the paths relative to the output folder, by study UID."""
+    if not findings:
+        return {}
+    sr_dir = output / "SR"
+    sr_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, str] = {}
+    for study_uid, study_findings in findings.items():
+        sr_path = write_study_sr(
+            study_findings, sr_dir / f"{_safe_uid(study_uid)}_sr.dcm",
+            series_number=int(config.output.series_number) + 2,
+        )
+        paths[study_uid] = str(sr_path.relative_to(output))
+    return paths
+
+
+def _study_rows(rows: Mapping[str, Mapping[str, Any]], sr_paths: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Per study: its highest series score, whether any series is flagged, its SR."""
     studies: dict[str, dict[str, Any]] = {}
     for row in rows.values():
         study = studies.setdefault(
@@ -300,7 +267,74 @@ def write_results(
             study["scored_series"] += 1
             study["flagged"] = study["flagged"] or bool(row["flagged"])
             study["score"] = row["score"] if study["score"] is None else max(study["score"], row["score"])
+    return list(studies.values())
 
+
+def _write_batch(batch: ScoredBatch, rows: dict[str, dict[str, Any]], findings: dict[str, list[SeriesFinding]],
+                 output: Path, config: RunConfig, encoder: Mapping[str, Any], point: Mapping[str, Any],
+                 clock: StageClock) -> None:
+    """The SEGs and report rows of a batch's series, and their SR entries."""
+    ranks = _ranks(batch.scores.volume_scores)
+    text = _seg_text(encoder, batch)
+    for index, member in enumerate(batch.members):
+        uid = member.decision.series_instance_uid
+        maps = series_outputs(batch, index)
+        paths = _write_segs(member, maps, output / "SEG", config, text)
+        row = rows[uid]
+        row.update(_scored_row(batch, index, maps, paths, ranks, output), preview=_preview(member, maps, output, config))
+        if config.output.sr:
+            findings.setdefault(member.decision.study_instance_uid, []).append(
+                _sr_finding(batch, row, maps, paths[0], point)
+            )
+        logger.info(
+            "study=%s series=%s decision=scored contrast=%s score=%.5g rank=%d/%d flagged=%s "
+            "anomalous_ml=%.2f findings=%d seg=%s",
+            member.decision.study_instance_uid, uid, batch.contrast, row["score"], row["rank"],
+            len(batch.members), row["flagged"], row["anomalous_volume_ml"], row["n_findings"], row["seg_binary"],
+        )
+        elapsed, remaining = clock.advance()
+        logger.info("wrote the results of %d/%d series (%.0f s elapsed, ETA %.0f s)",
+                    clock.done, clock.total, elapsed, remaining)
+
+
+def write_results(
+    scoring: Scoring,
+    selection: Selection,
+    output_dir: str | Path,
+    config: RunConfig,
+    timer: StageTimer,
+) -> dict[str, Any]:
+    """Write the SEGs of every scored series, the SR of every study and report.json; return the report.
+
+    Parameters
+    ----------
+    scoring : Scoring
+        The scored batches.
+    selection : Selection
+        Every series' selection decision (skipped series are reported too).
+    output_dir : path-like
+        The output folder (created when missing).
+    config : RunConfig
+        The run's configuration (recorded in the report).
+    timer : StageTimer
+        Stage timings so far; the write stage is added.
+    """
+    output = Path(output_dir)
+    (output / "SEG").mkdir(parents=True, exist_ok=True)
+    encoder = scoring.tokenisation.encoder
+    rows = _selection_rows(selection, scoring)
+    findings: dict[str, list[SeriesFinding]] = {}
+    batches = []
+    clock = StageClock(sum(len(batch.members) for batch in scoring.batches))
+    with timer("write"):
+        for batch in scoring.batches:
+            point = bank_operating_point(batch.decision.params) or operating_point(
+                batch.decision.policy, encoder["name"], batch.contrast, config.decision_settings()
+            )
+            _write_batch(batch, rows, findings, output, config, encoder, point, clock)
+            batches.append(_batch_record(batch, point))
+        sr_paths = _write_srs(findings, output, config)
+    batches += [{"contrast": contrast, "n_series": 0, "error": error} for contrast, error in scoring.errors.items()]
     report = _base_report(config, encoder)
     policies = sorted({batch.decision.policy for batch in scoring.batches})
     report.update(
@@ -309,7 +343,7 @@ def write_results(
         exit_code=0,
         batches=batches,
         series=list(rows.values()),
-        studies=list(studies.values()),
+        studies=_study_rows(rows, sr_paths),
         bad_files=[{"path": str(path), "reason": reason} for path, reason in selection.scan.bad_files],
         bank=scoring.bank or None,
         timings_s={stage: round(seconds, 3) for stage, seconds in timer.seconds.items()},
@@ -319,14 +353,14 @@ def write_results(
     return report
 
 
-def _base_report(config: Mapping[str, Any] | None, encoder: Mapping[str, Any] | None) -> dict[str, Any]:
+def _base_report(config: RunConfig | None, encoder: Mapping[str, Any] | None) -> dict[str, Any]:
     return {
         "schema": REPORT_SCHEMA,
         "algorithm": {"name": ALGORITHM_NAME, "version": __version__},
         "product_version": __version__,
         "encoder": dict(encoder) if encoder else None,
         "encoder_warning": encoder_warning(encoder) if encoder else None,
-        "config": dict(config) if config else None,
+        "config": config.as_dict() if config else None,
         "config_sha256": config_hash(config) if config else None,
         "platform": {"python": platform.python_version(), "machine": platform.machine()},
         "batches": [],
@@ -338,7 +372,7 @@ def write_failure_report(
     output_dir: str | Path,
     message: str,
     exit_code: int,
-    config: Mapping[str, Any] | None = None,
+    config: RunConfig | None = None,
     encoder: Mapping[str, Any] | None = None,
 ) -> Path | None:
     """Write report.json for a failed run; return its path, or None when it cannot be written."""

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from codegraph3d.core.files import atomic_path, write_json_atomic
-from codegraph3d.store.cache import canonical_json, settings_id, settings_material
+from codegraph3d.store.cache import TokenRecipe, canonical_json, settings_id, settings_material
 from codegraph3d.io.selection import is_valid_uid
 
 __all__ = [
@@ -59,7 +59,6 @@ __all__ = [
     "BankVolume",
     "CohortBank",
     "bank_settings",
-    "main",
 ]
 
 logger = logging.getLogger(__name__)
@@ -75,7 +74,7 @@ class BankError(ValueError):
 
 
 def bank_settings(
-    config: Mapping[str, Any],
+    recipe: TokenRecipe,
     encoder: Any,
     landmarks: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -86,14 +85,14 @@ def bank_settings(
 
     Parameters
     ----------
-    config : mapping
-        The run configuration.
+    recipe : TokenRecipe
+        The preprocessing, token and projection settings.
     encoder : SliceEncoder or mapping
         The encoder or its identity.
     landmarks : mapping, optional
         The Nyul reference landmarks in effect per contrast.
     """
-    settings = settings_material(config, encoder, landmarks)
+    settings = settings_material(recipe, encoder, landmarks)
     if "landmarks" in settings:
         # The values decide the tokens; where they were read from (a path that differs between a
         # workstation and a container) does not.
@@ -103,8 +102,8 @@ def bank_settings(
         }
     settings["format"] = BANK_FORMAT
     settings["projection"] = {
-        "projection_dim": int(config["tokens"]["projection_dim"]),
-        "projection_seed": int(config["tokens"]["projection_seed"]),
+        "projection_dim": int(recipe.projection_dim),
+        "projection_seed": int(recipe.projection_seed),
     }
     return settings
 

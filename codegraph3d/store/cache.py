@@ -55,6 +55,7 @@ from codegraph3d.features.tokens import EncodedVolume
 
 __all__ = [
     "canonical_json",
+    "TokenRecipe",
     "CACHE_FORMAT",
     "CACHE_FORMAT_VERSION",
     "CacheEntryError",
@@ -130,8 +131,32 @@ def canonical_json(payload: Any) -> bytes:
     return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
+@dataclass(frozen=True)
+class TokenRecipe:
+    """The settings that turn a series into tokens: what a cached or banked series is comparable by.
+
+    Attributes
+    ----------
+    preprocess : mapping
+        The preprocessing settings as the configuration records them (``preprocess`` without
+        ``workers``, which spreads a run over processes and does not change what a series becomes).
+        Kept as recorded, not as :class:`~codegraph3d.preprocess.chain.PreprocessConfig`: the
+        identities hash these exact values, so caches and banks made before stay valid.
+    grid_size, min_brain_fraction
+        The token grid and the brain-fraction rule (``tokens.*``).
+    projection_dim, projection_seed
+        The seeded projection after the cache (``tokens.*``; part of the bank's identity only).
+    """
+
+    preprocess: Mapping[str, Any]
+    grid_size: int
+    min_brain_fraction: float
+    projection_dim: int
+    projection_seed: int
+
+
 def settings_material(
-    config: Mapping[str, Any],
+    recipe: TokenRecipe,
     encoder: SliceEncoder | Mapping[str, Any],
     landmarks: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -139,8 +164,8 @@ def settings_material(
 
     Parameters
     ----------
-    config : mapping
-        The run configuration (``preprocess`` and ``tokens`` are read).
+    recipe : TokenRecipe
+        The preprocessing and token settings.
     encoder : SliceEncoder or mapping
         The encoder, or its :meth:`~codegraph3d.features.encoders.SliceEncoder.identity`.
     landmarks : mapping, optional
@@ -153,12 +178,8 @@ def settings_material(
         raise ValueError(f"encoder identity lacks {missing}; pass a SliceEncoder or its identity()")
     return {
         "format": CACHE_FORMAT_VERSION,
-        # workers spreads the run over processes; it does not change what a series becomes.
-        "preprocess": {key: value for key, value in config["preprocess"].items() if key != "workers"},
-        "tokens": {
-            "grid_size": config["tokens"]["grid_size"],
-            "min_brain_fraction": config["tokens"]["min_brain_fraction"],
-        },
+        "preprocess": {key: value for key, value in recipe.preprocess.items() if key != "workers"},
+        "tokens": {"grid_size": recipe.grid_size, "min_brain_fraction": recipe.min_brain_fraction},
         "encoder": {key: identity[key] for key in _ENCODER_KEYS},
         # The references' values and percentiles, not their "source" text: that names files as
         # they were written (relative or absolute) and commands, which change nothing cached.
@@ -177,7 +198,7 @@ def _landmark_values(landmarks: Mapping[str, Any]) -> dict[str, Any]:
 def key_material(
     series_instance_uid: str,
     sop_instance_uids: Sequence[str],
-    config: Mapping[str, Any],
+    recipe: TokenRecipe,
     encoder: SliceEncoder | Mapping[str, Any],
     landmarks: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -189,7 +210,7 @@ def key_material(
         The series.
     sop_instance_uids : sequence of str
         SOP Instance UIDs of every file the header scan found for the series (any order).
-    config, encoder, landmarks
+    recipe, encoder, landmarks
         As in :func:`settings_material`.
     """
     if not is_valid_uid(series_instance_uid):
@@ -199,7 +220,7 @@ def key_material(
     return {
         "series_instance_uid": series_instance_uid,
         "source_sop_instance_uids_sha256": sources,
-        "settings": settings_material(config, encoder, landmarks),
+        "settings": settings_material(recipe, encoder, landmarks),
     }
 
 

@@ -1,0 +1,144 @@
+"""The ``threshold`` section as a typed, validated record, and the settings a flag depends on.
+
+:class:`ThresholdSettings` is what the run layer hands down to the decision layer: the policy
+choice, the lesion policy's bounds and the first version's volume-level bounds, each checked when
+the record is made. :class:`DecisionSettings` adds the few settings of other sections that change
+what a flag means (scoring rule, brain-fraction rule, registration), so that a measured operating
+point (:mod:`codegraph3d.decision.operating_point`) can be matched to the run that asks for it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from codegraph3d.decision.lesion_policy import LesionPolicy
+
+__all__ = ["DecisionSettings", "ThresholdPolicy", "ThresholdReference", "ThresholdSettings"]
+
+
+class ThresholdPolicy(StrEnum):
+    """How flags and binary masks are decided (``threshold.policy``)."""
+
+    LESION = "lesion"
+    ROBUST_Z = "robust_z"
+    BANK = "bank"
+
+
+class ThresholdReference(StrEnum):
+    """Which volumes the lesion policy's bounds come from (``threshold.reference``)."""
+
+    AUTO = "auto"  # the cohort bank's volumes when a batch drew some, else the batch
+    BATCH = "batch"
+
+
+def choice(enum: type[Enum], value: Any, name: str) -> Any:
+    """``value`` as a member of ``enum``; a ``ValueError`` naming the field and its choices otherwise."""
+    try:
+        return enum(value)
+    except ValueError:
+        options = [str(member.value) for member in enum]  # type: ignore[attr-defined]
+        listed = ", ".join(options[:-1]) + f" or {options[-1]}"
+        raise ValueError(f"{name} must be {listed}; got {value!r}") from None
+
+
+def _non_negative_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+
+
+@dataclass(frozen=True)
+class ThresholdSettings:
+    """The ``threshold`` section (documented field by field in ``default_config.yaml``).
+
+    Raises
+    ------
+    ValueError
+        On construction, for a choice outside its options, a negative bound, or lesion-policy
+        settings :class:`~codegraph3d.decision.lesion_policy.LesionPolicy` refuses; the message
+        names the field.
+    """
+
+    policy: ThresholdPolicy = ThresholdPolicy.LESION
+    reference: ThresholdReference = ThresholdReference.AUTO
+    token_z: float = 4.5
+    finding_mass: float = 30.0
+    finding_mass_by_contrast: Mapping[str, float] = field(default_factory=dict)
+    voxel_z: float = 10.0
+    prior_volumes: float = 4.0
+    tail_quantile: float = 0.9
+    bank_false_flag_rate: float = 0.1
+    bank_confidence: float = 0.9
+    volume_z: float = 3.0
+    robust_token_z: float = 3.0
+    min_finding_ml: float = 0.1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "policy", choice(ThresholdPolicy, self.policy, "threshold.policy"))
+        object.__setattr__(self, "reference", choice(ThresholdReference, self.reference, "threshold.reference"))
+        if not _non_negative_number(self.min_finding_ml):
+            raise ValueError(f"threshold.min_finding_ml must be >= 0; got {self.min_finding_ml!r}")
+        for contrast, mass in self.finding_mass_by_contrast.items():
+            if not _non_negative_number(mass):
+                raise ValueError(
+                    f"threshold.finding_mass_by_contrast.{contrast} must be a number >= 0 (z x ml); got {mass!r}"
+                )
+        # Read-only, so the frozen record cannot change under a decision made from it.
+        object.__setattr__(self, "finding_mass_by_contrast", MappingProxyType(dict(self.finding_mass_by_contrast)))
+        self.lesion_policy()  # LesionPolicy checks its own bounds, with field names in its messages
+
+    def lesion_policy(self, contrast: str | None = None) -> LesionPolicy:
+        """The lesion policy for a contrast batch (its ``finding_mass_by_contrast`` entry wins)."""
+        return LesionPolicy(
+            token_z=self.token_z, finding_mass=self.finding_mass_by_contrast.get(contrast or "", self.finding_mass),
+            voxel_z=self.voxel_z, prior_volumes=self.prior_volumes, tail_quantile=self.tail_quantile,
+            bank_false_flag_rate=self.bank_false_flag_rate, bank_confidence=self.bank_confidence,
+        )
+
+
+@dataclass(frozen=True)
+class DecisionSettings:
+    """The settings a flag depends on besides the encoder: what an operating point is measured for.
+
+    Attributes
+    ----------
+    threshold : ThresholdSettings
+    k_fraction, window_radius, method
+        The scoring rule (``scoring.*``).
+    min_brain_fraction : float
+        Which tokens exist (``tokens.min_brain_fraction``).
+    registration : str
+        ``preprocess.registration``: without it the policy standardises batch-wide, not per position.
+    """
+
+    threshold: ThresholdSettings
+    k_fraction: float
+    window_radius: int
+    method: str
+    min_brain_fraction: float
+    registration: str
+
+    def record(self, contrast: str) -> dict[str, Any]:
+        """The settings as an entry of ``operating_points.json`` records them, for ``contrast``.
+
+        The evidence bound is the one in effect for the contrast (``finding_mass_by_contrast`` or
+        ``finding_mass``), so that another contrast's bound does not make this one "not measured".
+        Only bank-referenced batches use the bank calibration, and they report their own operating
+        point, so its two fields are left out.
+        """
+        threshold = {
+            "policy": self.threshold.policy.value, "reference": self.threshold.reference.value,
+            "token_z": self.threshold.token_z,
+            "finding_mass": self.threshold.finding_mass_by_contrast.get(contrast, self.threshold.finding_mass),
+            "voxel_z": self.threshold.voxel_z, "prior_volumes": self.threshold.prior_volumes,
+            "tail_quantile": self.threshold.tail_quantile, "volume_z": self.threshold.volume_z,
+            "robust_token_z": self.threshold.robust_token_z, "min_finding_ml": self.threshold.min_finding_ml,
+        }
+        return {
+            "threshold": {key: threshold[key] for key in sorted(threshold)},
+            "scoring": {"k_fraction": self.k_fraction, "window_radius": self.window_radius, "method": self.method},
+            "min_brain_fraction": self.min_brain_fraction,
+            "registration": self.registration,
+        }
