@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The container test: build the MAP image (tools/build_map.sh) and run tests/test_map_container.py
+# The container test: build the MAP image (tools/build_map.sh) and run tests/container/test_map_container.py
 # against it: the image on a generated cohort offline with a read-only input, its SEGs checked by
 # dciodvfy and highdicom, its outputs compared with a plain `python app.py` run, and a bad input
 # that must exit non-zero with its message in the logs.
@@ -19,4 +19,4 @@ command -v dciodvfy >/dev/null 2>&1 || { echo "test_map: dciodvfy missing: apt-g
 if [ "$build" = 1 ]; then
   tools/build_map.sh --tag "$image"
 fi
-CODEGRAPH3D_MAP_IMAGE="$image" exec .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_map_container.py "$@"
+CODEGRAPH3D_MAP_IMAGE="$image" exec .venv/bin/python -m pytest -q -p no:cacheprovider tests/container/test_map_container.py "$@"

@@ -21,19 +21,23 @@ from typing import Any
 
 from codegraph3d.decision.settings import DecisionSettings
 
-__all__ = ["NOT_MEASURED", "bank_operating_point", "operating_point"]
+__all__ = ["NOT_MEASURED", "TABLE", "bank_operating_point", "entries", "operating_point"]
 
 NOT_MEASURED = "not measured"
-_TABLE = Path(__file__).with_name("operating_points.json")
+#: The measured operating points shipped with the package.
+TABLE = Path(__file__).with_name("operating_points.json")
 
 
-@lru_cache(maxsize=1)
-def _entries() -> tuple[dict[str, Any], ...]:
-    with _TABLE.open(encoding="utf-8") as handle:
+@lru_cache(maxsize=4)
+def entries(table: Path = TABLE) -> tuple[dict[str, Any], ...]:
+    """The entries of an operating-point table (read once per file and process)."""
+    with table.open(encoding="utf-8") as handle:
         return tuple(json.load(handle)["entries"])
 
 
-def operating_point(policy: str, encoder: str, contrast: str, settings: DecisionSettings) -> dict[str, Any]:
+def operating_point(
+    policy: str, encoder: str, contrast: str, settings: DecisionSettings, table: Path = TABLE,
+) -> dict[str, Any]:
     """The measured false-flag rate of this policy, encoder, contrast and settings, or ``not measured``.
 
     Parameters
@@ -45,6 +49,8 @@ def operating_point(policy: str, encoder: str, contrast: str, settings: Decision
     contrast : str
     settings : DecisionSettings
         The run's settings a flag depends on (:meth:`DecisionSettings.record` is what is matched).
+    table : Path, optional
+        The table of measured operating points; the package's by default.
 
     Returns
     -------
@@ -53,7 +59,7 @@ def operating_point(policy: str, encoder: str, contrast: str, settings: Decision
         ``normal_series``, ``flagged`` and ``measured_on`` or ``why_not``.
     """
     wanted = json.loads(json.dumps(settings.record(contrast)))
-    candidates = [e for e in _entries() if (e["policy"], e["encoder"], e["contrast"]) == (policy, encoder, contrast)]
+    candidates = [e for e in entries(table) if (e["policy"], e["encoder"], e["contrast"]) == (policy, encoder, contrast)]
     for entry in candidates:
         if entry["settings"] == wanted:
             return {

@@ -462,13 +462,10 @@ def template_reference(percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> Re
     import importlib.metadata
 
     import nibabel as nib
-    import nilearn
 
-    from codegraph3d.preprocess.registration import TEMPLATE_FILE
+    from codegraph3d.preprocess.registration import nilearn_template
 
-    path = Path(nilearn.__file__).parent / "datasets" / "data" / TEMPLATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"nilearn does not ship {TEMPLATE_FILE} at {path}; install nilearn==0.14.1")
+    path = nilearn_template()
     array = np.asarray(nib.load(str(path)).dataobj, dtype=np.float64)
     mask = array > _TEMPLATE_MASK_FRACTION * float(array.max())
     landmarks = volume_landmarks(array, mask, percentiles)

@@ -24,6 +24,7 @@ import SimpleITK as sitk
 
 __all__ = [
     "TEMPLATE_FOLDER",
+    "nilearn_template",
     "Template",
     "RegistrationResult",
     "install_template",
@@ -65,7 +66,8 @@ class RegistrationResult:
         return bool(self.qa.get("doubtful"))
 
 
-def _nilearn_template() -> Path:
+def nilearn_template() -> Path:
+    """The MNI152 2009 T1 brain template file the installed nilearn ships (nothing is downloaded)."""
     import nilearn
 
     path = Path(nilearn.__file__).parent / "datasets" / "data" / TEMPLATE_FILE
@@ -78,7 +80,7 @@ def install_template(model_folder: str | Path) -> Path:
     """Copy the MNI152 2009 T1 brain template from the installed nilearn into the model folder."""
     target = Path(model_folder) / TEMPLATE_FOLDER / TEMPLATE_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(_nilearn_template(), target)
+    shutil.copyfile(nilearn_template(), target)
     return target
 
 

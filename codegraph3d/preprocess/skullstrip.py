@@ -54,6 +54,7 @@ __all__ = [
     "make_stripper",
     "head_mask",
     "n4_bias_correct",
+    "n4_shrink_factors",
     "carry_mask",
     "carry_brain_mask",
 ]
@@ -228,7 +229,7 @@ def head_mask(volume_or_image: Volume | sitk.Image | np.ndarray) -> np.ndarray:
 _head_mask = head_mask
 
 
-def _n4_shrink_factors(spacing: np.ndarray, size_xyz: tuple[int, int, int], shrink_factor: int) -> list[int]:
+def n4_shrink_factors(spacing: np.ndarray, size_xyz: tuple[int, int, int], shrink_factor: int) -> list[int]:
     """Per-axis shrink factors that bring voxels towards ``shrink_factor`` times the finest spacing.
 
     A 0.5 x 0.5 x 5 mm series shrinks in-plane only; no axis is shrunk below 16 voxels (or at all
@@ -268,7 +269,7 @@ def n4_bias_correct(
         The series (any geometry, any intensity scale).
     shrink_factor : int
         Shrinking of the finest axis for the fit; coarser axes shrink less, and fine matrices more
-        (see ``_n4_shrink_factors``).
+        (see ``n4_shrink_factors``).
     iterations : tuple of int
         Maximum iterations per fitting level; the number of entries is the number of levels.
     mask : numpy.ndarray, optional
@@ -299,7 +300,7 @@ def n4_bias_correct(
         )
     image = sitk.Cast(volume.to_sitk(), sitk.sitkFloat32)
     mask_image = _mask_image(fit_mask, image)
-    factors = _n4_shrink_factors(volume.spacing, volume.shape_xyz, int(shrink_factor))
+    factors = n4_shrink_factors(volume.spacing, volume.shape_xyz, int(shrink_factor))
     small = sitk.Shrink(image, factors)
     small_mask = sitk.Shrink(mask_image, factors)
     corrector = sitk.N4BiasFieldCorrectionImageFilter()

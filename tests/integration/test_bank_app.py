@@ -1,0 +1,113 @@
+"""End to end: one study scored against a cohort bank of ten prior studies, and chunked batches."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import highdicom as hd
+import pytest
+
+from codegraph3d.store.bank import CohortBank
+from codegraph3d_research.synthetic import make_cohort
+from fixtures import ROOT, TINY_VIT_CONFIG, run_app
+
+
+@pytest.fixture(scope="module")
+def bank_setup(tmp_path_factory: pytest.TempPathFactory):
+    """Eleven T2w subjects: ten prior studies in a bank (built with the CLI), one arriving alone."""
+    tmp = tmp_path_factory.mktemp("bank_app")
+    cohort = tmp / "cohort"
+    make_cohort(cohort, n_subjects=11, lesion_fraction=0.3, contrasts=("T2w",), matrix_scale=0.3, seed=4,
+                with_localizer_fraction=0.0)
+    studies = sorted(p for p in (cohort / "dicom").iterdir() if p.is_dir())
+    priors = tmp / "priors"
+    for study in studies[:10]:
+        shutil.copytree(study, priors / study.name)
+    single = tmp / "single"
+    shutil.copytree(studies[10], single / studies[10].name)
+    models = tmp / "models"
+    models.mkdir()
+    config_file = tmp / "bank_build.yaml"
+    config_file.write_text(TINY_VIT_CONFIG, encoding="utf-8")
+    bank = tmp / "bank"
+    completed = subprocess.run(
+        [sys.executable, "-m", "codegraph3d", "bank", "add", str(bank), "-i", str(priors), "-m", str(models)],
+        cwd=ROOT, env=dict(os.environ, CODEGRAPH3D_CONFIG=str(config_file)),
+        capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "added 10 series" in completed.stdout
+    return tmp, priors, single, models, bank
+
+
+def test_single_study_is_scored_against_the_bank(bank_setup):
+    tmp, _, single, models, bank = bank_setup
+    config = TINY_VIT_CONFIG + f"bank:\n  folder: {bank}\n"
+    run = run_app(single, tmp / "out_single", models, config, tmp)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = run.report
+    [row] = [r for r in report["series"] if r["status"] == "scored"]
+    [batch] = report["batches"]
+    assert batch["n_series"] == 1 and len(batch["bank_references"]) == 10
+    assert row["references"] == 10 and row["score"] > 0
+    assert report["bank"]["folder"] == str(bank)
+    assert report["studies"][0]["score"] == row["score"]
+    seg = hd.seg.segread(run.output / row["seg_binary"])
+    assert seg.SeriesNumber == 9901
+    fractional = hd.seg.segread(run.output / row["seg_score"])
+    assert str(fractional.SegmentationType) == "FRACTIONAL"
+    # Reading the bank never changes it.
+    assert len(CohortBank(bank).entries()) == 10
+
+
+def test_bank_threshold_policy_and_adding_scored_series(bank_setup):
+    tmp, _, single, models, bank = bank_setup
+    grown = tmp / "bank_grown"
+    shutil.copytree(bank, grown)
+    config = TINY_VIT_CONFIG + f"bank:\n  folder: {grown}\n  add_scored: all\nthreshold:\n  policy: bank\n"
+    run = run_app(single, tmp / "out_policy", models, config, tmp)
+    assert run.returncode == 0, run.stderr[-3000:]
+    [batch] = run.report["batches"]
+    assert batch["threshold_policy"].startswith("bank-")
+    assert batch["threshold_params"]["n_reference_volumes"] == 10
+    entries = CohortBank(grown).entries()
+    assert len(entries) == 11
+    assert run.report["bank"]["added"] == [r["series_instance_uid"] for r in run.report["series"] if r["status"] == "scored"]
+    assert CohortBank(grown).check() == []
+
+
+def test_bank_of_another_configuration_is_refused(bank_setup):
+    tmp, _, single, models, bank = bank_setup
+    # One tokens section (a key given twice is refused): the bank was built with the default projection.
+    config = TINY_VIT_CONFIG.replace("tokens:\n  grid_size: 8\n", "tokens:\n  grid_size: 8\n  projection_dim: 8\n") \
+        + f"bank:\n  folder: {bank}\n"
+    run = run_app(single, tmp / "out_refused", models, config, tmp)
+    assert run.returncode == 2
+    assert "was built with another configuration or encoder" in run.last_line
+    assert "projection.projection_dim" in run.last_line
+    assert not (run.output / "SEG").exists() or not list((run.output / "SEG").iterdir())
+
+
+def test_single_study_without_a_bank_names_the_fix(bank_setup):
+    tmp, _, single, models, _ = bank_setup
+    run = run_app(single, tmp / "out_nobank", models, TINY_VIT_CONFIG, tmp)
+    assert run.returncode == 2
+    assert "configure a cohort bank (bank.folder)" in run.last_line
+
+
+def test_chunked_batches_score_every_series_once(bank_setup):
+    tmp, priors, _, models, _ = bank_setup
+    config = TINY_VIT_CONFIG + "scoring:\n  batch_size: 4\n  batch_seed: 5\n"
+    run = run_app(priors, tmp / "out_chunks", models, config, tmp)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = run.report
+    batches = report["batches"]
+    assert [b["n_chunks"] for b in batches] == [3, 3, 3]
+    assert sorted(b["n_series"] for b in batches) == [3, 3, 4]
+    assert len({(b["score_to_unit"]["low"], b["score_to_unit"]["high"]) for b in batches}) == 1
+    scored = [r for r in report["series"] if r["status"] == "scored"]
+    assert len(scored) == 10 and all(r["batch_size"] in (3, 4) for r in scored)
+    assert all(r["references"] in (2, 3) for r in scored)

@@ -1,0 +1,78 @@
+"""The decision policy's operating point: a measured false-flag rate, or 'not measured' and why."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from codegraph3d.decision import operating_point as op
+from codegraph3d.run.config import load_config
+from codegraph3d.decision.lesion_policy import LESION_POLICY_NAME
+from fixtures import ROOT
+
+
+@pytest.fixture
+def table(tmp_path: Path) -> Path:
+    # A fresh file name per test: entries() reads each file once per process.
+    return tmp_path / "operating_points.json"
+
+
+def _write(path: Path, config: dict, **entry) -> None:
+    settings = json.loads(json.dumps(config.decision_settings().record(entry.get("contrast", "T2w"))))
+    base = {"policy": LESION_POLICY_NAME, "encoder": "intensity", "contrast": "T2w", "settings": settings,
+            "flagged": 1, "normal_series": 40, "measured_on": "all-normal batches x, y"}
+    path.write_text(json.dumps({"entries": [{**base, **entry}]}))
+
+
+def test_a_matching_entry_gives_its_rate(table: Path):
+    config = load_config(override={"encoder": {"name": "intensity"}})
+    _write(table, config)
+    point = op.operating_point(LESION_POLICY_NAME, "intensity", "T2w", config.decision_settings(), table)
+    assert point["false_flag_rate_per_normal_series"] == pytest.approx(1 / 40)
+    assert point["normal_series"] == 40 and point["flagged"] == 1 and "x, y" in point["measured_on"]
+
+
+def test_other_settings_encoder_or_contrast_are_not_measured(table: Path):
+    config = load_config(override={"encoder": {"name": "intensity"}})
+    _write(table, config)
+    other = load_config(override={"encoder": {"name": "intensity"}, "threshold": {"finding_mass": 50.0}})
+    point = op.operating_point(LESION_POLICY_NAME, "intensity", "T2w", other.decision_settings(), table)
+    assert point == {"false_flag_rate_per_normal_series": op.NOT_MEASURED,
+                     "why_not": "measured for this policy, encoder and contrast with other settings"}
+    for encoder, contrast in (("dinov2", "T2w"), ("intensity", "T1w")):
+        point = op.operating_point(LESION_POLICY_NAME, encoder, contrast, config.decision_settings(), table)
+        assert point["false_flag_rate_per_normal_series"] == op.NOT_MEASURED
+        assert encoder in point["why_not"] and contrast in point["why_not"]
+
+
+def test_the_shipped_table_reads_and_names_its_measurements():
+    for entry in op.entries():
+        assert 0 <= entry["flagged"] <= entry["normal_series"] and entry["measured_on"]
+        assert set(entry["settings"]) == {"threshold", "scoring", "min_brain_fraction", "registration"}
+
+
+def test_the_bound_of_another_contrast_does_not_matter(table: Path):
+    # An entry records the bound in effect for its contrast: changing T1w's leaves T2w measured,
+    # and the same bound given globally or per contrast is the same setting.
+    config = load_config(override={"encoder": {"name": "intensity"},
+                                   "threshold": {"finding_mass_by_contrast": {"T1w": 45.0, "T2w": 25.0}}})
+    _write(table, config)
+    for threshold in ({"finding_mass_by_contrast": {"T1w": 60.0, "T2w": 25.0}}, {"finding_mass": 25.0}):
+        other = load_config(override={"encoder": {"name": "intensity"}, "threshold": threshold})
+        point = op.operating_point(LESION_POLICY_NAME, "intensity", "T2w", other.decision_settings(), table)
+        assert point["false_flag_rate_per_normal_series"] == pytest.approx(1 / 40)
+    changed = load_config(override={"encoder": {"name": "intensity"},
+                                    "threshold": {"finding_mass_by_contrast": {"T2w": 30.0}}})
+    assert op.operating_point(LESION_POLICY_NAME, "intensity", "T2w", changed.decision_settings(), table)["false_flag_rate_per_normal_series"] \
+        == op.NOT_MEASURED
+
+
+def test_the_demo_configuration_has_a_measured_operating_point(monkeypatch: pytest.MonkeyPatch):
+    # The shipped table must match the shipped demo configuration, or the demo reports "not measured".
+    monkeypatch.setenv("CODEGRAPH3D_CONFIG", str(ROOT / "tools" / "demo_config.yaml"))
+    config = load_config()
+    for contrast in ("T1w", "T2w"):
+        point = op.operating_point(LESION_POLICY_NAME, config.encoder.name, contrast, config.decision_settings())
+        assert isinstance(point["false_flag_rate_per_normal_series"], float), point
