@@ -77,6 +77,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from codegraph3d.core.files import atomic_path
 from codegraph3d.core.volume import LPS_TO_RAS, index_to_physical_matrix
 
 __all__ = [
@@ -1988,9 +1989,8 @@ def write_mask_nifti(
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(gzip.compress(image.to_bytes(), compresslevel=6, mtime=0))
-    os.replace(tmp, path)
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(gzip.compress(image.to_bytes(), compresslevel=6, mtime=0))
     return path
 
 
@@ -3364,9 +3364,8 @@ def make_cohort(
         "n_mass_effect_studies": sum(1 for s in studies if s["has_mass_effect"]),
         "studies": studies,
     }
-    tmp = out / "labels.json.tmp"
-    tmp.write_text(json.dumps(labels, indent=1) + "\n")
-    os.replace(tmp, out / "labels.json")
+    with atomic_path(out / "labels.json") as temporary:
+        temporary.write_text(json.dumps(labels, indent=1) + "\n")
     return labels
 
 

@@ -41,6 +41,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from codegraph3d.preprocess.registration import RegistrationResult, Template, register_affine
+from codegraph3d.core.transforms import affine_transform
 from codegraph3d.core.volume import Volume, index_to_physical_matrix
 
 if TYPE_CHECKING:  # run-time imports are local: skullstrip and intensity import this module
@@ -374,13 +375,6 @@ def _grid_reference(origin: np.ndarray, spacing: float, size: int) -> sitk.Image
     reference.SetSpacing((spacing,) * 3)
     reference.SetDirection(tuple(np.eye(3).flatten()))
     return reference
-
-
-def _sitk_affine(matrix: np.ndarray) -> sitk.AffineTransform:
-    transform = sitk.AffineTransform(3)
-    transform.SetMatrix(tuple(np.asarray(matrix[:3, :3], float).flatten()))
-    transform.SetTranslation(tuple(float(v) for v in matrix[:3, 3]))
-    return transform
 
 
 def _scale_from_reference(
@@ -816,7 +810,7 @@ def preprocess_volume(
     if config.resolution_fwhm_mm > 0:
         source_image = harmonise_resolution(source_image, config.resolution_fwhm_mm)
     image, brain_grid = _resample_onto_grid(
-        source_image, mask_image, reference_grid, _sitk_affine(grid.grid_to_subject), config, volume
+        source_image, mask_image, reference_grid, affine_transform(grid.grid_to_subject), config, volume
     )
     steps["resample"] = time.perf_counter() - clock
     clock = time.perf_counter()
@@ -1068,7 +1062,7 @@ def resample_from_source(source_map: np.ndarray, prepared: PreprocessedVolume, *
         raise ValueError(f"order must be 0 or 1; got {order}")
     interpolator = sitk.sitkLinear if order == 1 else sitk.sitkNearestNeighbor
     result = sitk.Resample(
-        _source_image(prepared, source_map), _grid_image(prepared), _sitk_affine(prepared.grid_to_source_physical),
+        _source_image(prepared, source_map), _grid_image(prepared), affine_transform(prepared.grid_to_source_physical),
         interpolator, 0.0, sitk.sitkFloat32,
     )
     return sitk.GetArrayFromImage(result)
@@ -1101,6 +1095,6 @@ def resample_to_source(grid_map: np.ndarray, prepared: PreprocessedVolume, *, or
     moving.CopyInformation(_grid_image(prepared))
     reference = _source_image(prepared)
     interpolator = sitk.sitkLinear if order == 1 else sitk.sitkNearestNeighbor
-    to_grid = _sitk_affine(np.linalg.inv(prepared.grid_to_source_physical))
+    to_grid = affine_transform(np.linalg.inv(prepared.grid_to_source_physical))
     result = sitk.Resample(moving, reference, to_grid, interpolator, 0.0, sitk.sitkFloat32)
     return sitk.GetArrayFromImage(result)

@@ -463,7 +463,7 @@ def template_reference(percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> Re
 
     import nibabel as nib
 
-    from codegraph3d.preprocess.registration import nilearn_template
+    from codegraph3d.preprocess.registration import TEMPLATE_FILE, nilearn_template
 
     path = nilearn_template()
     array = np.asarray(nib.load(str(path)).dataobj, dtype=np.float64)

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from codegraph3d.core.transforms import transform_matrix
+
 __all__ = [
     "TEMPLATE_FOLDER",
     "nilearn_template",
@@ -208,12 +210,8 @@ def register_affine(
     method.Execute(fixed, moving)
     stop = method.GetOptimizerStopConditionDescription()
     metric = float(method.GetMetricValue())
-    matrix = np.eye(4)
-    linear = np.array(transform.GetMatrix()).reshape(3, 3)
-    centre = np.array(transform.GetCenter())
-    translation = np.array(transform.GetTranslation())
-    matrix[:3, :3] = linear
-    matrix[:3, 3] = centre + translation - linear @ centre
+    matrix = transform_matrix(transform)
+    linear = matrix[:3, :3]
     hit_cap = "Maximum number of iterations" in stop
     scales = np.linalg.svd(linear, compute_uv=False)
     implausible_scale = bool(scales.min() < 0.7 or scales.max() > 1.4)

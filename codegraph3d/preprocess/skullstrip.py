@@ -39,6 +39,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from codegraph3d.preprocess.registration import Template, mattes_method, register_affine
+from codegraph3d.core.transforms import affine_transform, transform_matrix
 from codegraph3d.core.volume import LPS_TO_RAS, Volume
 
 __all__ = [
@@ -151,24 +152,6 @@ def _largest_component_filled(mask: np.ndarray) -> np.ndarray:
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     return ndimage.binary_fill_holes(labels == int(np.argmax(sizes)))
-
-
-def _sitk_matrix_transform(matrix: np.ndarray) -> sitk.AffineTransform:
-    transform = sitk.AffineTransform(3)
-    transform.SetMatrix(tuple(float(v) for v in np.asarray(matrix)[:3, :3].flatten()))
-    transform.SetTranslation(tuple(float(v) for v in np.asarray(matrix)[:3, 3]))
-    return transform
-
-
-def _transform_matrix(transform: sitk.Transform) -> np.ndarray:
-    """4x4 homogeneous matrix of a SimpleITK matrix-offset transform (Euler, versor, affine)."""
-    linear = np.array(transform.GetMatrix()).reshape(3, 3)
-    centre = np.array(transform.GetCenter())
-    translation = np.array(transform.GetTranslation())
-    matrix = np.eye(4)
-    matrix[:3, :3] = linear
-    matrix[:3, 3] = centre + translation - linear @ centre
-    return matrix
 
 
 # --------------------------------------------------------------------------------------------------
@@ -633,7 +616,7 @@ def template_brain_mask(
     result = register_affine(moving, template)
     # result.matrix maps template points to subject points; Resample pulls each source voxel's
     # template point, so it needs the inverse.
-    to_template = _sitk_matrix_transform(np.linalg.inv(result.matrix))
+    to_template = affine_transform(np.linalg.inv(result.matrix))
     warped = sitk.Resample(template.mask, source, to_template, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     mask = sitk.GetArrayFromImage(warped).astype(bool) & head
     if not mask.any():
@@ -910,7 +893,7 @@ def _rigid_fit(
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     method.SetInitialTransform(transform, inPlace=True)
     method.Execute(fixed, moving)
-    matrix = _transform_matrix(transform)
+    matrix = transform_matrix(transform)
     rotation_deg = float(np.degrees(np.arccos(np.clip((np.trace(matrix[:3, :3]) - 1.0) / 2.0, -1.0, 1.0))))
     shift_mm = float(np.linalg.norm(matrix[:3, :3] @ centre[:3] + matrix[:3, 3] - centre[:3]))
     return _RigidFit(
