@@ -27,7 +27,6 @@ FLAIR series inherits the mask of the T1w series, whose contrast deepbet was tra
 from __future__ import annotations
 
 import functools
-import importlib.util
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -39,6 +38,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from codegraph3d.preprocess.registration import Template, mattes_method, register_affine
+from codegraph3d.core.optional import OptionalDependencyError, missing_message, missing_packages, optional_import
 from codegraph3d.core.transforms import affine_transform, transform_matrix
 from codegraph3d.core.volume import LPS_TO_RAS, Volume
 
@@ -411,14 +411,15 @@ class DeepBetStripper:
             raise ValueError(f"deepbet threshold must be in (0, 1); got {threshold}")
         if resample_mm is not None and not 0.25 <= resample_mm <= 4.0:
             raise ValueError(f"deepbet resample_mm must be in [0.25, 4] mm or None; got {resample_mm}")
+        import torch
+
         try:
-            import torch
-            from deepbet.bet import BrainExtraction
-        except ImportError as error:
-            raise SkullStripError(
-                f"skull stripping method 'deepbet' needs the deepbet package ({error}); install it with "
-                f"'{DEEPBET_INSTALL}', or choose preprocess skull_strip 'template' or 'none'"
-            ) from error
+            BrainExtraction = optional_import(
+                "deepbet.bet", "skull stripping method 'deepbet'", DEEPBET_INSTALL,
+                "choose preprocess.skull_strip 'template' or 'none'",
+            ).BrainExtraction
+        except OptionalDependencyError as error:
+            raise SkullStripError(str(error)) from error
         self.device = _device(device)
         if num_threads is not None:
             torch.set_num_threads(int(num_threads))
@@ -647,6 +648,10 @@ def _hdbet_weights(model_path: str | Path | None) -> Path | None:
     return None
 
 
+def _hdbet_where(model_path: str | Path | None) -> str:
+    return "no model folder was given" if model_path is None else f"{Path(model_path) / HDBET_FOLDER}"
+
+
 def hdbet_available(model_path: str | Path | None) -> bool:
     """True when HD-BET (and nnU-Net v2, which runs it) is importable and its weights are installed.
 
@@ -654,8 +659,7 @@ def hdbet_available(model_path: str | Path | None) -> bool:
     ``<model_path>/hd-bet/`` (``dataset.json``, ``plans.json``, ``fold_all/checkpoint_final.pth``).
     Nothing is downloaded.
     """
-    importable = all(importlib.util.find_spec(name) is not None for name in ("HD_BET", "nnunetv2"))
-    return importable and _hdbet_weights(model_path) is not None
+    return not missing_packages("HD_BET", "nnunetv2") and _hdbet_weights(model_path) is not None
 
 
 class HDBetStripper:
@@ -675,18 +679,17 @@ class HDBetStripper:
     """
 
     def __init__(self, model_path: str | Path | None, device: str = "cpu") -> None:
-        missing = [name for name in ("HD_BET", "nnunetv2") if importlib.util.find_spec(name) is None]
+        missing = missing_packages("HD_BET", "nnunetv2")
         weights = _hdbet_weights(model_path)
-        if missing or weights is None:
-            problems = []
-            if missing:
-                problems.append(f"the package(s) {', '.join(missing)} are not installed")
-            if weights is None:
-                where = "no model folder was given" if model_path is None else f"{Path(model_path) / HDBET_FOLDER}"
-                problems.append(f"its weights are missing ({where})")
+        if missing:
+            raise SkullStripError(missing_message(
+                "skull stripping method 'hd-bet'", missing, HDBET_INSTALL, "use the default method 'deepbet'",
+                detail="" if weights is not None else f"and its weights are missing: {_hdbet_where(model_path)}",
+            ))
+        if weights is None:
             raise SkullStripError(
-                f"skull stripping method 'hd-bet' is not available: {'; '.join(problems)}. Install it with "
-                f"{HDBET_INSTALL}, or use the default method 'deepbet'"
+                f"skull stripping method 'hd-bet' is not available: its weights are missing "
+                f"({_hdbet_where(model_path)}); install them as {HDBET_INSTALL} says, or use the default method 'deepbet'"
             )
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 

@@ -298,7 +298,9 @@ def test_missing_hdbet_gives_the_install_instructions(tmp_path: Path):
     weights = tmp_path / "hd-bet"
     assert not hdbet_available(tmp_path)
     assert not hdbet_available(None)
-    with pytest.raises(SkullStripError, match=r"'hd-bet' is not available.*pip install hd-bet.*deepbet"):
+    message = (r"'hd-bet' needs HD_BET, nnunetv2, which are not installed \(and its weights are missing.*"
+               r"pip install hd-bet.*deepbet" if not installed else r"'hd-bet' is not available: its weights are missing")
+    with pytest.raises(SkullStripError, match=message):
         make_stripper("hd-bet", model_path=tmp_path)
     (weights / "fold_all").mkdir(parents=True)
     for name in ("dataset.json", "plans.json", "fold_all/checkpoint_final.pth"):
