@@ -17,7 +17,7 @@ from codegraph3d_research.cli import COMMANDS
 
 DOCUMENTS = [ROOT / "README.md", ROOT / "models" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # `python -m MODULE [SUBCOMMAND]` and `python tools/SCRIPT.py`, as the documents write them.
-_MODULE = re.compile(r"python3? -m (codegraph3d[a-z_0-9.]*)(?: ([a-z][a-z-]*)\b)?")
+_MODULE = re.compile(r"python3? -m (codegraph3d[a-z_0-9]*(?:\.[a-z_0-9]+)*)(?: ([a-z][a-z-]*)\b)?")
 _SCRIPT = re.compile(r"python3? (tools/[a-z_]+\.py)")
 
 
