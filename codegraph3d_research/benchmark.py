@@ -1545,6 +1545,7 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
     """Run the benchmark the arguments ask for, print its Markdown and write ``--out`` files."""
     parser = _parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.precision_check:
         device_name = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
         for row in measure_selection_precision(seed=args.seed, device=device_name):
@@ -1606,5 +1607,4 @@ def main(argv: Sequence[str] | None = None) -> BenchmarkReport:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     main()

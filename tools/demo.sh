@@ -3,6 +3,8 @@
 # encoder and the full preprocessing (N4, deepbet, affine registration to the MNI152 template).
 # Outputs go under demo/ (git-ignored).
 set -euo pipefail
+# --help: the comment block at the top of this file, then stop.
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 tools/setup_venv.sh

@@ -22,6 +22,8 @@
 # the 304M-parameter ViT on the CPU and data generation add well under a minute. The inner timeout
 # (540 s) stops a runaway run inside the device tool's 10-minute limit with the log kept.
 set -euo pipefail
+# --help: the comment block at the top of this file, then stop.
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

@@ -7,6 +7,8 @@
 # were named before round 3 (the bank's own bound) began and are held out from it.
 # Usage: tools/make_decision_cohorts.sh [ROOT=work/decisions] [NAME ...]   (default: every cohort)
 set -euo pipefail
+# --help: the comment block at the top of this file, then stop.
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 root_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root_dir"
 tools/setup_venv.sh

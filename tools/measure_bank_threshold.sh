@@ -9,6 +9,8 @@
 # tools/prestripped_config.yaml's; weight-free intensity encoder, window radius 1.
 # About 40 minutes on 2 CPU cores. Outputs under demo/bank_threshold/.
 set -euo pipefail
+# --help: the comment block at the top of this file, then stop.
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 tools/setup_venv.sh

@@ -20,6 +20,8 @@
 # the same tokens, and what differs is only the scorer. Weight-free intensity encoder.
 # About 1.5 hours on 2 CPU cores. Outputs under demo/codegraph/.
 set -euo pipefail
+# --help: the comment block at the top of this file, then stop.
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 tools/setup_venv.sh

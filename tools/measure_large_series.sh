@@ -5,6 +5,8 @@
 # a series), with the default two workers and selection.max_voxels (which skips the 0.42 mm
 # cohort's 106-million-voxel series). About 20 minutes on 2 CPU cores. Outputs under demo/.
 set -euo pipefail
+# --help: the comment block at the top of this file, then stop.
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 tools/setup_venv.sh

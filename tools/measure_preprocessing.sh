@@ -5,6 +5,8 @@
 # per-step preprocessing time. About 4 hours on 2 CPU cores. Weight-free intensity encoder
 # throughout. Outputs under demo/.
 set -euo pipefail
+# --help: the comment block at the top of this file, then stop.
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 tools/setup_venv.sh

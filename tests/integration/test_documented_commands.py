@@ -1,4 +1,4 @@
-"""Every command the README and docs show still runs: each answers ``--help``; every shell tool parses.
+"""Every command the README and docs show still runs: each answers ``--help``, shell tools included.
 
 The commands are read from the documents themselves, so a command documented later is checked
 without a change here, and a module or script that is renamed fails here before a user finds it.
@@ -69,9 +69,14 @@ def test_each_research_subcommand_answers_help(name: str):
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "tools").glob("*.sh")))
-def test_each_shell_tool_parses(script: str):
-    completed = subprocess.run(["bash", "-n", str(ROOT / "tools" / script)], capture_output=True, text=True, timeout=60)
+def test_each_shell_tool_parses_and_answers_help(script: str):
+    path = ROOT / "tools" / script
+    completed = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0, completed.stderr
+    # --help prints the script's header comment and stops before doing anything.
+    completed = subprocess.run(["bash", str(path), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    header = path.read_text(encoding="utf-8").splitlines()[1].lstrip("# ").strip()
+    assert completed.returncode == 0 and completed.stdout.splitlines()[0].strip() == header, completed.stdout[:300]
 
 
 def test_every_documented_tool_exists():

