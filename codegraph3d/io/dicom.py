@@ -434,14 +434,35 @@ def _series_header(ds: Dataset) -> SeriesHeader:
     )
 
 
-def _iter_files(root: Path) -> list[Path]:
+def _iter_files(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Every file under ``root``, following folder links, each folder and file read once.
+
+    Cohort folders are often trees of symbolic links into an archive, so linked folders are
+    followed. A folder is entered once, by its real path: a link back to an ancestor (a loop) or
+    a second link to a folder already read adds nothing. A file reached twice through links is
+    read once. Returns the files (by path, as laid out under ``root``) and the broken links with
+    their reasons.
+    """
     if root.is_file():
-        return [root]
-    files: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()  # deterministic walk order
-        files.extend(Path(dirpath) / name for name in filenames)
-    return sorted(files, key=lambda p: str(p))
+        return [root], []
+    files: dict[str, Path] = {}
+    broken: list[tuple[Path, str]] = []
+    seen_folders = {os.path.realpath(root)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        entered = []
+        for name in sorted(dirnames):  # sorted: a deterministic walk
+            real = os.path.realpath(os.path.join(dirpath, name))
+            if real not in seen_folders:
+                seen_folders.add(real)
+                entered.append(name)
+        dirnames[:] = entered
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if path.is_symlink() and not path.exists():
+                broken.append((path, f"broken symbolic link to {os.readlink(path)}; fix or remove the link"))
+                continue
+            files.setdefault(os.path.realpath(path), path)
+    return sorted(files.values(), key=str), broken
 
 
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
@@ -578,7 +599,8 @@ def scan_headers(root: Path | str) -> ScanResult:
     Parameters
     ----------
     root : pathlib.Path or str
-        A folder (walked recursively, symlinked folders not followed) or a single file.
+        A folder (walked recursively, following folder links, each folder and file read once by
+        its real path; a broken link is a bad file) or a single file.
 
     Returns
     -------
@@ -595,7 +617,10 @@ def scan_headers(root: Path | str) -> ScanResult:
     if not root.exists():
         raise FileNotFoundError(f"DICOM input folder {root} does not exist; check the input path")
     state = _ScanState()
-    for path in _iter_files(root):
+    files, broken = _iter_files(root)
+    for path, reason in broken:
+        state.bad(path, reason)
+    for path in files:
         _scan_file(path, state)
     result = state.result
     result.studies = _sorted_studies(state)

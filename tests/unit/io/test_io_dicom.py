@@ -13,6 +13,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from codegraph3d.io.dicom import chunk_studies, load_series_volume, scan_headers
+from fixtures import N, write_sources
 
 
 def write_mr_series(
@@ -279,3 +280,21 @@ def test_multi_frame_rejected_before_decoding(tmp_path: Path) -> None:
     ds.save_as(paths[1], enforce_file_format=True)
     with pytest.raises(ValueError, match="multi-frame instances"):
         load_series_volume(scan_headers(tmp_path).series[0])
+
+
+def test_linked_study_folders_are_followed_once_and_broken_links_reported(tmp_path: Path) -> None:
+    # A cohort laid out as researchers do: a folder of links into an archive.
+    archive, cohort = tmp_path / "archive", tmp_path / "cohort"
+    write_sources(archive / "study1")
+    cohort.mkdir()
+    (cohort / "patient1").symlink_to(archive / "study1", target_is_directory=True)
+    (cohort / "patient1_again").symlink_to(archive / "study1", target_is_directory=True)  # read once
+    (cohort / "patient1" / "loop").symlink_to(cohort, target_is_directory=True)  # a loop back up
+    (cohort / "missing.dcm").symlink_to(tmp_path / "gone.dcm")
+    scan = scan_headers(cohort)
+    assert len(scan.studies) == 1 and len(scan.series) == 1
+    assert len(scan.series[0].slices) == N
+    # Every file was read once: no duplicate instance was reported for the second link.
+    assert [(path.name, reason.split(";")[0]) for path, reason in scan.bad_files] == [
+        ("missing.dcm", f"broken symbolic link to {tmp_path / 'gone.dcm'}")
+    ]
