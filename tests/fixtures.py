@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,18 @@ from pydicom.uid import generate_uid
 from codegraph3d_research.synthetic import write_series
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# A command prefix that runs a command in its own network namespace with only loopback up, so
+# that servers it starts (Ray, Orthanc) cannot listen on or reach any other interface.
+LOOPBACK_ONLY = ("unshare", "--net", "--map-root-user", "sh", "-c", 'ip link set lo up && exec "$@"', "sh")
+
+
+def loopback_only_available() -> bool:
+    """Whether :data:`LOOPBACK_ONLY` works here (unshare with user namespaces, and ``ip``)."""
+    try:
+        return subprocess.run([*LOOPBACK_ONLY, "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 # A tiny untrained ViT on an 8^3 token grid of 4^3-voxel cubes: the real code path, in seconds.
 # The generated tiny cohort is skull-stripped and roughly aligned, so the slow stages (N4, deepbet,
@@ -57,15 +70,19 @@ class AppRun:
         return lines[-1] if lines else ""
 
 
-def run_app(input_folder: Path, output: Path, models: Path, config_text: str, tmp: Path) -> AppRun:
-    """Run ``python app.py -i -o -m`` as a user would, with a configuration override file."""
+def run_app(input_folder: Path, output: Path, models: Path, config_text: str, tmp: Path,
+            wrapper: Sequence[str] = ()) -> AppRun:
+    """Run ``python app.py -i -o -m`` as a user would, with a configuration override file.
+
+    ``wrapper`` prefixes the command (:data:`LOOPBACK_ONLY` runs it in its own network namespace).
+    """
     config_file = tmp / "override.yaml"
     config_file.write_text(config_text, encoding="utf-8")
     output.mkdir(parents=True, exist_ok=True)
     models.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, CODEGRAPH3D_CONFIG=str(config_file))
     completed = subprocess.run(
-        [sys.executable, str(ROOT / "app.py"), "-i", str(input_folder), "-o", str(output), "-m", str(models)],
+        [*wrapper, sys.executable, str(ROOT / "app.py"), "-i", str(input_folder), "-o", str(output), "-m", str(models)],
         cwd=tmp,
         env=env,
         capture_output=True,

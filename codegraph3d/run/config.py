@@ -39,7 +39,7 @@ from codegraph3d.store.cache import TokenRecipe
 
 __all__ = [
     "AddScored", "BankSettings", "CacheSettings", "ConfigError", "CONFIG_ENV_VAR", "EncoderSettings",
-    "ExcludeSame", "LoadingSettings", "MODEL_FOLDER_CONFIG", "OutputSettings", "PreprocessSettings",
+    "ExcludeSame", "ExecutionBackend", "ExecutionSettings", "LoadingSettings", "MODEL_FOLDER_CONFIG", "OutputSettings", "PreprocessSettings",
     "RunConfig", "ScoringMethod", "ScoringPrecision", "ScoringSettings", "TokenSettings", "config_hash",
     "default_config", "load_config",
 ]
@@ -145,6 +145,13 @@ class ScoringPrecision(StrEnum):
 
     FLOAT32 = "float32"
     TF32 = "tf32"
+
+
+class ExecutionBackend(StrEnum):
+    """Where the stages run (``execution.backend``)."""
+
+    LOCAL = "local"  # this process and local worker processes
+    RAY = "ray"  # preprocessing on Ray actors: an embedded instance, or a cluster
 
 
 class AddScored(StrEnum):
@@ -296,6 +303,17 @@ class BankSettings:
 
 
 @dataclass(frozen=True)
+class ExecutionSettings:
+    """``execution``: local workers, or Ray (embedded when ``ray_address`` is empty, else a cluster)."""
+
+    backend: ExecutionBackend
+    ray_address: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "backend", choice(ExecutionBackend, self.backend, "execution.backend"))
+
+
+@dataclass(frozen=True)
 class CacheSettings:
     """``cache``: the token cache's folder (``""``: no cache)."""
 
@@ -346,6 +364,7 @@ class RunConfig:
     output: OutputSettings
     bank: BankSettings
     cache: CacheSettings
+    execution: ExecutionSettings
     sources: tuple[str, ...] = ()
     values: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -444,6 +463,7 @@ def _sections(values: Mapping[str, Any]) -> dict[str, Any]:
         "output": OutputSettings(**_section(values, "output")),
         "bank": BankSettings(**_section(values, "bank")),
         "cache": CacheSettings(**_section(values, "cache")),
+        "execution": ExecutionSettings(**_section(values, "execution")),
     }
 
 

@@ -316,8 +316,13 @@ def _finish(
 def preprocess_setup(
     config: RunConfig, model_path: str | Path | None, workers: int = 1
 ) -> PreprocessSetup:
-    """The worker settings of a run: preprocessing, model folder, device, threads per worker."""
-    threads = max(1, available_cpus() // workers) if workers > 1 else 0
+    """The worker settings of a run: preprocessing, model folder, device, threads per worker.
+
+    Threads are set explicitly for worker processes and for every Ray actor (Ray would otherwise
+    leave each one ``OMP_NUM_THREADS`` = its CPUs); a single local worker keeps the libraries' own.
+    """
+    ray = config.execution.backend == "ray"
+    threads = max(1, available_cpus() // workers) if workers > 1 or ray else 0
     return PreprocessSetup(
         config=config.preprocess.chain,
         model_path=None if model_path is None else str(model_path),
@@ -325,6 +330,15 @@ def preprocess_setup(
         threads=threads,
         contrasts=tuple(config.selection.scored_contrasts),
     )
+
+
+def _preprocessor(config: RunConfig, setup: PreprocessSetup, workers: int) -> StudyPreprocessor:
+    """The study preprocessor of ``execution.backend``: local worker processes, or Ray actors."""
+    if config.execution.backend == "ray":
+        from codegraph3d.preprocess.ray_workers import RayStudyPreprocessor
+
+        return RayStudyPreprocessor(setup, workers, address=config.execution.ray_address)
+    return StudyPreprocessor(setup, workers)
 
 
 def landmark_material(config: RunConfig, model_path: str | Path | None) -> dict[str, Any] | None:
@@ -460,7 +474,7 @@ def tokenise_selected(
     workers = resolve_workers(int(config.preprocess.workers), len(studies))
     setup = preprocess_setup(config, model_path, workers)
     try:
-        pool = StudyPreprocessor(setup, workers).__enter__()
+        pool = _preprocessor(config, setup, workers).__enter__()
     except (FileNotFoundError, ValueError, ImportError) as error:
         raise CohortError(f"preprocessing cannot start: {error}") from error
     try:
