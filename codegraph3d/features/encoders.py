@@ -1054,13 +1054,13 @@ class EfficientNetLiteEncoder(SliceEncoder):
 
     def _block_maps(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         """The chosen blocks' feature maps, running the network only as deep as the deepest one."""
-        model, maps = self.model, []
+        model, maps = self.model, {}
         x = model._swish(model._bn0(model._conv_stem(pixels)))
         for number, block in enumerate(model._blocks[: max(self.blocks)], start=1):
             x = block(x)  # inference: no drop-connect
             if number in self.blocks:
-                maps.append(x)
-        return maps
+                maps[number] = x
+        return [maps[number] for number in self.blocks]  # the configured order, as layer_names
 
     def encode(self, slices: torch.Tensor) -> list[torch.Tensor]:
         """Encode slices; see :meth:`SliceEncoder.encode`."""

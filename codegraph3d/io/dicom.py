@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -448,7 +449,11 @@ def _iter_files(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     files: dict[str, Path] = {}
     broken: list[tuple[Path, str]] = []
     seen_folders = {os.path.realpath(root)}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def unreadable(error: OSError) -> None:
+        broken.append((Path(error.filename or root), f"folder cannot be read ({error.strerror}); check its permissions"))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable):
         entered = []
         for name in sorted(dirnames):  # sorted: a deterministic walk
             real = os.path.realpath(os.path.join(dirpath, name))
@@ -458,10 +463,14 @@ def _iter_files(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
         dirnames[:] = entered
         for name in sorted(filenames):
             path = Path(dirpath) / name
-            if path.is_symlink() and not path.exists():
-                broken.append((path, f"broken symbolic link to {os.readlink(path)}; fix or remove the link"))
+            try:
+                mode = path.stat().st_mode
+            except OSError as error:
+                what = f"symbolic link to {os.readlink(path)}" if path.is_symlink() else "file"
+                broken.append((path, f"{what} cannot be read ({error.strerror}); fix or remove it"))
                 continue
-            files.setdefault(os.path.realpath(path), path)
+            if stat.S_ISREG(mode):  # not a FIFO or device, whose opening could block the scan
+                files.setdefault(os.path.realpath(path), path)
     return sorted(files.values(), key=str), broken
 
 

@@ -15,6 +15,8 @@ which must see the input and model folders at the same paths (shared storage).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -74,27 +76,40 @@ class RayStudyPreprocessor(StudyPreprocessor):
     def __enter__(self) -> RayStudyPreprocessor:
         # Built here too: a missing template or landmark file fails in the caller with its message.
         self._local = PreprocessModels(self.setup)
-        ray = optional_import("ray", "execution.backend 'ray'", RAY_INSTALL, "set execution.backend: local")
-        self._ray = ray
+        self._ray = optional_import("ray", "execution.backend 'ray'", RAY_INSTALL, "set execution.backend: local")
+        try:
+            self._start()
+        except Exception as error:
+            self.__exit__(None, None, None)  # nothing started may outlive a failed start
+            where = f"the Ray cluster at {self.address!r}" if self.address else "an embedded Ray instance"
+            raise ValueError(f"execution.backend ray: {where} could not be used ({error}); check "
+                             "execution.ray_address, or set execution.backend: local") from error
+        return self
+
+    def _start(self) -> None:
+        ray = self._ray
         if not ray.is_initialized():
+            # "local" always starts a new instance, even where RAY_ADDRESS names a cluster.
             embedded = not self.address
-            ray.init(address=self.address or None, num_cpus=available_cpus() if embedded else None,
+            ray.init(address="local" if embedded else self.address, num_cpus=available_cpus() if embedded else None,
                      include_dashboard=False, log_to_driver=False, configure_logging=False)
             self._started = True
             logger.info("ray: %s (%s)", "embedded instance started" if embedded else f"joined {self.address}",
                         ray.get_runtime_context().gcs_address)
         remote = ray.remote(_ModelsActor).options(num_cpus=max(1, self.setup.threads))
         self._actors = [remote.remote(self.setup) for _ in range(self.workers)]
-        return self
 
     def __exit__(self, *exc: object) -> None:
-        for actor in self._actors:
-            self._ray.kill(actor)
-        self._actors = []
-        if self._started:
-            self._ray.shutdown()
-            self._started = False
-        self._local = None
+        try:
+            for actor in self._actors:
+                with contextlib.suppress(Exception):
+                    self._ray.kill(actor)
+        finally:
+            self._actors = []
+            if self._started:
+                self._started = False
+                self._ray.shutdown()
+            self._local = None
 
     def map(self, studies: Iterable[Sequence[SeriesJob]]) -> Iterator[tuple[Sequence[SeriesJob], list[SeriesOutcome]]]:
         """Preprocess each study's jobs on the actors; yield ``(jobs, outcomes)`` in input order."""
@@ -107,4 +122,6 @@ class RayStudyPreprocessor(StudyPreprocessor):
         # ActorPool.map yields in submission order, whatever order the actors finish in.
         for jobs, outcomes in zip(studies, pool.map(lambda actor, jobs: actor.run.remote(jobs), studies)):
             self._progress(len(jobs))
-            yield jobs, outcomes
+            # Ray hands numpy arrays back as read-only views of its object store: a kept brain mask
+            # would pin its whole result there, image included. Copies let each result go.
+            yield jobs, copy.deepcopy(outcomes)

@@ -174,8 +174,7 @@ class LoadingSettings:
     studies_per_chunk: int = 8
 
     def __post_init__(self) -> None:
-        if self.studies_per_chunk < 1:
-            raise ValueError("loading.studies_per_chunk must be at least 1")
+        _integer(self.studies_per_chunk, "loading.studies_per_chunk", 1)
 
 
 @dataclass(frozen=True)
@@ -210,6 +209,7 @@ class EncoderSettings:
     patch_size: int
 
     def __post_init__(self) -> None:
+        _integer(self.batch_size, "encoder.batch_size", 1)
         if any(isinstance(layer, bool) or not isinstance(layer, int) or layer < 1 for layer in self.layers):
             raise ValueError(f"encoder.layers must be 1-based block indices; got {list(self.layers)}")
 
@@ -229,6 +229,9 @@ class TokenSettings:
     min_brain_fraction: float
 
     def __post_init__(self) -> None:
+        for name in ("grid_size", "projection_dim"):
+            _integer(getattr(self, name), f"tokens.{name}", 1)
+        _integer(self.projection_seed, "tokens.projection_seed", 0)
         if not 0.0 < self.min_brain_fraction <= 1.0:
             raise ValueError("tokens.min_brain_fraction must lie in (0, 1]")
 
@@ -365,8 +368,8 @@ class RunConfig:
     bank: BankSettings
     cache: CacheSettings
     execution: ExecutionSettings
+    values: Mapping[str, Any] = field(repr=False, compare=False)
     sources: tuple[str, ...] = ()
-    values: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], sources: tuple[str, ...] = ()) -> RunConfig:
@@ -384,6 +387,10 @@ class RunConfig:
             raise ConfigError(str(error)) from error
 
     def __post_init__(self) -> None:
+        # The sections are views of ``values`` (what report.json records and the hash covers): a
+        # record whose sections were replaced by hand would describe one run and record another.
+        if any(getattr(self, name) != section for name, section in _sections(_thawed(self.values)).items()):
+            raise ValueError("RunConfig's sections differ from its values; make variants with with_overrides()")
         scored = self.selection.scored_contrasts
         for contrast in self.threshold.finding_mass_by_contrast:
             if contrast not in scored:
@@ -435,7 +442,10 @@ def _preprocess_settings(values: Mapping[str, Any], size: int) -> PreprocessSett
     settings = _section(values, "preprocess")
     workers = settings.pop("workers")
     for key in ("clip_percentiles", "brain_ml_warn", "brain_ml_fail", "landmark_percentiles"):
-        settings[key] = tuple(float(v) for v in settings[key])
+        try:
+            settings[key] = tuple(float(v) for v in settings[key])
+        except (TypeError, ValueError):
+            raise ValueError(f"preprocess.{key} must be a list of numbers; got {list(settings[key])!r}") from None
     return PreprocessSettings(workers=workers, chain=PreprocessConfig(size=size, **settings))
 
 

@@ -405,7 +405,7 @@ class _TokenisationRun:
 
     def take(self, outcome: SeriesOutcome) -> None:
         """Encode a preprocessed series (and cache it), or record why it was skipped."""
-        decision, material, status = self.plans.pop(outcome.series_instance_uid)
+        decision, material, status = self.plans[outcome.series_instance_uid]
         if outcome.error is not None or outcome.prepared is None:
             self.skip(decision, outcome.error or "could not be preprocessed")
             if outcome.qa:
@@ -475,7 +475,7 @@ def tokenise_selected(
     setup = preprocess_setup(config, model_path, workers)
     try:
         pool = _preprocessor(config, setup, workers).__enter__()
-    except (FileNotFoundError, ValueError, ImportError) as error:
+    except (FileNotFoundError, ValueError, ImportError, OSError) as error:
         raise CohortError(f"preprocessing cannot start: {error}") from error
     try:
         pool.expect(run.total)

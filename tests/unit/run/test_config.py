@@ -130,3 +130,27 @@ def test_each_section_names_the_field_it_refuses(override, message, monkeypatch:
     monkeypatch.delenv(CONFIG_ENV_VAR, raising=False)
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(override=override)
+
+
+def test_a_section_replaced_by_hand_is_refused(monkeypatch: pytest.MonkeyPatch):
+    # report.json records ``values``: a record whose sections say otherwise would misreport the run.
+    monkeypatch.delenv(CONFIG_ENV_VAR, raising=False)
+    config = load_config()
+    with pytest.raises(ValueError, match="sections differ from its values; make variants with with_overrides"):
+        dataclasses.replace(config, scoring=dataclasses.replace(config.scoring, k_fraction=0.5))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"tokens": {"grid_size": 0}}, "tokens.grid_size must be an integer >= 1; got 0"),
+        ({"preprocess": {"clip_percentiles": ["a", 1]}}, "preprocess.clip_percentiles must be a list of numbers"),
+        ({"loading": {"studies_per_chunk": 0}}, "loading.studies_per_chunk must be an integer >= 1"),
+        ({"encoder": {"batch_size": 0}}, "encoder.batch_size must be an integer >= 1"),
+        ({"execution": {"backend": "spark"}}, "execution.backend must be local or ray; got 'spark'"),
+    ],
+)
+def test_counts_and_lists_are_refused_with_their_field(override, message, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv(CONFIG_ENV_VAR, raising=False)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(override=override)
