@@ -24,13 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    import codegraph3d_research  # noqa: F401
-except ModuleNotFoundError:
-    # Run from a checkout that is not pip-installed: the package sits one folder up.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from codegraph3d_research.synthetic import CONTRASTS, LESION_PLACEMENTS, make_cohort  # noqa: E402
+from codegraph3d_research.synthetic import CONTRASTS, LESION_PLACEMENTS, make_cohort
 
 
 def _fraction(text: str) -> float:

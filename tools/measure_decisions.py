@@ -42,19 +42,15 @@ from typing import Any
 import numpy as np
 import yaml
 
-try:
-    import codegraph3d_research  # noqa: F401
-except ModuleNotFoundError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from codegraph3d_research.ablations import AblationSeries, load_cohort  # noqa: E402
-from codegraph3d.run.config import ConfigError, RunConfig, load_config  # noqa: E402
-from codegraph3d.decision.lesion_policy import LESION_POLICY_NAME  # noqa: E402
-from codegraph3d.scoring.maps import token_voxel_map  # noqa: E402
-from codegraph3d_research.metrics import StreamingBinaryMetrics, patient_auroc  # noqa: E402
-from codegraph3d.run.pipeline import decide_batch, reference_groups, score_configured, token_volume_ml  # noqa: E402
-from codegraph3d.scoring.batch import BatchScores  # noqa: E402
-from codegraph3d.decision.thresholds import BANK_POLICY_NAME, POLICY_NAME  # noqa: E402
+from codegraph3d_research.ablations import AblationSeries, load_cohort
+from codegraph3d.run.config import ConfigError, RunConfig, load_config
+from codegraph3d.decision.lesion_policy import LESION_POLICY_NAME
+from codegraph3d.scoring.maps import token_voxel_map
+from codegraph3d_research.metrics import StreamingBinaryMetrics, patient_auroc
+from codegraph3d.run.pipeline import decide_batch, reference_groups, score_configured, token_volume_ml
+from codegraph3d.scoring.batch import BatchScores
+from codegraph3d.decision.thresholds import BANK_POLICY_NAME, POLICY_NAME
 
 OPERATING_POINTS = Path(__file__).resolve().parents[1] / "codegraph3d" / "decision" / "operating_points.json"
 
