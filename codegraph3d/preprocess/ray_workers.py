@@ -1,16 +1,28 @@
-"""Preprocessing of a cohort's studies as Ray actors: :mod:`workers`' job, on one machine or many.
+"""Preprocessing of a cohort's studies as Ray tasks: :mod:`workers`' job, on one machine or many.
 
 :class:`RayStudyPreprocessor` is :class:`~codegraph3d.preprocess.workers.StudyPreprocessor` with
-its process pool replaced by Ray actors. Each actor loads the models once (template, skull
-stripper, Nyul references), like a pool worker, and preprocesses whole studies (a study stays on
-one actor, so its T1w mask can be carried to its other series). Results come back in input
-order, never in order of completion, so a run assembles the same batches as a local run.
+its process pool replaced by one Ray task per study (a study stays in one task, so its T1w mask
+can be carried to its other series). Results come back in input order, never in order of
+completion, so a run assembles the same batches as a local run.
 
-Ray sets ``OMP_NUM_THREADS`` to an actor's CPUs; the actors set torch's and SimpleITK's thread
-counts themselves (``PreprocessSetup.threads``), so a result does not depend on where it ran.
-With ``address`` empty an embedded Ray instance is started for the run, sized to this machine
-(or container quota), and stopped after it; ``auto`` or ``host:port`` joins a running cluster,
-which must see the input and model folders at the same paths (shared storage).
+* **Models once per worker process.** A Ray worker process runs many tasks of one function; it
+  loads the models (template, skull stripper, Nyul references) for the first and keeps them for
+  the next ones with the same settings, as a pool worker does.
+* **Memory.** Each task asks Ray for the memory its study needs by the measured rule (0.5 GB +
+  30 bytes per voxel of its largest series, plus 4 bytes per voxel of the study's other series,
+  held loaded meanwhile: :func:`study_memory_bytes`), so large series are not co-scheduled into an
+  out-of-memory kill.
+* **Faults.** A task lost with its worker or node is run again elsewhere (Ray's ``max_retries``,
+  system failures only); a study that fails for its own reasons comes back with its reason in
+  its outcomes, as locally, and is never retried.
+* **Threads.** Ray sets ``OMP_NUM_THREADS`` to a task's CPUs; the tasks set torch's and
+  SimpleITK's thread counts themselves (``PreprocessSetup.threads``), so a result does not depend
+  on where it ran.
+* **Where.** With ``address`` empty an embedded Ray instance is started for the run, sized to
+  this machine (or container quota), and stopped after it; ``auto`` or ``host:port`` joins a
+  running cluster, which must see the input and model folders at the same paths (shared
+  storage). Usage statistics stay off in both (nothing about a run leaves the site), and no
+  dashboard is started by an embedded instance.
 """
 
 from __future__ import annotations
@@ -18,6 +30,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
+import socket
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -31,32 +46,63 @@ from codegraph3d.preprocess.workers import (
     available_cpus,
 )
 
-__all__ = ["RAY_INSTALL", "RayStudyPreprocessor"]
+__all__ = ["RAY_INSTALL", "RayStudyPreprocessor", "check_reachable", "study_memory_bytes"]
 
 logger = logging.getLogger(__name__)
 
 RAY_INSTALL = "pip install ray==2.60.0"
+TASK_RETRIES = 3  # runs of a study lost to a dead worker or node; its own errors are never retried
+BASE_BYTES = 500 * 1024**2
+BYTES_PER_VOXEL = 30  # measured peak of a preprocessing worker (docs/RESULTS.md, "Very large series")
+LOADED_BYTES_PER_VOXEL = 4  # a loaded float32 series waiting its turn in the same task
+
+_MODELS: dict[PreprocessSetup, PreprocessModels] = {}
 
 
-class _ModelsActor:
-    """What a Ray actor holds: the preprocessing models, loaded once per actor."""
+def _run_study(setup: PreprocessSetup, jobs: Sequence[SeriesJob]) -> list[SeriesOutcome]:
+    """A Ray task: preprocess one study with this worker process's models (loaded on first use)."""
+    if setup not in _MODELS:
+        _MODELS.clear()  # one settings' models at a time per process
+        _MODELS[setup] = PreprocessModels(setup)
+    return _MODELS[setup].run(jobs)
 
-    def __init__(self, setup: PreprocessSetup) -> None:
-        self.models = PreprocessModels(setup)
 
-    def run(self, jobs: Sequence[SeriesJob]) -> list[SeriesOutcome]:
-        return self.models.run(jobs)
+def check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Raise ConnectionError unless the cluster's ``host:port`` accepts a connection.
+
+    Ray itself keeps retrying an unreachable address for minutes; a run should say at once.
+    """
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConnectionError(f"{address!r} is not 'auto' or host:port (the head node's GCS port, 6379 by default)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise ConnectionError(f"nothing answers at {address} ({error})") from error
+
+
+def _series_voxels(job: SeriesJob) -> int:
+    """Voxels of a series from its headers (0 when the headers lack the matrix size)."""
+    return sum((s.rows or 0) * (s.columns or 0) * max(1, s.number_of_frames) for s in job.series.slices)
+
+
+def study_memory_bytes(jobs: Sequence[SeriesJob]) -> int:
+    """Memory one task needs for a study: 0.5 GB + 30 B/voxel of its largest series + 4 B/voxel of the rest."""
+    voxels = sorted((_series_voxels(job) for job in jobs), reverse=True) or [0]
+    return BASE_BYTES + BYTES_PER_VOXEL * voxels[0] + LOADED_BYTES_PER_VOXEL * sum(voxels[1:])
 
 
 class RayStudyPreprocessor(StudyPreprocessor):
-    """Load and preprocess studies on Ray actors; results come back in input order.
+    """Load and preprocess studies as Ray tasks; results come back in input order.
 
     Parameters
     ----------
     setup : PreprocessSetup
         Settings and model folder (the same paths must exist on every node).
     workers : int
-        Actors, each asking Ray for ``setup.threads`` CPUs (at least one).
+        Studies in flight at least (more on a cluster with more CPUs); each task asks for
+        ``setup.threads`` CPUs (at least one) and its memory, and Ray places it on a node that has
+        them.
     address : str
         ``""``: an embedded Ray instance for this run; ``"auto"`` or ``"host:port"``: a cluster.
 
@@ -64,13 +110,16 @@ class RayStudyPreprocessor(StudyPreprocessor):
     ------
     codegraph3d.core.optional.OptionalDependencyError
         On entering, when Ray is not installed.
+    ValueError
+        On entering, when Ray cannot be started or the cluster cannot be reached (the address is
+        in the message).
     """
 
     def __init__(self, setup: PreprocessSetup, workers: int = 1, address: str = "") -> None:
         super().__init__(setup, workers)
         self.address = address
         self._ray: Any = None
-        self._actors: list[Any] = []
+        self._task: Any = None
         self._started = False
 
     def __enter__(self) -> RayStudyPreprocessor:
@@ -88,7 +137,11 @@ class RayStudyPreprocessor(StudyPreprocessor):
 
     def _start(self) -> None:
         ray = self._ray
+        # Read by Ray when it starts a node: no usage report leaves the site from this run.
+        os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
         if not ray.is_initialized():
+            if self.address not in ("", "auto"):
+                check_reachable(self.address)
             # "local" always starts a new instance, even where RAY_ADDRESS names a cluster.
             embedded = not self.address
             ray.init(address="local" if embedded else self.address, num_cpus=available_cpus() if embedded else None,
@@ -96,32 +149,49 @@ class RayStudyPreprocessor(StudyPreprocessor):
             self._started = True
             logger.info("ray: %s (%s)", "embedded instance started" if embedded else f"joined {self.address}",
                         ray.get_runtime_context().gcs_address)
-        remote = ray.remote(_ModelsActor).options(num_cpus=max(1, self.setup.threads))
-        self._actors = [remote.remote(self.setup) for _ in range(self.workers)]
+        self._task = ray.remote(_run_study)
 
     def __exit__(self, *exc: object) -> None:
-        try:
-            for actor in self._actors:
-                with contextlib.suppress(Exception):
-                    self._ray.kill(actor)
-        finally:
-            self._actors = []
-            if self._started:
-                self._started = False
-                self._ray.shutdown()
-            self._local = None
+        self._task = None
+        if self._started:
+            self._started = False
+            self._ray.shutdown()
+        self._local = None
 
     def map(self, studies: Iterable[Sequence[SeriesJob]]) -> Iterator[tuple[Sequence[SeriesJob], list[SeriesOutcome]]]:
-        """Preprocess each study's jobs on the actors; yield ``(jobs, outcomes)`` in input order."""
-        from ray.util import ActorPool
+        """Preprocess each study's jobs as a task; yield ``(jobs, outcomes)`` in input order.
 
+        At most ``workers`` studies, or as many as the cluster's CPUs run at once, are in flight
+        (submitted but not yet handed back), which bounds what waits in the object store.
+        """
         studies = [list(jobs) for jobs in studies if jobs]
-        if not self._actors:
+        if self._task is None:
             raise RuntimeError("RayStudyPreprocessor.map() outside its 'with' block")
-        pool = ActorPool(self._actors)
-        # ActorPool.map yields in submission order, whatever order the actors finish in.
-        for jobs, outcomes in zip(studies, pool.map(lambda actor, jobs: actor.run.remote(jobs), studies)):
-            self._progress(len(jobs))
-            # Ray hands numpy arrays back as read-only views of its object store: a kept brain mask
-            # would pin its whole result there, image included. Copies let each result go.
-            yield jobs, copy.deepcopy(outcomes)
+        setup_ref = self._ray.put(self.setup)
+        in_flight = self._in_flight()
+        pending: deque[tuple[list[SeriesJob], Any]] = deque()
+        queue = iter(studies)
+        try:
+            while True:
+                while len(pending) < in_flight and (jobs := next(queue, None)) is not None:
+                    task = self._task.options(num_cpus=max(1, self.setup.threads), memory=study_memory_bytes(jobs),
+                                              max_retries=TASK_RETRIES, retry_exceptions=False)
+                    pending.append((jobs, task.remote(setup_ref, jobs)))
+                if not pending:
+                    return
+                jobs, ref = pending.popleft()
+                # Ray hands numpy arrays back as read-only views of its object store: a kept brain
+                # mask would pin its whole result there, image included. Copies let each result go.
+                outcomes = copy.deepcopy(self._ray.get(ref))
+                del ref
+                self._progress(len(jobs))
+                yield jobs, outcomes
+        finally:
+            for _, ref in pending:
+                with contextlib.suppress(Exception):  # already finished, or its node already gone
+                    self._ray.cancel(ref, force=True)
+
+    def _in_flight(self) -> int:
+        """Studies to keep in flight: ``workers``, or as many as the cluster's CPUs run at once."""
+        cpus = int(self._ray.cluster_resources().get("CPU", 0))
+        return max(self.workers, cpus // max(1, self.setup.threads))
