@@ -33,7 +33,7 @@ import logging
 import os
 import socket
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from codegraph3d.core.optional import optional_import
@@ -121,6 +121,22 @@ class RayStudyPreprocessor(StudyPreprocessor):
         self._ray: Any = None
         self._task: Any = None
         self._started = False
+        self._follow: Callable[[int, Any], Any] | None = None
+        self._stop_follow: Callable[[], None] | None = None
+
+    @property
+    def ray(self) -> Any:
+        """The ``ray`` module, initialised (inside the ``with`` block)."""
+        return self._ray
+
+    def follow_with(self, follow: Callable[[int, Any], Any], stop: Callable[[], None]) -> None:
+        """Chain a stage after each study's preprocessing, on the cluster (for example encoding).
+
+        ``follow(index, ref)`` gets the study's position and the reference to its outcomes and
+        returns the reference :meth:`map` waits for instead; ``stop`` is called on leaving the
+        ``with`` block, before Ray is shut down.
+        """
+        self._follow, self._stop_follow = follow, stop
 
     def __enter__(self) -> RayStudyPreprocessor:
         # Built here too: a missing template or landmark file fails in the caller with its message.
@@ -153,6 +169,10 @@ class RayStudyPreprocessor(StudyPreprocessor):
 
     def __exit__(self, *exc: object) -> None:
         self._task = None
+        stop, self._follow, self._stop_follow = self._stop_follow, None, None
+        if stop is not None:
+            with contextlib.suppress(Exception):  # a lost node must not keep Ray from stopping
+                stop()
         if self._started:
             self._started = False
             self._ray.shutdown()
@@ -170,13 +190,15 @@ class RayStudyPreprocessor(StudyPreprocessor):
         setup_ref = self._ray.put(self.setup)
         in_flight = self._in_flight()
         pending: deque[tuple[list[SeriesJob], Any]] = deque()
-        queue = iter(studies)
+        queue = enumerate(studies)
         try:
             while True:
-                while len(pending) < in_flight and (jobs := next(queue, None)) is not None:
+                while len(pending) < in_flight and (item := next(queue, None)) is not None:
+                    index, jobs = item
                     task = self._task.options(num_cpus=max(1, self.setup.threads), memory=study_memory_bytes(jobs),
                                               max_retries=TASK_RETRIES, retry_exceptions=False)
-                    pending.append((jobs, task.remote(setup_ref, jobs)))
+                    ref = task.remote(setup_ref, jobs)
+                    pending.append((jobs, ref if self._follow is None else self._follow(index, ref)))
                 if not pending:
                     return
                 jobs, ref = pending.popleft()

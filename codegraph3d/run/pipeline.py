@@ -11,6 +11,7 @@ of one) skip that series with a recorded reason; run-level problems (nothing to 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections import defaultdict
@@ -268,14 +269,16 @@ def _encode_outcome(
     """Encode a preprocessed series and store it in the cache (when one is configured)."""
     start = time.perf_counter()
     prepared = outcome.prepared
-    encoded = encode_volume(
-        prepared.image,
-        prepared.brain_mask,
-        encoder,
-        grid_size=config.tokens.grid_size,
-        min_brain_fraction=config.tokens.min_brain_fraction,
-        batch_size=config.encoder.batch_size,
-    )
+    encoded = outcome.encoded  # encoded where it was preprocessed (the Ray backend's actors)
+    if encoded is None:
+        encoded = encode_volume(
+            prepared.image,
+            prepared.brain_mask,
+            encoder,
+            grid_size=config.tokens.grid_size,
+            min_brain_fraction=config.tokens.min_brain_fraction,
+            batch_size=config.encoder.batch_size,
+        )
     # The scorer and writer need only the mask and geometry: drop the image to bound memory.
     prepared.image = np.zeros((0, 0, 0), np.float32)
     entry = CachedSeries(
@@ -288,7 +291,7 @@ def _encode_outcome(
     )
     if cache is not None and material is not None:
         try:
-            cache.store(material, entry, build_seconds=outcome.seconds + time.perf_counter() - start)
+            cache.store(material, entry, build_seconds=outcome.seconds + outcome.seconds_encode + time.perf_counter() - start)
         except (OSError, ValueError) as error:
             # The cache only saves time: a full disk must not fail the run.
             logger.warning("token cache: could not store series %s (%s)", decision.series_instance_uid, error)
@@ -332,13 +335,32 @@ def preprocess_setup(
     )
 
 
-def _preprocessor(config: RunConfig, setup: PreprocessSetup, workers: int) -> StudyPreprocessor:
-    """The study preprocessor of ``execution.backend``: local worker processes, or Ray actors."""
-    if config.execution.backend == "ray":
-        from codegraph3d.preprocess.ray_workers import RayStudyPreprocessor
+def _start_preprocessor(
+    config: RunConfig, setup: PreprocessSetup, workers: int, encoder: SliceEncoder, model_path: str | Path | None,
+) -> StudyPreprocessor:
+    """The entered study preprocessor of ``execution.backend``: local worker processes, or Ray.
 
-        return RayStudyPreprocessor(setup, workers, address=config.execution.ray_address)
-    return StudyPreprocessor(setup, workers)
+    On Ray, studies are preprocessed as tasks and encoded by encoder actors next to their
+    pixels (:mod:`codegraph3d.features.ray_encoders`); locally this process encodes.
+    """
+    if config.execution.backend != "ray":
+        return StudyPreprocessor(setup, workers).__enter__()
+    from codegraph3d.features.ray_encoders import RayEncoders
+    from codegraph3d.preprocess.ray_workers import RayStudyPreprocessor
+
+    pool = RayStudyPreprocessor(setup, workers, address=config.execution.ray_address).__enter__()
+    try:
+        encoders = RayEncoders(
+            pool.ray, functools.partial(build_encoder, config, model_path), encoder.identity(),
+            grid_size=config.tokens.grid_size, min_brain_fraction=config.tokens.min_brain_fraction,
+            batch_size=config.encoder.batch_size, threads=setup.threads,
+        )
+    except BaseException:
+        pool.__exit__(None, None, None)
+        raise
+    pool.follow_with(encoders.follow, encoders.stop)
+    logger.info("ray: %s", encoders.where)
+    return pool
 
 
 def landmark_material(config: RunConfig, model_path: str | Path | None) -> dict[str, Any] | None:
@@ -415,7 +437,7 @@ class _TokenisationRun:
             with self.timer("tokenise"):
                 entry = _encode_outcome(decision, outcome, self.config, self.encoder, self.cache, material)
             record = _finish(decision, entry, outcome.datasets, status, self.config)
-            record.qa["seconds"] = round(outcome.seconds + time.perf_counter() - start, 2)
+            record.qa["seconds"] = round(outcome.seconds + outcome.seconds_encode + time.perf_counter() - start, 2)
             record.qa["seconds_preprocess"] = round(outcome.seconds, 2)
             for warning in record.qa.get("warnings", []):
                 logger.warning(
@@ -474,7 +496,7 @@ def tokenise_selected(
     workers = resolve_workers(int(config.preprocess.workers), len(studies))
     setup = preprocess_setup(config, model_path, workers)
     try:
-        pool = _preprocessor(config, setup, workers).__enter__()
+        pool = _start_preprocessor(config, setup, workers, encoder, model_path)
     except (FileNotFoundError, ValueError, ImportError, OSError) as error:
         raise CohortError(f"preprocessing cannot start: {error}") from error
     try:

@@ -51,6 +51,7 @@ def test_a_cluster_that_loses_its_worker_node_still_writes_what_a_local_run_writ
     assert result["returncode"] == 0, log[-4000:]
     assert result["killed"], "the worker node was never killed: no series was reported preprocessed"
     assert "ray: joined 127.0.0.1:6390" in log
+    assert "ray: 1 encoder actor(s) on 1 node(s), CPU" in log  # the head has no CPUs: one node works
     # Studies were still to come when the node died: they ran again on the replacement node.
     after_kill = log.split("=== worker node killed ===", 1)[1]
     assert "preprocessed" in after_kill, log[-4000:]
