@@ -18,11 +18,9 @@ completion, so a run assembles the same batches as a local run.
 * **Threads.** Ray sets ``OMP_NUM_THREADS`` to a task's CPUs; the tasks set torch's and
   SimpleITK's thread counts themselves (``PreprocessSetup.threads``), so a result does not depend
   on where it ran.
-* **Where.** With ``address`` empty an embedded Ray instance is started for the run, sized to
-  this machine (or container quota), and stopped after it; ``auto`` or ``host:port`` joins a
-  running cluster, which must see the input and model folders at the same paths (shared
-  storage). Usage statistics stay off in both (nothing about a run leaves the site), and no
-  dashboard is started by an embedded instance.
+* **Where.** The process's Ray instance (:func:`codegraph3d.core.ray_runtime.ray_runtime`): an
+  embedded one, or a running cluster, which must see the input and model folders at the same
+  paths (shared storage). It outlives this stage: encoding and scoring use it too.
 """
 
 from __future__ import annotations
@@ -30,13 +28,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
-import socket
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from codegraph3d.core.optional import optional_import
+from codegraph3d.core.ray_runtime import ray_runtime
 from codegraph3d.preprocess.workers import (
     PreprocessModels,
     PreprocessSetup,
@@ -46,11 +42,10 @@ from codegraph3d.preprocess.workers import (
     available_cpus,
 )
 
-__all__ = ["RAY_INSTALL", "RayStudyPreprocessor", "check_reachable", "study_memory_bytes"]
+__all__ = ["RayStudyPreprocessor", "study_memory_bytes"]
 
 logger = logging.getLogger(__name__)
 
-RAY_INSTALL = "pip install ray==2.60.0"
 TASK_RETRIES = 3  # runs of a study lost to a dead worker or node; its own errors are never retried
 BASE_BYTES = 500 * 1024**2
 BYTES_PER_VOXEL = 30  # measured peak of a preprocessing worker (docs/RESULTS.md, "Very large series")
@@ -65,20 +60,6 @@ def _run_study(setup: PreprocessSetup, jobs: Sequence[SeriesJob]) -> list[Series
         _MODELS.clear()  # one settings' models at a time per process
         _MODELS[setup] = PreprocessModels(setup)
     return _MODELS[setup].run(jobs)
-
-
-def check_reachable(address: str, timeout_s: float = 10.0) -> None:
-    """Raise ConnectionError unless the cluster's ``host:port`` accepts a connection.
-
-    Ray itself keeps retrying an unreachable address for minutes; a run should say at once.
-    """
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConnectionError(f"{address!r} is not 'auto' or host:port (the head node's GCS port, 6379 by default)")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError as error:
-        raise ConnectionError(f"nothing answers at {address} ({error})") from error
 
 
 def _series_voxels(job: SeriesJob) -> int:
@@ -120,7 +101,6 @@ class RayStudyPreprocessor(StudyPreprocessor):
         self.address = address
         self._ray: Any = None
         self._task: Any = None
-        self._started = False
         self._follow: Callable[[int, Any], Any] | None = None
         self._stop_follow: Callable[[], None] | None = None
 
@@ -141,41 +121,21 @@ class RayStudyPreprocessor(StudyPreprocessor):
     def __enter__(self) -> RayStudyPreprocessor:
         # Built here too: a missing template or landmark file fails in the caller with its message.
         self._local = PreprocessModels(self.setup)
-        self._ray = optional_import("ray", "execution.backend 'ray'", RAY_INSTALL, "set execution.backend: local")
         try:
-            self._start()
-        except Exception as error:
-            self.__exit__(None, None, None)  # nothing started may outlive a failed start
-            where = f"the Ray cluster at {self.address!r}" if self.address else "an embedded Ray instance"
-            raise ValueError(f"execution.backend ray: {where} could not be used ({error}); check "
-                             "execution.ray_address, or set execution.backend: local") from error
+            self._ray = ray_runtime(self.address, available_cpus)
+        except BaseException:
+            self._local = None
+            raise
+        self._task = self._ray.remote(_run_study)
         return self
 
-    def _start(self) -> None:
-        ray = self._ray
-        # Read by Ray when it starts a node: no usage report leaves the site from this run.
-        os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-        if not ray.is_initialized():
-            if self.address not in ("", "auto"):
-                check_reachable(self.address)
-            # "local" always starts a new instance, even where RAY_ADDRESS names a cluster.
-            embedded = not self.address
-            ray.init(address="local" if embedded else self.address, num_cpus=available_cpus() if embedded else None,
-                     include_dashboard=False, log_to_driver=False, configure_logging=False)
-            self._started = True
-            logger.info("ray: %s (%s)", "embedded instance started" if embedded else f"joined {self.address}",
-                        ray.get_runtime_context().gcs_address)
-        self._task = ray.remote(_run_study)
-
     def __exit__(self, *exc: object) -> None:
+        # The Ray instance stays for the run's later stages (it ends with the process).
         self._task = None
         stop, self._follow, self._stop_follow = self._stop_follow, None, None
         if stop is not None:
-            with contextlib.suppress(Exception):  # a lost node must not keep Ray from stopping
+            with contextlib.suppress(Exception):  # a lost node must not keep the run from going on
                 stop()
-        if self._started:
-            self._started = False
-            self._ray.shutdown()
         self._local = None
 
     def map(self, studies: Iterable[Sequence[SeriesJob]]) -> Iterator[tuple[Sequence[SeriesJob], list[SeriesOutcome]]]:

@@ -10,6 +10,7 @@ of one) skip that series with a recorded reason; run-level problems (nothing to 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
@@ -820,6 +821,77 @@ def _score_chunk(chunk: _Chunk, config: RunConfig, clock: StageClock) -> BatchSc
     )
 
 
+def _score_task(layer_sets: Sequence[Sequence[np.ndarray]], groups: Sequence[Hashable], coords: Sequence[np.ndarray],
+                grid_shape: tuple[int, int, int], settings: ScoringSettings, threads: int) -> BatchScores:
+    """A Ray task: score one chunk with the threads it was given (Ray would leave OMP_NUM_THREADS)."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    return score_configured(layer_sets, groups, coords, grid_shape, settings)
+
+
+@dataclass
+class _RemoteChunks:
+    """Chunks submitted to Ray as scoring tasks: a reference per chunk, or why it was not submitted."""
+
+    ray: Any
+    refs: list[Any]
+    labels: list[str]
+    sizes: list[int]
+
+
+def _score_chunks_on_ray(chunks: Sequence[_Chunk], config: RunConfig) -> _RemoteChunks:
+    """Submit every chunk as a Ray task at once, so chunks run in parallel on the cluster's nodes.
+
+    Each task asks for the CPUs of the largest node (the windowed scorer uses them all), a GPU when
+    the cluster has one, and the memory of ``scoring.memory_budget_mb`` plus its tokens; a task
+    lost with its node runs again (``max_retries``). A chunk that cannot be scored is not submitted:
+    its ValueError takes the reference's place.
+    """
+    from codegraph3d.core.ray_runtime import ray_runtime
+
+    ray = ray_runtime(config.execution.ray_address, available_cpus)
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    cpus = max(1, int(max((node.get("CPU", 0) for node in nodes), default=1)))
+    gpus = 1 if any(node.get("GPU", 0) >= 1 for node in nodes) else 0
+    task = ray.remote(_score_task)
+    remote = _RemoteChunks(ray, [], [chunk.label for chunk in chunks], [])
+    for chunk in chunks:
+        remote.sizes.append(len(chunk.members) + len(chunk.references))
+        try:
+            _check_chunk(chunk, config)
+        except ValueError as error:
+            remote.refs.append(error)
+            continue
+        token_sets = [m.tokens.tokens for m in chunk.members] + [r.tokens for r in chunk.references]
+        layer_sets = [[tokens[layer] for tokens in token_sets] for layer in range(len(token_sets[0]))]
+        token_bytes = sum(layer.nbytes for tokens in token_sets for layer in tokens)
+        memory = int(config.scoring.memory_budget_mb) * 1024**2 + 2 * token_bytes + 256 * 1024**2
+        options = task.options(num_cpus=cpus, num_gpus=gpus, memory=memory, max_retries=3, retry_exceptions=False)
+        remote.refs.append(options.remote(layer_sets, chunk.groups, chunk.coords, chunk.members[0].tokens.grid_shape,
+                                          config.scoring, cpus))
+    logger.info("scoring: %d chunk task(s) submitted to Ray (%d CPU(s)%s each)", len(chunks), cpus,
+                " and a GPU" if gpus else "")
+    return remote
+
+
+def _collect_chunk(remote: _RemoteChunks, index: int, clock: StageClock) -> BatchScores:
+    """Chunk ``index``'s scores from its Ray task (a ValueError when it could not be scored)."""
+    ref = remote.refs[index]
+    if isinstance(ref, ValueError):
+        raise ref
+    try:
+        scores = copy.deepcopy(remote.ray.get(ref))  # out of the object store's read-only buffers
+    except remote.ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, ValueError):
+            raise error.cause from error
+        raise
+    elapsed, remaining = clock.advance(remote.sizes[index] ** 2)
+    logger.info("scoring %s: done on Ray, %.0f%% of the scoring work, %.0f s elapsed, ETA %.0f s",
+                remote.labels[index], 100 * clock.fraction, elapsed, remaining)
+    return scores
+
+
 def _scored_batch(chunk: _Chunk, scores: BatchScores, config: RunConfig, scoring: Scoring) -> ScoredBatch:
     """Decide a scored chunk and record it (CoDeGraph's groups and the bank volumes in the log)."""
     members, n, uids = chunk.members, len(chunk.members), chunk.uids
@@ -890,17 +962,18 @@ def score_batches(tokenisation: Tokenisation, config: RunConfig) -> Scoring:
         bank = open_bank(config, tokenisation, create=config.bank.add_scored != "none")
         scoring.bank = {"folder": str(bank.folder), "settings_id": bank.settings_id, "references": {}}
     chunks = _contrast_chunks(tokenisation, config)
-    # Work is counted in volume pairs per layer: each layer's nearest-neighbour pass compares every
-    # volume with every other, so a batch's cost grows with the square of its size. Bank
-    # references join the estimate when a chunk draws them.
-    clock = StageClock(sum(len(chunk.members) ** 2 for chunk in chunks))
-    by_contrast: dict[str, list[ScoredBatch]] = defaultdict(list)
     for chunk in chunks:
         _draw_references(chunk, bank, config)
-        n, n_total = len(chunk.members), len(chunk.members) + len(chunk.references)
-        clock.total += n_total**2 - n**2
+    # Work is counted in volume pairs per layer: each layer's nearest-neighbour pass compares every
+    # volume with every other, so a batch's cost grows with the square of its size, bank
+    # references included.
+    clock = StageClock(sum((len(chunk.members) + len(chunk.references)) ** 2 for chunk in chunks))
+    remote = _score_chunks_on_ray(chunks, config) if config.execution.backend == "ray" else None
+    by_contrast: dict[str, list[ScoredBatch]] = defaultdict(list)
+    for index, chunk in enumerate(chunks):
+        n_total = len(chunk.members) + len(chunk.references)
         try:
-            scores = _score_chunk(chunk, config, clock)
+            scores = _score_chunk(chunk, config, clock) if remote is None else _collect_chunk(remote, index, clock)
         except ValueError as error:
             clock.total -= n_total**2  # this batch's work will not be done
             reason = f"{chunk.label} batch not scored: {error}"

@@ -35,6 +35,8 @@ def test_a_ray_run_writes_what_a_local_run_writes(runs):
     assert ray.returncode == 0, ray.stderr[-3000:]
     assert "ray: embedded instance started (127.0.0.1:" in ray.stdout + ray.stderr
     assert "ray: 1 encoder actor(s) on 1 node(s), CPU" in ray.stdout + ray.stderr  # pixels encoded in Ray
+    assert "scoring: 2 chunk task(s) submitted to Ray" in ray.stdout + ray.stderr  # one per contrast
+    assert (ray.stdout + ray.stderr).count("embedded instance started") == 1  # one instance for every stage
     difference = compare_runs(local.output, ray.output, score_tolerance=1e-4, mask_tolerance=0.0)
     assert difference.agree, difference.problems
     assert len(difference.series) == len(local.report["series"])

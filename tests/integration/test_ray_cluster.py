@@ -19,7 +19,9 @@ from fixtures import LOOPBACK_ONLY, ROOT, TINY_VIT_CONFIG, loopback_only_availab
 
 pytest.importorskip("ray", reason="ray is not installed (pip install .[ray])")
 
-CLUSTER_CONFIG = TINY_VIT_CONFIG + "execution:\n  backend: ray\n  ray_address: 127.0.0.1:6390\n"
+# Chunks of 3 volumes: two chunks per contrast, scored as parallel Ray tasks.
+LOCAL_CONFIG = TINY_VIT_CONFIG + "scoring:\n  batch_size: 3\n"
+CLUSTER_CONFIG = LOCAL_CONFIG + "execution:\n  backend: ray\n  ray_address: 127.0.0.1:6390\n"
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def namespace() -> None:
 def killed_run(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory, namespace: None) -> tuple[Path, dict, Path]:
     """The local run, and the cluster run that lost its worker node after the first series."""
     tmp = tmp_path_factory.mktemp("ray_cluster")
-    local = run_app(tiny_cohort / "dicom", tmp / "local", tmp / "models", TINY_VIT_CONFIG, tmp)
+    local = run_app(tiny_cohort / "dicom", tmp / "local", tmp / "models", LOCAL_CONFIG, tmp)
     assert local.returncode == 0, local.stderr[-3000:]
     config = tmp / "cluster.yaml"
     config.write_text(CLUSTER_CONFIG, encoding="utf-8")
@@ -52,6 +54,7 @@ def test_a_cluster_that_loses_its_worker_node_still_writes_what_a_local_run_writ
     assert result["killed"], "the worker node was never killed: no series was reported preprocessed"
     assert "ray: joined 127.0.0.1:6390" in log
     assert "ray: 1 encoder actor(s) on 1 node(s), CPU" in log  # the head has no CPUs: one node works
+    assert "scoring: 4 chunk task(s) submitted to Ray" in log
     # Studies were still to come when the node died: they ran again on the replacement node.
     after_kill = log.split("=== worker node killed ===", 1)[1]
     assert "preprocessed" in after_kill, log[-4000:]

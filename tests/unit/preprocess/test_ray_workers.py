@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from codegraph3d.io.dicom import SeriesHeader, SliceHeader
-from codegraph3d.preprocess.ray_workers import check_reachable, study_memory_bytes
+from codegraph3d.core.ray_runtime import check_reachable
+from codegraph3d.preprocess.ray_workers import study_memory_bytes
 from codegraph3d.preprocess.workers import SeriesJob
 
 
