@@ -6,7 +6,7 @@ starts an embedded instance once, not once per stage.
 
 * ``address`` empty: an embedded instance for this process (``address="local"`` always starts a
   new one, even where ``RAY_ADDRESS`` names a cluster), sized to this machine or its container
-  quota, with no dashboard.
+  quota, listening on 127.0.0.1 only, with no dashboard.
 * ``auto`` or ``host:port``: join a running cluster. A ``host:port`` that nothing answers is an
   error at once (Ray itself would keep retrying for minutes).
 
@@ -68,8 +68,10 @@ def ray_runtime(address: str, cpus: Callable[[], int]) -> Any:
     try:
         if address not in ("", "auto"):
             check_reachable(address)
-        ray.init(address="local" if embedded else address, num_cpus=cpus() if embedded else None,
-                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # An embedded instance serves this process only: it listens on loopback, never on the network.
+        where = {"address": "local", "num_cpus": cpus(), "_node_ip_address": "127.0.0.1"} if embedded else {
+            "address": address}
+        ray.init(**where, include_dashboard=False, log_to_driver=False, configure_logging=False)
     except Exception as error:
         if ray.is_initialized():  # nothing started may outlive a failed start
             ray.shutdown()

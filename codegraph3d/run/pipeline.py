@@ -783,13 +783,24 @@ def _draw_references(chunk: _Chunk, bank: Any, config: RunConfig) -> None:
     )
 
 
+def _one_patient_id_note(chunk: _Chunk, config: RunConfig) -> str:
+    """Why several studies count as one patient, when one PatientID spans them all (anonymised exports)."""
+    studies = {m.decision.study_instance_uid for m in chunk.members}
+    patient_ids = {m.decision.patient_id for m in chunk.members}
+    if config.scoring.exclude_same != "patient_id" or len(studies) < 2 or len(patient_ids) != 1 or "" in patient_ids:
+        return ""
+    return (f": its {len(studies)} studies all carry PatientID {next(iter(patient_ids))!r}. Anonymised exports often "
+            "give every study the same PatientID; if these studies are of different people, set "
+            "scoring.exclude_same: study (the series of one study still never reference each other)")
+
+
 def _check_chunk(chunk: _Chunk, config: RunConfig) -> None:
     """A ``ValueError`` saying why a chunk cannot be scored (one patient, no bank volumes, another grid)."""
     if len(set(chunk.groups)) < 2:
         raise ValueError(
-            f"the {chunk.label} batch holds {len(chunk.members)} series from {len(set(chunk.own_groups))} patient(s); "
-            "batch scoring needs series of at least two different patients of the same "
-            "contrast. Add studies of other patients to the input"
+            f"the {chunk.label} batch holds {len(chunk.members)} series from {len(set(chunk.own_groups))} patient(s)"
+            f"{_one_patient_id_note(chunk, config)}; batch scoring needs series of at least two different patients "
+            "of the same contrast. Add studies of other patients to the input"
             + ("." if config.bank.folder else ", or configure a cohort bank (bank.folder) of prior studies.")
         )
     if config.threshold.policy == "bank" and not chunk.references:

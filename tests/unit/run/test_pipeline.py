@@ -66,6 +66,29 @@ def test_a_batch_of_one_patient_is_skipped_while_others_score():
     assert len(scoring.batches[0].scores.volume_scores) == 4
 
 
+def test_one_patient_id_over_many_studies_names_the_setting_for_anonymised_cohorts():
+    rng = np.random.default_rng(4)
+    series = [_series(str(i), "ANONYMOUS", f"S{i}", "T2w", rng) for i in range(5)]
+    tokenisation = Tokenisation(series=series, skipped={}, encoder={"name": "intensity"})
+    with pytest.raises(CohortError) as raised:
+        score_batches(tokenisation, load_config(override={"encoder": {"name": "intensity"}}))
+    message = str(raised.value)
+    assert "5 studies all carry PatientID 'ANONYMOUS'" in message and "scoring.exclude_same: study" in message
+    # The remedy works: studies of one PatientID are then different patients.
+    scoring = score_batches(tokenisation, load_config(override={"encoder": {"name": "intensity"},
+                                                                "scoring": {"exclude_same": "study"}}))
+    assert len(scoring.batches[0].scores.volume_scores) == 5
+
+
+def test_one_study_of_one_patient_gets_no_anonymisation_note():
+    rng = np.random.default_rng(5)
+    series = [_series("1", "P1", "S1", "T2w", rng), _series("2", "P1", "S1", "T2w", rng)]
+    tokenisation = Tokenisation(series=series, skipped={}, encoder={"name": "intensity"})
+    with pytest.raises(CohortError) as raised:
+        score_batches(tokenisation, load_config(override={"encoder": {"name": "intensity"}}))
+    assert "carry PatientID" not in str(raised.value)
+
+
 def test_no_scorable_batch_is_a_cohort_error():
     rng = np.random.default_rng(2)
     series = [_series("1", "P1", "S1", "T2w", rng), _series("2", "P1", "S2", "T2w", rng)]
