@@ -6,7 +6,9 @@ starts an embedded instance once, not once per stage.
 
 * ``address`` empty: an embedded instance for this process (``address="local"`` always starts a
   new one, even where ``RAY_ADDRESS`` names a cluster), sized to this machine or its container
-  quota, listening on 127.0.0.1 only, with no dashboard.
+  quota, its node address 127.0.0.1, with no dashboard. Ray's servers still listen on every
+  interface (measured with ray 2.60, docs/SCALE.md): on a host with an untrusted network, run
+  it in a network namespace or a container without network, or keep the local backend.
 * ``auto`` or ``host:port``: join a running cluster. A ``host:port`` that nothing answers is an
   error at once (Ray itself would keep retrying for minutes).
 
@@ -68,7 +70,7 @@ def ray_runtime(address: str, cpus: Callable[[], int]) -> Any:
     try:
         if address not in ("", "auto"):
             check_reachable(address)
-        # An embedded instance serves this process only: it listens on loopback, never on the network.
+        # An embedded instance serves this process only: its node is addressed on loopback.
         where = {"address": "local", "num_cpus": cpus(), "_node_ip_address": "127.0.0.1"} if embedded else {
             "address": address}
         ray.init(**where, include_dashboard=False, log_to_driver=False, configure_logging=False)
