@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ APP_TIMEOUT_S = 480
 PROGRESS = re.compile(r"preprocessed \d+/\d+ series")
 
 
-def _start_node(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+def _start_node(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """``ray start ... --block`` in a process group of its own (stopped by that group's id)."""
     with log.open("ab") as handle:
         return subprocess.Popen([RAY, "start", *args, "--block"], stdout=handle, stderr=subprocess.STDOUT, env=env,
@@ -62,7 +63,7 @@ def _wait_for_cpus(cpus: int, env: dict[str, str], timeout_s: float = 90.0) -> N
     raise TimeoutError(f"the cluster did not reach {cpus} CPUs in {timeout_s:.0f} s")
 
 
-def _stop(nodes: list[subprocess.Popen], marker: str) -> None:
+def _stop(nodes: list[subprocess.Popen[bytes]], marker: str) -> None:
     """Stop every node by its process group, then any process of this run's Ray folder by its id."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for node in nodes:
@@ -77,7 +78,10 @@ def _stop(nodes: list[subprocess.Popen], marker: str) -> None:
         except ProcessLookupError:
             pass
     for node in nodes:
-        node.wait(timeout=30)
+        try:
+            node.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # reported by the caller's check of what is left
+            pass
 
 
 def _pids_mentioning(marker: str) -> list[int]:
@@ -93,8 +97,8 @@ def _pids_mentioning(marker: str) -> list[int]:
     return pids
 
 
-def _run_app(args: argparse.Namespace, env: dict[str, str], on_first_progress) -> tuple[int, str]:
-    """Run the app, calling ``on_first_progress`` once when its first series is preprocessed."""
+def _run_app(args: argparse.Namespace, env: dict[str, str], on_first_progress: Callable[[], None]) -> tuple[int, str]:
+    """Run the app, calling ``on_first_progress`` once when its first study is preprocessed; stopped on any error."""
     command = [sys.executable, str(ROOT / "app.py"), "-i", str(args.input), "-o", str(args.output), "-m", str(args.models)]
     app = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            env=dict(env, CODEGRAPH3D_CONFIG=str(args.config)), cwd=args.work)
@@ -111,9 +115,13 @@ def _run_app(args: argparse.Namespace, env: dict[str, str], on_first_progress) -
         return app.wait(), "".join(lines)
     finally:
         watchdog.cancel()
+        if app.poll() is None:  # an error above: the app must not outlive the scenario
+            app.kill()
+            app.wait()
 
 
 def main() -> int:
+    """Start the cluster, run the app on it (optionally losing the worker node), stop everything, write the result."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for name in ("work", "input", "output", "models", "config", "result"):
         parser.add_argument(f"--{name}", type=Path, required=True)
@@ -126,8 +134,8 @@ def main() -> int:
                RAY_USAGE_STATS_ENABLED="0")
     common = ["--node-ip-address", "127.0.0.1", "--temp-dir", temp, "--disable-usage-stats"]
     worker_args = ["--address", f"127.0.0.1:{PORT}", "--num-cpus", "2", *common]
-    nodes: list[subprocess.Popen] = []
-    result: dict = {"killed": False}
+    nodes: list[subprocess.Popen[bytes]] = []
+    result: dict[str, object] = {"killed": False}
     try:
         nodes.append(_start_node(["--head", "--port", str(PORT), "--num-cpus", "0", "--include-dashboard", "false",
                                   *common], args.work / "head.log", env))

@@ -27,15 +27,51 @@ from typing import Any
 
 from codegraph3d.core.optional import optional_import
 
-__all__ = ["RAY_INSTALL", "check_reachable", "ray_runtime"]
+__all__ = ["RAY_INSTALL", "RETRIES", "ClusterError", "alive_nodes", "capped_memory", "check_reachable", "ray_runtime"]
 
 logger = logging.getLogger(__name__)
 
 RAY_INSTALL = "pip install ray==2.60.0"
+RETRIES = 3  # runs of a task, or restarts of an actor, lost with its worker or node
+
+
+class ClusterError(RuntimeError):
+    """Ray work failed for a reason outside any one series (a node without the model folder, a lost cluster).
+
+    The run layer reports it as an input/configuration failure (exit code 2) naming the cause.
+    """
+
+
+def alive_nodes(ray: Any) -> list[dict[str, float]]:
+    """The resources (``CPU``, ``GPU``, ``memory`` in bytes, ...) of every live node of the cluster."""
+    return [dict(node.get("Resources", {})) for node in ray.nodes() if node.get("Alive")]
+
+
+def capped_memory(ray: Any, wanted: int) -> int:
+    """``wanted`` bytes, at most the largest node's schedulable memory.
+
+    A request no node can meet would leave its task pending for ever; capped, the task runs on
+    the largest node, as the local backend would run it on the one machine it has.
+    """
+    largest = max((node.get("memory", 0.0) for node in alive_nodes(ray)), default=0.0)
+    return int(min(wanted, largest)) if largest > 0 else int(wanted)
 
 
 def check_reachable(address: str, timeout_s: float = 10.0) -> None:
-    """Raise ConnectionError unless the cluster's ``host:port`` accepts a connection."""
+    """Raise ConnectionError unless the cluster's ``host:port`` accepts a connection.
+
+    Parameters
+    ----------
+    address : str
+        The head node's ``host:port`` (its GCS port).
+    timeout_s : float
+        Seconds to wait for the connection.
+
+    Raises
+    ------
+    ConnectionError
+        When ``address`` is not ``host:port`` or nothing accepts the connection (both named).
+    """
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise ConnectionError(f"{address!r} is not 'auto' or host:port (the head node's GCS port, 6379 by default)")

@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from codegraph3d.core.ray_runtime import ray_runtime
+from codegraph3d.core.ray_runtime import RETRIES, ClusterError, alive_nodes, capped_memory, ray_runtime
 from codegraph3d.preprocess.workers import (
     PreprocessModels,
     PreprocessSetup,
@@ -46,7 +46,6 @@ __all__ = ["RayStudyPreprocessor", "study_memory_bytes"]
 
 logger = logging.getLogger(__name__)
 
-TASK_RETRIES = 3  # runs of a study lost to a dead worker or node; its own errors are never retried
 BASE_BYTES = 500 * 1024**2
 BYTES_PER_VOXEL = 30  # measured peak of a preprocessing worker (docs/RESULTS.md, "Very large series")
 LOADED_BYTES_PER_VOXEL = 4  # a loaded float32 series waiting its turn in the same task
@@ -68,7 +67,18 @@ def _series_voxels(job: SeriesJob) -> int:
 
 
 def study_memory_bytes(jobs: Sequence[SeriesJob]) -> int:
-    """Memory one task needs for a study: 0.5 GB + 30 B/voxel of its largest series + 4 B/voxel of the rest."""
+    """Memory one task needs for a study: 0.5 GB + 30 B/voxel of its largest series + 4 B/voxel of the rest.
+
+    Parameters
+    ----------
+    jobs : sequence of SeriesJob
+        The study's series, with their headers (matrix size and frames; no pixels are read).
+
+    Returns
+    -------
+    int
+        Bytes to request from Ray for the study's task.
+    """
     voxels = sorted((_series_voxels(job) for job in jobs), reverse=True) or [0]
     return BASE_BYTES + BYTES_PER_VOXEL * voxels[0] + LOADED_BYTES_PER_VOXEL * sum(voxels[1:])
 
@@ -112,9 +122,13 @@ class RayStudyPreprocessor(StudyPreprocessor):
     def follow_with(self, follow: Callable[[int, Any], Any], stop: Callable[[], None]) -> None:
         """Chain a stage after each study's preprocessing, on the cluster (for example encoding).
 
-        ``follow(index, ref)`` gets the study's position and the reference to its outcomes and
-        returns the reference :meth:`map` waits for instead; ``stop`` is called on leaving the
-        ``with`` block, before Ray is shut down.
+        Parameters
+        ----------
+        follow : callable
+            ``follow(index, ref)`` gets the study's position and the reference to its outcomes
+            and returns the reference :meth:`map` waits for instead.
+        stop : callable
+            Called on leaving the ``with`` block (the Ray instance itself stays for later stages).
         """
         self._follow, self._stop_follow = follow, stop
 
@@ -148,32 +162,43 @@ class RayStudyPreprocessor(StudyPreprocessor):
         if self._task is None:
             raise RuntimeError("RayStudyPreprocessor.map() outside its 'with' block")
         setup_ref = self._ray.put(self.setup)
-        in_flight = self._in_flight()
-        pending: deque[tuple[list[SeriesJob], Any]] = deque()
+        cpus = self._task_cpus()
+        in_flight = max(self.workers, int(self._ray.cluster_resources().get("CPU", 0)) // cpus)
+        pending: deque[tuple[list[SeriesJob], Any, Any]] = deque()
         queue = enumerate(studies)
         try:
             while True:
                 while len(pending) < in_flight and (item := next(queue, None)) is not None:
                     index, jobs = item
-                    task = self._task.options(num_cpus=max(1, self.setup.threads), memory=study_memory_bytes(jobs),
-                                              max_retries=TASK_RETRIES, retry_exceptions=False)
+                    memory = capped_memory(self._ray, study_memory_bytes(jobs))
+                    task = self._task.options(num_cpus=cpus, memory=memory, max_retries=RETRIES, retry_exceptions=False)
                     ref = task.remote(setup_ref, jobs)
-                    pending.append((jobs, ref if self._follow is None else self._follow(index, ref)))
+                    pending.append((jobs, ref, ref if self._follow is None else self._follow(index, ref)))
                 if not pending:
                     return
-                jobs, ref = pending.popleft()
-                # Ray hands numpy arrays back as read-only views of its object store: a kept brain
-                # mask would pin its whole result there, image included. Copies let each result go.
-                outcomes = copy.deepcopy(self._ray.get(ref))
+                jobs, _, ref = pending.popleft()
+                outcomes = self._get(ref)
                 del ref
                 self._progress(len(jobs))
                 yield jobs, outcomes
         finally:
-            for _, ref in pending:
+            for _, task_ref, _ in pending:
+                # Cancelling the preprocessing task also fails the chained stage waiting on it.
                 with contextlib.suppress(Exception):  # already finished, or its node already gone
-                    self._ray.cancel(ref, force=True)
+                    self._ray.cancel(task_ref, force=True)
 
-    def _in_flight(self) -> int:
-        """Studies to keep in flight: ``workers``, or as many as the cluster's CPUs run at once."""
-        cpus = int(self._ray.cluster_resources().get("CPU", 0))
-        return max(self.workers, cpus // max(1, self.setup.threads))
+    def _task_cpus(self) -> int:
+        """CPUs per study task: the setup's threads, at most the largest node's CPUs (else it never runs)."""
+        largest = max((node.get("CPU", 0.0) for node in alive_nodes(self._ray)), default=0.0)
+        return max(1, min(max(1, self.setup.threads), int(largest) or 1))
+
+    def _get(self, ref: Any) -> list[SeriesOutcome]:
+        """A study's outcomes, copied out of the object store; a failure outside its series as ClusterError."""
+        try:
+            # Ray hands numpy arrays back as read-only views of its object store: a kept brain
+            # mask would pin its whole result there, image included. Copies let each result go.
+            return copy.deepcopy(self._ray.get(ref))
+        except self._ray.exceptions.RayError as error:
+            # Series' own errors come back inside the outcomes; this is the node or the set-up.
+            raise ClusterError(f"a study's Ray work failed ({error}); check that every node sees the model "
+                               "folder and the input at the same paths") from error

@@ -80,7 +80,7 @@ class SeriesOutcome:
     sop_instance_uids: list[str] = field(default_factory=list)
     seconds: float = 0.0
     qa: dict[str, Any] = field(default_factory=dict)  # of a series that failed quality control
-    # Features computed next to the pixels, when a backend encodes where it preprocessed (the
+    # Features computed inside the backend, when it encodes before handing results back (the
     # Ray backend's encoder actors); None: the caller encodes ``prepared``.
     encoded: Any = None
     seconds_encode: float = 0.0

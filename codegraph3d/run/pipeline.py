@@ -34,6 +34,7 @@ from codegraph3d.scoring.maps import token_voxel_map
 from codegraph3d.preprocess.workers import PreprocessSetup, SeriesJob, SeriesOutcome, StudyPreprocessor, available_cpus, resolve_workers
 from codegraph3d.preprocess.chain import PreprocessedVolume, resample_to_source
 from codegraph3d.core.progress import StageClock
+from codegraph3d.core.ray_runtime import RETRIES, ClusterError, alive_nodes, capped_memory, ray_runtime
 from codegraph3d.scoring.batch import BatchScores, score_batch
 from codegraph3d.decision.thresholds import (
     ThresholdDecision,
@@ -341,8 +342,8 @@ def _start_preprocessor(
 ) -> StudyPreprocessor:
     """The entered study preprocessor of ``execution.backend``: local worker processes, or Ray.
 
-    On Ray, studies are preprocessed as tasks and encoded by encoder actors next to their
-    pixels (:mod:`codegraph3d.features.ray_encoders`); locally this process encodes.
+    On Ray, studies are preprocessed as tasks and encoded by encoder actors inside the cluster
+    (:mod:`codegraph3d.features.ray_encoders`); locally this process encodes.
     """
     if config.execution.backend != "ray":
         return StudyPreprocessor(setup, workers).__enter__()
@@ -498,7 +499,7 @@ def tokenise_selected(
     setup = preprocess_setup(config, model_path, workers)
     try:
         pool = _start_preprocessor(config, setup, workers, encoder, model_path)
-    except (FileNotFoundError, ValueError, ImportError, OSError) as error:
+    except (FileNotFoundError, ValueError, ImportError, OSError, ClusterError) as error:
         raise CohortError(f"preprocessing cannot start: {error}") from error
     try:
         pool.expect(run.total)
@@ -508,6 +509,8 @@ def tokenise_selected(
                 for _, outcomes in pool.map(pending):
                     for outcome in outcomes:
                         run.take(outcome)
+    except ClusterError as error:
+        raise CohortError(f"preprocessing on Ray failed: {error}") from error
     finally:
         pool.__exit__(None, None, None)
     result = run.result
@@ -851,20 +854,27 @@ class _RemoteChunks:
     sizes: list[int]
 
 
+def _scoring_node(ray: Any) -> tuple[int, int]:
+    """CPUs and GPUs (0 or 1) a scoring task asks for: those of one real node, a GPU node first.
+
+    CPUs and a GPU taken from different nodes could add up to a request no node can meet.
+    """
+    nodes = alive_nodes(ray)
+    gpu_nodes = [node for node in nodes if node.get("GPU", 0) >= 1]
+    best = max(gpu_nodes or nodes, key=lambda node: node.get("CPU", 0), default={})
+    return max(1, int(best.get("CPU", 1))), 1 if gpu_nodes else 0
+
+
 def _score_chunks_on_ray(chunks: Sequence[_Chunk], config: RunConfig) -> _RemoteChunks:
     """Submit every chunk as a Ray task at once, so chunks run in parallel on the cluster's nodes.
 
-    Each task asks for the CPUs of the largest node (the windowed scorer uses them all), a GPU when
-    the cluster has one, and the memory of ``scoring.memory_budget_mb`` plus its tokens; a task
-    lost with its node runs again (``max_retries``). A chunk that cannot be scored is not submitted:
-    its ValueError takes the reference's place.
+    Each task asks for the CPUs of one node (the scorer uses them all; a GPU node's when the
+    cluster has GPUs, with its GPU), and ``scoring.memory_budget_mb`` plus twice its tokens and
+    256 MB, capped at the largest node's memory; a task lost with its node runs again. A chunk
+    that cannot be scored is not submitted: its ValueError takes the reference's place.
     """
-    from codegraph3d.core.ray_runtime import ray_runtime
-
     ray = ray_runtime(config.execution.ray_address, available_cpus)
-    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
-    cpus = max(1, int(max((node.get("CPU", 0) for node in nodes), default=1)))
-    gpus = 1 if any(node.get("GPU", 0) >= 1 for node in nodes) else 0
+    cpus, gpus = _scoring_node(ray)
     task = ray.remote(_score_task)
     remote = _RemoteChunks(ray, [], [chunk.label for chunk in chunks], [])
     for chunk in chunks:
@@ -877,8 +887,8 @@ def _score_chunks_on_ray(chunks: Sequence[_Chunk], config: RunConfig) -> _Remote
         token_sets = [m.tokens.tokens for m in chunk.members] + [r.tokens for r in chunk.references]
         layer_sets = [[tokens[layer] for tokens in token_sets] for layer in range(len(token_sets[0]))]
         token_bytes = sum(layer.nbytes for tokens in token_sets for layer in tokens)
-        memory = int(config.scoring.memory_budget_mb) * 1024**2 + 2 * token_bytes + 256 * 1024**2
-        options = task.options(num_cpus=cpus, num_gpus=gpus, memory=memory, max_retries=3, retry_exceptions=False)
+        memory = capped_memory(ray, int(config.scoring.memory_budget_mb) * 1024**2 + 2 * token_bytes + 256 * 1024**2)
+        options = task.options(num_cpus=cpus, num_gpus=gpus, memory=memory, max_retries=RETRIES, retry_exceptions=False)
         remote.refs.append(options.remote(layer_sets, chunk.groups, chunk.coords, chunk.members[0].tokens.grid_shape,
                                           config.scoring, cpus))
     logger.info("scoring: %d chunk task(s) submitted to Ray (%d CPU(s)%s each)", len(chunks), cpus,
@@ -888,15 +898,17 @@ def _score_chunks_on_ray(chunks: Sequence[_Chunk], config: RunConfig) -> _Remote
 
 def _collect_chunk(remote: _RemoteChunks, index: int, clock: StageClock) -> BatchScores:
     """Chunk ``index``'s scores from its Ray task (a ValueError when it could not be scored)."""
-    ref = remote.refs[index]
+    ref, remote.refs[index] = remote.refs[index], None  # released once read: nothing stays pinned
     if isinstance(ref, ValueError):
         raise ref
     try:
         scores = copy.deepcopy(remote.ray.get(ref))  # out of the object store's read-only buffers
     except remote.ray.exceptions.RayTaskError as error:
-        if isinstance(error.cause, ValueError):
+        if isinstance(error.cause, ValueError):  # the scorer refused the chunk, as it would locally
             raise error.cause from error
-        raise
+        raise ClusterError(f"scoring {remote.labels[index]} on Ray failed: {error}") from error
+    except remote.ray.exceptions.RayError as error:
+        raise ClusterError(f"scoring {remote.labels[index]} on Ray failed: {error}") from error
     elapsed, remaining = clock.advance(remote.sizes[index] ** 2)
     logger.info("scoring %s: done on Ray, %.0f%% of the scoring work, %.0f s elapsed, ETA %.0f s",
                 remote.labels[index], 100 * clock.fraction, elapsed, remaining)
@@ -979,12 +991,17 @@ def score_batches(tokenisation: Tokenisation, config: RunConfig) -> Scoring:
     # volume with every other, so a batch's cost grows with the square of its size, bank
     # references included.
     clock = StageClock(sum((len(chunk.members) + len(chunk.references)) ** 2 for chunk in chunks))
-    remote = _score_chunks_on_ray(chunks, config) if config.execution.backend == "ray" else None
+    try:
+        remote = _score_chunks_on_ray(chunks, config) if config.execution.backend == "ray" else None
+    except (ValueError, ImportError) as error:  # Ray could not be started or reached
+        raise CohortError(f"scoring cannot start: {error}") from error
     by_contrast: dict[str, list[ScoredBatch]] = defaultdict(list)
     for index, chunk in enumerate(chunks):
         n_total = len(chunk.members) + len(chunk.references)
         try:
             scores = _score_chunk(chunk, config, clock) if remote is None else _collect_chunk(remote, index, clock)
+        except ClusterError as error:
+            raise CohortError(str(error)) from error
         except ValueError as error:
             clock.total -= n_total**2  # this batch's work will not be done
             reason = f"{chunk.label} batch not scored: {error}"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from codegraph3d.io.dicom import SeriesHeader, SliceHeader
-from codegraph3d.core.ray_runtime import check_reachable
+from codegraph3d.core.ray_runtime import alive_nodes, capped_memory, check_reachable
 from codegraph3d.preprocess.ray_workers import study_memory_bytes
 from codegraph3d.preprocess.workers import SeriesJob
 
@@ -52,3 +52,23 @@ def test_a_listening_port_passes():
         server.bind(("127.0.0.1", 0))
         server.listen(1)
         check_reachable(f"127.0.0.1:{server.getsockname()[1]}", timeout_s=2.0)
+
+
+class _FakeRay:
+    """The one call of Ray's API that the resource helpers read: the cluster's nodes."""
+
+    def __init__(self, nodes: list[dict]) -> None:
+        self._nodes = nodes
+
+    def nodes(self) -> list[dict]:
+        return self._nodes
+
+
+def test_memory_requests_are_capped_at_the_largest_live_node():
+    ray = _FakeRay([{"Alive": True, "Resources": {"CPU": 2.0, "memory": 8e9}},
+                    {"Alive": True, "Resources": {"CPU": 8.0, "memory": 12e9}},
+                    {"Alive": False, "Resources": {"CPU": 64.0, "memory": 512e9}}])  # a dead node offers nothing
+    assert [node["CPU"] for node in alive_nodes(ray)] == [2.0, 8.0]
+    assert capped_memory(ray, 4 * 10**9) == 4 * 10**9
+    assert capped_memory(ray, 20 * 10**9) == 12 * 10**9  # else the task would wait for ever
+    assert capped_memory(_FakeRay([]), 5) == 5  # nothing known: the request as asked
