@@ -1,21 +1,22 @@
 """Encoding on Ray actors: the encoder loaded once per GPU (or once per node without one).
 
-With ``execution.backend: ray`` a series is encoded inside the cluster, so its pixels (the 224^3
-working volume, about 57 MB) go from its preprocessing task to an encoder actor (nothing moves
-when both are on one node) and only tokens, the brain mask and the headers (about 12 MB) travel
-back to the app. :class:`RayEncoders` starts one actor per GPU of the cluster (each asks for a
-GPU), or, on a cluster without GPUs, one per node (spread over the nodes). The actors ask for no
-CPU of their own: a reservation held for the whole run could leave a preprocessing task that
-wants a node's every CPU unplaceable for ever; on CPU-only nodes their threads share the cores
-with the preprocessing tasks, as the app's own encoding does in a local run.
+With ``execution.backend: ray`` a series is encoded inside the cluster: its pixels (the 224^3
+working volume, about 57 MB) go from its preprocessing task to an encoder actor, on the same
+node wherever that node has one, and only tokens, the brain mask and the headers (about 12 MB)
+travel back to the app. :class:`RayEncoders` starts one actor per GPU of the cluster (each asks
+for a GPU), or, on a cluster without GPUs, one per node (spread over the nodes, so nearly every
+node holds one). The actors ask for no CPU of their own: a reservation held for the whole run
+could leave a preprocessing task that wants a node's every CPU unplaceable for ever; on CPU-only
+nodes their threads share the cores with the preprocessing tasks, as the app's own encoding
+does in a local run.
 
 Each actor builds the encoder once from the run's factory and refuses to start unless its
 identity (name, layers, weights' SHA-256) is the app's, on its first start and on every restart:
 a node that reads other weights at the model path would otherwise mix features of two encoders
-in one batch. Studies go to the actors in turn (study ``i`` to actor ``i mod n``); an actor takes
-them in that order as their preprocessing finishes. An actor lost with its node is restarted
-elsewhere and its pending studies run again (``max_restarts``, ``max_task_retries``). Threads are
-set in each actor, as in the preprocessing tasks.
+in one batch. A study goes to an actor on the node where it was preprocessed when that node has
+one, so its pixels stay there; otherwise to the actors in turn. An actor lost with its node is
+restarted elsewhere and its pending studies run again (``max_restarts``, ``max_task_retries``).
+Threads are set in each actor, as in the preprocessing tasks.
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ class _EncoderActor:
                              f"(sha256 {identity.get('weights_sha256')}); every node must see the same model folder")
         self.settings = {"grid_size": grid_size, "min_brain_fraction": min_brain_fraction, "batch_size": batch_size}
 
-    def ready(self) -> bool:
-        """True once the encoder is built (the caller waits on it to surface a failed start)."""
-        return True
+    def node(self) -> str:
+        """The id of the node this actor runs on (the caller waits on it to surface a failed start)."""
+        import ray  # in a Ray actor, where Ray is installed
+
+        return ray.get_runtime_context().get_node_id()
 
     def encode(self, outcomes: Sequence[SeriesOutcome]) -> list[SeriesOutcome]:
         """Encode every preprocessed series of a study; the working image is dropped after."""
@@ -103,15 +106,22 @@ class RayEncoders:
         self.actors = [remote.remote(factory, identity, threads, grid_size, min_brain_fraction, batch_size)
                        for _ in range(max(1, gpus or nodes))]
         self.where = f"{len(self.actors)} encoder actor(s) on " + (f"{gpus} GPU(s)" if gpus else f"{nodes} node(s), CPU")
+        self._turn = 0
         try:
-            ray.get([actor.ready.remote() for actor in self.actors])
+            self.nodes = ray.get([actor.node.remote() for actor in self.actors])
         except Exception as error:
             self.stop()
             raise ClusterError(f"the Ray encoder actors could not start: {error}") from error
 
-    def follow(self, index: int, ref: Any) -> Any:
-        """Encode study ``index``'s outcomes (``ref``) on actor ``index mod n``; the reference to the result."""
-        return self.actors[index % len(self.actors)].encode.remote(ref)
+    def follow(self, node_id: str, ref: Any) -> Any:
+        """Encode a study's outcomes (``ref``, preprocessed on ``node_id``); the reference to the result.
+
+        An actor on that node takes it when there is one (its pixels then stay on the node), in
+        turn among that node's actors; otherwise the actors take studies in turn.
+        """
+        local = [actor for actor, node in zip(self.actors, self.nodes) if node == node_id] or self.actors
+        self._turn += 1
+        return local[self._turn % len(local)].encode.remote(ref)
 
     def stop(self) -> None:
         """Stop every actor."""

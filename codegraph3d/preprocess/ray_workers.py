@@ -30,6 +30,7 @@ import copy
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from codegraph3d.core.ray_runtime import RETRIES, ClusterError, alive_nodes, capped_memory, ray_runtime
@@ -53,12 +54,28 @@ LOADED_BYTES_PER_VOXEL = 4  # a loaded float32 series waiting its turn in the sa
 _MODELS: dict[PreprocessSetup, PreprocessModels] = {}
 
 
-def _run_study(setup: PreprocessSetup, jobs: Sequence[SeriesJob]) -> list[SeriesOutcome]:
-    """A Ray task: preprocess one study with this worker process's models (loaded on first use)."""
+def _run_study(setup: PreprocessSetup, jobs: Sequence[SeriesJob]) -> tuple[str, list[SeriesOutcome]]:
+    """A Ray task: preprocess one study with this worker process's models (loaded on first use).
+
+    Returns the node it ran on as well (a separate, small return value): the next stage is sent
+    to that node, where the outcomes, working images included, already are.
+    """
+    import ray  # in a Ray worker, where Ray is installed
+
     if setup not in _MODELS:
         _MODELS.clear()  # one settings' models at a time per process
         _MODELS[setup] = PreprocessModels(setup)
-    return _MODELS[setup].run(jobs)
+    return ray.get_runtime_context().get_node_id(), _MODELS[setup].run(jobs)
+
+
+@dataclass
+class _Study:
+    """A study in flight: its jobs, its preprocessing task's two results, and what is waited for."""
+
+    jobs: list[SeriesJob]
+    node: Any  # reference to the node id the task ran on
+    outcomes: Any  # reference to the preprocessing outcomes
+    final: Any = None  # reference handed back: the outcomes, or the chained stage's result
 
 
 def _series_voxels(job: SeriesJob) -> int:
@@ -111,7 +128,7 @@ class RayStudyPreprocessor(StudyPreprocessor):
         self.address = address
         self._ray: Any = None
         self._task: Any = None
-        self._follow: Callable[[int, Any], Any] | None = None
+        self._follow: Callable[[str, Any], Any] | None = None
         self._stop_follow: Callable[[], None] | None = None
 
     @property
@@ -119,14 +136,15 @@ class RayStudyPreprocessor(StudyPreprocessor):
         """The ``ray`` module, initialised (inside the ``with`` block)."""
         return self._ray
 
-    def follow_with(self, follow: Callable[[int, Any], Any], stop: Callable[[], None]) -> None:
+    def follow_with(self, follow: Callable[[str, Any], Any], stop: Callable[[], None]) -> None:
         """Chain a stage after each study's preprocessing, on the cluster (for example encoding).
 
         Parameters
         ----------
         follow : callable
-            ``follow(index, ref)`` gets the study's position and the reference to its outcomes
-            and returns the reference :meth:`map` waits for instead.
+            ``follow(node_id, ref)`` gets the node a study was preprocessed on and the reference
+            to its outcomes (held on that node) and returns the reference :meth:`map` waits for
+            instead; it is called as soon as the preprocessing finishes.
         stop : callable
             Called on leaving the ``with`` block (the Ray instance itself stays for later stages).
         """
@@ -156,7 +174,9 @@ class RayStudyPreprocessor(StudyPreprocessor):
         """Preprocess each study's jobs as a task; yield ``(jobs, outcomes)`` in input order.
 
         At most ``workers`` studies, or as many as the cluster's CPUs run at once, are in flight
-        (submitted but not yet handed back), which bounds what waits in the object store.
+        (submitted but not yet handed back), which bounds what waits in the object store. A
+        chained stage (:meth:`follow_with`) is started for each study as soon as its
+        preprocessing finishes, in whatever order they finish.
         """
         studies = [list(jobs) for jobs in studies if jobs]
         if self._task is None:
@@ -164,28 +184,43 @@ class RayStudyPreprocessor(StudyPreprocessor):
         setup_ref = self._ray.put(self.setup)
         cpus = self._task_cpus()
         in_flight = max(self.workers, int(self._ray.cluster_resources().get("CPU", 0)) // cpus)
-        pending: deque[tuple[list[SeriesJob], Any, Any]] = deque()
-        queue = enumerate(studies)
+        pending: deque[_Study] = deque()
+        queue = iter(studies)
         try:
             while True:
-                while len(pending) < in_flight and (item := next(queue, None)) is not None:
-                    index, jobs = item
+                while len(pending) < in_flight and (jobs := next(queue, None)) is not None:
                     memory = capped_memory(self._ray, study_memory_bytes(jobs))
-                    task = self._task.options(num_cpus=cpus, memory=memory, max_retries=RETRIES, retry_exceptions=False)
-                    ref = task.remote(setup_ref, jobs)
-                    pending.append((jobs, ref, ref if self._follow is None else self._follow(index, ref)))
+                    task = self._task.options(num_cpus=cpus, memory=memory, max_retries=RETRIES, retry_exceptions=False,
+                                              num_returns=2)
+                    node, outcomes = task.remote(setup_ref, jobs)
+                    pending.append(_Study(jobs, node, outcomes, outcomes if self._follow is None else None))
                 if not pending:
                     return
-                jobs, _, ref = pending.popleft()
-                outcomes = self._get(ref)
-                del ref
-                self._progress(len(jobs))
-                yield jobs, outcomes
+                study = self._next_in_order(pending)
+                outcomes = self._get(study.final)
+                self._progress(len(study.jobs))
+                yield study.jobs, outcomes
         finally:
-            for _, task_ref, _ in pending:
+            for study in pending:
                 # Cancelling the preprocessing task also fails the chained stage waiting on it.
                 with contextlib.suppress(Exception):  # already finished, or its node already gone
-                    self._ray.cancel(task_ref, force=True)
+                    self._ray.cancel(study.outcomes, force=True)
+
+    def _next_in_order(self, pending: deque[_Study]) -> _Study:
+        """Wait until the first pending study is done, starting chained stages as studies finish."""
+        ray = self._ray
+        while True:
+            for study in pending:
+                if study.final is None and ray.wait([study.node], timeout=0)[0]:
+                    try:
+                        study.final = self._follow(ray.get(study.node), study.outcomes)
+                    except ray.exceptions.RayError:
+                        study.final = study.outcomes  # the task failed: its error surfaces in _get
+            head = pending[0]
+            if head.final is not None and ray.wait([head.final], timeout=0)[0]:
+                return pending.popleft()
+            waiting = [study.node for study in pending if study.final is None]
+            ray.wait(waiting + ([head.final] if head.final is not None else []), num_returns=1)
 
     def _task_cpus(self) -> int:
         """CPUs per study task: the setup's threads, at most the largest node's CPUs (else it never runs)."""
