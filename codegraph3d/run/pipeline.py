@@ -760,6 +760,12 @@ class _Chunk:
         return self.own_groups + [("bank", r.entry.patient_id or r.entry.study_instance_uid) for r in self.references]
 
     @property
+    def layer_sets(self) -> list[list[np.ndarray]]:
+        """Per layer, the token arrays of the members then the bank volumes (the scorer's input)."""
+        token_sets = [m.tokens.tokens for m in self.members] + [r.tokens for r in self.references]
+        return [[tokens[layer] for tokens in token_sets] for layer in range(len(token_sets[0]))]
+
+    @property
     def coords(self) -> list[np.ndarray]:
         return [m.tokens.coords for m in self.members] + [r.coords for r in self.references]
 
@@ -827,11 +833,8 @@ def _score_chunk(chunk: _Chunk, config: RunConfig, clock: StageClock) -> BatchSc
         )
 
     _check_chunk(chunk, config)
-    token_sets = [m.tokens.tokens for m in chunk.members] + [r.tokens for r in chunk.references]
-    n_layers = len(chunk.members[0].tokens.tokens)
-    layer_sets = [[tokens[layer] for tokens in token_sets] for layer in range(n_layers)]
     return score_configured(
-        layer_sets, chunk.groups, chunk.coords, chunk.members[0].tokens.grid_shape, config.scoring, on_layer_done,
+        chunk.layer_sets, chunk.groups, chunk.coords, chunk.members[0].tokens.grid_shape, config.scoring, on_layer_done,
     )
 
 
@@ -884,9 +887,8 @@ def _score_chunks_on_ray(chunks: Sequence[_Chunk], config: RunConfig) -> _Remote
         except ValueError as error:
             remote.refs.append(error)
             continue
-        token_sets = [m.tokens.tokens for m in chunk.members] + [r.tokens for r in chunk.references]
-        layer_sets = [[tokens[layer] for tokens in token_sets] for layer in range(len(token_sets[0]))]
-        token_bytes = sum(layer.nbytes for tokens in token_sets for layer in tokens)
+        layer_sets = chunk.layer_sets
+        token_bytes = sum(array.nbytes for layer in layer_sets for array in layer)
         memory = capped_memory(ray, int(config.scoring.memory_budget_mb) * 1024**2 + 2 * token_bytes + 256 * 1024**2)
         options = task.options(num_cpus=cpus, num_gpus=gpus, memory=memory, max_retries=RETRIES, retry_exceptions=False)
         remote.refs.append(options.remote(layer_sets, chunk.groups, chunk.coords, chunk.members[0].tokens.grid_shape,
