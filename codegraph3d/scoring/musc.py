@@ -75,10 +75,17 @@ __all__ = [
 
 # Guards floor(k_fraction * n) against binary rounding (0.29 * 100 == 28.999999999999996).
 _K_EPS = 1e-9
-# Rows per slab for column minima on CPU: an index-returning min over dim 0 of a whole block is
-# several times slower than over dim 1. 64 rows made the whole scorer 3-5 % faster than 512 at
-# B = 30 x 1,000 tokens and B = 16 x 2,000 (tools/profile_scorer.py, 2 threads).
-_COL_SLAB_CPU = 64
+# Rows per group for column minima on CPU (see _column_argmin): 16 was the fastest of 8-64 on a
+# 1,000 x 4,096 block (1.4 ms, against 6.9 ms for index-returning minima over slabs of 64 rows).
+_COL_GROUP_CPU = 16
+# Reference tokens per block on CPU (at most chunk_size): a 1,000 x 1,536 float32 block (6 MB)
+# stays in this CPU's cache between the matmul and the minima, and 1,000-row matmuls ran at
+# 140-150 GFLOP/s against 136 at 4,096 columns; the scorer was 15 % faster (B = 30 x 1,000) with
+# no loss when two other processes held both cores (tools/profile_scorer.py).
+_CPU_COLUMNS = 1536
+# Float32 values per step of the exact recomputation (the gathered neighbours): 4 MB steps
+# were 5-15 % faster than chunk_size^2 (64 MB) ones.
+_EXACT_STEP = 2**20
 SCORING_METHODS = ("musc", "codegraph")
 _MIN_CHUNK = 256
 #: Measured peak resident growth over :func:`scoring_memory`'s count, rounded up (see fit_chunk_size).
@@ -104,7 +111,7 @@ def selection_precision(precision: str) -> Iterator[None]:
     cores' mode (``torch.backends.cuda.matmul.allow_tf32``), several times faster on Ampere and
     later; on CPU the same input rounding is applied before a float32 matmul (no speed-up; it lets
     the error bound be checked without a GPU). Either way the reported distances are recomputed
-    exactly (float64 accumulation) for the chosen neighbours; precision only decides *which*
+    from the difference vectors of the chosen neighbours (see ``_exact_norm``); precision only decides *which*
     neighbour is chosen when candidates are nearly equidistant, within
     :func:`selection_error_bound`.
     """
@@ -607,14 +614,25 @@ def nearest_distances_with_batch(
 
 
 def _exact_norm(diff: torch.Tensor) -> torch.Tensor:
-    """Float32 norms over the last axis of float32 differences, accumulated in float64.
+    """Norms over the last axis of float32 differences (float32, vectorised accumulation).
 
     The chosen neighbour's distance is computed from the difference itself, not from the
-    matmul expansion that chose it. Float32 subtraction of close values is exact (Sterbenz);
-    ``vector_norm`` accumulates the squares in float64 without a float64 copy of ``diff``
-    (a third less time than converting first; the same result).
+    matmul expansion that chose it, so no cancellation between ``|q|^2 + |k|^2`` and ``2 q.k``
+    enters it. Torch's blocked float32 accumulation was within 2.4e-7 relative (3.2 float32
+    ulps) of float64 accumulation on 10^6 random vectors of 8-1,536 dims, and 3.6x faster (the
+    float64 accumulation was two thirds of the recomputation, a quarter of the global scorer).
     """
-    return torch.linalg.vector_norm(diff, dim=-1, dtype=torch.float64).float()
+    return torch.linalg.vector_norm(diff, dim=-1)
+
+
+def _neighbour_differences(tokens: torch.Tensor, queries: slice, nearest: torch.Tensor) -> torch.Tensor:
+    """``tokens[queries] - tokens[nearest]`` for ``nearest`` of shape ``(n_ref, rows)``.
+
+    ``index_select`` gathers twice as fast as advanced indexing; the subtraction happens in place
+    in the gathered copy (the sign does not matter to a norm).
+    """
+    gathered = torch.index_select(tokens, 0, nearest.reshape(-1)).view(*nearest.shape, tokens.shape[1])
+    return gathered.sub_(tokens[queries].unsqueeze(0))
 
 
 def _stack_centred(
@@ -654,12 +672,12 @@ def _global_distances(batch: _Batch, dev: torch.device, chunk_size: int) -> torc
         n_ref = len(refs[i])
         ref_index = torch.as_tensor(refs[i], dtype=torch.long, device=dev)
         i0, i1 = int(starts[i]), int(starts[i + 1])
-        # Gathered neighbours are (n_ref, rows, D) float64: keep that near chunk_size^2 values.
-        rows = max(1, min(chunk_size, chunk_size * chunk_size // (2 * n_ref * tokens.shape[1])))
+        # Gathered neighbours are (n_ref, rows, D) float32.
+        rows = max(1, min(chunk_size, _EXACT_STEP // (n_ref * tokens.shape[1])))
         for a in range(i0, i1, rows):
             b = min(a + rows, i1)
             nearest = best_idx[ref_index, a:b].long()  # (n_ref, rows)
-            distances[ref_index, a:b] = _exact_norm(tokens[a:b].unsqueeze(0) - tokens[nearest])
+            distances[ref_index, a:b] = _exact_norm(_neighbour_differences(tokens, slice(a, b), nearest))
     return distances
 
 
@@ -753,7 +771,7 @@ def _windowed_distances(
     Grouped by grid position: the tokens of all volumes at one position are matched with the
     tokens of all volumes at the ``(2r + 1)^3`` positions around it in one batched matmul
     (``B x D`` by ``D x (2r + 1)^3 B``), the nearest is chosen per reference volume, and its
-    distance recomputed exactly (float64 accumulation), as in global matching. Matmuls, not
+    distance recomputed from the difference vector, as in global matching. Matmuls, not
     gathered differences, so the cost is ``(2r + 1)^3 B^2 N D`` multiply-adds at BLAS speed.
     """
     coords, shape = grid
@@ -1038,22 +1056,20 @@ def _update_block_row(
     """
     i0, i1 = int(starts[i]), int(starts[i + 1])
     r0, r1 = int(starts[run[0]]), int(starts[run[-1] + 1])
+    columns = chunk_size if tokens.device.type != "cpu" else min(chunk_size, _CPU_COLUMNS)
     for a in range(i0, i1, chunk_size):
         b = min(a + chunk_size, i1)
         q, qn = tokens[a:b], sq_norms[a:b]
-        for c in range(r0, r1, chunk_size):
-            d = min(c + chunk_size, r1)
+        for c in range(r0, r1, columns):
+            d = min(c + columns, r1)
             # addmm avoids a separate (chunk x chunk) temporary for -2 q.k. No clamp at 0: these
             # values only choose the neighbour, whose distance is recomputed exactly later.
             d2 = torch.addmm(sq_norms[c:d].unsqueeze(0), q, tokens[c:d].T, beta=1.0, alpha=-2.0)
             d2.add_(qn.unsqueeze(1))
 
-            # Tokens c:d (volumes of the run) -> volume i. On CPU an index-returning min over
-            # dim 0 of a large block is ~10x slower than over dim 1 (cache misses); slabs fix it.
-            slab = _COL_SLAB_CPU if d2.device.type == "cpu" else d2.shape[0]
-            for s in range(0, d2.shape[0], slab):
-                col_val, col_arg = d2[s : s + slab].min(dim=0)
-                _running_min(best_d2[i, c:d], best_idx[i, c:d], col_val, col_arg + (a + s))
+            # Tokens c:d (volumes of the run) -> volume i.
+            col_val, col_arg = _column_argmin(d2)
+            _running_min(best_d2[i, c:d], best_idx[i, c:d], col_val, col_arg + a)
 
             # Tokens a:b of volume i -> each volume j of the run overlapping columns c:d.
             for j in run:
@@ -1064,12 +1080,38 @@ def _update_block_row(
                 _running_min(best_d2[j, a:b], best_idx[j, a:b], row_val, row_arg + lo)
 
 
+def _column_argmin(d2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimum of every column of ``d2`` and the row holding it (what ``d2.min(dim=0)`` returns).
+
+    On CPU an index-returning minimum over dim 0 is several times slower than one over dim 1
+    (strided, scalar). Value-only minima over dim 0 stream whole rows (vectorised), so: the
+    minimum of each group of ``_COL_GROUP_CPU`` rows (values only), the group holding each
+    column's minimum (an index-returning minimum over a block ``_COL_GROUP_CPU`` times smaller),
+    then the row within that group (a gather of ``_COL_GROUP_CPU`` rows per column). Ties may
+    resolve to another row of equal value, which is as near.
+    """
+    if d2.device.type != "cpu":
+        return d2.min(dim=0)
+    size = _COL_GROUP_CPU
+    n_rows, n_cols = d2.shape
+    n_full = n_rows // size
+    group_min = d2[: n_full * size].view(n_full, size, n_cols).amin(dim=1)
+    if n_rows % size:
+        group_min = torch.cat([group_min, d2[n_full * size :].amin(dim=0, keepdim=True)])
+    group = group_min.min(dim=0).indices
+    rows = group.unsqueeze(0) * size + torch.arange(size, device=d2.device).unsqueeze(1)
+    rows.clamp_(max=n_rows - 1)  # the last group may be short: repeat its last row
+    value, within = d2.gather(0, rows).min(dim=0)
+    return value, rows.gather(0, within.unsqueeze(0)).squeeze(0)
+
+
 def _running_min(
     cur_val: torch.Tensor, cur_idx: torch.Tensor, new_val: torch.Tensor, new_idx: torch.Tensor
 ) -> None:
+    """Keep the smaller of ``cur_val`` and ``new_val`` (in place), and its index."""
     better = new_val < cur_val
-    cur_val.copy_(torch.where(better, new_val, cur_val))
-    cur_idx.copy_(torch.where(better, new_idx.to(cur_idx.dtype), cur_idx))
+    torch.where(better, new_val, cur_val, out=cur_val)
+    torch.where(better, new_idx.to(cur_idx.dtype), cur_idx, out=cur_idx)
 
 
 def fuse_layers(per_layer_scores: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
