@@ -196,11 +196,10 @@ def scoring_memory(
     Global matching: stacked float32 tokens (``N_total x D``) and their norms, the running minima
     and their indices and the returned distances (``B x N_total``, 4 + 4 + 4 bytes, plus the
     float32 copy handed back), and about four ``chunk_size^2`` float32 blocks (distances, minima,
-    gathered float64 neighbours). Windowed matching: the stacked tokens, a padded grid of row
-    indices per volume (``B x (g + 2r)^3`` int64), the distances (``B x N_total``), gathered
-    blocks and their distances near ``chunk_size^2`` float32 values, and the exact
-    recomputation's float32 pairs and float64 differences (``chunk_size^2 / 2`` rows' worth),
-    12 ``chunk_size^2`` bytes in all. CoDeGraph adds about one more ``B x N_total``
+    gathered neighbours). Windowed matching: the stacked tokens, a padded grid of row
+    indices per volume (``B x (g + 2r)^3`` int64), the running minima and their indices and the
+    distances (``B x N_total``), gathered tokens, blocks and their updates near ``chunk_size^2``
+    values, 12 ``chunk_size^2`` bytes in all. CoDeGraph adds about one more ``B x N_total``
     float32 matrix (the masked rescoring starts from a copy). Grows with ``B^2 N``, never with
     ``B^2 N^2``.
     """
@@ -219,7 +218,8 @@ def scoring_memory(
         if grid_shape is None:
             raise ValueError("a windowed estimate needs the grid shape")
         padded = int(np.prod([g + 2 * window_radius for g in grid_shape]))
-        fixed = 4 * n_total * (dim + 1) + 8 * n_volumes * padded + n_volumes * n_volumes + distances
+        # + the running minima and their indices (B x (N_total + 1), 4 + 4 bytes).
+        fixed = 4 * n_total * (dim + 1) + 8 * n_volumes * padded + 8 * n_volumes * (n_total + 1) + distances
         per_chunk = 12 * chunk_size * chunk_size
     return MemoryEstimate(fixed=int(fixed), per_chunk=int(per_chunk), chunk_size=int(chunk_size))
 
@@ -768,67 +768,108 @@ def _windowed_distances(
 ) -> torch.Tensor:
     """All eligible pairs, windowed matching: ``(B, N_total)`` float32 exact nearest distances.
 
-    Grouped by grid position: the tokens of all volumes at one position are matched with the
-    tokens of all volumes at the ``(2r + 1)^3`` positions around it in one batched matmul
-    (``B x D`` by ``D x (2r + 1)^3 B``), the nearest is chosen per reference volume, and its
-    distance recomputed from the difference vector, as in global matching. Matmuls, not
-    gathered differences, so the cost is ``(2r + 1)^3 B^2 N D`` multiply-adds at BLAS speed.
+    Grouped by grid position and offset: for a set of positions ``p`` and one offset ``o``, the
+    tokens of all volumes at ``p`` are matched with those of all volumes at ``p + o`` in one
+    batched matmul (``B x D`` by ``D x B`` per position). The block serves both directions (its
+    rows: tokens at ``p`` against each volume's token at ``p + o``; its columns: tokens at
+    ``p + o`` against each volume's token at ``p``), so only the offsets after ``(0, 0, 0)`` in
+    lexicographic order are visited, and each pair of tokens is matched once, as in global
+    matching. Running minima per (reference volume, token) choose the neighbour; its distance is
+    then recomputed from the difference vector.
     """
     coords, shape = grid
     window = _Window(shape, radius)
-    starts, refs = batch.starts, batch.refs
-    n_volumes, n_total = batch.n_volumes, batch.n_total
+    n_volumes, n_total, dim = batch.n_volumes, batch.n_total, batch.arrays[0].shape[1]
     tokens, sq_norms = _stack_centred(batch, dev, chunk_size)
-    selecting = _selection_tokens(tokens)
-    dim = tokens.shape[1]
-    # slot[v, p]: row in ``tokens`` of volume v's token at padded position p; n_total: none
-    # (that row of the padded copies below is a zero token with an infinite norm).
-    slot = torch.full((n_volumes, window.n_positions), n_total, dtype=torch.long, device=dev)
+    slot = _window_slots(batch, coords, window, dev)
+    selecting = torch.cat([_selection_tokens(tokens), tokens.new_zeros((1, dim))])
+    norms = torch.cat([sq_norms, sq_norms.new_full((1,), float("inf"))])  # empty slot: never nearest
+    present = (slot < n_total).any(dim=0)
+    occupied = torch.nonzero(present).flatten()
+    # best_d2[t, j]: running min squared distance of token t to volume j; row n_total collects
+    # the writes for empty slots (never read).
+    best_d2 = torch.full((n_total + 1, n_volumes), float("inf"), dtype=torch.float32, device=dev)
+    best_idx = torch.zeros((n_total + 1, n_volumes), dtype=torch.int32, device=dev)
+    centre = len(window.offsets) // 2
+    offsets = [int(o) for o in window.flat_offsets[centre:]]  # (0, 0, 0), then one of each +-o pair
+    # Positions per step: the two gathered token sets and the blocks stay near chunk_size^2 values.
+    step = max(1, chunk_size * chunk_size // (n_volumes * (2 * dim + 6 * n_volumes)))
+    for lo in range(0, occupied.numel(), step):
+        position = occupied[lo : lo + step]
+        rows = slot[:, position].T  # (m, B)
+        for offset in offsets:
+            other = position + offset
+            keep = present[other]
+            rows_p, rows_o = rows[keep], slot[:, other[keep]].T
+            d2 = torch.baddbmm(
+                norms[rows_o].unsqueeze(1), _gather_rows(selecting, rows_p),
+                _gather_rows(selecting, rows_o).transpose(1, 2), beta=1.0, alpha=-2.0,
+            )  # (m, B, B): token of volume i at p against the token of volume j at p + o
+            d2.add_(norms[rows_p].unsqueeze(2))
+            _window_update(best_d2, best_idx, rows_p, rows_o, d2)
+            if offset != 0:
+                _window_update(best_d2, best_idx, rows_o, rows_p, d2.transpose(1, 2))
+    return _window_exact(batch, tokens, best_d2[:n_total].T, best_idx[:n_total].T, dev)
+
+
+def _gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``table[rows]`` for 2-D ``rows`` (``index_select``: twice as fast as advanced indexing)."""
+    return torch.index_select(table, 0, rows.reshape(-1)).view(*rows.shape, table.shape[1])
+
+
+def _window_slots(batch: _Batch, coords: list[np.ndarray], window: _Window, dev: torch.device) -> torch.Tensor:
+    """``slot[v, p]``: the stacked row of volume ``v``'s token at padded position ``p``, or ``N_total``."""
+    starts = batch.starts
+    slot = torch.full((batch.n_volumes, window.n_positions), batch.n_total, dtype=torch.long, device=dev)
     for v, c in enumerate(coords):
         slot[v, torch.from_numpy(window.flat(c)).to(dev)] = torch.arange(
             int(starts[v]), int(starts[v + 1]), device=dev
         )
-    padded_selecting = torch.cat([selecting, selecting.new_zeros((1, dim))])
-    padded_norms = torch.cat([sq_norms, sq_norms.new_full((1,), float("inf"))])
-    occupied = torch.nonzero((slot < n_total).any(dim=0)).flatten()
-    offsets = torch.as_tensor(window.flat_offsets, dtype=torch.long, device=dev)
-    n_offsets = offsets.numel()
+    return slot
+
+
+def _window_update(
+    best_d2: torch.Tensor, best_idx: torch.Tensor, queries: torch.Tensor, references: torch.Tensor,
+    d2: torch.Tensor,
+) -> None:
+    """Running minima of tokens ``queries`` (m, B) against ``references`` (m, B) from ``d2`` (m, B, B).
+
+    ``best_d2[t, j]`` is token ``t``'s running minimum against volume ``j`` (token-major, so a
+    token's row is contiguous) and ``d2[m, i, j]`` the squared distance from token
+    ``queries[m, i]`` to ``references[m, j]`` (volume ``j``'s token there). Within one offset no
+    token appears twice among ``queries`` except the empty slot ``N_total``, whose row is never
+    read, so the scatter is well defined.
+    """
+    n_volumes = best_d2.shape[1]
+    rows = queries.reshape(-1)
+    new = d2.reshape(-1, n_volumes)  # (m * B_query, B_ref)
+    current = torch.index_select(best_d2, 0, rows)
+    better = new < current
+    best_d2.index_copy_(0, rows, torch.where(better, new, current))
+    neighbour = references.unsqueeze(1).expand(-1, queries.shape[1], -1).reshape(-1, n_volumes)
+    chosen = torch.where(better, neighbour.to(best_idx.dtype), torch.index_select(best_idx, 0, rows))
+    best_idx.index_copy_(0, rows, chosen)
+
+
+def _window_exact(
+    batch: _Batch, tokens: torch.Tensor, best_d2: torch.Tensor, best_idx: torch.Tensor, dev: torch.device
+) -> torch.Tensor:
+    """Exact distances of the chosen neighbours for the eligible (reference, token) pairs."""
+    n_volumes, n_total = batch.n_volumes, batch.n_total
     eligible = torch.zeros((n_volumes, n_volumes), dtype=torch.bool, device=dev)
     for i in range(n_volumes):
-        eligible[i, torch.as_tensor(refs[i], dtype=torch.long, device=dev)] = True
-    # Positions per step: the gathered references and the distance block stay near
-    # chunk_size^2 values; the exact recomputation goes in its own steps of the same size.
-    per_position = n_offsets * n_volumes * (dim + n_volumes) + n_volumes * dim
-    step = max(1, chunk_size * chunk_size // per_position)
-    exact_rows = max(1, chunk_size * chunk_size // (2 * dim))
+        eligible[torch.as_tensor(batch.refs[i], dtype=torch.long, device=dev), i] = True
+    volume_of = torch.repeat_interleave(
+        torch.arange(n_volumes, device=dev), torch.as_tensor(batch.sizes, device=dev)
+    )
     distances = torch.full((n_volumes, n_total), float("inf"), dtype=torch.float32, device=dev)
-    for lo in range(0, occupied.numel(), step):
-        position = occupied[lo : lo + step]
-        m = position.numel()
-        query_rows = slot[:, position].T  # (m, B)
-        reference_rows = slot[:, position[:, None] + offsets[None, :]].permute(1, 2, 0).reshape(
-            m, n_offsets * n_volumes
-        )  # (m, O * B), offset-major
-        d2 = torch.baddbmm(
-            padded_norms[reference_rows].unsqueeze(1),
-            padded_selecting[query_rows],
-            padded_selecting[reference_rows].transpose(1, 2),
-            beta=1.0, alpha=-2.0,
-        )  # (m, B, O * B); inf where the reference slot is empty
-        d2.add_(padded_norms[query_rows].unsqueeze(2))
-        value, offset_index = d2.view(m, n_volumes, n_offsets, n_volumes).min(dim=2)  # (m, Bq, Br)
-        del d2
-        chosen = torch.gather(
-            reference_rows.view(m, 1, n_offsets, n_volumes).expand(m, n_volumes, n_offsets, n_volumes),
-            2, offset_index.unsqueeze(2),
-        ).squeeze(2)  # (m, Bq, Br)
-        valid = (query_rows < n_total).unsqueeze(2) & torch.isfinite(value) & eligible.unsqueeze(0)
-        where_p, where_i, where_j = torch.nonzero(valid, as_tuple=True)
-        q_rows = query_rows[where_p, where_i]
-        k_rows = chosen[where_p, where_i, where_j]
-        for a in range(0, q_rows.numel(), exact_rows):
-            b = a + exact_rows
-            distances[where_j[a:b], q_rows[a:b]] = _exact_norm(tokens[q_rows[a:b]] - tokens[k_rows[a:b]])
+    rows = max(1, _EXACT_STEP // tokens.shape[1])
+    for j in range(n_volumes):  # one reference at a time: the pair indices stay N_total long
+        (where_t,) = torch.nonzero(eligible[j, volume_of] & torch.isfinite(best_d2[j]), as_tuple=True)
+        for a in range(0, where_t.numel(), rows):
+            t = where_t[a : a + rows]
+            neighbours = torch.index_select(tokens, 0, best_idx[j, t].long())
+            distances[j, t] = _exact_norm(neighbours.sub_(torch.index_select(tokens, 0, t)))
     return distances
 
 
