@@ -36,13 +36,16 @@ from pydicom.sr.codedict import codes
 from codegraph3d import ALGORITHM_NAME, __version__
 from codegraph3d.core.files import atomic_path
 
-__all__ = ["write_binary_seg", "write_fractional_seg", "LO_MAX", "SEGMENT_LABEL"]
+__all__ = ["write_binary_seg", "write_fractional_seg", "LO_MAX", "SEGMENT_LABEL", "DISPLAY_RGB"]
 
 logger = logging.getLogger(__name__)
 
 LO_MAX = 64
 _LT_MAX = 10240
 SEGMENT_LABEL = "Anomaly"
+#: The segment's recommended display colour (sRGB; written as CIELab): yellow, which no grey MR
+#: pixel has, so viewers that honour it (OHIF does) draw the anomaly distinctly from the image.
+DISPLAY_RGB = (255, 255, 0)
 _NOT_CLINICAL = "not for clinical use"
 
 
@@ -165,6 +168,7 @@ def _anomaly_segment(algorithm_version: str, short: str) -> hd.seg.SegmentDescri
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
         anatomic_regions=[codes.SCT.Brain],
+        display_color=hd.color.CIELabColor.from_rgb(*DISPLAY_RGB),
     )
     segment.SegmentDescription = short
     return segment

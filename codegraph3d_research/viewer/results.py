@@ -26,6 +26,7 @@ class Finding:
     flagged: bool
     study_instance_uid: str
     seg_series_instance_uid: str | None
+    seg_binary: Path | None
 
     def viewer_path(self) -> str:
         """The viewer's path for this study, opened on the binary SEG (OHIF draws it only then)."""
@@ -59,7 +60,7 @@ def read_findings(output: Path) -> list[Finding]:
             patient_id=str(series.get("patient_id", "")), description=str(series.get("series_description", "")),
             contrast=str(series.get("contrast", "")), score=float(series["score"]), rank=int(series["rank"]),
             flagged=bool(series.get("flagged")), study_instance_uid=str(series["study_instance_uid"]),
-            seg_series_instance_uid=seg_uid,
+            seg_series_instance_uid=seg_uid, seg_binary=Path(output) / seg if seg_uid else None,
         ))
     return sorted(findings, key=lambda f: -f.score)
 

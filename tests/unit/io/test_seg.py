@@ -53,6 +53,9 @@ def test_binary_round_trip_and_valid(tmp_path: Path, loaded) -> None:
     )
     segment = seg.SegmentSequence[0]
     assert segment.SegmentLabel == "Anomaly" and segment.SegmentAlgorithmType == "AUTOMATIC"
+    # The documented display colour (yellow), as viewers read it back from CIELab.
+    lab = hd.color.CIELabColor.from_dicom_value(segment.RecommendedDisplayCIELabValue)
+    assert tuple(lab.to_rgb()) == (255, 255, 0)
     assert len(segment.SegmentDescription) <= 64 and "DINOv2" in segment.SegmentDescription
     assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"
     assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "52988006"

@@ -1,0 +1,241 @@
+"""What OHIF draws for the app's SEGs: run inside its own network namespace by ``test_viewer.py``.
+
+``python tests/viewer_check.py INPUT OUTPUT RESULTS`` starts Orthanc (DICOMweb) and the viewer on
+127.0.0.1, loads the source series, the SEGs and the SRs, plus a copy of the most anomalous
+flagged series' binary SEG with its frames blanked (new UIDs: the negative control). For that
+flagged SEG, the blanked copy and one unflagged series' SEG it opens the viewer on the SEG,
+accepts loading it, shows the source image of the SEG's fullest frame, and compares the pixels
+drawn in the anomaly's colour (the image is grey) with where that frame's marked pixels fall on
+the canvas (count and Dice overlap); the blanked copy and the unflagged SEG must draw nothing.
+It writes
+``RESULTS/result.json`` and one screenshot per case; every browser request that does not go to
+127.0.0.1 is refused. Stops everything it started.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.uid import generate_uid
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+
+from codegraph3d_research.viewer.__main__ import dicomweb_orthanc
+from codegraph3d_research.viewer.ohif import ensure_ohif
+from codegraph3d_research.viewer.results import Finding, load_into, read_findings
+from codegraph3d_research.viewer.server import ViewerServer
+
+#: A pixel is drawn in colour when its channels differ by more than this (grey: 0).
+CHROMA = 40
+#: Seconds allowed for the viewer to show a series and list its segmentation.
+LOAD_TIMEOUT_S = 90
+
+_VIEWPORT_JS = """
+const engines = window.cornerstone ? window.cornerstone.getRenderingEngines() : [];
+const viewports = engines.length ? engines[0].getViewports() : [];
+return viewports.length ? viewports[0] : null;
+"""
+_STATE_JS = """
+const vp = (function () {""" + _VIEWPORT_JS + """})();
+const seg = window.services && window.services.segmentationService;
+return {images: vp && vp.getImageIds ? vp.getImageIds().length : 0,
+        segmentations: seg ? seg.getSegmentations().length : 0};
+"""
+_SHOW_JS = """
+const vp = (function () {""" + _VIEWPORT_JS + """})();
+const ids = vp.getImageIds();
+const index = ids.findIndex(id => id.includes('/instances/' + arguments[0] + '/'));
+const target = index >= 0 ? index : Math.floor(ids.length / 2);
+await vp.setImageIdIndex(target);
+vp.render();
+const data = vp.getImageData();
+const at = (i, j) => vp.worldToCanvas(data.imageData.indexToWorld([i, j, 0]));
+const o = at(0, 0), c = at(1, 0), r = at(0, 1);
+return {index: target, found: index >= 0, zoom: Math.hypot(c[0] - o[0], c[1] - o[1]),
+        origin: o, column_step: [c[0] - o[0], c[1] - o[1]], row_step: [r[0] - o[0], r[1] - o[1]],
+        ratio: window.devicePixelRatio || 1};
+"""
+
+
+def fullest_frame(seg_path: Path) -> tuple[str | None, np.ndarray | None]:
+    """The source SOP Instance UID of the SEG frame with most marked pixels, and that frame.
+
+    Only frames that start on a byte boundary are candidates: OHIF 3.13.2 misplaces the pixels
+    of BINARY frames that start inside a byte (rows x columns not a multiple of 8; docs/VIEWER.md).
+    """
+    seg = pydicom.dcmread(seg_path)
+    n_frames = int(getattr(seg, "NumberOfFrames", 0))
+    if n_frames == 0 or "PixelData" not in seg:
+        return None, None
+    frames = seg.pixel_array.reshape(n_frames, int(seg.Rows), int(seg.Columns))
+    size = int(seg.Rows) * int(seg.Columns)
+    aligned = [k for k in range(n_frames) if (k * size) % 8 == 0]
+    best = max(aligned, key=lambda k: int((frames[k] > 0).sum()))
+    groups = seg.PerFrameFunctionalGroupsSequence[best]
+    source = groups.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+    return str(source), frames[best] > 0
+
+
+def expected_overlay(mask: np.ndarray, shown: dict[str, Any], shape: tuple[int, int]) -> np.ndarray:
+    """Where ``mask`` (rows x columns) falls on the viewport canvas (``shape``: height x width)."""
+    ratio = float(shown["ratio"])
+    steps = np.array([shown["column_step"], shown["row_step"]], dtype=float).T * ratio  # canvas = origin + steps @ (col, row)
+    origin = np.asarray(shown["origin"], dtype=float) * ratio
+    v, u = np.mgrid[0 : shape[0], 0 : shape[1]]
+    index = np.linalg.solve(steps, np.stack([u.ravel() + 0.5 - origin[0], v.ravel() + 0.5 - origin[1]]))
+    col, row = np.floor(index + 0.5).astype(int)  # image index k covers [k - 0.5, k + 0.5)
+    inside = (col >= 0) & (col < mask.shape[1]) & (row >= 0) & (row < mask.shape[0])
+    out = np.zeros(col.shape, dtype=bool)
+    out[inside] = mask[row[inside], col[inside]]
+    return out.reshape(shape)
+
+
+def blanked_copy(seg_path: Path, folder: Path) -> Path:
+    """The SEG with every frame set to 0, as a new series and instance of the same study."""
+    seg = pydicom.dcmread(seg_path)
+    seg.PixelData = bytes(len(seg.PixelData))
+    seg.SeriesInstanceUID = generate_uid()
+    seg.SOPInstanceUID = seg.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    seg.SeriesDescription = "blanked control"
+    seg.SeriesNumber = 9911
+    path = folder / "blanked_seg.dcm"
+    seg.save_as(path, enforce_file_format=True)
+    return path
+
+
+def browser() -> webdriver.Chrome:
+    """Headless Debian chromium, software WebGL, every host but 127.0.0.1 unresolvable."""
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for argument in ("--headless=new", "--no-sandbox", "--window-size=1400,900", "--use-gl=swiftshader",
+                     "--enable-unsafe-swiftshader", "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+                     "--no-first-run", "--disable-background-networking", "--disable-component-update"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    # The onboarding tour would cover the image.
+    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {
+        "source": "localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']));"})
+    return driver
+
+
+def wait_loaded(driver: webdriver.Chrome) -> dict[str, int]:
+    """Poll until the viewport holds images and, for up to 20 s more, a segmentation is listed.
+
+    Bounded by :data:`LOAD_TIMEOUT_S`; an empty SEG may never be listed (OHIF skips SEGs
+    without marked pixels), which the caller reports rather than waits for.
+    """
+    deadline = time.monotonic() + LOAD_TIMEOUT_S
+    state: dict[str, int] = {}
+    images_since = None
+    while time.monotonic() < deadline:
+        state = driver.execute_script(_STATE_JS)
+        if state["images"] and state["segmentations"]:
+            return state
+        if state["images"]:
+            images_since = images_since or time.monotonic()
+            if time.monotonic() - images_since > 20:
+                return state
+        time.sleep(1)
+    raise TimeoutError(f"the viewer did not show the series in {LOAD_TIMEOUT_S} s: {state}")
+
+
+def accept_segmentation(driver: webdriver.Chrome) -> bool:
+    """Answer the viewer's "open this segmentation?" prompt with Yes, if it asks."""
+    for _ in range(10):
+        buttons = [b for b in driver.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Yes"]
+        if buttons:
+            buttons[0].click()
+            time.sleep(3)
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def drawn_pixels(png: bytes) -> np.ndarray:
+    """Pixels drawn in the anomaly's colour: red over blue by more than :data:`CHROMA`.
+
+    The image is grey (R = G = B); yellow and red overlays raise R over B; the viewer's own
+    marks on the canvas (orientation letters, the active border, icons) are grey or blue.
+    """
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
+    return (rgb[..., 0] - rgb[..., 2]) > CHROMA
+
+
+def look(driver: webdriver.Chrome, base: str, finding: Finding, shot: Path, *, seg: Path | None = None,
+         frame_from: Path | None = None) -> dict[str, Any]:
+    """Open the viewer on a SEG of ``finding``'s study (its own binary SEG unless ``seg``), show
+    the source image of the fullest frame (of ``frame_from``'s SEG if given), compare what is drawn."""
+    seg = seg or finding.seg_binary
+    assert seg is not None
+    source_uid, mask = fullest_frame(frame_from or seg)
+    if frame_from is not None and mask is not None:
+        mask = np.zeros_like(mask)  # the blanked copy marks nothing on that frame
+    seg_uid = str(pydicom.dcmread(seg, stop_before_pixels=True).SeriesInstanceUID)
+    driver.get(base + Finding(**{**finding.__dict__, "seg_series_instance_uid": seg_uid}).viewer_path())
+    try:
+        state = wait_loaded(driver)
+    except TimeoutError as error:
+        driver.save_screenshot(str(shot))  # the whole page, to see what the viewer shows instead
+        return {"series": f"{finding.patient_id} {finding.description}", "seg": seg.name, "error": str(error),
+                "screenshot": shot.name}
+    prompted = accept_segmentation(driver)
+    shown = driver.execute_script(_SHOW_JS, source_uid or "")
+    time.sleep(2)
+    canvas = driver.execute_script("return (function () {" + _VIEWPORT_JS + "})().canvas;")
+    png = canvas.screenshot_as_png
+    shot.write_bytes(png)
+    drawn = drawn_pixels(png)
+    expected = expected_overlay(mask, shown, drawn.shape) if mask is not None else np.zeros_like(drawn)
+    overlap = int((drawn & expected).sum())
+    dice = 2 * overlap / max(1, int(drawn.sum() + expected.sum()))
+    return {"series": f"{finding.patient_id} {finding.description}", "seg": seg.name, "prompted": prompted,
+            "segmentation_listed": bool(state["segmentations"]),
+            "frame_shown": shown["found"], "frame_marked_pixels": int(mask.sum()) if mask is not None else 0,
+            "zoom": shown["zoom"], "expected_pixels": int(expected.sum()), "drawn_pixels": int(drawn.sum()),
+            "dice": dice, "screenshot": shot.name}
+
+
+def main(input_folder: Path, output: Path, results: Path) -> int:
+    results.mkdir(parents=True, exist_ok=True)
+    findings = read_findings(output)
+    flagged = next(f for f in findings if f.flagged and f.seg_series_instance_uid)
+    quiet = next(f for f in findings if not f.flagged and f.seg_series_instance_uid)
+    with tempfile.TemporaryDirectory() as scratch:
+        assert flagged.seg_binary is not None
+        control = Path(scratch) / "control"
+        control.mkdir()
+        blank = blanked_copy(flagged.seg_binary, control)
+        with dicomweb_orthanc(Path(scratch) / "orthanc") as orthanc:
+            loaded = load_into(orthanc, [input_folder, output / "SEG", output / "SR", control])
+            viewer = ViewerServer(ensure_ohif(), orthanc.url)
+            viewer.start()
+            driver = browser()
+            try:
+                cases = {
+                    "flagged": look(driver, viewer.url, flagged, results / "flagged.png"),
+                    "blanked": look(driver, viewer.url, flagged, results / "blanked.png", seg=blank,
+                                    frame_from=flagged.seg_binary),
+                    "unflagged": look(driver, viewer.url, quiet, results / "unflagged.png"),
+                }
+            finally:
+                driver.quit()
+                viewer.stop()
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    interfaces = [line.split(":")[1].strip() for line in links.splitlines() if line.strip()]
+    (results / "result.json").write_text(json.dumps({"loaded": loaded, "cases": cases, "interfaces": interfaces}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])))
