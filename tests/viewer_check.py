@@ -122,6 +122,7 @@ def browser() -> webdriver.Chrome:
                      "--enable-unsafe-swiftshader", "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
                      "--no-first-run", "--disable-background-networking", "--disable-component-update"):
         options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     # The onboarding tour would cover the image.
     driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {

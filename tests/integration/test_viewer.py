@@ -11,6 +11,7 @@ them), where anything missing is a failure. Screenshots stay under the test's te
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -33,9 +34,7 @@ def _missing() -> list[str]:
     for binary, package in (("/usr/bin/chromium", "chromium"), ("/usr/bin/chromedriver", "chromium-driver")):
         if not os.access(binary, os.X_OK):
             missing.append(f"{binary} (apt-get install {package})")
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("selenium") is None:
         missing.append("selenium (pip install -r requirements-dev.txt)")
     if not loopback_only_available():
         missing.append("a network namespace (unshare --net --map-root-user, ip)")
