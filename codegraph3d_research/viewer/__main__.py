@@ -66,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"loaded {loaded['stored']} DICOM files into Orthanc (pid {orthanc.pid})")
             for line in loaded["refused"][:10]:
                 print(f"refused: {line}", file=sys.stderr)
-            viewer = ViewerServer(ohif_folder, orthanc.url, port=args.port)
+            try:
+                viewer = ViewerServer(ohif_folder, orthanc.url, port=args.port)
+            except OSError as error:
+                print(f"cannot listen on 127.0.0.1:{args.port} ({error.strerror}): pass --port N "
+                      f"(0 picks a free port)", file=sys.stderr)
+                return 2
             viewer.start()
             try:
                 print_urls(viewer.url, findings)
