@@ -38,7 +38,7 @@ byte read), so its FLOP rate is given for completeness, not as a fraction of the
 
 MuSc global scoring (:func:`musc_flops`): the distance block of each unordered pair of eligible
 volumes is computed once (``addmm``), ``2 N_i N_j D`` per pair and per layer; the row and column
-minima, the exact float64 recomputation of the chosen neighbours (``3 D`` per token and reference)
+minima, the exact recomputation of the chosen neighbours (``3 D`` per token and reference)
 and the top-K are not counted. Windowed scoring is not counted (its cost is gathers, not matmul).
 
 Machine rate (:func:`measure_matmul_rate`): a square float32 ``torch.matmul`` on the device (and
@@ -1459,7 +1459,7 @@ def render_markdown(report: BenchmarkReport) -> str:
               ", ".join(map(str, r.load_average_end))] for r in report.scorer],
         )
         lines += ["", ("FLOPs: 2 N_i N_j D per unordered pair and layer (the distance matmuls); minima, "
-                       "top-K and the exact float64 recomputation of the chosen neighbours are not counted."), ""]
+                       "top-K and the exact recomputation of the chosen neighbours are not counted."), ""]
     enc = report.encoder
     if enc is not None:
         rate = _rate(None if enc.flops_per_slice is None else enc.flops_per_slice * enc.n_slices, enc.seconds)

@@ -300,9 +300,10 @@ def test_batch_too_large_for_the_budget_is_refused_with_the_batch_size_that_fits
     assert ALLOCATOR_FACTOR * scoring_memory([2000] * fit_b, 384, chunk_size=256).total <= 512 * 2**20
     assert ALLOCATOR_FACTOR * scoring_memory([2000] * (fit_b + 1), 384, chunk_size=256).total > 512 * 2**20
     windowed = scoring_memory(sizes, 384, window_radius=1, grid_shape=(16, 16, 16))
-    # The padded grids of row indices add B x 18^3 x 8 bytes; there are no index minima.
-    # Both hold running minima and indices; the window adds its padded slot grid (and one dump column).
-    assert windowed.fixed - scoring_memory(sizes, 384).fixed == 8 * 180 * 18**3 + 8 * 180
+    # Both hold running minima and indices with one dump column; the window adds its padded
+    # grid of row indices (B x 18^3 x 8 bytes), the global scorer the copies of the tokens that
+    # select (augmented queries, and on GPUs keys in slots: 2 x 180 x 2000 x (D + 2) float32).
+    assert windowed.fixed - scoring_memory(sizes, 384).fixed == 8 * 180 * 18**3 - 2 * 4 * 180 * 2000 * 386
     assert windowed.per_chunk == 12 * 4096**2
 
 
@@ -360,3 +361,38 @@ def test_precision_is_validated_and_restored():
     b = score_batch(sets)
     for x, y in zip(a.token_scores, b.token_scores):
         np.testing.assert_allclose(x, y, rtol=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["float32", "tf32"])
+@pytest.mark.parametrize("chunk_size", [4096, 11, 4])
+def test_accelerator_layout_matches_a_float64_brute_force(chunk_size, precision):
+    """The GPU path (slots of the largest volume's size, many volumes per matmul), run on CPU.
+
+    Unequal sizes (padding slots), patient groups (gaps in the later volumes), and small chunks
+    (queries split into several chunks: the column minima become running minima). The data are
+    well separated, so TF32's rounding picks the same neighbours here.
+    """
+    import torch
+
+    from codegraph3d.scoring import musc
+
+    rng = np.random.default_rng(21)
+    sets = random_sets(rng, [7, 12, 3, 9, 5, 10, 6])
+    groups = ["a", "b", "c", "a", "d", "e", "b"]
+    batch = musc._prepare_batch(sets, groups)
+    tokens, sq_norms = musc._stack_centred(batch, torch.device("cpu"))
+    with musc.selection_precision(precision):  # float32: augmented rows; tf32: norms added after
+        chosen = musc._padded_nearest(batch, tokens, sq_norms, chunk_size)
+    got = musc._exact_distances(batch, tokens, chosen, chunk_size).numpy()
+    starts = batch.starts
+    for j, ref in enumerate(sets):
+        for i, query in enumerate(sets):
+            block = got[j, starts[i]:starts[i + 1]]
+            if i == j or groups[i] == groups[j]:
+                assert np.all(np.isinf(block))
+                continue
+            want = np.sqrt(((query[:, None, :] - ref[None, :, :]) ** 2).sum(axis=2)).min(axis=1)
+            np.testing.assert_allclose(block, want, atol=1e-5, rtol=0)
+    # And the CPU path chooses the same neighbours.
+    cpu = musc.nearest_distances(sets, groups=groups, chunk_size=chunk_size, device="cpu")
+    np.testing.assert_allclose(got, cpu, atol=1e-6, rtol=0)
