@@ -7,7 +7,9 @@ flagged SEG, the blanked copy and one unflagged series' SEG it opens the viewer 
 accepts loading it, shows the source image of the SEG's fullest frame, and compares the pixels
 drawn in the anomaly's colour (the image is grey) with where that frame's marked pixels fall on
 the canvas (count and Dice overlap); the blanked copy and the unflagged SEG must draw nothing.
-It writes
+It also opens the flagged study's key-slice SR and measures how much of its first finding's
+rectangle is drawn (green) where the SR puts it, and of the same rectangle mirrored through the
+canvas centre (where nothing should be). It writes
 ``RESULTS/result.json`` and one screenshot per case; every browser request that does not go to
 127.0.0.1 is refused. Stops everything it started.
 """
@@ -207,6 +209,75 @@ def look(driver: webdriver.Chrome, base: str, finding: Finding, shot: Path, *, s
             "dice": dice, "screenshot": shot.name}
 
 
+def green_pixels(png: bytes) -> np.ndarray:
+    """Pixels drawn in OHIF's colour for SR measurements: green over red and blue by :data:`CHROMA`."""
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
+    return (rgb[..., 1] - np.maximum(rgb[..., 0], rgb[..., 2])) > CHROMA
+
+
+def outline_coverage(green: np.ndarray, corners: np.ndarray, reach: int = 3) -> float:
+    """Fraction of points along a closed polyline (canvas pixels) with a green pixel within ``reach``."""
+    points = np.concatenate([np.linspace(a, b, 50, endpoint=False) for a, b in zip(corners[:-1], corners[1:])])
+    hits = 0
+    for x, y in np.round(points).astype(int):
+        window = green[max(0, y - reach): y + reach + 1, max(0, x - reach): x + reach + 1]
+        hits += bool(window.any())
+    return hits / len(points)
+
+
+def key_slice_region(sr_path: Path) -> tuple[str, np.ndarray]:
+    """The image and the (column, row) polyline of the key-slice SR's first (largest) finding."""
+    import highdicom as hd
+
+    group = hd.sr.MeasurementReport.from_sequence([hd.sr.srread(sr_path)]).get_planar_roi_measurement_groups()[0]
+    region = group.roi
+    return str(region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID), np.asarray(region.value)
+
+
+def look_key_slices(driver: webdriver.Chrome, base: str, finding: Finding, sr_path: Path, shot: Path) -> dict[str, Any]:
+    """Open the viewer on the study's key-slice SR and check the first finding's rectangle is drawn
+    on its key slice where the SR puts it; the same rectangle moved across the image is the control."""
+    image_uid, polyline = key_slice_region(sr_path)
+    sr = pydicom.dcmread(sr_path, stop_before_pixels=True)
+    driver.get(f"{base}/viewer?StudyInstanceUIDs={sr.StudyInstanceUID}&initialSeriesInstanceUID={sr.SeriesInstanceUID}")
+    deadline = time.monotonic() + LOAD_TIMEOUT_S
+    while not driver.execute_script(_STATE_JS)["images"]:
+        if time.monotonic() > deadline:
+            driver.save_screenshot(str(shot))
+            return {"error": f"the viewer showed no image in {LOAD_TIMEOUT_S} s", "screenshot": shot.name}
+        time.sleep(1)
+    time.sleep(5)  # the SR's annotations are drawn after the image
+    for button in driver.find_elements(By.TAG_NAME, "button"):
+        if button.text.strip() == "No":  # "continue tracking measurements?": keep the SR's read-only view
+            button.click()
+            time.sleep(2)
+            break
+    shown = driver.execute_script(_SHOW_JS, image_uid)
+    time.sleep(2)
+    canvas = driver.execute_script("return (function () {" + _VIEWPORT_JS + "})().canvas;")
+    png = canvas.screenshot_as_png
+    shot.write_bytes(png)
+    green = green_pixels(png)
+    ratio = float(shown["ratio"])
+    steps = np.array([shown["column_step"], shown["row_step"]], dtype=float).T * ratio
+    origin = np.asarray(shown["origin"], dtype=float) * ratio
+    # SCOORD (0, 0) is the top left corner of the top left pixel; canvas positions are of centres.
+    corners = origin + (polyline - 0.5) @ steps.T
+    centre = np.asarray(green.shape[::-1], dtype=float) / 2
+    control = 2 * centre - corners  # the same rectangle, mirrored through the canvas centre
+    return {"series": f"{finding.patient_id}", "sr": sr_path.name, "frame_shown": shown["found"],
+            "rectangle_canvas": corners.round(1).tolist(), "coverage": outline_coverage(green, corners),
+            "control_coverage": outline_coverage(green, control), "green_pixels": int(green.sum()),
+            "screenshot": shot.name}
+
+
+def key_slice_sr(output: Path, finding: Finding) -> Path:
+    """The key-slice SR of ``finding``'s study (report.json's ``sr_key_slices``)."""
+    report = json.loads((output / "report.json").read_text())
+    study = next(s for s in report["studies"] if s["study_instance_uid"] == finding.study_instance_uid)
+    return output / study["sr_key_slices"]
+
+
 def main(input_folder: Path, output: Path, results: Path) -> int:
     results.mkdir(parents=True, exist_ok=True)
     findings = read_findings(output)
@@ -228,6 +299,8 @@ def main(input_folder: Path, output: Path, results: Path) -> int:
                     "blanked": look(driver, viewer.url, flagged, results / "blanked.png", seg=blank,
                                     frame_from=flagged.seg_binary),
                     "unflagged": look(driver, viewer.url, quiet, results / "unflagged.png"),
+                    "key_slices": look_key_slices(driver, viewer.url, flagged, key_slice_sr(output, flagged),
+                                                  results / "key_slices.png"),
                 }
             finally:
                 driver.quit()

@@ -48,8 +48,8 @@ from codegraph3d import ALGORITHM_NAME, __version__
 from codegraph3d.core.files import atomic_path
 
 __all__ = [
-    "CODING_SCHEME", "CONCEPTS", "MAX_FINDING_GROUPS", "MaskFinding", "SeriesFinding", "policy_concept",
-    "write_study_sr",
+    "CODING_SCHEME", "CONCEPTS", "MAX_FINDING_GROUPS", "MaskFinding", "SeriesFinding", "declare_scheme", "measure",
+    "observation_context", "policy_concept", "write_study_sr", "yes_no",
 ]
 
 logger = logging.getLogger(__name__)
@@ -250,11 +250,13 @@ def _algorithm() -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(name=ALGORITHM_NAME, version=__version__)
 
 
-def _measure(concept: hd.sr.CodedConcept, value: float, unit: hd.sr.CodedConcept) -> hd.sr.Measurement:
+def measure(concept: hd.sr.CodedConcept, value: float, unit: hd.sr.CodedConcept) -> hd.sr.Measurement:
+    """A numeric measurement made by this product (its algorithm identified)."""
     return hd.sr.Measurement(name=concept, value=float(value), unit=unit, algorithm_id=_algorithm())
 
 
-def _yes_no(concept: hd.sr.CodedConcept, answer: bool) -> hd.sr.QualitativeEvaluation:
+def yes_no(concept: hd.sr.CodedConcept, answer: bool) -> hd.sr.QualitativeEvaluation:
+    """A qualitative evaluation answered SCT Yes or No."""
     return hd.sr.QualitativeEvaluation(concept, codes.SCT.Yes if answer else codes.SCT.No)
 
 
@@ -286,20 +288,20 @@ def _roi_group(finding: SeriesFinding, index: int) -> hd.sr.VolumetricROIMeasure
     """The series' group: score, batch context, threshold, volume, findings count, operating point."""
     threshold = CONCEPTS["evidence_threshold" if finding.threshold_units == "z" else "threshold"]
     measurements = [
-        _measure(CONCEPTS["score"], finding.score, _NO_UNITS),
-        _measure(CONCEPTS["rank"], finding.rank, _NO_UNITS),
-        _measure(CONCEPTS["batch_size"], finding.batch_size, _NO_UNITS),
-        _measure(CONCEPTS["percentile"], finding.percentile, _PERCENT),
+        measure(CONCEPTS["score"], finding.score, _NO_UNITS),
+        measure(CONCEPTS["rank"], finding.rank, _NO_UNITS),
+        measure(CONCEPTS["batch_size"], finding.batch_size, _NO_UNITS),
+        measure(CONCEPTS["percentile"], finding.percentile, _PERCENT),
         # The lesion policy's bound is on sum(z - token_z) x token volume: robust SDs times ml.
-        _measure(threshold, finding.threshold, _MILLILITRE if finding.threshold_units == "z" else _NO_UNITS),
-        _measure(_VOLUME, finding.anomalous_volume_ml, _MILLILITRE),
-        _measure(CONCEPTS["n_findings"], len(finding.findings), _NO_UNITS),
+        measure(threshold, finding.threshold, _MILLILITRE if finding.threshold_units == "z" else _NO_UNITS),
+        measure(_VOLUME, finding.anomalous_volume_ml, _MILLILITRE),
+        measure(CONCEPTS["n_findings"], len(finding.findings), _NO_UNITS),
     ]
     if finding.false_flag_rate is not None:
-        measurements.append(_measure(CONCEPTS["false_flag_rate"], 100.0 * finding.false_flag_rate, _PERCENT))
+        measurements.append(measure(CONCEPTS["false_flag_rate"], 100.0 * finding.false_flag_rate, _PERCENT))
     evaluations = [
-        _yes_no(CONCEPTS["flagged"], finding.flagged),
-        _yes_no(CONCEPTS["operating_point_measured"], finding.false_flag_rate is not None),
+        yes_no(CONCEPTS["flagged"], finding.flagged),
+        yes_no(CONCEPTS["operating_point_measured"], finding.false_flag_rate is not None),
     ]
     return _group(finding, f"Anomaly {index}", measurements, evaluations)
 
@@ -313,17 +315,17 @@ def _finding_groups(
     for k, item in enumerate(finding.findings[:MAX_FINDING_GROUPS], start=1):
         x, y, z = item.centroid_lps_mm
         measurements = [
-            _measure(_VOLUME, item.volume_ml, _MILLILITRE),
-            _measure(CONCEPTS["peak_score"], item.peak_score, _NO_UNITS),
-            _measure(CONCEPTS["centroid_x"], x, _MILLIMETRE),
-            _measure(CONCEPTS["centroid_y"], y, _MILLIMETRE),
-            _measure(CONCEPTS["centroid_z"], z, _MILLIMETRE),
+            measure(_VOLUME, item.volume_ml, _MILLILITRE),
+            measure(CONCEPTS["peak_score"], item.peak_score, _NO_UNITS),
+            measure(CONCEPTS["centroid_x"], x, _MILLIMETRE),
+            measure(CONCEPTS["centroid_y"], y, _MILLIMETRE),
+            measure(CONCEPTS["centroid_z"], z, _MILLIMETRE),
         ]
         groups.append(_group(finding, f"Anomaly {index} finding {k} of {total}", measurements, []))
     return groups
 
 
-def _observation_context(manufacturer: str) -> hd.sr.ObservationContext:
+def observation_context(manufacturer: str) -> hd.sr.ObservationContext:
     """The SR's observer: this product, as a device."""
     return hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
@@ -335,7 +337,7 @@ def _observation_context(manufacturer: str) -> hd.sr.ObservationContext:
     )
 
 
-def _declare_scheme(document: Dataset, manufacturer: str) -> None:
+def declare_scheme(document: Dataset, manufacturer: str) -> None:
     """Declare the private coding scheme in the object that uses it (PS3.3 C.12.1.1.2.1)."""
     scheme = Dataset()
     scheme.CodingSchemeDesignator = CODING_SCHEME
@@ -382,7 +384,7 @@ def write_study_sr(
     if not out_path.parent.is_dir():
         raise FileNotFoundError(f"output folder {out_path.parent} does not exist; create it first")
     report = hd.sr.MeasurementReport(
-        observation_context=_observation_context(manufacturer),
+        observation_context=observation_context(manufacturer),
         procedure_reported=codes.LN.BrainMRI,
         imaging_measurements=[
             group
@@ -403,7 +405,7 @@ def write_study_sr(
         is_verified=False,
     )
     document.SeriesDescription = f"{ALGORITHM_NAME} anomaly report, not for clinical use"
-    _declare_scheme(document, manufacturer)
+    declare_scheme(document, manufacturer)
     with atomic_path(out_path) as temporary:
         document.save_as(temporary, enforce_file_format=True)
     logger.info(

@@ -268,7 +268,7 @@ class ScoringSettings:
 
 @dataclass(frozen=True)
 class OutputSettings:
-    """``output``: map interpolation, previews, the FRACTIONAL SEG, series numbers, the SR."""
+    """``output``: map interpolation, previews, the FRACTIONAL SEG, series numbers, the SRs."""
 
     mask_interpolation: str
     score_interpolation: str
@@ -276,6 +276,7 @@ class OutputSettings:
     fractional: bool
     series_number: int
     sr: bool
+    key_slice_sr: bool
 
     def __post_init__(self) -> None:
         for name in ("mask_interpolation", "score_interpolation"):

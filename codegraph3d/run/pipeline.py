@@ -1080,27 +1080,46 @@ def drop_small_components(binary: np.ndarray, prepared: PreprocessedVolume, min_
 def mask_findings(binary: np.ndarray, score: np.ndarray, prepared: PreprocessedVolume) -> list[dict[str, Any]]:
     """Connected components (26-connectivity) of a source-grid mask, largest first.
 
-    Each finding: ``volume_ml``, ``centroid_lps_mm`` (the component's centre of mass, LPS mm) and
-    ``peak_score`` (the largest raw score inside it).
+    Each finding: ``volume_ml``, ``centroid_lps_mm`` (the component's centre of mass, LPS mm),
+    ``peak_score`` (the largest raw score inside it) and ``key_slice`` (:func:`key_slice`).
     """
     if not binary.any():
         return []
     labels, count = ndimage.label(binary, structure=np.ones((3, 3, 3), dtype=bool))
+    boxes = ndimage.find_objects(labels)
     voxel_ml = float(np.prod(prepared.source_spacing)) / 1000.0
     sizes = ndimage.sum_labels(binary, labels, index=np.arange(1, count + 1))
     centres = ndimage.center_of_mass(binary, labels, index=np.arange(1, count + 1))
     peaks = ndimage.maximum(score, labels, index=np.arange(1, count + 1))
     to_lps = index_to_physical_matrix(prepared.source_origin, prepared.source_spacing, prepared.source_direction)
     found = []
-    for size, centre_zyx, peak in zip(sizes, centres, peaks):
+    for label, (size, centre_zyx, peak) in enumerate(zip(sizes, centres, peaks), start=1):
         # Arrays are (z, y, x); the geometry maps an (x, y, z) index.
         lps = to_lps[:3, :3] @ np.asarray(centre_zyx[::-1], float) + to_lps[:3, 3]
         found.append({
             "volume_ml": round(float(size) * voxel_ml, 3),
             "centroid_lps_mm": [round(float(v), 2) for v in lps],
             "peak_score": float(peak),
+            "key_slice": key_slice(labels[boxes[label - 1]] == label, boxes[label - 1]),
         })
     return sorted(found, key=lambda finding: -finding["volume_ml"])
+
+
+def key_slice(component: np.ndarray, box: tuple[slice, slice, slice]) -> dict[str, Any]:
+    """The slice holding most of a component's voxels, and the component's pixel extent there.
+
+    ``component`` is the component's mask inside its bounding ``box`` (z, y, x slices of the
+    series). Returns ``index`` (position of the slice in the series' z order, 0-based),
+    ``rows`` and ``columns`` (first and last, inclusive, 0-based): where a viewer is sent.
+    """
+    z = int(component.sum(axis=(1, 2)).argmax())
+    plane = component[z]
+    rows, columns = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    return {
+        "index": box[0].start + z,
+        "rows": [box[1].start + int(rows[0]), box[1].start + int(rows[-1])],
+        "columns": [box[2].start + int(columns[0]), box[2].start + int(columns[-1])],
+    }
 
 
 def series_outputs(batch: ScoredBatch, index: int) -> SeriesMaps:

@@ -22,6 +22,7 @@ from codegraph3d.io.selection import is_valid_uid
 from codegraph3d.io.seg import write_binary_seg, write_fractional_seg
 from codegraph3d.io.dicom import load_series_volume
 from codegraph3d.io.previews import write_preview
+from codegraph3d.io.key_slices import KeySlice, write_key_slice_sr
 from codegraph3d.io.sr import MaskFinding, SeriesFinding, write_study_sr
 from codegraph3d.decision.operating_point import bank_operating_point, operating_point
 from codegraph3d.run.pipeline import ScoredBatch, Scoring, Selection, SeriesMaps, StageTimer, TokenisedSeries, series_outputs
@@ -237,23 +238,46 @@ def _sr_finding(batch: ScoredBatch, row: Mapping[str, Any], maps: SeriesMaps, bi
     )
 
 
-def _write_srs(findings: Mapping[str, list[SeriesFinding]], output: Path, config: RunConfig) -> dict[str, str]:
-    """One SR per study with scored series; the paths relative to the output folder, by study UID."""
+def _key_slices(member: TokenisedSeries, maps: SeriesMaps) -> list[KeySlice]:
+    """One key slice per finding of a series: its source image header and pixel rectangle."""
+    return [
+        KeySlice(member.datasets[f["key_slice"]["index"]], tuple(f["key_slice"]["rows"]),
+                 tuple(f["key_slice"]["columns"]))
+        for f in maps.findings
+    ]
+
+
+def _write_srs(findings: Mapping[str, list[tuple[SeriesFinding, list[KeySlice]]]], output: Path,
+               config: RunConfig) -> dict[str, dict[str, str | None]]:
+    """Per study with scored series: its SR and, when it has findings, its key-slice SR.
+
+    Paths relative to the output folder, by study UID (``sr``, ``sr_key_slices``).
+    """
     if not findings:
         return {}
     sr_dir = output / "SR"
     sr_dir.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, str] = {}
-    for study_uid, study_findings in findings.items():
+    paths: dict[str, dict[str, str | None]] = {}
+    for study_uid, entries in findings.items():
+        series = [entry for entry, _ in entries]
         sr_path = write_study_sr(
-            study_findings, sr_dir / f"{_safe_uid(study_uid)}_sr.dcm",
-            series_number=int(config.output.series_number) + 2,
+            series, sr_dir / f"{_safe_uid(study_uid)}_sr.dcm", series_number=int(config.output.series_number) + 2,
         )
-        paths[study_uid] = str(sr_path.relative_to(output))
+        key_path = None
+        if config.output.key_slice_sr:
+            key_path = write_key_slice_sr(
+                series, [keys for _, keys in entries], sr_dir / f"{_safe_uid(study_uid)}_key_slices_sr.dcm",
+                series_number=int(config.output.series_number) + 3,
+            )
+        paths[study_uid] = {
+            "sr": str(sr_path.relative_to(output)),
+            "sr_key_slices": str(key_path.relative_to(output)) if key_path else None,
+        }
     return paths
 
 
-def _study_rows(rows: Mapping[str, Mapping[str, Any]], sr_paths: Mapping[str, str]) -> list[dict[str, Any]]:
+def _study_rows(rows: Mapping[str, Mapping[str, Any]],
+                sr_paths: Mapping[str, Mapping[str, str | None]]) -> list[dict[str, Any]]:
     """Per study: its highest series score, whether any series is flagged, its SR."""
     studies: dict[str, dict[str, Any]] = {}
     for row in rows.values():
@@ -261,7 +285,8 @@ def _study_rows(rows: Mapping[str, Mapping[str, Any]], sr_paths: Mapping[str, st
             row["study_instance_uid"],
             {"study_instance_uid": row["study_instance_uid"], "patient_id": row["patient_id"],
              "score": None, "flagged": False, "scored_series": 0,
-             "sr": sr_paths.get(row["study_instance_uid"])},
+             "sr": sr_paths.get(row["study_instance_uid"], {}).get("sr"),
+             "sr_key_slices": sr_paths.get(row["study_instance_uid"], {}).get("sr_key_slices")},
         )
         if row["status"] == "scored":
             study["scored_series"] += 1
@@ -270,7 +295,8 @@ def _study_rows(rows: Mapping[str, Mapping[str, Any]], sr_paths: Mapping[str, st
     return list(studies.values())
 
 
-def _write_batch(batch: ScoredBatch, rows: dict[str, dict[str, Any]], findings: dict[str, list[SeriesFinding]],
+def _write_batch(batch: ScoredBatch, rows: dict[str, dict[str, Any]],
+                 findings: dict[str, list[tuple[SeriesFinding, list[KeySlice]]]],
                  output: Path, config: RunConfig, encoder: Mapping[str, Any], point: Mapping[str, Any],
                  clock: StageClock) -> None:
     """The SEGs and report rows of a batch's series, and their SR entries."""
@@ -284,7 +310,7 @@ def _write_batch(batch: ScoredBatch, rows: dict[str, dict[str, Any]], findings: 
         row.update(_scored_row(batch, index, maps, paths, ranks, output), preview=_preview(member, maps, output, config))
         if config.output.sr:
             findings.setdefault(member.decision.study_instance_uid, []).append(
-                _sr_finding(batch, row, maps, paths[0], point)
+                (_sr_finding(batch, row, maps, paths[0], point), _key_slices(member, maps))
             )
         logger.info(
             "study=%s series=%s decision=scored contrast=%s score=%.5g rank=%d/%d flagged=%s "
@@ -323,7 +349,7 @@ def write_results(
     (output / "SEG").mkdir(parents=True, exist_ok=True)
     encoder = scoring.tokenisation.encoder
     rows = _selection_rows(selection, scoring)
-    findings: dict[str, list[SeriesFinding]] = {}
+    findings: dict[str, list[tuple[SeriesFinding, list[KeySlice]]]] = {}
     batches = []
     clock = StageClock(sum(len(batch.members) for batch in scoring.batches))
     with timer("write"):

@@ -60,7 +60,47 @@ def test_app_exits_zero_and_reports_every_series(good_run, tiny_cohort: Path):
     assert sorted(p.name for p in run.output.iterdir()) == ["SEG", "SR", "report.json"]
     assert not [p for p in (run.output / "SEG").iterdir() if not p.name.endswith(".dcm") or p.name.startswith(".")]
     assert "removed 1 half-written file(s) left in" in run.stdout + run.stderr
-    assert len(list((run.output / "SR").iterdir())) == len(report["studies"]) == 6
+    # One SR per study, and a key-slice SR per study with findings.
+    with_findings = {r["study_instance_uid"] for r in report["series"] if r.get("n_findings")}
+    assert {s["study_instance_uid"] for s in report["studies"] if s["sr_key_slices"]} == with_findings
+    assert len(list((run.output / "SR").iterdir())) == len(report["studies"]) + len(with_findings)
+    assert len(report["studies"]) == 6
+
+
+def _marked_by_image(seg_path) -> dict[str, np.ndarray]:
+    """The binary SEG's frames by the SOP Instance UID of the source image each one marks."""
+    seg = pydicom.dcmread(seg_path)
+    frames = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns)) > 0
+    return {str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID): frames[k]
+            for k, item in enumerate(seg.PerFrameFunctionalGroupsSequence)}
+
+
+def test_key_slice_srs_draw_each_finding_on_the_slice_its_seg_marks(good_run):
+    """Each planar group: the finding's rectangle (report.json's key slice) on a source image of its
+    series, enclosing marked pixels of the SEG there that touch all four sides."""
+    run, _ = good_run
+    report = run.report
+    rows = [r for r in report["series"] if r["status"] == "scored" and r["n_findings"]]
+    assert rows, "the tiny cohort should give at least one finding"
+    for study in (s for s in report["studies"] if s["sr_key_slices"]):
+        groups = hd.sr.MeasurementReport.from_sequence(
+            [hd.sr.srread(run.output / study["sr_key_slices"])]).get_planar_roi_measurement_groups()
+        study_rows = [r for r in rows if r["study_instance_uid"] == study["study_instance_uid"]]
+        assert len(groups) == sum(min(r["n_findings"], 10) for r in study_rows)
+        for row in study_rows:
+            marked = _marked_by_image(run.output / row["seg_binary"])
+            for k, finding in enumerate(row["findings"][:10], start=1):
+                (group,) = [g for g in groups if g.tracking_identifier.endswith(f" finding {k} of {row['n_findings']}")
+                            and str(g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+                            in marked]
+                image_uid = str(group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+                (r0, r1), (c0, c1) = finding["key_slice"]["rows"], finding["key_slice"]["columns"]
+                np.testing.assert_array_equal(
+                    group.roi.value, [[c0, r0], [c1 + 1, r0], [c1 + 1, r1 + 1], [c0, r1 + 1], [c0, r0]])
+                inside = marked[image_uid][r0 : r1 + 1, c0 : c1 + 1]
+                assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+                values = {m.name.meaning: m.value for m in group.get_measurements()}
+                assert values["Volume"] == pytest.approx(finding["volume_ml"])
 
 
 def test_one_sr_per_study_holds_every_series_measurements(good_run):

@@ -124,7 +124,9 @@ def test_the_pacs_accepts_every_seg_and_sr(round_trip: RoundTrip):
     report = round_trip.run.report
     assert round_trip.store_statuses == [0] * len(round_trip.result_files)
     scored = sum(row["status"] == "scored" for row in report["series"])
-    assert len(round_trip.result_files) == 2 * scored + len(report["studies"])  # binary + fractional SEG, one SR
+    key_slice_srs = sum(bool(study["sr_key_slices"]) for study in report["studies"])
+    # Binary + fractional SEG per series, one SR per study, a key-slice SR per study with findings.
+    assert len(round_trip.result_files) == 2 * scored + len(report["studies"]) + key_slice_srs
 
 
 def _study_instances(pacs: OrthancServer, study_instance_uid: str) -> dict[str, dict]:
@@ -155,7 +157,8 @@ def test_results_are_stored_under_the_source_study_with_references_the_pacs_reso
         study_uid = study["study_instance_uid"]
         held = _study_instances(pacs, study_uid)
         modalities = Counter(entry["modality"] for entry in held.values())
-        assert modalities["SEG"] == 2 * len(rows_by_study[study_uid]) and modalities["SR"] == 1, modalities
+        n_srs = 2 if study["sr_key_slices"] else 1
+        assert modalities["SEG"] == 2 * len(rows_by_study[study_uid]) and modalities["SR"] == n_srs, modalities
         (patient_id,) = pacs.find("Patient", {"PatientID": study["patient_id"]})
         assert pacs.get(f"/instances/{next(iter(held.values()))['id']}/patient")["ID"] == patient_id
 
@@ -169,14 +172,16 @@ def test_results_are_stored_under_the_source_study_with_references_the_pacs_reso
                 assert held[item.ReferencedSOPInstanceUID]["series"] == reference.SeriesInstanceUID
                 assert held[item.ReferencedSOPInstanceUID]["modality"] == "MR"
 
-        (sr,) = [pacs.instance_dataset(e["id"]) for e in held.values() if e["modality"] == "SR"]
-        assert sr.StudyInstanceUID == study_uid
-        evidence = {
-            item.ReferencedSOPInstanceUID: series.SeriesInstanceUID
-            for study_item in sr.CurrentRequestedProcedureEvidenceSequence
-            for series in study_item.ReferencedSeriesSequence
-            for item in series.ReferencedSOPSequence
-        }
+        srs = [pacs.instance_dataset(e["id"]) for e in held.values() if e["modality"] == "SR"]
+        evidence = {}
+        for sr in srs:
+            assert sr.StudyInstanceUID == study_uid
+            evidence.update({
+                item.ReferencedSOPInstanceUID: series.SeriesInstanceUID
+                for study_item in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study_item.ReferencedSeriesSequence
+                for item in series.ReferencedSOPSequence
+            })
         for sop_uid, series_uid in evidence.items():
             assert held[sop_uid]["series"] == series_uid  # every piece of evidence resolves in the PACS
         binary_segs = {seg.SOPInstanceUID for seg in segs if seg.SegmentationType == "BINARY"}
