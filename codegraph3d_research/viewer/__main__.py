@@ -44,6 +44,13 @@ def print_urls(base: str, findings: list[Finding]) -> None:
         if finding.flagged and finding is not top:
             print(f"flagged: {finding.patient_id} {finding.description} ({finding.contrast}), score {finding.score:.3f}")
             print(f"  {base}{finding.viewer_path()}")
+    shown = set()
+    for finding in findings:
+        path = finding.key_slice_path()
+        if path and finding.study_instance_uid not in shown:
+            shown.add(finding.study_instance_uid)
+            print(f"findings on key slices (SR): {finding.patient_id}")
+            print(f"  {base}{path}")
     print(f"study list: {base}/")
 
 

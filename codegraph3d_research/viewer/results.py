@@ -16,7 +16,8 @@ from codegraph3d_research.viewer.orthanc import OrthancServer
 
 @dataclass(frozen=True)
 class Finding:
-    """One scored series as the report gives it, with its binary SEG's series UID."""
+    """One scored series as the report gives it, with its binary SEG's series UID and its study's
+    key-slice SR's series UID (``None`` where the study has no findings)."""
 
     patient_id: str
     description: str
@@ -27,6 +28,14 @@ class Finding:
     study_instance_uid: str
     seg_series_instance_uid: str | None
     seg_binary: Path | None
+    key_slice_sr_series_instance_uid: str | None = None
+
+    def key_slice_path(self) -> str | None:
+        """The viewer's path for this study opened on its key-slice SR (findings drawn as rectangles)."""
+        if not self.key_slice_sr_series_instance_uid:
+            return None
+        return "/viewer?" + urlencode({"StudyInstanceUIDs": self.study_instance_uid,
+                                       "initialSeriesInstanceUID": self.key_slice_sr_series_instance_uid})
 
     def viewer_path(self) -> str:
         """The viewer's path for this study, opened on the binary SEG (OHIF draws it only then)."""
@@ -48,6 +57,12 @@ def read_findings(output: Path) -> list[Finding]:
     if not report_path.is_file():
         raise FileNotFoundError(f"{report_path} not found: give the app's output folder (it holds report.json)")
     report = json.loads(report_path.read_text(encoding="utf-8"))
+    key_slice_srs = {}
+    for study in report.get("studies", []):
+        sr = study.get("sr_key_slices")
+        if sr and (Path(output) / sr).is_file():
+            key_slice_srs[study["study_instance_uid"]] = str(
+                pydicom.dcmread(Path(output) / sr, stop_before_pixels=True).SeriesInstanceUID)
     findings = []
     for series in report["series"]:
         if series.get("status") != "scored":
@@ -61,6 +76,7 @@ def read_findings(output: Path) -> list[Finding]:
             contrast=str(series.get("contrast", "")), score=float(series["score"]), rank=int(series["rank"]),
             flagged=bool(series.get("flagged")), study_instance_uid=str(series["study_instance_uid"]),
             seg_series_instance_uid=seg_uid, seg_binary=Path(output) / seg if seg_uid else None,
+            key_slice_sr_series_instance_uid=key_slice_srs.get(str(series["study_instance_uid"])),
         ))
     return sorted(findings, key=lambda f: -f.score)
 

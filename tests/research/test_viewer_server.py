@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+import pydicom
 import pytest
 
 from codegraph3d_research.viewer.ohif import app_config, integrity_of
@@ -106,11 +107,23 @@ def test_findings_are_read_from_the_report_most_anomalous_first(tmp_path: Path) 
         {"status": "scored", "patient_id": "C", "series_description": "T2", "contrast": "T2w", "score": 1.9,
          "rank": 1, "flagged": True, "study_instance_uid": "1.2.2", "seg_binary": None},
     ]
-    (tmp_path / "report.json").write_text(json.dumps({"series": rows}))
+    # Study 1.2.2 has a key-slice SR (any DICOM file with a series UID serves here); 1.2.1 none.
+    sr = pydicom.Dataset()
+    sr.SeriesInstanceUID, sr.SOPInstanceUID, sr.SOPClassUID = "1.2.2.9", "1.2.2.9.1", "1.2.840.10008.5.1.4.1.1.88.34"
+    sr.file_meta = pydicom.dataset.FileMetaDataset()
+    sr.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    (tmp_path / "SR").mkdir()
+    sr.save_as(tmp_path / "SR" / "key.dcm", enforce_file_format=True)
+    studies = [{"study_instance_uid": "1.2.2", "sr_key_slices": "SR/key.dcm"},
+               {"study_instance_uid": "1.2.1", "sr_key_slices": None}]
+    (tmp_path / "report.json").write_text(json.dumps({"series": rows, "studies": studies}))
     findings = read_findings(tmp_path)
     assert [f.patient_id for f in findings] == ["C", "A"]
     query = parse_qs(urlparse(findings[0].viewer_path()).query)
     assert urlparse(findings[0].viewer_path()).path == "/viewer" and query == {"StudyInstanceUIDs": ["1.2.2"]}
+    key = parse_qs(urlparse(findings[0].key_slice_path()).query)
+    assert key == {"StudyInstanceUIDs": ["1.2.2"], "initialSeriesInstanceUID": ["1.2.2.9"]}
+    assert findings[1].key_slice_path() is None
 
 
 def test_dicom_files_are_found_by_their_preamble_and_integrity_is_npms(tmp_path: Path) -> None:
