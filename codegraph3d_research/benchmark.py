@@ -1013,7 +1013,7 @@ def benchmark_scorer(
             windowed = dict(window_radius=window_radius, coords=[_ball_coords(n) for n in sizes], grid_shape=(16, 16, 16))
         estimate = scoring_memory(
             sizes, dim, chunk_size=chunk_size, window_radius=window_radius,
-            grid_shape=(16, 16, 16) if window_radius is not None else None,
+            grid_shape=(16, 16, 16) if window_radius is not None else None, accelerator=dev.type != "cpu",
         )
         rss_before = _current_rss_mb()
         _reset_gpu_peak(dev)

@@ -8,8 +8,8 @@ accepts loading it, shows the source image of the SEG's fullest frame, and compa
 drawn in the anomaly's colour (the image is grey) with where that frame's marked pixels fall on
 the canvas (count and Dice overlap); the blanked copy and the unflagged SEG must draw nothing.
 It also opens the flagged study's key-slice SR and measures how much of its first finding's
-rectangle is drawn (green) where the SR puts it, and of the same rectangle mirrored through the
-canvas centre (where nothing should be). It writes
+rectangle is drawn (green) where the SR puts it, and of the same rectangle moved where no
+outline or label of that slice can be (the control). It writes
 ``RESULTS/result.json`` and one screenshot per case; every browser request that does not go to
 127.0.0.1 is refused. Stops everything it started.
 """
@@ -225,19 +225,44 @@ def outline_coverage(green: np.ndarray, corners: np.ndarray, reach: int = 3) -> 
     return hits / len(points)
 
 
-def key_slice_region(sr_path: Path) -> tuple[str, np.ndarray]:
-    """The image and the (column, row) polyline of the key-slice SR's first (largest) finding."""
+def key_slice_regions(sr_path: Path) -> tuple[str, list[np.ndarray]]:
+    """The image of the key-slice SR's first (largest) finding and the (column, row) polylines of
+    every finding drawn on that image, the first one's first."""
     import highdicom as hd
 
-    group = hd.sr.MeasurementReport.from_sequence([hd.sr.srread(sr_path)]).get_planar_roi_measurement_groups()[0]
-    region = group.roi
-    return str(region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID), np.asarray(region.value)
+    groups = hd.sr.MeasurementReport.from_sequence([hd.sr.srread(sr_path)]).get_planar_roi_measurement_groups()
+    images = [str(g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for g in groups]
+    return images[0], [np.asarray(g.roi.value) for g, image in zip(groups, images) if image == images[0]]
+
+
+def control_place(rectangles: list[np.ndarray], size: tuple[int, int]) -> np.ndarray | None:
+    """The first rectangle's corners moved where no outline or label of ``rectangles`` can be.
+
+    Candidates: mirrored through the canvas centre, then moved by its size plus a margin left,
+    right, up or down; kept if it lies on the canvas and clear of every rectangle's box widened
+    by 30 px (250 px to the right and 80 px below, where OHIF writes the labels).
+    """
+    width, height = size
+    first = rectangles[0]
+    extent = first.max(axis=0) - first.min(axis=0)
+    centre = np.array([width, height], dtype=float) / 2
+    candidates = [2 * centre - first] + [first + np.array(shift) for shift in (
+        (-(extent[0] + 300), 0), (extent[0] + 300, 0), (0, -(extent[1] + 120)), (0, extent[1] + 120))]
+    for candidate in candidates:
+        low, high = candidate.min(axis=0), candidate.max(axis=0)
+        if (low < 0).any() or high[0] >= width or high[1] >= height:
+            continue
+        clear = all(high[0] < r[:, 0].min() - 30 or low[0] > r[:, 0].max() + 250
+                    or high[1] < r[:, 1].min() - 30 or low[1] > r[:, 1].max() + 80 for r in rectangles)
+        if clear:
+            return candidate
+    return None
 
 
 def look_key_slices(driver: webdriver.Chrome, base: str, finding: Finding, sr_path: Path, shot: Path) -> dict[str, Any]:
     """Open the viewer on the study's key-slice SR and check the first finding's rectangle is drawn
     on its key slice where the SR puts it; the same rectangle moved across the image is the control."""
-    image_uid, polyline = key_slice_region(sr_path)
+    image_uid, polylines = key_slice_regions(sr_path)
     sr = pydicom.dcmread(sr_path, stop_before_pixels=True)
     driver.get(f"{base}/viewer?StudyInstanceUIDs={sr.StudyInstanceUID}&initialSeriesInstanceUID={sr.SeriesInstanceUID}")
     deadline = time.monotonic() + LOAD_TIMEOUT_S
@@ -262,13 +287,13 @@ def look_key_slices(driver: webdriver.Chrome, base: str, finding: Finding, sr_pa
     steps = np.array([shown["column_step"], shown["row_step"]], dtype=float).T * ratio
     origin = np.asarray(shown["origin"], dtype=float) * ratio
     # SCOORD (0, 0) is the top left corner of the top left pixel; canvas positions are of centres.
-    corners = origin + (polyline - 0.5) @ steps.T
-    centre = np.asarray(green.shape[::-1], dtype=float) / 2
-    control = 2 * centre - corners  # the same rectangle, mirrored through the canvas centre
+    rectangles = [origin + (polyline - 0.5) @ steps.T for polyline in polylines]
+    control = control_place(rectangles, (green.shape[1], green.shape[0]))
     return {"series": f"{finding.patient_id}", "sr": sr_path.name, "frame_shown": shown["found"],
-            "rectangle_canvas": corners.round(1).tolist(), "coverage": outline_coverage(green, corners),
-            "control_coverage": outline_coverage(green, control), "green_pixels": int(green.sum()),
-            "screenshot": shot.name}
+            "rectangle_canvas": rectangles[0].round(1).tolist(), "coverage": outline_coverage(green, rectangles[0]),
+            "control_canvas": None if control is None else control.round(1).tolist(),
+            "control_coverage": None if control is None else outline_coverage(green, control),
+            "green_pixels": int(green.sum()), "screenshot": shot.name}
 
 
 def key_slice_sr(output: Path, finding: Finding) -> Path:

@@ -94,23 +94,13 @@ def phase_row(arrays: list[np.ndarray], dev: torch.device, chunk_size: int = 409
         batch = timed("validate", lambda: musc._prepare_batch(arrays, None))
         tokens, sq_norms = timed("centre", lambda: musc._stack_centred(batch, dev))
         if dev.type == "cpu":
-            chosen = timed("choose", lambda: _cpu_choice(batch, tokens, sq_norms, chunk_size))
+            chosen = timed("choose", lambda: musc._block_nearest(batch, tokens, sq_norms, chunk_size))
         else:
             chosen = timed("choose", lambda: musc._padded_nearest(batch, tokens, sq_norms, chunk_size))
         distances = timed("exact", lambda: musc._exact_distances(batch, tokens, chosen, chunk_size))
         timed("reduce", lambda: musc._musc_reduce(distances, batch.starts, batch.refs, 0.3))
     return {"B": len(arrays), "N": arrays[0].shape[0], "device": str(dev), "phase_seconds": seconds,
             "total_s": sum(seconds.values())}
-
-
-def _cpu_choice(batch: object, tokens: torch.Tensor, sq_norms: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """The CPU path's neighbour choice (cache-sized blocks), for a phase table without a GPU."""
-    n_volumes, n_total = batch.n_volumes, batch.n_total
-    best = (torch.full((n_volumes, n_total), float("inf")), torch.zeros((n_volumes, n_total), dtype=torch.int32))
-    for i in range(n_volumes):
-        for run in musc._consecutive_runs([j for j in batch.refs[i] if j > i]):
-            musc._update_block_row(tokens, sq_norms, batch.starts, i, run, best, chunk_size)
-    return best[1]
 
 
 def main(argv: list[str] | None = None) -> int:

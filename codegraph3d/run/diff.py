@@ -157,10 +157,11 @@ def compare_runs(output_a: Path, output_b: Path, score_tolerance: float = 1e-4, 
     result = RunDifference()
     if report_a.get("status") != report_b.get("status"):
         result.problems.append(f"run status {report_a.get('status')!r} vs {report_b.get('status')!r}")
-    with_sr_a = {s["study_instance_uid"] for s in report_a.get("studies", []) if s.get("sr")}
-    with_sr_b = {s["study_instance_uid"] for s in report_b.get("studies", []) if s.get("sr")}
-    for uid in sorted(with_sr_a ^ with_sr_b):
-        result.problems.append(f"study {uid}: an SR was written in only one run")
+    for field, what in (("sr", "an SR"), ("sr_key_slices", "a key-slice SR")):
+        with_sr_a = {s["study_instance_uid"] for s in report_a.get("studies", []) if s.get(field)}
+        with_sr_b = {s["study_instance_uid"] for s in report_b.get("studies", []) if s.get(field)}
+        for uid in sorted(with_sr_a ^ with_sr_b):
+            result.problems.append(f"study {uid}: {what} was written in only one run")
     series_a = {s["series_instance_uid"]: s for s in report_a["series"]}
     series_b = {s["series_instance_uid"]: s for s in report_b["series"]}
     for uid in sorted(set(series_a) ^ set(series_b)):

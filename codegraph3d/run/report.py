@@ -249,9 +249,10 @@ def _key_slices(member: TokenisedSeries, maps: SeriesMaps) -> list[KeySlice]:
 
 def _write_srs(findings: Mapping[str, list[tuple[SeriesFinding, list[KeySlice]]]], output: Path,
                config: RunConfig) -> dict[str, dict[str, str | None]]:
-    """Per study with scored series: its SR and, when it has findings, its key-slice SR.
+    """Per study with scored series: its SR (``output.sr``) and, when it has findings, its
+    key-slice SR (``output.key_slice_sr``); each independent of the other.
 
-    Paths relative to the output folder, by study UID (``sr``, ``sr_key_slices``).
+    Paths relative to the output folder, by study UID (``sr``, ``sr_key_slices``; None when not written).
     """
     if not findings:
         return {}
@@ -260,9 +261,11 @@ def _write_srs(findings: Mapping[str, list[tuple[SeriesFinding, list[KeySlice]]]
     paths: dict[str, dict[str, str | None]] = {}
     for study_uid, entries in findings.items():
         series = [entry for entry, _ in entries]
-        sr_path = write_study_sr(
-            series, sr_dir / f"{_safe_uid(study_uid)}_sr.dcm", series_number=int(config.output.series_number) + 2,
-        )
+        sr_path = None
+        if config.output.sr:
+            sr_path = write_study_sr(
+                series, sr_dir / f"{_safe_uid(study_uid)}_sr.dcm", series_number=int(config.output.series_number) + 2,
+            )
         key_path = None
         if config.output.key_slice_sr:
             key_path = write_key_slice_sr(
@@ -270,7 +273,7 @@ def _write_srs(findings: Mapping[str, list[tuple[SeriesFinding, list[KeySlice]]]
                 series_number=int(config.output.series_number) + 3,
             )
         paths[study_uid] = {
-            "sr": str(sr_path.relative_to(output)),
+            "sr": str(sr_path.relative_to(output)) if sr_path else None,
             "sr_key_slices": str(key_path.relative_to(output)) if key_path else None,
         }
     return paths
@@ -308,9 +311,10 @@ def _write_batch(batch: ScoredBatch, rows: dict[str, dict[str, Any]],
         paths = _write_segs(member, maps, output / "SEG", config, text)
         row = rows[uid]
         row.update(_scored_row(batch, index, maps, paths, ranks, output), preview=_preview(member, maps, output, config))
-        if config.output.sr:
+        if config.output.sr or config.output.key_slice_sr:
+            keys = _key_slices(member, maps) if config.output.key_slice_sr else []
             findings.setdefault(member.decision.study_instance_uid, []).append(
-                (_sr_finding(batch, row, maps, paths[0], point), _key_slices(member, maps))
+                (_sr_finding(batch, row, maps, paths[0], point), keys)
             )
         logger.info(
             "study=%s series=%s decision=scored contrast=%s score=%.5g rank=%d/%d flagged=%s "

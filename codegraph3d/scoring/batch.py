@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from codegraph3d.features.encoders import resolve_device
 from codegraph3d.scoring.musc import (
     SCORING_METHODS,
     active_selection_precision,
@@ -88,15 +89,16 @@ def _budgeted_chunk_size(
     memory_budget_mb: float,
     window_radius: int | None,
     grid_shape: tuple[int, int, int] | None,
+    device: str | torch.device | None = None,
 ) -> int:
-    """``chunk_size`` lowered to fit ``memory_budget_mb`` (:func:`fit_chunk_size`)."""
+    """``chunk_size`` lowered to fit ``memory_budget_mb`` (:func:`fit_chunk_size`) on ``device``."""
     if not memory_budget_mb > 0:
         raise ValueError(f"memory_budget_mb must be positive; got {memory_budget_mb!r}")
     return fit_chunk_size(
         [a.shape[0] for a in layer_token_sets[0]],
         max(int(np.asarray(sets[0]).shape[1]) for sets in layer_token_sets),
         memory_budget_mb, chunk_size=check_chunk_size(chunk_size), window_radius=window_radius,
-        grid_shape=grid_shape,
+        grid_shape=grid_shape, accelerator=resolve_device("auto" if device is None else device).type != "cpu",
     )
 
 
@@ -228,7 +230,7 @@ def score_batch(
     n_volumes = check_layer_token_sets(layer_token_sets)
     if memory_budget_mb is not None:
         chunk_size = _budgeted_chunk_size(
-            layer_token_sets, chunk_size, memory_budget_mb, window_radius, grid_shape
+            layer_token_sets, chunk_size, memory_budget_mb, window_radius, grid_shape, device
         )
     refs = reference_sets(n_volumes, groups)
     n_refs = np.array([len(r) for r in refs], dtype=int)

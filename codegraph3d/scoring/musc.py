@@ -31,13 +31,17 @@ eligible volumes is processed once, in ``chunk_size x chunk_size`` blocks: the b
 update the running nearest neighbour of the query volume's tokens in the reference volume, its
 column minima those of the reference volume's tokens in the query volume. This halves the matmul
 work of the one-sided formulation. A reference block may span several consecutive (small)
-volumes, so that small volumes still make large matmuls and few kernel calls. Peak extra memory
-is a few ``chunk_size^2`` float32 blocks plus the running nearest distances and indices and the
-returned distances, ``B x N_total`` (12 bytes each): never all pairwise token distances. The
-nearest-neighbour *distances* are then recomputed exactly (difference vectors, float64
-accumulation, stored as float32) for the chosen neighbours, so float32 cancellation in the
-expansion can only affect *which* of two near-equidistant neighbours is chosen, not the reported
-distance.
+volumes, so that small volumes still make large matmuls and few kernel calls. On a GPU the
+reference tokens are laid out in slots of the largest volume's size, so that one matmul matches
+a volume with many whole volumes and one reduction per direction serves them all (launches,
+not memory passes, are what costs there); that layout and the queries with their norms as two
+more columns are two more copies of the tokens (``(N_total + B max N_i) x (D + 2)`` float32).
+Peak extra memory is a few ``chunk_size^2`` float32 blocks plus the running nearest distances and
+indices and the returned distances, ``B x N_total`` (12 bytes each): never all pairwise token
+distances. The nearest-neighbour *distances* are then recomputed exactly (difference vectors,
+float32 vectorised accumulation) for the chosen neighbours, so float32 cancellation in the
+expansion can only affect *which* of two near-equidistant neighbours is chosen, not the
+reported distance.
 """
 
 from __future__ import annotations
@@ -88,7 +92,7 @@ _CPU_COLUMNS = 1536
 _EXACT_STEP = 2**20
 # The same on GPUs (256 MB): there each step costs kernel launches, not cache misses.
 _EXACT_STEP_GPU = 2**26
-# Rows per float64 step when centring the stacked tokens (32 MB of float64 at D = 384).
+# Rows per float64 step when centring the stacked tokens (48 MiB of float64 at D = 384).
 _CENTRE_ROWS = 2**14
 SCORING_METHODS = ("musc", "codegraph")
 _MIN_CHUNK = 256
@@ -197,11 +201,13 @@ def scoring_memory(
     chunk_size: int = 4096,
     window_radius: int | None = None,
     grid_shape: tuple[int, int, int] | None = None,
+    accelerator: bool = False,
 ) -> MemoryEstimate:
     """Upper estimate of the extra memory :func:`nearest_distances` needs for one layer.
 
-    Global matching: stacked float32 tokens (``N_total x D``) and their norms, the copies that
-    the selecting matmuls read (``(N_total + B x max N_i) x (D + 2)`` at most), the running minima
+    Global matching: stacked float32 tokens (``N_total x D``) and their norms, on an
+    ``accelerator`` (GPU) the copies that the selecting matmuls read (``(N_total + B x max N_i) x
+    (D + 2)``), the running minima
     and their indices and the returned distances (``B x N_total``, 4 + 4 + 4 bytes, plus the
     float32 copy handed back), and about four ``chunk_size^2`` float32 blocks (distances, minima,
     gathered neighbours). Windowed matching: the stacked tokens, a padded grid of row
@@ -221,9 +227,9 @@ def scoring_memory(
     )
     distances = 3 * 4 * n_volumes * n_total  # running minima/distances + numpy copy + CoDeGraph base
     if window_radius is None:
-        # + on GPUs the copies the selecting matmuls read: the queries with their norms as two
-        # more columns, and the keys in slots of the largest volume's size (_padded_nearest).
-        copy = 4 * (n_total + n_volumes * max(int(n) for n in sizes)) * (dim + 2)
+        # + on GPUs (accelerator) the copies the selecting matmuls read: the queries with their
+        # norms as two more columns, and the keys in slots of the largest volume's size.
+        copy = 4 * (n_total + n_volumes * max(int(n) for n in sizes)) * (dim + 2) if accelerator else 0
         fixed = 4 * n_total * (dim + 1) + copy + 4 * 2 * n_volumes * (n_total + 1) + distances
     else:
         if grid_shape is None:
@@ -243,6 +249,7 @@ def fit_chunk_size(
     chunk_size: int = 4096,
     window_radius: int | None = None,
     grid_shape: tuple[int, int, int] | None = None,
+    accelerator: bool = False,
 ) -> int:
     """The largest chunk size ``<= chunk_size`` whose :func:`scoring_memory`, times
     :data:`ALLOCATOR_FACTOR`, fits ``budget_mb``.
@@ -257,28 +264,29 @@ def fit_chunk_size(
     # The budget covers the allocator's slack too: measured peak RSS growth was at most 1.85x
     # (global) and 1.91x (windowed) the estimate, B = 30-180, 2,000 tokens, D = 384 (docs/RESULTS.md).
     budget = float(budget_mb) * 2**20 / ALLOCATOR_FACTOR
-    estimate = scoring_memory(sizes, dim, chunk_size=chunk_size, window_radius=window_radius, grid_shape=grid_shape)
-    if estimate.total <= budget:
+
+    def estimate(volume_sizes: Sequence[int], chunk: int) -> int:
+        return scoring_memory(volume_sizes, dim, chunk_size=chunk, window_radius=window_radius,
+                              grid_shape=grid_shape, accelerator=accelerator).total
+
+    if estimate(sizes, chunk_size) <= budget:
         return int(chunk_size)
     fitted = int(chunk_size)
     while fitted > _MIN_CHUNK:
         fitted = max(_MIN_CHUNK, int(fitted * 0.8))
-        if scoring_memory(sizes, dim, chunk_size=fitted, window_radius=window_radius, grid_shape=grid_shape).total <= budget:
+        if estimate(sizes, fitted) <= budget:
             return fitted
     n_volumes = len(sizes)
     mean_tokens = max(1.0, sum(sizes) / max(1, n_volumes))
     fit_b = n_volumes
     while fit_b > 2:
         fit_b -= 1
-        trial = scoring_memory(
-            [int(mean_tokens)] * fit_b, dim, chunk_size=_MIN_CHUNK, window_radius=window_radius, grid_shape=grid_shape,
-        )
-        if trial.total <= budget:
+        if estimate([int(mean_tokens)] * fit_b, _MIN_CHUNK) <= budget:
             break
-    needed = scoring_memory(sizes, dim, chunk_size=_MIN_CHUNK, window_radius=window_radius, grid_shape=grid_shape)
+    needed = estimate(sizes, _MIN_CHUNK)
     raise ValueError(
         f"scoring a batch of {n_volumes} volumes ({sum(sizes)} tokens of width {dim}) needs about "
-        f"{ALLOCATOR_FACTOR * needed.total / 2**20:.0f} MB, over the memory budget of {budget_mb:g} MB; split the cohort "
+        f"{ALLOCATOR_FACTOR * needed / 2**20:.0f} MB, over the memory budget of {budget_mb:g} MB; split the cohort "
         f"into chunks of at most {fit_b} volumes (scoring.batch_size) or raise scoring.memory_budget_mb"
     )
 
@@ -671,9 +679,9 @@ def _stack_centred(batch: _Batch, dev: torch.device) -> tuple[torch.Tensor, torc
         mean /= n_total
         sq_norms = torch.empty(n_total, dtype=torch.float32, device=dev)
         for a in range(0, n_total, _CENTRE_ROWS):
-            centred = tokens[a : a + _CENTRE_ROWS].double().sub_(mean)
-            sq_norms[a : a + _CENTRE_ROWS] = centred.pow(2).sum(dim=1)
-            tokens[a : a + _CENTRE_ROWS] = centred
+            tokens[a : a + _CENTRE_ROWS] = tokens[a : a + _CENTRE_ROWS].double().sub_(mean)
+            # The norms of the float32 tokens the matmuls read, accumulated in float64.
+            sq_norms[a : a + _CENTRE_ROWS] = tokens[a : a + _CENTRE_ROWS].double().pow(2).sum(dim=1)
         return tokens, sq_norms
     mean = torch.zeros(arrays[0].shape[1], dtype=torch.float64, device=dev)
     for a in arrays:
@@ -682,35 +690,51 @@ def _stack_centred(batch: _Batch, dev: torch.device) -> tuple[torch.Tensor, torc
     tokens = torch.empty((n_total, arrays[0].shape[1]), dtype=torch.float32, device=dev)
     sq_norms = torch.empty(n_total, dtype=torch.float32, device=dev)
     for i, a in enumerate(arrays):
-        centred = _host_tensor(a).to(dev, torch.float64).sub_(mean)
-        sq_norms[starts[i] : starts[i + 1]] = centred.pow(2).sum(dim=1)
-        tokens[starts[i] : starts[i + 1]] = centred
+        # copy=True: a float64 array on the CPU would otherwise be centred in place, the caller's.
+        tokens[starts[i] : starts[i + 1]] = _host_tensor(a).to(dev, torch.float64, copy=True).sub_(mean)
+        sq_norms[starts[i] : starts[i + 1]] = tokens[starts[i] : starts[i + 1]].double().pow(2).sum(dim=1)
     return tokens, sq_norms
 
 
 def _global_distances(batch: _Batch, dev: torch.device, chunk_size: int) -> torch.Tensor:
     """All eligible pairs, global matching: ``(B, N_total)`` float32 exact nearest distances.
 
-    On CPU, cache-sized blocks (:func:`_update_block_row`); elsewhere (CUDA), blocks of many
-    whole volumes at once (:func:`_padded_nearest`), since there kernel launches, not memory
-    passes, are what costs beside the matmuls.
+    On CPU, cache-sized blocks (:func:`_block_nearest`); elsewhere (CUDA), blocks of many whole
+    volumes at once (:func:`_padded_nearest`), since there kernel launches, not memory passes,
+    are what costs beside the matmuls, unless a volume is too long for the memory estimate's
+    blocks (more than ``4 chunk_size`` tokens).
     """
-    n_volumes, n_total, starts, refs = batch.n_volumes, batch.n_total, batch.starts, batch.refs
     tokens, sq_norms = _stack_centred(batch, dev)
-    if dev.type != "cpu":
-        best_idx = _padded_nearest(batch, tokens, sq_norms, chunk_size)
+    if dev.type == "cpu":
+        best_idx = _block_nearest(batch, tokens, sq_norms, chunk_size)
     else:
-        selecting = _selection_tokens(tokens)
-        # best_d2[j, t]: running min squared distance of token t to volume j; best_idx: argmin row.
-        best_d2 = torch.full((n_volumes, n_total), float("inf"), dtype=torch.float32, device=dev)
-        best_idx = torch.zeros((n_volumes, n_total), dtype=torch.int32, device=dev)
-        for i in range(n_volumes):
-            # Group exclusion is symmetric, so each unordered pair is visited once, from i < j.
-            later = [j for j in refs[i] if j > i]
-            for run in _consecutive_runs(later):
-                _update_block_row(selecting, sq_norms, starts, i, run, (best_d2, best_idx), chunk_size)
-        del best_d2, selecting
+        # Re-entering the active precision pins TF32 on or off for these matmuls, whatever a
+        # global flag (torch.set_float32_matmul_precision) says.
+        with selection_precision(_SELECTION_PRECISION.get()):
+            if int(np.diff(batch.starts).max()) <= 4 * chunk_size:
+                best_idx = _padded_nearest(batch, tokens, sq_norms, chunk_size)
+            else:
+                best_idx = _block_nearest(batch, tokens, sq_norms, chunk_size)
     return _exact_distances(batch, tokens, best_idx, chunk_size)
+
+
+def _block_nearest(batch: _Batch, tokens: torch.Tensor, sq_norms: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Chosen neighbour (stacked row) of every token in every eligible reference: ``(B, N_total)``.
+
+    Each unordered pair of volumes is visited once, in blocks of at most ``chunk_size`` query
+    and reference tokens (:func:`_update_block_row`); the running minima and their rows are
+    updated from each block's row and column minima.
+    """
+    n_volumes, n_total, refs = batch.n_volumes, batch.n_total, batch.refs
+    selecting = _selection_tokens(tokens)
+    # best_d2[j, t]: running min squared distance of token t to volume j; best_idx: argmin row.
+    best_d2 = torch.full((n_volumes, n_total), float("inf"), dtype=torch.float32, device=tokens.device)
+    best_idx = torch.zeros((n_volumes, n_total), dtype=torch.int32, device=tokens.device)
+    for i in range(n_volumes):
+        # Group exclusion is symmetric, so each unordered pair is visited once, from i < j.
+        for run in _consecutive_runs([j for j in refs[i] if j > i]):
+            _update_block_row(selecting, sq_norms, batch.starts, i, run, (best_d2, best_idx), chunk_size)
+    return best_idx
 
 
 def _exact_distances(batch: _Batch, tokens: torch.Tensor, best_idx: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -739,9 +763,9 @@ def _padded_nearest(batch: _Batch, tokens: torch.Tensor, sq_norms: torch.Tensor,
     an infinite norm, so they are never nearest). One matmul then matches the tokens of volume
     ``i`` with a block of ``M`` consecutive later volumes, and two reductions give every
     nearest neighbour of the pair set: the minimum over each volume's slot (tokens of ``i`` ->
-    each ``j``) and the minimum over the rows (tokens of each ``j`` -> ``i``). A block holds at
-    most ``4 min(chunk_size, n_max) min(chunk_size, N_total)`` values, the blocks
-    :func:`scoring_memory` counts.
+    each ``j``) and the minimum over the rows (tokens of each ``j`` -> ``i``). With ``n_max <=
+    4 chunk_size`` (the caller's condition) a block holds at most ``4 min(chunk_size, n_max)
+    min(chunk_size, N_total)`` values, the blocks :func:`scoring_memory` counts.
     Device-independent (tested on CPU); used where launches, not memory passes, dominate.
     """
     n_volumes, n_total, starts, refs = batch.n_volumes, batch.n_total, batch.starts, batch.refs
@@ -749,14 +773,14 @@ def _padded_nearest(batch: _Batch, tokens: torch.Tensor, sq_norms: torch.Tensor,
     n_max = int(np.diff(starts).max())
     slot_of = _slot_rows(starts, n_max, dev)  # stacked row -> slot (padded) row
     if _SELECTION_PRECISION.get() == "float32":
-        # The norms inside the matmul (as on CPU: two fewer passes over every block); a padding
-        # slot is [0, ..., 0, 0, inf], whose product with any query is inf.
-        queries, key_rows = _augmented_queries(tokens, sq_norms), _augmented_keys(tokens, sq_norms)
-        pad = torch.zeros(dim + 2, dtype=torch.float32, device=dev)
-        pad[-1] = float("inf")
-        keys = pad.repeat(n_volumes * n_max, 1).index_copy_(0, slot_of, key_rows)
+        # The norms inside the matmul (two fewer passes over every block); a padding slot is
+        # [0, ..., 0, 0, inf], whose product with any query is inf. Built in place: no third copy.
+        queries = _augmented_queries(tokens, sq_norms)
+        keys = tokens.new_zeros((n_volumes * n_max, dim + 2))
+        keys[:, :dim].index_copy_(0, slot_of, tokens).mul_(-2.0)  # exact: a power of two
+        keys[:, dim].index_fill_(0, slot_of, 1.0)
+        keys[:, dim + 1].fill_(float("inf")).index_copy_(0, slot_of, sq_norms)
         key_sq: torch.Tensor | None = None
-        del key_rows
     else:
         # TF32 would round the norms too: they are added in float32 after the matmul.
         queries = _selection_tokens(tokens)

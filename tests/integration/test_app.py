@@ -283,9 +283,12 @@ def test_run_diff_finds_a_run_agrees_with_itself_and_catches_each_kind_of_change
     dropped = next(s for s in reversed(report["series"]) if s is not first)
     report["series"].remove(dropped)
     report["studies"][0]["sr"] = None
+    keyed = next(s for s in report["studies"] if s["sr_key_slices"])
+    keyed["sr_key_slices"] = None
     (copy / "report.json").write_text(json.dumps(report), encoding="utf-8")
     problems = " | ".join(compare_runs(run.output, copy).problems)
     assert "an SR was written in only one run" in problems
+    assert f"study {keyed['study_instance_uid']}: a key-slice SR was written in only one run" in problems
     assert "vs skipped (test)" in problems
     assert f"series {dropped['series_instance_uid']} is in only one of the reports" in problems
 

@@ -133,6 +133,22 @@ def test_previews_show_the_mask_where_the_seg_has_it(scored_cohort, tmp_path: Pa
     )
 
 
+def test_the_two_srs_are_switched_independently(scored_cohort, tmp_path: Path):
+    """output.sr and output.key_slice_sr: each SR is written or not whatever the other does."""
+    scoring, _, (selection, timer, config) = scored_cohort
+    (tmp_path / "keys").mkdir()
+    only_keys = write_results(scoring, selection, tmp_path / "keys",
+                              config.with_overrides({"output": {"sr": False, "key_slice_sr": True}}), timer)
+    keyed = [study["sr_key_slices"] for study in only_keys["studies"] if study["sr_key_slices"]]
+    assert keyed and all(study["sr"] is None for study in only_keys["studies"])
+    assert sorted(p.name for p in (tmp_path / "keys" / "SR").iterdir()) == sorted(Path(k).name for k in keyed)
+    (tmp_path / "report").mkdir()
+    only_report = write_results(scoring, selection, tmp_path / "report",
+                                config.with_overrides({"output": {"sr": True, "key_slice_sr": False}}), timer)
+    assert all(study["sr"] and study["sr_key_slices"] is None for study in only_report["studies"])
+    assert len(list((tmp_path / "report" / "SR").iterdir())) == len(only_report["studies"])
+
+
 def _preview_title(row: dict) -> str:
     largest = row["findings"][0]["volume_ml"]
     return f"{row['contrast']}  {row['n_findings']} finding(s)  largest {largest:.1f} ml  research use only"

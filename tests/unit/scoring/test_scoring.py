@@ -301,9 +301,12 @@ def test_batch_too_large_for_the_budget_is_refused_with_the_batch_size_that_fits
     assert ALLOCATOR_FACTOR * scoring_memory([2000] * (fit_b + 1), 384, chunk_size=256).total > 512 * 2**20
     windowed = scoring_memory(sizes, 384, window_radius=1, grid_shape=(16, 16, 16))
     # Both hold running minima and indices with one dump column; the window adds its padded
-    # grid of row indices (B x 18^3 x 8 bytes), the global scorer the copies of the tokens that
-    # select (augmented queries, and on GPUs keys in slots: 2 x 180 x 2000 x (D + 2) float32).
-    assert windowed.fixed - scoring_memory(sizes, 384).fixed == 8 * 180 * 18**3 - 2 * 4 * 180 * 2000 * 386
+    # grid of row indices (B x 18^3 x 8 bytes).
+    assert windowed.fixed - scoring_memory(sizes, 384).fixed == 8 * 180 * 18**3
+    # On a GPU the global scorer also holds the copies of the tokens that select: the queries
+    # with their norms and the keys in slots, 2 x 180 x 2000 x (D + 2) float32 here.
+    gpu = scoring_memory(sizes, 384, accelerator=True)
+    assert gpu.fixed - scoring_memory(sizes, 384).fixed == 2 * 4 * 180 * 2000 * 386
     assert windowed.per_chunk == 12 * 4096**2
 
 
@@ -361,6 +364,16 @@ def test_precision_is_validated_and_restored():
     b = score_batch(sets)
     for x, y in zip(a.token_scores, b.token_scores):
         np.testing.assert_allclose(x, y, rtol=1e-3)
+
+
+def test_inputs_are_left_as_given_and_a_repeated_volume_matches_itself():
+    """Centring works on copies: float64 inputs are not changed, one array given twice is at 0."""
+    rng = np.random.default_rng(31)
+    x, y = rng.normal(size=(9, 6)) + 5.0, rng.normal(size=(7, 6)) + 5.0
+    before = x.copy()
+    scores = musc_scores([x, x, y], device="cpu")
+    np.testing.assert_array_equal(x, before)
+    assert np.abs(scores[0]).max() < 1e-6 and np.abs(scores[1]).max() < 1e-6
 
 
 @pytest.mark.parametrize("precision", ["float32", "tf32"])
