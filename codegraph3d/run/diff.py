@@ -157,9 +157,9 @@ def compare_runs(output_a: Path, output_b: Path, score_tolerance: float = 1e-4, 
     result = RunDifference()
     if report_a.get("status") != report_b.get("status"):
         result.problems.append(f"run status {report_a.get('status')!r} vs {report_b.get('status')!r}")
-    for field, what in (("sr", "an SR"), ("sr_key_slices", "a key-slice SR")):
-        with_sr_a = {s["study_instance_uid"] for s in report_a.get("studies", []) if s.get(field)}
-        with_sr_b = {s["study_instance_uid"] for s in report_b.get("studies", []) if s.get(field)}
+    for key, what in (("sr", "an SR"), ("sr_key_slices", "a key-slice SR")):
+        with_sr_a = {s["study_instance_uid"] for s in report_a.get("studies", []) if s.get(key)}
+        with_sr_b = {s["study_instance_uid"] for s in report_b.get("studies", []) if s.get(key)}
         for uid in sorted(with_sr_a ^ with_sr_b):
             result.problems.append(f"study {uid}: {what} was written in only one run")
     series_a = {s["series_instance_uid"]: s for s in report_a["series"]}
