@@ -7,7 +7,9 @@
 #     run(command="bash tools/gpu_benchmark.sh", timeout_s=600)
 #
 # Results: $OUT/gpu_benchmark.md (the table), $OUT/gpu_benchmark.json, $OUT/gpu_benchmark.log,
-# $OUT/environment.txt. Without $OUT (elsewhere) they go to work/gpu_benchmark/.
+# $OUT/gpu_scorer.jsonl (tools/gpu_scorer.py: the scorer against the one-sided reference, float32
+# and TF32 selection, and its phases at B = 180), $OUT/environment.txt. Without $OUT (elsewhere)
+# they go to work/gpu_benchmark/.
 #
 # What it runs (python -m codegraph3d_research.benchmark --gpu-table): a float32 and a bf16 8192^3 matmul
 # (the machine's rates); an UNTRAINED ViT-L/14 of DINOv2's size (the product's transformers-based
@@ -20,7 +22,9 @@
 # second per volume even at a third of the H200's ~790 TFLOP/s bf16; MuSc at B = 180 is 4 x 16,110
 # pairs x 2 x 1500^2 x 384 = 111 TFLOP of float32 matmul, seconds to a minute. Start-up, building
 # the 304M-parameter ViT on the CPU and data generation add well under a minute. The inner timeout
-# (540 s) stops a runaway run inside the device tool's 10-minute limit with the log kept.
+# (420 s, then 110 s for tools/gpu_scorer.py) stops a runaway run inside the device tool's
+# 10-minute limit with the log kept. Measured on an H200 (docs/RESULTS.md, "A GPU"): about 70 s
+# for the benchmark and 40 s for tools/gpu_scorer.py.
 set -euo pipefail
 # --help: the comment block at the top of this file, then stop.
 case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
@@ -53,13 +57,16 @@ EOF
 } 2>&1 | tee "$out/environment.txt"
 
 set +e
-timeout 540 "$python" -m codegraph3d_research.benchmark --gpu-table --device cuda \
+timeout 420 "$python" -m codegraph3d_research.benchmark --gpu-table --device cuda \
     --encoder untrained-vit-l14 --layers 6 12 18 24 --tokenise-volumes 8 --scorer-sizes 30 180 \
     --out "$out/gpu_benchmark.md" --out "$out/gpu_benchmark.json" "$@" 2>&1 | tee "$out/gpu_benchmark.log"
 status=${PIPESTATUS[0]}
+# The scorer against the one-sided reference and its phases (one JSON line per row).
+timeout 110 "$python" tools/gpu_scorer.py --device cuda 2>&1 | tee "$out/gpu_scorer.jsonl"
+[ "${PIPESTATUS[0]}" -eq 0 ] || echo "gpu_benchmark: tools/gpu_scorer.py failed; see $out/gpu_scorer.jsonl" >&2
 set -e
 uptime | tee -a "$out/environment.txt"
 if [ "$status" -ne 0 ]; then
-    echo "gpu_benchmark: the benchmark exited with status $status (124: stopped by the 540 s timeout); see $out/gpu_benchmark.log" >&2
+    echo "gpu_benchmark: the benchmark exited with status $status (124: stopped by the 420 s timeout); see $out/gpu_benchmark.log" >&2
 fi
 exit "$status"
