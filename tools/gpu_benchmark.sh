@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The paper's Table 6 at full size on one GPU: ViT-L/14 tokeniser + global MuSc at B = 30 and 180.
 #
-# Prepared for the device machine (one NVIDIA H200, its own python3 with torch and transformers;
-# no venv, nothing to install, nothing carried). Through the device tool, from the repo root:
+# For a GPU machine whose own python3 has torch and transformers (no venv, nothing to install;
+# PYTHON=... picks another interpreter). From the repo root:
 #
-#     run(command="bash tools/gpu_benchmark.sh", timeout_s=600)
+#     OUT=/some/folder bash tools/gpu_benchmark.sh
 #
 # Results: $OUT/gpu_benchmark.md (the table), $OUT/gpu_benchmark.json, $OUT/gpu_benchmark.log,
 # $OUT/gpu_scorer.jsonl (tools/gpu_scorer.py: the scorer against the one-sided reference, float32
@@ -22,8 +22,8 @@
 # second per volume even at a third of the H200's ~790 TFLOP/s bf16; MuSc at B = 180 is 4 x 16,110
 # pairs x 2 x 1500^2 x 384 = 111 TFLOP of float32 matmul, seconds to a minute. Start-up, building
 # the 304M-parameter ViT on the CPU and data generation add well under a minute. The inner timeout
-# (420 s, then 110 s for tools/gpu_scorer.py) stops a runaway run inside the device tool's
-# 10-minute limit with the log kept. Measured on an H200 (docs/RESULTS.md, "A GPU"): about 70 s
+# (420 s, then 110 s for tools/gpu_scorer.py) stops a runaway run within 10 minutes with the
+# log kept. Measured on an H200 (docs/RESULTS.md, "A GPU"): about 70 s
 # for the benchmark and 40 s for tools/gpu_scorer.py.
 set -euo pipefail
 # --help: the comment block at the top of this file, then stop.

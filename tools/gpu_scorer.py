@@ -9,7 +9,7 @@ difference to the reference. ``--phases B`` then times the scorer's phases one b
 (validation and stacking, centring, choosing neighbours, exact distances, top-K reduction) with
 the device synchronised between them. Prints one JSON line per row.
 
-Prepared for the device machine (its own python3 with torch; nothing to install), e.g.::
+For a GPU machine whose own python3 has torch (nothing to install), e.g.::
 
     PYTHONPATH=$PWD python3 tools/gpu_scorer.py --sizes 30:1000 30:1500 180:1500 --phases 180
 """
