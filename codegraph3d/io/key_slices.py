@@ -29,15 +29,13 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from codegraph3d.core.files import atomic_path
 from codegraph3d.io.sr import (
     CONCEPTS,
     MAX_FINDING_GROUPS,
     SeriesFinding,
-    declare_scheme,
     measure,
-    observation_context,
     policy_concept,
+    save_measurement_report,
     yes_no,
 )
 
@@ -164,25 +162,9 @@ def write_key_slice_sr(
     groups, images = _groups(series, key_slices)
     if not groups:
         return None
-    document = hd.sr.Comprehensive3DSR(
-        evidence=images,
-        content=hd.sr.MeasurementReport(
-            observation_context=observation_context(manufacturer),
-            procedure_reported=codes.LN.BrainMRI,
-            imaging_measurements=groups,
-        ),
-        series_instance_uid=hd.UID(),
-        series_number=int(series_number),
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=manufacturer,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
+    save_measurement_report(
+        groups, images, out_path, series_number=series_number, manufacturer=manufacturer,
+        description="CoDeGraph3D findings on key slices, not for clinical use",
     )
-    document.SeriesDescription = "CoDeGraph3D findings on key slices, not for clinical use"
-    declare_scheme(document, manufacturer)
-    with atomic_path(out_path) as temporary:
-        document.save_as(temporary, enforce_file_format=True)
     logger.info("Wrote key-slice SR %s (%d findings on %d images)", out_path, len(groups), len(images))
     return out_path

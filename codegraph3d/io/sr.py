@@ -49,7 +49,7 @@ from codegraph3d.core.files import atomic_path
 
 __all__ = [
     "CODING_SCHEME", "CONCEPTS", "MAX_FINDING_GROUPS", "MaskFinding", "SeriesFinding", "declare_scheme", "measure",
-    "observation_context", "policy_concept", "write_study_sr", "yes_no",
+    "observation_context", "policy_concept", "save_measurement_report", "write_study_sr", "yes_no",
 ]
 
 logger = logging.getLogger(__name__)
@@ -348,6 +348,42 @@ def declare_scheme(document: Dataset, manufacturer: str) -> None:
     ]
 
 
+def save_measurement_report(
+    groups: Sequence[hd.sr.MeasurementsAndQualitativeEvaluations],
+    evidence: Sequence[Dataset],
+    out_path: Path,
+    *,
+    series_number: int,
+    manufacturer: str,
+    description: str,
+) -> None:
+    """Save a TID 1500 brain-MRI report of ``groups`` as a Comprehensive 3D SR, atomically.
+
+    The observer is this product (a device), the private scheme is declared, and patient and
+    study come from ``evidence`` (the instances the groups reference).
+    """
+    document = hd.sr.Comprehensive3DSR(
+        evidence=list(evidence),
+        content=hd.sr.MeasurementReport(
+            observation_context=observation_context(manufacturer),
+            procedure_reported=codes.LN.BrainMRI,
+            imaging_measurements=list(groups),
+        ),
+        series_instance_uid=hd.UID(),
+        series_number=int(series_number),
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+    )
+    document.SeriesDescription = description
+    declare_scheme(document, manufacturer)
+    with atomic_path(out_path) as temporary:
+        document.save_as(temporary, enforce_file_format=True)
+
+
 def write_study_sr(
     findings: Sequence[SeriesFinding],
     out_path: Path | str,
@@ -383,31 +419,11 @@ def write_study_sr(
         raise ValueError(f"the findings come from {len(studies)} studies; one SR reports one study")
     if not out_path.parent.is_dir():
         raise FileNotFoundError(f"output folder {out_path.parent} does not exist; create it first")
-    report = hd.sr.MeasurementReport(
-        observation_context=observation_context(manufacturer),
-        procedure_reported=codes.LN.BrainMRI,
-        imaging_measurements=[
-            group
-            for i, f in enumerate(findings)
-            for group in (_roi_group(f, i + 1), *_finding_groups(f, i + 1))
-        ],
+    groups = [group for i, f in enumerate(findings) for group in (_roi_group(f, i + 1), *_finding_groups(f, i + 1))]
+    save_measurement_report(
+        groups, [f.seg for f in findings], out_path, series_number=series_number, manufacturer=manufacturer,
+        description=f"{ALGORITHM_NAME} anomaly report, not for clinical use",
     )
-    document = hd.sr.Comprehensive3DSR(
-        evidence=[f.seg for f in findings],
-        content=report,
-        series_instance_uid=hd.UID(),
-        series_number=int(series_number),
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=manufacturer,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-    )
-    document.SeriesDescription = f"{ALGORITHM_NAME} anomaly report, not for clinical use"
-    declare_scheme(document, manufacturer)
-    with atomic_path(out_path) as temporary:
-        document.save_as(temporary, enforce_file_format=True)
     logger.info(
         "Wrote SR %s for study %s (%d series, %d findings)",
         out_path, next(iter(studies)), len(findings), sum(len(f.findings) for f in findings),
