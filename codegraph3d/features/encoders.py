@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from codegraph3d.core.optional import optional_import
+from codegraph3d.features.conv_folding import fold_for_inference
 
 __all__ = [
     "DEFAULT_DINOV2_LAYERS",
@@ -1040,6 +1041,13 @@ class EfficientNetLiteEncoder(SliceEncoder):
             ) from error
         self.model = model.eval().to(resolve_device(device))
         self.device = resolve_device(device)
+        # The network as loaded stays in ``model`` (its provenance); inference runs a copy with the
+        # batch norms folded into the convolutions, about 3x faster on a CPU (conv_folding).
+        # In-place ReLU6 is safe here: every activation follows a convolution inside a block, and
+        # the block outputs kept as features are never activated.
+        self.inference_model = fold_for_inference(
+            self.model, stem=[("_conv_stem", "_bn0")], blocks="_blocks", inplace_activations=True,
+            block_pairs=[("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")])
         self.blocks = blocks
         widths = [int(model._blocks[b - 1]._block_args.output_filters) for b in blocks]
         self.dim = max(widths)
@@ -1054,8 +1062,8 @@ class EfficientNetLiteEncoder(SliceEncoder):
 
     def _block_maps(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         """The chosen blocks' feature maps, running the network only as deep as the deepest one."""
-        model, maps = self.model, {}
-        x = model._swish(model._bn0(model._conv_stem(pixels)))
+        model, maps = self.inference_model, {}
+        x = model._swish(model._bn0(model._conv_stem(pixels.contiguous(memory_format=torch.channels_last))))
         for number, block in enumerate(model._blocks[: max(self.blocks)], start=1):
             x = block(x)  # inference: no drop-connect
             if number in self.blocks:

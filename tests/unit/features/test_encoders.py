@@ -263,6 +263,24 @@ def test_efficientnet_loads_the_wheels_imagenet_weights(efficientnet):
     assert not torch.allclose(stored["_bn0.running_var"], torch.ones_like(stored["_bn0.running_var"]))
 
 
+@pytest.mark.parametrize("size", [(224, 224), (56, 70)])
+def test_efficientnet_runs_folded_yet_computes_what_the_loaded_network_does(efficientnet, size):
+    from codegraph3d.features.encoders import vit_pixels
+
+    slices = torch.rand(2, 1, *size, generator=torch.Generator().manual_seed(2))
+    model, x = efficientnet.model, vit_pixels(slices)
+    with torch.inference_mode():
+        folded = efficientnet._block_maps(x)  # the batch norms folded into the convolutions
+        loaded, x = [], model._swish(model._bn0(model._conv_stem(x)))
+        for number, block in enumerate(model._blocks[: max(efficientnet.blocks)], start=1):
+            x = block(x)
+            if number in efficientnet.blocks:
+                loaded.append(x)
+    for got, expected in zip(folded, loaded, strict=True):
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+
+
 def test_efficientnet_tokens_lie_on_the_patch_grid_padded_to_one_width(efficientnet):
     slices = torch.rand(2, 1, 56, 70, generator=torch.Generator().manual_seed(0))
     layers = efficientnet.encode(slices)
