@@ -208,9 +208,9 @@ def scoring_memory(
 ) -> MemoryEstimate:
     """Upper estimate of the extra memory :func:`nearest_distances` needs for one layer.
 
-    Global matching: stacked float32 tokens (``N_total x D``) and their norms, on an
-    ``accelerator`` (GPU) the copies that the selecting matmuls read (``(N_total + B x max N_i) x
-    (D + 2)``), the running minima
+    Global matching: stacked float32 tokens (``N_total x D``) and their norms, the copies that
+    the selecting matmuls read (on an ``accelerator`` (GPU) ``(N_total + B x max N_i) x (D + 2)``,
+    on a CPU ``2 N_total x (D + 2)`` rounded up to 8 columns), the running minima
     and their indices and the returned distances (``B x N_total``, 4 + 4 + 4 bytes, plus the
     float32 copy handed back), and about four ``chunk_size^2`` float32 blocks (distances, minima,
     gathered neighbours). Windowed matching: the stacked tokens, a padded grid of row
@@ -230,9 +230,13 @@ def scoring_memory(
     )
     distances = 3 * 4 * n_volumes * n_total  # running minima/distances + numpy copy + CoDeGraph base
     if window_radius is None:
-        # + on GPUs (accelerator) the copies the selecting matmuls read: the queries with their
-        # norms as two more columns, and the keys in slots of the largest volume's size.
-        copy = 4 * (n_total + n_volumes * max(int(n) for n in sizes)) * (dim + 2) if accelerator else 0
+        # + the copies the selecting matmuls read: the queries with their norms as two more
+        # columns, and the keys, on GPUs (accelerator) in slots of the largest volume's size,
+        # on CPUs as stacked rows padded to 8 floats.
+        if accelerator:
+            copy = 4 * (n_total + n_volumes * max(int(n) for n in sizes)) * (dim + 2)
+        else:
+            copy = 4 * 2 * n_total * (-(-(dim + 2) // 8) * 8)
         fixed = 4 * n_total * (dim + 1) + copy + 4 * 2 * n_volumes * (n_total + 1) + distances
     else:
         if grid_shape is None:
@@ -729,14 +733,24 @@ def _block_nearest(batch: _Batch, tokens: torch.Tensor, sq_norms: torch.Tensor, 
     updated from each block's row and column minima.
     """
     n_volumes, n_total, refs = batch.n_volumes, batch.n_total, batch.refs
-    selecting = _selection_tokens(tokens)
+    if _SELECTION_PRECISION.get() == "float32":
+        # The norms inside the matmul (:func:`_augmented_keys`): no bias copy and no pass adding
+        # the query norms over every block. Rows padded to a multiple of 8 floats keep the
+        # matmul kernel on whole vectors (K = 386 was no faster than addmm + a pass; 392 was).
+        width = -(-(tokens.shape[1] + 2) // 8) * 8
+        pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] = (
+            _augmented_queries(tokens, sq_norms, width), _augmented_keys(tokens, sq_norms, width), None)
+    else:
+        # TF32 would round the norms too: they are added in float32 after the matmul.
+        selecting = _selection_tokens(tokens)
+        pairs = (selecting, selecting, sq_norms)
     # best_d2[j, t]: running min squared distance of token t to volume j; best_idx: argmin row.
     best_d2 = torch.full((n_volumes, n_total), float("inf"), dtype=torch.float32, device=tokens.device)
     best_idx = torch.zeros((n_volumes, n_total), dtype=torch.int32, device=tokens.device)
     for i in range(n_volumes):
         # Group exclusion is symmetric, so each unordered pair is visited once, from i < j.
         for run in _consecutive_runs([j for j in refs[i] if j > i]):
-            _update_block_row(selecting, sq_norms, batch.starts, i, run, (best_d2, best_idx), chunk_size)
+            _update_block_row(pairs, sq_norms, batch.starts, i, run, (best_d2, best_idx), chunk_size)
     return best_idx
 
 
@@ -1259,24 +1273,33 @@ def _consecutive_runs(indices: list[int]) -> list[list[int]]:
     return runs
 
 
-def _augmented_queries(tokens: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
-    """Query rows ``[q, |q|^2, 1]`` (a float32 copy with two more columns; see :func:`_augmented_keys`)."""
-    ones = torch.ones_like(sq_norms)
-    return torch.cat([tokens, sq_norms.unsqueeze(1), ones.unsqueeze(1)], dim=1)
+def _augmented_queries(tokens: torch.Tensor, sq_norms: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """Query rows ``[q, |q|^2, 1]``, zero-padded to ``width`` columns (see :func:`_augmented_keys`)."""
+    rows = tokens.new_zeros((tokens.shape[0], width or tokens.shape[1] + 2))
+    dim = tokens.shape[1]
+    rows[:, :dim] = tokens
+    rows[:, dim] = sq_norms
+    rows[:, dim + 1] = 1.0
+    return rows
 
 
-def _augmented_keys(tokens: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
-    """Key rows ``[-2 k, 1, |k|^2]``, so that a query row times a key row is ``|q - k|^2``.
+def _augmented_keys(tokens: torch.Tensor, sq_norms: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """Key rows ``[-2 k, 1, |k|^2]``, zero-padded to ``width``: a query row times a key row is ``|q - k|^2``.
 
     Scaling by -2 is exact in binary floating point, so the augmented product adds the same
-    three terms as ``|q|^2 + |k|^2 - 2 q.k`` does, inside one accumulation.
+    three terms as ``|q|^2 + |k|^2 - 2 q.k`` does, inside one accumulation (zero padding adds
+    exact zeros).
     """
-    ones = torch.ones_like(sq_norms)
-    return torch.cat([tokens * -2.0, ones.unsqueeze(1), sq_norms.unsqueeze(1)], dim=1)
+    rows = tokens.new_zeros((tokens.shape[0], width or tokens.shape[1] + 2))
+    dim = tokens.shape[1]
+    torch.mul(tokens, -2.0, out=rows[:, :dim])
+    rows[:, dim] = 1.0
+    rows[:, dim + 1] = sq_norms
+    return rows
 
 
 def _update_block_row(
-    tokens: torch.Tensor,
+    pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
     sq_norms: torch.Tensor,
     starts: np.ndarray,
     i: int,
@@ -1287,23 +1310,23 @@ def _update_block_row(
     """Update nearest neighbours between volume ``i`` and the consecutive volumes ``run``.
 
     Reference chunks span several (small) volumes at once, so small volumes still give large
-    matmuls; the row minima are then split at volume boundaries. ``best`` holds the running
-    minimum squared distances ``(B, N_total)`` and the rows holding them.
+    matmuls; the row minima are then split at volume boundaries. ``pairs`` holds the query and
+    key rows and, when the rows are not augmented with their norms, the keys' squared norms
+    (:func:`_slot_block`); ``best`` the running minimum squared distances ``(B, N_total)`` and
+    the rows holding them.
     """
+    queries, keys, key_sq = pairs
     best_d2, best_idx = best
     i0, i1 = int(starts[i]), int(starts[i + 1])
     r0, r1 = int(starts[run[0]]), int(starts[run[-1] + 1])
-    columns = chunk_size if tokens.device.type != "cpu" else min(chunk_size, _CPU_COLUMNS)
+    columns = chunk_size if queries.device.type != "cpu" else min(chunk_size, _CPU_COLUMNS)
     for a in range(i0, i1, chunk_size):
         b = min(a + chunk_size, i1)
-        q, qn = tokens[a:b], sq_norms[a:b]
         for c in range(r0, r1, columns):
             d = min(c + columns, r1)
-            # addmm avoids a separate (chunk x chunk) temporary for -2 q.k. No clamp at 0: these
-            # values only choose the neighbour, whose distance is recomputed exactly later. (Rows
-            # augmented with the norms, as on GPUs, were no faster here: 3.81 s against 3.76 s.)
-            d2 = torch.addmm(sq_norms[c:d].unsqueeze(0), q, tokens[c:d].T, beta=1.0, alpha=-2.0)
-            d2.add_(qn.unsqueeze(1))
+            # No clamp at 0: these values only choose the neighbour, whose distance is
+            # recomputed exactly later.
+            d2 = _slot_block(queries, keys, key_sq, sq_norms, (a, b), (c, d))
 
             # Tokens c:d (volumes of the run) -> volume i.
             col_val, col_arg = _column_argmin(d2)

@@ -300,13 +300,16 @@ def test_batch_too_large_for_the_budget_is_refused_with_the_batch_size_that_fits
     assert ALLOCATOR_FACTOR * scoring_memory([2000] * fit_b, 384, chunk_size=256).total <= 512 * 2**20
     assert ALLOCATOR_FACTOR * scoring_memory([2000] * (fit_b + 1), 384, chunk_size=256).total > 512 * 2**20
     windowed = scoring_memory(sizes, 384, window_radius=1, grid_shape=(16, 16, 16))
+    # The global scorer holds copies of the tokens that select: on a CPU the queries with their
+    # norms and the keys, 2 x 180 x 2000 rows of D + 2 floats padded to 392; on a GPU the keys
+    # in slots, 386 wide.
+    global_cpu = scoring_memory(sizes, 384).fixed
+    without_copies = global_cpu - 2 * 4 * 180 * 2000 * 392
     # Both hold running minima and indices with one dump column; the window adds its padded
     # grid of row indices (B x 18^3 x 8 bytes).
-    assert windowed.fixed - scoring_memory(sizes, 384).fixed == 8 * 180 * 18**3
-    # On a GPU the global scorer also holds the copies of the tokens that select: the queries
-    # with their norms and the keys in slots, 2 x 180 x 2000 x (D + 2) float32 here.
+    assert windowed.fixed - without_copies == 8 * 180 * 18**3
     gpu = scoring_memory(sizes, 384, accelerator=True)
-    assert gpu.fixed - scoring_memory(sizes, 384).fixed == 2 * 4 * 180 * 2000 * 386
+    assert gpu.fixed - without_copies == 2 * 4 * 180 * 2000 * 386
     assert windowed.per_chunk == 12 * 4096**2
 
 
