@@ -145,9 +145,9 @@ def selection_error_bound(query_norm: float, max_reference_norm: float, dim: int
     product carries at most ``eta |q| |k|`` error, with ``eta = 2 u_in + u_in^2 + gamma``
     (``u_in``: input rounding, 0 for float32 and ``2^-11`` for TF32; ``gamma = m u / (1 - m u)``,
     ``m = D + 2``, ``u = 2^-24``, float32 accumulation), and the norms and their sum at most
-    ``(gamma + 2 u) (|q| + |k|)^2``: on GPUs with float32 selection the norms are summed inside
-    the same accumulation as the products (one matmul of rows augmented with them, see
-    ``_augmented_keys``), elsewhere after it; the bound covers both. The chosen ``k'`` has a computed value no larger than the
+    ``(gamma + 2 u) (|q| + |k|)^2``: with float32 selection the norms are summed inside the same
+    accumulation as the products (one matmul of rows augmented with them and zero padding, see
+    ``_augmented_keys``), with TF32 after it; the bound covers both. The chosen ``k'`` has a computed value no larger than the
     true nearest ``k*``'s, so ``|q - k'|^2 <= |q - k*|^2 + 2 max_k (2 eta |q| |k| + (gamma + 2 u)
     (|q| + |k|)^2)``. The distance then reported is the exact ``|q - k'|``: it is never below the
     true nearest distance, and exceeds it by at most the square root of this bound's share.
