@@ -131,10 +131,19 @@ def selection_precision(precision: str) -> Iterator[None]:
     token = _SELECTION_PRECISION.set(precision)
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    # torch.set_float32_matmul_precision("medium") lets oneDNN run float32 CPU matmuls in bf16
+    # (on CPUs with bf16 units), which would round the norms inside the augmented rows far
+    # beyond selection_error_bound: the selecting matmuls are pinned to IEEE float32 on CPUs.
+    cpu_matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    previous_cpu = getattr(cpu_matmul, "fp32_precision", None)
+    if previous_cpu is not None:
+        cpu_matmul.fp32_precision = "ieee"
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+        if previous_cpu is not None:
+            cpu_matmul.fp32_precision = previous_cpu
         _SELECTION_PRECISION.reset(token)
 
 
@@ -233,10 +242,9 @@ def scoring_memory(
         # + the copies the selecting matmuls read: the queries with their norms as two more
         # columns, and the keys, on GPUs (accelerator) in slots of the largest volume's size,
         # on CPUs as stacked rows padded to 8 floats.
-        if accelerator:
-            copy = 4 * (n_total + n_volumes * max(int(n) for n in sizes)) * (dim + 2)
-        else:
-            copy = 4 * 2 * n_total * (-(-(dim + 2) // 8) * 8)
+        copy = 4 * 2 * n_total * (-(-(dim + 2) // 8) * 8)
+        if accelerator:  # the slots, or the stacked rows where a volume is too long for slots
+            copy = max(copy, 4 * (n_total + n_volumes * max(int(n) for n in sizes)) * (dim + 2))
         fixed = 4 * n_total * (dim + 1) + copy + 4 * 2 * n_volumes * (n_total + 1) + distances
     else:
         if grid_shape is None:
@@ -712,16 +720,13 @@ def _global_distances(batch: _Batch, dev: torch.device, chunk_size: int) -> torc
     blocks (more than ``4 chunk_size`` tokens).
     """
     tokens, sq_norms = _stack_centred(batch, dev)
-    if dev.type == "cpu":
-        best_idx = _block_nearest(batch, tokens, sq_norms, chunk_size)
-    else:
-        # Re-entering the active precision pins TF32 on or off for these matmuls, whatever a
-        # global flag (torch.set_float32_matmul_precision) says.
-        with selection_precision(_SELECTION_PRECISION.get()):
-            if int(np.diff(batch.starts).max()) <= 4 * chunk_size:
-                best_idx = _padded_nearest(batch, tokens, sq_norms, chunk_size)
-            else:
-                best_idx = _block_nearest(batch, tokens, sq_norms, chunk_size)
+    # Re-entering the active precision pins TF32 (CUDA) and bf16 (CPU) on or off for these
+    # matmuls, whatever a global flag (torch.set_float32_matmul_precision) says.
+    with selection_precision(_SELECTION_PRECISION.get()):
+        if dev.type != "cpu" and int(np.diff(batch.starts).max()) <= 4 * chunk_size:
+            best_idx = _padded_nearest(batch, tokens, sq_norms, chunk_size)
+        else:
+            best_idx = _block_nearest(batch, tokens, sq_norms, chunk_size)
     return _exact_distances(batch, tokens, best_idx, chunk_size)
 
 

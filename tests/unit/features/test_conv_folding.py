@@ -19,21 +19,24 @@ def _randomised_norm(channels: int, seed: int) -> nn.BatchNorm2d:
     return norm
 
 
-@pytest.mark.parametrize("kernel, pad", [(3, (0, 1, 0, 1)), (5, (1, 2, 1, 2)), (3, (1, 1, 1, 1)), (1, None)])
+@pytest.mark.parametrize("kernel, stride, pad", [
+    (3, 2, (0, 1, 0, 1)), (5, 2, (1, 2, 1, 2)), (3, 1, (1, 1, 1, 1)), (5, 1, (2, 2, 2, 2)), (1, 2, None),
+    (3, 2, (0, 1, 1, 2)),  # rows and columns padded differently: an exchange of the axes shows
+    (3, 1, (1, 0, 1, 0)), (5, 2, (2, 1, 2, 1)), (3, 2, (1, 0, 0, 1)),  # more before than after
+])
 @pytest.mark.parametrize("size", [(16, 16), (15, 17), (7, 8)])
 @pytest.mark.parametrize("groups", [1, 4])
-def test_a_folded_convolution_equals_padding_convolution_and_norm(kernel, pad, size, groups):
+def test_a_folded_convolution_equals_padding_convolution_and_norm(kernel, stride, pad, size, groups):
     torch.manual_seed(kernel + groups)
-    stride = 1 if pad == (1, 1, 1, 1) else 2
     conv = nn.Conv2d(4, 8, kernel, stride=stride, groups=groups, bias=groups == 1).eval()
     norm = _randomised_norm(8, seed=kernel)
+    weight = conv.weight.detach().clone()
     x = torch.randn(2, 4, *size)
     expected = norm(conv(nn.ZeroPad2d(pad)(x) if pad else x))
-    folded = FoldedConv2d(conv, norm, pad)
-    got = folded(x)
+    got = FoldedConv2d(conv, norm, pad)(x)
     assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-    assert torch.equal(conv.weight, conv.weight.detach())  # the source convolution is read, not changed
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(conv.weight, weight)  # the source convolution is read, not changed
 
 
 def test_a_convolution_that_pads_itself_cannot_take_more_padding():
@@ -41,6 +44,10 @@ def test_a_convolution_that_pads_itself_cannot_take_more_padding():
         FoldedConv2d(nn.Conv2d(2, 2, 3, padding=1), None, (0, 1, 0, 1))
     with pytest.raises(ValueError, match="is dilated"):
         FoldedConv2d(nn.Conv2d(2, 2, 3, dilation=2), None, None)
+    with pytest.raises(ValueError, match="only numeric zero padding is folded"):
+        FoldedConv2d(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), None, None)
+    with pytest.raises(ValueError, match="only numeric zero padding is folded"):
+        FoldedConv2d(nn.Conv2d(2, 2, 3, padding="same"), None, None)
 
 
 class _Block(nn.Module):

@@ -50,6 +50,42 @@ def test_matches_brute_force_unequal_sizes(sizes):
         np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("chunk_size", [4096, 200])
+def test_long_volumes_cross_blocks_and_lanes_as_a_float64_brute_force(chunk_size):
+    """Volumes longer than a CPU reference block (1,536 tokens), segments not whole lanes of 64."""
+    from codegraph3d.scoring.musc import nearest_distances
+
+    rng = np.random.default_rng(5)
+    sets = random_sets(rng, (1700, 130, 257, 64, 300), dim=13)
+    got = nearest_distances([s.astype(np.float32) for s in sets], chunk_size=chunk_size)
+    stacked = np.concatenate(sets)
+    centred = [s - stacked.mean(axis=0) for s in sets]
+    starts = np.cumsum([0] + [len(s) for s in sets])
+    for j, ref in enumerate(centred):
+        for i, query in enumerate(centred):
+            if i != j:
+                exact = np.sqrt(((query[:, None, :] - ref[None, :, :]) ** 2).sum(axis=2).min(axis=1))
+                np.testing.assert_allclose(got[j, starts[i]:starts[i + 1]], exact, rtol=1e-5, atol=1e-6)
+
+
+def test_selecting_matmuls_stay_ieee_float32_whatever_the_global_precision():
+    """A global "medium" precision would let oneDNN choose neighbours in bf16 on some CPUs."""
+    import torch
+
+    from codegraph3d.scoring.musc import selection_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        outside = torch.backends.mkldnn.matmul.fp32_precision
+        for precision in ("float32", "tf32"):
+            with selection_precision(precision):
+                assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+            assert torch.backends.mkldnn.matmul.fp32_precision == outside
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def test_k_rule_and_k_fraction():
     assert [k_for_references(b - 1, 0.3) for b in (2, 3, 4, 5, 11, 45)] == [1, 1, 1, 1, 3, 13]
     assert k_for_references(100, 0.29) == 29  # 0.29 * 100 == 28.999999999999996 in binary
@@ -300,16 +336,19 @@ def test_batch_too_large_for_the_budget_is_refused_with_the_batch_size_that_fits
     assert ALLOCATOR_FACTOR * scoring_memory([2000] * fit_b, 384, chunk_size=256).total <= 512 * 2**20
     assert ALLOCATOR_FACTOR * scoring_memory([2000] * (fit_b + 1), 384, chunk_size=256).total > 512 * 2**20
     windowed = scoring_memory(sizes, 384, window_radius=1, grid_shape=(16, 16, 16))
-    # The global scorer holds copies of the tokens that select: on a CPU the queries with their
-    # norms and the keys, 2 x 180 x 2000 rows of D + 2 floats padded to 392; on a GPU the keys
-    # in slots, 386 wide.
+    # The global scorer holds copies of the tokens that select: the queries with their norms and
+    # the keys, 2 x 180 x 2000 rows of D + 2 floats padded to 392 (on a GPU the keys in slots,
+    # 386 wide, unless a volume is too long for slots: the larger of the two is counted).
     global_cpu = scoring_memory(sizes, 384).fixed
     without_copies = global_cpu - 2 * 4 * 180 * 2000 * 392
     # Both hold running minima and indices with one dump column; the window adds its padded
     # grid of row indices (B x 18^3 x 8 bytes).
     assert windowed.fixed - without_copies == 8 * 180 * 18**3
-    gpu = scoring_memory(sizes, 384, accelerator=True)
-    assert gpu.fixed - without_copies == 2 * 4 * 180 * 2000 * 386
+    assert scoring_memory(sizes, 384, accelerator=True).fixed == global_cpu
+    uneven = [4000] + [100] * 179  # slots of the longest volume outgrow the stacked rows
+    slots = 4 * (sum(uneven) + 180 * 4000) * 386
+    assert scoring_memory(uneven, 384, accelerator=True).fixed - scoring_memory(uneven, 384).fixed == (
+        slots - 2 * 4 * sum(uneven) * 392)
     assert windowed.per_chunk == 12 * 4096**2
 
 
