@@ -62,6 +62,7 @@ __all__ = [
     "check_chunk_size",
     "check_k_fraction",
     "check_layer_token_sets",
+    "column_argmin",
     "fuse_layers",
     "k_for_references",
     "musc_from_distances",
@@ -70,6 +71,7 @@ __all__ = [
     "nearest_distances",
     "nearest_distances_with_batch",
     "reference_sets",
+    "row_argmin",
     "scoring_memory",
     "selection_error_bound",
     "selection_precision",
@@ -79,10 +81,10 @@ __all__ = [
 
 # Guards floor(k_fraction * n) against binary rounding (0.29 * 100 == 28.999999999999996).
 _K_EPS = 1e-9
-# Rows per group for column minima on CPU (see _column_argmin): 16 was the fastest of 8-64 on a
+# Rows per group for column minima on CPU (see column_argmin): 16 was the fastest of 8-64 on a
 # 1,000 x 4,096 block (1.4 ms, against 6.9 ms for index-returning minima over slabs of 64 rows).
 _COL_GROUP_CPU = 16
-# Lanes of the row minima on CPU (see _row_argmin): 32-64 were the fastest of 16-256 on 1,000 x
+# Lanes of the row minima on CPU (see row_argmin): 32-64 were the fastest of 16-256 on 1,000 x
 # 1,000 segments (about 0.7 ms against 1.3 ms for index-returning minima along rows, one thread).
 _ROW_LANES_CPU = 64
 # Reference tokens per block on CPU (at most chunk_size): a 1,000 x 1,536 float32 block (6 MB)
@@ -1334,7 +1336,7 @@ def _update_block_row(
             d2 = _slot_block(queries, keys, key_sq, sq_norms, (a, b), (c, d))
 
             # Tokens c:d (volumes of the run) -> volume i.
-            col_val, col_arg = _column_argmin(d2)
+            col_val, col_arg = column_argmin(d2)
             _running_min(best_d2[i, c:d], best_idx[i, c:d], col_val, col_arg + a)
 
             # Tokens a:b of volume i -> each volume j of the run overlapping columns c:d.
@@ -1342,11 +1344,11 @@ def _update_block_row(
                 lo, hi = max(c, int(starts[j])), min(d, int(starts[j + 1]))
                 if lo >= hi:
                     continue
-                row_val, row_arg = _row_argmin(d2[:, lo - c : hi - c])
+                row_val, row_arg = row_argmin(d2[:, lo - c : hi - c])
                 _running_min(best_d2[j, a:b], best_idx[j, a:b], row_val, row_arg + lo)
 
 
-def _column_argmin(d2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def column_argmin(d2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimum of every column of ``d2`` and the row holding it (what ``d2.min(dim=0)`` returns).
 
     On CPU an index-returning minimum over dim 0 is several times slower than one over dim 1
@@ -1355,6 +1357,16 @@ def _column_argmin(d2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     column's minimum (an index-returning minimum over a block ``_COL_GROUP_CPU`` times smaller),
     then the row within that group (a gather of ``_COL_GROUP_CPU`` rows per column). Ties may
     resolve to another row of equal value, which is as near.
+
+    Parameters
+    ----------
+    d2 : torch.Tensor
+        ``(rows, columns)`` block of squared distances (any device).
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        ``(values, rows)``, each ``(columns,)``.
     """
     if d2.device.type != "cpu":
         return d2.min(dim=0)
@@ -1371,7 +1383,7 @@ def _column_argmin(d2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return value, rows.gather(0, within.unsqueeze(0)).squeeze(0)
 
 
-def _row_argmin(d2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def row_argmin(d2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimum of every row of ``d2`` and the column holding it (what ``d2.min(dim=1)`` returns).
 
     On CPU an index-returning minimum along rows runs scalar; value-only minima over a middle
@@ -1380,6 +1392,17 @@ def _row_argmin(d2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (values only, vectorised), the lane holding the row's minimum (a small minimum), then the
     group within that lane (a gather of one column in ``lanes``). Columns past the last whole
     group are compared apart. Ties may resolve to another column of equal value, which is as near.
+
+    Parameters
+    ----------
+    d2 : torch.Tensor
+        ``(rows, columns)`` block of squared distances, or a column slice of one (any device;
+        blocks whose columns are not contiguous take ``d2.min(dim=1)``).
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        ``(values, columns)``, each ``(rows,)``.
     """
     lanes = _ROW_LANES_CPU
     n_rows, n_cols = d2.shape

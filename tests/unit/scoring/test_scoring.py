@@ -458,14 +458,14 @@ def test_accelerator_layout_matches_a_float64_brute_force(chunk_size, precision)
 def test_block_minima_by_lanes_and_groups_equal_plain_minima(n_cols, ties):
     import torch
 
-    from codegraph3d.scoring.musc import _column_argmin, _row_argmin
+    from codegraph3d.scoring.musc import column_argmin, row_argmin
 
     generator = torch.Generator().manual_seed(n_cols)
     block = torch.randn(333, n_cols + 37, generator=generator)
     if ties:  # few distinct values: many rows and columns hold their minimum more than once
         block = torch.randint(0, 4, block.shape, generator=generator).float()
     segment = block[:, 17 : 17 + n_cols]  # a strided column slice, as the scorer passes
-    cases = ((_row_argmin(segment), segment.min(dim=1), 1), (_column_argmin(segment), segment.min(dim=0), 0))
+    cases = ((row_argmin(segment), segment.min(dim=1), 1), (column_argmin(segment), segment.min(dim=0), 0))
     for got, expected, dim in cases:
         assert torch.equal(got[0], expected.values)
         # The index may differ on ties, but must hold the minimum.
