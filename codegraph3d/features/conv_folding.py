@@ -57,8 +57,8 @@ class FoldedConv2d(nn.Module):
     Raises
     ------
     ValueError
-        When ``conv`` pads itself and ``pad`` is also given, or ``conv`` is dilated (its padding
-        arithmetic is not the one reproduced here).
+        When ``conv`` pads itself and ``pad`` is also given, pads other than with numeric zero
+        padding, or is dilated (its padding arithmetic is not the one reproduced here).
     """
 
     def __init__(self, conv: nn.Conv2d, norm: nn.BatchNorm2d | None, pad: tuple[int, int, int, int] | None) -> None:
@@ -70,7 +70,7 @@ class FoldedConv2d(nn.Module):
         if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
             raise ValueError(f"{type(conv).__name__} pads with padding={conv.padding!r}, mode {conv.padding_mode!r}; "
                              "only numeric zero padding is folded")
-        weight, bias = conv.weight.detach(), None if conv.bias is None else conv.bias.detach()
+        weight, bias = conv.weight, conv.bias
         if norm is not None:
             weight, bias = fuse_conv_bn_weights(weight, bias, norm.running_mean, norm.running_var, norm.eps,
                                                 norm.weight, norm.bias)
