@@ -4,8 +4,13 @@
 # Round 1 tuned on seeds 0 (the demo cohort), 1 and the all-normal seed 10; round 2 (policy
 # version 2) on every cohort of round 1. Seeds 42, 43, 4 and 13 were generated after round 2's
 # bounds were fixed: they are its held-out cohorts (docs/RESULTS.md, "Decisions"). Seeds 22 and 44
-# were named before round 3 (the bank's own bound) began and are held out from it.
-# Usage: tools/make_decision_cohorts.sh [ROOT=work/decisions] [NAME ...]   (default: every cohort)
+# were named before round 3 (the bank's own bound) began and are held out from it. Seeds 23 and 14
+# were named before the per-contrast bounds of EfficientNet-Lite0 were calibrated (on seeds 44 and
+# 42) and are held out from them. DECISIONS_CONFIG names the configuration the cache is filled
+# with (default tools/demo_config.yaml, the intensity encoder; tools/efficientnet_config.yaml for
+# the learnt encoder, whose cache belongs in its own ROOT).
+# Usage: [DECISIONS_CONFIG=FILE] tools/make_decision_cohorts.sh [ROOT=work/decisions] [NAME ...]
+#        (default: every cohort)
 set -euo pipefail
 # --help: the comment block at the top of this file, then stop.
 case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
@@ -43,14 +48,17 @@ declare -A cohorts=(
   [subjects48_s44]="--subjects 48 --seed 44 $heads"
   # held out from round 3's second bank rule (the bound's confidence; named before it was measured)
   [subjects24_s45]="--subjects 24 --seed 45 $heads"
+  # held out from EfficientNet-Lite0's per-contrast bounds (named before they were calibrated)
+  [half16_s23]="--subjects 16 --seed 23 --lesion-fraction 0.5 $heads"
+  [normal12_s14]="--seed 14 --lesion-fraction 0 $heads"
 )
-order=(demo normal12_s10 tune1 demo_s2 normal12_s11 half16_s21 mets16_s31 cortical16_s51 normal12_s12 demo_s3 subjects48_s40 normal48_s41 subjects48_s43 normal48_s42 demo_s4 normal12_s13 half16_s22 subjects48_s44 subjects24_s45)
+order=(demo normal12_s10 tune1 demo_s2 normal12_s11 half16_s21 mets16_s31 cortical16_s51 normal12_s12 demo_s3 subjects48_s40 normal48_s41 subjects48_s43 normal48_s42 demo_s4 normal12_s13 half16_s22 subjects48_s44 subjects24_s45 half16_s23 normal12_s14)
 [ "$#" -gt 0 ] && order=("$@")
 for name in "${order[@]}"; do
   args=${cohorts[$name]:?unknown cohort $name}
   # shellcheck disable=SC2086
   [ -f "$out/$name/labels.json" ] || .venv/bin/python tools/make_demo_cohort.py "$out/$name" --quiet $args
-  CODEGRAPH3D_CONFIG=tools/demo_config.yaml .venv/bin/python -m codegraph3d_research.ablations fill \
+  CODEGRAPH3D_CONFIG=${DECISIONS_CONFIG:-tools/demo_config.yaml} .venv/bin/python -m codegraph3d_research.ablations fill \
       --input "$out/$name/dicom" --cache "$out/cache" -m demo/models
   echo "$(date +%T) cohort $name cached"
 done

@@ -17,7 +17,13 @@ from typing import Any, Mapping
 
 from codegraph3d.decision.lesion_policy import LesionPolicy
 
-__all__ = ["DecisionSettings", "ThresholdPolicy", "ThresholdReference", "ThresholdSettings"]
+__all__ = ["PER_CONTRAST_BOUNDS", "DecisionSettings", "ThresholdPolicy", "ThresholdReference", "ThresholdSettings"]
+
+# The lesion policy's bounds that a configuration may set per contrast batch (``<name>_by_contrast``),
+# with their units for messages: an encoder's standardised scores differ in scale between contrasts.
+PER_CONTRAST_BOUNDS: Mapping[str, str] = MappingProxyType(
+    {"token_z": "robust SDs", "finding_mass": "z x ml", "voxel_z": "robust SDs"}
+)
 
 
 class ThresholdPolicy(StrEnum):
@@ -64,9 +70,11 @@ class ThresholdSettings:
     policy: ThresholdPolicy = ThresholdPolicy.LESION
     reference: ThresholdReference = ThresholdReference.AUTO
     token_z: float = 4.5
+    token_z_by_contrast: Mapping[str, float] = field(default_factory=dict)
     finding_mass: float = 30.0
     finding_mass_by_contrast: Mapping[str, float] = field(default_factory=dict)
     voxel_z: float = 10.0
+    voxel_z_by_contrast: Mapping[str, float] = field(default_factory=dict)
     prior_volumes: float = 4.0
     tail_quantile: float = 0.9
     bank_false_flag_rate: float = 0.1
@@ -80,20 +88,32 @@ class ThresholdSettings:
         object.__setattr__(self, "reference", choice(ThresholdReference, self.reference, "threshold.reference"))
         if not _non_negative_number(self.min_finding_ml):
             raise ValueError(f"threshold.min_finding_ml must be >= 0; got {self.min_finding_ml!r}")
-        for contrast, mass in self.finding_mass_by_contrast.items():
-            if not _non_negative_number(mass):
-                raise ValueError(
-                    f"threshold.finding_mass_by_contrast.{contrast} must be a number >= 0 (z x ml); got {mass!r}"
-                )
-        # Read-only, so the frozen record cannot change under a decision made from it.
-        object.__setattr__(self, "finding_mass_by_contrast", MappingProxyType(dict(self.finding_mass_by_contrast)))
-        self.lesion_policy()  # LesionPolicy checks its own bounds, with field names in its messages
+        for name, unit in PER_CONTRAST_BOUNDS.items():
+            for contrast, bound in getattr(self, f"{name}_by_contrast").items():
+                if not _non_negative_number(bound):
+                    raise ValueError(f"threshold.{name}_by_contrast.{contrast} must be a number >= 0 ({unit}); got {bound!r}")
+            # Read-only, so the frozen record cannot change under a decision made from it.
+            object.__setattr__(self, f"{name}_by_contrast", MappingProxyType(dict(getattr(self, f"{name}_by_contrast"))))
+        for contrast in (None, *self.contrasts_with_own_bounds()):
+            self.lesion_policy(contrast)  # LesionPolicy checks its own bounds, with field names in its messages
+
+    def contrasts_with_own_bounds(self) -> list[str]:
+        """The contrasts named in any ``*_by_contrast`` mapping, sorted."""
+        return sorted({c for name in PER_CONTRAST_BOUNDS for c in getattr(self, f"{name}_by_contrast")})
+
+    def bound(self, name: str, contrast: str | None) -> float:
+        """The bound ``name`` (``token_z``, ``finding_mass`` or ``voxel_z``) in effect for ``contrast``.
+
+        Its ``<name>_by_contrast`` entry when there is one, else the section-wide value: a bound
+        calibrated for one encoder and contrast need not hold for another.
+        """
+        return float(getattr(self, f"{name}_by_contrast").get(contrast or "", getattr(self, name)))
 
     def lesion_policy(self, contrast: str | None = None) -> LesionPolicy:
-        """The lesion policy for a contrast batch (its ``finding_mass_by_contrast`` entry wins)."""
+        """The lesion policy for a contrast batch (its ``*_by_contrast`` entries win)."""
         return LesionPolicy(
-            token_z=self.token_z, finding_mass=self.finding_mass_by_contrast.get(contrast or "", self.finding_mass),
-            voxel_z=self.voxel_z, prior_volumes=self.prior_volumes, tail_quantile=self.tail_quantile,
+            token_z=self.bound("token_z", contrast), finding_mass=self.bound("finding_mass", contrast),
+            voxel_z=self.bound("voxel_z", contrast), prior_volumes=self.prior_volumes, tail_quantile=self.tail_quantile,
             bank_false_flag_rate=self.bank_false_flag_rate, bank_confidence=self.bank_confidence,
         )
 
@@ -123,16 +143,16 @@ class DecisionSettings:
     def record(self, contrast: str) -> dict[str, Any]:
         """The settings as an entry of ``operating_points.json`` records them, for ``contrast``.
 
-        The evidence bound is the one in effect for the contrast (``finding_mass_by_contrast`` or
-        ``finding_mass``), so that another contrast's bound does not make this one "not measured".
+        The bounds are the ones in effect for the contrast (``*_by_contrast`` or the section-wide
+        value), so that another contrast's bounds do not make this one "not measured".
         Only bank-referenced batches use the bank calibration, and they report their own operating
         point, so its two fields are left out.
         """
         threshold = {
             "policy": self.threshold.policy.value, "reference": self.threshold.reference.value,
-            "token_z": self.threshold.token_z,
-            "finding_mass": self.threshold.finding_mass_by_contrast.get(contrast, self.threshold.finding_mass),
-            "voxel_z": self.threshold.voxel_z, "prior_volumes": self.threshold.prior_volumes,
+            "token_z": self.threshold.bound("token_z", contrast),
+            "finding_mass": self.threshold.bound("finding_mass", contrast),
+            "voxel_z": self.threshold.bound("voxel_z", contrast), "prior_volumes": self.threshold.prior_volumes,
             "tail_quantile": self.threshold.tail_quantile, "volume_z": self.threshold.volume_z,
             "robust_token_z": self.threshold.robust_token_z, "min_finding_ml": self.threshold.min_finding_ml,
         }

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from codegraph3d.decision.settings import DecisionSettings, ThresholdPolicy, ThresholdSettings, choice
+from codegraph3d.decision.settings import PER_CONTRAST_BOUNDS, DecisionSettings, ThresholdPolicy, ThresholdSettings, choice
 from codegraph3d.features.encoders import configured_patch_size
 from codegraph3d.io.selection import SelectionRules
 from codegraph3d.preprocess.chain import PreprocessConfig
@@ -95,7 +95,7 @@ def _compatible(default: Any, value: Any) -> bool:
 
 
 # Mappings whose keys are data (contrast names), not fields: a later layer replaces them whole.
-_WHOLE_MAPPINGS = frozenset({"threshold.finding_mass_by_contrast"})
+_WHOLE_MAPPINGS = frozenset(f"threshold.{name}_by_contrast" for name in PER_CONTRAST_BOUNDS)
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any], source: str, prefix: str = "") -> None:
@@ -393,12 +393,13 @@ class RunConfig:
         if any(getattr(self, name) != section for name, section in _sections(_thawed(self.values)).items()):
             raise ValueError("RunConfig's sections differ from its values; make variants with with_overrides()")
         scored = self.selection.scored_contrasts
-        for contrast in self.threshold.finding_mass_by_contrast:
-            if contrast not in scored:
-                raise ValueError(
-                    f"threshold.finding_mass_by_contrast: {contrast!r} is not a scored contrast "
-                    f"(selection.scored_contrasts: {list(scored)}); name the contrast batches as the report does"
-                )
+        for name in PER_CONTRAST_BOUNDS:
+            for contrast in getattr(self.threshold, f"{name}_by_contrast"):
+                if contrast not in scored:
+                    raise ValueError(
+                        f"threshold.{name}_by_contrast: {contrast!r} is not a scored contrast "
+                        f"(selection.scored_contrasts: {list(scored)}); name the contrast batches as the report does"
+                    )
         if self.threshold.policy is ThresholdPolicy.BANK and not self.bank.folder:
             raise ValueError("threshold.policy bank needs a cohort bank: set bank.folder")
 

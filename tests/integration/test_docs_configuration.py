@@ -7,7 +7,10 @@ from fixtures import ROOT
 from codegraph3d.run.config import default_config
 
 # Mappings whose keys are the user's (contrast names, CoDeGraph's documented group of settings).
-_OPEN_MAPPINGS = {"threshold.finding_mass_by_contrast", "scoring.codegraph"}
+_OPEN_MAPPINGS = {
+    "threshold.finding_mass_by_contrast", "threshold.token_z_by_contrast", "threshold.voxel_z_by_contrast",
+    "scoring.codegraph",
+}
 
 
 def _fields(config: dict) -> list[str]:

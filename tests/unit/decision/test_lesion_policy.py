@@ -197,6 +197,24 @@ def test_finding_mass_per_contrast_comes_from_the_configuration():
         load_config(override={"threshold": {"finding_mass_by_contrast": {"t1w": 45.0}}})
 
 
+def test_token_and_voxel_bounds_per_contrast_come_from_the_configuration():
+    # An encoder's standardised scores differ in scale between contrasts: all three bounds may.
+    config = load_config(override={"threshold": {
+        "token_z": 4.5, "voxel_z": 10.0, "token_z_by_contrast": {"T2w": 3.0}, "voxel_z_by_contrast": {"T2w": 4.0},
+    }})
+    t1w, t2w = config.threshold.lesion_policy("T1w"), config.threshold.lesion_policy("T2w")
+    assert (t1w.token_z, t1w.voxel_z) == (4.5, 10.0)
+    assert (t2w.token_z, t2w.voxel_z) == (3.0, 4.0)
+    assert config.decision_settings().record("T2w")["threshold"]["token_z"] == 3.0
+    assert config.decision_settings().record("T1w")["threshold"]["voxel_z"] == 10.0
+    with pytest.raises(ConfigError, match="token_z_by_contrast.T2w must be a number >= 0"):
+        load_config(override={"threshold": {"token_z_by_contrast": {"T2w": "high"}}})
+    with pytest.raises(ConfigError, match="threshold.voxel_z must be > 0"):
+        load_config(override={"threshold": {"voxel_z_by_contrast": {"T1w": 0.0}}})
+    with pytest.raises(ConfigError, match="voxel_z_by_contrast: 'PD' is not a scored contrast"):
+        load_config(override={"threshold": {"voxel_z_by_contrast": {"PD": 5.0}}})
+
+
 def test_a_later_layer_replaces_the_per_contrast_bounds_whole(tmp_path, monkeypatch):
     # The keys are contrast names, not fields: a later layer may list others, or none.
     layer = tmp_path / "site.yaml"
