@@ -101,7 +101,7 @@ def _hindsight_recall(scores: np.ndarray, labels: np.ndarray, normals_flagged: i
     return f"{int(np.sum(scores[labels] > bound))}/{int(labels.sum())}"
 
 
-def _score(series: Sequence[AblationSeries], config: RunConfig) -> BatchScores:
+def score_series(series: Sequence[AblationSeries], config: RunConfig) -> BatchScores:
     """Score one batch as the app does (scoring section of the configuration)."""
     settings = config.scoring
     tokens = [item.record.tokens for item in series]
@@ -114,7 +114,7 @@ def _score(series: Sequence[AblationSeries], config: RunConfig) -> BatchScores:
 
 def _tally_batch(series: Sequence[AblationSeries], n: int, config: RunConfig, tally: Tally) -> None:
     """Score ``series`` (queries first, then references), decide, and add the queries to ``tally``."""
-    scores = _score(series, config)
+    scores = score_series(series, config)
     coords = [item.record.tokens.coords for item in series]
     groups = reference_groups([item.record.decision for item in series], config.scoring.exclude_same.value)
     decision = decide_batch(scores, coords, n, series[0].record.tokens.grid_shape, config,
@@ -162,7 +162,8 @@ def _tally_batch(series: Sequence[AblationSeries], n: int, config: RunConfig, ta
 _ENCODERS: set[str] = set()
 
 
-def _load(root: Path, names: Sequence[str], config: RunConfig) -> dict[str, list[AblationSeries]]:
+def load_pooled(root: Path, names: Sequence[str], config: RunConfig) -> dict[str, list[AblationSeries]]:
+    """The series of the named cohorts, pooled by contrast (cohort order kept)."""
     pooled: dict[str, list[AblationSeries]] = {}
     for name in names:
         cohort = load_cohort(root / "cache", root / name, config)
@@ -175,7 +176,7 @@ def _load(root: Path, names: Sequence[str], config: RunConfig) -> dict[str, list
 def measure_batch(root: Path, names: Sequence[str], config: RunConfig, normals_only: bool = False) -> dict[str, Any]:
     """One pooled batch per contrast of the named cohorts (``normals_only``: their lesion-free series)."""
     out = {}
-    for contrast, series in sorted(_load(root, names, config).items()):
+    for contrast, series in sorted(load_pooled(root, names, config).items()):
         if normals_only:
             series = [item for item in series if not item.has_lesion]
         tally = Tally()
@@ -186,9 +187,9 @@ def measure_batch(root: Path, names: Sequence[str], config: RunConfig, normals_o
 
 def measure_bank_studies(root: Path, queries: Sequence[str], bank: Sequence[str], config: RunConfig) -> dict[str, Any]:
     """Each study of ``queries`` scored alone against the series of ``bank`` as references."""
-    references = _load(root, bank, config)
+    references = load_pooled(root, bank, config)
     out = {}
-    for contrast, series in sorted(_load(root, queries, config).items()):
+    for contrast, series in sorted(load_pooled(root, queries, config).items()):
         tally = Tally()
         for item in series:
             others = [ref for ref in references.get(contrast, [])
@@ -198,7 +199,7 @@ def measure_bank_studies(root: Path, queries: Sequence[str], bank: Sequence[str]
     return out
 
 
-def _configure(models: str, assignments: Sequence[str]) -> RunConfig:
+def configure(models: str, assignments: Sequence[str]) -> RunConfig:
     """The app's configuration with ``SECTION.FIELD=VALUE`` overrides, validated as the app validates."""
     override: dict[str, dict[str, Any]] = {}
     for assignment in assignments:
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="all-normal batches (names given to --batch) whose flags become the policy's "
                         "measured false-flag rate in codegraph3d/decision/operating_points.json")
     args = parser.parse_args(argv)
-    config = _configure(args.models, args.set)
+    config = configure(args.models, args.set)
     results: dict[str, Any] = {"settings": {"threshold": config.as_dict()["threshold"], "scoring": config.as_dict()["scoring"],
                                             "mask_interpolation": config.output.mask_interpolation,
                                             "score_interpolation": config.output.score_interpolation}}
