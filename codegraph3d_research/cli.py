@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("codegraph3d_research.evaluate", "score a run's report and SEGs against a synthetic cohort's truth"),
     "compare": ("codegraph3d_research.compare", "paired bootstrap comparison of two conditions over seeds"),
     "ablations": ("codegraph3d_research.ablations", "fill a token cache; rescore cached cohorts under other settings"),
+    "combine-caches": ("codegraph3d_research.combine_caches", "a combined encoder's cache entries from its parts' entries"),
     "baseline": ("codegraph3d_research.baseline", "per-position intensity z-score baseline, evaluated like the product"),
     "benchmark": ("codegraph3d_research.benchmark", "speed, memory and FLOP rate per stage"),
     "mask-quality": ("codegraph3d_research.mask_quality", "brain masks of each method against a cohort's truth"),

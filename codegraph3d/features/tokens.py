@@ -362,8 +362,10 @@ def encode_volume(
             f"empty brain mask: no {p}^3 cube is at least {min_brain_fraction:.0%} brain "
             f"(largest brain fraction {fraction.max():.2f}, {int(mask.sum())} brain voxels)"
         )
-    if encoder.normalisation not in ("l2", "none"):
-        raise ValueError(f"encoder {encoder.name!r} declares unknown normalisation {encoder.normalisation!r}")
+    normalisations = encoder.layer_normalisation()
+    if len(normalisations) != len(encoder.layer_names) or not set(normalisations) <= {"l2", "none"}:
+        raise ValueError(f"encoder {encoder.name!r} declares normalisations {normalisations} for layers "
+                         f"{encoder.layer_names}; each must be 'l2' or 'none'")
     coords = np.argwhere(keep).astype(np.int64)
     device = encoder.device
     n_layers = len(encoder.layer_names)
@@ -389,7 +391,7 @@ def encode_volume(
                     total.index_add_(0, slabs, layer.to(torch.float32))
             for index, total in enumerate(sums):
                 pooled = (total / p).movedim(0, axis)[keep_t]  # (N, dim) in the C order of coords
-                features[index, axis] = _normalise(pooled, encoder.normalisation)
+                features[index, axis] = _normalise(pooled, normalisations[index])
 
     return EncodedVolume(
         features=features,

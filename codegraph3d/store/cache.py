@@ -62,6 +62,7 @@ __all__ = [
     "CacheLookup",
     "CachedSeries",
     "TokenCache",
+    "encoder_material",
     "cache_key",
     "key_material",
     "read_entry",
@@ -155,6 +156,21 @@ class TokenRecipe:
     projection_seed: int
 
 
+def encoder_material(encoder: SliceEncoder | Mapping[str, Any]) -> dict[str, Any]:
+    """The part of an encoder's identity that the cached arrays depend on (the settings' ``encoder``).
+
+    Raises
+    ------
+    ValueError
+        When a mapping lacks one of the identity's keys.
+    """
+    identity = encoder.identity() if isinstance(encoder, SliceEncoder) else dict(encoder)
+    missing = [key for key in _ENCODER_KEYS if key not in identity]
+    if missing:
+        raise ValueError(f"encoder identity lacks {missing}; pass a SliceEncoder or its identity()")
+    return {key: identity[key] for key in _ENCODER_KEYS}
+
+
 def settings_material(
     recipe: TokenRecipe,
     encoder: SliceEncoder | Mapping[str, Any],
@@ -172,15 +188,11 @@ def settings_material(
         The Nyul reference landmarks in effect per contrast (they may come from the model folder,
         so the configuration alone does not fix them).
     """
-    identity = encoder.identity() if isinstance(encoder, SliceEncoder) else dict(encoder)
-    missing = [key for key in _ENCODER_KEYS if key not in identity]
-    if missing:
-        raise ValueError(f"encoder identity lacks {missing}; pass a SliceEncoder or its identity()")
     return {
         "format": CACHE_FORMAT_VERSION,
         "preprocess": {key: value for key, value in recipe.preprocess.items() if key != "workers"},
         "tokens": {"grid_size": recipe.grid_size, "min_brain_fraction": recipe.min_brain_fraction},
-        "encoder": {key: identity[key] for key in _ENCODER_KEYS},
+        "encoder": encoder_material(encoder),
         # The references' values and percentiles, not their "source" text: that names files as
         # they were written (relative or absolute) and commands, which change nothing cached.
         **({"landmarks": _landmark_values(landmarks)} if landmarks else {}),

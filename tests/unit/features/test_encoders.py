@@ -10,6 +10,7 @@ import torch
 
 from codegraph3d.features.encoders import (
     UNTRAINED_WARNING,
+    CombinedEncoder,
     Dinov2Encoder,
     IntensityEncoder,
     hf_to_official_state_dict,
@@ -315,3 +316,34 @@ def test_efficientnet_layers_are_block_numbers_with_the_range_named():
     assert configured_patch_size("efficientnet-lite0", 4) == 14
     with pytest.raises(ValueError, match=r"'efficientnet-lite0' has blocks 1\.\.16; set encoder.layers"):
         load_encoder("efficientnet-lite0", layers=[6, 12, 18, 24], device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# EfficientNet-Lite0 with the intensity layer beside it
+
+
+def test_the_combined_encoder_returns_each_parts_layers_padded_to_one_width(efficientnet):
+    combined = load_encoder("efficientnet-lite0+intensity", device="cpu")
+    assert isinstance(combined, CombinedEncoder) and combined.patch_size == 14 and combined.dim == 112
+    assert combined.layer_names == ["block3", "block5", "block8", "block11", "intensity"]
+    assert combined.layer_normalisation() == ["l2", "l2", "l2", "l2", "none"]
+    identity = combined.identity()
+    assert identity["normalisation"] == ["l2", "l2", "l2", "l2", "none"] and identity["pretrained"] is True
+    assert identity["weights_sha256"] == efficientnet.weights_sha256 and "WEIGHT-FREE intensity" in identity["description"]
+    slices = torch.rand(2, 1, 56, 70, generator=torch.Generator().manual_seed(3))
+    out = combined.encode(slices)
+    assert [tuple(layer.shape) for layer in out] == [(2, 4, 5, 112)] * 5
+    for got, expected in zip(out[:4], efficientnet.encode(slices), strict=True):
+        assert torch.equal(got, expected)
+    intensity = IntensityEncoder(14).encode(slices)[0]
+    assert torch.equal(out[4][..., :16], intensity) and not out[4][..., 16:].any()
+
+
+def test_a_combination_refuses_parts_that_do_not_fit():
+    with pytest.raises(ValueError, match="at least two parts"):
+        CombinedEncoder("x", [IntensityEncoder(14)])
+    with pytest.raises(ValueError, match=r"patch sizes \[14, 7\]"):
+        CombinedEncoder("x", [IntensityEncoder(14), IntensityEncoder(7)])
+    with pytest.raises(ValueError, match="repeat layer names"):
+        CombinedEncoder("x", [IntensityEncoder(14), IntensityEncoder(14)])
+    assert configured_patch_size("efficientnet-lite0+intensity", 4) == 14

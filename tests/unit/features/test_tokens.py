@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from codegraph3d.features.encoders import IntensityEncoder, untrained_vit
+from codegraph3d.features.encoders import CombinedEncoder, IntensityEncoder, untrained_vit
 from codegraph3d.features.tokens import EncodedVolume, TokenSet, encode_volume, parse_views, project, projection_matrix, tokenise
 
 P, G = 4, 8
@@ -197,3 +197,25 @@ def test_encoded_volume_validates_its_fields():
         EncodedVolume(features, coords, (2, 2, 2), ["a", "b"], fraction)
     with pytest.raises(ValueError, match="coords must be an \\(2, 3\\)"):
         EncodedVolume(features, coords[:1], (2, 2, 2), ["a"], fraction)
+
+
+class _UnitIntensity(IntensityEncoder):
+    """The intensity layer under another name, asking for L2 normalisation (as a learnt encoder does)."""
+
+    normalisation = "l2"
+
+    def __init__(self) -> None:
+        super().__init__(P, pooled=2)
+        self.layer_names = ["unit"]
+
+
+def test_a_combined_encoders_layers_keep_their_own_normalisation(volume):
+    # A learnt part's layers are L2-normalised; the intensity layer keeps its brightness.
+    mask = _sphere(14.0)
+    combined = CombinedEncoder("unit+intensity", [_UnitIntensity(), IntensityEncoder(P)])
+    encoded = encode_volume(volume, mask, combined, grid_size=G, batch_size=32)
+    plain = encode_volume(volume, mask, IntensityEncoder(P), grid_size=G, batch_size=32)
+    assert encoded.features.shape[0] == 2 and encoded.layer_names == ["unit", "intensity"]
+    np.testing.assert_allclose(np.linalg.norm(encoded.features[0], axis=2), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(encoded.features[1], plain.features[0])
+    assert not np.allclose(np.linalg.norm(encoded.features[1], axis=2), 1.0)
