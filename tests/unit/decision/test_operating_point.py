@@ -82,9 +82,10 @@ def test_per_contrast_token_and_voxel_bounds_are_part_of_the_measured_setting(ta
         assert (rate != op.NOT_MEASURED) is measured, threshold
 
 
-def test_the_demo_configuration_has_a_measured_operating_point(monkeypatch: pytest.MonkeyPatch):
-    # The shipped table must match the shipped demo configuration, or the demo reports "not measured".
-    monkeypatch.setenv("CODEGRAPH3D_CONFIG", str(ROOT / "tools" / "demo_config.yaml"))
+@pytest.mark.parametrize("name", ["demo_config.yaml", "efficientnet_config.yaml", "efficientnet_intensity_config.yaml"])
+def test_the_shipped_configurations_have_a_measured_operating_point(name: str, monkeypatch: pytest.MonkeyPatch):
+    # The shipped table must match the shipped configurations, or their runs report "not measured".
+    monkeypatch.setenv("CODEGRAPH3D_CONFIG", str(ROOT / "tools" / name))
     config = load_config()
     for contrast in ("T1w", "T2w"):
         point = op.operating_point(LESION_POLICY_NAME, config.encoder.name, contrast, config.decision_settings())
