@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from codegraph3d.features.encoders import SliceEncoder
+from codegraph3d.features.encoders import CombinedEncoder, SliceEncoder
 from codegraph3d.features.tokens import EncodedVolume
-from codegraph3d.run.config import load_config
+from codegraph3d.run.config import CONFIG_ENV_VAR, load_config
 from codegraph3d.run.pipeline import build_encoder
 from codegraph3d.store.cache import CachedSeries, CacheEntryError, TokenCache, encoder_material, read_entry
 
@@ -45,6 +45,8 @@ class CombineError(ValueError):
 
 def combine_entries(parts: Sequence[CachedSeries], encoder: SliceEncoder, where: str) -> CachedSeries:
     """One entry whose features are the parts' layers in order, each zero-padded to ``encoder.dim``."""
+    if len(parts) < 2:
+        raise CombineError(f"{where}: a combined entry needs two or more part entries; got {len(parts)}")
     first = parts[0]
     for part in parts[1:]:
         if not np.array_equal(part.encoded.coords, first.encoded.coords):
@@ -53,6 +55,8 @@ def combine_entries(parts: Sequence[CachedSeries], encoder: SliceEncoder, where:
             raise CombineError(f"{where}: the parts' brain masks differ; combine entries of one preprocessing only")
         if part.sop_instance_uids != first.sop_instance_uids:
             raise CombineError(f"{where}: the parts were built from different source slices")
+    if any(part.encoded.features.shape[3] > encoder.dim for part in parts):
+        raise CombineError(f"{where}: a part's features are wider than the combined encoder's {encoder.dim}")
     layers = [layer for part in parts for layer in part.encoded.layer_names]
     if layers != list(encoder.layer_names):
         raise CombineError(f"{where}: the parts' layers {layers} are not the combined encoder's {encoder.layer_names}")
@@ -73,8 +77,28 @@ def _combined_material(sidecar: dict[str, Any], encoder: SliceEncoder) -> dict[s
     return material
 
 
-def combine_folders(cache: Path, parts: Sequence[Path], encoder: SliceEncoder) -> tuple[int, int]:
-    """Write the combined entry of every series all parts hold; return (written, skipped) counts."""
+def _check_settings(name: str, settings: Sequence[dict[str, Any]], encoder: CombinedEncoder) -> None:
+    """Each part entry made by the combined encoder's part, all with one preprocessing."""
+    for index, (setting, part) in enumerate(zip(settings, encoder.parts, strict=True)):
+        if setting.get("encoder") != encoder_material(part):
+            raise CombineError(f"{name}: part {index + 1}'s entry was made by another encoder than {part.name!r} "
+                               "as configured (other weights, layers or settings); fill its cache again")
+        for field in ("preprocess", "tokens", "landmarks", "format"):
+            if setting.get(field) != settings[0].get(field):
+                raise CombineError(f"{name}: the parts' settings differ in {field!r}; combine one preprocessing only")
+
+
+def combine_folders(cache: Path, parts: Sequence[Path], encoder: CombinedEncoder) -> tuple[int, int]:
+    """Write the combined entry of every series all parts hold; return (written, skipped) counts.
+
+    Raises
+    ------
+    CombineError
+        For a part folder whose count differs from the encoder's parts, an unreadable entry, or
+        entries that were not made by the encoder's parts with one preprocessing.
+    """
+    if len(parts) != len(encoder.parts):
+        raise CombineError(f"{encoder.name!r} has {len(encoder.parts)} parts; got {len(parts)} part folders")
     target = TokenCache(cache)
     written = skipped = 0
     for npz in sorted(parts[0].glob("*.npz")):
@@ -86,11 +110,7 @@ def combine_folders(cache: Path, parts: Sequence[Path], encoder: SliceEncoder) -
             read = [read_entry(path) for path in (npz, *others)]
         except CacheEntryError as error:
             raise CombineError(f"a part entry cannot be read: {error}") from error
-        settings = [sidecar["key_material"]["settings"] for sidecar, _ in read]
-        for sidecar, setting in zip(read[1:], settings[1:]):
-            for field in ("preprocess", "tokens", "landmarks", "format"):
-                if setting.get(field) != settings[0].get(field):
-                    raise CombineError(f"{npz.name}: the parts' settings differ in {field!r}; combine one preprocessing only")
+        _check_settings(npz.name, [sidecar["key_material"]["settings"] for sidecar, _ in read], encoder)
         entry = combine_entries([entry for _, entry in read], encoder, str(npz))
         target.store(_combined_material(read[0][0], encoder), entry)
         written += 1
@@ -106,10 +126,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="a settings folder of one part's entries, in the combined encoder's part order")
     parser.add_argument("-m", "--models", default="demo/models")
     args = parser.parse_args(argv)
-    os.environ["CODEGRAPH3D_CONFIG"] = str(args.config)
-    encoder = build_encoder(load_config(args.models), args.models)
     if len(args.part) < 2:
         raise SystemExit("--part: give one settings folder per part (two or more)")
+    previous = os.environ.get(CONFIG_ENV_VAR)
+    os.environ[CONFIG_ENV_VAR] = str(args.config)
+    try:
+        encoder = build_encoder(load_config(args.models), args.models)
+    finally:  # a caller's configuration is left as it was
+        if previous is None:
+            os.environ.pop(CONFIG_ENV_VAR, None)
+        else:
+            os.environ[CONFIG_ENV_VAR] = previous
+    if not isinstance(encoder, CombinedEncoder):
+        raise SystemExit(f"--config: encoder {encoder.name!r} is not a combination of encoders")
     written, skipped = combine_folders(args.cache, args.part, encoder)
     print(f"{written} combined entries written under {args.cache}; {skipped} series not held by every part")
     return 0

@@ -113,7 +113,11 @@ def evidence_bound(normal_evidence: np.ndarray, allowed: int) -> float:
 
 
 def mask_counts(batch: ScoredBatch, config: RunConfig) -> tuple[int, int, int, float, float]:
-    """True/false positive and false negative voxels of the batch's binary masks, and mask/lesion ml."""
+    """True/false positive and false negative voxels of the batch's binary masks, and mask/lesion ml.
+
+    Counted as :mod:`measure_decisions` counts them: the brain voxels of the working grid, before
+    the app drops mask components under ``threshold.min_finding_ml`` on the source grid.
+    """
     decision = decide(batch, config)
     tp = fp = fn = 0
     predicted_ml = lesion_ml = 0.0

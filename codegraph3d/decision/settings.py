@@ -89,9 +89,12 @@ class ThresholdSettings:
         if not _non_negative_number(self.min_finding_ml):
             raise ValueError(f"threshold.min_finding_ml must be >= 0; got {self.min_finding_ml!r}")
         for name, unit in PER_CONTRAST_BOUNDS.items():
+            # The evidence bound may be 0 (any candidate group is a finding); z bounds may not.
+            positive = name != "finding_mass"
             for contrast, bound in getattr(self, f"{name}_by_contrast").items():
-                if not _non_negative_number(bound):
-                    raise ValueError(f"threshold.{name}_by_contrast.{contrast} must be a number >= 0 ({unit}); got {bound!r}")
+                if not _non_negative_number(bound) or (positive and bound == 0):
+                    raise ValueError(f"threshold.{name}_by_contrast.{contrast} must be a number "
+                                     f"{'> 0' if positive else '>= 0'} ({unit}); got {bound!r}")
             # Read-only, so the frozen record cannot change under a decision made from it.
             object.__setattr__(self, f"{name}_by_contrast", MappingProxyType(dict(getattr(self, f"{name}_by_contrast"))))
         for contrast in (None, *self.contrasts_with_own_bounds()):

@@ -1118,7 +1118,8 @@ class CombinedEncoder(SliceEncoder):
     Raises
     ------
     ValueError
-        For fewer than two parts, unequal patch sizes or repeated layer names.
+        For fewer than two parts, unequal patch sizes, repeated layer names, or more than one
+        part with weights (report.json records one weights hash per encoder).
     """
 
     def __init__(self, name: str, parts: Sequence[SliceEncoder]) -> None:
@@ -1130,6 +1131,12 @@ class CombinedEncoder(SliceEncoder):
         names = [layer for part in parts for layer in part.layer_names]
         if len(set(names)) != len(names):
             raise ValueError(f"the parts of {name!r} repeat layer names: {names}")
+        hashes = [part.weights_sha256 for part in parts if part.weights_sha256]
+        # report.json has one weights hash and one "pretrained" flag per encoder: a combination
+        # holds at most one weighted part, and no untrained one its flag would hide.
+        if len(hashes) > 1 or any(part.weights_sha256 and not part.pretrained for part in parts):
+            raise ValueError(f"the parts of {name!r} hold {len(hashes)} weights files; combine at most one "
+                             "pretrained encoder with weight-free ones")
         self.parts = parts
         self.name = name
         self.patch_size = parts[0].patch_size
@@ -1138,8 +1145,7 @@ class CombinedEncoder(SliceEncoder):
         self.normalisation = "per-layer"
         self.device = parts[0].device
         self.pretrained = any(part.pretrained for part in parts)
-        hashes = [part.weights_sha256 for part in parts if part.weights_sha256]
-        self.weights_sha256 = hashes[0] if len(hashes) == 1 else (",".join(hashes) or None)
+        self.weights_sha256 = hashes[0] if hashes else None
         self.description = " + ".join(part.description for part in parts) + f" (zero-padded to {self.dim})"
 
     def layer_normalisation(self) -> list[str]:
@@ -1248,7 +1254,8 @@ def load_encoder(
     patch_size : int, optional
         ``"intensity"`` (default 14) and ``"untrained-tiny"`` (default 4) only.
     pooled, context
-        ``"intensity"`` only; see :class:`IntensityEncoder`.
+        ``"intensity"`` and the intensity part of ``"efficientnet-lite0+intensity"``; see
+        :class:`IntensityEncoder`.
     num_heads : int, optional
         ``"dinov2"`` from a ``.pth`` of a non-official width only.
 
@@ -1270,8 +1277,8 @@ def load_encoder(
     if name == "efficientnet-lite0":
         return EfficientNetLiteEncoder(layers, device=device)
     if name == "efficientnet-lite0+intensity":
-        # The intensity layer on the same 14-pixel patches, with its defaults (the demo's).
-        parts = [EfficientNetLiteEncoder(layers, device=device), IntensityEncoder(EfficientNetLiteEncoder.patch_size, device=device)]
+        # The intensity layer on the same 14-pixel patches.
+        parts = [EfficientNetLiteEncoder(layers, device=device), IntensityEncoder(EfficientNetLiteEncoder.patch_size, pooled, context, device=device)]
         return CombinedEncoder(name, parts)
     if name.startswith("untrained-"):
         variant = name[len("untrained-"):]

@@ -650,8 +650,8 @@ def _lesion_decision(
 ) -> ThresholdDecision:
     """The lesion policy on a batch's first ``n`` volumes; bank volumes after them, if any, as references.
 
-    ``contrast`` selects the evidence bound (``threshold.finding_mass_by_contrast``); ``None`` or
-    an unlisted contrast takes ``threshold.finding_mass``.
+    ``contrast`` selects the bounds (``threshold.*_by_contrast``); ``None`` or an unlisted
+    contrast takes the section-wide ``token_z``, ``finding_mass`` and ``voxel_z``.
 
     With ``threshold.reference: auto`` the bank volumes (studies added to the bank as normal
     looking) alone give the per-position statistics; without bank volumes, or with ``batch``,
@@ -718,8 +718,8 @@ def decide_batch(
     """Flags and mask bounds for a scored batch's first ``n`` volumes, by ``threshold.policy``.
 
     ``scores`` and ``coords`` cover the batch's own volumes first and any cohort-bank references
-    after them. ``contrast`` names the batch's contrast (its ``threshold.finding_mass_by_contrast``
-    entry applies). ``lesion``: :func:`_lesion_decision`. ``bank``: the first version's two-level rule
+    after them. ``contrast`` names the batch's contrast (its ``threshold.*_by_contrast``
+    entries apply). ``lesion``: :func:`_lesion_decision`. ``bank``: the first version's two-level rule
     with bounds from the bank volumes. ``robust_z``: that rule on the whole batch, bank volumes
     included (the sample an outlier rule needs). ``token_ml`` is one token's volume (ml), the
     unit of the lesion policy's evidence (:func:`token_volume_ml`). ``groups`` gives each volume's

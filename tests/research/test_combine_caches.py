@@ -44,7 +44,7 @@ def caches(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return out
 
 
-def test_assembled_entries_are_the_apps_entries(caches, monkeypatch):
+def test_assembled_entries_are_the_apps_entries(caches: dict) -> None:
     target = caches["root"] / "assembled"
     main(["--cache", str(target), "--config", str(caches["combined"]),
           "--part", str(caches["efficientnet_folder"]), "--part", str(caches["intensity_folder"])])
@@ -60,7 +60,7 @@ def test_assembled_entries_are_the_apps_entries(caches, monkeypatch):
         np.testing.assert_allclose(assembled.encoded.features, app.encoded.features, rtol=0, atol=1e-6)
 
 
-def test_parts_of_different_preprocessing_are_refused(caches):
+def test_parts_that_differ_are_refused(caches: dict) -> None:
     _, first = read_entry(next(caches["efficientnet_folder"].glob("*.npz")))
     _, second = read_entry(next(caches["intensity_folder"].glob("*.npz")))
     with pytest.MonkeyPatch.context() as patch:
@@ -74,3 +74,14 @@ def test_parts_of_different_preprocessing_are_refused(caches):
         combine_entries([first, moved], encoder, "x")
     with pytest.raises(CombineError, match="are not the combined encoder's"):
         combine_entries([second, first], encoder, "x")
+
+
+def test_parts_in_the_wrong_order_or_of_another_encoder_are_refused(caches: dict, tmp_path: Path) -> None:
+    # The intensity entries given as the EfficientNet part: the part's encoder is checked by name.
+    with pytest.raises(CombineError, match="part 1's entry was made by another encoder than 'efficientnet-lite0'"):
+        main(["--cache", str(tmp_path / "c"), "--config", str(caches["combined"]),
+              "--part", str(caches["intensity_folder"]), "--part", str(caches["efficientnet_folder"])])
+    with pytest.raises(SystemExit, match="is not a combination"):
+        main(["--cache", str(tmp_path / "c"), "--config", str(caches["intensity"]),
+              "--part", str(caches["efficientnet_folder"]), "--part", str(caches["intensity_folder"])])
+    assert not list((tmp_path / "c").rglob("*.npz"))

@@ -207,10 +207,11 @@ def test_token_and_voxel_bounds_per_contrast_come_from_the_configuration():
     assert (t2w.token_z, t2w.voxel_z) == (3.0, 4.0)
     assert config.decision_settings().record("T2w")["threshold"]["token_z"] == 3.0
     assert config.decision_settings().record("T1w")["threshold"]["voxel_z"] == 10.0
-    with pytest.raises(ConfigError, match="token_z_by_contrast.T2w must be a number >= 0"):
+    with pytest.raises(ConfigError, match="token_z_by_contrast.T2w must be a number > 0"):
         load_config(override={"threshold": {"token_z_by_contrast": {"T2w": "high"}}})
-    with pytest.raises(ConfigError, match="threshold.voxel_z must be > 0"):
+    with pytest.raises(ConfigError, match=r"threshold.voxel_z_by_contrast.T1w must be a number > 0 \(robust SDs\); got 0.0"):
         load_config(override={"threshold": {"voxel_z_by_contrast": {"T1w": 0.0}}})
+    assert load_config(override={"threshold": {"finding_mass_by_contrast": {"T1w": 0.0}}}).threshold.bound("finding_mass", "T1w") == 0.0
     with pytest.raises(ConfigError, match="voxel_z_by_contrast: 'PD' is not a scored contrast"):
         load_config(override={"threshold": {"voxel_z_by_contrast": {"PD": 5.0}}})
 

@@ -12,6 +12,7 @@ from codegraph3d.features.encoders import (
     UNTRAINED_WARNING,
     CombinedEncoder,
     Dinov2Encoder,
+    EfficientNetLiteEncoder,
     IntensityEncoder,
     hf_to_official_state_dict,
     configured_patch_size,
@@ -322,7 +323,7 @@ def test_efficientnet_layers_are_block_numbers_with_the_range_named():
 # EfficientNet-Lite0 with the intensity layer beside it
 
 
-def test_the_combined_encoder_returns_each_parts_layers_padded_to_one_width(efficientnet):
+def test_the_combined_encoder_returns_each_parts_layers_padded_to_one_width(efficientnet: EfficientNetLiteEncoder) -> None:
     combined = load_encoder("efficientnet-lite0+intensity", device="cpu")
     assert isinstance(combined, CombinedEncoder) and combined.patch_size == 14 and combined.dim == 112
     assert combined.layer_names == ["block3", "block5", "block8", "block11", "intensity"]
@@ -339,7 +340,13 @@ def test_the_combined_encoder_returns_each_parts_layers_padded_to_one_width(effi
     assert torch.equal(out[4][..., :16], intensity) and not out[4][..., 16:].any()
 
 
-def test_a_combination_refuses_parts_that_do_not_fit():
+def test_a_combination_holds_one_weights_file_at_most(efficientnet: EfficientNetLiteEncoder) -> None:
+    other = load_encoder("efficientnet-lite0", layers=[2], device="cpu")
+    with pytest.raises(ValueError, match="hold 2 weights files"):
+        CombinedEncoder("x", [efficientnet, other])
+
+
+def test_a_combination_refuses_parts_that_do_not_fit() -> None:
     with pytest.raises(ValueError, match="at least two parts"):
         CombinedEncoder("x", [IntensityEncoder(14)])
     with pytest.raises(ValueError, match=r"patch sizes \[14, 7\]"):

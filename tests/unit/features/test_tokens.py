@@ -209,7 +209,7 @@ class _UnitIntensity(IntensityEncoder):
         self.layer_names = ["unit"]
 
 
-def test_a_combined_encoders_layers_keep_their_own_normalisation(volume):
+def test_a_combined_encoders_layers_keep_their_own_normalisation(volume: np.ndarray) -> None:
     # A learnt part's layers are L2-normalised; the intensity layer keeps its brightness.
     mask = _sphere(14.0)
     combined = CombinedEncoder("unit+intensity", [_UnitIntensity(), IntensityEncoder(P)])
