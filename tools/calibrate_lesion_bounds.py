@@ -70,16 +70,26 @@ class ScoredBatch:
         return self.truths[index]
 
 
-def score_batches(root: Path, specs: Sequence[str], config: RunConfig, normals_only: bool) -> list[ScoredBatch]:
-    """Each ``NAME=COHORT[,COHORT...]`` pooled and scored once per contrast."""
+def score_batches(root: Path, specs: Sequence[str], config: RunConfig, normals_only: bool,
+                  split: int = 0) -> list[ScoredBatch]:
+    """Each ``NAME=COHORT[,COHORT...]`` pooled and scored once per contrast.
+
+    ``split`` > 0 scores the pooled series in consecutive batches of near-equal size, at most
+    ``split`` each (named ``NAME[i]``): the policy's per-position statistics come from the batch,
+    so bounds for small batches are calibrated on small batches.
+    """
     batches = []
     for spec in specs:
         name, _, cohorts = spec.partition("=")
         for contrast, series in sorted(load_pooled(root, cohorts.split(","), config).items()):
             if normals_only:
                 series = [item for item in series if not item.has_lesion]
-            batches.append(ScoredBatch(name, contrast, series, score_series(series, config)))
-            print(f"scored {name} {contrast}: {len(series)} series", file=sys.stderr)
+            parts = np.array_split(np.arange(len(series)), -(-len(series) // split)) if split > 0 else [np.arange(len(series))]
+            for index, members in enumerate(parts):
+                label = f"{name}[{index}]" if len(parts) > 1 else name
+                chosen = [series[i] for i in members]
+                batches.append(ScoredBatch(label, contrast, chosen, score_series(chosen, config)))
+                print(f"scored {label} {contrast}: {len(chosen)} series", file=sys.stderr)
     return batches
 
 
@@ -182,12 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--voxel-z", type=float, nargs="+", default=[3.0, 4.0, 5.0, 6.0, 8.0, 10.0])
     parser.add_argument("--normals-allowed", type=int, default=1,
                         help="tuning normals (all batches pooled) the evidence bound may flag (default 1)")
+    parser.add_argument("--split", type=int, default=0, metavar="N",
+                        help="score each --batch and --normal-batch in batches of at most N series (default: whole)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="configuration override")
     parser.add_argument("--models", default="demo/models")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     config = configure(args.models, args.set)
-    batches = score_batches(args.root, args.batch, config, False) + score_batches(args.root, args.normal_batch, config, True)
+    batches = (score_batches(args.root, args.batch, config, False, args.split)
+               + score_batches(args.root, args.normal_batch, config, True, args.split))
     results = {}
     for contrast in sorted({b.contrast for b in batches}):
         chosen = [b for b in batches if b.contrast == contrast]
