@@ -38,8 +38,8 @@ The rule
    means the same on any token grid): a large mildly abnormal region and a small very abnormal
    one both count, a lone noisy token does not. A component is a *finding* when its evidence
    exceeds ``finding_mass`` (each of the three bounds may be set per contrast, ``*_by_contrast``,
-   for bounds calibrated per encoder and contrast); a volume is flagged when it has a finding. Lesion-level evidence
-   replaces the single maximum token of the first policy, whose volume gate (median + 3 robust
+   for bounds calibrated per encoder and contrast); a volume is flagged when it has a finding.
+   Lesion-level evidence replaces the single maximum token of the first policy, whose volume gate (median + 3 robust
    SD of the batch's maxima) moved with the prevalence of lesions in the batch.
 3. **Masks.** In a flagged volume, the voxels of the upsampled ``z`` map above ``voxel_z`` form
    the mask (for a faint finding, those above a quarter of the way from ``token_z`` to its peak),

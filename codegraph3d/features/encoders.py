@@ -1278,8 +1278,8 @@ def load_encoder(
         return EfficientNetLiteEncoder(layers, device=device)
     if name == "efficientnet-lite0+intensity":
         # The intensity layer on the same 14-pixel patches.
-        parts = [EfficientNetLiteEncoder(layers, device=device), IntensityEncoder(EfficientNetLiteEncoder.patch_size, pooled, context, device=device)]
-        return CombinedEncoder(name, parts)
+        learnt = EfficientNetLiteEncoder(layers, device=device)
+        return CombinedEncoder(name, [learnt, IntensityEncoder(learnt.patch_size, pooled, context, device=device)])
     if name.startswith("untrained-"):
         variant = name[len("untrained-"):]
         return untrained_vit(variant, seed, layers=layers, device=device, patch_size=patch_size)
