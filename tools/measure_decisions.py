@@ -14,7 +14,9 @@ alone):
 
 Batches are named groups of cohorts pooled into one batch per contrast (``--batch
 all48=subjects48_s40``; ``--normal-batch`` keeps only their lesion-free series); ``--bank-studies Q --bank B`` scores every study of the cohorts ``Q``
-alone against the volumes of the cohorts ``B`` as a cohort bank (the per-study clinical mode).
+alone against the volumes of the cohorts ``B`` as a cohort bank (the per-study clinical mode);
+``--batches-with-bank`` scores every batch with the bank's volumes as references (the app's
+small-batch mode).
 
 Usage::
 
@@ -173,15 +175,24 @@ def load_pooled(root: Path, names: Sequence[str], config: RunConfig) -> dict[str
     return pooled
 
 
-def measure_batch(root: Path, names: Sequence[str], config: RunConfig, normals_only: bool = False) -> dict[str, Any]:
-    """One pooled batch per contrast of the named cohorts (``normals_only``: their lesion-free series)."""
+def measure_batch(
+    root: Path, names: Sequence[str], config: RunConfig, normals_only: bool = False,
+    bank: Mapping[str, list[AblationSeries]] | None = None,
+) -> dict[str, Any]:
+    """One pooled batch per contrast of the named cohorts (``normals_only``: their lesion-free series).
+
+    ``bank``: per contrast, cohort-bank volumes scored with the batch as its references (the app
+    joins them to a batch of fewer than ``bank.min_patients`` patients); only the batch is decided.
+    """
     out = {}
     for contrast, series in sorted(load_pooled(root, names, config).items()):
         if normals_only:
             series = [item for item in series if not item.has_lesion]
+        patients = {item.record.decision.patient_id for item in series}
+        references = [ref for ref in (bank or {}).get(contrast, []) if ref.record.decision.patient_id not in patients]
         tally = Tally()
-        _tally_batch(series, len(series), config, tally)
-        out[contrast] = tally.summary()
+        _tally_batch([*series, *references], len(series), config, tally)
+        out[contrast] = {**tally.summary(), "n_bank_volumes": len(references)} if bank else tally.summary()
     return out
 
 
@@ -221,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="an all-normal batch: the lesion-free series of the named cohorts")
     parser.add_argument("--bank-studies", nargs="+", default=[], metavar="COHORT", help="cohorts scored study by study")
     parser.add_argument("--bank", nargs="+", default=[], metavar="COHORT", help="cohorts that form the bank")
+    parser.add_argument("--batches-with-bank", action="store_true",
+                        help="score --batch and --normal-batch batches with the --bank volumes as references "
+                        "(as the app does for a batch of fewer than bank.min_patients patients)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="configuration override")
     parser.add_argument("--models", default="demo/models")
     parser.add_argument("--json", type=Path)
@@ -233,12 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"settings": {"threshold": config.as_dict()["threshold"], "scoring": config.as_dict()["scoring"],
                                             "mask_interpolation": config.output.mask_interpolation,
                                             "score_interpolation": config.output.score_interpolation}}
+    if args.batches_with_bank and not args.bank:
+        parser.error("--batches-with-bank needs --bank")
+    bank = load_pooled(args.root, args.bank, config) if args.batches_with_bank else None
     for spec in args.batch:
         name, _, cohorts = spec.partition("=")
-        results[name] = measure_batch(args.root, cohorts.split(","), config)
+        results[name] = measure_batch(args.root, cohorts.split(","), config, bank=bank)
     for spec in args.normal_batch:
         name, _, cohorts = spec.partition("=")
-        results[name] = measure_batch(args.root, cohorts.split(","), config, normals_only=True)
+        results[name] = measure_batch(args.root, cohorts.split(","), config, normals_only=True, bank=bank)
     if args.bank_studies:
         results["single studies vs bank"] = measure_bank_studies(args.root, args.bank_studies, args.bank, config)
     _print(results, args.lesions)
