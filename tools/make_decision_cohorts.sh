@@ -6,7 +6,8 @@
 # bounds were fixed: they are its held-out cohorts (docs/RESULTS.md, "Decisions"). Seeds 22 and 44
 # were named before round 3 (the bank's own bound) began and are held out from it. Seeds 23 and 14
 # were named before the per-contrast bounds of EfficientNet-Lite0 were calibrated (on seeds 44 and
-# 42) and are held out from them. DECISIONS_CONFIG names the configuration the cache is filled
+# 42) and are held out from them; seeds 15, 16 and 17 (all normal) were named before any bound
+# met them. DECISIONS_CONFIG names the configuration the cache is filled
 # with (default tools/demo_config.yaml, the intensity encoder; tools/efficientnet_config.yaml for
 # the learnt encoder, whose cache belongs in its own ROOT).
 # Usage: [DECISIONS_CONFIG=FILE] tools/make_decision_cohorts.sh [ROOT=work/decisions] [NAME ...]
@@ -51,8 +52,13 @@ declare -A cohorts=(
   # held out from EfficientNet-Lite0's per-contrast bounds (named before they were calibrated)
   [half16_s23]="--subjects 16 --seed 23 --lesion-fraction 0.5 $heads"
   [normal12_s14]="--seed 14 --lesion-fraction 0 $heads"
+  # all-normal batches held out from every bound so far (named before any was scored): three
+  # batches of 12, and the four all-normal 12s pooled as a batch of 48
+  [normal12_s15]="--seed 15 --lesion-fraction 0 $heads"
+  [normal12_s16]="--seed 16 --lesion-fraction 0 $heads"
+  [normal12_s17]="--seed 17 --lesion-fraction 0 $heads"
 )
-order=(demo normal12_s10 tune1 demo_s2 normal12_s11 half16_s21 mets16_s31 cortical16_s51 normal12_s12 demo_s3 subjects48_s40 normal48_s41 subjects48_s43 normal48_s42 demo_s4 normal12_s13 half16_s22 subjects48_s44 subjects24_s45 half16_s23 normal12_s14)
+order=(demo normal12_s10 tune1 demo_s2 normal12_s11 half16_s21 mets16_s31 cortical16_s51 normal12_s12 demo_s3 subjects48_s40 normal48_s41 subjects48_s43 normal48_s42 demo_s4 normal12_s13 half16_s22 subjects48_s44 subjects24_s45 half16_s23 normal12_s14 normal12_s15 normal12_s16 normal12_s17)
 [ "$#" -gt 0 ] && order=("$@")
 for name in "${order[@]}"; do
   args=${cohorts[$name]:?unknown cohort $name}
