@@ -72,6 +72,8 @@ class Tally:
     labels: list[bool] = field(default_factory=list)
     flags: list[bool] = field(default_factory=list)
     lesions: list[dict[str, Any]] = field(default_factory=list)
+    # Per series: its largest finding's evidence against the bound in effect (lesion policy).
+    evidence: list[dict[str, Any]] = field(default_factory=list)
     voxel: StreamingBinaryMetrics | None = None
     voxel_z: StreamingBinaryMetrics | None = None
 
@@ -91,6 +93,7 @@ class Tally:
             "dice_max": round(dice_max, 3),
             "dice_max_z": round(dice_max_z, 3),
             "lesions": self.lesions,
+            "evidence": self.evidence,
         }
 
 
@@ -145,6 +148,9 @@ def _tally_batch(series: Sequence[AblationSeries], n: int, config: RunConfig, ta
                                     None, mask_interpolation)[prepared.brain_mask]
             tally.voxel_z = tally.voxel_z or StreamingBinaryMetrics(0.0, 40.0, n_bins=4000)
             tally.voxel_z.update(np.clip(z_map, 0.0, 40.0), truth)
+        if decision.findings is not None:
+            tally.evidence.append({"uid": item.uid, "lesion": item.has_lesion, "bound": round(float(decision.volume_threshold), 3),
+                                   "evidence": round(max((f.mass for f in decision.findings[index]), default=0.0), 3)})
         tally.volume_scores.append(float(scores.volume_scores[index]))
         tally.labels.append(item.has_lesion)
         tally.flags.append(flagged)
