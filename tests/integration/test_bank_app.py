@@ -111,3 +111,23 @@ def test_chunked_batches_score_every_series_once(bank_setup):
     scored = [r for r in report["series"] if r["status"] == "scored"]
     assert len(scored) == 10 and all(r["batch_size"] in (3, 4) for r in scored)
     assert all(r["references"] in (2, 3) for r in scored)
+
+
+def test_a_batch_under_min_patients_draws_the_bank_and_one_at_it_keeps_its_own(bank_setup):
+    """A batch of fewer than bank.min_patients patients is scored against the bank; one of that many alone."""
+    tmp, priors, single, models, bank = bank_setup
+    two = tmp / "two"
+    prior = sorted(p for p in priors.iterdir() if p.is_dir())[0]
+    shutil.copytree(prior, two / prior.name)
+    shutil.copytree(next(single.iterdir()), two / next(single.iterdir()).name)
+    banked = run_app(two, tmp / "out_two_banked", models, TINY_VIT_CONFIG + f"bank:\n  folder: {bank}\n", tmp)
+    assert banked.returncode == 0, banked.stderr[-3000:]
+    [batch] = banked.report["batches"]
+    # The prior's own study is in the bank and never references itself: 9 of the 10 join.
+    assert batch["n_series"] == 2 and len(batch["bank_references"]) == 9
+    alone = run_app(two, tmp / "out_two_alone", models,
+                    TINY_VIT_CONFIG + f"bank:\n  folder: {bank}\n  min_patients: 2\n", tmp)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    [batch] = alone.report["batches"]
+    assert batch["n_series"] == 2 and batch["bank_references"] == []
+    assert all(r["references"] == 1 for r in alone.report["series"] if r["status"] == "scored")
