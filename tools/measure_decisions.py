@@ -194,8 +194,11 @@ def measure_batch(
     for contrast, series in sorted(load_pooled(root, names, config).items()):
         if normals_only:
             series = [item for item in series if not item.has_lesion]
+        # As the app draws: never a volume of the batch's own patients or studies.
         patients = {item.record.decision.patient_id for item in series}
-        references = [ref for ref in (bank or {}).get(contrast, []) if ref.record.decision.patient_id not in patients]
+        studies = {item.record.decision.study_instance_uid for item in series}
+        references = [ref for ref in (bank or {}).get(contrast, []) if ref.record.decision.patient_id not in patients
+                      and ref.record.decision.study_instance_uid not in studies]
         tally = Tally()
         _tally_batch([*series, *references], len(series), config, tally)
         out[contrast] = {**tally.summary(), "n_bank_volumes": len(references)} if bank else tally.summary()
@@ -255,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                                             "score_interpolation": config.output.score_interpolation}}
     if args.batches_with_bank and not args.bank:
         parser.error("--batches-with-bank needs --bank")
+    if args.batches_with_bank and args.record_operating_point:
+        parser.error("--record-operating-point records batches scored alone; drop --batches-with-bank")
     bank = load_pooled(args.root, args.bank, config) if args.batches_with_bank else None
     for spec in args.batch:
         name, _, cohorts = spec.partition("=")
