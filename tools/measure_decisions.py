@@ -36,7 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,7 @@ from codegraph3d.run.config import ConfigError, RunConfig, load_config
 from codegraph3d.decision.lesion_policy import LESION_POLICY_NAME
 from codegraph3d.scoring.maps import token_voxel_map
 from codegraph3d_research.metrics import StreamingBinaryMetrics, patient_auroc
-from codegraph3d.run.pipeline import decide_batch, reference_groups, score_configured, token_volume_ml
+from codegraph3d.run.pipeline import bank_groups, decide_batch, reference_groups, score_configured, token_volume_ml
 from codegraph3d.scoring.batch import BatchScores
 from codegraph3d.decision.thresholds import BANK_POLICY_NAME, POLICY_NAME
 
@@ -106,11 +106,19 @@ def _hindsight_recall(scores: np.ndarray, labels: np.ndarray, normals_flagged: i
     return f"{int(np.sum(scores[labels] > bound))}/{int(labels.sum())}"
 
 
-def score_series(series: Sequence[AblationSeries], config: RunConfig) -> BatchScores:
-    """Score one batch as the app does (scoring section of the configuration)."""
+def batch_groups(series: Sequence[AblationSeries], n: int, config: RunConfig) -> list[Hashable]:
+    """Scoring groups as the app gives them: the batch's first ``n`` volumes, then bank volumes."""
+    exclude = config.scoring.exclude_same.value
+    own = reference_groups([item.record.decision for item in series[:n]], exclude)
+    bank = reference_groups([item.record.decision for item in series[n:]], exclude) if len(series) > n else []
+    return own + bank_groups(bank)
+
+
+def score_series(series: Sequence[AblationSeries], config: RunConfig, n: int | None = None) -> BatchScores:
+    """Score one batch as the app does (scoring section); volumes after the first ``n`` are bank volumes."""
     settings = config.scoring
     tokens = [item.record.tokens for item in series]
-    groups = reference_groups([item.record.decision for item in series], settings.exclude_same.value)
+    groups = batch_groups(series, len(series) if n is None else n, config)
     return score_configured(
         [[t.tokens[layer] for t in tokens] for layer in range(len(tokens[0].tokens))],
         groups, [t.coords for t in tokens], tokens[0].grid_shape, settings,
@@ -119,9 +127,9 @@ def score_series(series: Sequence[AblationSeries], config: RunConfig) -> BatchSc
 
 def _tally_batch(series: Sequence[AblationSeries], n: int, config: RunConfig, tally: Tally) -> None:
     """Score ``series`` (queries first, then references), decide, and add the queries to ``tally``."""
-    scores = score_series(series, config)
+    scores = score_series(series, config, n)
     coords = [item.record.tokens.coords for item in series]
-    groups = reference_groups([item.record.decision for item in series], config.scoring.exclude_same.value)
+    groups = batch_groups(series, n, config)
     decision = decide_batch(scores, coords, n, series[0].record.tokens.grid_shape, config,
                             token_volume_ml(series[0].record), series[0].record.decision.contrast, groups)
     mask_interpolation = config.output.mask_interpolation

@@ -31,7 +31,11 @@ The rule
    (``bank_false_flag_rate``; :func:`bank_calibration`): each is standardised against the others
    as the query is against all of them, and the bound is the k-th largest of their evidence, k
    chosen so that a normal query is flagged with probability at most ``bank_false_flag_rate``
-   (for this bank with ``bank_confidence``) whatever the encoder.
+   (for this bank with ``bank_confidence``) whatever the encoder. The app scores bank volumes
+   against the other bank volumes only (``codegraph3d.scoring.musc.BankGroup``): with the query
+   among their references, one query had moved the bound of its own run 2.5-fold (T2w, a bank of
+   48), so a query could loosen or tighten its own test; now the statistics and the bound are the
+   same for every query against one bank.
 2. **Findings, not single tokens.** Tokens with ``z > token_z`` are grouped into connected
    components on the token grid (26-connectivity). A component's *evidence* is its mass above
    the bound, ``sum(z - token_z)`` over its tokens times a token's volume (z x ml, so that it
@@ -436,9 +440,10 @@ def bank_calibration(
 ) -> BankCalibration | None:
     """Evidence bound from a cohort bank's volumes, each scored against the others (leave one out).
 
-    The bank's volumes are normal-looking studies scored in the same batch as the query, so each
-    is, to the policy, what a normal query would be: standardised against the references of
-    *other* patients (as a query is against the whole bank, which never holds its own patient),
+    The bank's volumes are normal-looking studies scored against each other (in the query's
+    batch, but never against the query: ``BankGroup``), so each is, to the policy, what a normal
+    query would be: standardised against the references of *other* patients (as a query is
+    against the whole bank, which never holds its own patient),
     its largest finding's evidence is a draw from the evidence of normal studies. With ``n`` such
     draws, a normal query exceeds the ``k``-th largest with probability at most about
     ``k / (n + 1)`` (the conformal argument for exchangeable draws; approximate here, since the

@@ -36,6 +36,7 @@ from codegraph3d.preprocess.chain import PreprocessedVolume, resample_to_source
 from codegraph3d.core.progress import StageClock
 from codegraph3d.core.ray_runtime import RETRIES, ClusterError, alive_nodes, capped_memory, ray_runtime
 from codegraph3d.scoring.batch import BatchScores, score_batch
+from codegraph3d.scoring.musc import BankGroup
 from codegraph3d.decision.thresholds import (
     ThresholdDecision,
     decide_thresholds,
@@ -59,6 +60,7 @@ __all__ = [
     "scan_input",
     "select_input",
     "tokenise_selected",
+    "bank_groups",
     "batch_chunks",
     "open_bank",
     "score_batches",
@@ -757,7 +759,7 @@ class _Chunk:
 
     @property
     def groups(self) -> list[Hashable]:
-        return self.own_groups + [("bank", r.entry.patient_id or r.entry.study_instance_uid) for r in self.references]
+        return self.own_groups + bank_groups([r.entry.patient_id or r.entry.study_instance_uid for r in self.references])
 
     @property
     def layer_sets(self) -> list[list[np.ndarray]]:
@@ -774,6 +776,19 @@ class _Chunk:
         return [m.decision.series_instance_uid for m in self.members] + [
             f"bank:{r.entry.series_instance_uid}" for r in self.references
         ]
+
+
+def bank_groups(patients: Sequence[Hashable]) -> list[Hashable]:
+    """Scoring group keys of a batch's cohort-bank volumes, given each one's patient.
+
+    Bank volumes are scored against the other bank volumes only (:class:`BankGroup`), so their
+    scores, and the per-position statistics and evidence bound the lesion policy takes from them,
+    are the same whatever the batch holds. That needs two bank patients at least (each bank
+    volume needs a reference); with fewer, the bank volume is scored against the batch too.
+    """
+    if len(set(patients)) >= 2:
+        return [BankGroup(patient) for patient in patients]
+    return [("bank", patient) for patient in patients]
 
 
 def _draw_references(chunk: _Chunk, bank: Any, config: RunConfig) -> None:

@@ -58,6 +58,7 @@ import torch
 from codegraph3d.features.encoders import resolve_device
 
 __all__ = [
+    "BankGroup",
     "active_selection_precision",
     "check_chunk_size",
     "check_k_fraction",
@@ -330,6 +331,27 @@ def k_for_references(n_references: int, k_fraction: float) -> int:
     return int(min(n_references, max(1, k)))
 
 
+@dataclass(frozen=True)
+class BankGroup:
+    """Group key of a cohort-bank volume: a reference for the batch, scored against the bank only.
+
+    A volume whose group key is a ``BankGroup`` serves as a reference for every volume of another
+    group, but its own references are the other bank volumes (of other keys) only. The batch's
+    own volumes then never shape a bank volume's score, so what is taken from the bank's scores
+    (per-position statistics, a calibrated bound) is the same whatever the batch holds: a query
+    cannot move its own bound. Bank volumes come after every other volume of a batch, because
+    pairs are visited from the lower index (:func:`reference_sets` checks the order).
+
+    Attributes
+    ----------
+    key : hashable
+        The bank volume's own group (its patient): two bank volumes with equal keys never
+        reference each other.
+    """
+
+    key: Hashable
+
+
 def reference_sets(n_volumes: int, groups: Sequence[Hashable] | None = None) -> list[list[int]]:
     """Return, for every volume, the indices of the volumes that may serve as its references.
 
@@ -339,20 +361,29 @@ def reference_sets(n_volumes: int, groups: Sequence[Hashable] | None = None) -> 
         Batch size ``B``.
     groups : sequence of hashable, optional
         One group key per volume (PatientID, StudyInstanceUID, ...). A volume never references a
-        volume with an equal key. ``None``: every other volume is a reference.
+        volume with an equal key, and a :class:`BankGroup` volume references only other
+        ``BankGroup`` volumes. ``None``: every other volume is a reference.
 
     Returns
     -------
     list of list of int
         ``refs[i]`` in increasing order; may be empty (the caller decides whether that is an error).
+
+    Raises
+    ------
+    ValueError
+        A wrong number of keys, or a ``BankGroup`` volume before a volume of the batch's own.
     """
     if groups is None:
         return [[j for j in range(n_volumes) if j != i] for i in range(n_volumes)]
     groups = list(groups)
     if len(groups) != n_volumes:
         raise ValueError(f"groups has {len(groups)} entries for {n_volumes} volumes")
+    bank = [isinstance(key, BankGroup) for key in groups]
+    if any(bank[i] and not bank[i + 1] for i in range(n_volumes - 1)):
+        raise ValueError("bank volumes (BankGroup keys) must come after every volume of the batch's own")
     return [
-        [j for j in range(n_volumes) if j != i and groups[j] != groups[i]]
+        [j for j in range(n_volumes) if j != i and groups[j] != groups[i] and (bank[j] or not bank[i])]
         for i in range(n_volumes)
     ]
 
@@ -755,7 +786,9 @@ def _block_nearest(batch: _Batch, tokens: torch.Tensor, sq_norms: torch.Tensor, 
     best_d2 = torch.full((n_volumes, n_total), float("inf"), dtype=torch.float32, device=tokens.device)
     best_idx = torch.zeros((n_volumes, n_total), dtype=torch.int32, device=tokens.device)
     for i in range(n_volumes):
-        # Group exclusion is symmetric, so each unordered pair is visited once, from i < j.
+        # Each unordered pair is visited once, from i < j: group exclusion is symmetric, and the
+        # one one-way exclusion (a bank volume never references the batch's own volumes) has the
+        # bank after them, so the pair is visited from the batch's side and serves both.
         for run in _consecutive_runs([j for j in refs[i] if j > i]):
             _update_block_row(pairs, sq_norms, batch.starts, i, run, (best_d2, best_idx), chunk_size)
     return best_idx
