@@ -8,7 +8,8 @@
 # were named before the per-contrast bounds of EfficientNet-Lite0 were calibrated (on seeds 44 and
 # 42) and are held out from them; seeds 15, 16 and 17 (all normal) were named before any bound
 # met them. Seed 46 was named before the bank's bound was calibrated on the bank's own scores
-# (single studies of seed 44 tuned it) and is held out from that. DECISIONS_CONFIG names the configuration the cache is filled
+# (single studies of seed 44 tuned it) and is held out from that, as is the all-normal seed 18.
+# DECISIONS_CONFIG names the configuration the cache is filled
 # with (default tools/demo_config.yaml, the intensity encoder; tools/efficientnet_config.yaml for
 # the learnt encoder, whose cache belongs in its own ROOT).
 # Usage: [DECISIONS_CONFIG=FILE] tools/make_decision_cohorts.sh [ROOT=work/decisions] [NAME ...]
@@ -61,8 +62,9 @@ declare -A cohorts=(
   # held out from the bank calibration on the bank's own scores and its rank (named before either
   # was measured; seed 44's single studies are their tuning set)
   [subjects24_s46]="--subjects 24 --seed 46 $heads"
+  [normal12_s18]="--seed 18 --lesion-fraction 0 $heads"
 )
-order=(demo normal12_s10 tune1 demo_s2 normal12_s11 half16_s21 mets16_s31 cortical16_s51 normal12_s12 demo_s3 subjects48_s40 normal48_s41 subjects48_s43 normal48_s42 demo_s4 normal12_s13 half16_s22 subjects48_s44 subjects24_s45 half16_s23 normal12_s14 normal12_s15 normal12_s16 normal12_s17 subjects24_s46)
+order=(demo normal12_s10 tune1 demo_s2 normal12_s11 half16_s21 mets16_s31 cortical16_s51 normal12_s12 demo_s3 subjects48_s40 normal48_s41 subjects48_s43 normal48_s42 demo_s4 normal12_s13 half16_s22 subjects48_s44 subjects24_s45 half16_s23 normal12_s14 normal12_s15 normal12_s16 normal12_s17 subjects24_s46 normal12_s18)
 [ "$#" -gt 0 ] && order=("$@")
 for name in "${order[@]}"; do
   args=${cohorts[$name]:?unknown cohort $name}

@@ -393,6 +393,9 @@ class BankCalibration:
     evidence : tuple of float
         Each reference volume's largest finding evidence (z x ml), scored against the other
         references only, largest first.
+    n_queries : int
+        Studies decided together against the bank (they share the rate: ``false_flag_bound`` is
+        per study, ``n_queries`` times it per batch).
     """
 
     finding_mass: float
@@ -402,12 +405,14 @@ class BankCalibration:
     evidence: tuple[float, ...]
     confidence: float = 0.0
     expected_false_flag_rate: float = 0.0
+    n_queries: int = 1
 
     def record(self) -> dict[str, Any]:
         """The calibration as report.json's ``threshold_params.bank_calibration`` holds it."""
         return {"finding_mass": self.finding_mass, "rank": self.rank, "n_reference_volumes": self.n_reference,
                 "false_flag_bound": self.false_flag_bound, "confidence": self.confidence,
-                "expected_false_flag_rate": self.expected_false_flag_rate,
+                "expected_false_flag_rate": self.expected_false_flag_rate, "n_queries": self.n_queries,
+                "expected_false_flags_per_batch": round(self.n_queries * self.expected_false_flag_rate, 4),
                 "largest_evidence": [round(value, 4) for value in self.evidence[:max(self.rank, 5)]]}
 
 
@@ -437,6 +442,7 @@ def bank_calibration(
     policy: LesionPolicy,
     token_ml: float = 1.0,
     groups: Sequence[Hashable] | None = None,
+    n_queries: int = 1,
 ) -> BankCalibration | None:
     """Evidence bound from a cohort bank's volumes, each scored against the others (leave one out).
 
@@ -451,7 +457,11 @@ def bank_calibration(
     the bound, if anything, conservative), so ``k = floor(bank_false_flag_rate * (n + 1))`` states
     the false-flag rate without assuming a distribution, for this encoder, contrast and bank; with
     ``bank_confidence`` the rank is lowered so that the rate holds for this bank with that
-    confidence (:func:`calibration_rank`). A
+    confidence (:func:`calibration_rank`). The rate is per decided batch: ``n_queries`` studies
+    decided together against the bank share it (each is held to ``bank_false_flag_rate /
+    n_queries``, so a batch of normal studies has at most that many flags on average, as a single
+    study does), down to the bank's largest evidence when the bank is too small for that share
+    (then a batch expects ``n_queries / (n + 1)`` false flags). A
     missed lesion in the bank only raises the bound. A bank grown with ``bank.add_scored:
     unflagged`` keeps only studies below its bound, which lowers the bound over time: calibrate on
     banks of curated normal studies.
@@ -466,6 +476,8 @@ def bank_calibration(
     groups : sequence of hashable, optional
         Patient (or study) of each bank volume: a volume is left out with every volume of its
         group. ``None``: each volume is its own group.
+    n_queries : int, default 1
+        Studies decided against this bank in one batch (they share the rate).
 
     Returns
     -------
@@ -477,9 +489,14 @@ def bank_calibration(
     groups = list(range(n)) if groups is None else list(groups)
     if len(groups) != n:
         raise ValueError(f"{len(groups)} groups for {n} bank volumes")
+    if n_queries < 1:
+        raise ValueError(f"n_queries must be >= 1; got {n_queries!r}")
     rank = calibration_rank(n, policy.bank_false_flag_rate, policy.bank_confidence)
     if rank < 1 or n - max(groups.count(g) for g in set(groups)) < policy.min_reference_volumes:
         return None
+    # A batch shares the rate; the bank's largest evidence is the strictest bound it can give.
+    share = policy.bank_false_flag_rate / n_queries
+    rank = max(1, calibration_rank(n, share, policy.bank_confidence))
     evidence = []
     for left_out in range(n):
         others = [index for index in range(n) if groups[index] != groups[left_out]]
@@ -492,10 +509,12 @@ def bank_calibration(
         evidence.append(max((finding.mass for finding in found), default=0.0))
     ordered = tuple(sorted((float(value) for value in evidence), reverse=True))
     expected = rank / (n + 1)
+    held = policy.bank_confidence > 0 and calibration_rank(n, share, policy.bank_confidence) >= 1
     return BankCalibration(
         finding_mass=ordered[rank - 1], rank=rank, n_reference=n, evidence=ordered,
-        false_flag_bound=policy.bank_false_flag_rate if policy.bank_confidence > 0 else expected,
-        confidence=policy.bank_confidence, expected_false_flag_rate=expected,
+        false_flag_bound=share if held else expected,
+        confidence=policy.bank_confidence if held else 0.0, expected_false_flag_rate=expected,
+        n_queries=n_queries,
     )
 
 
@@ -563,6 +582,7 @@ def decide_lesions(
     if banked and policy.bank_false_flag_rate > 0:
         calibration = bank_calibration(
             reference_scores, reference_coords, grid_shape, policy, token_ml, reference_groups,  # type: ignore[arg-type]
+            n_queries=len(token_scores),
         )
         if calibration is None:
             calibration_record = {"bank_calibration": f"not calibrated: {n_bank} bank volume(s) are too few for a "

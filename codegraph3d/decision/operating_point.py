@@ -92,6 +92,10 @@ def bank_operating_point(params: Mapping[str, Any]) -> dict[str, Any] | None:
     held = (f"at most {calibration['false_flag_bound']:g} with confidence {confidence:g} for this bank"
             if confidence > 0 else
             f"at most about {calibration['rank']}/{calibration['n_reference_volumes'] + 1} on average over banks")
+    n_queries = int(calibration.get("n_queries", 1))
+    shared = (f"; the batch's {n_queries} studies share the rate (about "
+              f"{calibration.get('expected_false_flags_per_batch', n_queries * calibration['false_flag_bound']):g} "
+              "false flags per all-normal batch on average)" if n_queries > 1 else "")
     return {
         "false_flag_rate_per_normal_series": calibration["false_flag_bound"],
         "normal_series": calibration["n_reference_volumes"],
@@ -100,6 +104,6 @@ def bank_operating_point(params: Mapping[str, Any]) -> dict[str, Any] | None:
         "measured_on": (
             f"this batch's {calibration['n_reference_volumes']} cohort-bank volumes, each scored against the "
             f"others (leave one patient out); the bound is their {calibration['rank']}-th largest evidence, so a "
-            f"normal study is flagged with probability {held}"
+            f"normal study is flagged with probability {held}{shared}"
         ),
     }

@@ -282,11 +282,33 @@ def test_a_calibrated_bank_flags_normal_studies_at_about_the_stated_rate():
     for _ in range(12):
         volumes, coords = _noisy_batch(29, rng)
         bank, queries = volumes[:19], volumes[19:]
-        decision = decide_lesions(queries, coords[19:], (6, 6, 6), policy, token_ml=0.5,
-                                  reference_scores=bank, reference_coords=coords[:19])
-        assert decision.params["bank_calibration"]["false_flag_bound"] == pytest.approx(0.1)
-        flags.extend(decision.flagged.tolist())
+        for query, where in zip(queries, coords[19:]):  # single studies: each keeps the whole rate
+            decision = decide_lesions([query], [where], (6, 6, 6), policy, token_ml=0.5,
+                                      reference_scores=bank, reference_coords=coords[:19])
+            assert decision.params["bank_calibration"]["false_flag_bound"] == pytest.approx(0.1)
+            flags.extend(decision.flagged.tolist())
     assert 0.02 <= np.mean(flags) <= 0.16, np.mean(flags)
+
+
+def test_studies_decided_together_against_a_bank_share_its_rate():
+    rng = np.random.default_rng(12)
+    volumes, coords = _noisy_batch(31, rng)
+    bank, queries = volumes[:19], volumes[19:]
+    policy = LesionPolicy(token_z=2.0, finding_mass=1e6, bank_false_flag_rate=0.1)
+    alone = bank_calibration(bank, coords[:19], (6, 6, 6), policy, 0.5)
+    pair = bank_calibration(bank, coords[:19], (6, 6, 6), policy, 0.5, n_queries=2)
+    assert (alone.rank, pair.rank) == (2, 1)  # floor(0.1 x 20) and floor(0.05 x 20)
+    assert pair.record()["expected_false_flags_per_batch"] == pytest.approx(2 / 20)
+    assert pair.finding_mass == alone.evidence[0] >= alone.finding_mass
+    # A batch of 12 asks for more than 19 volumes can give: the largest evidence, said so.
+    decision = decide_lesions(queries, coords[19:], (6, 6, 6), policy, token_ml=0.5,
+                              reference_scores=bank, reference_coords=coords[:19])
+    record = decision.params["bank_calibration"]
+    assert (record["rank"], record["n_queries"]) == (1, 12)
+    assert record["false_flag_bound"] == pytest.approx(1 / 20) and record["confidence"] == 0.0
+    assert record["expected_false_flags_per_batch"] == pytest.approx(12 / 20)
+    with pytest.raises(ValueError, match="n_queries"):
+        bank_calibration(bank, coords[:19], (6, 6, 6), policy, 0.5, n_queries=0)
 
 
 def test_the_calibrated_bound_replaces_finding_mass_and_is_reported():
