@@ -158,7 +158,9 @@ def _tally_batch(series: Sequence[AblationSeries], n: int, config: RunConfig, ta
             tally.voxel_z.update(np.clip(z_map, 0.0, 40.0), truth)
         if decision.findings is not None:
             tally.evidence.append({"uid": item.uid, "lesion": item.has_lesion, "bound": round(float(decision.volume_threshold), 3),
-                                   "evidence": round(max((f.mass for f in decision.findings[index]), default=0.0), 3)})
+                                   "evidence": round(max((f.mass for f in decision.findings[index]), default=0.0), 3),
+                                   # The bank's largest evidence values: the bound at any other rank.
+                                   "bank_evidence": _bank_evidence(decision.params)})
         tally.volume_scores.append(float(scores.volume_scores[index]))
         tally.labels.append(item.has_lesion)
         tally.flags.append(flagged)
@@ -173,6 +175,12 @@ def _tally_batch(series: Sequence[AblationSeries], n: int, config: RunConfig, ta
         else:
             tally.normal_series += 1
             tally.normal_flagged += flagged
+
+
+def _bank_evidence(params: Mapping[str, Any]) -> list[float] | None:
+    """The bank calibration's largest evidence values (the bound at other ranks), if calibrated."""
+    calibration = params.get("bank_calibration")
+    return list(calibration["largest_evidence"]) if isinstance(calibration, Mapping) else None
 
 
 _ENCODERS: set[str] = set()

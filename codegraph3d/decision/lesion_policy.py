@@ -35,7 +35,10 @@ The rule
    against the other bank volumes only (``codegraph3d.scoring.musc.BankGroup``): with the query
    among their references, one query had moved the bound of its own run 2.5-fold (T2w, a bank of
    48), so a query could loosen or tighten its own test; now the statistics and the bound are the
-   same for every query against one bank.
+   same for every query against one bank. Studies decided together against the bank share the
+   rate (each is held to ``bank_false_flag_rate / m`` for ``m`` of them, down to the bank's
+   largest evidence), so an all-normal batch of 12 expects as few false flags as a single study
+   would, or as few as the bank can promise.
 2. **Findings, not single tokens.** Tokens with ``z > token_z`` are grouped into connected
    components on the token grid (26-connectivity). A component's *evidence* is its mass above
    the bound, ``sum(z - token_z)`` over its tokens times a token's volume (z x ml, so that it
@@ -413,7 +416,7 @@ class BankCalibration:
                 "false_flag_bound": self.false_flag_bound, "confidence": self.confidence,
                 "expected_false_flag_rate": self.expected_false_flag_rate, "n_queries": self.n_queries,
                 "expected_false_flags_per_batch": round(self.n_queries * self.expected_false_flag_rate, 4),
-                "largest_evidence": [round(value, 4) for value in self.evidence[:max(self.rank, 5)]]}
+                "largest_evidence": [round(value, 4) for value in self.evidence[:max(self.rank, 8)]]}
 
 
 def calibration_rank(n: int, rate: float, confidence: float = 0.0) -> int:
