@@ -74,6 +74,8 @@ class Tally:
     lesions: list[dict[str, Any]] = field(default_factory=list)
     # Per series: its largest finding's evidence against the bound in effect (lesion policy).
     evidence: list[dict[str, Any]] = field(default_factory=list)
+    # Per series: its study, whether the study holds a lesion, whether the series was flagged.
+    studies: list[dict[str, Any]] = field(default_factory=list)
     voxel: StreamingBinaryMetrics | None = None
     voxel_z: StreamingBinaryMetrics | None = None
 
@@ -94,6 +96,7 @@ class Tally:
             "dice_max_z": round(dice_max_z, 3),
             "lesions": self.lesions,
             "evidence": self.evidence,
+            "studies": self.studies,
         }
 
 
@@ -161,6 +164,8 @@ def _tally_batch(series: Sequence[AblationSeries], n: int, config: RunConfig, ta
                                    "evidence": round(max((f.mass for f in decision.findings[index]), default=0.0), 3),
                                    # The bank's largest evidence values: the bound at any other rank.
                                    "bank_evidence": _bank_evidence(decision.params)})
+        tally.studies.append({"study": item.record.decision.study_instance_uid, "lesion": item.has_lesion,
+                              "flagged": flagged})
         tally.volume_scores.append(float(scores.volume_scores[index]))
         tally.labels.append(item.has_lesion)
         tally.flags.append(flagged)
@@ -175,6 +180,28 @@ def _tally_batch(series: Sequence[AblationSeries], n: int, config: RunConfig, ta
         else:
             tally.normal_series += 1
             tally.normal_flagged += flagged
+
+
+def study_level(by_contrast: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """Lesion and normal studies flagged, a study flagged when any of its series is (report.json's study flag).
+
+    A study counts as a lesion study when any of its series holds a lesion (the cohorts draw one
+    lesion per subject, seen in every contrast).
+    """
+    studies: dict[str, list[bool]] = {}
+    for row in by_contrast.values():
+        for entry in row.get("studies", []):
+            lesion, flagged = studies.setdefault(entry["study"], [False, False])
+            studies[entry["study"]] = [lesion or entry["lesion"], flagged or entry["flagged"]]
+    lesion = [flagged for has_lesion, flagged in studies.values() if has_lesion]
+    normal = [flagged for has_lesion, flagged in studies.values() if not has_lesion]
+    return {"lesion_studies_flagged": f"{sum(lesion)}/{len(lesion)}",
+            "normal_studies_flagged": f"{sum(normal)}/{len(normal)}"}
+
+
+def _batches(results: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """The measured batches of ``results`` (name, rows per contrast), without its other entries."""
+    return [(name, rows) for name, rows in results.items() if name not in ("settings", "study_level")]
 
 
 def _bank_evidence(params: Mapping[str, Any]) -> list[float] | None:
@@ -285,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = measure_batch(args.root, cohorts.split(","), config, normals_only=True, bank=bank)
     if args.bank_studies:
         results["single studies vs bank"] = measure_bank_studies(args.root, args.bank_studies, args.bank, config)
+    results["study_level"] = {name: study_level(rows) for name, rows in _batches(results)}
     _print(results, args.lesions)
     _detection_limit(results)
     if args.record_operating_point:
@@ -327,9 +355,9 @@ def _detection_limit(results: Mapping[str, Any]) -> None:
     """Lesion-series recall by lesion volume (ml on the working grid), every batch pooled."""
     print("\n| contrast | " + " | ".join(f"{lo:g}-{hi:g} ml" for lo, hi in zip(VOLUME_BINS_ML, VOLUME_BINS_ML[1:])) + " |")
     print("|---|" + "---|" * (len(VOLUME_BINS_ML) - 1))
-    contrasts = sorted({c for name, rows in results.items() if name != "settings" for c in rows})
+    contrasts = sorted({c for _, rows in _batches(results) for c in rows})
     for contrast in contrasts:
-        lesions = [les for name, rows in results.items() if name != "settings" for les in rows.get(contrast, {}).get("lesions", [])]
+        lesions = [les for _, rows in _batches(results) for les in rows.get(contrast, {}).get("lesions", [])]
         cells = []
         for lo, hi in zip(VOLUME_BINS_ML, VOLUME_BINS_ML[1:]):
             inside = [les["flagged"] for les in lesions if lo <= les["lesion_ml"] < hi]
@@ -340,14 +368,16 @@ def _detection_limit(results: Mapping[str, Any]) -> None:
 def _print(results: Mapping[str, Any], lesions: bool) -> None:
     print("| batch | contrast | lesion recall | normals flagged | hindsight recall | patient AUROC | Dice at threshold | Dice-max | Dice-max of z |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name, by_contrast in results.items():
-        if name == "settings":
-            continue
+    for name, by_contrast in _batches(results):
         for contrast, row in by_contrast.items():
             print(f"| {name} | {contrast} | {row['lesion_recall']} | {row['normals_flagged']} | {row['hindsight_recall']} | "
                   f"{row['patient_auroc']} | {row['dice_at_threshold']} | {row['dice_max']} | {row['dice_max_z']} |")
             for lesion in row["lesions"] if lesions else []:
                 print(f"|   | {lesion['uid'][-12:]} | {lesion['lesion_ml']} ml | flagged {lesion['flagged']} | predicted {lesion['predicted_ml']} ml | | | {lesion['dice']} | |")
+    # A study is flagged when any of its series is: what a worklist sorts on (report.json's studies).
+    print("\n| batch | lesion studies flagged | normal studies flagged |\n|---|---|---|")
+    for name, row in results["study_level"].items():
+        print(f"| {name} | {row['lesion_studies_flagged']} | {row['normal_studies_flagged']} |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,40 @@
+"""The decision benchmark's study-level count (``tools/measure_decisions.py``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "measure_decisions.py"
+
+
+def _tool() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("measure_decisions_tool", TOOL)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _series(study: str, lesion: bool, flagged: bool) -> dict[str, object]:
+    return {"study": study, "lesion": lesion, "flagged": flagged}
+
+
+def test_a_study_is_flagged_when_any_of_its_series_is() -> None:
+    rows = {
+        "T1w": {"studies": [_series("a", True, True), _series("b", True, False), _series("c", False, False),
+                            _series("d", False, False)]},
+        "T2w": {"studies": [_series("a", True, False), _series("b", True, False), _series("c", False, True),
+                            _series("e", False, False)]},
+    }
+    counts = _tool().study_level(rows)
+    # a: lesion, flagged on T1w; b: lesion, never flagged; c: normal, flagged on T2w; d, e: normal, clear.
+    assert counts == {"lesion_studies_flagged": "1/2", "normal_studies_flagged": "1/3"}
+
+
+def test_a_study_with_a_lesion_in_one_series_is_a_lesion_study() -> None:
+    rows = {"T1w": {"studies": [_series("a", False, False)]}, "T2w": {"studies": [_series("a", True, True)]}}
+    assert _tool().study_level(rows) == {"lesion_studies_flagged": "1/1", "normal_studies_flagged": "0/0"}
