@@ -499,7 +499,8 @@ def bank_calibration(
         return None
     # A batch shares the rate; the bank's largest evidence is the strictest bound it can give.
     share = policy.bank_false_flag_rate / n_queries
-    rank = max(1, calibration_rank(n, share, policy.bank_confidence))
+    shared_rank = calibration_rank(n, share, policy.bank_confidence)
+    rank = max(1, shared_rank)
     evidence = []
     for left_out in range(n):
         others = [index for index in range(n) if groups[index] != groups[left_out]]
@@ -512,7 +513,8 @@ def bank_calibration(
         evidence.append(max((finding.mass for finding in found), default=0.0))
     ordered = tuple(sorted((float(value) for value in evidence), reverse=True))
     expected = rank / (n + 1)
-    held = policy.bank_confidence > 0 and calibration_rank(n, share, policy.bank_confidence) >= 1
+    # The share holds with the stated confidence only when the bank could give it a rank of its own.
+    held = policy.bank_confidence > 0 and shared_rank >= 1
     return BankCalibration(
         finding_mass=ordered[rank - 1], rank=rank, n_reference=n, evidence=ordered,
         false_flag_bound=share if held else expected,
