@@ -9,6 +9,9 @@
 # 42) and are held out from them; seeds 15, 16 and 17 (all normal) were named before any bound
 # met them. Seed 46 was named before the bank's bound was calibrated on the bank's own scores
 # (single studies of seed 44 tuned it) and is held out from that, as is the all-normal seed 18.
+# Seed 43 (48 subjects, filled with the learnt encoder for the first time) and the pool of every
+# cohort held out from the learnt encoder's bounds (seeds 43, 45, 46, 23, 4 and the all-normal
+# 14-18: 184 volumes per contrast, one batch) were named before either was scored with it.
 # DECISIONS_CONFIG names the configuration the cache is filled
 # with (default tools/demo_config.yaml, the intensity encoder; tools/efficientnet_config.yaml for
 # the learnt encoder, whose cache belongs in its own ROOT).
