@@ -11,7 +11,8 @@
 # (single studies of seed 44 tuned it) and is held out from that, as is the all-normal seed 18.
 # Seed 43 (48 subjects, filled with the learnt encoder for the first time) and the pool of every
 # cohort held out from the learnt encoder's bounds (seeds 43, 45, 46, 23, 4 and the all-normal
-# 14-18: 184 volumes per contrast, one batch) were named before either was scored with it.
+# 14-18: 184 volumes per contrast, one batch) were named before either was scored with it, as
+# was the all-normal seed 41 (48 subjects) for the learnt encoder.
 # DECISIONS_CONFIG names the configuration the cache is filled
 # with (default tools/demo_config.yaml, the intensity encoder; tools/efficientnet_config.yaml for
 # the learnt encoder, whose cache belongs in its own ROOT).
