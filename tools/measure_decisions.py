@@ -188,11 +188,11 @@ def study_level(by_contrast: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
     A study counts as a lesion study when any of its series holds a lesion (the cohorts draw one
     lesion per subject, seen in every contrast).
     """
-    studies: dict[str, list[bool]] = {}
+    studies: dict[str, tuple[bool, bool]] = {}
     for row in by_contrast.values():
         for entry in row.get("studies", []):
-            lesion, flagged = studies.setdefault(entry["study"], [False, False])
-            studies[entry["study"]] = [lesion or entry["lesion"], flagged or entry["flagged"]]
+            lesion, flagged = studies.get(entry["study"], (False, False))
+            studies[entry["study"]] = (lesion or entry["lesion"], flagged or entry["flagged"])
     lesion = [flagged for has_lesion, flagged in studies.values() if has_lesion]
     normal = [flagged for has_lesion, flagged in studies.values() if not has_lesion]
     return {"lesion_studies_flagged": f"{sum(lesion)}/{len(lesion)}",
