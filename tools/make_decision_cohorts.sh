@@ -12,7 +12,8 @@
 # Seed 43 (48 subjects, filled with the learnt encoder for the first time) and the pool of every
 # cohort held out from the learnt encoder's bounds (seeds 43, 45, 46, 23, 4 and the all-normal
 # 14-18: 184 volumes per contrast, one batch) were named before either was scored with it, as
-# was the all-normal seed 41 (48 subjects) for the learnt encoder.
+# was the all-normal seed 41 (48 subjects) for the learnt encoder. Seeds 24, 19 and 47 were named
+# before the finding's peak bound and the mask's peak fraction were measured on any of them.
 # DECISIONS_CONFIG names the configuration the cache is filled
 # with (default tools/demo_config.yaml, the intensity encoder; tools/efficientnet_config.yaml for
 # the learnt encoder, whose cache belongs in its own ROOT).
@@ -67,8 +68,13 @@ declare -A cohorts=(
   # was measured; seed 44's single studies are their tuning set)
   [subjects24_s46]="--subjects 24 --seed 46 $heads"
   [normal12_s18]="--seed 18 --lesion-fraction 0 $heads"
+  # held out from the finding's peak bound and the mask's peak fraction (named before either was
+  # measured on them; filled with the learnt encoder only)
+  [half16_s24]="--subjects 16 --seed 24 --lesion-fraction 0.5 $heads"
+  [normal12_s19]="--seed 19 --lesion-fraction 0 $heads"
+  [subjects24_s47]="--subjects 24 --seed 47 $heads"
 )
-order=(demo normal12_s10 tune1 demo_s2 normal12_s11 half16_s21 mets16_s31 cortical16_s51 normal12_s12 demo_s3 subjects48_s40 normal48_s41 subjects48_s43 normal48_s42 demo_s4 normal12_s13 half16_s22 subjects48_s44 subjects24_s45 half16_s23 normal12_s14 normal12_s15 normal12_s16 normal12_s17 subjects24_s46 normal12_s18)
+order=(demo normal12_s10 tune1 demo_s2 normal12_s11 half16_s21 mets16_s31 cortical16_s51 normal12_s12 demo_s3 subjects48_s40 normal48_s41 subjects48_s43 normal48_s42 demo_s4 normal12_s13 half16_s22 subjects48_s44 subjects24_s45 half16_s23 normal12_s14 normal12_s15 normal12_s16 normal12_s17 subjects24_s46 normal12_s18 half16_s24 normal12_s19 subjects24_s47)
 [ "$#" -gt 0 ] && order=("$@")
 for name in "${order[@]}"; do
   args=${cohorts[$name]:?unknown cohort $name}
