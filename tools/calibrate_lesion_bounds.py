@@ -111,9 +111,14 @@ def decide(batch: ScoredBatch, config: RunConfig) -> Any:
 
 
 def largest_evidence(batch: ScoredBatch, config: RunConfig, token_z: float) -> np.ndarray:
-    """``(B,)`` the mass (z x ml) of each volume's largest candidate group at ``token_z``; 0 without one."""
-    decision = decide(batch, with_bounds(config, batch.contrast, token_z, 0.0, 10.0))
-    return np.array([max((f.mass for f in found), default=0.0) for found in decision.findings])
+    """``(B,)`` the mass (z x ml) of each volume's largest candidate group at ``token_z``; 0 without one.
+
+    Groups that are not focal enough (``threshold.finding_excess``) do not count.
+    """
+    configured = with_bounds(config, batch.contrast, token_z, 0.0, 10.0)
+    decision = decide(batch, configured)
+    policy = configured.threshold.lesion_policy(batch.contrast)
+    return np.array([policy.evidence(found) for found in decision.findings])
 
 
 def evidence_bound(normal_evidence: np.ndarray, allowed: int) -> float:

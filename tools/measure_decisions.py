@@ -137,6 +137,7 @@ def _tally_batch(series: Sequence[AblationSeries], n: int, config: RunConfig, ta
                             token_volume_ml(series[0].record), series[0].record.decision.contrast, groups)
     mask_interpolation = config.output.mask_interpolation
     score_interpolation = config.output.score_interpolation
+    policy = config.threshold.lesion_policy(series[0].record.decision.contrast)
     for index, item in enumerate(series[:n]):
         prepared, tokens = item.record.prepared, item.record.tokens
         truth = item.lesion_labels()
@@ -161,7 +162,7 @@ def _tally_batch(series: Sequence[AblationSeries], n: int, config: RunConfig, ta
             tally.voxel_z.update(np.clip(z_map, 0.0, 40.0), truth)
         if decision.findings is not None:
             tally.evidence.append({"uid": item.uid, "lesion": item.has_lesion, "bound": round(float(decision.volume_threshold), 3),
-                                   "evidence": round(max((f.mass for f in decision.findings[index]), default=0.0), 3),
+                                   "evidence": round(policy.evidence(decision.findings[index]), 3),
                                    # The bank's largest evidence values: the bound at any other rank.
                                    "bank_evidence": _bank_evidence(decision.params)})
         tally.studies.append({"study": item.record.decision.study_instance_uid, "lesion": item.has_lesion,

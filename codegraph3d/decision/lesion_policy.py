@@ -44,14 +44,23 @@ The rule
    the bound, ``sum(z - token_z)`` over its tokens times a token's volume (z x ml, so that it
    means the same on any token grid): a large mildly abnormal region and a small very abnormal
    one both count, a lone noisy token does not. A component is a *finding* when its evidence
-   exceeds ``finding_mass`` (each of the three bounds may be set per contrast, ``*_by_contrast``,
+   exceeds ``finding_mass`` (each of the bounds may be set per contrast, ``*_by_contrast``,
    for bounds calibrated per encoder and contrast); a volume is flagged when it has a finding.
+   Optionally (``finding_excess`` > 0) a group must also be *focal*: the mean of ``z - token_z``
+   over its tokens must exceed ``finding_excess``. With a learnt encoder, some normal T1w brains
+   carry broad groups of mildly raised tokens (a region that registration left slightly out of
+   place, 10-40 tokens averaging 0.5-1.7 above ``token_z``) whose summed evidence rivals a small
+   lesion's; lesions average 2.4 and more (docs/RESULTS.md, "Focal findings").
    Lesion-level evidence replaces the single maximum token of the first policy, whose volume gate (median + 3 robust
    SD of the batch's maxima) moved with the prevalence of lesions in the batch.
-3. **Masks.** In a flagged volume, the voxels of the upsampled ``z`` map above ``voxel_z`` form
-   the mask (for a faint finding, those above a quarter of the way from ``token_z`` to its peak),
-   restricted to the findings: tokens outside every finding are clamped to ``voxel_z`` before
-   upsampling, so they can bound a finding but never start a mask of their own. An
+3. **Masks.** In a flagged volume, the voxels of the upsampled ``z`` map above each finding's own
+   bound form the mask: ``voxel_z``, or a quarter of the way from ``token_z`` to the finding's
+   peak when that is lower (a faint finding gets a mask too); with ``mask_peak_fraction`` ``r``
+   > 0 the bound is raised to ``r`` x the peak where that is higher (never above the quarter-way
+   point), so a bright finding is cut at a fixed fraction of its own peak rather than at a bound
+   that fits fainter ones (T2w masks of bright lesions were 2-4 times their volume). Masks stay
+   restricted to the findings: tokens outside every finding are clamped to the bound before
+   upsampling, so they can shape a finding's edge but never start a mask of their own. An
    unflagged volume gets an empty mask.
 
 The bounds are in robust standard deviations, so they carry over between batch sizes; their false
@@ -118,6 +127,12 @@ class LesionPolicy:
         In (0, 1): the calibration holds ``bank_false_flag_rate`` for this bank with this
         confidence (over the draw of the bank's volumes), not only on average over banks; 0: on
         average (the plain conformal rank).
+    finding_excess : float
+        A group is a finding only when the mean of ``z - token_z`` over its tokens exceeds this
+        (robust SDs); 0: any group (every candidate exceeds ``token_z``).
+    mask_peak_fraction : float
+        In [0, 1): a passed finding's mask bound is at least this fraction of its peak ``z``
+        (never above the quarter-way point); 0: ``voxel_z`` or the quarter-way point.
     by_position : bool
         Standardise per grid position (volumes registered to one template). ``False``: by the
         batch-wide median and spread only, for grids that are not anatomically aligned
@@ -134,6 +149,8 @@ class LesionPolicy:
     tail_quantile: float = 0.9
     bank_false_flag_rate: float = 0.0
     bank_confidence: float = 0.0
+    finding_excess: float = 0.0
+    mask_peak_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("token_z", "finding_mass", "voxel_z", "prior_volumes"):
@@ -162,6 +179,26 @@ class LesionPolicy:
         if isinstance(confidence, bool) or not isinstance(confidence, (int, float, np.floating)) \
                 or not 0.0 <= confidence < 1.0:
             raise ValueError(f"threshold.bank_confidence must lie in [0, 1) (0 = on average over banks); got {confidence!r}")
+        excess = self.finding_excess
+        if isinstance(excess, bool) or not isinstance(excess, (int, float, np.floating)) or not (
+                np.isfinite(excess) and excess >= 0):
+            raise ValueError(f"threshold.finding_excess must be a number >= 0 (robust SDs; 0 = any group); got {excess!r}")
+        fraction = self.mask_peak_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating)) or not 0.0 <= fraction < 1.0:
+            raise ValueError(f"threshold.mask_peak_fraction must lie in [0, 1) (0 = voxel_z only); got {fraction!r}")
+
+    def qualifies(self, finding: Finding) -> bool:
+        """Whether a candidate group is focal enough to be a finding (its mass is not yet compared)."""
+        return finding.excess > self.finding_excess
+
+    def evidence(self, findings: Sequence[Finding]) -> float:
+        """A volume's evidence: the largest mass of its groups that :meth:`qualifies` (0 if none)."""
+        return max((finding.mass for finding in findings if self.qualifies(finding)), default=0.0)
+
+    def mask_bound(self, peak_z: float) -> float:
+        """The ``z`` bound a passed finding with this peak is masked at (module docstring, rule 3)."""
+        quarter = self.token_z + 0.25 * (peak_z - self.token_z)
+        return min(max(self.voxel_z, self.mask_peak_fraction * peak_z), quarter)
 
 
 @dataclass
@@ -200,7 +237,10 @@ class Finding:
     peak_score : float
         Largest raw (fused) score of the group.
     passed : bool
-        Whether its mass exceeds ``finding_mass`` (only passed findings flag and mask).
+        Whether it is a finding: its mass exceeds ``finding_mass`` and its mean excess
+        ``finding_excess`` (only passed findings flag and mask).
+    excess : float
+        Mean of ``z - token_z`` over its tokens (how focal it is).
     """
 
     tokens: np.ndarray
@@ -208,6 +248,7 @@ class Finding:
     mass: float
     peak_score: float
     passed: bool
+    excess: float
 
     @property
     def n_tokens(self) -> int:
@@ -365,11 +406,12 @@ def token_findings(
     findings = []
     for label in np.unique(token_labels[candidate]):
         members = np.flatnonzero(token_labels == label)
-        mass = float(np.sum(z[members] - policy.token_z)) * token_ml
-        findings.append(Finding(
-            tokens=members, peak_z=float(z[members].max()), mass=mass,
-            peak_score=float(np.max(scores[members])), passed=mass > policy.finding_mass,
-        ))
+        excess = float(np.mean(z[members] - policy.token_z))
+        mass = excess * members.size * token_ml
+        finding = Finding(tokens=members, peak_z=float(z[members].max()), mass=mass,
+                          peak_score=float(np.max(scores[members])), passed=False, excess=excess)
+        finding.passed = mass > policy.finding_mass and policy.qualifies(finding)
+        findings.append(finding)
     return sorted(findings, key=lambda finding: -finding.mass)
 
 
@@ -510,7 +552,7 @@ def bank_calibration(
         )
         scores, where = np.asarray(reference_scores[left_out]), reference_coords[left_out]
         found = token_findings(standardise(scores, where, statistics), scores, where, grid_shape, policy, token_ml)
-        evidence.append(max((finding.mass for finding in found), default=0.0))
+        evidence.append(policy.evidence(found))
     ordered = tuple(sorted((float(value) for value in evidence), reverse=True))
     expected = rank / (n + 1)
     # The share holds with the stated confidence only when the bank could give it a rank of its own.
@@ -523,20 +565,34 @@ def bank_calibration(
     )
 
 
-def _mask_values(z: np.ndarray, findings: Sequence[Finding], policy: LesionPolicy) -> np.ndarray:
+def _mask_values(
+    z: np.ndarray, findings: Sequence[Finding], policy: LesionPolicy,
+    coords: np.ndarray | None = None, grid_shape: tuple[int, int, int] | None = None,
+) -> np.ndarray:
     """Per-token values whose upsampled map is thresholded at ``voxel_z`` to make the mask.
 
-    Inside a passed finding, ``z`` is scaled so that the finding's own bound lands on
-    ``voxel_z``: that bound is ``voxel_z``, or a quarter of the way from ``token_z`` to the
-    finding's peak when that is lower (so a faint finding gets a mask too). Every other
-    token is clamped to at most ``voxel_z``: it can shape a finding's edge, never start a mask.
+    Inside a passed finding, ``z`` is scaled so that the finding's own bound
+    (:meth:`LesionPolicy.mask_bound`) lands on ``voxel_z``. Every other token is clamped to at
+    most ``voxel_z``: it can shape a finding's edge, never start a mask. Where a finding's bound
+    lies above ``voxel_z``, its neighbours (``coords`` and ``grid_shape`` given) are scaled as it
+    is before the clamp, so that its edge is cut at its own bound, not at ``voxel_z``.
     """
     values = np.minimum(z, policy.voxel_z).astype(np.float64)
-    for finding in findings:
-        if finding.passed:
-            bound = min(policy.voxel_z, policy.token_z + 0.25 * (finding.peak_z - policy.token_z))
-            values[finding.tokens] = z[finding.tokens] * (policy.voxel_z / bound)
+    for finding in (f for f in findings if f.passed):
+        bound = policy.mask_bound(finding.peak_z)
+        if bound > policy.voxel_z and coords is not None and grid_shape is not None:
+            near = _neighbours(finding.tokens, np.asarray(coords), grid_shape)
+            values[near] = np.minimum(values[near], np.minimum(z[near] * (policy.voxel_z / bound), policy.voxel_z))
+        values[finding.tokens] = z[finding.tokens] * (policy.voxel_z / bound)
     return values.astype(np.float32)
+
+
+def _neighbours(tokens: np.ndarray, coords: np.ndarray, grid_shape: tuple[int, int, int]) -> np.ndarray:
+    """Indices of the tokens within one grid step (26-connectivity) of ``tokens``, outside them."""
+    grid = np.zeros(grid_shape, dtype=bool)
+    grid[tuple(coords[tokens].T)] = True
+    near = ndimage.binary_dilation(grid, structure=np.ones((3, 3, 3), dtype=bool)) & ~grid
+    return np.flatnonzero(near[tuple(coords.T)])
 
 
 def decide_lesions(
@@ -600,7 +656,7 @@ def decide_lesions(
         z = standardise(scores, where, statistics)
         found = token_findings(z, np.asarray(scores), where, grid_shape, policy, token_ml)
         z_all.append(z)
-        mask_values.append(_mask_values(z, found, policy))
+        mask_values.append(_mask_values(z, found, policy, where, grid_shape))
         findings.append(found)
     n_reference = n_bank if banked else len(token_scores)
     enough = n_reference >= policy.min_reference_volumes

@@ -22,7 +22,7 @@ __all__ = ["PER_CONTRAST_BOUNDS", "DecisionSettings", "ThresholdPolicy", "Thresh
 # The lesion policy's bounds that a configuration may set per contrast batch (``<name>_by_contrast``),
 # with their units for messages: an encoder's standardised scores differ in scale between contrasts.
 PER_CONTRAST_BOUNDS: Mapping[str, str] = MappingProxyType(
-    {"token_z": "robust SDs", "finding_mass": "z x ml", "voxel_z": "robust SDs"}
+    {"token_z": "robust SDs", "finding_mass": "z x ml", "finding_excess": "robust SDs", "voxel_z": "robust SDs"}
 )
 
 
@@ -73,12 +73,15 @@ class ThresholdSettings:
     token_z_by_contrast: Mapping[str, float] = field(default_factory=dict)
     finding_mass: float = 30.0
     finding_mass_by_contrast: Mapping[str, float] = field(default_factory=dict)
+    finding_excess: float = 0.0
+    finding_excess_by_contrast: Mapping[str, float] = field(default_factory=dict)
     voxel_z: float = 10.0
     voxel_z_by_contrast: Mapping[str, float] = field(default_factory=dict)
     prior_volumes: float = 4.0
     tail_quantile: float = 0.9
     bank_false_flag_rate: float = 0.1
     bank_confidence: float = 0.9
+    mask_peak_fraction: float = 0.0
     volume_z: float = 3.0
     robust_token_z: float = 3.0
     min_finding_ml: float = 0.1
@@ -89,8 +92,8 @@ class ThresholdSettings:
         if not _non_negative_number(self.min_finding_ml):
             raise ValueError(f"threshold.min_finding_ml must be >= 0; got {self.min_finding_ml!r}")
         for name, unit in PER_CONTRAST_BOUNDS.items():
-            # The evidence bound may be 0 (any candidate group is a finding); z bounds may not.
-            positive = name != "finding_mass"
+            # The evidence and focality bounds may be 0 (any candidate group); z bounds may not.
+            positive = name not in ("finding_mass", "finding_excess")
             for contrast, bound in getattr(self, f"{name}_by_contrast").items():
                 if not _non_negative_number(bound) or (positive and bound == 0):
                     raise ValueError(f"threshold.{name}_by_contrast.{contrast} must be a number "
@@ -105,7 +108,7 @@ class ThresholdSettings:
         return sorted({c for name in PER_CONTRAST_BOUNDS for c in getattr(self, f"{name}_by_contrast")})
 
     def bound(self, name: str, contrast: str | None) -> float:
-        """The bound ``name`` (``token_z``, ``finding_mass`` or ``voxel_z``) in effect for ``contrast``.
+        """The bound ``name`` (a key of :data:`PER_CONTRAST_BOUNDS`) in effect for ``contrast``.
 
         Its ``<name>_by_contrast`` entry when there is one, else the section-wide value: a bound
         calibrated for one encoder and contrast need not hold for another.
@@ -118,6 +121,7 @@ class ThresholdSettings:
             token_z=self.bound("token_z", contrast), finding_mass=self.bound("finding_mass", contrast),
             voxel_z=self.bound("voxel_z", contrast), prior_volumes=self.prior_volumes, tail_quantile=self.tail_quantile,
             bank_false_flag_rate=self.bank_false_flag_rate, bank_confidence=self.bank_confidence,
+            finding_excess=self.bound("finding_excess", contrast), mask_peak_fraction=self.mask_peak_fraction,
         )
 
 
@@ -155,6 +159,7 @@ class DecisionSettings:
             "policy": self.threshold.policy.value, "reference": self.threshold.reference.value,
             "token_z": self.threshold.bound("token_z", contrast),
             "finding_mass": self.threshold.bound("finding_mass", contrast),
+            "finding_excess": self.threshold.bound("finding_excess", contrast),
             "voxel_z": self.threshold.bound("voxel_z", contrast), "prior_volumes": self.threshold.prior_volumes,
             "tail_quantile": self.threshold.tail_quantile, "volume_z": self.threshold.volume_z,
             "robust_token_z": self.threshold.robust_token_z, "min_finding_ml": self.threshold.min_finding_ml,

@@ -9,6 +9,7 @@ from codegraph3d.run.config import default_config
 # Mappings whose keys are the user's (contrast names, CoDeGraph's documented group of settings).
 _OPEN_MAPPINGS = {
     "threshold.finding_mass_by_contrast", "threshold.token_z_by_contrast", "threshold.voxel_z_by_contrast",
+    "threshold.finding_excess_by_contrast",
     "scoring.codegraph",
 }
 

@@ -90,6 +90,55 @@ def test_evidence_is_in_z_times_ml():
     assert finding.mass == pytest.approx(12.0) and finding.passed
 
 
+def test_a_broad_mild_group_is_not_a_finding_when_findings_must_be_focal():
+    # Same evidence (6 z x ml): twelve tokens 0.5 above token_z, or two tokens 3 above it.
+    coords = np.array([[x, y, 0] for x in range(4) for y in range(3)] + [[6, 6, 6], [6, 6, 7]])
+    z = np.r_[np.full(12, 5.0), 7.5, 7.5]
+    loose = token_findings(z, z, coords, GRID, LesionPolicy(token_z=4.5, finding_mass=5.0))
+    assert [round(f.mass, 6) for f in loose] == [6.0, 6.0] and all(f.passed for f in loose)
+    focal = LesionPolicy(token_z=4.5, finding_mass=5.0, finding_excess=2.0)
+    found = token_findings(z, z, coords, GRID, focal)
+    assert {f.n_tokens: f.passed for f in found} == {12: False, 2: True}
+    assert {f.n_tokens: round(f.excess, 6) for f in found} == {12: 0.5, 2: 3.0}
+    # The bank calibration's evidence counts only focal groups.
+    assert focal.evidence(found) == pytest.approx(6.0)
+    assert focal.evidence([f for f in found if f.n_tokens == 12]) == 0.0
+
+
+def test_finding_excess_per_contrast_comes_from_the_configuration():
+    config = load_config(override={"threshold": {"finding_excess_by_contrast": {"T1w": 2.0}}})
+    assert config.threshold.lesion_policy("T1w").finding_excess == 2.0
+    assert config.threshold.lesion_policy("T2w").finding_excess == 0.0
+    with pytest.raises(ConfigError, match="finding_excess_by_contrast.T1w must be a number >= 0"):
+        load_config(override={"threshold": {"finding_excess_by_contrast": {"T1w": -1.0}}})
+
+
+def test_a_bright_finding_is_masked_at_a_fraction_of_its_peak():
+    plain = LesionPolicy(token_z=4.5, finding_mass=1.0, voxel_z=3.0)
+    cut = LesionPolicy(token_z=4.5, finding_mass=1.0, voxel_z=3.0, mask_peak_fraction=0.4)
+    assert plain.mask_bound(20.0) == 3.0
+    assert cut.mask_bound(20.0) == pytest.approx(8.0)  # 0.4 x 20, below the quarter-way point 8.375
+    assert cut.mask_bound(30.0) == pytest.approx(10.875)  # never above the quarter-way point
+    assert cut.mask_bound(5.0) == 3.0  # a faint finding keeps voxel_z
+    # A bright two-token finding with a mildly raised neighbour beside it.
+    scores, coords = _batch(12, seed=9)
+    core, rim = _cube(coords[0], (4, 4, 4), 1) | _cube(coords[0], (4, 4, 5), 1), _cube(coords[0], (4, 4, 3), 1)
+    scores[0] = scores[0] + np.where(core, 0.6, 0.0) + np.where(rim, 0.11, 0.0)
+    for policy in (plain, cut):
+        decision = decide_lesions(scores, coords, GRID, policy)
+        z, values = decision.z[0], decision.mask_values[0]
+        (finding,) = [f for f in decision.findings[0] if f.passed]
+        assert set(finding.tokens.tolist()) == set(np.flatnonzero(core).tolist())
+        bound = policy.mask_bound(finding.peak_z)
+        assert np.allclose(values[core], z[core] * 3.0 / bound, rtol=1e-5)
+        # voxel_z alone: the neighbour keeps its z (clamped at the bound); with the peak fraction it
+        # is scaled as the finding is, so the mask stops short of it.
+        scale = 3.0 / bound if bound > 3.0 else 1.0
+        assert 3.0 < z[rim][0] < policy.token_z
+        assert values[rim][0] == pytest.approx(min(z[rim][0] * scale, 3.0), rel=1e-5)
+    assert values[rim][0] < 3.0 and (values[~(core | rim)] <= 3.0).all()
+
+
 def test_unaligned_grids_use_batch_wide_statistics():
     scores, coords = _batch(6, seed=5, hot_spot=0.8)
     statistics = position_statistics(scores, coords, GRID, by_position=False)
@@ -108,6 +157,10 @@ def test_unaligned_grids_use_batch_wide_statistics():
         ({"min_reference_volumes": 2}, "min_reference_volumes must be an integer >= 3"),
         ({"tail_quantile": 1.0}, "tail_quantile must lie in"),
         ({"tail_quantile": -0.1}, "tail_quantile must lie in"),
+        ({"finding_excess": -0.5}, "finding_excess must be a number >= 0"),
+        ({"finding_excess": float("nan")}, "finding_excess must be a number >= 0"),
+        ({"mask_peak_fraction": 1.0}, "mask_peak_fraction must lie in"),
+        ({"mask_peak_fraction": True}, "mask_peak_fraction must lie in"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, message):
