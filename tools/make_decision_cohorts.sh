@@ -13,7 +13,8 @@
 # cohort held out from the learnt encoder's bounds (seeds 43, 45, 46, 23, 4 and the all-normal
 # 14-18: 184 volumes per contrast, one batch) were named before either was scored with it, as
 # was the all-normal seed 41 (48 subjects) for the learnt encoder. Seeds 24, 19 and 47 were named
-# before the finding's peak bound and the mask's peak fraction were measured on any of them.
+# before the focal-finding bound (finding_excess) and the mask's peak fraction were measured on
+# any of them.
 # DECISIONS_CONFIG names the configuration the cache is filled
 # with (default tools/demo_config.yaml, the intensity encoder; tools/efficientnet_config.yaml for
 # the learnt encoder, whose cache belongs in its own ROOT).
@@ -68,7 +69,7 @@ declare -A cohorts=(
   # was measured; seed 44's single studies are their tuning set)
   [subjects24_s46]="--subjects 24 --seed 46 $heads"
   [normal12_s18]="--seed 18 --lesion-fraction 0 $heads"
-  # held out from the finding's peak bound and the mask's peak fraction (named before either was
+  # held out from the focal-finding bound and the mask's peak fraction (named before either was
   # measured on them; filled with the learnt encoder only)
   [half16_s24]="--subjects 16 --seed 24 --lesion-fraction 0.5 $heads"
   [normal12_s19]="--seed 19 --lesion-fraction 0 $heads"
