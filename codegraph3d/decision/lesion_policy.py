@@ -566,21 +566,21 @@ def bank_calibration(
 
 
 def _mask_values(
-    z: np.ndarray, findings: Sequence[Finding], policy: LesionPolicy,
-    coords: np.ndarray | None = None, grid_shape: tuple[int, int, int] | None = None,
+    z: np.ndarray, findings: Sequence[Finding], policy: LesionPolicy, coords: np.ndarray,
+    grid_shape: tuple[int, int, int],
 ) -> np.ndarray:
     """Per-token values whose upsampled map is thresholded at ``voxel_z`` to make the mask.
 
     Inside a passed finding, ``z`` is scaled so that the finding's own bound
     (:meth:`LesionPolicy.mask_bound`) lands on ``voxel_z``. Every other token is clamped to at
     most ``voxel_z``: it can shape a finding's edge, never start a mask. Where a finding's bound
-    lies above ``voxel_z``, its neighbours (``coords`` and ``grid_shape`` given) are scaled as it
-    is before the clamp, so that its edge is cut at its own bound, not at ``voxel_z``.
+    lies above ``voxel_z``, its neighbours on the grid are scaled as it is before the clamp, so
+    that its edge is cut at its own bound, not at ``voxel_z``.
     """
     values = np.minimum(z, policy.voxel_z).astype(np.float64)
     for finding in (f for f in findings if f.passed):
         bound = policy.mask_bound(finding.peak_z)
-        if bound > policy.voxel_z and coords is not None and grid_shape is not None:
+        if bound > policy.voxel_z:
             near = _neighbours(finding.tokens, np.asarray(coords), grid_shape)
             values[near] = np.minimum(values[near], np.minimum(z[near] * (policy.voxel_z / bound), policy.voxel_z))
         values[finding.tokens] = z[finding.tokens] * (policy.voxel_z / bound)
