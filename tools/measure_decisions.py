@@ -164,7 +164,13 @@ def _tally_batch(series: Sequence[AblationSeries], n: int, config: RunConfig, ta
             tally.evidence.append({"uid": item.uid, "lesion": item.has_lesion, "bound": round(float(decision.volume_threshold), 3),
                                    "evidence": round(policy.evidence(decision.findings[index]), 3),
                                    # The bank's largest evidence values: the bound at any other rank.
-                                   "bank_evidence": _bank_evidence(decision.params)})
+                                   "bank_evidence": _bank_evidence(decision.params),
+                                   # The raw volume score and the largest z, beside the bank volumes'
+                                   # own volume scores (scored against the other bank volumes): what a
+                                   # bound on the volume score instead of the evidence would have seen.
+                                   "volume_score": round(float(scores.volume_scores[index]), 4),
+                                   "peak_z": round(float(np.max(decision.z_values[index], initial=0.0)), 3),
+                                   "bank_volume_scores": _largest(scores.volume_scores[n:])})
         tally.studies.append({"study": item.record.decision.study_instance_uid, "lesion": item.has_lesion,
                               "flagged": flagged})
         tally.volume_scores.append(float(scores.volume_scores[index]))
@@ -209,6 +215,12 @@ def _bank_evidence(params: Mapping[str, Any]) -> list[float] | None:
     """The bank calibration's largest evidence values (the bound at other ranks), if calibrated."""
     calibration = params.get("bank_calibration")
     return list(calibration["largest_evidence"]) if isinstance(calibration, Mapping) else None
+
+
+def _largest(values: np.ndarray, count: int = 8) -> list[float] | None:
+    """The ``count`` largest of ``values``, largest first (``None`` when there are none)."""
+    values = np.asarray(values, float)
+    return [round(float(v), 4) for v in np.sort(values)[::-1][:count]] if values.size else None
 
 
 _ENCODERS: set[str] = set()

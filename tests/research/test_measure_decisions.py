@@ -38,3 +38,9 @@ def test_a_study_is_flagged_when_any_of_its_series_is() -> None:
 def test_a_study_with_a_lesion_in_one_series_is_a_lesion_study() -> None:
     rows = {"T1w": {"studies": [_series("a", False, False)]}, "T2w": {"studies": [_series("a", True, True)]}}
     assert _tool().study_level(rows) == {"lesion_studies_flagged": "1/1", "normal_studies_flagged": "0/0"}
+
+
+def test_the_bank_volume_scores_are_kept_largest_first_and_none_without_a_bank() -> None:
+    tool = _tool()
+    assert tool._largest([0.5, 2.0, 1.25], count=2) == [2.0, 1.25]
+    assert tool._largest([]) is None
