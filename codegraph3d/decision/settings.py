@@ -138,6 +138,9 @@ class DecisionSettings:
         Which tokens exist (``tokens.min_brain_fraction``).
     registration : str
         ``preprocess.registration``: without it the policy standardises batch-wide, not per position.
+    resolution_fwhm_mm : float
+        ``preprocess.resolution_fwhm_mm``: smoothing every series to one resolution changes the
+        spread of normal scores, so a rate measured without it does not hold with it.
     """
 
     threshold: ThresholdSettings
@@ -146,6 +149,7 @@ class DecisionSettings:
     method: str
     min_brain_fraction: float
     registration: str
+    resolution_fwhm_mm: float = 0.0
 
     def record(self, contrast: str) -> dict[str, Any]:
         """The settings as an entry of ``operating_points.json`` records them, for ``contrast``.
@@ -169,4 +173,5 @@ class DecisionSettings:
             "scoring": {"k_fraction": self.k_fraction, "window_radius": self.window_radius, "method": self.method},
             "min_brain_fraction": self.min_brain_fraction,
             "registration": self.registration,
+            "resolution_fwhm_mm": float(self.resolution_fwhm_mm),
         }

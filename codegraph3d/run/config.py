@@ -432,6 +432,7 @@ class RunConfig:
             threshold=self.threshold, k_fraction=self.scoring.k_fraction,
             window_radius=self.scoring.window_radius, method=self.scoring.method.value,
             min_brain_fraction=self.tokens.min_brain_fraction, registration=self.preprocess.chain.registration,
+            resolution_fwhm_mm=self.preprocess.chain.resolution_fwhm_mm,
         )
 
 

@@ -47,10 +47,19 @@ def test_other_settings_encoder_or_contrast_are_not_measured(table: Path):
         assert encoder in point["why_not"] and contrast in point["why_not"]
 
 
+def test_a_rate_measured_without_resolution_harmonisation_does_not_hold_with_it(table: Path):
+    # Smoothing every series changes the spread of normal scores, so the rate is another one.
+    config = load_config(override={"encoder": {"name": "intensity"}})
+    _write(table, config)
+    smoothed = load_config(override={"encoder": {"name": "intensity"}, "preprocess": {"resolution_fwhm_mm": 3.0}})
+    point = op.operating_point(LESION_POLICY_NAME, "intensity", "T2w", smoothed.decision_settings(), table)
+    assert point["false_flag_rate_per_normal_series"] == op.NOT_MEASURED
+
+
 def test_the_shipped_table_reads_and_names_its_measurements():
     for entry in op.entries():
         assert 0 <= entry["flagged"] <= entry["normal_series"] and entry["measured_on"]
-        assert set(entry["settings"]) == {"threshold", "scoring", "min_brain_fraction", "registration"}
+        assert set(entry["settings"]) == {"threshold", "scoring", "min_brain_fraction", "registration", "resolution_fwhm_mm"}
 
 
 def test_the_bound_of_another_contrast_does_not_matter(table: Path):
