@@ -91,7 +91,8 @@ def test_per_contrast_token_and_voxel_bounds_are_part_of_the_measured_setting(ta
         assert (rate != op.NOT_MEASURED) is measured, threshold
 
 
-@pytest.mark.parametrize("name", ["demo_config.yaml", "efficientnet_config.yaml", "efficientnet_intensity_config.yaml"])
+@pytest.mark.parametrize("name", ["demo_config.yaml", "efficientnet_config.yaml", "efficientnet_intensity_config.yaml",
+                                  "efficientnet_harmonised_config.yaml"])
 def test_the_shipped_configurations_have_a_measured_operating_point(name: str, monkeypatch: pytest.MonkeyPatch):
     # The shipped table must match the shipped configurations, or their runs report "not measured".
     monkeypatch.setenv("CODEGRAPH3D_CONFIG", str(ROOT / "tools" / name))
