@@ -50,7 +50,10 @@ The rule
    over its tokens must exceed ``finding_excess``. With a learnt encoder, some normal T1w brains
    carry broad groups of mildly raised tokens (a region that registration left slightly out of
    place, 10-40 tokens averaging 0.5-1.7 above ``token_z``) whose summed evidence rivals a small
-   lesion's; lesions average 2.4 and more (docs/RESULTS.md, "Focal findings").
+   lesion's; lesions average 2.4 and more (docs/RESULTS.md, "Focal findings"). Many such groups
+   belong to series whose thick slices run in a direction few others of the batch share;
+   smoothing every series to one resolution (``preprocess.resolution_fwhm_mm``) removes that
+   cause upstream (docs/RESULTS.md, "Broad findings follow the slice direction").
    Lesion-level evidence replaces the single maximum token of the first policy, whose volume gate (median + 3 robust
    SD of the batch's maxima) moved with the prevalence of lesions in the batch.
 3. **Masks.** In a flagged volume, the voxels of the upsampled ``z`` map above each finding's own
