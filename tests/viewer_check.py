@@ -30,6 +30,7 @@ import pydicom
 from PIL import Image
 from pydicom.uid import generate_uid
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
@@ -156,11 +157,16 @@ def wait_loaded(driver: webdriver.Chrome) -> dict[str, int]:
 def accept_segmentation(driver: webdriver.Chrome) -> bool:
     """Answer the viewer's "open this segmentation?" prompt with Yes, if it asks."""
     for _ in range(10):
-        buttons = [b for b in driver.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Yes"]
-        if buttons:
-            buttons[0].click()
-            time.sleep(3)
-            return True
+        try:
+            # The viewer re-renders while it loads: a button found may be gone when it is read or
+            # clicked, so look again rather than fail.
+            buttons = [b for b in driver.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Yes"]
+            if buttons:
+                buttons[0].click()
+                time.sleep(3)
+                return True
+        except StaleElementReferenceException:
+            pass
         time.sleep(0.5)
     return False
 
