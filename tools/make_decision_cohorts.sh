@@ -16,7 +16,8 @@
 # before the focal-finding bound (finding_excess) and the mask's peak fraction were measured on
 # any of them. Resolution harmonisation (preprocess.resolution_fwhm_mm 3) was measured on seed 47
 # first; its evidence bounds were calibrated on the all-normal seeds 15-18 (never on a lesion), and
-# the all-normal seeds 19 and 20 were named before those bounds met them.
+# the all-normal seeds 19 and 20 were named before those bounds met them; seed 43 was first scored
+# with harmonisation after they were fixed.
 # DECISIONS_CONFIG names the configuration the cache is filled
 # with (default tools/demo_config.yaml, the intensity encoder; tools/efficientnet_config.yaml for
 # the learnt encoder, whose cache belongs in its own ROOT).
