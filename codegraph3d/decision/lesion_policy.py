@@ -39,6 +39,14 @@ The rule
    rate (each is held to ``bank_false_flag_rate / m`` for ``m`` of them, down to the bank's
    largest evidence), so an all-normal batch of 12 expects as few false flags as a single study
    would, or as few as the bank can promise.
+   With ``subtract_volume_level``, each volume's ``z`` is then measured from the volume's own
+   level: its median ``z`` over its tokens, subtracted where positive. A series acquired unlike
+   most of its batch (thick slices in a direction few others share) is unusual at every position
+   (the three coronal T2w series of a batch of 24: median ``z`` 2.6-3.3, the others' -0.6 to
+   1.3), and many small excesses summed over a broad group rival a lesion's evidence, while a
+   lesion is a local excess over its own volume (its tokens, a small share of some 1600, barely
+   move the median). A ``z`` is never raised, so bounds calibrated without the subtraction stay
+   conservative (docs/RESULTS.md, "Each volume measured from its own level").
 2. **Findings, not single tokens.** Tokens with ``z > token_z`` are grouped into connected
    components on the token grid (26-connectivity). A component's *evidence* is its mass above
    the bound, ``sum(z - token_z)`` over its tokens times a token's volume (z x ml, so that it
@@ -92,6 +100,8 @@ __all__ = [
     "decide_lesions",
     "position_statistics",
     "standardise",
+    "relative_z",
+    "volume_level",
     "tail_spread",
     "token_findings",
 ]
@@ -136,6 +146,8 @@ class LesionPolicy:
     mask_peak_fraction : float
         In [0, 1): a passed finding's mask bound is at least this fraction of its peak ``z``
         (never above the quarter-way point); 0: ``voxel_z`` or the quarter-way point.
+    subtract_volume_level : bool
+        Measure each volume's ``z`` from its own level (:func:`relative_z`; module docstring, rule 1).
     by_position : bool
         Standardise per grid position (volumes registered to one template). ``False``: by the
         batch-wide median and spread only, for grids that are not anatomically aligned
@@ -154,6 +166,7 @@ class LesionPolicy:
     bank_confidence: float = 0.0
     finding_excess: float = 0.0
     mask_peak_fraction: float = 0.0
+    subtract_volume_level: bool = False
 
     def __post_init__(self) -> None:
         for name in ("token_z", "finding_mass", "voxel_z", "prior_volumes"):
@@ -189,6 +202,8 @@ class LesionPolicy:
         fraction = self.mask_peak_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating)) or not 0.0 <= fraction < 1.0:
             raise ValueError(f"threshold.mask_peak_fraction must lie in [0, 1) (0 = voxel_z only); got {fraction!r}")
+        if not isinstance(self.subtract_volume_level, bool):
+            raise ValueError(f"threshold.subtract_volume_level must be true or false; got {self.subtract_volume_level!r}")
 
     def qualifies(self, finding: Finding) -> bool:
         """Whether a candidate group is focal enough to be a finding (its mass is not yet compared)."""
@@ -393,6 +408,22 @@ def standardise(scores: np.ndarray, coords: np.ndarray, statistics: PositionStat
     return ((np.asarray(scores, np.float64) - statistics.median[where]) / statistics.sigma[where]).astype(np.float32)
 
 
+def volume_level(z: np.ndarray) -> float:
+    """The level one volume's ``z`` is measured from: the median of its tokens' ``z`` if positive, else 0."""
+    return max(float(np.median(z)), 0.0) if np.size(z) else 0.0
+
+
+def relative_z(z: np.ndarray, policy: LesionPolicy) -> np.ndarray:
+    """One volume's ``z`` as the policy decides on it: less the volume's level with ``subtract_volume_level``.
+
+    Never above ``z`` (:func:`volume_level` is at least 0), so bounds calibrated without the
+    subtraction stay conservative (module docstring, rule 1).
+    """
+    if not policy.subtract_volume_level:
+        return z
+    return (np.asarray(z, np.float64) - volume_level(z)).astype(np.float32)
+
+
 def token_findings(
     z: np.ndarray, scores: np.ndarray, coords: np.ndarray, grid_shape: tuple[int, int, int], policy: LesionPolicy,
     token_ml: float = 1.0,
@@ -554,7 +585,8 @@ def bank_calibration(
             policy.prior_volumes, by_position=policy.by_position, tail_quantile=policy.tail_quantile,
         )
         scores, where = np.asarray(reference_scores[left_out]), reference_coords[left_out]
-        found = token_findings(standardise(scores, where, statistics), scores, where, grid_shape, policy, token_ml)
+        z = relative_z(standardise(scores, where, statistics), policy)
+        found = token_findings(z, scores, where, grid_shape, policy, token_ml)
         evidence.append(policy.evidence(found))
     ordered = tuple(sorted((float(value) for value in evidence), reverse=True))
     expected = rank / (n + 1)
@@ -656,7 +688,7 @@ def decide_lesions(
             calibration_record = {"bank_calibration": calibration.record()}
     z_all, mask_values, findings = [], [], []
     for scores, where in zip(token_scores, coords):
-        z = standardise(scores, where, statistics)
+        z = relative_z(standardise(scores, where, statistics), policy)
         found = token_findings(z, np.asarray(scores), where, grid_shape, policy, token_ml)
         z_all.append(z)
         mask_values.append(_mask_values(z, found, policy, where, grid_shape))

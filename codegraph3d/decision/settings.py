@@ -85,6 +85,7 @@ class ThresholdSettings:
     volume_z: float = 3.0
     robust_token_z: float = 3.0
     min_finding_ml: float = 0.1
+    subtract_volume_level: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", choice(ThresholdPolicy, self.policy, "threshold.policy"))
@@ -122,6 +123,7 @@ class ThresholdSettings:
             voxel_z=self.bound("voxel_z", contrast), prior_volumes=self.prior_volumes, tail_quantile=self.tail_quantile,
             bank_false_flag_rate=self.bank_false_flag_rate, bank_confidence=self.bank_confidence,
             finding_excess=self.bound("finding_excess", contrast), mask_peak_fraction=self.mask_peak_fraction,
+            subtract_volume_level=self.subtract_volume_level,
         )
 
 
@@ -168,6 +170,9 @@ class DecisionSettings:
             "tail_quantile": self.threshold.tail_quantile, "volume_z": self.threshold.volume_z,
             "robust_token_z": self.threshold.robust_token_z, "min_finding_ml": self.threshold.min_finding_ml,
         }
+        if self.threshold.subtract_volume_level:
+            # Only when on, so that the points measured before the setting existed still match.
+            threshold["subtract_volume_level"] = True
         return {
             "threshold": {key: threshold[key] for key in sorted(threshold)},
             "scoring": {"k_fraction": self.k_fraction, "window_radius": self.window_radius, "method": self.method},

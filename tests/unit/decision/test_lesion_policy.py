@@ -7,8 +7,8 @@ import pytest
 
 from codegraph3d.run.config import ConfigError, load_config
 from codegraph3d.decision.lesion_policy import (
-    LesionPolicy, bank_calibration, calibration_rank, decide_lesions, position_statistics, standardise, tail_spread,
-    token_findings,
+    LesionPolicy, bank_calibration, calibration_rank, decide_lesions, position_statistics, relative_z, standardise,
+    tail_spread, token_findings, volume_level,
 )
 from codegraph3d.decision.operating_point import bank_operating_point
 
@@ -105,6 +105,72 @@ def test_a_broad_mild_group_is_not_a_finding_when_findings_must_be_focal():
     assert focal.evidence([f for f in found if f.n_tokens == 12]) == 0.0
 
 
+def _raised_everywhere(seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """A batch of 12 whose volume 5 is mildly raised at every position (a series acquired unlike the others)."""
+    scores, coords = _batch(12, seed=seed)
+    scores[5] = scores[5] + 0.06
+    return scores, coords
+
+
+def test_a_volume_raised_everywhere_is_measured_from_its_own_level():
+    scores, coords = _raised_everywhere(seed=7)
+    plain = LesionPolicy(token_z=3.0, finding_mass=5.0)
+    before = decide_lesions(scores, coords, GRID, plain)
+    # Position statistics alone: its many small excesses form a broad finding.
+    assert before.flagged.tolist() == [i == 5 for i in range(12)]
+    assert np.median(before.z[5]) > 2.0
+    levelled = LesionPolicy(token_z=3.0, finding_mass=5.0, subtract_volume_level=True)
+    after = decide_lesions(scores, coords, GRID, levelled)
+    assert not after.flagged.any()
+    assert after.z[5] == pytest.approx(before.z[5] - np.median(before.z[5]), abs=1e-5)
+    # A lesion in that volume is a local excess over its level: still found, and only there.
+    lesion = _cube(coords[5], (4, 4, 4), 2)
+    scores[5] = scores[5] + np.where(lesion, 0.5, 0.0)
+    found = decide_lesions(scores, coords, GRID, levelled)
+    assert found.flagged.tolist() == [i == 5 for i in range(12)]
+    (finding,) = [f for f in found.findings[5] if f.passed]
+    assert set(np.flatnonzero(lesion).tolist()) <= set(finding.tokens.tolist())
+    assert finding.n_tokens <= lesion.sum() + 2  # a neighbour or two of the raised background at most
+
+
+def test_the_volume_level_never_raises_a_z():
+    z = np.array([-3.0, -1.0, -0.5, 0.5, 6.0], np.float32)
+    assert volume_level(z) == 0.0
+    assert relative_z(z, LesionPolicy(subtract_volume_level=True)) == pytest.approx(z)
+    raised = z + 2.0
+    assert volume_level(raised) == pytest.approx(1.5)
+    assert relative_z(raised, LesionPolicy(subtract_volume_level=True)) == pytest.approx(raised - 1.5)
+    assert relative_z(raised, LesionPolicy()) is raised
+
+
+def test_the_bank_calibration_measures_bank_volumes_from_their_level_as_it_does_queries():
+    rng = np.random.default_rng(11)
+    bank, coords = _noisy_batch(19, rng)
+    bank[4] = bank[4] + 3.0 * np.median(np.abs(bank[4] - np.median(bank[4])))  # raised everywhere
+    plain = LesionPolicy(token_z=2.0, finding_mass=1e6, bank_false_flag_rate=0.1)
+    levelled = LesionPolicy(token_z=2.0, finding_mass=1e6, bank_false_flag_rate=0.1, subtract_volume_level=True)
+    before = bank_calibration(bank, coords, (6, 6, 6), plain, token_ml=0.5)
+    after = bank_calibration(bank, coords, (6, 6, 6), levelled, token_ml=0.5)
+    assert before is not None and after is not None
+    # The raised volume's broad group set the largest evidence; measured from its level it does not.
+    assert after.evidence[0] < before.evidence[0]
+    others = [i for i in range(19) if i != 4]
+    statistics = position_statistics([bank[i] for i in others], [coords[i] for i in others], (6, 6, 6))
+    z = relative_z(standardise(bank[4], coords[4], statistics), levelled)
+    found = token_findings(z, bank[4], coords[4], (6, 6, 6), levelled, 0.5)
+    largest = max((f.mass for f in found), default=0.0)
+    assert min(abs(largest - value) for value in after.evidence) < 1e-4
+
+
+def test_the_volume_level_setting_is_read_and_recorded_only_when_on():
+    config = load_config(override={"threshold": {"subtract_volume_level": True}})
+    assert config.threshold.lesion_policy("T2w").subtract_volume_level is True
+    assert config.decision_settings().record("T2w")["threshold"]["subtract_volume_level"] is True
+    assert "subtract_volume_level" not in load_config().decision_settings().record("T2w")["threshold"]
+    with pytest.raises(ConfigError, match="threshold.subtract_volume_level' must be of type bool"):
+        load_config(override={"threshold": {"subtract_volume_level": "sometimes"}})
+
+
 def test_finding_excess_per_contrast_comes_from_the_configuration():
     config = load_config(override={"threshold": {"finding_excess_by_contrast": {"T1w": 2.0}}})
     assert config.threshold.lesion_policy("T1w").finding_excess == 2.0
@@ -161,6 +227,7 @@ def test_unaligned_grids_use_batch_wide_statistics():
         ({"finding_excess": float("nan")}, "finding_excess must be a number >= 0"),
         ({"mask_peak_fraction": 1.0}, "mask_peak_fraction must lie in"),
         ({"mask_peak_fraction": True}, "mask_peak_fraction must lie in"),
+        ({"subtract_volume_level": "yes"}, "subtract_volume_level must be true or false"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, message):
