@@ -17,7 +17,9 @@
 # any of them. Resolution harmonisation (preprocess.resolution_fwhm_mm 3) was measured on seed 47
 # first; its evidence bounds were calibrated on the all-normal seeds 15-18 (never on a lesion), and
 # the all-normal seeds 19 and 20 were named before those bounds met them; seed 43 was first scored
-# with harmonisation after they were fixed.
+# with harmonisation after they were fixed. Measuring each volume from its own level
+# (threshold.subtract_volume_level) was prompted by seeds 47 and 20; seeds 24 and 43 were first
+# scored with it after the rule was fixed.
 # DECISIONS_CONFIG names the configuration the cache is filled
 # with (default tools/demo_config.yaml, the intensity encoder; tools/efficientnet_config.yaml for
 # the learnt encoder, whose cache belongs in its own ROOT).

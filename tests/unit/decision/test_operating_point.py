@@ -56,6 +56,19 @@ def test_a_rate_measured_without_resolution_harmonisation_does_not_hold_with_it(
     assert point["false_flag_rate_per_normal_series"] == op.NOT_MEASURED
 
 
+def test_a_rate_measured_without_the_volume_level_does_not_hold_with_it(table: Path):
+    # Measuring each volume from its own level flags fewer normals: the rate is another one.
+    config = load_config(override={"encoder": {"name": "intensity"}})
+    _write(table, config)
+    levelled = load_config(override={"encoder": {"name": "intensity"}, "threshold": {"subtract_volume_level": True}})
+    point = op.operating_point(LESION_POLICY_NAME, "intensity", "T2w", levelled.decision_settings(), table)
+    assert point["false_flag_rate_per_normal_series"] == op.NOT_MEASURED
+    measured_with_it = table.with_name("levelled.json")  # entries() caches each file it has read
+    _write(measured_with_it, levelled)
+    point = op.operating_point(LESION_POLICY_NAME, "intensity", "T2w", levelled.decision_settings(), measured_with_it)
+    assert point["false_flag_rate_per_normal_series"] == pytest.approx(1 / 40)
+
+
 def test_the_shipped_table_reads_and_names_its_measurements():
     for entry in op.entries():
         assert 0 <= entry["flagged"] <= entry["normal_series"] and entry["measured_on"]
