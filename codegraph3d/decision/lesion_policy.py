@@ -39,14 +39,17 @@ The rule
    rate (each is held to ``bank_false_flag_rate / m`` for ``m`` of them, down to the bank's
    largest evidence), so an all-normal batch of 12 expects as few false flags as a single study
    would, or as few as the bank can promise.
-   With ``subtract_volume_level``, each volume's ``z`` is then measured from the volume's own
-   level: its median ``z`` over its tokens, subtracted where positive. A series acquired unlike
-   most of its batch (thick slices in a direction few others share) is unusual at every position
-   (the three coronal T2w series of a batch of 24: median ``z`` 2.6-3.3, the others' -0.6 to
-   1.3), and many small excesses summed over a broad group rival a lesion's evidence, while a
-   lesion is a local excess over its own volume (its tokens, a small share of some 1600, barely
-   move the median). A ``z`` is never raised, so bounds calibrated without the subtraction stay
-   conservative (docs/RESULTS.md, "Each volume measured from its own level").
+   With ``subtract_volume_level`` and the batch as reference, each volume's ``z`` is then
+   measured from the volume's own level: its median ``z`` over its tokens, subtracted where
+   positive. A series acquired unlike most of its batch (thick slices in a direction few others
+   share) is unusual at every position (the three coronal T2w series of a batch of 24: median
+   ``z`` 2.6-3.3, the others' -0.6 to 1.3), and many small excesses summed over a broad group
+   rival a lesion's evidence, while a lesion is a local excess over its own volume (its tokens, a
+   small share of some 1600, barely move the median). A ``z`` is never raised, so bounds
+   calibrated without the subtraction stay conservative. Not with cohort-bank references: the
+   bank's calibrated bound already carries its normal volumes' whole-series offsets, and with
+   them subtracted it fell (1.41 -> 0.75, T2w, a bank of 48) so that one more normal study
+   crossed it (docs/RESULTS.md, "Each volume measured from its own level").
 2. **Findings, not single tokens.** Tokens with ``z > token_z`` are grouped into connected
    components on the token grid (26-connectivity). A component's *evidence* is its mass above
    the bound, ``sum(z - token_z)`` over its tokens times a token's volume (z x ml, so that it
@@ -147,7 +150,8 @@ class LesionPolicy:
         In [0, 1): a passed finding's mask bound is at least this fraction of its peak ``z``
         (never above the quarter-way point); 0: ``voxel_z`` or the quarter-way point.
     subtract_volume_level : bool
-        Measure each volume's ``z`` from its own level (:func:`relative_z`; module docstring, rule 1).
+        With the batch as reference, measure each volume's ``z`` from its own level
+        (:func:`relative_z`; module docstring, rule 1); ignored with cohort-bank references.
     by_position : bool
         Standardise per grid position (volumes registered to one template). ``False``: by the
         batch-wide median and spread only, for grids that are not anatomically aligned
@@ -585,8 +589,7 @@ def bank_calibration(
             policy.prior_volumes, by_position=policy.by_position, tail_quantile=policy.tail_quantile,
         )
         scores, where = np.asarray(reference_scores[left_out]), reference_coords[left_out]
-        z = relative_z(standardise(scores, where, statistics), policy)
-        found = token_findings(z, scores, where, grid_shape, policy, token_ml)
+        found = token_findings(standardise(scores, where, statistics), scores, where, grid_shape, policy, token_ml)
         evidence.append(policy.evidence(found))
     ordered = tuple(sorted((float(value) for value in evidence), reverse=True))
     expected = rank / (n + 1)
@@ -674,6 +677,9 @@ def decide_lesions(
         reference_scores if banked else token_scores, reference_coords if banked else coords,  # type: ignore[arg-type]
         grid_shape, policy.prior_volumes, by_position=policy.by_position, tail_quantile=policy.tail_quantile,
     )
+    if banked:
+        # The bank's calibrated bound already carries its normal volumes' whole-series offsets (rule 1).
+        policy = replace(policy, subtract_volume_level=False)
     calibration_record: dict[str, Any] = {}
     if banked and policy.bank_false_flag_rate > 0:
         calibration = bank_calibration(

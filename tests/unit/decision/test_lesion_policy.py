@@ -143,23 +143,19 @@ def test_the_volume_level_never_raises_a_z():
     assert relative_z(raised, LesionPolicy()) is raised
 
 
-def test_the_bank_calibration_measures_bank_volumes_from_their_level_as_it_does_queries():
+def test_the_volume_level_is_not_subtracted_with_bank_references():
+    # The bank's calibrated bound already carries its volumes' whole-series offsets.
     rng = np.random.default_rng(11)
-    bank, coords = _noisy_batch(19, rng)
-    bank[4] = bank[4] + 3.0 * np.median(np.abs(bank[4] - np.median(bank[4])))  # raised everywhere
-    plain = LesionPolicy(token_z=2.0, finding_mass=1e6, bank_false_flag_rate=0.1)
-    levelled = LesionPolicy(token_z=2.0, finding_mass=1e6, bank_false_flag_rate=0.1, subtract_volume_level=True)
-    before = bank_calibration(bank, coords, (6, 6, 6), plain, token_ml=0.5)
-    after = bank_calibration(bank, coords, (6, 6, 6), levelled, token_ml=0.5)
-    assert before is not None and after is not None
-    # The raised volume's broad group set the largest evidence; measured from its level it does not.
-    assert after.evidence[0] < before.evidence[0]
-    others = [i for i in range(19) if i != 4]
-    statistics = position_statistics([bank[i] for i in others], [coords[i] for i in others], (6, 6, 6))
-    z = relative_z(standardise(bank[4], coords[4], statistics), levelled)
-    found = token_findings(z, bank[4], coords[4], (6, 6, 6), levelled, 0.5)
-    largest = max((f.mass for f in found), default=0.0)
-    assert min(abs(largest - value) for value in after.evidence) < 1e-4
+    bank, bank_coords = _noisy_batch(19, rng)
+    queries, coords = _noisy_batch(2, rng)
+    queries[1] = queries[1] + 0.1  # raised everywhere
+    kwargs = dict(token_ml=0.5, reference_scores=bank, reference_coords=bank_coords)
+    plain = decide_lesions(queries, coords, (6, 6, 6), LesionPolicy(token_z=2.0, finding_mass=1.0), **kwargs)
+    levelled = decide_lesions(queries, coords, (6, 6, 6), LesionPolicy(
+        token_z=2.0, finding_mass=1.0, subtract_volume_level=True), **kwargs)
+    assert levelled.reference == "bank" and levelled.params["subtract_volume_level"] is False
+    assert all(np.array_equal(a, b) for a, b in zip(plain.z, levelled.z))
+    assert np.median(levelled.z[1]) > 1.0
 
 
 def test_the_volume_level_setting_is_read_and_recorded_only_when_on():
