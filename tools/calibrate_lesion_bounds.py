@@ -10,7 +10,9 @@ for every candidate ``token_z``:
 1. notes each volume's evidence (the mass of its largest candidate group, 0 without one);
 2. sets ``finding_mass`` to the smallest bound that flags at most ``--normals-allowed`` of the
    tuning normals, every batch's normal series pooled (the evidence bound's calibration:
-   a stated false-flag budget on volumes known to be normal);
+   a stated false-flag budget on volumes known to be normal), or, with ``--per-batch``, at most
+   that many in every batch (the small-batch bound, ``threshold.small_batch_finding_mass``:
+   all-normal batches of the small size, each scored alone);
 3. prints the lesion series flagged, the normals flagged per batch and, for every candidate
    ``voxel_z``, the Dice of the binary masks at those bounds (pooled over the batches' brain
    voxels, working grid) and the masks' volume against the lesions'.
@@ -24,6 +26,11 @@ Usage::
     CODEGRAPH3D_CONFIG=tools/efficientnet_config.yaml .venv/bin/python tools/calibrate_lesion_bounds.py \\
         --root ROOT --batch s44=subjects48_s44 --normal-batch n42=normal48_s42 \\
         --token-z 2.5 3 3.5 4 4.5 --voxel-z 3 4 5 6 8 10 --normals-allowed 1 [--json OUT.json]
+
+    # the small-batch bound: every all-normal batch of 12 scored alone flags at most one series
+    CODEGRAPH3D_CONFIG=tools/efficientnet_intensity_config.yaml .venv/bin/python tools/calibrate_lesion_bounds.py \
+        --root ROOT --normal-batch n15=normal12_s15 ... --normal-batch n20=normal12_s20 \
+        --token-z 4.5 --normals-allowed 1 --per-batch
 """
 
 from __future__ import annotations
@@ -94,10 +101,14 @@ def score_batches(root: Path, specs: Sequence[str], config: RunConfig, normals_o
 
 
 def with_bounds(config: RunConfig, contrast: str, token_z: float, finding_mass: float, voxel_z: float) -> RunConfig:
-    """``config`` with the three bounds of ``contrast`` replaced (the other contrasts' dropped)."""
+    """``config`` with the three bounds of ``contrast`` replaced (the other contrasts' dropped).
+
+    The small-batch bound is turned off: the bound calibrated here is the one a batch is held to.
+    """
     return config.with_overrides({"threshold": {
         "token_z_by_contrast": {contrast: token_z}, "finding_mass_by_contrast": {contrast: finding_mass},
-        "voxel_z_by_contrast": {contrast: voxel_z},
+        "voxel_z_by_contrast": {contrast: voxel_z}, "small_batch_volumes": 0,
+        "small_batch_finding_mass_by_contrast": {},
     }}, "calibration")
 
 
@@ -127,6 +138,11 @@ def evidence_bound(normal_evidence: np.ndarray, allowed: int) -> float:
     return float(ordered[allowed]) if allowed < ordered.size else 0.0
 
 
+def per_batch_bound(normal_evidence: Sequence[np.ndarray], allowed: int) -> float:
+    """The smallest bound that at most ``allowed`` of every batch's normal evidences exceed."""
+    return max((evidence_bound(np.asarray(values), allowed) for values in normal_evidence), default=0.0)
+
+
 def mask_counts(batch: ScoredBatch, config: RunConfig) -> tuple[int, int, int, float, float]:
     """True/false positive and false negative voxels of the batch's binary masks, and mask/lesion ml.
 
@@ -154,13 +170,18 @@ def mask_counts(batch: ScoredBatch, config: RunConfig) -> tuple[int, int, int, f
 
 
 def calibrate_contrast(batches: Sequence[ScoredBatch], config: RunConfig, token_zs: Sequence[float],
-                       voxel_zs: Sequence[float], allowed: int) -> list[dict[str, Any]]:
-    """One row per ``token_z``: the evidence bound, flags per batch and Dice per ``voxel_z``."""
+                       voxel_zs: Sequence[float], allowed: int, per_batch: bool = False) -> list[dict[str, Any]]:
+    """One row per ``token_z``: the evidence bound, flags per batch and Dice per ``voxel_z``.
+
+    ``per_batch``: ``allowed`` normals in every batch, not in all batches pooled.
+    """
     rows = []
     for token_z in token_zs:
         evidence = {batch.name: largest_evidence(batch, config, token_z) for batch in batches}
-        normals = np.concatenate([evidence[b.name][~b.lesioned] for b in batches])
-        bound = evidence_bound(normals, allowed)
+        if per_batch:
+            bound = per_batch_bound([evidence[b.name][~b.lesioned] for b in batches], allowed)
+        else:
+            bound = evidence_bound(np.concatenate([evidence[b.name][~b.lesioned] for b in batches]), allowed)
         row: dict[str, Any] = {"token_z": token_z, "finding_mass": round(bound, 3), "batches": {}, "dice": {}}
         for batch in batches:
             flagged = evidence[batch.name] > bound
@@ -197,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--voxel-z", type=float, nargs="+", default=[3.0, 4.0, 5.0, 6.0, 8.0, 10.0])
     parser.add_argument("--normals-allowed", type=int, default=1,
                         help="tuning normals (all batches pooled) the evidence bound may flag (default 1)")
+    parser.add_argument("--per-batch", action="store_true",
+                        help="--normals-allowed in every batch rather than in all batches pooled (small-batch bound)")
     parser.add_argument("--split", type=int, default=0, metavar="N",
                         help="score each --batch and --normal-batch in batches of at most N series (default: whole)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="configuration override")
@@ -209,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for contrast in sorted({b.contrast for b in batches}):
         chosen = [b for b in batches if b.contrast == contrast]
-        results[contrast] = calibrate_contrast(chosen, config, args.token_z, args.voxel_z, args.normals_allowed)
+        results[contrast] = calibrate_contrast(chosen, config, args.token_z, args.voxel_z, args.normals_allowed,
+                                               args.per_batch)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

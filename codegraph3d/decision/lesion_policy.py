@@ -67,6 +67,19 @@ The rule
    cause upstream (docs/RESULTS.md, "Broad findings follow the slice direction").
    Lesion-level evidence replaces the single maximum token of the first policy, whose volume gate (median + 3 robust
    SD of the batch's maxima) moved with the prevalence of lesions in the batch.
+   A batch of few volumes scored as its own reference is held to a bound of its own
+   (``small_batch_finding_mass`` for batches of at most ``small_batch_volumes``; :meth:`LesionPolicy.for_batch`).
+   Its tokens are matched against few other brains, so a normal brain's region that is unlike the
+   others' finds no close match: the normals flagged in batches of 12 (learnt encoder, T2w) each
+   stood 6-10 robust SDs above a position whose other eleven volumes lay within 1.5 of the median,
+   and one of them (8.4 z x ml alone) stayed under 0.7 in a batch of 48. The ``z`` cannot tell
+   this apart from a small lesion; only the bound can, calibrated so that every all-normal batch
+   of the small size flags at most one series (``tools/calibrate_lesion_bounds.py --per-batch``).
+   With a cohort bank the references are the bank's, and the bank's own bound applies. Off by
+   default and in every shipped configuration: for the learnt encoder such a bound (T2w 5.1
+   against 1.9) kept held-out all-normal batches of 12 at one flag each, but missed lesions
+   whose evidence lay among those normals' (docs/RESULTS.md, "A bound of their own for small
+   batches"); small batches are better decided against a cohort bank.
 3. **Masks.** In a flagged volume, the voxels of the upsampled ``z`` map above each finding's own
    bound form the mask: ``voxel_z``, or a quarter of the way from ``token_z`` to the finding's
    peak when that is lower (a faint finding gets a mask too); with ``mask_peak_fraction`` ``r``
@@ -152,6 +165,12 @@ class LesionPolicy:
     subtract_volume_level : bool
         With the batch as reference, measure each volume's ``z`` from its own level
         (:func:`relative_z`; module docstring, rule 1); ignored with cohort-bank references.
+    small_batch_volumes : int
+        With the batch as reference, batches of at most this many volumes are held to
+        ``small_batch_finding_mass`` instead of ``finding_mass`` (:meth:`for_batch`; module
+        docstring, rule 2); 0: every batch to ``finding_mass``.
+    small_batch_finding_mass : float
+        The evidence bound of small batches (z x ml), at least ``finding_mass``; 0: ``finding_mass``.
     by_position : bool
         Standardise per grid position (volumes registered to one template). ``False``: by the
         batch-wide median and spread only, for grids that are not anatomically aligned
@@ -171,6 +190,8 @@ class LesionPolicy:
     finding_excess: float = 0.0
     mask_peak_fraction: float = 0.0
     subtract_volume_level: bool = False
+    small_batch_volumes: int = 0
+    small_batch_finding_mass: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("token_z", "finding_mass", "voxel_z", "prior_volumes"):
@@ -208,6 +229,29 @@ class LesionPolicy:
             raise ValueError(f"threshold.mask_peak_fraction must lie in [0, 1) (0 = voxel_z only); got {fraction!r}")
         if not isinstance(self.subtract_volume_level, bool):
             raise ValueError(f"threshold.subtract_volume_level must be true or false; got {self.subtract_volume_level!r}")
+        self._check_small_batch()
+
+    def _check_small_batch(self) -> None:
+        volumes, mass = self.small_batch_volumes, self.small_batch_finding_mass
+        if isinstance(volumes, bool) or not isinstance(volumes, int) or volumes < 0:
+            raise ValueError(f"threshold.small_batch_volumes must be an integer >= 0 (0 = off); got {volumes!r}")
+        if isinstance(mass, bool) or not isinstance(mass, (int, float, np.floating)) or not (np.isfinite(mass) and mass >= 0):
+            raise ValueError(f"threshold.small_batch_finding_mass must be a number >= 0 (z x ml; 0 = finding_mass); "
+                             f"got {mass!r}")
+        if 0 < mass < self.finding_mass:
+            # A batch with fewer references is noisier, never cleaner: a looser bound would be a slip.
+            raise ValueError(f"threshold.small_batch_finding_mass ({mass:g}) must be at least finding_mass "
+                             f"({self.finding_mass:g}), or 0 to keep finding_mass for small batches too")
+
+    def for_batch(self, volumes: int) -> LesionPolicy:
+        """The policy for a batch of ``volumes`` volumes that is its own reference.
+
+        Batches of at most ``small_batch_volumes`` volumes are held to ``small_batch_finding_mass``
+        when it is set (module docstring, rule 2); every other batch keeps this policy.
+        """
+        if self.small_batch_finding_mass > 0 and 0 < volumes <= self.small_batch_volumes:
+            return replace(self, finding_mass=float(self.small_batch_finding_mass))
+        return self
 
     def qualifies(self, finding: Finding) -> bool:
         """Whether a candidate group is focal enough to be a finding (its mass is not yet compared)."""
@@ -680,6 +724,8 @@ def decide_lesions(
     if banked:
         # The bank's calibrated bound already carries its normal volumes' whole-series offsets (rule 1).
         policy = replace(policy, subtract_volume_level=False)
+    else:
+        policy = policy.for_batch(len(token_scores))
     calibration_record: dict[str, Any] = {}
     if banked and policy.bank_false_flag_rate > 0:
         calibration = bank_calibration(

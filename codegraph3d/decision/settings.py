@@ -22,7 +22,8 @@ __all__ = ["PER_CONTRAST_BOUNDS", "DecisionSettings", "ThresholdPolicy", "Thresh
 # The lesion policy's bounds that a configuration may set per contrast batch (``<name>_by_contrast``),
 # with their units for messages: an encoder's standardised scores differ in scale between contrasts.
 PER_CONTRAST_BOUNDS: Mapping[str, str] = MappingProxyType(
-    {"token_z": "robust SDs", "finding_mass": "z x ml", "finding_excess": "robust SDs", "voxel_z": "robust SDs"}
+    {"token_z": "robust SDs", "finding_mass": "z x ml", "finding_excess": "robust SDs", "voxel_z": "robust SDs",
+     "small_batch_finding_mass": "z x ml"}
 )
 
 
@@ -86,6 +87,9 @@ class ThresholdSettings:
     robust_token_z: float = 3.0
     min_finding_ml: float = 0.1
     subtract_volume_level: bool = False
+    small_batch_volumes: int = 0
+    small_batch_finding_mass: float = 0.0
+    small_batch_finding_mass_by_contrast: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", choice(ThresholdPolicy, self.policy, "threshold.policy"))
@@ -94,7 +98,7 @@ class ThresholdSettings:
             raise ValueError(f"threshold.min_finding_ml must be >= 0; got {self.min_finding_ml!r}")
         for name, unit in PER_CONTRAST_BOUNDS.items():
             # The evidence and focality bounds may be 0 (any candidate group); z bounds may not.
-            positive = name not in ("finding_mass", "finding_excess")
+            positive = name not in ("finding_mass", "finding_excess", "small_batch_finding_mass")
             for contrast, bound in getattr(self, f"{name}_by_contrast").items():
                 if not _non_negative_number(bound) or (positive and bound == 0):
                     raise ValueError(f"threshold.{name}_by_contrast.{contrast} must be a number "
@@ -102,7 +106,12 @@ class ThresholdSettings:
             # Read-only, so the frozen record cannot change under a decision made from it.
             object.__setattr__(self, f"{name}_by_contrast", MappingProxyType(dict(getattr(self, f"{name}_by_contrast"))))
         for contrast in (None, *self.contrasts_with_own_bounds()):
-            self.lesion_policy(contrast)  # LesionPolicy checks its own bounds, with field names in its messages
+            try:
+                self.lesion_policy(contrast)  # LesionPolicy checks its own bounds, with field names in its messages
+            except ValueError as error:
+                if contrast is None:
+                    raise
+                raise ValueError(f"{error} (the bounds in effect for {contrast})") from None
 
     def contrasts_with_own_bounds(self) -> list[str]:
         """The contrasts named in any ``*_by_contrast`` mapping, sorted."""
@@ -123,7 +132,8 @@ class ThresholdSettings:
             voxel_z=self.bound("voxel_z", contrast), prior_volumes=self.prior_volumes, tail_quantile=self.tail_quantile,
             bank_false_flag_rate=self.bank_false_flag_rate, bank_confidence=self.bank_confidence,
             finding_excess=self.bound("finding_excess", contrast), mask_peak_fraction=self.mask_peak_fraction,
-            subtract_volume_level=self.subtract_volume_level,
+            subtract_volume_level=self.subtract_volume_level, small_batch_volumes=self.small_batch_volumes,
+            small_batch_finding_mass=self.bound("small_batch_finding_mass", contrast),
         )
 
 
@@ -173,6 +183,11 @@ class DecisionSettings:
         if self.threshold.subtract_volume_level:
             # Only when on, so that the points measured before the setting existed still match.
             threshold["subtract_volume_level"] = True
+        small_batch = self.threshold.bound("small_batch_finding_mass", contrast)
+        if self.threshold.small_batch_volumes > 0 and small_batch > 0:
+            # Likewise only when a small batch has its own bound for this contrast.
+            threshold["small_batch_volumes"] = self.threshold.small_batch_volumes
+            threshold["small_batch_finding_mass"] = small_batch
         return {
             "threshold": {key: threshold[key] for key in sorted(threshold)},
             "scoring": {"k_fraction": self.k_fraction, "window_radius": self.window_radius, "method": self.method},

@@ -167,6 +167,60 @@ def test_the_volume_level_setting_is_read_and_recorded_only_when_on():
         load_config(override={"threshold": {"subtract_volume_level": "sometimes"}})
 
 
+def _one_odd_region(n_volumes: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """An all-normal batch whose volume 2 has a small region a little unlike every other's."""
+    scores, coords = _batch(n_volumes, seed=seed)
+    odd = _cube(coords[2], (4, 4, 4), 1) | _cube(coords[2], (4, 4, 5), 1)
+    scores[2] = scores[2] + np.where(odd, 0.14, 0.0)
+    return scores, coords, odd
+
+
+def test_a_small_batch_is_held_to_its_own_bound():
+    scores, coords, odd = _one_odd_region(12, seed=13)
+    policy = LesionPolicy(token_z=4.5, finding_mass=1.0, small_batch_volumes=16, small_batch_finding_mass=20.0)
+    plain = decide_lesions(scores, coords, GRID, LesionPolicy(token_z=4.5, finding_mass=1.0))
+    (finding,) = [f for f in plain.findings[2] if f.passed]
+    assert 1.0 < finding.mass < 20.0  # the odd region passes the general bound, not the small batch's
+    small = decide_lesions(scores, coords, GRID, policy)
+    assert not small.flagged.any()
+    assert small.policy.finding_mass == 20.0 and small.params["finding_mass"] == 20.0
+    # A lesion's evidence passes both; the same odd region in a batch of 17 keeps the general bound.
+    lesion = _cube(coords[7], (2, 2, 2), 2)
+    scores[7] = scores[7] + np.where(lesion, 0.5, 0.0)
+    assert decide_lesions(scores, coords, GRID, policy).flagged.tolist() == [i == 7 for i in range(12)]
+    larger, larger_coords, _ = _one_odd_region(17, seed=13)
+    decision = decide_lesions(larger, larger_coords, GRID, policy)
+    assert decision.policy.finding_mass == 1.0 and decision.flagged[2]
+
+
+def test_the_small_batch_bound_is_not_used_with_bank_references():
+    rng = np.random.default_rng(12)
+    bank, bank_coords = _noisy_batch(19, rng)
+    queries, coords = _noisy_batch(2, rng)
+    policy = LesionPolicy(token_z=2.0, finding_mass=1.0, small_batch_volumes=16, small_batch_finding_mass=50.0)
+    decision = decide_lesions(queries, coords, (6, 6, 6), policy, token_ml=0.5,
+                              reference_scores=bank, reference_coords=bank_coords)
+    assert decision.reference == "bank" and decision.policy.finding_mass == 1.0
+
+
+def test_the_small_batch_bound_is_read_per_contrast_and_recorded_only_when_set():
+    override = {"threshold": {"finding_mass_by_contrast": {"T2w": 1.9}, "small_batch_volumes": 16,
+                              "small_batch_finding_mass_by_contrast": {"T2w": 5.1}}}
+    config = load_config(override=override)
+    assert config.threshold.lesion_policy("T2w").for_batch(12).finding_mass == 5.1
+    assert config.threshold.lesion_policy("T2w").for_batch(17).finding_mass == 1.9
+    assert config.threshold.lesion_policy("T1w").for_batch(12).finding_mass == 30.0  # no bound of its own
+    record = config.decision_settings().record("T2w")["threshold"]
+    assert record["small_batch_volumes"] == 16 and record["small_batch_finding_mass"] == 5.1
+    assert "small_batch_volumes" not in config.decision_settings().record("T1w")["threshold"]
+    assert "small_batch_volumes" not in load_config().decision_settings().record("T2w")["threshold"]
+    looser = {"threshold": {**override["threshold"], "small_batch_finding_mass_by_contrast": {"T2w": 1.0}}}
+    with pytest.raises(ConfigError, match=r"small_batch_finding_mass \(1\) must be at least finding_mass \(1.9\).*T2w"):
+        load_config(override=looser)
+    with pytest.raises(ConfigError, match="small_batch_finding_mass_by_contrast: 'FLAIR' is not a scored contrast"):
+        load_config(override={"threshold": {"small_batch_finding_mass_by_contrast": {"FLAIR": 90.0}}})
+
+
 def test_finding_excess_per_contrast_comes_from_the_configuration():
     config = load_config(override={"threshold": {"finding_excess_by_contrast": {"T1w": 2.0}}})
     assert config.threshold.lesion_policy("T1w").finding_excess == 2.0
@@ -224,6 +278,10 @@ def test_unaligned_grids_use_batch_wide_statistics():
         ({"mask_peak_fraction": 1.0}, "mask_peak_fraction must lie in"),
         ({"mask_peak_fraction": True}, "mask_peak_fraction must lie in"),
         ({"subtract_volume_level": "yes"}, "subtract_volume_level must be true or false"),
+        ({"small_batch_volumes": -1}, "small_batch_volumes must be an integer >= 0"),
+        ({"small_batch_volumes": 12.5}, "small_batch_volumes must be an integer >= 0"),
+        ({"small_batch_finding_mass": float("nan")}, "small_batch_finding_mass must be a number >= 0"),
+        ({"finding_mass": 10.0, "small_batch_finding_mass": 5.0}, "small_batch_finding_mass .5. must be at least"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, message):

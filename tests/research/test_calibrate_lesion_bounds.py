@@ -1,0 +1,32 @@
+"""The lesion bounds' calibration rules (``tools/calibrate_lesion_bounds.py``)."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import numpy as np
+
+from fixtures import load_tool
+
+
+def _tool() -> ModuleType:
+    return load_tool("calibrate_lesion_bounds")
+
+
+def test_the_pooled_bound_allows_that_many_normals_in_all_batches_together() -> None:
+    tool = _tool()
+    evidence = np.array([0.0, 8.4, 2.6, 0.0, 12.2, 1.5])
+    assert tool.evidence_bound(evidence, 1) == 8.4  # only 12.2 exceeds it
+    assert tool.evidence_bound(evidence, 0) == 12.2
+    assert tool.evidence_bound(evidence[:1], 1) == 0.0  # fewer normals than allowed: any evidence
+
+
+def test_the_per_batch_bound_allows_that_many_normals_in_every_batch() -> None:
+    tool = _tool()
+    batches = [np.array([0.0, 2.2, 1.1]), np.array([8.4, 2.6, 0.7]), np.array([6.0, 5.1, 3.3, 2.1])]
+    bound = tool.per_batch_bound(batches, 1)
+    assert bound == 5.1
+    assert all(int(np.sum(values > bound)) <= 1 for values in batches)
+    # Pooled, one normal of all three batches: a far higher bound.
+    assert tool.evidence_bound(np.concatenate(batches), 1) == 6.0
+    assert tool.per_batch_bound([], 1) == 0.0
