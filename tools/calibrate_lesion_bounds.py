@@ -28,8 +28,8 @@ Usage::
         --token-z 2.5 3 3.5 4 4.5 --voxel-z 3 4 5 6 8 10 --normals-allowed 1 [--json OUT.json]
 
     # the small-batch bound: every all-normal batch of 12 scored alone flags at most one series
-    CODEGRAPH3D_CONFIG=tools/efficientnet_intensity_config.yaml .venv/bin/python tools/calibrate_lesion_bounds.py \
-        --root ROOT --normal-batch n15=normal12_s15 ... --normal-batch n20=normal12_s20 \
+    CODEGRAPH3D_CONFIG=tools/efficientnet_intensity_config.yaml .venv/bin/python tools/calibrate_lesion_bounds.py \\
+        --root ROOT --normal-batch n15=normal12_s15 ... --normal-batch n20=normal12_s20 \\
         --token-z 4.5 --normals-allowed 1 --per-batch
 """
 
@@ -107,7 +107,7 @@ def with_bounds(config: RunConfig, contrast: str, token_z: float, finding_mass: 
     """
     return config.with_overrides({"threshold": {
         "token_z_by_contrast": {contrast: token_z}, "finding_mass_by_contrast": {contrast: finding_mass},
-        "voxel_z_by_contrast": {contrast: voxel_z}, "small_batch_volumes": 0,
+        "voxel_z_by_contrast": {contrast: voxel_z}, "small_batch_volumes": 0, "small_batch_finding_mass": 0.0,
         "small_batch_finding_mass_by_contrast": {},
     }}, "calibration")
 

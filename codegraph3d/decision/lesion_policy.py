@@ -75,7 +75,8 @@ The rule
    and one of them (8.4 z x ml alone) stayed under 0.7 in a batch of 48. The ``z`` cannot tell
    this apart from a small lesion; only the bound can, calibrated so that every all-normal batch
    of the small size flags at most one series (``tools/calibrate_lesion_bounds.py --per-batch``).
-   With a cohort bank the references are the bank's, and the bank's own bound applies. Off by
+   With cohort-bank references it is not used: the bound is the bank's calibrated one, or
+   ``finding_mass`` where the bank is not calibrated. Off by
    default and in every shipped configuration: for the learnt encoder such a bound (T2w 5.1
    against 1.9) kept held-out all-normal batches of 12 at one flag each, but missed lesions
    whose evidence lay among those normals' (docs/RESULTS.md, "A bound of their own for small
@@ -170,7 +171,8 @@ class LesionPolicy:
         ``small_batch_finding_mass`` instead of ``finding_mass`` (:meth:`for_batch`; module
         docstring, rule 2); 0: every batch to ``finding_mass``.
     small_batch_finding_mass : float
-        The evidence bound of small batches (z x ml), at least ``finding_mass``; 0: ``finding_mass``.
+        The evidence bound of small batches (z x ml), at least ``finding_mass`` (checked when
+        ``small_batch_volumes`` > 0); 0: ``finding_mass``.
     by_position : bool
         Standardise per grid position (volumes registered to one template). ``False``: by the
         batch-wide median and spread only, for grids that are not anatomically aligned
@@ -238,7 +240,7 @@ class LesionPolicy:
         if isinstance(mass, bool) or not isinstance(mass, (int, float, np.floating)) or not (np.isfinite(mass) and mass >= 0):
             raise ValueError(f"threshold.small_batch_finding_mass must be a number >= 0 (z x ml; 0 = finding_mass); "
                              f"got {mass!r}")
-        if 0 < mass < self.finding_mass:
+        if volumes > 0 and 0 < mass < self.finding_mass:
             # A batch with fewer references is noisier, never cleaner: a looser bound would be a slip.
             raise ValueError(f"threshold.small_batch_finding_mass ({mass:g}) must be at least finding_mass "
                              f"({self.finding_mass:g}), or 0 to keep finding_mass for small batches too")
@@ -722,8 +724,9 @@ def decide_lesions(
         grid_shape, policy.prior_volumes, by_position=policy.by_position, tail_quantile=policy.tail_quantile,
     )
     if banked:
-        # The bank's calibrated bound already carries its normal volumes' whole-series offsets (rule 1).
-        policy = replace(policy, subtract_volume_level=False)
+        # The bank's calibrated bound already carries its normal volumes' whole-series offsets (rule 1),
+        # and a bank is no small batch (rule 2): the bank's bound, or finding_mass uncalibrated.
+        policy = replace(policy, subtract_volume_level=False, small_batch_volumes=0, small_batch_finding_mass=0.0)
     else:
         policy = policy.for_batch(len(token_scores))
     calibration_record: dict[str, Any] = {}

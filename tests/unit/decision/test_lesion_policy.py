@@ -197,10 +197,25 @@ def test_the_small_batch_bound_is_not_used_with_bank_references():
     rng = np.random.default_rng(12)
     bank, bank_coords = _noisy_batch(19, rng)
     queries, coords = _noisy_batch(2, rng)
+    kwargs = dict(token_ml=0.5, reference_scores=bank, reference_coords=bank_coords)
     policy = LesionPolicy(token_z=2.0, finding_mass=1.0, small_batch_volumes=16, small_batch_finding_mass=50.0)
-    decision = decide_lesions(queries, coords, (6, 6, 6), policy, token_ml=0.5,
-                              reference_scores=bank, reference_coords=bank_coords)
+    decision = decide_lesions(queries, coords, (6, 6, 6), policy, **kwargs)
     assert decision.reference == "bank" and decision.policy.finding_mass == 1.0
+    assert decision.params["small_batch_volumes"] == 0
+    # With the bank's own bound calibrated above a (low) small-batch bound: the bank's bound, no error.
+    bank, bank_coords = _noisy_batch(30, rng)
+    calibrated = LesionPolicy(token_z=2.0, finding_mass=0.0, small_batch_volumes=16, small_batch_finding_mass=1e-6,
+                              bank_false_flag_rate=0.1, bank_confidence=0.9)
+    decision = decide_lesions(queries, coords, (6, 6, 6), calibrated, token_ml=0.5,
+                              reference_scores=bank, reference_coords=bank_coords)
+    bound = decision.params["bank_calibration"]["finding_mass"]
+    assert bound > 1e-6 and decision.policy.finding_mass == bound
+
+
+def test_a_small_batch_bound_left_over_with_the_setting_off_changes_nothing():
+    # small_batch_volumes 0 turns it off: a section-wide leftover bound neither applies nor refuses.
+    policy = LesionPolicy(finding_mass=10.0, small_batch_finding_mass=5.0)
+    assert policy.for_batch(12) is policy
 
 
 def test_the_small_batch_bound_is_read_per_contrast_and_recorded_only_when_set():
@@ -281,7 +296,8 @@ def test_unaligned_grids_use_batch_wide_statistics():
         ({"small_batch_volumes": -1}, "small_batch_volumes must be an integer >= 0"),
         ({"small_batch_volumes": 12.5}, "small_batch_volumes must be an integer >= 0"),
         ({"small_batch_finding_mass": float("nan")}, "small_batch_finding_mass must be a number >= 0"),
-        ({"finding_mass": 10.0, "small_batch_finding_mass": 5.0}, "small_batch_finding_mass .5. must be at least"),
+        ({"finding_mass": 10.0, "small_batch_volumes": 16, "small_batch_finding_mass": 5.0},
+         "small_batch_finding_mass .5. must be at least"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, message):
