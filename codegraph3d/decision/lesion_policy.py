@@ -88,8 +88,9 @@ The rule
    point), so a bright finding is cut at a fixed fraction of its own peak rather than at a bound
    that fits fainter ones (T2w masks of bright lesions were 2-4 times their volume). Masks stay
    restricted to the findings: tokens outside every finding are clamped to the bound before
-   upsampling, so they can shape a finding's edge but never start a mask of their own. An
-   unflagged volume gets an empty mask.
+   upsampling, so they can shape a finding's edge but never start a mask of their own; a
+   finding's neighbours are scaled as its tokens are, so its edge lies where ``z`` crosses its
+   own bound. An unflagged volume gets an empty mask.
 
 The bounds are in robust standard deviations, so they carry over between batch sizes; their false
 flag rate per normal series still depends on the encoder and contrast and is measured on
@@ -657,17 +658,22 @@ def _mask_values(
 
     Inside a passed finding, ``z`` is scaled so that the finding's own bound
     (:meth:`LesionPolicy.mask_bound`) lands on ``voxel_z``. Every other token is clamped to at
-    most ``voxel_z``: it can shape a finding's edge, never start a mask. Where a finding's bound
-    lies above ``voxel_z``, its neighbours on the grid are scaled as it is before the clamp, so
-    that its edge is cut at its own bound, not at ``voxel_z``.
+    most ``voxel_z``: it can shape a finding's edge, never start a mask. A finding's neighbours on
+    the grid are scaled as it is before the clamp (down where its bound lies above ``voxel_z``,
+    up where a faint finding's lies below), so that its edge is cut at its own bound: unscaled
+    neighbours pulled a faint finding's edge towards its centre (T1w metastasis masks, learnt
+    encoder; docs/RESULTS.md, "Small metastases and cortical lesions").
     """
-    values = np.minimum(z, policy.voxel_z).astype(np.float64)
-    for finding in (f for f in findings if f.passed):
-        bound = policy.mask_bound(finding.peak_z)
-        if bound > policy.voxel_z:
-            near = _neighbours(finding.tokens, np.asarray(coords), grid_shape)
-            values[near] = np.minimum(values[near], np.minimum(z[near] * (policy.voxel_z / bound), policy.voxel_z))
-        values[finding.tokens] = z[finding.tokens] * (policy.voxel_z / bound)
+    passed = [f for f in findings if f.passed]
+    # A neighbour of several findings takes the smallest of their scales (the tighter edge).
+    scale = np.full(z.shape, np.inf)
+    for finding in passed:
+        near = _neighbours(finding.tokens, np.asarray(coords), grid_shape)
+        scale[near] = np.minimum(scale[near], policy.voxel_z / policy.mask_bound(finding.peak_z))
+    scale[np.isinf(scale)] = 1.0
+    values = np.minimum(z * scale, policy.voxel_z).astype(np.float64)
+    for finding in passed:
+        values[finding.tokens] = z[finding.tokens] * (policy.voxel_z / policy.mask_bound(finding.peak_z))
     return values.astype(np.float32)
 
 

@@ -574,3 +574,23 @@ def test_a_confident_calibration_reports_the_rate_it_keeps():
     with pytest.raises(ValueError, match="bank_confidence must lie in"):
         LesionPolicy(bank_confidence=1.0)
     assert load_config().threshold.lesion_policy().bank_confidence == 0.9
+
+
+def test_a_faint_findings_edge_is_cut_at_its_own_bound():
+    # A faint finding's bound (a quarter of the way from token_z to its peak) lies below voxel_z:
+    # its neighbours are scaled up as its tokens are, so the upsampled map crosses voxel_z where
+    # the z map crosses the finding's own bound, not closer to its centre.
+    policy = LesionPolicy(token_z=4.5, finding_mass=1.0, voxel_z=10.0)
+    scores, coords = _batch(12, seed=9)
+    core, rim = _cube(coords[0], (4, 4, 4), 1) | _cube(coords[0], (4, 4, 5), 1), _cube(coords[0], (4, 4, 3), 1)
+    scores[0] = scores[0] + np.where(core, 0.15, 0.0) + np.where(rim, 0.06, 0.0)
+    decision = decide_lesions(scores, coords, GRID, policy)
+    z, values = decision.z[0], decision.mask_values[0]
+    (finding,) = [f for f in decision.findings[0] if f.passed]
+    assert set(finding.tokens.tolist()) == set(np.flatnonzero(core).tolist())
+    bound = policy.mask_bound(finding.peak_z)
+    assert policy.token_z < bound < policy.voxel_z and 0 < z[rim][0] < policy.token_z
+    scale = policy.voxel_z / bound
+    assert np.allclose(values[core], z[core] * scale, rtol=1e-5)
+    assert values[rim][0] == pytest.approx(z[rim][0] * scale, rel=1e-5)
+    assert (values[~core] <= policy.voxel_z).all()
