@@ -665,13 +665,12 @@ def _mask_values(
     encoder; docs/RESULTS.md, "Small metastases and cortical lesions").
     """
     passed = [f for f in findings if f.passed]
-    # A neighbour of several findings takes the smallest of their scales (the tighter edge).
-    scale = np.full(z.shape, np.inf)
+    # A neighbour of several findings takes the smallest of its scaled values (the tighter edge).
+    scaled = np.full(z.shape, np.inf)
     for finding in passed:
         near = _neighbours(finding.tokens, np.asarray(coords), grid_shape)
-        scale[near] = np.minimum(scale[near], policy.voxel_z / policy.mask_bound(finding.peak_z))
-    scale[np.isinf(scale)] = 1.0
-    values = np.minimum(z * scale, policy.voxel_z).astype(np.float64)
+        scaled[near] = np.minimum(scaled[near], z[near] * (policy.voxel_z / policy.mask_bound(finding.peak_z)))
+    values = np.minimum(np.where(np.isinf(scaled), z, scaled), policy.voxel_z).astype(np.float64)
     for finding in passed:
         values[finding.tokens] = z[finding.tokens] * (policy.voxel_z / policy.mask_bound(finding.peak_z))
     return values.astype(np.float32)
