@@ -24,7 +24,9 @@
 # calibrated (on the all-normal seeds 15-20) and are held out from it. The small-metastasis and
 # cortical seeds 31 and 51 were first scored with the learnt encoder after all of its bounds were
 # fixed; seeds 32 and 52 (the same kinds) were named then, held out from any change those two
-# prompt.
+# prompt. Seed 33 (small metastases) was named before any T1w voxel_z recalibration with
+# metastases in the tuning set or any evidence summed over a volume's groups (both prompted by
+# seeds 31 and 32) and is held out from them.
 # DECISIONS_CONFIG names the configuration the cache is filled
 # with (default tools/demo_config.yaml, the intensity encoder; tools/efficientnet_config.yaml for
 # the learnt encoder, whose cache belongs in its own ROOT).
@@ -96,9 +98,11 @@ declare -A cohorts=(
   # held out from any change prompted by the learnt encoder's first look at seeds 31 and 51
   [mets16_s32]="--subjects 16 --seed 32 --lesion-fraction 0.5 --lesions-per-subject 3 5 --lesion-radius-mm 5 9 $heads"
   [cortical16_s52]="--subjects 16 --seed 52 --lesion-fraction 0.5 --lesion-placement cortical $heads"
+  # held out from a metastasis-aware T1w mask bound and from evidence summed over groups
+  [mets16_s33]="--subjects 16 --seed 33 --lesion-fraction 0.5 --lesions-per-subject 3 5 --lesion-radius-mm 5 9 $heads"
 )
 order=(demo normal12_s10 tune1 demo_s2 normal12_s11 half16_s21 mets16_s31 cortical16_s51 normal12_s12 demo_s3 subjects48_s40 normal48_s41 subjects48_s43 normal48_s42 demo_s4 normal12_s13 half16_s22 subjects48_s44 subjects24_s45 half16_s23 normal12_s14 normal12_s15 normal12_s16 normal12_s17 subjects24_s46 normal12_s18 half16_s24 normal12_s19 subjects24_s47 normal12_s20 normal12_s25 normal12_s26
-       normal12_s27 demo_s5 demo_s6 mets16_s32 cortical16_s52)
+       normal12_s27 demo_s5 demo_s6 mets16_s32 cortical16_s52 mets16_s33)
 [ "$#" -gt 0 ] && order=("$@")
 for name in "${order[@]}"; do
   args=${cohorts[$name]:?unknown cohort $name}
