@@ -665,14 +665,16 @@ def _mask_values(
     encoder; docs/RESULTS.md, "Small metastases and cortical lesions").
     """
     passed = [f for f in findings if f.passed]
+    scales = [policy.voxel_z / policy.mask_bound(f.peak_z) for f in passed]
+    grid_coords = np.asarray(coords)
     # A neighbour of several findings takes the smallest of its scaled values (the tighter edge).
     scaled = np.full(z.shape, np.inf)
-    for finding in passed:
-        near = _neighbours(finding.tokens, np.asarray(coords), grid_shape)
-        scaled[near] = np.minimum(scaled[near], z[near] * (policy.voxel_z / policy.mask_bound(finding.peak_z)))
+    for finding, scale in zip(passed, scales):
+        near = _neighbours(finding.tokens, grid_coords, grid_shape)
+        scaled[near] = np.minimum(scaled[near], z[near] * scale)
     values = np.minimum(np.where(np.isinf(scaled), z, scaled), policy.voxel_z).astype(np.float64)
-    for finding in passed:
-        values[finding.tokens] = z[finding.tokens] * (policy.voxel_z / policy.mask_bound(finding.peak_z))
+    for finding, scale in zip(passed, scales):
+        values[finding.tokens] = z[finding.tokens] * scale
     return values.astype(np.float32)
 
 
