@@ -15,7 +15,9 @@ for every candidate ``token_z``:
    all-normal batches of the small size, each scored alone);
 3. prints the lesion series flagged, the normals flagged per batch and, for every candidate
    ``voxel_z``, the Dice of the binary masks at those bounds (pooled over the batches' brain
-   voxels, working grid) and the masks' volume against the lesions'.
+   voxels, working grid; each batch's own and their mean too) and the masks' volume against the
+   lesions'. ``--keep-evidence-bound`` skips step 2 (the configured bound): ``voxel_z`` alone is
+   tuned, for instance on lesion kinds the evidence bound was not calibrated with.
 
 Choose per contrast the ``token_z`` with the highest recall (ties: fewer normals, then Dice) and
 the ``voxel_z`` with the highest Dice; then measure the chosen bounds on held-out cohorts with
@@ -169,16 +171,37 @@ def mask_counts(batch: ScoredBatch, config: RunConfig) -> tuple[int, int, int, f
     return tp, fp, fn, predicted_ml, lesion_ml
 
 
+def dice_row(counts: Sequence[tuple[int, int, int, float, float]], names: Sequence[str]) -> dict[str, Any]:
+    """Dice pooled over the batches' voxels, each batch's own, their mean, and mask ml per lesion ml.
+
+    The pooled Dice weighs a batch by its lesion volume, so a batch of large gliomas outvotes one of
+    small metastases; the mean of the batches' Dice weighs each batch alike.
+    """
+    def dice(tp: float, fp: float, fn: float) -> float:
+        return round(2 * tp / max(2 * tp + fp + fn, 1), 3)
+
+    tp, fp, fn, predicted_ml, lesion_ml = np.sum(counts, axis=0)
+    per_batch = {name: dice(*c[:3]) for name, c in zip(names, counts)}
+    return {"dice": dice(tp, fp, fn), "per_batch": per_batch,
+            "mean_batch_dice": round(float(np.mean(list(per_batch.values()))), 3),
+            "mask_ml_per_lesion_ml": round(predicted_ml / max(lesion_ml, 1e-9), 2)}
+
+
 def calibrate_contrast(batches: Sequence[ScoredBatch], config: RunConfig, token_zs: Sequence[float],
-                       voxel_zs: Sequence[float], allowed: int, per_batch: bool = False) -> list[dict[str, Any]]:
+                       voxel_zs: Sequence[float], allowed: int, per_batch: bool = False,
+                       keep_bound: bool = False) -> list[dict[str, Any]]:
     """One row per ``token_z``: the evidence bound, flags per batch and Dice per ``voxel_z``.
 
-    ``per_batch``: ``allowed`` normals in every batch, not in all batches pooled.
+    ``per_batch``: ``allowed`` normals in every batch, not in all batches pooled. ``keep_bound``:
+    the configured evidence bound of the contrast, not a calibrated one (only ``voxel_z`` is tuned,
+    so the flags stay those of the shipped bounds).
     """
     rows = []
     for token_z in token_zs:
         evidence = {batch.name: largest_evidence(batch, config, token_z) for batch in batches}
-        if per_batch:
+        if keep_bound:
+            bound = config.threshold.bound("finding_mass", batches[0].contrast)
+        elif per_batch:
             bound = per_batch_bound([evidence[b.name][~b.lesioned] for b in batches], allowed)
         else:
             bound = evidence_bound(np.concatenate([evidence[b.name][~b.lesioned] for b in batches]), allowed)
@@ -191,11 +214,8 @@ def calibrate_contrast(batches: Sequence[ScoredBatch], config: RunConfig, token_
             }
         lesion_batches = [b for b in batches if b.lesioned.any()]
         for voxel_z in voxel_zs if lesion_batches else []:
-            counts = np.sum([mask_counts(b, with_bounds(config, b.contrast, token_z, bound, voxel_z))
-                             for b in lesion_batches], axis=0)
-            tp, fp, fn, predicted_ml, lesion_ml = counts
-            row["dice"][voxel_z] = {"dice": round(2 * tp / max(2 * tp + fp + fn, 1), 3),
-                                    "mask_ml_per_lesion_ml": round(predicted_ml / max(lesion_ml, 1e-9), 2)}
+            row["dice"][voxel_z] = dice_row([mask_counts(b, with_bounds(config, b.contrast, token_z, bound, voxel_z))
+                                             for b in lesion_batches], [b.name for b in lesion_batches])
         rows.append(row)
         print(_format(batches[0].contrast, row), flush=True)
     return rows
@@ -203,7 +223,9 @@ def calibrate_contrast(batches: Sequence[ScoredBatch], config: RunConfig, token_
 
 def _format(contrast: str, row: dict[str, Any]) -> str:
     flags = "; ".join(f"{name} lesions {v['lesion_flagged']} normals {v['normals_flagged']}" for name, v in row["batches"].items())
-    dice = ", ".join(f"voxel_z {v:g}: Dice {d['dice']} ({d['mask_ml_per_lesion_ml']} x)" for v, d in row["dice"].items())
+    dice = ", ".join(f"voxel_z {v:g}: Dice {d['dice']} (batch mean {d['mean_batch_dice']}; "
+                     + " ".join(f"{name} {value}" for name, value in d["per_batch"].items())
+                     + f"; {d['mask_ml_per_lesion_ml']} x)" for v, d in row["dice"].items())
     return f"{contrast} token_z {row['token_z']:g}: finding_mass {row['finding_mass']:g} | {flags} | {dice}"
 
 
@@ -220,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="tuning normals (all batches pooled) the evidence bound may flag (default 1)")
     parser.add_argument("--per-batch", action="store_true",
                         help="--normals-allowed in every batch rather than in all batches pooled (small-batch bound)")
+    parser.add_argument("--keep-evidence-bound", action="store_true",
+                        help="hold each contrast to its configured finding_mass and tune voxel_z alone")
     parser.add_argument("--split", type=int, default=0, metavar="N",
                         help="score each --batch and --normal-batch in batches of at most N series (default: whole)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="configuration override")
@@ -233,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     for contrast in sorted({b.contrast for b in batches}):
         chosen = [b for b in batches if b.contrast == contrast]
         results[contrast] = calibrate_contrast(chosen, config, args.token_z, args.voxel_z, args.normals_allowed,
-                                               args.per_batch)
+                                               args.per_batch, args.keep_evidence_bound)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

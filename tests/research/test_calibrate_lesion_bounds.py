@@ -30,3 +30,16 @@ def test_the_per_batch_bound_allows_that_many_normals_in_every_batch() -> None:
     # Pooled, one normal of all three batches: a far higher bound.
     assert tool.evidence_bound(np.concatenate(batches), 1) == 6.0
     assert tool.per_batch_bound([], 1) == 0.0
+
+
+def test_the_batch_mean_dice_weighs_a_small_lesion_batch_as_much_as_a_large_one() -> None:
+    tool = _tool()
+    # A batch of large gliomas segmented well and one of small metastases segmented poorly.
+    gliomas = (900, 100, 100, 12.0, 12.0)  # Dice 0.9
+    metastases = (10, 10, 30, 0.2, 0.4)  # Dice 1/3
+    row = tool.dice_row([gliomas, metastases], ["gliomas", "metastases"])
+    assert row["per_batch"] == {"gliomas": 0.9, "metastases": 0.333}
+    assert row["mean_batch_dice"] == round((0.9 + 1 / 3) / 2, 3)
+    # Pooled over voxels the gliomas outvote the metastases.
+    assert row["dice"] == round(2 * 910 / (2 * 910 + 110 + 130), 3)
+    assert row["mask_ml_per_lesion_ml"] == round(12.2 / 12.4, 2)
