@@ -169,16 +169,18 @@ class DecisionSettings:
         The bounds are the ones in effect for the contrast (``*_by_contrast`` or the section-wide
         value), so that another contrast's bounds do not make this one "not measured".
         Only bank-referenced batches use the bank calibration, and they report their own operating
-        point, so its two fields are left out.
+        point, so its two fields are left out, as are the settings that shape only the binary mask
+        (``voxel_z``, ``min_finding_ml``, ``mask_peak_fraction``): a flag and its false-flag rate
+        do not depend on them, so tuning a mask keeps the rate measured.
         """
         threshold = {
             "policy": self.threshold.policy.value, "reference": self.threshold.reference.value,
             "token_z": self.threshold.bound("token_z", contrast),
             "finding_mass": self.threshold.bound("finding_mass", contrast),
             "finding_excess": self.threshold.bound("finding_excess", contrast),
-            "voxel_z": self.threshold.bound("voxel_z", contrast), "prior_volumes": self.threshold.prior_volumes,
+            "prior_volumes": self.threshold.prior_volumes,
             "tail_quantile": self.threshold.tail_quantile, "volume_z": self.threshold.volume_z,
-            "robust_token_z": self.threshold.robust_token_z, "min_finding_ml": self.threshold.min_finding_ml,
+            "robust_token_z": self.threshold.robust_token_z,
         }
         if self.threshold.subtract_volume_level:
             # Only when on, so that the points measured before the setting existed still match.

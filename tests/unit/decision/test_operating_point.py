@@ -91,13 +91,15 @@ def test_the_bound_of_another_contrast_does_not_matter(table: Path):
         == op.NOT_MEASURED
 
 
-def test_per_contrast_token_and_voxel_bounds_are_part_of_the_measured_setting(table: Path):
-    # A token or voxel bound set for T1w only leaves T2w's measurement standing; set for T2w, not.
+def test_per_contrast_token_bounds_are_part_of_the_measured_setting_and_mask_bounds_are_not(table: Path):
+    # A token bound set for T1w only leaves T2w's measurement standing; set for T2w, not. The
+    # bounds that shape only the binary mask never change a flag, so they leave the rate measured.
     config = load_config(override={"encoder": {"name": "intensity"}})
     _write(table, config)
     for threshold, measured in (({"token_z_by_contrast": {"T1w": 3.0}}, True), ({"voxel_z_by_contrast": {"T1w": 4.0}}, True),
-                                ({"token_z_by_contrast": {"T2w": 3.0}}, False), ({"voxel_z_by_contrast": {"T2w": 4.0}}, False),
-                                ({"token_z_by_contrast": {"T2w": 4.5}}, True)):
+                                ({"token_z_by_contrast": {"T2w": 3.0}}, False), ({"voxel_z_by_contrast": {"T2w": 4.0}}, True),
+                                ({"token_z_by_contrast": {"T2w": 4.5}}, True), ({"min_finding_ml": 0.5}, True),
+                                ({"mask_peak_fraction": 0.3}, True), ({"finding_excess_by_contrast": {"T2w": 1.0}}, False)):
         other = load_config(override={"encoder": {"name": "intensity"}, "threshold": threshold})
         rate = op.operating_point(LESION_POLICY_NAME, "intensity", "T2w", other.decision_settings(), table)[
             "false_flag_rate_per_normal_series"]
