@@ -70,9 +70,15 @@ def test_a_rate_measured_without_the_volume_level_does_not_hold_with_it(table: P
 
 
 def test_the_shipped_table_reads_and_names_its_measurements():
+    keys = set()
     for entry in op.entries():
         assert 0 <= entry["flagged"] <= entry["normal_series"] and entry["measured_on"]
         assert set(entry["settings"]) == {"threshold", "scoring", "min_brain_fraction", "registration", "resolution_fwhm_mm"}
+        # Mask-only bounds are not recorded, and no two measurements claim the same settings.
+        assert not {"voxel_z", "min_finding_ml", "mask_peak_fraction"} & set(entry["settings"]["threshold"])
+        key = json.dumps([entry["policy"], entry["encoder"], entry["contrast"], entry["settings"]], sort_keys=True)
+        assert key not in keys, entry["measured_on"]
+        keys.add(key)
 
 
 def test_the_bound_of_another_contrast_does_not_matter(table: Path):
