@@ -2,7 +2,8 @@
 
 A flag is only as useful as its false-flag rate is known. ``operating_points.json`` beside this
 module lists the rates measured by ``tools/measure_decisions.py`` on all-normal batches (synthetic
-cohorts, held-out seeds), for one encoder, contrast and set of decision-relevant settings each.
+cohorts, held-out seeds), for one encoder, contrast and set of the settings a flag depends on each
+(not the bounds that only shape the binary mask: :meth:`DecisionSettings.record`).
 A run whose settings match an entry reports that rate (report.json and the SR); any other run
 (DINOv2 today: no weights here to measure it with) reports ``not measured`` and says why.
 
