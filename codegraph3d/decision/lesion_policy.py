@@ -628,16 +628,7 @@ def bank_calibration(
     share = policy.bank_false_flag_rate / n_queries
     shared_rank = calibration_rank(n, share, policy.bank_confidence)
     rank = max(1, shared_rank)
-    evidence = []
-    for left_out in range(n):
-        others = [index for index in range(n) if groups[index] != groups[left_out]]
-        statistics = position_statistics(
-            [reference_scores[i] for i in others], [reference_coords[i] for i in others], grid_shape,
-            policy.prior_volumes, by_position=policy.by_position, tail_quantile=policy.tail_quantile,
-        )
-        scores, where = np.asarray(reference_scores[left_out]), reference_coords[left_out]
-        found = token_findings(standardise(scores, where, statistics), scores, where, grid_shape, policy, token_ml)
-        evidence.append(policy.evidence(found))
+    evidence = _left_out_evidence(reference_scores, reference_coords, grid_shape, policy, token_ml, groups)
     ordered = tuple(sorted((float(value) for value in evidence), reverse=True))
     expected = rank / (n + 1)
     # The share holds with the stated confidence only when the bank could give it a rank of its own.
@@ -648,6 +639,24 @@ def bank_calibration(
         confidence=policy.bank_confidence if held else 0.0, expected_false_flag_rate=expected,
         n_queries=n_queries,
     )
+
+
+def _left_out_evidence(
+    scores: Sequence[np.ndarray], coords: Sequence[np.ndarray], grid_shape: tuple[int, int, int],
+    policy: LesionPolicy, token_ml: float, groups: Sequence[Hashable],
+) -> list[float]:
+    """Each volume's evidence, standardised against the volumes of the other groups only."""
+    evidence = []
+    for left_out, group in enumerate(groups):
+        others = [index for index, other in enumerate(groups) if other != group]
+        statistics = position_statistics(
+            [scores[i] for i in others], [coords[i] for i in others], grid_shape,
+            policy.prior_volumes, by_position=policy.by_position, tail_quantile=policy.tail_quantile,
+        )
+        values, where = np.asarray(scores[left_out]), coords[left_out]
+        found = token_findings(standardise(values, where, statistics), values, where, grid_shape, policy, token_ml)
+        evidence.append(policy.evidence(found))
+    return evidence
 
 
 def _mask_values(
@@ -684,6 +693,28 @@ def _neighbours(tokens: np.ndarray, coords: np.ndarray, grid_shape: tuple[int, i
     grid[tuple(coords[tokens].T)] = True
     near = ndimage.binary_dilation(grid, structure=np.ones((3, 3, 3), dtype=bool)) & ~grid
     return np.flatnonzero(near[tuple(coords.T)])
+
+
+def _bank_policy(
+    policy: LesionPolicy, reference_scores: Sequence[np.ndarray], reference_coords: Sequence[np.ndarray],
+    grid_shape: tuple[int, int, int], token_ml: float, reference_groups: Sequence[Hashable] | None,
+    n_queries: int,
+) -> tuple[LesionPolicy, dict[str, Any]]:
+    """The policy a batch decided against a cohort bank is held to, and its calibration's record.
+
+    The bank's calibrated bound already carries its normal volumes' whole-series offsets (rule 1),
+    and a bank is no small batch (rule 2): the bank's bound (:func:`bank_calibration`), or
+    ``finding_mass`` uncalibrated where the rate is 0 or the bank too small for it.
+    """
+    policy = replace(policy, subtract_volume_level=False, small_batch_volumes=0, small_batch_finding_mass=0.0)
+    if not policy.bank_false_flag_rate > 0:
+        return policy, {}
+    calibration = bank_calibration(reference_scores, reference_coords, grid_shape, policy, token_ml,
+                                   reference_groups, n_queries=n_queries)
+    if calibration is None:
+        return policy, {"bank_calibration": f"not calibrated: {len(reference_scores)} bank volume(s) are too few "
+                                            f"for a false-flag rate of {policy.bank_false_flag_rate:g}"}
+    return replace(policy, finding_mass=calibration.finding_mass), {"bank_calibration": calibration.record()}
 
 
 def decide_lesions(
@@ -731,23 +762,12 @@ def decide_lesions(
         grid_shape, policy.prior_volumes, by_position=policy.by_position, tail_quantile=policy.tail_quantile,
     )
     if banked:
-        # The bank's calibrated bound already carries its normal volumes' whole-series offsets (rule 1),
-        # and a bank is no small batch (rule 2): the bank's bound, or finding_mass uncalibrated.
-        policy = replace(policy, subtract_volume_level=False, small_batch_volumes=0, small_batch_finding_mass=0.0)
-    else:
-        policy = policy.for_batch(len(token_scores))
-    calibration_record: dict[str, Any] = {}
-    if banked and policy.bank_false_flag_rate > 0:
-        calibration = bank_calibration(
-            reference_scores, reference_coords, grid_shape, policy, token_ml, reference_groups,  # type: ignore[arg-type]
+        policy, calibration_record = _bank_policy(
+            policy, reference_scores, reference_coords, grid_shape, token_ml, reference_groups,  # type: ignore[arg-type]
             n_queries=len(token_scores),
         )
-        if calibration is None:
-            calibration_record = {"bank_calibration": f"not calibrated: {n_bank} bank volume(s) are too few for a "
-                                                      f"false-flag rate of {policy.bank_false_flag_rate:g}"}
-        else:
-            policy = replace(policy, finding_mass=calibration.finding_mass)
-            calibration_record = {"bank_calibration": calibration.record()}
+    else:
+        policy, calibration_record = policy.for_batch(len(token_scores)), {}
     z_all, mask_values, findings = [], [], []
     for scores, where in zip(token_scores, coords):
         z = relative_z(standardise(scores, where, statistics), policy)
