@@ -50,6 +50,7 @@ from codegraph3d.run.config import ConfigError, RunConfig, load_config
 from codegraph3d.decision.lesion_policy import LESION_POLICY_NAME
 from codegraph3d.scoring.maps import token_voxel_map
 from codegraph3d_research.metrics import StreamingBinaryMetrics, patient_auroc
+from codegraph3d.scoring.musc import BankGroup
 from codegraph3d.run.pipeline import bank_groups, decide_batch, reference_groups, score_configured, token_volume_ml
 from codegraph3d.scoring.batch import BatchScores
 from codegraph3d.decision.thresholds import BANK_POLICY_NAME, POLICY_NAME
@@ -117,20 +118,35 @@ def batch_groups(series: Sequence[AblationSeries], n: int, config: RunConfig) ->
     return own + bank_groups(bank)
 
 
-def score_series(series: Sequence[AblationSeries], config: RunConfig, n: int | None = None) -> BatchScores:
-    """Score one batch as the app does (scoring section); volumes after the first ``n`` are bank volumes."""
+def score_series(series: Sequence[AblationSeries], config: RunConfig, n: int | None = None,
+                 known: dict[tuple[str, ...], list[list[np.ndarray]]] | None = None) -> BatchScores:
+    """Score one batch as the app does (scoring section); volumes after the first ``n`` are bank volumes.
+
+    ``known``: the bank volumes' scores against each other by the bank volumes' uids, filled and
+    read as the app's ``bank.reuse_scores`` does (MuSc with bank groups only), so that studies
+    scored one by one against one bank score only themselves.
+    """
     settings = config.scoring
     tokens = [item.record.tokens for item in series]
-    groups = batch_groups(series, len(series) if n is None else n, config)
-    return score_configured(
+    n = len(series) if n is None else n
+    groups = batch_groups(series, n, config)
+    reusable = known is not None and settings.method.value == "musc" and all(
+        isinstance(group, BankGroup) for group in groups[n:]) and len(series) > n
+    key = tuple(item.uid for item in series[n:])
+    scores = score_configured(
         [[t.tokens[layer] for t in tokens] for layer in range(len(tokens[0].tokens))],
         groups, [t.coords for t in tokens], tokens[0].grid_shape, settings,
+        known_scores=known.get(key) if reusable else None,  # type: ignore[union-attr]
     )
+    if reusable:
+        known.setdefault(key, [layer[n:] for layer in scores.per_layer])  # type: ignore[union-attr]
+    return scores
 
 
-def _tally_batch(series: Sequence[AblationSeries], n: int, config: RunConfig, tally: Tally) -> None:
+def _tally_batch(series: Sequence[AblationSeries], n: int, config: RunConfig, tally: Tally,
+                 known: dict[tuple[str, ...], list[list[np.ndarray]]] | None = None) -> None:
     """Score ``series`` (queries first, then references), decide, and add the queries to ``tally``."""
-    scores = score_series(series, config, n)
+    scores = score_series(series, config, n, known)
     coords = [item.record.tokens.coords for item in series]
     groups = batch_groups(series, n, config)
     decision = decide_batch(scores, coords, n, series[0].record.tokens.grid_shape, config,
@@ -261,16 +277,22 @@ def measure_batch(
     return out
 
 
-def measure_bank_studies(root: Path, queries: Sequence[str], bank: Sequence[str], config: RunConfig) -> dict[str, Any]:
-    """Each study of ``queries`` scored alone against the series of ``bank`` as references."""
+def measure_bank_studies(root: Path, queries: Sequence[str], bank: Sequence[str], config: RunConfig,
+                         reuse: bool = True) -> dict[str, Any]:
+    """Each study of ``queries`` scored alone against the series of ``bank`` as references.
+
+    ``reuse``: score the bank volumes against each other once per draw, as the app does with
+    ``bank.reuse_scores`` (``False``: for every study, to time what that saves).
+    """
     references = load_pooled(root, bank, config)
     out = {}
+    known: dict[tuple[str, ...], list[list[np.ndarray]]] | None = {} if reuse else None  # per draw
     for contrast, series in sorted(load_pooled(root, queries, config).items()):
         tally = Tally()
         for item in series:
             others = [ref for ref in references.get(contrast, [])
                       if ref.record.decision.patient_id != item.record.decision.patient_id]
-            _tally_batch([item, *others], 1, config, tally)
+            _tally_batch([item, *others], 1, config, tally, known)
         out[contrast] = {**tally.summary(), "n_bank_volumes": len(references.get(contrast, []))}
     return out
 
@@ -297,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="an all-normal batch: the lesion-free series of the named cohorts")
     parser.add_argument("--bank-studies", nargs="+", default=[], metavar="COHORT", help="cohorts scored study by study")
     parser.add_argument("--bank", nargs="+", default=[], metavar="COHORT", help="cohorts that form the bank")
+    parser.add_argument("--fresh-bank-scores", action="store_true",
+                        help="with --bank-studies: score the bank volumes anew for every study (the app with "
+                        "bank.reuse_scores false), to time what reusing them saves")
     parser.add_argument("--batches-with-bank", action="store_true",
                         help="score --batch and --normal-batch batches with the --bank volumes as references "
                         "(as the app does for a batch of fewer than bank.min_patients patients)")
@@ -324,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         name, _, cohorts = spec.partition("=")
         results[name] = measure_batch(args.root, cohorts.split(","), config, normals_only=True, bank=bank)
     if args.bank_studies:
-        results["single studies vs bank"] = measure_bank_studies(args.root, args.bank_studies, args.bank, config)
+        results["single studies vs bank"] = measure_bank_studies(args.root, args.bank_studies, args.bank, config,
+                                                                 reuse=not args.fresh_bank_scores)
     results["study_level"] = {name: study_level(rows) for name, rows in _batches(results)}
     _print(results, args.lesions)
     _detection_limit(results)

@@ -298,9 +298,12 @@ class BankSettings:
     max_references: int
     seed: int
     add_scored: AddScored
+    reuse_scores: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "add_scored", choice(AddScored, self.add_scored, "bank.add_scored"))
+        if not isinstance(self.reuse_scores, bool):
+            raise ValueError(f"bank.reuse_scores must be true or false; got {self.reuse_scores!r}")
         for name, low in (("min_patients", 2), ("max_references", 1), ("seed", 0)):
             _integer(getattr(self, name), f"bank.{name}", low)
         _not_a_file(self.folder, "bank.folder", "the cohort bank's folder")

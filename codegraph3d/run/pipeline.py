@@ -37,6 +37,7 @@ from codegraph3d.core.progress import StageClock
 from codegraph3d.core.ray_runtime import RETRIES, ClusterError, alive_nodes, capped_memory, ray_runtime
 from codegraph3d.scoring.batch import BatchScores, score_batch
 from codegraph3d.scoring.musc import BankGroup
+from codegraph3d.store.bank_scores import keep_bank_scores, load_bank_scores
 from codegraph3d.decision.thresholds import (
     ThresholdDecision,
     decide_thresholds,
@@ -687,8 +688,13 @@ def score_configured(
     grid_shape: tuple[int, int, int],
     settings: ScoringSettings,
     on_layer_done: Callable[[int, int], None] | None = None,
+    known_scores: Sequence[Sequence[np.ndarray]] | None = None,
 ) -> BatchScores:
-    """:func:`codegraph3d.scoring.batch.score_batch` with the ``scoring`` section's settings (the app's call)."""
+    """:func:`codegraph3d.scoring.batch.score_batch` with the ``scoring`` section's settings (the app's call).
+
+    ``known_scores`` (``[layer][volume]``): the trailing cohort-bank volumes' scores kept from an
+    earlier batch (:mod:`codegraph3d.store.bank_scores`); only the leading volumes are scored then.
+    """
     return score_batch(
         layer_sets,
         k_fraction=settings.k_fraction,
@@ -703,6 +709,7 @@ def score_configured(
         memory_budget_mb=float(settings.memory_budget_mb) or None,
         precision=settings.precision.value,
         on_layer_done=on_layer_done,
+        known_scores=known_scores,
     )
 
 
@@ -756,10 +763,23 @@ class _Chunk:
     members: list[TokenisedSeries]
     own_groups: list[Hashable]
     references: list[Any] = field(default_factory=list)
+    # The bank volumes' scores against each other, kept from an earlier batch ([layer][volume]).
+    known_scores: list[list[np.ndarray]] | None = None
+
+    @property
+    def bank_patients(self) -> list[str]:
+        """Each bank volume's patient (its study where the PatientID is empty): its scoring group."""
+        return [r.entry.patient_id or r.entry.study_instance_uid for r in self.references]
 
     @property
     def groups(self) -> list[Hashable]:
-        return self.own_groups + bank_groups([r.entry.patient_id or r.entry.study_instance_uid for r in self.references])
+        return self.own_groups + bank_groups(self.bank_patients)
+
+    @property
+    def work(self) -> int:
+        """Volume pairs to match per layer: every ordered pair, or the members' own with known bank scores."""
+        n_total = len(self.members) + len(self.references)
+        return n_total**2 if self.known_scores is None else len(self.members) * n_total
 
     @property
     def layer_sets(self) -> list[list[np.ndarray]]:
@@ -807,6 +827,39 @@ def _draw_references(chunk: _Chunk, bank: Any, config: RunConfig) -> None:
     )
 
 
+def _bank_scoring(config: RunConfig) -> dict[str, Any]:
+    """The scoring settings a bank volume's score depends on (part of its kept scores' key)."""
+    settings = config.scoring
+    return {"method": settings.method.value, "k_fraction": float(settings.k_fraction),
+            "window_radius": int(settings.window_radius), "precision": settings.precision.value}
+
+
+def _reuses_bank_scores(chunk: _Chunk, bank: Any, config: RunConfig) -> bool:
+    """Whether the chunk's bank volumes' scores can be kept and reused: MuSc, BankGroup references only."""
+    return (bank is not None and config.bank.reuse_scores and config.scoring.method.value == "musc"
+            and bool(chunk.references)
+            and all(isinstance(group, BankGroup) for group in chunk.groups[len(chunk.members):]))
+
+
+def _recall_bank_scores(chunk: _Chunk, bank: Any, config: RunConfig) -> None:
+    """Fill ``chunk.known_scores`` from the bank's kept scores of the drawn volumes, when it has them."""
+    if _reuses_bank_scores(chunk, bank, config):
+        n_layers = len(chunk.members[0].tokens.tokens)
+        chunk.known_scores = load_bank_scores(bank, chunk.references, chunk.bank_patients, _bank_scoring(config),
+                                              n_layers)
+        if chunk.known_scores is not None:
+            logger.info("batch %s: the %d cohort-bank volumes' scores against each other reused",
+                        chunk.label, len(chunk.references))
+
+
+def _keep_scores(chunk: _Chunk, scores: BatchScores, bank: Any, config: RunConfig) -> None:
+    """Keep freshly computed bank volumes' scores in the bank for the next batch that draws them."""
+    if chunk.known_scores is None and _reuses_bank_scores(chunk, bank, config):
+        n = len(chunk.members)
+        keep_bank_scores(bank, chunk.references, chunk.bank_patients, _bank_scoring(config),
+                         [layer[n:] for layer in scores.per_layer])
+
+
 def _one_patient_id_note(chunk: _Chunk, config: RunConfig) -> str:
     """Why several studies count as one patient, when one PatientID spans them all (anonymised exports)."""
     studies = {m.decision.study_instance_uid for m in chunk.members}
@@ -838,10 +891,8 @@ def _check_chunk(chunk: _Chunk, config: RunConfig) -> None:
 
 def _score_chunk(chunk: _Chunk, config: RunConfig, clock: StageClock) -> BatchScores:
     """Score one chunk (members and bank volumes), logging progress in volume pairs; may raise ValueError."""
-    n_total = len(chunk.members) + len(chunk.references)
-
     def on_layer_done(layers_done: int, n_layers: int) -> None:
-        elapsed, remaining = clock.advance(n_total**2 / n_layers)
+        elapsed, remaining = clock.advance(chunk.work / n_layers)
         logger.info(
             "scoring %s: layer %d/%d done, %.0f%% of the scoring work, %.0f s elapsed, ETA %.0f s",
             chunk.label, layers_done, n_layers, 100 * clock.fraction, elapsed, remaining,
@@ -850,16 +901,18 @@ def _score_chunk(chunk: _Chunk, config: RunConfig, clock: StageClock) -> BatchSc
     _check_chunk(chunk, config)
     return score_configured(
         chunk.layer_sets, chunk.groups, chunk.coords, chunk.members[0].tokens.grid_shape, config.scoring, on_layer_done,
+        chunk.known_scores,
     )
 
 
 def _score_task(layer_sets: Sequence[Sequence[np.ndarray]], groups: Sequence[Hashable], coords: Sequence[np.ndarray],
-                grid_shape: tuple[int, int, int], settings: ScoringSettings, threads: int) -> BatchScores:
+                grid_shape: tuple[int, int, int], settings: ScoringSettings, threads: int,
+                known_scores: Sequence[Sequence[np.ndarray]] | None = None) -> BatchScores:
     """A Ray task: score one chunk with the threads it was given (Ray would leave OMP_NUM_THREADS)."""
     import torch
 
     torch.set_num_threads(max(1, threads))
-    return score_configured(layer_sets, groups, coords, grid_shape, settings)
+    return score_configured(layer_sets, groups, coords, grid_shape, settings, known_scores=known_scores)
 
 
 @dataclass
@@ -869,7 +922,7 @@ class _RemoteChunks:
     ray: Any
     refs: list[Any]
     labels: list[str]
-    sizes: list[int]
+    sizes: list[int]  # each chunk's work in volume pairs (_Chunk.work)
 
 
 def _scoring_node(ray: Any) -> tuple[int, int]:
@@ -896,7 +949,7 @@ def _score_chunks_on_ray(chunks: Sequence[_Chunk], config: RunConfig) -> _Remote
     task = ray.remote(_score_task)
     remote = _RemoteChunks(ray, [], [chunk.label for chunk in chunks], [])
     for chunk in chunks:
-        remote.sizes.append(len(chunk.members) + len(chunk.references))
+        remote.sizes.append(chunk.work)
         try:
             _check_chunk(chunk, config)
         except ValueError as error:
@@ -907,7 +960,7 @@ def _score_chunks_on_ray(chunks: Sequence[_Chunk], config: RunConfig) -> _Remote
         memory = capped_memory(ray, int(config.scoring.memory_budget_mb) * 1024**2 + 2 * token_bytes + 256 * 1024**2)
         options = task.options(num_cpus=cpus, num_gpus=gpus, memory=memory, max_retries=RETRIES, retry_exceptions=False)
         remote.refs.append(options.remote(layer_sets, chunk.groups, chunk.coords, chunk.members[0].tokens.grid_shape,
-                                          config.scoring, cpus))
+                                          config.scoring, cpus, chunk.known_scores))
     logger.info("scoring: %d chunk task(s) submitted to Ray (%d CPU(s)%s each)", len(chunks), cpus,
                 " and a GPU" if gpus else "")
     return remote
@@ -926,7 +979,7 @@ def _collect_chunk(remote: _RemoteChunks, index: int, clock: StageClock) -> Batc
         raise ClusterError(f"scoring {remote.labels[index]} on Ray failed: {error}") from error
     except remote.ray.exceptions.RayError as error:
         raise ClusterError(f"scoring {remote.labels[index]} on Ray failed: {error}") from error
-    elapsed, remaining = clock.advance(remote.sizes[index] ** 2)
+    elapsed, remaining = clock.advance(remote.sizes[index])
     logger.info("scoring %s: done on Ray, %.0f%% of the scoring work, %.0f s elapsed, ETA %.0f s",
                 remote.labels[index], 100 * clock.fraction, elapsed, remaining)
     return scores
@@ -1004,29 +1057,30 @@ def score_batches(tokenisation: Tokenisation, config: RunConfig) -> Scoring:
     chunks = _contrast_chunks(tokenisation, config)
     for chunk in chunks:
         _draw_references(chunk, bank, config)
+        _recall_bank_scores(chunk, bank, config)
     # Work is counted in volume pairs per layer: each layer's nearest-neighbour pass compares every
     # volume with every other, so a batch's cost grows with the square of its size, bank
-    # references included.
-    clock = StageClock(sum((len(chunk.members) + len(chunk.references)) ** 2 for chunk in chunks))
+    # references included (only the members' own pairs where the bank's scores were kept).
+    clock = StageClock(sum(chunk.work for chunk in chunks))
     try:
         remote = _score_chunks_on_ray(chunks, config) if config.execution.backend == "ray" else None
     except (ValueError, ImportError) as error:  # Ray could not be started or reached
         raise CohortError(f"scoring cannot start: {error}") from error
     by_contrast: dict[str, list[ScoredBatch]] = defaultdict(list)
     for index, chunk in enumerate(chunks):
-        n_total = len(chunk.members) + len(chunk.references)
         try:
             scores = _score_chunk(chunk, config, clock) if remote is None else _collect_chunk(remote, index, clock)
         except ClusterError as error:
             raise CohortError(str(error)) from error
         except ValueError as error:
-            clock.total -= n_total**2  # this batch's work will not be done
+            clock.total -= chunk.work  # this batch's work will not be done
             reason = f"{chunk.label} batch not scored: {error}"
             logger.error(reason)
             scoring.errors[chunk.label] = str(error)
             for member in chunk.members:
                 scoring.skipped[member.decision.series_instance_uid] = reason
             continue
+        _keep_scores(chunk, scores, bank, config)
         by_contrast[chunk.contrast].append(_scored_batch(chunk, scores, config, scoring))
     for contrast_batches in by_contrast.values():
         # One unit mapping per contrast, so FRACTIONAL maps of all its chunks share a scale.

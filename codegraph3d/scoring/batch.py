@@ -24,6 +24,7 @@ from codegraph3d.scoring.musc import (
     fuse_layers,
     k_for_references,
     musc_scores,
+    musc_scores_first,
     musc_scores_windowed,
     reference_sets,
     selection_precision,
@@ -168,6 +169,60 @@ def _musc_per_layer(
     return per_layer
 
 
+def _check_known(
+    known_scores: Sequence[Sequence[np.ndarray]], layer_token_sets: Sequence[Sequence[np.ndarray]],
+    refs: list[list[int]], method: str,
+) -> int:
+    """Refuse known scores that cannot stand for a fresh scoring; return how many volumes lead them.
+
+    Known scores stand for the trailing volumes only when none of those volumes references a
+    leading one (cohort-bank volumes, :class:`~codegraph3d.scoring.musc.BankGroup`), and only
+    with MuSc: CoDeGraph's communities span the whole batch.
+    """
+    if method != "musc":
+        raise ValueError(f"known scores are reused with method 'musc' only (CoDeGraph's communities span the "
+                         f"whole batch); got method={method!r}")
+    n_volumes = len(layer_token_sets[0])
+    if len(known_scores) != len(layer_token_sets) or len({len(layer) for layer in known_scores}) != 1:
+        raise ValueError(f"known scores must hold one list per layer ({len(layer_token_sets)}), each with the same "
+                         f"number of volumes; got {[len(layer) for layer in known_scores]}")
+    n_known = len(known_scores[0])
+    if not 1 <= n_known < n_volumes:
+        raise ValueError(f"known scores for {n_known} of {n_volumes} volumes; give them for 1 to {n_volumes - 1} "
+                         "trailing volumes (at least one volume must be scored)")
+    n_scored = n_volumes - n_known
+    for layer, (scores, sets) in enumerate(zip(known_scores, layer_token_sets)):
+        for offset, values in enumerate(scores):
+            expected = (np.asarray(sets[n_scored + offset]).shape[0],)
+            if np.shape(values) != expected:
+                raise ValueError(f"known scores of layer {layer}, volume {n_scored + offset}: shape "
+                                 f"{np.shape(values)}, its tokens need {expected}")
+    leaning = [i for i in range(n_scored, n_volumes) if min(refs[i], default=n_scored) < n_scored]
+    if leaning:
+        raise ValueError(f"volume(s) {leaning} reference volumes being scored, so scores known beforehand "
+                         "cannot stand for theirs (only BankGroup volumes, which reference each other only, can)")
+    return n_scored
+
+
+def _musc_with_known(
+    layer_token_sets: Sequence[Sequence[np.ndarray]], known_scores: Sequence[Sequence[np.ndarray]],
+    n_scored: int, k_fraction: float, groups: Sequence[Hashable] | None, device: str | torch.device | None,
+    chunk_size: int, window_radius: int | None, coords: Sequence[np.ndarray] | None,
+    grid_shape: tuple[int, int, int] | None, on_layer_done: Callable[[int, int], None] | None,
+) -> list[list[np.ndarray]]:
+    """``[layer][volume]`` MuSc scores: the leading volumes scored, the trailing ones' known scores."""
+    per_layer = []
+    for sets, known in zip(layer_token_sets, known_scores):
+        scored = musc_scores_first(
+            sets, n_scored, k_fraction, groups=groups, device=device, chunk_size=chunk_size,
+            window_radius=window_radius, coords=coords, grid_shape=grid_shape,
+        )
+        per_layer.append(scored + [np.asarray(values, np.float32) for values in known])
+        if on_layer_done is not None:
+            on_layer_done(len(per_layer), len(layer_token_sets))
+    return per_layer
+
+
 def score_batch(
     layer_token_sets: Sequence[Sequence[np.ndarray]],
     *,
@@ -183,6 +238,7 @@ def score_batch(
     memory_budget_mb: float | None = None,
     precision: str = "float32",
     on_layer_done: Callable[[int, int], None] | None = None,
+    known_scores: Sequence[Sequence[np.ndarray]] | None = None,
 ) -> BatchScores:
     """Run MuSc on every layer of a batch, fuse the layers and take volume scores.
 
@@ -212,6 +268,12 @@ def score_batch(
     on_layer_done : callable, optional
         Called as ``on_layer_done(layers_done, n_layers)`` after each layer's nearest-neighbour
         pass (the bulk of the work), for progress reporting.
+    known_scores : sequence of sequence of numpy.ndarray, optional
+        ``known_scores[layer][m]``: MuSc scores of the batch's last volumes, computed before
+        (a cohort bank's volumes scored against each other, which every batch drawing the same
+        bank volumes would compute again). Only the leading volumes are then scored
+        (:func:`~codegraph3d.scoring.musc.musc_scores_first`); the known volumes must reference
+        none of them (``BankGroup`` keys) and ``method`` must be ``"musc"``.
 
     Returns
     -------
@@ -225,6 +287,7 @@ def score_batch(
                 chunk_size=chunk_size, window_radius=window_radius, coords=coords,
                 grid_shape=grid_shape, method=method, codegraph=codegraph,
                 memory_budget_mb=memory_budget_mb, precision=precision, on_layer_done=on_layer_done,
+                known_scores=known_scores,
             )
     _check_options(method, codegraph, window_radius, coords, grid_shape)
     n_volumes = check_layer_token_sets(layer_token_sets)
@@ -234,15 +297,22 @@ def score_batch(
         )
     refs = reference_sets(n_volumes, groups)
     n_refs = np.array([len(r) for r in refs], dtype=int)
-    if method == "codegraph":
+    if known_scores is not None:
+        n_scored = _check_known(known_scores, layer_token_sets, refs, method)
+        per_layer = _musc_with_known(
+            layer_token_sets, known_scores, n_scored, k_fraction, groups, device, chunk_size, window_radius,
+            coords, grid_shape, on_layer_done,
+        )
+    elif method == "codegraph":
         return _codegraph_batch(
             layer_token_sets, codegraph, n_refs, k_fraction, groups, device, chunk_size,
             window_radius, coords, grid_shape, on_layer_done,
         )
-    per_layer = _musc_per_layer(
-        layer_token_sets, k_fraction, groups, device, chunk_size, window_radius, coords, grid_shape,
-        on_layer_done,
-    )
+    else:
+        per_layer = _musc_per_layer(
+            layer_token_sets, k_fraction, groups, device, chunk_size, window_radius, coords, grid_shape,
+            on_layer_done,
+        )
     fused = fuse_layers(per_layer)
     return BatchScores(
         token_scores=fused,

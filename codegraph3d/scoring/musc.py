@@ -68,6 +68,7 @@ __all__ = [
     "k_for_references",
     "musc_from_distances",
     "musc_scores",
+    "musc_scores_first",
     "musc_scores_windowed",
     "nearest_distances",
     "nearest_distances_with_batch",
@@ -1300,6 +1301,57 @@ def musc_scores_windowed(
         coords=coords, grid_shape=grid_shape,
     )
     return musc_from_distances(distances, batch.sizes, k_fraction, groups=groups)
+
+
+def musc_scores_first(
+    token_sets: Sequence[np.ndarray],
+    n_scored: int,
+    k_fraction: float = 0.3,
+    *,
+    groups: Sequence[Hashable] | None = None,
+    device: str | torch.device | None = None,
+    chunk_size: int = 4096,
+    window_radius: int | None = None,
+    coords: Sequence[np.ndarray] | None = None,
+    grid_shape: tuple[int, int, int] | None = None,
+) -> list[np.ndarray]:
+    """MuSc scores of the first ``n_scored`` volumes only; the others serve as references.
+
+    The scores are those :func:`musc_scores` (``window_radius`` ``None``) or
+    :func:`musc_scores_windowed` give the same volumes (the same eligible references and ``K``;
+    the nearest distances are recomputed exactly either way, so only which of two
+    near-equidistant neighbours is chosen may differ). Each (scored, reference) pair is matched
+    once, one-sided: a study scored against 40 cohort-bank volumes whose own scores are known
+    (:class:`BankGroup` volumes reference each other only) costs 40 volume pairs instead of the
+    820 of the whole batch.
+
+    Parameters
+    ----------
+    token_sets : sequence of numpy.ndarray
+        ``(N_i, D)`` tokens of every volume, the scored ones first.
+    n_scored : int
+        How many of the leading volumes to score, in ``[1, B]``.
+    k_fraction, groups, device, chunk_size
+        As in :func:`musc_scores`.
+    window_radius, coords, grid_shape
+        As in :func:`nearest_distances` (``None``: global matching).
+
+    Returns
+    -------
+    list of numpy.ndarray
+        ``n_scored`` float32 ``(N_i,)`` arrays, in input order.
+    """
+    check_k_fraction(k_fraction)
+    if isinstance(n_scored, bool) or not isinstance(n_scored, (int, np.integer)) or not 1 <= n_scored <= len(token_sets):
+        raise ValueError(f"n_scored must be an integer in [1, {len(token_sets)}] (volumes to score); got {n_scored!r}")
+    refs = reference_sets(len(token_sets), groups)
+    pairs = [(query, reference) for query in range(int(n_scored)) for reference in refs[query]]
+    distances, batch = nearest_distances_with_batch(
+        token_sets, groups=groups, device=device, chunk_size=chunk_size, window_radius=window_radius,
+        coords=coords, grid_shape=grid_shape, pairs=pairs,
+    )
+    with torch.inference_mode():
+        return _musc_reduce(torch.from_numpy(distances), batch.starts, batch.refs[: int(n_scored)], k_fraction)
 
 
 def _consecutive_runs(indices: list[int]) -> list[list[int]]:

@@ -10,6 +10,9 @@ Layout::
 
     <folder>/bank.json                       manifest: format, settings, settings id, entries
     <folder>/tokens/<SeriesInstanceUID>.npz  one series' tokens (every layer), coords, grid shape
+    <folder>/scores/<key>.npz                the drawn bank volumes scored against each other
+                                             (:mod:`codegraph3d.store.bank_scores`), deleted by
+                                             every add and remove
     <folder>/.lock                           advisory lock serialising writers
 
 Tokens are only comparable when everything that made them agrees: preprocessing, the token grid,
@@ -58,6 +61,7 @@ __all__ = [
     "BankError",
     "BankVolume",
     "CohortBank",
+    "SCORES_DIR",
     "bank_settings",
 ]
 
@@ -67,6 +71,7 @@ BANK_FORMAT_VERSION = 1
 BANK_FORMAT = f"codegraph3d.cohort-bank/{BANK_FORMAT_VERSION}"
 MANIFEST = "bank.json"
 TOKENS_DIR = "tokens"
+SCORES_DIR = "scores"
 
 
 class BankError(ValueError):
@@ -181,7 +186,7 @@ class CohortBank:
                     f"`python -m codegraph3d bank add {self.folder} -i DICOM_FOLDER`, or set bank.add_scored"
                 )
             self.folder.mkdir(parents=True, exist_ok=True)
-            with self._locked():
+            with self.locked():
                 if not self.manifest_path.is_file():
                     write_json_atomic(self.manifest_path, self._new_manifest(settings))
         manifest = self._read_manifest()
@@ -228,7 +233,7 @@ class CohortBank:
         return manifest
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def locked(self) -> Iterator[None]:
         """Serialise writers (several runs may share a mounted bank)."""
         with open(self.folder / ".lock", "a+") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
@@ -294,7 +299,7 @@ class CohortBank:
             staged.append((entry, arrays))
         if not staged:
             return []
-        with self._locked():
+        with self.locked():
             manifest = self._read_manifest()
             for entry, arrays in staged:
                 buffer = io.BytesIO()
@@ -307,6 +312,7 @@ class CohortBank:
             manifest["entries"] = [e for e in manifest["entries"] if e["series_instance_uid"] not in new]
             manifest["entries"] += [asdict(entry) for entry, _ in staged]
             write_json_atomic(self.manifest_path, manifest)
+            self._forget_scores()
         logger.info("cohort bank %s: added %d series", self.folder, len(staged))
         return [entry.series_instance_uid for entry, _ in staged]
 
@@ -319,7 +325,7 @@ class CohortBank:
             When a study UID is not in the bank (nothing is removed then).
         """
         wanted = set(study_instance_uids)
-        with self._locked():
+        with self.locked():
             manifest = self._read_manifest()
             present = {e["study_instance_uid"] for e in manifest["entries"]}
             missing = sorted(wanted - present)
@@ -331,9 +337,19 @@ class CohortBank:
             removed = [BankEntry(**e) for e in manifest["entries"] if e["study_instance_uid"] in wanted]
             manifest["entries"] = [e for e in manifest["entries"] if e["study_instance_uid"] not in wanted]
             write_json_atomic(self.manifest_path, manifest)
+            self._forget_scores()
             for entry in removed:
                 (self.folder / entry.file).unlink(missing_ok=True)
         return removed
+
+    def _forget_scores(self) -> None:
+        """Delete the kept scores of drawn volumes (:mod:`~codegraph3d.store.bank_scores`; caller holds the lock).
+
+        Their keys name the volumes, so none would be read again after a change; deleting them
+        keeps the folder from filling with scores of draws that no longer happen.
+        """
+        for path in sorted((self.folder / SCORES_DIR).glob("*.npz")):
+            path.unlink(missing_ok=True)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -405,7 +421,7 @@ class CohortBank:
         """
         problems: list[str] = []
         bad: set[str] = set()
-        with self._locked():
+        with self.locked():
             entries = self.entries()
             for entry in entries:
                 try:

@@ -63,6 +63,29 @@ def test_single_study_is_scored_against_the_bank(bank_setup):
     assert len(CohortBank(bank).entries()) == 10
 
 
+def test_a_second_study_reuses_the_bank_volumes_scores(bank_setup):
+    """The bank volumes' scores against each other are kept by the first run and reused by the next."""
+    tmp, _, single, models, bank = bank_setup
+    kept = tmp / "bank_kept"
+    shutil.copytree(bank, kept, ignore=shutil.ignore_patterns("scores"))
+    config = TINY_VIT_CONFIG + f"bank:\n  folder: {kept}\n"
+    first = run_app(single, tmp / "out_kept_1", models, config, tmp)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert len(list((kept / "scores").glob("*.npz"))) == 1
+    assert "scores against each other reused" not in first.stderr
+    second = run_app(single, tmp / "out_kept_2", models, config, tmp)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "the 10 cohort-bank volumes' scores against each other reused" in second.stderr
+    rows = [[r for r in run.report["series"] if r["status"] == "scored"] for run in (first, second)]
+    assert [r["score"] for r in rows[0]] == pytest.approx([r["score"] for r in rows[1]], rel=1e-5)
+    assert [r["flagged"] for r in rows[0]] == [r["flagged"] for r in rows[1]]
+    assert first.report["batches"][0]["threshold"] == pytest.approx(second.report["batches"][0]["threshold"],
+                                                                    rel=1e-5)
+    # Turned off, nothing is read or kept.
+    off = run_app(single, tmp / "out_kept_off", models, config + "  reuse_scores: false\n", tmp)
+    assert off.returncode == 0 and "reused" not in off.stderr
+
+
 def test_bank_threshold_policy_and_adding_scored_series(bank_setup):
     tmp, _, single, models, bank = bank_setup
     grown = tmp / "bank_grown"

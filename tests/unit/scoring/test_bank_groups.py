@@ -7,7 +7,7 @@ import pytest
 
 from codegraph3d.run.pipeline import bank_groups
 from codegraph3d.scoring.batch import score_batch
-from codegraph3d.scoring.musc import BankGroup, musc_scores, musc_scores_windowed, reference_sets
+from codegraph3d.scoring.musc import BankGroup, musc_scores, musc_scores_first, musc_scores_windowed, reference_sets
 
 OWN = ["p1", "p2", "p1"]
 BANK = [BankGroup("b1"), BankGroup("b2"), BankGroup("b3"), BankGroup("b2")]
@@ -77,3 +77,57 @@ def test_bank_groups_need_two_bank_patients():
     # One patient: its volume would have no reference of its own; it is scored with the batch.
     assert bank_groups(["b1"]) == [("bank", "b1")]
     assert bank_groups([]) == []
+
+
+@pytest.mark.parametrize("windowed", [False, True])
+@pytest.mark.parametrize("chunk_size", [4096, 4])
+def test_known_bank_scores_give_the_batch_its_scores_with_the_bank_unscored(windowed, chunk_size):
+    """The bank's scores kept from one batch stand for them in the next: the batch's own score as if scored anew."""
+    rng = np.random.default_rng(6)
+    sets, coords = _grid_sets(rng, 7)
+    layers = [sets, [s[:, :3] * 2 for s in sets]]
+    options = dict(k_fraction=0.5, groups=OWN + BANK, device="cpu", chunk_size=chunk_size,
+                   window_radius=1 if windowed else None, coords=coords, grid_shape=(4, 4, 4))
+    full = score_batch(layers, **options)
+    known = [layer[3:] for layer in full.per_layer]
+    reused = score_batch(layers, known_scores=known, **options)
+    for got, want in zip(reused.token_scores, full.token_scores):
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    assert reused.n_references.tolist() == full.n_references.tolist() and reused.k.tolist() == full.k.tolist()
+    # The known scores are taken as given, not recomputed.
+    shifted = score_batch(layers, known_scores=[[s + 1 for s in layer] for layer in known], **options)
+    np.testing.assert_allclose(shifted.token_scores[3], full.token_scores[3] + 1, atol=1e-6)
+    np.testing.assert_allclose(shifted.token_scores[0], full.token_scores[0], atol=1e-6)
+
+
+def test_musc_scores_first_scores_the_leading_volumes_only():
+    rng = np.random.default_rng(7)
+    sets = _sets(rng, [9, 5, 7, 8, 6, 11, 4])
+    full = musc_scores(sets, 0.5, groups=OWN + BANK, device="cpu")
+    first = musc_scores_first(sets, 2, 0.5, groups=OWN + BANK, device="cpu")
+    assert len(first) == 2
+    for got, want in zip(first, full):
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    for bad in (0, 8, True, 1.5):
+        with pytest.raises(ValueError, match="n_scored"):
+            musc_scores_first(sets, bad, 0.5, groups=OWN + BANK, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "groups, known, options, match",
+    [
+        # Bank volumes that reference the batch's own cannot have scores known beforehand.
+        (OWN + [g.key for g in BANK], lambda k: k, {}, "cannot stand for theirs"),
+        (OWN + BANK, lambda k: k, {"method": "codegraph"}, "method 'musc' only"),
+        (OWN + BANK, lambda k: k[:1], {}, "one list per layer"),
+        (OWN + BANK, lambda k: [[s[:-1] for s in layer] for layer in k], {}, "shape"),
+        (OWN + BANK, lambda k: [[] for _ in k], {}, "at least one volume must be scored"),
+    ],
+)
+def test_known_scores_that_cannot_stand_are_refused(groups, known, options, match):
+    rng = np.random.default_rng(8)
+    layers = [_sets(rng, [5, 6, 4, 7, 5, 6, 5], dim=4) for _ in range(2)]
+    full = score_batch(layers, k_fraction=0.5, groups=OWN + BANK, device="cpu")
+    with pytest.raises(ValueError, match=match):
+        score_batch(layers, k_fraction=0.5, groups=groups, device="cpu",
+                    known_scores=known([layer[3:] for layer in full.per_layer]), **options)
