@@ -675,7 +675,7 @@ def _lesion_decision(
         outcome = decide_lesions(scores.token_scores, coords, grid_shape, policy, token_ml=token_ml)
     return ThresholdDecision(
         # The bound in effect: calibrated on the bank's volumes when threshold.bank_false_flag_rate asks.
-        volume_threshold=outcome.policy.finding_mass, voxel_threshold=policy.voxel_z, flagged=outcome.flagged[:n],
+        volume_threshold=outcome.policy.finding_mass, voxel_threshold=outcome.policy.voxel_z, flagged=outcome.flagged[:n],
         policy=LESION_POLICY_NAME, params={**outcome.params, "n_bank_volumes": len(scores.token_scores) - n},
         mask_values=outcome.mask_values[:n], z_values=outcome.z[:n], findings=outcome.findings[:n], units="z",
     )
@@ -1068,6 +1068,11 @@ def score_batches(tokenisation: Tokenisation, config: RunConfig) -> Scoring:
         raise CohortError(f"scoring cannot start: {error}") from error
     by_contrast: dict[str, list[ScoredBatch]] = defaultdict(list)
     for index, chunk in enumerate(chunks):
+        if remote is None and chunk.known_scores is None:
+            # An earlier chunk of this run may have just kept the scores of the same draw.
+            work = chunk.work
+            _recall_bank_scores(chunk, bank, config)
+            clock.total -= work - chunk.work
         try:
             scores = _score_chunk(chunk, config, clock) if remote is None else _collect_chunk(remote, index, clock)
         except ClusterError as error:

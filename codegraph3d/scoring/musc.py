@@ -59,6 +59,7 @@ from codegraph3d.features.encoders import resolve_device
 
 __all__ = [
     "BankGroup",
+    "SCORER_VERSION",
     "active_selection_precision",
     "check_chunk_size",
     "check_k_fraction",
@@ -102,6 +103,9 @@ _EXACT_STEP_GPU = 2**26
 # Rows per float64 step when centring the stacked tokens (48 MiB of float64 at D = 384).
 _CENTRE_ROWS = 2**14
 SCORING_METHODS = ("musc", "codegraph")
+#: Raised with every change that alters a MuSc score (K, the reduction, matching): scores kept
+#: beside a cohort bank (:mod:`codegraph3d.store.bank_scores`) name it, so old ones are not reused.
+SCORER_VERSION = 1
 _MIN_CHUNK = 256
 #: Measured peak resident growth over :func:`scoring_memory`'s count, rounded up (see fit_chunk_size).
 ALLOCATOR_FACTOR = 2.0

@@ -348,7 +348,9 @@ class CohortBank:
         Their keys name the volumes, so none would be read again after a change; deleting them
         keeps the folder from filling with scores of draws that no longer happen.
         """
-        for path in sorted((self.folder / SCORES_DIR).glob("*.npz")):
+        folder = self.folder / SCORES_DIR
+        # With the temporary files a killed writer left behind (atomic_path's ".*.partial").
+        for path in sorted([*folder.glob("*.npz"), *folder.glob(".*.partial")]):
             path.unlink(missing_ok=True)
 
     # -- reading ----------------------------------------------------------------------------

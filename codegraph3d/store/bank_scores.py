@@ -12,25 +12,31 @@ Layout::
     <bank>/scores/<key>.npz   per layer, the drawn volumes' scores end to end, their token counts, the key
 
 The key hashes the bank's settings id, the drawn volumes in order (Series Instance UID and the
-SHA-256 of their token file), their scoring groups and the scoring settings the caller names.
-Adding to or removing from the bank deletes every kept score (:class:`~codegraph3d.store.bank.CohortBank`),
-and at most :data:`MAX_SCORE_FILES` are kept (the oldest go). A file that does not match its key or
+SHA-256 of their token file), their scoring groups, the scoring settings the caller names and
+the scorer's version (the product's and :data:`~codegraph3d.scoring.musc.SCORER_VERSION`), so
+that a bank shared by two releases never mixes their scores. Adding to or removing from the bank
+deletes every kept score (:class:`~codegraph3d.store.bank.CohortBank`), and at most
+:data:`MAX_SCORE_FILES` are kept (the least recently used go; reading one counts as a use). A file that does not match its key or
 its volumes is ignored with a warning and written again; a bank folder mounted read-only keeps
 nothing and costs nothing but the work saved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
+import os
 import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from codegraph3d import __version__
 from codegraph3d.core.files import atomic_path
+from codegraph3d.scoring.musc import SCORER_VERSION
 from codegraph3d.store.bank import SCORES_DIR, BankVolume, CohortBank
 from codegraph3d.store.cache import canonical_json
 
@@ -62,6 +68,7 @@ def scores_key(bank: CohortBank, volumes: Sequence[BankVolume], groups: Sequence
         raise ValueError(f"{len(groups)} groups for {len(volumes)} bank volumes")
     material = {
         "format": SCORES_FORMAT, "settings_id": bank.settings_id, "scoring": dict(scoring),
+        "scorer": {"product": __version__, "musc": SCORER_VERSION},
         "volumes": [[v.entry.series_instance_uid, v.entry.sha256, str(g)] for v, g in zip(volumes, groups)],
     }
     return hashlib.sha256(canonical_json(material)).hexdigest()[:32]
@@ -79,7 +86,14 @@ def load_bank_scores(bank: CohortBank, volumes: Sequence[BankVolume], groups: Se
         return None
     sizes = [int(v.entry.n_tokens) for v in volumes]
     try:
-        with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as arrays:
+        data = path.read_bytes()
+    except FileNotFoundError:  # deleted by a writer since (the bank changed): none kept
+        return None
+    except OSError as error:
+        logger.warning("cohort bank scores %s cannot be read (%s); scoring the bank volumes again", path, error)
+        return None
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
             fits = str(arrays["key"]) == key and arrays["sizes"].tolist() == sizes
             layers = [np.asarray(arrays[f"layer_{i}"], np.float32) for i in range(n_layers)] if fits else []
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
@@ -88,6 +102,8 @@ def load_bank_scores(bank: CohortBank, volumes: Sequence[BankVolume], groups: Se
     if not fits or any(layer.shape != (sum(sizes),) or not np.isfinite(layer).all() for layer in layers):
         logger.warning("cohort bank scores %s do not fit the drawn volumes; scoring them again", path)
         return None
+    with contextlib.suppress(OSError):  # a read-only bank cannot record the use; the scores still hold
+        os.utime(path)  # a use: the least recently used files are the ones deleted
     bounds = np.cumsum([0, *sizes])
     return [[layer[bounds[i]:bounds[i + 1]] for i in range(len(sizes))] for layer in layers]
 
@@ -97,8 +113,8 @@ def keep_bank_scores(bank: CohortBank, volumes: Sequence[BankVolume], groups: Se
     """Keep the bank volumes' scores (``per_layer[layer][volume]``) for later batches; False if not written.
 
     Written under the bank's lock and renamed into place, so a reader sees a whole file or none;
-    the oldest files beyond :data:`MAX_SCORE_FILES` are deleted. A folder that cannot be written
-    (mounted read-only) is reported once per run and changes nothing else.
+    the least recently used files beyond :data:`MAX_SCORE_FILES` are deleted, never this one. A
+    folder that cannot be written (mounted read-only) is reported and changes nothing else.
     """
     sizes = [int(v.entry.n_tokens) for v in volumes]
     for layer in per_layer:
@@ -108,17 +124,19 @@ def keep_bank_scores(bank: CohortBank, volumes: Sequence[BankVolume], groups: Se
     arrays = {"key": np.asarray(key), "sizes": np.asarray(sizes, np.int64),
               **{f"layer_{i}": np.concatenate([np.asarray(v, np.float32) for v in layer])
                  for i, layer in enumerate(per_layer)}}
-    folder = bank.folder / SCORES_DIR
+    target = bank.folder / SCORES_DIR / f"{key}.npz"
     try:
         with bank.locked():
-            with atomic_path(folder / f"{key}.npz") as temporary:
+            with atomic_path(target) as temporary:
                 with open(temporary, "wb") as handle:
                     np.savez(handle, **arrays)
-            kept = sorted(folder.glob("*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)
-            for old in kept[MAX_SCORE_FILES:]:
+            others = sorted((p for p in target.parent.glob("*.npz") if p != target),
+                            key=lambda p: p.stat().st_mtime, reverse=True)
+            for old in others[MAX_SCORE_FILES - 1:]:
                 old.unlink(missing_ok=True)
     except OSError as error:
         logger.warning("cohort bank %s: its volumes' scores cannot be kept (%s); every batch scores them again",
                        bank.folder, error)
         return False
     return True
+

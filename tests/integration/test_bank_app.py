@@ -82,8 +82,10 @@ def test_a_second_study_reuses_the_bank_volumes_scores(bank_setup):
     assert first.report["batches"][0]["threshold"] == pytest.approx(second.report["batches"][0]["threshold"],
                                                                     rel=1e-5)
     # Turned off, nothing is read or kept.
+    shutil.rmtree(kept / "scores")
     off = run_app(single, tmp / "out_kept_off", models, config + "  reuse_scores: false\n", tmp)
     assert off.returncode == 0 and "reused" not in off.stderr
+    assert not (kept / "scores").exists() or not list((kept / "scores").glob("*.npz"))
 
 
 def test_bank_threshold_policy_and_adding_scored_series(bank_setup):

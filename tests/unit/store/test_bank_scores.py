@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -92,10 +93,41 @@ def test_a_bank_that_cannot_be_written_keeps_nothing_and_says_so(tmp_path: Path,
     assert load_bank_scores(bank, volumes, groups, SCORING, 2) is None
 
 
-def test_only_the_newest_score_files_are_kept(tmp_path: Path, monkeypatch):
+def test_the_least_recently_used_score_files_go_first(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(bank_scores, "MAX_SCORE_FILES", 2)
     bank, volumes, groups = _bank(tmp_path)
-    for k in (0.1, 0.2, 0.3):
-        keep_bank_scores(bank, volumes, groups, {**SCORING, "k_fraction": k}, _scores(volumes))
-    assert len(list((bank.folder / "scores").glob("*.npz"))) == 2
-    assert load_bank_scores(bank, volumes, groups, {**SCORING, "k_fraction": 0.3}, 2) is not None
+    folder = bank.folder / "scores"
+
+    def kept(k: float) -> bool:
+        return load_bank_scores(bank, volumes, groups, {**SCORING, "k_fraction": k}, 2) is not None
+
+    keep_bank_scores(bank, volumes, groups, {**SCORING, "k_fraction": 0.1}, _scores(volumes))
+    keep_bank_scores(bank, volumes, groups, {**SCORING, "k_fraction": 0.2}, _scores(volumes))
+    # Times set by hand: a file system's coarse clock must not decide which file is older.
+    for age, path in enumerate(sorted(folder.glob("*.npz"), key=lambda p: p.stat().st_mtime_ns)):
+        os.utime(path, (1000 + age, 1000 + age))
+    assert kept(0.1)  # read: now the most recently used
+    keep_bank_scores(bank, volumes, groups, {**SCORING, "k_fraction": 0.3}, _scores(volumes))
+    assert len(list(folder.glob("*.npz"))) == 2
+    assert kept(0.1) and kept(0.3) and not kept(0.2)
+    # The file just written is never the one deleted, whatever the clock says.
+    for path in folder.glob("*.npz"):
+        os.utime(path, (5000, 5000))
+    keep_bank_scores(bank, volumes, groups, {**SCORING, "k_fraction": 0.4}, _scores(volumes))
+    assert kept(0.4) and len(list(folder.glob("*.npz"))) == 2
+
+
+def test_a_writers_leftovers_go_with_the_scores_when_the_bank_changes(tmp_path: Path):
+    bank, volumes, groups = _bank(tmp_path)
+    keep_bank_scores(bank, volumes, groups, SCORING, _scores(volumes))
+    leftover = bank.folder / "scores" / ".abc.npz.x1.partial"
+    leftover.write_bytes(b"half")
+    bank.add([_series(9)])
+    assert not leftover.exists() and not list((bank.folder / "scores").glob("*.npz"))
+
+
+def test_scores_of_another_scorer_version_are_not_reused(tmp_path: Path, monkeypatch):
+    bank, volumes, groups = _bank(tmp_path)
+    keep_bank_scores(bank, volumes, groups, SCORING, _scores(volumes))
+    monkeypatch.setattr(bank_scores, "SCORER_VERSION", bank_scores.SCORER_VERSION + 1)
+    assert load_bank_scores(bank, volumes, groups, SCORING, 2) is None
