@@ -303,6 +303,55 @@ def _check_seed(seed: Any) -> None:
         raise ValueError(f"projection seed must be a non-negative integer; got {seed!r}")
 
 
+def _kept_cubes(mask: np.ndarray, patch: int, min_brain_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each cube's brain fraction and whether it is kept; "empty brain mask" when none is."""
+    fraction = brain_fraction_grid(mask, patch)
+    # a small tolerance so that 0.9 is not lost to float rounding of 2470/2744
+    keep = (fraction >= float(min_brain_fraction) - 1e-9) & (fraction > 0)
+    if not keep.any():
+        raise ValueError(
+            f"empty brain mask: no {patch}^3 cube is at least {min_brain_fraction:.0%} brain "
+            f"(largest brain fraction {fraction.max():.2f}, {int(mask.sum())} brain voxels)"
+        )
+    return fraction, keep
+
+
+def _checked_normalisations(encoder: SliceEncoder) -> list[str]:
+    """The encoder's normalisation per layer, each ``"l2"`` or ``"none"``."""
+    normalisations = encoder.layer_normalisation()
+    if len(normalisations) != len(encoder.layer_names) or not set(normalisations) <= {"l2", "none"}:
+        raise ValueError(f"encoder {encoder.name!r} declares normalisations {normalisations} for layers "
+                         f"{encoder.layer_names}; each must be 'l2' or 'none'")
+    return list(normalisations)
+
+
+def _pooled_axis(
+    volume: torch.Tensor, keep: np.ndarray, encoder: SliceEncoder, axis: int, grid_size: int, batch_size: int,
+) -> list[torch.Tensor]:
+    """Per layer, the ``(N, dim)`` slab-pooled (unnormalised) tokens of the kept cubes along one axis.
+
+    Only the slabs that hold a kept cube are encoded; the 2D tokens of each slab's ``p`` slices
+    are summed as they come (no full-resolution stack is held) and divided by ``p``.
+    """
+    p, g, device = encoder.patch_size, grid_size, encoder.device
+    other = tuple(a for a in range(3) if a != axis)
+    needed_slabs = np.flatnonzero(keep.any(axis=other))
+    slice_ids = (needed_slabs[:, None] * p + np.arange(p)[None, :]).reshape(-1)
+    # slab index first, then the slice image's (rows, columns)
+    stack = volume.movedim(axis, 0)
+    sums = [torch.zeros((g, g, g, encoder.dim), dtype=torch.float32, device=device)
+            for _ in encoder.layer_names]
+    for start in range(0, slice_ids.size, batch_size):
+        ids = torch.from_numpy(slice_ids[start:start + batch_size]).to(device)
+        encoded = encoder.encode(stack.index_select(0, ids).unsqueeze(1))
+        _check_features(encoded, encoder, ids.numel(), g)
+        slabs = torch.div(ids, p, rounding_mode="floor")
+        for total, layer in zip(sums, encoded):
+            total.index_add_(0, slabs, layer.to(torch.float32))
+    keep_t = torch.from_numpy(keep).to(device)
+    return [(total / p).movedim(0, axis)[keep_t] for total in sums]  # (N, dim) in the C order of coords
+
+
 def encode_volume(
     image: np.ndarray,
     brain_mask: np.ndarray,
@@ -353,46 +402,16 @@ def encode_volume(
         cube is kept.
     """
     image, mask = _check_inputs(image, brain_mask, encoder, grid_size, 1, min_brain_fraction, batch_size)
-    p, g = encoder.patch_size, int(grid_size)
-    fraction = brain_fraction_grid(mask, p)
-    # a small tolerance so that 0.9 is not lost to float rounding of 2470/2744
-    keep = (fraction >= float(min_brain_fraction) - 1e-9) & (fraction > 0)
-    if not keep.any():
-        raise ValueError(
-            f"empty brain mask: no {p}^3 cube is at least {min_brain_fraction:.0%} brain "
-            f"(largest brain fraction {fraction.max():.2f}, {int(mask.sum())} brain voxels)"
-        )
-    normalisations = encoder.layer_normalisation()
-    if len(normalisations) != len(encoder.layer_names) or not set(normalisations) <= {"l2", "none"}:
-        raise ValueError(f"encoder {encoder.name!r} declares normalisations {normalisations} for layers "
-                         f"{encoder.layer_names}; each must be 'l2' or 'none'")
+    g = int(grid_size)
+    fraction, keep = _kept_cubes(mask, encoder.patch_size, min_brain_fraction)
+    normalisations = _checked_normalisations(encoder)
     coords = np.argwhere(keep).astype(np.int64)
-    device = encoder.device
-    n_layers = len(encoder.layer_names)
-    keep_t = torch.from_numpy(keep).to(device)
-    volume = torch.from_numpy(np.ascontiguousarray(image)).to(device)
-    features = np.empty((n_layers, 3, coords.shape[0], encoder.dim), dtype=np.float32)
-
+    volume = torch.from_numpy(np.ascontiguousarray(image)).to(encoder.device)
+    features = np.empty((len(encoder.layer_names), 3, coords.shape[0], encoder.dim), dtype=np.float32)
     with torch.inference_mode():
         for axis in range(3):
-            other = tuple(a for a in range(3) if a != axis)
-            needed_slabs = np.flatnonzero(keep.any(axis=other))
-            slice_ids = (needed_slabs[:, None] * p + np.arange(p)[None, :]).reshape(-1)
-            # slab index first, then the slice image's (rows, columns)
-            stack = volume.movedim(axis, 0)
-            sums = [torch.zeros((g, g, g, encoder.dim), dtype=torch.float32, device=device)
-                    for _ in range(n_layers)]
-            for start in range(0, slice_ids.size, batch_size):
-                ids = torch.from_numpy(slice_ids[start:start + batch_size]).to(device)
-                encoded = encoder.encode(stack.index_select(0, ids).unsqueeze(1))
-                _check_features(encoded, encoder, ids.numel(), g)
-                slabs = torch.div(ids, p, rounding_mode="floor")
-                for total, layer in zip(sums, encoded):
-                    total.index_add_(0, slabs, layer.to(torch.float32))
-            for index, total in enumerate(sums):
-                pooled = (total / p).movedim(0, axis)[keep_t]  # (N, dim) in the C order of coords
+            for index, pooled in enumerate(_pooled_axis(volume, keep, encoder, axis, g, batch_size)):
                 features[index, axis] = _normalise(pooled, normalisations[index])
-
     return EncodedVolume(
         features=features,
         coords=coords,
