@@ -269,11 +269,9 @@ def score_batch(
         Called as ``on_layer_done(layers_done, n_layers)`` after each layer's nearest-neighbour
         pass (the bulk of the work), for progress reporting.
     known_scores : sequence of sequence of numpy.ndarray, optional
-        ``known_scores[layer][m]``: MuSc scores of the batch's last volumes, computed before
-        (a cohort bank's volumes scored against each other, which every batch drawing the same
-        bank volumes would compute again). Only the leading volumes are then scored
-        (:func:`~codegraph3d.scoring.musc.musc_scores_first`); the known volumes must reference
-        none of them (``BankGroup`` keys) and ``method`` must be ``"musc"``.
+        ``[layer][m]``: MuSc scores of the last volumes, computed before (cohort-bank volumes,
+        which reference none of the others: ``BankGroup`` keys); only the leading volumes are
+        then scored (:func:`~codegraph3d.scoring.musc.musc_scores_first`). MuSc only.
 
     Returns
     -------
