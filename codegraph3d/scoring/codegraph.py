@@ -306,6 +306,50 @@ def closer_to_members(
         return np.nan_to_num(closer, nan=False).astype(bool)
 
 
+def _volume_burnout(
+    block: np.ndarray, ref: np.ndarray, floor: float, config: CoDeGraphConfig,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One volume's burnt tokens, jump ranks, endurance statistics and links (:func:`detect_burnout`).
+
+    ``block`` is its ``(n_ref, N_u)`` distances to its eligible references ``ref``; with fewer
+    than ``config.min_references`` of them nothing burns out.
+    """
+    n_tokens = block.shape[1]
+    if ref.size < config.min_references:
+        return (np.zeros(n_tokens, dtype=bool), np.zeros(n_tokens, dtype=np.int64), np.zeros(n_tokens),
+                np.zeros((0, 2), dtype=np.int64))
+    order = np.argsort(block, axis=0, kind="stable")
+    ordered = np.take_along_axis(block, order, axis=0) + floor
+    finite = np.isfinite(ordered).sum(axis=0)  # m per token
+    # Spacing k (0-based) is between sorted ranks k + 1 and k + 2 (1-based): g = (k+1) ln.
+    position = np.arange(1, ref.size)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = ordered[1:] / ordered[:-1]
+        g = position * np.log(ratio)
+    valid = position <= (finite - 1)[None, :]
+    g = np.where(valid, g, np.nan)
+    i_max = np.minimum(np.floor(config.max_group_fraction * finite), finite - 1)
+    tested = (finite >= config.min_references) & (i_max >= 1)
+    scale = np.full(n_tokens, np.nan)
+    if tested.any():  # tested tokens have >= min_references - 1 >= 2 valid spacings
+        scale[tested] = np.nanmedian(g[:, tested], axis=0) / math.log(2)
+    with np.errstate(all="ignore"):
+        endurance = np.where(scale[None, :] > 0, g / scale[None, :], np.where(g > 0, np.inf, 0.0))
+    window = valid & (position <= i_max[None, :]) & tested[None, :]
+    endurance = np.where(window, endurance, -np.inf)
+    threshold = burnout_threshold(config.false_alarm_rate, np.maximum(i_max, 1))
+    qualifies = window & (endurance >= threshold[None, :]) & (np.where(window, ratio, 0.0) >= config.min_jump_ratio)
+    burnt = qualifies.any(axis=0)
+    stat = np.where(tested, endurance.max(axis=0), 0.0)
+    best = np.argmax(np.where(qualifies, endurance, -np.inf), axis=0)
+    rank = np.where(burnt, best + 1, 0)
+    before = np.arange(ref.size)[:, None] < rank[None, :]  # (n_ref, N_u), sorted order
+    sorted_volumes = ref[order]
+    rows, cols = np.nonzero(before.T)  # token-major: rows are tokens, cols ranks
+    link = np.stack([rows, sorted_volumes[cols, rows]], axis=1).astype(np.int64)
+    return burnt, rank, stat, link
+
+
 def detect_burnout(
     distances: np.ndarray,
     sizes: Sequence[int],
@@ -348,49 +392,9 @@ def detect_burnout(
     floor = _distance_floor(d, float(config.distance_floor_fraction))
     burnout, jump_rank, statistic, links = [], [], [], []
     for u in range(n_volumes):
-        n_tokens, ref = sizes[u], np.asarray(refs[u], dtype=np.int64)
+        ref = np.asarray(refs[u], dtype=np.int64)
         block = d[ref, starts[u] : starts[u + 1]].astype(np.float64)  # (n_ref, N_u)
-        stat = np.zeros(n_tokens)
-        rank = np.zeros(n_tokens, dtype=np.int64)
-        link = np.zeros((0, 2), dtype=np.int64)
-        if ref.size >= config.min_references:
-            order = np.argsort(block, axis=0, kind="stable")
-            ordered = np.take_along_axis(block, order, axis=0) + floor
-            finite = np.isfinite(ordered).sum(axis=0)  # m per token
-            # Spacing k (0-based) is between sorted ranks k + 1 and k + 2 (1-based): g = (k+1) ln.
-            position = np.arange(1, ref.size)[:, None]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = ordered[1:] / ordered[:-1]
-                g = position * np.log(ratio)
-            valid = position <= (finite - 1)[None, :]
-            g = np.where(valid, g, np.nan)
-            i_max = np.minimum(np.floor(config.max_group_fraction * finite), finite - 1)
-            tested = (finite >= config.min_references) & (i_max >= 1)
-            scale = np.full(n_tokens, np.nan)
-            if tested.any():  # tested tokens have >= min_references - 1 >= 2 valid spacings
-                scale[tested] = np.nanmedian(g[:, tested], axis=0) / math.log(2)
-            with np.errstate(all="ignore"):
-                endurance = np.where(
-                    scale[None, :] > 0, g / scale[None, :], np.where(g > 0, np.inf, 0.0)
-                )
-            window = valid & (position <= i_max[None, :]) & tested[None, :]
-            endurance = np.where(window, endurance, -np.inf)
-            threshold = burnout_threshold(config.false_alarm_rate, np.maximum(i_max, 1))
-            qualifies = (
-                window
-                & (endurance >= threshold[None, :])
-                & (np.where(window, ratio, 0.0) >= config.min_jump_ratio)
-            )
-            burnt = qualifies.any(axis=0)
-            stat = np.where(tested, endurance.max(axis=0), 0.0)
-            best = np.argmax(np.where(qualifies, endurance, -np.inf), axis=0)
-            rank = np.where(burnt, best + 1, 0)
-            before = np.arange(ref.size)[:, None] < rank[None, :]  # (n_ref, N_u), sorted order
-            sorted_volumes = ref[order]
-            rows, cols = np.nonzero(before.T)  # token-major: rows are tokens, cols ranks
-            link = np.stack([rows, sorted_volumes[cols, rows]], axis=1).astype(np.int64)
-        else:
-            burnt = np.zeros(n_tokens, dtype=bool)
+        burnt, rank, stat, link = _volume_burnout(block, ref, floor, config)
         burnout.append(burnt)
         jump_rank.append(rank.astype(np.int64))
         statistic.append(stat.astype(np.float64))
