@@ -90,9 +90,7 @@ The rule
    restricted to the findings: tokens outside every finding are clamped to the bound before
    upsampling, so they can shape a finding's edge but never start a mask of their own; a
    finding's neighbours are scaled as its tokens are, so its edge lies where ``z`` crosses its
-   own bound. An unflagged volume gets an empty mask. Against a cohort bank the bound may be
-   ``bank_voxel_z`` instead: standardised against many normal brains rather than the batch, a
-   lesion's ``z`` stands higher, and a bound that fits batches scored alone cuts wider masks there.
+   own bound. An unflagged volume gets an empty mask.
 
 The bounds are in robust standard deviations, so they carry over between batch sizes; their false
 flag rate per normal series still depends on the encoder and contrast and is measured on
@@ -143,9 +141,6 @@ class LesionPolicy:
         token's volume in ml, exceeds this (units: z x ml).
     voxel_z : float
         Mask bound on the upsampled ``z`` map inside flagged volumes' findings.
-    bank_voxel_z : float
-        With cohort-bank references, the mask bound instead of ``voxel_z`` (module docstring,
-        rule 3); 0: ``voxel_z`` with a bank too.
     prior_volumes : float
         Weight, in volumes, of the batch-wide spread in each position's spread.
     min_reference_volumes : int
@@ -200,7 +195,6 @@ class LesionPolicy:
     subtract_volume_level: bool = False
     small_batch_volumes: int = 0
     small_batch_finding_mass: float = 0.0
-    bank_voxel_z: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("token_z", "finding_mass", "voxel_z", "prior_volumes"):
@@ -214,10 +208,6 @@ class LesionPolicy:
             raise ValueError(f"min_reference_volumes must be an integer >= 3; got {self.min_reference_volumes!r}")
         if not self.voxel_z > 0:
             raise ValueError(f"threshold.voxel_z must be > 0 (outside the brain the map is 0); got {self.voxel_z!r}")
-        bank_voxel_z = self.bank_voxel_z
-        if isinstance(bank_voxel_z, bool) or not isinstance(bank_voxel_z, (int, float, np.floating)) or not (
-                np.isfinite(bank_voxel_z) and bank_voxel_z >= 0):
-            raise ValueError(f"threshold.bank_voxel_z must be a number >= 0 (robust SDs; 0 = voxel_z); got {bank_voxel_z!r}")
         if not self.finding_mass >= 0:
             raise ValueError(f"threshold.finding_mass must be >= 0; got {self.finding_mass!r}")
         if not self.prior_volumes >= 0:
@@ -714,11 +704,9 @@ def _bank_policy(
 
     The bank's calibrated bound already carries its normal volumes' whole-series offsets (rule 1),
     and a bank is no small batch (rule 2): the bank's bound (:func:`bank_calibration`), or
-    ``finding_mass`` uncalibrated where the rate is 0 or the bank too small for it. Masks are cut
-    at ``bank_voxel_z`` where it is set (rule 3).
+    ``finding_mass`` uncalibrated where the rate is 0 or the bank too small for it.
     """
-    policy = replace(policy, subtract_volume_level=False, small_batch_volumes=0, small_batch_finding_mass=0.0,
-                     voxel_z=policy.bank_voxel_z or policy.voxel_z)
+    policy = replace(policy, subtract_volume_level=False, small_batch_volumes=0, small_batch_finding_mass=0.0)
     if not policy.bank_false_flag_rate > 0:
         return policy, {}
     calibration = bank_calibration(reference_scores, reference_coords, grid_shape, policy, token_ml,

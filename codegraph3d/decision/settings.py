@@ -23,7 +23,7 @@ __all__ = ["PER_CONTRAST_BOUNDS", "DecisionSettings", "ThresholdPolicy", "Thresh
 # with their units for messages: an encoder's standardised scores differ in scale between contrasts.
 PER_CONTRAST_BOUNDS: Mapping[str, str] = MappingProxyType(
     {"token_z": "robust SDs", "finding_mass": "z x ml", "finding_excess": "robust SDs", "voxel_z": "robust SDs",
-     "small_batch_finding_mass": "z x ml", "bank_voxel_z": "robust SDs"}
+     "small_batch_finding_mass": "z x ml"}
 )
 
 
@@ -78,8 +78,6 @@ class ThresholdSettings:
     finding_excess_by_contrast: Mapping[str, float] = field(default_factory=dict)
     voxel_z: float = 10.0
     voxel_z_by_contrast: Mapping[str, float] = field(default_factory=dict)
-    bank_voxel_z: float = 0.0
-    bank_voxel_z_by_contrast: Mapping[str, float] = field(default_factory=dict)
     prior_volumes: float = 4.0
     tail_quantile: float = 0.9
     bank_false_flag_rate: float = 0.1
@@ -100,7 +98,7 @@ class ThresholdSettings:
             raise ValueError(f"threshold.min_finding_ml must be >= 0; got {self.min_finding_ml!r}")
         for name, unit in PER_CONTRAST_BOUNDS.items():
             # The evidence and focality bounds may be 0 (any candidate group); z bounds may not.
-            positive = name not in ("finding_mass", "finding_excess", "small_batch_finding_mass", "bank_voxel_z")
+            positive = name not in ("finding_mass", "finding_excess", "small_batch_finding_mass")
             for contrast, bound in getattr(self, f"{name}_by_contrast").items():
                 if not _non_negative_number(bound) or (positive and bound == 0):
                     raise ValueError(f"threshold.{name}_by_contrast.{contrast} must be a number "
@@ -136,7 +134,6 @@ class ThresholdSettings:
             finding_excess=self.bound("finding_excess", contrast), mask_peak_fraction=self.mask_peak_fraction,
             subtract_volume_level=self.subtract_volume_level, small_batch_volumes=self.small_batch_volumes,
             small_batch_finding_mass=self.bound("small_batch_finding_mass", contrast),
-            bank_voxel_z=self.bound("bank_voxel_z", contrast),
         )
 
 
@@ -173,7 +170,7 @@ class DecisionSettings:
         value), so that another contrast's bounds do not make this one "not measured".
         Only bank-referenced batches use the bank calibration, and they report their own operating
         point, so its two fields are left out, as are the settings that shape only the binary mask
-        (``voxel_z``, ``bank_voxel_z``, ``min_finding_ml``, ``mask_peak_fraction``): a flag and its false-flag rate
+        (``voxel_z``, ``min_finding_ml``, ``mask_peak_fraction``): a flag and its false-flag rate
         do not depend on them, so tuning a mask keeps the rate measured.
         """
         threshold = {

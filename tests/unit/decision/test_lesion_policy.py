@@ -595,39 +595,3 @@ def test_a_faint_findings_edge_is_cut_at_its_own_bound():
     assert np.allclose(values[core], z[core] * scale, rtol=1e-5)
     assert values[rim][0] == pytest.approx(z[rim][0] * scale, rel=1e-5)
     assert (values[~core] <= policy.voxel_z).all()
-
-
-def test_bank_referenced_masks_are_cut_at_their_own_bound():
-    """``bank_voxel_z`` replaces ``voxel_z`` for batches decided against bank volumes, and only there."""
-    from codegraph3d.run.pipeline import decide_batch
-    from codegraph3d.scoring.batch import BatchScores
-
-    bank, bank_coords = _batch(12, seed=7)
-    queries, coords = _batch(1, seed=8)
-    lesion = _cube(coords[0], (4, 4, 4), 2)
-    queries[0] = queries[0] + np.where(lesion, 0.5, 0.0)
-    policy = LesionPolicy(token_z=4.5, finding_mass=5.0, voxel_z=6.0, bank_voxel_z=9.0)
-    banked = decide_lesions(queries, coords, GRID, policy, reference_scores=bank, reference_coords=bank_coords)
-    assert banked.reference == "bank" and banked.policy.voxel_z == 9.0 and banked.params["voxel_z"] == 9.0
-    assert banked.flagged.tolist() == [True]
-    # The finding's own bound lands on the bank's mask bound, so its mask is the one cut at 9.
-    plain = decide_lesions(queries, coords, GRID, LesionPolicy(token_z=4.5, finding_mass=5.0, voxel_z=9.0),
-                           reference_scores=bank, reference_coords=bank_coords)
-    np.testing.assert_array_equal(banked.mask_values[0], plain.mask_values[0])
-    alone = decide_lesions([*queries, *bank], [*coords, *bank_coords], GRID, policy)
-    assert alone.reference == "batch" and alone.policy.voxel_z == 6.0
-    # Read per contrast from the configuration, and reported as the batch's voxel threshold.
-    config = load_config(override={"threshold": {"voxel_z": 6.0, "bank_voxel_z_by_contrast": {"T1w": 9.0},
-                                                 "token_z": 4.5, "finding_mass": 5.0}})
-    assert config.threshold.lesion_policy("T1w").bank_voxel_z == 9.0
-    assert config.threshold.lesion_policy("T2w").bank_voxel_z == 0.0
-    assert "bank_voxel_z" not in config.decision_settings().record("T1w")["threshold"]
-    scores = [*queries, *bank]
-    batch = BatchScores(token_scores=scores, volume_scores=np.array([s.max() for s in scores]), per_layer=[scores])
-    t1w = decide_batch(batch, [*coords, *bank_coords], 1, GRID, config, 1.0, "T1w")
-    t2w = decide_batch(batch, [*coords, *bank_coords], 1, GRID, config, 1.0, "T2w")
-    assert (t1w.voxel_threshold, t2w.voxel_threshold) == (9.0, 6.0)
-    with pytest.raises(ValueError, match="bank_voxel_z must be a number >= 0"):
-        LesionPolicy(bank_voxel_z=-1.0)
-    with pytest.raises(ConfigError, match="bank_voxel_z_by_contrast.T1w must be a number >= 0"):
-        load_config(override={"threshold": {"bank_voxel_z_by_contrast": {"T1w": -2.0}}})
