@@ -8,7 +8,9 @@ bank volumes reference each other only). This times the app's scorer
 
 * **fresh**: every volume scored, as a run without kept scores does (and as the first run with
   ``bank.reuse_scores`` does, which then keeps the bank volumes' part);
-* **reused**: the bank volumes' scores passed in (``known_scores``), only the study scored.
+* **reused**: the bank volumes' scores passed in (``known_scores``), only the studies scored
+  (``--queries`` of them), or every volume where that would cost more
+  (:func:`codegraph3d.scoring.batch.known_scores_pay`, whose costs these figures set).
 
 Both with global matching and with ``--window-radius`` (the learnt encoder's configuration).
 Each time is the median of ``--repeats`` runs; the largest difference between the study's two

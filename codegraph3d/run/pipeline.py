@@ -35,7 +35,7 @@ from codegraph3d.preprocess.workers import PreprocessSetup, SeriesJob, SeriesOut
 from codegraph3d.preprocess.chain import PreprocessedVolume, resample_to_source
 from codegraph3d.core.progress import StageClock
 from codegraph3d.core.ray_runtime import RETRIES, ClusterError, alive_nodes, capped_memory, ray_runtime
-from codegraph3d.scoring.batch import BatchScores, score_batch
+from codegraph3d.scoring.batch import BatchScores, known_scores_pay, score_batch
 from codegraph3d.scoring.musc import BankGroup
 from codegraph3d.store.bank_scores import keep_bank_scores, load_bank_scores
 from codegraph3d.decision.thresholds import (
@@ -842,8 +842,14 @@ def _reuses_bank_scores(chunk: _Chunk, bank: Any, config: RunConfig) -> bool:
 
 
 def _recall_bank_scores(chunk: _Chunk, bank: Any, config: RunConfig) -> None:
-    """Fill ``chunk.known_scores`` from the bank's kept scores of the drawn volumes, when it has them."""
-    if _reuses_bank_scores(chunk, bank, config):
+    """Fill ``chunk.known_scores`` from the bank's kept scores of the drawn volumes, when it has them.
+
+    Not where scoring the members alone would cost more than the whole chunk (many members,
+    windowed matching: :func:`~codegraph3d.scoring.batch.known_scores_pay`).
+    """
+    radius = None if config.scoring.window_radius < 0 else config.scoring.window_radius
+    n_total = len(chunk.members) + len(chunk.references)
+    if _reuses_bank_scores(chunk, bank, config) and known_scores_pay(len(chunk.members), n_total, radius):
         n_layers = len(chunk.members[0].tokens.tokens)
         chunk.known_scores = load_bank_scores(bank, chunk.references, chunk.bank_patients, _bank_scoring(config),
                                               n_layers)

@@ -34,7 +34,16 @@ from codegraph3d.scoring.musc import (
 if TYPE_CHECKING:
     from codegraph3d.scoring.codegraph import CoDeGraphConfig, CoDeGraphDiagnostics
 
-__all__ = ["BatchScores", "score_batch"]
+__all__ = ["BatchScores", "known_scores_pay", "score_batch"]
+
+# What one scored volume's one-sided match with one reference costs (musc_scores_first), in units
+# of what the whole-batch scorer spends per ordered pair of volumes, on this CPU (2 cores; 1,600
+# tokens x 384 dims, 4 layers; tools/benchmark_bank_scores.py): global matching 2.5-3 (the whole
+# batch visits each unordered pair once, in larger blocks), windowed matching about 8 (the whole
+# batch matches every volume at a position in one batched matmul; a pair gathers its window
+# alone). Known scores are used only where the scored volumes' pairs cost less than the batch.
+_PAIR_COST_GLOBAL = 3.0
+_PAIR_COST_WINDOWED = 8.0
 
 
 @dataclass
@@ -204,13 +213,32 @@ def _check_known(
     return n_scored
 
 
+def known_scores_pay(n_scored: int, n_volumes: int, window_radius: int | None) -> bool:
+    """Whether scoring only ``n_scored`` of ``n_volumes`` volumes (known scores for the rest) is cheaper.
+
+    One study against 40 bank volumes: 15 x faster with global matching, 6 x windowed; 12 studies
+    against 40: 2.3 x global, but windowed twice as slow as scoring the whole batch, which is what
+    a windowed batch with more than an eighth of its volumes to score then does.
+    """
+    cost = _PAIR_COST_GLOBAL if window_radius is None else _PAIR_COST_WINDOWED
+    return cost * n_scored < n_volumes
+
+
 def _musc_with_known(
     layer_token_sets: Sequence[Sequence[np.ndarray]], known_scores: Sequence[Sequence[np.ndarray]],
     n_scored: int, k_fraction: float, groups: Sequence[Hashable] | None, device: str | torch.device | None,
     chunk_size: int, window_radius: int | None, coords: Sequence[np.ndarray] | None,
     grid_shape: tuple[int, int, int] | None, on_layer_done: Callable[[int, int], None] | None,
 ) -> list[list[np.ndarray]]:
-    """``[layer][volume]`` MuSc scores: the leading volumes scored, the trailing ones' known scores."""
+    """``[layer][volume]`` MuSc scores: the leading volumes scored, the trailing ones' known scores.
+
+    Where that would cost more than scoring every volume (:func:`known_scores_pay`), every volume
+    is scored (the known scores would be the same, up to the choice between near-equidistant
+    neighbours).
+    """
+    if not known_scores_pay(n_scored, len(layer_token_sets[0]), window_radius):
+        return _musc_per_layer(layer_token_sets, k_fraction, groups, device, chunk_size, window_radius, coords,
+                               grid_shape, on_layer_done)
     per_layer = []
     for sets, known in zip(layer_token_sets, known_scores):
         scored = musc_scores_first(
@@ -271,7 +299,8 @@ def score_batch(
     known_scores : sequence of sequence of numpy.ndarray, optional
         ``[layer][m]``: MuSc scores of the last volumes, computed before (cohort-bank volumes,
         which reference none of the others: ``BankGroup`` keys); only the leading volumes are
-        then scored (:func:`~codegraph3d.scoring.musc.musc_scores_first`). MuSc only.
+        then scored (:func:`~codegraph3d.scoring.musc.musc_scores_first`) where that is cheaper
+        (:func:`known_scores_pay`). MuSc only.
 
     Returns
     -------

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from codegraph3d.run.pipeline import bank_groups
-from codegraph3d.scoring.batch import score_batch
+from codegraph3d.scoring.batch import known_scores_pay, score_batch
 from codegraph3d.scoring.musc import BankGroup, musc_scores, musc_scores_first, musc_scores_windowed, reference_sets
 
 OWN = ["p1", "p2", "p1"]
@@ -84,12 +84,14 @@ def test_bank_groups_need_two_bank_patients():
 def test_known_bank_scores_give_the_batch_its_scores_with_the_bank_unscored(windowed, chunk_size):
     """The bank's scores kept from one batch stand for them in the next: the batch's own score as if scored anew."""
     rng = np.random.default_rng(6)
-    sets, coords = _grid_sets(rng, 7)
+    sets, coords = _grid_sets(rng, 10)
     layers = [sets, [s[:, :3] * 2 for s in sets]]
-    options = dict(k_fraction=0.5, groups=OWN + BANK, device="cpu", chunk_size=chunk_size,
+    # One study against nine bank volumes (two of one patient): scoring the study alone pays.
+    groups = ["p1"] + [BankGroup(f"b{i}") for i in range(8)] + [BankGroup("b0")]
+    options = dict(k_fraction=0.5, groups=groups, device="cpu", chunk_size=chunk_size,
                    window_radius=1 if windowed else None, coords=coords, grid_shape=(4, 4, 4))
     full = score_batch(layers, **options)
-    known = [layer[3:] for layer in full.per_layer]
+    known = [layer[1:] for layer in full.per_layer]
     reused = score_batch(layers, known_scores=known, **options)
     for got, want in zip(reused.token_scores, full.token_scores):
         np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
@@ -98,6 +100,25 @@ def test_known_bank_scores_give_the_batch_its_scores_with_the_bank_unscored(wind
     shifted = score_batch(layers, known_scores=[[s + 1 for s in layer] for layer in known], **options)
     np.testing.assert_allclose(shifted.token_scores[3], full.token_scores[3] + 1, atol=1e-6)
     np.testing.assert_allclose(shifted.token_scores[0], full.token_scores[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("windowed", [False, True])
+def test_known_scores_that_would_not_pay_are_scored_again(windowed):
+    """Three studies of seven volumes: scoring them alone would cost more than the whole batch."""
+    rng = np.random.default_rng(9)
+    sets, coords = _grid_sets(rng, 7)
+    options = dict(k_fraction=0.5, groups=OWN + BANK, device="cpu", window_radius=1 if windowed else None,
+                   coords=coords, grid_shape=(4, 4, 4))
+    full = score_batch([sets], **options)
+    shifted = score_batch([sets], known_scores=[[s + 1 for s in full.per_layer[0][3:]]], **options)
+    for got, want in zip(shifted.token_scores, full.token_scores):
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+
+
+def test_known_scores_pay_where_the_studies_pairs_cost_less_than_the_batch():
+    assert known_scores_pay(1, 41, None) and known_scores_pay(1, 41, 1)
+    assert known_scores_pay(12, 52, None) and not known_scores_pay(12, 52, 1)
+    assert known_scores_pay(5, 45, 1) and not known_scores_pay(6, 46, 1)
 
 
 def test_musc_scores_first_scores_the_leading_volumes_only():
