@@ -62,6 +62,8 @@ __all__ = [
     "select_input",
     "tokenise_selected",
     "bank_groups",
+    "bank_scores_reusable",
+    "scoring_work",
     "batch_chunks",
     "open_bank",
     "score_batches",
@@ -777,9 +779,8 @@ class _Chunk:
 
     @property
     def work(self) -> int:
-        """Volume pairs to match per layer: every ordered pair, or the members' own with known bank scores."""
-        n_total = len(self.members) + len(self.references)
-        return n_total**2 if self.known_scores is None else len(self.members) * n_total
+        """Volume pairs to match per layer (:func:`scoring_work`)."""
+        return scoring_work(len(self.members), len(self.references), self.known_scores is not None)
 
     @property
     def layer_sets(self) -> list[list[np.ndarray]]:
@@ -834,11 +835,30 @@ def _bank_scoring(config: RunConfig) -> dict[str, Any]:
             "window_radius": int(settings.window_radius), "precision": settings.precision.value}
 
 
-def _reuses_bank_scores(chunk: _Chunk, bank: Any, config: RunConfig) -> bool:
-    """Whether the chunk's bank volumes' scores can be kept and reused: MuSc, BankGroup references only."""
+def scoring_work(n_members: int, n_references: int, bank_scores_known: bool) -> int:
+    """Volume pairs a chunk's scoring matches per layer, for the progress clock.
+
+    Every ordered pair of its volumes, or, with the bank volumes' scores known, each member's
+    pairs with every volume (one-sided).
+    """
+    n_total = n_members + n_references
+    return n_members * n_total if bank_scores_known else n_total**2
+
+
+def bank_scores_reusable(config: RunConfig, bank: Any, groups: Sequence[Hashable], n_members: int) -> bool:
+    """Whether a batch's bank volumes' scores may be kept and reused (``bank.reuse_scores``).
+
+    Only with a bank, MuSc (CoDeGraph's communities span the whole batch) and bank volumes that
+    reference each other only (``groups`` after the ``n_members`` members are all
+    :class:`BankGroup`: two bank patients at least, :func:`bank_groups`).
+    """
     return (bank is not None and config.bank.reuse_scores and config.scoring.method.value == "musc"
-            and bool(chunk.references)
-            and all(isinstance(group, BankGroup) for group in chunk.groups[len(chunk.members):]))
+            and len(groups) > n_members and all(isinstance(group, BankGroup) for group in groups[n_members:]))
+
+
+def _reuses_bank_scores(chunk: _Chunk, bank: Any, config: RunConfig) -> bool:
+    """:func:`bank_scores_reusable` for a chunk."""
+    return bank_scores_reusable(config, bank, chunk.groups, len(chunk.members))
 
 
 def _recall_bank_scores(chunk: _Chunk, bank: Any, config: RunConfig) -> None:

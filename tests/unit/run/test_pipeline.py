@@ -126,3 +126,21 @@ def test_codegraph_settings_are_validated():
         load_config(override={"scoring": {"method": "graph"}})
     with pytest.raises(ConfigError, match="scoring.codegraph: .*false_alarm_rate"):
         load_config(override={"scoring": {"codegraph": {"false_alarm_rate": 2.0}}})
+
+
+def test_bank_scores_are_reused_for_musc_with_two_bank_patients_only():
+    from codegraph3d.run.pipeline import bank_groups, bank_scores_reusable, scoring_work
+
+    musc, bank = load_config(), object()
+    own = ["p1"]
+    assert bank_scores_reusable(musc, bank, own + bank_groups(["b1", "b2", "b1"]), 1)
+    # One bank patient: its volume is scored with the batch (not a BankGroup), so nothing is kept.
+    assert not bank_scores_reusable(musc, bank, own + bank_groups(["b1", "b1"]), 1)
+    assert not bank_scores_reusable(musc, bank, own, 1)
+    assert not bank_scores_reusable(musc, None, own + bank_groups(["b1", "b2"]), 1)
+    off = load_config(override={"bank": {"reuse_scores": False}})
+    assert not bank_scores_reusable(off, bank, own + bank_groups(["b1", "b2"]), 1)
+    codegraph = load_config(override={"scoring": {"method": "codegraph"}})
+    assert not bank_scores_reusable(codegraph, bank, own + bank_groups(["b1", "b2"]), 1)
+    # The progress clock's work: every ordered pair, or the members' own with the bank's scores kept.
+    assert (scoring_work(1, 3, False), scoring_work(1, 3, True), scoring_work(2, 3, True)) == (16, 4, 10)

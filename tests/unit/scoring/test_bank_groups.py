@@ -153,27 +153,3 @@ def test_known_scores_that_cannot_stand_are_refused(groups, known, options, matc
     full = score_batch(layers, k_fraction=0.5, groups=OWN + BANK, device="cpu")
     with pytest.raises(ValueError, match=match):
         score_batch(layers, k_fraction=0.5, groups=groups, device="cpu", known_scores=known(full.per_layer), **options)
-
-
-def test_bank_scores_are_reused_for_musc_with_two_bank_patients_only():
-    from types import SimpleNamespace
-
-    from codegraph3d.run.config import load_config
-    from codegraph3d.run.pipeline import _Chunk, _reuses_bank_scores
-
-    def chunk(patients: list[str]) -> _Chunk:
-        references = [SimpleNamespace(entry=SimpleNamespace(patient_id=p, study_instance_uid="s" + p)) for p in patients]
-        return _Chunk("T2w", "T2w", 0, 1, [object()], ["p1"], references)
-
-    musc, bank = load_config(), object()
-    assert _reuses_bank_scores(chunk(["b1", "b2", "b1"]), bank, musc)
-    assert not _reuses_bank_scores(chunk(["b1", "b1"]), bank, musc)  # scored with the batch: not BankGroup
-    assert not _reuses_bank_scores(chunk([]), bank, musc)
-    assert not _reuses_bank_scores(chunk(["b1", "b2"]), None, musc)
-    assert not _reuses_bank_scores(chunk(["b1", "b2"]), bank, load_config(override={"bank": {"reuse_scores": False}}))
-    assert not _reuses_bank_scores(chunk(["b1", "b2"]), bank, load_config(override={"scoring": {"method": "codegraph"}}))
-    # The work the progress clock counts: every ordered pair, or the study's own with kept scores.
-    fresh = chunk(["b1", "b2", "b3"])
-    assert fresh.work == 16
-    fresh.known_scores = [[]]
-    assert fresh.work == 4
