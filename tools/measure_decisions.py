@@ -50,8 +50,9 @@ from codegraph3d.run.config import ConfigError, RunConfig, load_config
 from codegraph3d.decision.lesion_policy import LESION_POLICY_NAME
 from codegraph3d.scoring.maps import token_voxel_map
 from codegraph3d_research.metrics import StreamingBinaryMetrics, patient_auroc
-from codegraph3d.scoring.musc import BankGroup
-from codegraph3d.run.pipeline import bank_groups, decide_batch, reference_groups, score_configured, token_volume_ml
+from codegraph3d.run.pipeline import (
+    bank_groups, bank_scores_reusable, decide_batch, reference_groups, score_configured, token_volume_ml,
+)
 from codegraph3d.scoring.batch import BatchScores
 from codegraph3d.decision.thresholds import BANK_POLICY_NAME, POLICY_NAME
 
@@ -130,8 +131,9 @@ def score_series(series: Sequence[AblationSeries], config: RunConfig, n: int | N
     tokens = [item.record.tokens for item in series]
     n = len(series) if n is None else n
     groups = batch_groups(series, n, config)
-    reusable = known is not None and settings.method.value == "musc" and all(
-        isinstance(group, BankGroup) for group in groups[n:]) and len(series) > n
+    # The known scores stand where the app's bank would keep them (score_batch skips them where
+    # scoring the queries alone would cost more).
+    reusable = known is not None and bank_scores_reusable(config, known, groups, n)
     key = tuple(item.uid for item in series[n:])
     scores = score_configured(
         [[t.tokens[layer] for t in tokens] for layer in range(len(tokens[0].tokens))],

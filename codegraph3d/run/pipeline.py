@@ -857,19 +857,21 @@ def bank_scores_reusable(config: RunConfig, bank: Any, groups: Sequence[Hashable
 
 
 def _reuses_bank_scores(chunk: _Chunk, bank: Any, config: RunConfig) -> bool:
-    """:func:`bank_scores_reusable` for a chunk."""
-    return bank_scores_reusable(config, bank, chunk.groups, len(chunk.members))
+    """:func:`bank_scores_reusable` for a chunk, where scoring its members alone also pays.
 
-
-def _recall_bank_scores(chunk: _Chunk, bank: Any, config: RunConfig) -> None:
-    """Fill ``chunk.known_scores`` from the bank's kept scores of the drawn volumes, when it has them.
-
-    Not where scoring the members alone would cost more than the whole chunk (many members,
-    windowed matching: :func:`~codegraph3d.scoring.batch.known_scores_pay`).
+    Scoring the members alone can cost more than the whole chunk (many members, windowed
+    matching: :func:`~codegraph3d.scoring.batch.known_scores_pay`); such a chunk neither reads
+    nor keeps the bank's scores.
     """
     radius = None if config.scoring.window_radius < 0 else config.scoring.window_radius
     n_total = len(chunk.members) + len(chunk.references)
-    if _reuses_bank_scores(chunk, bank, config) and known_scores_pay(len(chunk.members), n_total, radius):
+    return (bank_scores_reusable(config, bank, chunk.groups, len(chunk.members))
+            and known_scores_pay(len(chunk.members), n_total, radius))
+
+
+def _recall_bank_scores(chunk: _Chunk, bank: Any, config: RunConfig) -> None:
+    """Fill ``chunk.known_scores`` from the bank's kept scores of the drawn volumes, when it has them."""
+    if _reuses_bank_scores(chunk, bank, config):
         n_layers = len(chunk.members[0].tokens.tokens)
         chunk.known_scores = load_bank_scores(bank, chunk.references, chunk.bank_patients, _bank_scoring(config),
                                               n_layers)
