@@ -456,6 +456,31 @@ def _quality_control(
     uid = volume.series_instance_uid or "(unnamed series)"
     warnings: list[str] = qa.setdefault("warnings", [])
     failures: list[str] = []
+    _check_brain_volume(brain_ml, config, qa, warnings, failures)
+    _check_voxels(volume, config, qa, warnings)
+    edge = _edge_fraction(brain_source)
+    qa["brain_edge_fraction"] = round(edge, 3)
+    if template_mask_grid is None and edge > TRUNCATION_EDGE_FRACTION:
+        warnings.append(
+            f"truncated field of view: the brain is cut at the edge of the series (a cross-section "
+            f"{edge:.0%} of its largest lies on the border)"
+        )
+    if template_mask_grid is not None:
+        coverage = _fov_coverage(template_mask_grid, grid_to_source, tuple(volume.array.shape))
+        _check_template_fit(brain_grid, template_mask_grid, coverage, config, qa, warnings, failures)
+    registration_warning = qa.get("registration", {}).get("warning")
+    if registration_warning:
+        warnings.append(registration_warning)
+    qa["status"] = "failed" if failures else ("warning" if warnings else "ok")
+    if failures:
+        qa["failures"] = failures
+        raise PreprocessQAError(f"series {uid} fails quality control: " + "; ".join(failures), qa)
+
+
+def _check_brain_volume(
+    brain_ml: float, config: PreprocessConfig, qa: dict, warnings: list[str], failures: list[str]
+) -> None:
+    """The brain mask's volume against the plausible (warn) and possible (fail) ranges."""
     qa["brain_volume_ml"] = round(brain_ml, 1)
     low, high = config.brain_ml_fail
     if not low <= brain_ml <= high:
@@ -468,6 +493,10 @@ def _quality_control(
             f"implausible brain volume {brain_ml:.0f} ml (expected {config.brain_ml_warn[0]:.0f}-"
             f"{config.brain_ml_warn[1]:.0f} ml)"
         )
+
+
+def _check_voxels(volume: Volume, config: PreprocessConfig, qa: dict, warnings: list[str]) -> None:
+    """The voxel size and its anisotropy (thick slices hide small lesions along one axis)."""
     spacing = np.asarray(volume.spacing, float)
     anisotropy = float(spacing.max() / spacing.min())
     qa["voxel_mm"] = [round(float(v), 3) for v in spacing]
@@ -477,50 +506,41 @@ def _quality_control(
             f"anisotropic voxels {anisotropy:.1f}:1 ({spacing.max():.2f} mm): detail finer than that is "
             "lost along one axis, so small lesions may be missed"
         )
-    edge = _edge_fraction(brain_source)
-    qa["brain_edge_fraction"] = round(edge, 3)
-    if template_mask_grid is None and edge > TRUNCATION_EDGE_FRACTION:
-        warnings.append(
-            f"truncated field of view: the brain is cut at the edge of the series (a cross-section "
-            f"{edge:.0%} of its largest lies on the border)"
+
+
+def _check_template_fit(
+    brain_grid: np.ndarray,
+    template_mask_grid: np.ndarray,
+    coverage: float,
+    config: PreprocessConfig,
+    qa: dict,
+    warnings: list[str],
+    failures: list[str],
+) -> None:
+    """The brain mask against the registered template's: field-of-view coverage and overlap (Dice)."""
+    overlap = np.logical_and(brain_grid, template_mask_grid).sum()
+    dice = float(2.0 * overlap / max(brain_grid.sum() + template_mask_grid.sum(), 1))
+    qa["template_dice"] = round(dice, 4)
+    qa["fov_coverage"] = round(coverage, 4)
+    if coverage < config.fov_coverage_fail:
+        failures.append(f"only {coverage:.0%} of the template brain lies inside the field of view (truncated series)")
+    elif coverage < config.fov_coverage_warn:
+        if qa.get("registration", {}).get("doubtful"):
+            # Part of the brain is missing and the alignment of the rest is in doubt: its tokens
+            # would be compared with the wrong anatomy in every other volume.
+            failures.append(
+                f"truncated field of view ({1 - coverage:.0%} of the template brain outside the series) "
+                "and a doubtful registration"
+            )
+        else:
+            warnings.append(f"truncated field of view: {1 - coverage:.0%} of the template brain lies outside the series")
+    if dice < config.template_dice_fail:
+        failures.append(
+            f"the brain mask matches the registered template mask with Dice {dice:.2f} < "
+            f"{config.template_dice_fail}: registration or skull stripping failed"
         )
-    if template_mask_grid is not None:
-        template_voxels = template_mask_grid.sum()
-        overlap = np.logical_and(brain_grid, template_mask_grid).sum()
-        dice = float(2.0 * overlap / max(brain_grid.sum() + template_voxels, 1))
-        coverage = _fov_coverage(template_mask_grid, grid_to_source, tuple(volume.array.shape))
-        qa["template_dice"] = round(dice, 4)
-        qa["fov_coverage"] = round(coverage, 4)
-        if coverage < config.fov_coverage_fail:
-            failures.append(
-                f"only {coverage:.0%} of the template brain lies inside the field of view (truncated series)"
-            )
-        elif coverage < config.fov_coverage_warn:
-            if qa.get("registration", {}).get("doubtful"):
-                # Part of the brain is missing and the alignment of the rest is in doubt: its tokens
-                # would be compared with the wrong anatomy in every other volume.
-                failures.append(
-                    f"truncated field of view ({1 - coverage:.0%} of the template brain outside the series) "
-                    "and a doubtful registration"
-                )
-            else:
-                warnings.append(
-                    f"truncated field of view: {1 - coverage:.0%} of the template brain lies outside the series"
-                )
-        if dice < config.template_dice_fail:
-            failures.append(
-                f"the brain mask matches the registered template mask with Dice {dice:.2f} < "
-                f"{config.template_dice_fail}: registration or skull stripping failed"
-            )
-        elif dice < config.template_dice_warn:
-            warnings.append(f"brain mask vs registered template mask Dice {dice:.2f} < {config.template_dice_warn}")
-    registration_warning = qa.get("registration", {}).get("warning")
-    if registration_warning:
-        warnings.append(registration_warning)
-    qa["status"] = "failed" if failures else ("warning" if warnings else "ok")
-    if failures:
-        qa["failures"] = failures
-        raise PreprocessQAError(f"series {uid} fails quality control: " + "; ".join(failures), qa)
+    elif dice < config.template_dice_warn:
+        warnings.append(f"brain mask vs registered template mask Dice {dice:.2f} < {config.template_dice_warn}")
 
 
 def _brain_mask_of(
