@@ -282,36 +282,9 @@ def _unpack_arrays(npz_path: Path, arrays: Mapping[str, np.ndarray], settings: M
     if missing:
         raise CacheEntryError(f"{npz_path}: arrays {missing} are missing")
     features = arrays["features"]
-    encoder = settings["encoder"]
-    grid = int(settings["tokens"]["grid_size"])
-    size = grid * int(encoder["patch_size"])
-    layers = [str(v) for v in arrays["layer_names"].tolist()]
-    if layers != list(encoder["layers"]):
-        raise CacheEntryError(f"{npz_path}: layers {layers} differ from the encoder's {encoder['layers']}")
-    if features.dtype != np.float32 or features.ndim != 4:
-        raise CacheEntryError(f"{npz_path}: features are {features.dtype} {features.shape}; expected float32 (L, 3, N, dim)")
+    layers, grid, size = _check_token_arrays(npz_path, arrays, settings)
     n = features.shape[2]
-    _expect_shape(npz_path, "features", features, (len(layers), 3, n, int(encoder["dim"])))
-    _expect_shape(npz_path, "coords", arrays["coords"], (n, 3))
-    _expect_shape(npz_path, "brain_fraction", arrays["brain_fraction"], (grid,) * 3)
-    if tuple(int(v) for v in arrays["mask_shape"]) != (size,) * 3:
-        raise CacheEntryError(f"{npz_path}: mask shape {arrays['mask_shape'].tolist()} is not the working grid {(size,) * 3}")
-    _expect_shape(npz_path, "mask_packed", arrays["mask_packed"], ((size**3 + 7) // 8,))
-    for name, shape in (("grid_origin", (3,)), ("grid_spacing", ()), ("grid_to_source", (4, 4)),
-                        ("source_shape_zyx", (3,)), ("source_origin", (3,)), ("source_spacing", (3,)),
-                        ("source_direction", (3, 3)), ("brain_volume_ml", ())):
-        _expect_shape(npz_path, name, arrays[name], shape)
-    source_shape = tuple(int(v) for v in arrays["source_shape_zyx"])
-    sop_uids = [str(v) for v in arrays["sop_instance_uids"].tolist()]
-    files = [str(v) for v in arrays["files"].tolist()]
-    if len(sop_uids) != source_shape[0] or len(files) != source_shape[0]:
-        raise CacheEntryError(
-            f"{npz_path}: {len(sop_uids)} SOP Instance UIDs and {len(files)} files for {source_shape[0]} source slices"
-        )
-    if arrays["skipped_files"].ndim != 2 or arrays["skipped_files"].shape[1] != 2:
-        raise CacheEntryError(f"{npz_path}: skipped_files has shape {arrays['skipped_files'].shape}; expected (M, 2)")
-    if not np.isfinite(features).all():
-        raise CacheEntryError(f"{npz_path}: features contain non-finite values")
+    source_shape, sop_uids, files = _check_source_arrays(npz_path, arrays)
     try:
         encoded = EncodedVolume(
             features=np.ascontiguousarray(features),
@@ -340,6 +313,49 @@ def _unpack_arrays(npz_path: Path, arrays: Mapping[str, np.ndarray], settings: M
     )
     skipped = [(str(p), str(r)) for p, r in arrays["skipped_files"].tolist()]
     return CachedSeries(encoded=encoded, prepared=prepared, sop_instance_uids=sop_uids, files=files, skipped_files=skipped)
+
+
+def _check_token_arrays(
+    npz_path: Path, arrays: Mapping[str, np.ndarray], settings: Mapping[str, Any]
+) -> tuple[list[str], int, int]:
+    """Check the token arrays against the encoder and grid of the settings; return the layers, grid and working size."""
+    features = arrays["features"]
+    encoder = settings["encoder"]
+    grid = int(settings["tokens"]["grid_size"])
+    size = grid * int(encoder["patch_size"])
+    layers = [str(v) for v in arrays["layer_names"].tolist()]
+    if layers != list(encoder["layers"]):
+        raise CacheEntryError(f"{npz_path}: layers {layers} differ from the encoder's {encoder['layers']}")
+    if features.dtype != np.float32 or features.ndim != 4:
+        raise CacheEntryError(f"{npz_path}: features are {features.dtype} {features.shape}; expected float32 (L, 3, N, dim)")
+    n = features.shape[2]
+    _expect_shape(npz_path, "features", features, (len(layers), 3, n, int(encoder["dim"])))
+    _expect_shape(npz_path, "coords", arrays["coords"], (n, 3))
+    _expect_shape(npz_path, "brain_fraction", arrays["brain_fraction"], (grid,) * 3)
+    if tuple(int(v) for v in arrays["mask_shape"]) != (size,) * 3:
+        raise CacheEntryError(f"{npz_path}: mask shape {arrays['mask_shape'].tolist()} is not the working grid {(size,) * 3}")
+    _expect_shape(npz_path, "mask_packed", arrays["mask_packed"], ((size**3 + 7) // 8,))
+    if not np.isfinite(features).all():
+        raise CacheEntryError(f"{npz_path}: features contain non-finite values")
+    return layers, grid, size
+
+
+def _check_source_arrays(npz_path: Path, arrays: Mapping[str, np.ndarray]) -> tuple[tuple[int, ...], list[str], list[str]]:
+    """Check the source geometry, instances and skipped files; return the source shape, SOP UIDs and files."""
+    for name, shape in (("grid_origin", (3,)), ("grid_spacing", ()), ("grid_to_source", (4, 4)),
+                        ("source_shape_zyx", (3,)), ("source_origin", (3,)), ("source_spacing", (3,)),
+                        ("source_direction", (3, 3)), ("brain_volume_ml", ())):
+        _expect_shape(npz_path, name, arrays[name], shape)
+    source_shape = tuple(int(v) for v in arrays["source_shape_zyx"])
+    sop_uids = [str(v) for v in arrays["sop_instance_uids"].tolist()]
+    files = [str(v) for v in arrays["files"].tolist()]
+    if len(sop_uids) != source_shape[0] or len(files) != source_shape[0]:
+        raise CacheEntryError(
+            f"{npz_path}: {len(sop_uids)} SOP Instance UIDs and {len(files)} files for {source_shape[0]} source slices"
+        )
+    if arrays["skipped_files"].ndim != 2 or arrays["skipped_files"].shape[1] != 2:
+        raise CacheEntryError(f"{npz_path}: skipped_files has shape {arrays['skipped_files'].shape}; expected (M, 2)")
+    return source_shape, sop_uids, files
 
 
 def read_entry(npz_path: str | os.PathLike, expected_key: str | None = None) -> tuple[dict[str, Any], CachedSeries]:
