@@ -11,7 +11,10 @@ The rule
    ``z = (s - m_p) / sigma_p``, with ``m_p`` the median and ``sigma_p`` a robust standard deviation
    (1.4826 x MAD) of the reference scores at ``p``, shrunk towards the batch-wide robust spread of
    the residuals with the weight of ``prior_volumes`` volumes (few references at a position give a
-   noisy spread). Anatomical hot spots that every brain shares (ventricle edges, the brain's rim)
+   noisy spread: on Gaussian scores and a weight of 4, a token exceeds ``z`` 4.5 with probability
+   1.6e-4 in a batch of 12 and 1.1e-5 in one of 48; the learnt encoder's configuration weighs the
+   batch-wide spread as 64 volumes, docs/RESULTS.md, "Position spreads from few volumes"; with
+   cohort-bank references the weight is ``bank_prior_volumes``, where set). Anatomical hot spots that every brain shares (ventricle edges, the brain's rim)
    then stop competing with lesions, and ``z`` has the same meaning in batches of 8 or 180.
    The MAD sees only the core of a position's spread; where normal anatomy varies more than
    registration removes (a ventricle's edge a few mm further out in some brains), the tail is
@@ -143,6 +146,10 @@ class LesionPolicy:
         Mask bound on the upsampled ``z`` map inside flagged volumes' findings.
     prior_volumes : float
         Weight, in volumes, of the batch-wide spread in each position's spread.
+    bank_prior_volumes : float or None
+        The same weight with cohort-bank references (``None``: ``prior_volumes``). A bank's 20-48
+        normal volumes give each position a steadier spread than a small batch's, and its bound is
+        calibrated on its own volumes, so a weight chosen for small batches need not serve it.
     min_reference_volumes : int
         Fewer reference volumes flag nothing: with two, a volume is half of its own reference and
         its ``z`` can never exceed about 1.2.
@@ -185,6 +192,7 @@ class LesionPolicy:
     finding_mass: float = 30.0
     voxel_z: float = 10.0
     prior_volumes: float = 4.0
+    bank_prior_volumes: float | None = None
     by_position: bool = True
     min_reference_volumes: int = 3
     tail_quantile: float = 0.9
@@ -212,6 +220,11 @@ class LesionPolicy:
             raise ValueError(f"threshold.finding_mass must be >= 0; got {self.finding_mass!r}")
         if not self.prior_volumes >= 0:
             raise ValueError(f"threshold.prior_volumes must be >= 0; got {self.prior_volumes!r}")
+        bank_prior = self.bank_prior_volumes
+        if bank_prior is not None and (isinstance(bank_prior, bool) or not isinstance(bank_prior, (int, float))
+                                       or not (np.isfinite(bank_prior) and bank_prior >= 0)):
+            raise ValueError(f"threshold.bank_prior_volumes must be null (= prior_volumes) or a number >= 0; "
+                             f"got {bank_prior!r}")
         tail = self.tail_quantile
         if isinstance(tail, bool) or not isinstance(tail, (int, float, np.floating)) or not 0.0 <= tail < 1.0:
             raise ValueError(f"threshold.tail_quantile must lie in [0, 1) (0 = MAD only); got {tail!r}")
@@ -704,9 +717,12 @@ def _bank_policy(
 
     The bank's calibrated bound already carries its normal volumes' whole-series offsets (rule 1),
     and a bank is no small batch (rule 2): the bank's bound (:func:`bank_calibration`), or
-    ``finding_mass`` uncalibrated where the rate is 0 or the bank too small for it.
+    ``finding_mass`` uncalibrated where the rate is 0 or the bank too small for it. Its positions'
+    spreads are weighted with ``bank_prior_volumes`` where set.
     """
-    policy = replace(policy, subtract_volume_level=False, small_batch_volumes=0, small_batch_finding_mass=0.0)
+    prior = policy.prior_volumes if policy.bank_prior_volumes is None else float(policy.bank_prior_volumes)
+    policy = replace(policy, subtract_volume_level=False, small_batch_volumes=0, small_batch_finding_mass=0.0,
+                     prior_volumes=prior)
     if not policy.bank_false_flag_rate > 0:
         return policy, {}
     calibration = bank_calibration(reference_scores, reference_coords, grid_shape, policy, token_ml,
@@ -757,10 +773,6 @@ def decide_lesions(
         # Too few bank volumes for statistics of their own: they join the queries' (and are
         # decided too, after the queries, so callers keep the first len(queries) results).
         token_scores, coords = [*token_scores, *reference_scores], [*coords, *reference_coords]  # type: ignore[misc]
-    statistics = position_statistics(
-        reference_scores if banked else token_scores, reference_coords if banked else coords,  # type: ignore[arg-type]
-        grid_shape, policy.prior_volumes, by_position=policy.by_position, tail_quantile=policy.tail_quantile,
-    )
     if banked:
         policy, calibration_record = _bank_policy(
             policy, reference_scores, reference_coords, grid_shape, token_ml, reference_groups,  # type: ignore[arg-type]
@@ -768,6 +780,10 @@ def decide_lesions(
         )
     else:
         policy, calibration_record = policy.for_batch(len(token_scores)), {}
+    statistics = position_statistics(
+        reference_scores if banked else token_scores, reference_coords if banked else coords,  # type: ignore[arg-type]
+        grid_shape, policy.prior_volumes, by_position=policy.by_position, tail_quantile=policy.tail_quantile,
+    )
     z_all, mask_values, findings = [], [], []
     for scores, where in zip(token_scores, coords):
         z = relative_z(standardise(scores, where, statistics), policy)

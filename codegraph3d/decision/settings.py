@@ -79,6 +79,7 @@ class ThresholdSettings:
     voxel_z: float = 10.0
     voxel_z_by_contrast: Mapping[str, float] = field(default_factory=dict)
     prior_volumes: float = 4.0
+    bank_prior_volumes: float | None = None
     tail_quantile: float = 0.9
     bank_false_flag_rate: float = 0.1
     bank_confidence: float = 0.9
@@ -129,7 +130,8 @@ class ThresholdSettings:
         """The lesion policy for a contrast batch (its ``*_by_contrast`` entries win)."""
         return LesionPolicy(
             token_z=self.bound("token_z", contrast), finding_mass=self.bound("finding_mass", contrast),
-            voxel_z=self.bound("voxel_z", contrast), prior_volumes=self.prior_volumes, tail_quantile=self.tail_quantile,
+            voxel_z=self.bound("voxel_z", contrast), prior_volumes=self.prior_volumes,
+            bank_prior_volumes=self.bank_prior_volumes, tail_quantile=self.tail_quantile,
             bank_false_flag_rate=self.bank_false_flag_rate, bank_confidence=self.bank_confidence,
             finding_excess=self.bound("finding_excess", contrast), mask_peak_fraction=self.mask_peak_fraction,
             subtract_volume_level=self.subtract_volume_level, small_batch_volumes=self.small_batch_volumes,
@@ -168,8 +170,8 @@ class DecisionSettings:
 
         The bounds are the ones in effect for the contrast (``*_by_contrast`` or the section-wide
         value), so that another contrast's bounds do not make this one "not measured".
-        Only bank-referenced batches use the bank calibration, and they report their own operating
-        point, so its two fields are left out, as are the settings that shape only the binary mask
+        Only bank-referenced batches use the bank calibration and ``bank_prior_volumes``, and they
+        report their own operating point, so those fields are left out, as are the settings that shape only the binary mask
         (``voxel_z``, ``min_finding_ml``, ``mask_peak_fraction``): a flag and its false-flag rate
         do not depend on them, so tuning a mask keeps the rate measured.
         """

@@ -158,6 +158,39 @@ def test_the_volume_level_is_not_subtracted_with_bank_references():
     assert np.median(levelled.z[1]) > 1.0
 
 
+def test_bank_references_weigh_the_batch_wide_spread_with_their_own_weight():
+    # Small batches lean on the batch-wide spread (prior_volumes); a bank keeps bank_prior_volumes.
+    rng = np.random.default_rng(12)
+    bank, bank_coords = _noisy_batch(19, rng)
+    queries, coords = _noisy_batch(3, rng)
+    kwargs = dict(token_ml=0.5, reference_scores=bank, reference_coords=bank_coords)
+
+    def decide(policy: LesionPolicy, **extra):
+        return decide_lesions(queries, coords, (6, 6, 6), policy, **{**kwargs, **extra})
+
+    heavy, light = LesionPolicy(prior_volumes=64.0, bank_false_flag_rate=0.1), LesionPolicy(bank_false_flag_rate=0.1)
+    both = LesionPolicy(prior_volumes=64.0, bank_prior_volumes=4.0, bank_false_flag_rate=0.1)
+    with_bank = decide(both)
+    assert with_bank.params["prior_volumes"] == 4.0
+    assert np.array_equal(with_bank.statistics.sigma, decide(light).statistics.sigma)
+    assert with_bank.params["bank_calibration"] == decide(light).params["bank_calibration"]
+    assert not np.array_equal(with_bank.statistics.sigma, decide(heavy).statistics.sigma)
+    alone = decide_lesions(queries, coords, (6, 6, 6), both, token_ml=0.5)
+    assert alone.params["prior_volumes"] == 64.0
+    assert np.array_equal(alone.statistics.sigma, decide_lesions(queries, coords, (6, 6, 6), heavy,
+                                                                 token_ml=0.5).statistics.sigma)
+
+
+def test_the_bank_weight_is_read_from_the_configuration_and_not_part_of_the_measured_setting():
+    config = load_config(override={"threshold": {"prior_volumes": 64.0, "bank_prior_volumes": 4.0}})
+    assert config.threshold.lesion_policy("T2w").bank_prior_volumes == 4.0
+    record = config.decision_settings().record("T2w")["threshold"]
+    assert record["prior_volumes"] == 64.0 and "bank_prior_volumes" not in record
+    assert load_config().threshold.bank_prior_volumes is None
+    with pytest.raises(ConfigError, match="bank_prior_volumes"):
+        load_config(override={"threshold": {"bank_prior_volumes": "many"}})
+
+
 def test_the_volume_level_setting_is_read_and_recorded_only_when_on():
     config = load_config(override={"threshold": {"subtract_volume_level": True}})
     assert config.threshold.lesion_policy("T2w").subtract_volume_level is True
@@ -284,6 +317,8 @@ def test_unaligned_grids_use_batch_wide_statistics():
         ({"voxel_z": 0.0}, "voxel_z must be > 0"),
         ({"prior_volumes": -2.0}, "prior_volumes must be >= 0"),
         ({"prior_volumes": float("inf")}, "prior_volumes must be a finite number"),
+        ({"bank_prior_volumes": -1.0}, "bank_prior_volumes must be null"),
+        ({"bank_prior_volumes": True}, "bank_prior_volumes must be null"),
         ({"token_z": -1.0}, "token_z must be > 0"),
         ({"min_reference_volumes": 2}, "min_reference_volumes must be an integer >= 3"),
         ({"tail_quantile": 1.0}, "tail_quantile must lie in"),
