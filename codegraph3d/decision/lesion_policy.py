@@ -14,7 +14,8 @@ The rule
    noisy spread: on Gaussian scores and a weight of 4, a token exceeds ``z`` 4.5 with probability
    1.6e-4 in a batch of 12 and 1.1e-5 in one of 48; the learnt encoder's configuration weighs the
    batch-wide spread as 64 volumes, docs/RESULTS.md, "Position spreads from few volumes"; with
-   cohort-bank references the weight is ``bank_prior_volumes``, where set). Anatomical hot spots that every brain shares (ventricle edges, the brain's rim)
+   cohort-bank references the weight is ``bank_prior_volumes``, where set). Anatomical hot spots
+   that every brain shares (ventricle edges, the brain's rim)
    then stop competing with lesions, and ``z`` has the same meaning in batches of 8 or 180.
    The MAD sees only the core of a position's spread; where normal anatomy varies more than
    registration removes (a ventricle's edge a few mm further out in some brains), the tail is
@@ -147,9 +148,10 @@ class LesionPolicy:
     prior_volumes : float
         Weight, in volumes, of the batch-wide spread in each position's spread.
     bank_prior_volumes : float or None
-        The same weight with cohort-bank references (``None``: ``prior_volumes``). A bank's 20-48
-        normal volumes give each position a steadier spread than a small batch's, and its bound is
-        calibrated on its own volumes, so a weight chosen for small batches need not serve it.
+        The same weight with cohort-bank references (``None``: ``prior_volumes``). A bank's normal
+        volumes (at least 20 for its calibration; 40-48 in the measurements) give each position a
+        steadier spread than a small batch's, and its bound is calibrated on them, so a weight
+        chosen for small batches need not serve it.
     min_reference_volumes : int
         Fewer reference volumes flag nothing: with two, a volume is half of its own reference and
         its ``z`` can never exceed about 1.2.
@@ -221,7 +223,8 @@ class LesionPolicy:
         if not self.prior_volumes >= 0:
             raise ValueError(f"threshold.prior_volumes must be >= 0; got {self.prior_volumes!r}")
         bank_prior = self.bank_prior_volumes
-        if bank_prior is not None and (isinstance(bank_prior, bool) or not isinstance(bank_prior, (int, float))
+        if bank_prior is not None and (isinstance(bank_prior, bool)
+                                       or not isinstance(bank_prior, (int, float, np.floating))
                                        or not (np.isfinite(bank_prior) and bank_prior >= 0)):
             raise ValueError(f"threshold.bank_prior_volumes must be null (= prior_volumes) or a number >= 0; "
                              f"got {bank_prior!r}")

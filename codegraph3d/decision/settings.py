@@ -170,10 +170,12 @@ class DecisionSettings:
 
         The bounds are the ones in effect for the contrast (``*_by_contrast`` or the section-wide
         value), so that another contrast's bounds do not make this one "not measured".
-        Only bank-referenced batches use the bank calibration and ``bank_prior_volumes``, and they
-        report their own operating point, so those fields are left out, as are the settings that shape only the binary mask
-        (``voxel_z``, ``min_finding_ml``, ``mask_peak_fraction``): a flag and its false-flag rate
-        do not depend on them, so tuning a mask keeps the rate measured.
+        Only bank-referenced batches use the bank calibration and ``bank_prior_volumes``, and a
+        calibrated one reports its own operating point, so those fields are left out (a bank too
+        small for its rate is decided with ``finding_mass`` and reports the batch's measured point,
+        which ``bank_prior_volumes`` may then not match), as are the settings that shape only the
+        binary mask (``voxel_z``, ``min_finding_ml``, ``mask_peak_fraction``): a flag and its
+        false-flag rate do not depend on them, so tuning a mask keeps the rate measured.
         """
         threshold = {
             "policy": self.threshold.policy.value, "reference": self.threshold.reference.value,

@@ -96,6 +96,8 @@ def _compatible(default: Any, value: Any) -> bool:
 
 # Mappings whose keys are data (contrast names), not fields: a later layer replaces them whole.
 _WHOLE_MAPPINGS = frozenset(f"threshold.{name}_by_contrast" for name in PER_CONTRAST_BOUNDS)
+# Fields whose default is null ("use another field's value"): a later layer may set them back to null.
+_NULLABLE = frozenset({"threshold.bank_prior_volumes"})
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any], source: str, prefix: str = "") -> None:
@@ -113,7 +115,7 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any], source: str, prefi
         if isinstance(default, dict) and default and isinstance(value, dict) and name not in _WHOLE_MAPPINGS:
             _merge(default, value, source, prefix=f"{name}.")
             continue
-        if not _compatible(default, value):
+        if not _compatible(default, value) and not (value is None and name in _NULLABLE):
             raise ConfigError(
                 f"{source}: configuration field '{name}' must be of type {type(default).__name__}; "
                 f"got {value!r}"

@@ -191,6 +191,17 @@ def test_the_bank_weight_is_read_from_the_configuration_and_not_part_of_the_meas
         load_config(override={"threshold": {"bank_prior_volumes": "many"}})
 
 
+def test_a_later_layer_may_set_the_bank_weight_back_to_null(tmp_path, monkeypatch):
+    layer = tmp_path / "site.yaml"
+    layer.write_text("threshold:\n  prior_volumes: 64.0\n  bank_prior_volumes: 4.0\n", encoding="utf-8")
+    monkeypatch.setenv("CODEGRAPH3D_CONFIG", str(layer))
+    assert load_config().threshold.bank_prior_volumes == 4.0
+    reset = load_config(override={"threshold": {"bank_prior_volumes": None}})
+    assert reset.threshold.bank_prior_volumes is None
+    assert reset.threshold.lesion_policy("T2w").bank_prior_volumes is None
+    assert LesionPolicy(bank_prior_volumes=np.float32(4.0)).bank_prior_volumes == 4.0
+
+
 def test_the_volume_level_setting_is_read_and_recorded_only_when_on():
     config = load_config(override={"threshold": {"subtract_volume_level": True}})
     assert config.threshold.lesion_policy("T2w").subtract_volume_level is True
