@@ -515,6 +515,238 @@ def _paper_cells(contrast: str, default_row: bool) -> dict[str, str]:
     return {"patient_auroc": "n/a", "dice_max": "n/a"}
 
 
+@dataclass(frozen=True)
+class _TableContext:
+    """What every table of one contrast batch needs: the memoised measure and the default setting."""
+
+    contrast: str
+    measure: _Measure
+    groups: list[Hashable]
+    seeds: Sequence[int]
+    k0: int
+    seed0: int
+    dim: int
+    layer_names: Sequence[str]
+    base: Setting
+    paper_k: bool
+
+
+_Rows = tuple[list[dict[str, Any]], list[str]]
+
+
+def _views_table(ctx: _TableContext) -> _Rows:
+    """Table 4: one row per view set, at the configured projection.
+
+    Returns
+    -------
+    tuple of list
+        The rows and the notes (none for this table).
+    """
+    rows: list[dict[str, Any]] = []
+    for label in VIEW_SETS:
+        setting = Setting(views=parse_views(label), layers=None, k=ctx.k0, projection_seed=ctx.seed0)
+        rows.append({"setting": label, **_summary([ctx.measure(setting)]),
+                     "paper": _paper_cells(ctx.contrast, ctx.paper_k and label == "A+C+S")})
+    return rows, []
+
+
+def _chunk_row(ctx: _TableContext, divisor: int, full: dict[str, float]) -> dict[str, Any]:
+    """One row of Table 7: the batch split into ``divisor`` chunks, one run per seed.
+
+    Returns
+    -------
+    dict
+        The row; ``skipped`` with the reason when the batch has too few patients for the split.
+    """
+    label = "full" if divisor == 1 else f"B/{divisor}"
+    try:
+        # The first seed's split stands for all: only the chunk sizes are reported from it.
+        sizes = [len(c) for c in chunk_indices(ctx.groups, divisor, int(ctx.seeds[0]))]
+    except ValueError as error:
+        return {"setting": label, "skipped": str(error)}
+    runs = (
+        [full] if divisor == 1
+        else [ctx.measure(Setting(AXES, None, ctx.k0, ctx.seed0, divisor, int(s))) for s in ctx.seeds]
+    )
+    row = {"setting": label, "chunk_sizes": sizes, **_summary(runs)}
+    row["delta_patient_auroc"] = row["patient_auroc"]["mean"] - full["patient_auroc"]
+    paper = _paper_cells(ctx.contrast, ctx.paper_k and divisor == 1)
+    if divisor > 1:
+        # The paper states a bound only for chunks of at least its minimum batch size.
+        paper["patient_auroc"] = (
+            "< 1 pt loss (B >= 45)"
+            if min(sizes) >= PAPER_HEADLINE["chunking_min_batch"] else "n/a"
+        )
+    row["paper"] = paper
+    return row
+
+
+def _chunks_table(ctx: _TableContext) -> _Rows:
+    """Table 7: the full batch, then the batch split into each of ``CHUNK_DIVISORS`` chunks.
+
+    Returns
+    -------
+    tuple of list
+        The rows and the notes (none for this table).
+    """
+    full = ctx.measure(ctx.base)
+    return [_chunk_row(ctx, divisor, full) for divisor in CHUNK_DIVISORS], []
+
+
+def _projection_table(ctx: _TableContext) -> _Rows:
+    """Table 3: one row per projection size below the encoder's width, then one identity row.
+
+    Returns
+    -------
+    tuple of list
+        The rows and the notes (why the table is not run, or which sizes are the identity).
+    """
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    dim = ctx.dim
+    if dim <= 1:
+        notes.append(f"the encoder's width is {dim} per axis: a projection is meaningless, table not run")
+        return rows, notes
+    identity_ks = [k for k in K_VALUES if k >= dim]
+    for k in K_VALUES:
+        if k >= dim:
+            continue
+        runs = [ctx.measure(Setting(AXES, None, k, int(s))) for s in ctx.seeds]
+        rows.append({"setting": f"k={k}", **_summary(runs),
+                     "paper": _paper_cells(ctx.contrast, k == PAPER_K)})
+    if identity_ks:
+        # Sizes at or above the width all leave the tokens unprojected: one setting, measured once.
+        notes.append(
+            f"k = {', '.join(map(str, identity_ks))} >= the encoder's width {dim} per axis: no "
+            "projection is applied (identity), so these sizes are one setting, measured once"
+        )
+        runs = [ctx.measure(Setting(AXES, None, identity_ks[0], ctx.seed0))]
+        rows.append({"setting": f"k>={dim} (identity: {', '.join(map(str, identity_ks))})",
+                     **_summary(runs), "paper": _paper_cells(ctx.contrast, PAPER_K in identity_ks)})
+    return rows, notes
+
+
+def _layers_table(ctx: _TableContext) -> _Rows:
+    """Layer subsets: each single layer, then all of them.
+
+    Returns
+    -------
+    tuple of list
+        The rows and the notes (why there is nothing to compare for a one-layer encoder).
+    """
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    layer_names = ctx.layer_names
+    if len(layer_names) < 2:
+        notes.append(f"the encoder has one layer ({layer_names[0]}): no layer subsets to compare")
+        return rows, notes
+    for name in layer_names:
+        rows.append({"setting": name, **_summary([ctx.measure(Setting(AXES, (name,), ctx.k0, ctx.seed0))]),
+                     "paper": _paper_cells(ctx.contrast, False)})
+    rows.append({"setting": "all", **_summary([ctx.measure(ctx.base)]),
+                 "paper": _paper_cells(ctx.contrast, ctx.paper_k)})
+    return rows, notes
+
+
+_TABLE_BUILDERS: dict[str, Callable[[_TableContext], _Rows]] = {
+    "views": _views_table,
+    "chunks": _chunks_table,
+    "projection": _projection_table,
+    "layers": _layers_table,
+}
+
+
+def _check_ablation_arguments(tables: Sequence[str], seeds: Sequence[int], n_bins: int) -> None:
+    """Fail before any scoring on tables, seeds or bins that :func:`run_ablations` cannot use.
+
+    Raises
+    ------
+    AblationError
+        Naming the offending argument.
+    """
+    unknown = [table for table in tables if table not in TABLES]
+    if unknown or not tables:
+        raise AblationError(f"unknown tables {unknown}; choose from {list(TABLES)}")
+    if not seeds:
+        raise AblationError("at least one seed is needed")
+    if n_bins < 0:
+        raise AblationError(f"n_bins must be >= 0 (0: patient-level metrics only); got {n_bins}")
+
+
+def _results_header(
+    cohort: Cohort, config: RunConfig, seeds: Sequence[int], n_bins: int, k0: int, seed0: int
+) -> dict[str, Any]:
+    """The results' settings part, with empty ``contrasts`` and ``timings_s`` to be filled.
+
+    Returns
+    -------
+    dict
+        JSON-serialisable; its key order is the order of the written JSON.
+    """
+    return {
+        "cache": str(cohort.cache_folder),
+        "truth": str(cohort.truth_folder),
+        "settings_id": settings_id({"settings": cohort.settings}),
+        "encoder": cohort.settings["encoder"],
+        "scoring": {key: config.as_dict()["scoring"][key] for key in ("k_fraction", "exclude_same", "window_radius")},
+        "projection": {"projection_dim": k0, "projection_seed": seed0},
+        "seeds": [int(s) for s in seeds],
+        "voxel_metrics": n_bins > 0,
+        "paper_headline": PAPER_HEADLINE,
+        "contrasts": {},
+        "timings_s": {},
+    }
+
+
+def _run_contrast(
+    contrast: str,
+    series: list[AblationSeries],
+    config: RunConfig,
+    *,
+    seeds: Sequence[int],
+    tables: Sequence[str],
+    n_bins: int,
+    k0: int,
+    seed0: int,
+    timings: dict[str, float],
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Every requested table on one contrast batch; each table's seconds also go into ``timings``.
+
+    Returns
+    -------
+    dict
+        The batch's entry: counts, tables, and ``error`` instead of tables for a one-patient batch.
+    """
+    measure = _Measure(series, config, n_bins)
+    groups = reference_groups([item.record.decision for item in series], config.scoring.exclude_same.value)
+    entry: dict[str, Any] = {
+        "n_series": len(series),
+        "n_lesion": int(sum(item.has_lesion for item in series)),
+        "n_patients": len(set(groups)),
+        "tables": {},
+    }
+    if len(set(groups)) < 2:
+        entry["error"] = f"the {contrast} batch holds {len(set(groups))} patient(s); batch scoring needs two"
+        return entry
+    dim = series[0].encoded.dim
+    context = _TableContext(
+        contrast=contrast, measure=measure, groups=groups, seeds=seeds, k0=k0, seed0=seed0, dim=dim,
+        layer_names=series[0].encoded.layer_names, base=Setting(views=AXES, layers=None, k=k0, projection_seed=seed0),
+        # Our rows at the configured k show the paper's headline only when that k is the paper's.
+        paper_k=min(k0, dim) == min(PAPER_K, dim),
+    )
+    for table in tables:
+        start = time.perf_counter()
+        rows, notes = _TABLE_BUILDERS[table](context)
+        seconds = time.perf_counter() - start
+        entry["tables"][table] = {"rows": rows, "notes": notes, "seconds": round(seconds, 2)}
+        timings[f"{contrast}.{table}"] = round(seconds, 2)
+        say(f"{contrast}: table {table} done in {seconds:.1f} s ({len(rows)} rows)")
+    entry["settings_scored"] = len(measure.results)
+    return entry
+
+
 def run_ablations(
     cohort: Cohort,
     config: RunConfig,
@@ -547,110 +779,15 @@ def run_ablations(
         JSON-serialisable: settings, encoder, per contrast the tables (rows with ``mean``, ``std``
         and per-run ``values`` of each metric, the paper's cells, notes) and timings.
     """
-    unknown = [table for table in tables if table not in TABLES]
-    if unknown or not tables:
-        raise AblationError(f"unknown tables {unknown}; choose from {list(TABLES)}")
-    if not seeds:
-        raise AblationError("at least one seed is needed")
-    if n_bins < 0:
-        raise AblationError(f"n_bins must be >= 0 (0: patient-level metrics only); got {n_bins}")
+    _check_ablation_arguments(tables, seeds, n_bins)
     say = progress or (lambda message: logger.info("%s", message))
     k0, seed0 = int(config.tokens.projection_dim), int(config.tokens.projection_seed)
-    encoder = cohort.settings["encoder"]
-    results: dict[str, Any] = {
-        "cache": str(cohort.cache_folder),
-        "truth": str(cohort.truth_folder),
-        "settings_id": settings_id({"settings": cohort.settings}),
-        "encoder": encoder,
-        "scoring": {key: config.as_dict()["scoring"][key] for key in ("k_fraction", "exclude_same", "window_radius")},
-        "projection": {"projection_dim": k0, "projection_seed": seed0},
-        "seeds": [int(s) for s in seeds],
-        "voxel_metrics": n_bins > 0,
-        "paper_headline": PAPER_HEADLINE,
-        "contrasts": {},
-        "timings_s": {},
-    }
+    results = _results_header(cohort, config, seeds, n_bins, k0, seed0)
     for contrast, series in sorted(cohort.by_contrast.items()):
-        dim, layer_names = series[0].encoded.dim, series[0].encoded.layer_names
-        measure = _Measure(series, config, n_bins)
-        n = len(series)
-        groups = reference_groups([item.record.decision for item in series], config.scoring.exclude_same.value)
-        entry: dict[str, Any] = {
-            "n_series": n,
-            "n_lesion": int(sum(item.has_lesion for item in series)),
-            "n_patients": len(set(groups)),
-            "tables": {},
-        }
-        if len(set(groups)) < 2:
-            entry["error"] = f"the {contrast} batch holds {len(set(groups))} patient(s); batch scoring needs two"
-            results["contrasts"][contrast] = entry
-            continue
-        base = Setting(views=AXES, layers=None, k=k0, projection_seed=seed0)
-        # Our rows at the configured k show the paper's headline only when that k is the paper's.
-        paper_k = min(k0, dim) == min(PAPER_K, dim)
-        for table in tables:
-            start = time.perf_counter()
-            rows: list[dict[str, Any]] = []
-            notes: list[str] = []
-            if table == "views":
-                for label in VIEW_SETS:
-                    setting = Setting(views=parse_views(label), layers=None, k=k0, projection_seed=seed0)
-                    rows.append({"setting": label, **_summary([measure(setting)]),
-                                 "paper": _paper_cells(contrast, paper_k and label == "A+C+S")})
-            elif table == "chunks":
-                full = measure(base)
-                for divisor in CHUNK_DIVISORS:
-                    label = "full" if divisor == 1 else f"B/{divisor}"
-                    try:
-                        sizes = [len(c) for c in chunk_indices(groups, divisor, int(seeds[0]))]
-                    except ValueError as error:
-                        rows.append({"setting": label, "skipped": str(error)})
-                        continue
-                    runs = [full] if divisor == 1 else [measure(Setting(AXES, None, k0, seed0, divisor, int(s))) for s in seeds]
-                    row = {"setting": label, "chunk_sizes": sizes, **_summary(runs)}
-                    row["delta_patient_auroc"] = row["patient_auroc"]["mean"] - full["patient_auroc"]
-                    paper = _paper_cells(contrast, paper_k and divisor == 1)
-                    if divisor > 1:
-                        paper["patient_auroc"] = (
-                            "< 1 pt loss (B >= 45)"
-                            if min(sizes) >= PAPER_HEADLINE["chunking_min_batch"] else "n/a"
-                        )
-                    row["paper"] = paper
-                    rows.append(row)
-            elif table == "projection":
-                if dim <= 1:
-                    notes.append(f"the encoder's width is {dim} per axis: a projection is meaningless, table not run")
-                else:
-                    identity_ks = [k for k in K_VALUES if k >= dim]
-                    for k in K_VALUES:
-                        if k >= dim:
-                            continue
-                        runs = [measure(Setting(AXES, None, k, int(s))) for s in seeds]
-                        rows.append({"setting": f"k={k}", **_summary(runs),
-                                     "paper": _paper_cells(contrast, k == PAPER_K)})
-                    if identity_ks:
-                        notes.append(
-                            f"k = {', '.join(map(str, identity_ks))} >= the encoder's width {dim} per axis: no "
-                            "projection is applied (identity), so these sizes are one setting, measured once"
-                        )
-                        runs = [measure(Setting(AXES, None, identity_ks[0], seed0))]
-                        rows.append({"setting": f"k>={dim} (identity: {', '.join(map(str, identity_ks))})",
-                                     **_summary(runs), "paper": _paper_cells(contrast, PAPER_K in identity_ks)})
-            elif table == "layers":
-                if len(layer_names) < 2:
-                    notes.append(f"the encoder has one layer ({layer_names[0]}): no layer subsets to compare")
-                else:
-                    for name in layer_names:
-                        rows.append({"setting": name, **_summary([measure(Setting(AXES, (name,), k0, seed0))]),
-                                     "paper": _paper_cells(contrast, False)})
-                    rows.append({"setting": "all", **_summary([measure(base)]),
-                                 "paper": _paper_cells(contrast, paper_k)})
-            seconds = time.perf_counter() - start
-            entry["tables"][table] = {"rows": rows, "notes": notes, "seconds": round(seconds, 2)}
-            results["timings_s"][f"{contrast}.{table}"] = round(seconds, 2)
-            say(f"{contrast}: table {table} done in {seconds:.1f} s ({len(rows)} rows)")
-        entry["settings_scored"] = len(measure.results)
-        results["contrasts"][contrast] = entry
+        results["contrasts"][contrast] = _run_contrast(
+            contrast, series, config, seeds=seeds, tables=tables, n_bins=n_bins, k0=k0, seed0=seed0,
+            timings=results["timings_s"], say=say,
+        )
     return results
 
 

@@ -43,7 +43,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Hashable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from .evaluate import (
     BatchAccumulator,
     Evaluation,
     EvaluationInputError,
+    SeriesTruth,
     TruthCohort,
     check_out_dir,
     excluded_summary,
@@ -257,6 +258,199 @@ def _load_member(decision: SeriesDecision, pre: PreprocessConfig, cohort: TruthC
     )
 
 
+@dataclass
+class _BaselineRun:
+    """What the batches of one baseline run fill in: per-contrast accumulators and the series rows."""
+
+    cohort: TruthCohort
+    settings: BaselineSettings
+    accumulators: dict[str, BatchAccumulator] = field(default_factory=dict)
+    series_rows: list[dict[str, Any]] = field(default_factory=list)
+    excluded_rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def accumulator(self, contrast: str) -> BatchAccumulator:
+        """The contrast's accumulator, made on first use (so the batches keep first-seen order)."""
+        if contrast not in self.accumulators:
+            self.accumulators[contrast] = BatchAccumulator(contrast, 0.0, 1.0, self.settings.n_bins)
+            self.accumulators[contrast].notes.append(
+                "Dice at the product's threshold: not applicable, the baseline has no binary threshold"
+            )
+        return self.accumulators[contrast]
+
+    def exclude(self, decision: SeriesDecision, reason: str) -> None:
+        """List a series that was not scored; one with truth also counts in its batch's exclusions."""
+        uid = decision.series_instance_uid
+        entry = self.cohort.series.get(uid)
+        contrast = decision.contrast or (entry.contrast if entry else None)
+        self.excluded_rows.append({
+            "series_instance_uid": uid,
+            "patient_id": decision.patient_id,
+            "contrast": contrast,
+            "status": "skipped",
+            "reason": reason,
+            "in_truth": "series" if entry else ("distractor" if uid in self.cohort.distractors else "none"),
+            "has_lesion": entry.has_lesion if entry else None,
+        })
+        if entry is not None:
+            self.accumulator(str(contrast)).add_excluded(uid, reason)
+
+
+def _load_members(decisions: Sequence[SeriesDecision], pre: PreprocessConfig, state: _BaselineRun,
+                  keep_cases: bool) -> list[_Member]:
+    """Load and preprocess a batch's series; one that fails is excluded with the reason, not fatal.
+
+    Returns
+    -------
+    list of _Member
+        The series that loaded, in input order.
+    """
+    members: list[_Member] = []
+    for decision in decisions:
+        try:
+            members.append(_load_member(decision, pre, state.cohort, keep_cases))
+        except EvaluationInputError:
+            # Truth that does not fit its series is the user's error: it stops the run.
+            raise
+        except (ValueError, OSError) as error:
+            reason = f"could not be loaded or preprocessed: {error}"
+            logger.warning("series %s skipped: %s", decision.series_instance_uid, reason)
+            state.exclude(decision, reason)
+    return members
+
+
+def _score_members(members: list[_Member], groups: list[Hashable], settings: BaselineSettings,
+                   acc: BatchAccumulator) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[float]]:
+    """Score a batch: ``|z|`` maps, smoothed, mapped back to each series' native grid.
+
+    Lesion series' montage slices go into ``acc.cases``; the working images are released.
+
+    Returns
+    -------
+    voxel_values : list of (numpy.ndarray, numpy.ndarray)
+        Per member, the native-grid scores and lesion labels inside its truth brain.
+    volume_scores : list of float
+        Per member, its volume score.
+    """
+    from .plots import case_slices
+
+    images = [m.prepared.image for m in members]
+    brains = [m.prepared.brain_mask for m in members]
+    voxel_values: list[tuple[np.ndarray, np.ndarray]] = []
+    volume_scores: list[float] = []
+    for member, z in zip(members, zscore_maps(images, brains, groups, settings.std_floor)):
+        z = smooth_map(z, member.prepared.brain_mask, settings.smoothing_sigma_mm / member.prepared.grid_spacing)
+        volume_scores.append(volume_score(z, member.prepared.brain_mask, settings.volume_percentile))
+        native = resample_to_source(z, member.prepared, order=1)
+        voxel_values.append((native[member.brain], member.lesion[member.brain]))
+        if member.volume is not None:
+            acc.cases.append(case_slices(
+                member.volume, member.lesion, score=native, binary=None,
+                uid=member.decision.series_instance_uid, patient_id=member.decision.patient_id,
+                dice=None, dice_max=None,
+            ))
+            member.volume = None
+    for member in members:  # the working images are no longer needed
+        member.prepared.image = np.zeros((0, 0, 0), np.float32)
+    return voxel_values, volume_scores
+
+
+def _series_row(member: _Member, entry: SeriesTruth, contrast: str, score: float, rank: int,
+                dice_max: float | None) -> dict[str, Any]:
+    """One scored series' row of ``metrics.json``, in the product evaluation's layout.
+
+    Returns
+    -------
+    dict
+        The row; the product's binary-mask fields are ``None`` (the baseline has no threshold).
+    """
+    return {
+        "series_instance_uid": member.decision.series_instance_uid,
+        "study_instance_uid": member.decision.study_instance_uid,
+        "patient_id": member.decision.patient_id,
+        "contrast": contrast,
+        "truth_contrast": entry.contrast,
+        "status": "scored",
+        "reason": "",
+        "has_lesion": entry.has_lesion,
+        "lesion_ml": member.lesion_ml,
+        "score": score,
+        "rank": rank,
+        "flagged": None,
+        "predicted_ml": None,
+        "dice_at_product_threshold": None,
+        "dice_max": dice_max,
+    }
+
+
+def _record_batch(contrast: str, members: list[_Member], voxel_values: list[tuple[np.ndarray, np.ndarray]],
+                  volume_scores: list[float], state: _BaselineRun, acc: BatchAccumulator) -> None:
+    """Add a scored batch to its accumulator and its series rows (rank 1 = highest score)."""
+    # The voxel histogram spans [0, the batch's largest |z|]; the floor keeps that range positive.
+    acc.high = max([float(values.max()) for values, _ in voxel_values if values.size] + [1e-6])
+    order = np.argsort(-np.array(volume_scores), kind="stable")
+    ranks = np.empty(len(members), int)
+    ranks[order] = np.arange(1, len(members) + 1)
+    dice_by_uid: dict[str, float | None] = {}
+    for index, (member, (values, lesion)) in enumerate(zip(members, voxel_values)):
+        uid = member.decision.series_instance_uid
+        entry = state.cohort.series[uid]
+        acc.add_volume(uid, volume_scores[index], entry.has_lesion)
+        own = acc.add_voxels(values, lesion, uid=uid)
+        dice_by_uid[uid] = finite_or_none(own.dice_max()[0]) if entry.has_lesion else None
+        state.series_rows.append(
+            _series_row(member, entry, contrast, volume_scores[index], int(ranks[index]), dice_by_uid[uid])
+        )
+    # The montage slices were cut before the Dice-max was known.
+    for case in acc.cases:
+        case.dice_max = dice_by_uid.get(case.series_instance_uid)
+
+
+def _score_contrast(contrast: str, decisions: Sequence[SeriesDecision], config: RunConfig, state: _BaselineRun,
+                    keep_cases: bool, timings: defaultdict[str, float]) -> None:
+    """Load, score and record one contrast batch; a batch of fewer than two patients is excluded."""
+    acc = state.accumulator(contrast)
+    t0 = time.perf_counter()
+    members = _load_members(decisions, config.preprocess.chain, state, keep_cases)
+    timings["load_and_preprocess"] += time.perf_counter() - t0
+    groups = reference_groups([m.decision for m in members], config.scoring.exclude_same.value)
+    if len(set(groups)) < 2:
+        for member in members:
+            state.exclude(member.decision, f"{contrast} batch not scored: the batch needs series of at least two "
+                                           f"different patients; it has {len(set(groups))}")
+        return
+    t0 = time.perf_counter()
+    voxel_values, volume_scores = _score_members(members, groups, state.settings, acc)
+    timings["score_and_map_back"] += time.perf_counter() - t0
+    _record_batch(contrast, members, voxel_values, volume_scores, state, acc)
+
+
+def _baseline_metrics(input_dir: str | Path, truth: str | Path, config: RunConfig, state: _BaselineRun,
+                      timings: Mapping[str, float], start: float) -> dict[str, Any]:
+    """The run's ``metrics.json`` content (schema ``codegraph3d.baseline/1``).
+
+    Returns
+    -------
+    dict
+        JSON-ready; ``timings_s`` closes with the total since ``start``.
+    """
+    return {
+        "schema": BASELINE_SCHEMA,
+        "what": "z-score baseline",
+        "score_name": "|z|",
+        "input": str(Path(input_dir).resolve()),
+        "truth": str(Path(truth).resolve()),
+        "encoder": None,
+        "settings": asdict(state.settings),
+        "working_grid_size": config.preprocess.chain.size,
+        "config_sha256": config_hash(config),
+        "config_sources": list(config.sources),
+        "batches": {contrast: acc.summary() for contrast, acc in state.accumulators.items()},
+        "excluded": excluded_summary(state.excluded_rows),
+        "series": state.series_rows + state.excluded_rows,
+        "timings_s": {**{k: round(v, 2) for k, v in timings.items()}, "total": round(time.perf_counter() - start, 2)},
+    }
+
+
 def run_baseline(
     input_dir: str | Path,
     truth: str | Path,
@@ -292,12 +486,9 @@ def run_baseline(
     TruthMismatchError
         When the truth does not describe the input (see :mod:`codegraph3d_research.evaluate`).
     """
-    from .plots import case_slices
-
     start = time.perf_counter()
     config = config if config is not None else load_config()
     settings = settings or BaselineSettings()
-    pre = config.preprocess.chain
     scan = scan_input(input_dir)
     selection = select_input(scan, config)
     cohort = TruthCohort.load(truth)
@@ -305,133 +496,21 @@ def run_baseline(
     # Checked before any pixel is read: a wrong truth folder fails in seconds.
     cohort.check_series([d.series_instance_uid for d in taken],
                         [d.series_instance_uid for d in selection.decisions], f"the input {input_dir}")
-    timings = defaultdict(float)
+    timings: defaultdict[str, float] = defaultdict(float)
     timings["scan_and_select"] = time.perf_counter() - start
 
     by_contrast: dict[str, list[SeriesDecision]] = defaultdict(list)
     for decision in taken:
         by_contrast[str(decision.contrast)].append(decision)
-    accumulators: dict[str, BatchAccumulator] = {}
-    series_rows: list[dict[str, Any]] = []
-    excluded_rows: list[dict[str, Any]] = []
-
-    def accumulator(contrast: str) -> BatchAccumulator:
-        if contrast not in accumulators:
-            accumulators[contrast] = BatchAccumulator(contrast, 0.0, 1.0, settings.n_bins)
-            accumulators[contrast].notes.append(
-                "Dice at the product's threshold: not applicable, the baseline has no binary threshold"
-            )
-        return accumulators[contrast]
-
-    def exclude(decision: SeriesDecision, reason: str) -> None:
-        uid = decision.series_instance_uid
-        entry = cohort.series.get(uid)
-        contrast = decision.contrast or (entry.contrast if entry else None)
-        excluded_rows.append({
-            "series_instance_uid": uid,
-            "patient_id": decision.patient_id,
-            "contrast": contrast,
-            "status": "skipped",
-            "reason": reason,
-            "in_truth": "series" if entry else ("distractor" if uid in cohort.distractors else "none"),
-            "has_lesion": entry.has_lesion if entry else None,
-        })
-        if entry is not None:
-            accumulator(str(contrast)).add_excluded(uid, reason)
-
+    state = _BaselineRun(cohort, settings)
+    # Recorded before any batch is scored: this also fixes the order of the batches in metrics.json.
     for decision in selection.decisions:
         if not decision.taken:
-            exclude(decision, decision.reason)
-
+            state.exclude(decision, decision.reason)
     for contrast, decisions in by_contrast.items():
-        acc = accumulator(contrast)
-        t0 = time.perf_counter()
-        members: list[_Member] = []
-        for decision in decisions:
-            try:
-                members.append(_load_member(decision, pre, cohort, keep_cases))
-            except EvaluationInputError:
-                raise
-            except (ValueError, OSError) as error:
-                reason = f"could not be loaded or preprocessed: {error}"
-                logger.warning("series %s skipped: %s", decision.series_instance_uid, reason)
-                exclude(decision, reason)
-        timings["load_and_preprocess"] += time.perf_counter() - t0
-        groups = reference_groups([m.decision for m in members], config.scoring.exclude_same.value)
-        if len(set(groups)) < 2:
-            for member in members:
-                exclude(member.decision, f"{contrast} batch not scored: the batch needs series of at least two "
-                                         f"different patients; it has {len(set(groups))}")
-            continue
-        t0 = time.perf_counter()
-        images = [m.prepared.image for m in members]
-        brains = [m.prepared.brain_mask for m in members]
-        voxel_values: list[tuple[np.ndarray, np.ndarray]] = []
-        volume_scores: list[float] = []
-        for member, z in zip(members, zscore_maps(images, brains, groups, settings.std_floor)):
-            z = smooth_map(z, member.prepared.brain_mask, settings.smoothing_sigma_mm / member.prepared.grid_spacing)
-            volume_scores.append(volume_score(z, member.prepared.brain_mask, settings.volume_percentile))
-            native = resample_to_source(z, member.prepared, order=1)
-            voxel_values.append((native[member.brain], member.lesion[member.brain]))
-            if member.volume is not None:
-                acc.cases.append(case_slices(
-                    member.volume, member.lesion, score=native, binary=None,
-                    uid=member.decision.series_instance_uid, patient_id=member.decision.patient_id,
-                    dice=None, dice_max=None,
-                ))
-                member.volume = None
-        for member in members:  # the working images are no longer needed
-            member.prepared.image = np.zeros((0, 0, 0), np.float32)
-        timings["score_and_map_back"] += time.perf_counter() - t0
-
-        acc.high = max([float(values.max()) for values, _ in voxel_values if values.size] + [1e-6])
-        order = np.argsort(-np.array(volume_scores), kind="stable")
-        ranks = np.empty(len(members), int)
-        ranks[order] = np.arange(1, len(members) + 1)
-        dice_by_uid: dict[str, float | None] = {}
-        for index, (member, (values, lesion)) in enumerate(zip(members, voxel_values)):
-            uid = member.decision.series_instance_uid
-            entry = cohort.series[uid]
-            acc.add_volume(uid, volume_scores[index], entry.has_lesion)
-            own = acc.add_voxels(values, lesion, uid=uid)
-            dice_by_uid[uid] = finite_or_none(own.dice_max()[0]) if entry.has_lesion else None
-            series_rows.append({
-                "series_instance_uid": uid,
-                "study_instance_uid": member.decision.study_instance_uid,
-                "patient_id": member.decision.patient_id,
-                "contrast": contrast,
-                "truth_contrast": entry.contrast,
-                "status": "scored",
-                "reason": "",
-                "has_lesion": entry.has_lesion,
-                "lesion_ml": member.lesion_ml,
-                "score": volume_scores[index],
-                "rank": int(ranks[index]),
-                "flagged": None,
-                "predicted_ml": None,
-                "dice_at_product_threshold": None,
-                "dice_max": dice_by_uid[uid],
-            })
-        for case in acc.cases:
-            case.dice_max = dice_by_uid.get(case.series_instance_uid)
-
-    metrics: dict[str, Any] = {
-        "schema": BASELINE_SCHEMA,
-        "what": "z-score baseline",
-        "score_name": "|z|",
-        "input": str(Path(input_dir).resolve()),
-        "truth": str(Path(truth).resolve()),
-        "encoder": None,
-        "settings": asdict(settings),
-        "working_grid_size": pre.size,
-        "config_sha256": config_hash(config),
-        "config_sources": list(config.sources),
-        "batches": {contrast: acc.summary() for contrast, acc in accumulators.items()},
-        "excluded": excluded_summary(excluded_rows),
-        "series": series_rows + excluded_rows,
-        "timings_s": {**{k: round(v, 2) for k, v in timings.items()}, "total": round(time.perf_counter() - start, 2)},
-    }
-    return Evaluation(metrics=metrics, batches=accumulators)
+        _score_contrast(contrast, decisions, config, state, keep_cases, timings)
+    metrics = _baseline_metrics(input_dir, truth, config, state, timings, start)
+    return Evaluation(metrics=metrics, batches=state.accumulators)
 
 
 # ---------------------------------------------------------------------------------------------

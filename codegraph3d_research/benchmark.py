@@ -63,7 +63,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -86,6 +86,15 @@ from codegraph3d.core.progress import peak_rss_mb
 from codegraph3d.scoring.batch import score_batch
 from codegraph3d.scoring.musc import k_for_references, reference_sets, scoring_memory
 from codegraph3d.features.tokens import TokenSet, encode_volume, project, tokenise
+
+if TYPE_CHECKING:
+    # For annotations only: the cohort stages import their modules where they run, so that
+    # --gpu-table runs without pydicom, SimpleITK and highdicom.
+    from codegraph3d.io.selection import SeriesDecision
+    from codegraph3d.preprocess.chain import PreprocessConfig
+    from codegraph3d.preprocess.workers import PreprocessModels
+    from codegraph3d.run.config import RunConfig
+    from codegraph3d.run.pipeline import Scoring, Selection, StageTimer, TokenisedSeries
 
 __all__ = [
     "BenchmarkReport",
@@ -759,6 +768,224 @@ def _benchmark_config(
     }, "<benchmark>")
 
 
+def _check_cohort_arguments(n_volumes: int, matrix_scale: float) -> int:
+    """Validate :func:`benchmark_cohort`'s sizes before anything is generated.
+
+    Returns
+    -------
+    int
+        ``n_volumes`` as an int.
+
+    Raises
+    ------
+    ValueError
+        For fewer than two volumes or a matrix scale outside ``[0.05, 2]``.
+    """
+    n_volumes = _check_positive_int("n_volumes", n_volumes)
+    if n_volumes < 2:
+        raise ValueError(f"n_volumes must be at least 2 (batch scoring needs references); got {n_volumes}")
+    if not 0.05 <= float(matrix_scale) <= 2.0:
+        raise ValueError(f"matrix_scale must be in [0.05, 2]; got {matrix_scale!r}")
+    return n_volumes
+
+
+@dataclass
+class _CohortRun:
+    """What the timed stages of :func:`benchmark_cohort` leave behind for the figures."""
+
+    timer: StageTimer
+    selection: Selection
+    encoder: SliceEncoder
+    preprocess_config: PreprocessConfig
+    records: list[TokenisedSeries]
+    step_seconds: dict[str, float]
+    scoring: Scoring
+    peak_gpu_mb: float | None
+
+
+def _tokenise_series(
+    decision: SeriesDecision,
+    config: RunConfig,
+    models: PreprocessModels,
+    slice_encoder: SliceEncoder,
+    timer: StageTimer,
+    dev: torch.device,
+    step_seconds: dict[str, float],
+) -> TokenisedSeries:
+    """Load, preprocess and tokenise one series as ``pipeline._prepare_one`` does, each stage timed.
+
+    The preprocessing steps' seconds are added to ``step_seconds``.
+
+    Returns
+    -------
+    TokenisedSeries
+        The series' tokens, its working image released.
+    """
+    # DICOM and preprocessing need pydicom and SimpleITK, which the GPU machine lacks: imported
+    # here, not at module level, so that --gpu-table runs there
+    from codegraph3d.io.dicom import load_series_volume
+    from codegraph3d.preprocess.chain import preprocess_volume
+    from codegraph3d.run.pipeline import TokenisedSeries
+
+    token_settings = config.tokens
+    with timer("load_pixels"):
+        loaded = load_series_volume(decision.series)
+    loaded.volume.series_instance_uid = decision.series_instance_uid
+    with timer("preprocess"):
+        prepared = preprocess_volume(
+            loaded.volume, models.config, models.template, stripper=models.stripper,
+            reference=models.references.get(decision.contrast),
+        )
+    for step, seconds in prepared.qa["step_seconds"].items():
+        step_seconds[step] = step_seconds.get(step, 0.0) + seconds
+    with timer("tokenise"):
+        encoded = encode_volume(
+            prepared.image, prepared.brain_mask, slice_encoder,
+            grid_size=token_settings.grid_size,
+            min_brain_fraction=token_settings.min_brain_fraction,
+            batch_size=config.encoder.batch_size,
+        )
+        tokens = project(
+            encoded,
+            projection_dim=token_settings.projection_dim,
+            projection_seed=token_settings.projection_seed,
+        )
+        _synchronise(dev)
+    prepared.image = np.zeros((0, 0, 0), np.float32)  # as the pipeline does: bound memory
+    return TokenisedSeries(
+        decision=decision, datasets=loaded.datasets, prepared=prepared, tokens=tokens,
+        qa={"brain_volume_ml": round(prepared.brain_volume_ml, 2), "tokens_kept": tokens.n_tokens},
+    )
+
+
+def _run_cohort_stages(
+    cohort: Path, output: Path, config: RunConfig, dev: torch.device, model_path: str | Path | None
+) -> _CohortRun:
+    """Run every stage of the pipeline on ``cohort`` under one timer; write the results to ``output``.
+
+    Returns
+    -------
+    _CohortRun
+        The timer, the selection, the tokenised series and the scoring.
+
+    Raises
+    ------
+    ValueError
+        When a series was not scored.
+    """
+    # Header scanning, preprocessing models and SEG writing need pydicom, SimpleITK and highdicom,
+    # which the GPU machine lacks: imported here, not at module level, so that --gpu-table runs there
+    from codegraph3d.preprocess.workers import PreprocessModels
+    from codegraph3d.run.pipeline import (
+        StageTimer,
+        Tokenisation,
+        build_encoder,
+        preprocess_setup,
+        scan_input,
+        score_batches,
+        select_input,
+    )
+    from codegraph3d.run.report import write_results
+
+    _reset_gpu_peak(dev)
+    timer = StageTimer()
+    with timer("scan_headers"):
+        scan = scan_input(cohort / "dicom" if (cohort / "dicom").is_dir() else cohort)
+    with timer("select"):
+        selection = select_input(scan, config)
+    with timer("load_encoder"):
+        slice_encoder = build_encoder(config, None)
+    with timer("load_preprocess_models"):
+        models = PreprocessModels(preprocess_setup(config, model_path, workers=1))
+    step_seconds: dict[str, float] = {}
+    records = [_tokenise_series(decision, config, models, slice_encoder, timer, dev, step_seconds)
+               for decision in selection.taken]
+    tokenisation = Tokenisation(series=records, skipped={}, encoder=slice_encoder.identity())
+    with timer("score"):
+        scoring = score_batches(tokenisation, config)
+        _synchronise(dev)
+    if scoring.skipped:
+        raise ValueError(f"{len(scoring.skipped)} series were not scored: {scoring.skipped}")
+    write_results(scoring, selection, output, config, timer)
+    return _CohortRun(timer=timer, selection=selection, encoder=slice_encoder, preprocess_config=models.config,
+                      records=records, step_seconds=step_seconds, scoring=scoring, peak_gpu_mb=_gpu_peak_mb(dev))
+
+
+def _cohort_scorer_flops(scoring: Scoring, config: RunConfig) -> float | None:
+    """Global MuSc's distance FLOPs over the scored batches; ``None`` for windowed scoring.
+
+    Windowed scoring's cost is gathers, not matmuls, so it is not counted.
+    """
+    from codegraph3d.run.pipeline import reference_groups
+
+    if int(config.scoring.window_radius) >= 0:
+        return None
+    scorer_flops = 0.0
+    for batch in scoring.batches:
+        groups = reference_groups([m.decision for m in batch.members], config.scoring.exclude_same)
+        scorer_flops += musc_flops(
+            [m.tokens.n_tokens for m in batch.members],
+            [layer.shape[1] for layer in batch.members[0].tokens.tokens],
+            groups,
+        )
+    return scorer_flops
+
+
+def _cohort_result(
+    measured: _CohortRun, config: RunConfig, dev: torch.device, contrast: str, matrix_scale: float,
+    load_start: tuple[float, float, float],
+) -> CohortBenchmark:
+    """The Table 6 columns, stage times and FLOP counts of a cohort run.
+
+    Raises
+    ------
+    ValueError
+        When fewer series were scored than selected (a partial batch would mislead).
+    """
+    timer, records, slice_encoder = measured.timer, measured.records, measured.encoder
+    stages = {name: timer.seconds.get(name, 0.0) for name in (
+        "scan_headers", "select", "load_encoder", "load_pixels", "preprocess", "tokenise", "score", "write")}
+    n_scored = sum(len(batch.members) for batch in measured.scoring.batches)
+    n_volumes = len(measured.selection.taken)
+    if n_scored != n_volumes:
+        raise ValueError(f"{n_scored} of {n_volumes} selected series were scored; the benchmark needs all")
+    # Table 6's extraction: everything before scoring except selection and start-up.
+    extraction = stages["scan_headers"] + stages["load_pixels"] + stages["preprocess"] + stages["tokenise"]
+    size = config.tokens.grid_size * slice_encoder.patch_size
+    slices = sum(encoded_slices(r.tokens, slice_encoder.patch_size) for r in records)
+    per_slice, note = encoder_flops_per_slice(slice_encoder, size, size)
+    scorer_flops = _cohort_scorer_flops(measured.scoring, config)
+    return CohortBenchmark(
+        encoder=slice_encoder.name,
+        encoder_description=slice_encoder.description,
+        device=str(dev),
+        contrast=contrast,
+        n_volumes=n_volumes,
+        n_scored=n_scored,
+        matrix_scale=matrix_scale,
+        grid_size=int(config.tokens.grid_size),
+        window_radius=int(config.scoring.window_radius),
+        stages=stages,
+        extraction_s=extraction,
+        scoring_s=stages["score"],
+        total_s=extraction + stages["score"],
+        per_volume_s=(extraction + stages["score"]) / n_scored,
+        peak_rss_mb=peak_rss_mb(),
+        peak_gpu_mb=measured.peak_gpu_mb,
+        slices_encoded=slices,
+        slice_size=size,
+        tokens_per_volume=float(np.mean([r.tokens.n_tokens for r in records])),
+        token_dims=[int(layer.shape[1]) for layer in records[0].tokens.tokens],
+        tokeniser_flops=None if per_slice is None else per_slice * slices,
+        tokeniser_flops_note=note,
+        scorer_flops=scorer_flops,
+        preprocess_steps=measured.step_seconds,
+        preprocess_description=_preprocess_description(measured.preprocess_config),
+        load_average_start=load_start,
+        load_average_end=_load_average(),
+    )
+
+
 def benchmark_cohort(
     *,
     n_volumes: int = 8,
@@ -811,29 +1038,7 @@ def benchmark_cohort(
         For arguments out of range, or when a series could not be tokenised or scored (a benchmark
         of a partial batch would be misleading).
     """
-    # DICOM, preprocessing and SEG writing need pydicom, SimpleITK and highdicom, which the GPU
-    # machine lacks: imported here, not at module level, so that --gpu-table runs there
-    from codegraph3d.io.dicom import load_series_volume
-    from codegraph3d.run.pipeline import (
-        StageTimer,
-        Tokenisation,
-        TokenisedSeries,
-        build_encoder,
-        preprocess_setup,
-        reference_groups,
-        scan_input,
-        score_batches,
-        select_input,
-    )
-    from codegraph3d.preprocess.workers import PreprocessModels
-    from codegraph3d.preprocess.chain import preprocess_volume
-    from codegraph3d.run.report import write_results
-
-    n_volumes = _check_positive_int("n_volumes", n_volumes)
-    if n_volumes < 2:
-        raise ValueError(f"n_volumes must be at least 2 (batch scoring needs references); got {n_volumes}")
-    if not 0.05 <= float(matrix_scale) <= 2.0:
-        raise ValueError(f"matrix_scale must be in [0.05, 2]; got {matrix_scale!r}")
+    n_volumes = _check_cohort_arguments(n_volumes, matrix_scale)
     config = _benchmark_config(encoder, device, contrast, config_override)
     dev = resolve_device(device)
     load_start = _load_average()
@@ -843,106 +1048,8 @@ def benchmark_cohort(
             _make_cohort_in_child(cohort, n_volumes, seed, float(matrix_scale), contrast)
         else:
             cohort = Path(cohort_dir)
-        _reset_gpu_peak(dev)
-        timer = StageTimer()
-        with timer("scan_headers"):
-            scan = scan_input(cohort / "dicom" if (cohort / "dicom").is_dir() else cohort)
-        with timer("select"):
-            selection = select_input(scan, config)
-        with timer("load_encoder"):
-            slice_encoder = build_encoder(config, None)
-        with timer("load_preprocess_models"):
-            models = PreprocessModels(preprocess_setup(config, model_path, workers=1))
-        step_seconds: dict[str, float] = {}
-        token_settings = config.tokens
-        records: list[TokenisedSeries] = []
-        for decision in selection.taken:
-            with timer("load_pixels"):
-                loaded = load_series_volume(decision.series)
-            loaded.volume.series_instance_uid = decision.series_instance_uid
-            with timer("preprocess"):
-                prepared = preprocess_volume(
-                    loaded.volume, models.config, models.template, stripper=models.stripper,
-                    reference=models.references.get(decision.contrast),
-                )
-            for step, seconds in prepared.qa["step_seconds"].items():
-                step_seconds[step] = step_seconds.get(step, 0.0) + seconds
-            with timer("tokenise"):
-                encoded = encode_volume(
-                    prepared.image, prepared.brain_mask, slice_encoder,
-                    grid_size=token_settings.grid_size,
-                    min_brain_fraction=token_settings.min_brain_fraction,
-                    batch_size=config.encoder.batch_size,
-                )
-                tokens = project(
-                    encoded,
-                    projection_dim=token_settings.projection_dim,
-                    projection_seed=token_settings.projection_seed,
-                )
-                _synchronise(dev)
-            prepared.image = np.zeros((0, 0, 0), np.float32)  # as the pipeline does: bound memory
-            records.append(TokenisedSeries(
-                decision=decision, datasets=loaded.datasets, prepared=prepared, tokens=tokens,
-                qa={"brain_volume_ml": round(prepared.brain_volume_ml, 2), "tokens_kept": tokens.n_tokens},
-            ))
-        tokenisation = Tokenisation(series=records, skipped={}, encoder=slice_encoder.identity())
-        with timer("score"):
-            scoring = score_batches(tokenisation, config)
-            _synchronise(dev)
-        if scoring.skipped:
-            raise ValueError(f"{len(scoring.skipped)} series were not scored: {scoring.skipped}")
-        write_results(scoring, selection, Path(scratch) / "output", config, timer)
-        peak_gpu = _gpu_peak_mb(dev)
-    stages = {name: timer.seconds.get(name, 0.0) for name in (
-        "scan_headers", "select", "load_encoder", "load_pixels", "preprocess", "tokenise", "score", "write")}
-    n_scored = sum(len(batch.members) for batch in scoring.batches)
-    n_volumes = len(selection.taken)
-    if n_scored != n_volumes:
-        raise ValueError(f"{n_scored} of {n_volumes} selected series were scored; the benchmark needs all")
-    extraction = stages["scan_headers"] + stages["load_pixels"] + stages["preprocess"] + stages["tokenise"]
-    size = config.tokens.grid_size * slice_encoder.patch_size
-    slices = sum(encoded_slices(r.tokens, slice_encoder.patch_size) for r in records)
-    per_slice, note = encoder_flops_per_slice(slice_encoder, size, size)
-    window = int(config.scoring.window_radius)
-    scorer_flops: float | None = None
-    if window < 0:
-        scorer_flops = 0.0
-        for batch in scoring.batches:
-            groups = reference_groups([m.decision for m in batch.members], config.scoring.exclude_same)
-            scorer_flops += musc_flops(
-                [m.tokens.n_tokens for m in batch.members],
-                [layer.shape[1] for layer in batch.members[0].tokens.tokens],
-                groups,
-            )
-    return CohortBenchmark(
-        encoder=slice_encoder.name,
-        encoder_description=slice_encoder.description,
-        device=str(dev),
-        contrast=contrast,
-        n_volumes=n_volumes,
-        n_scored=n_scored,
-        matrix_scale=float(matrix_scale),
-        grid_size=int(config.tokens.grid_size),
-        window_radius=window,
-        stages=stages,
-        extraction_s=extraction,
-        scoring_s=stages["score"],
-        total_s=extraction + stages["score"],
-        per_volume_s=(extraction + stages["score"]) / n_scored,
-        peak_rss_mb=peak_rss_mb(),
-        peak_gpu_mb=peak_gpu,
-        slices_encoded=slices,
-        slice_size=size,
-        tokens_per_volume=float(np.mean([r.tokens.n_tokens for r in records])),
-        token_dims=[int(layer.shape[1]) for layer in records[0].tokens.tokens],
-        tokeniser_flops=None if per_slice is None else per_slice * slices,
-        tokeniser_flops_note=note,
-        scorer_flops=scorer_flops,
-        preprocess_steps=step_seconds,
-        preprocess_description=_preprocess_description(models.config),
-        load_average_start=load_start,
-        load_average_end=_load_average(),
-    )
+        measured = _run_cohort_stages(cohort, Path(scratch) / "output", config, dev, model_path)
+    return _cohort_result(measured, config, dev, contrast, float(matrix_scale), load_start)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1313,10 +1420,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
-def render_markdown(report: BenchmarkReport) -> str:
-    """The report as Markdown: machine, Table 6 columns, stages, rates, scorer alone."""
+def _machine_lines(report: BenchmarkReport) -> list[str]:
+    """The title and what the figures were measured on (machine, load, peak memory)."""
     m = report.machine
-    lines = [
+    return [
         "## CoDeGraph3D benchmark",
         "",
         f"Measured {report.started} on {m['host']}: {m['cpu']}, {m['cpu_count']} CPUs, "
@@ -1328,153 +1435,205 @@ def render_markdown(report: BenchmarkReport) -> str:
          f"Peak RSS of the process: {_fmt(report.peak_rss_mb)} MB."),
         "",
     ]
+
+
+def _matmul_lines(matmul: Sequence[MatmulRate]) -> list[str]:
+    """The machine's matmul rates, against which the achieved rates are set."""
+    lines = ["Machine matmul rate (square `torch.matmul`, mean of timed products after warm-up):", ""]
+    lines += _table(
+        ["device", "dtype", "n", "seconds / product", "GFLOP/s"],
+        [[r.device, r.dtype, str(r.size), _fmt(r.seconds), _fmt(r.flops_per_s / 1e9)] for r in matmul],
+    )
+    lines.append("")
+    return lines
+
+
+def _cohort_stage_lines(cohort: CohortBenchmark) -> list[str]:
+    """The cohort's seconds per pipeline stage and, when measured, per preprocessing step."""
+    labels = {
+        "scan_headers": "load: header scan", "select": "select", "load_encoder": "build encoder",
+        "load_pixels": "load: pixels", "preprocess": "preprocess", "tokenise": "tokenise",
+        "score": "score", "write": "write (SEGs, report.json)",
+    }
+    lines = _table(
+        ["stage", "seconds", "s / volume"],
+        [[labels[name], _fmt(seconds), _fmt(seconds / cohort.n_scored)] for name, seconds in cohort.stages.items()],
+    )
+    if cohort.preprocess_steps:
+        lines += ["", f"Preprocessing steps ({cohort.preprocess_description}), one worker:", ""]
+        lines += _table(
+            ["step", "seconds", "s / volume"],
+            [[name.replace("_", " "), _fmt(seconds), _fmt(seconds / cohort.n_scored)]
+             for name, seconds in cohort.preprocess_steps.items()],
+        )
+    return lines
+
+
+def _cohort_rate_lines(cohort: CohortBenchmark, fp32: MatmulRate | None, bf16: MatmulRate | None) -> list[str]:
+    """The cohort's encoder slices and FLOP rates, set against the machine's matmul rate."""
+    tokenise_s = cohort.stages["tokenise"]
+    tok_rate = _rate(cohort.tokeniser_flops, tokenise_s)
+    score_rate = _rate(cohort.scorer_flops, cohort.scoring_s)
+    # A ViT on CUDA runs under bf16 autocast: its rate is compared with the bf16 matmul.
+    tok_peak = bf16 if cohort.device.startswith("cuda") and cohort.encoder != "intensity" else fp32
+    return _table(
+        ["work", "count", "seconds", "achieved", "against the machine"],
+        [
+            ["encoder slices", f"{cohort.slices_encoded} of {cohort.slice_size}^2", _fmt(tokenise_s),
+             f"{_fmt(cohort.slices_encoded / tokenise_s)} slices/s", ""],
+            ["tokeniser FLOPs", f"{_fmt(cohort.tokeniser_flops / 1e9 if cohort.tokeniser_flops else None)} GFLOP",
+             _fmt(tokenise_s), f"{_fmt(tok_rate / 1e9 if tok_rate else None)} GFLOP/s",
+             "memory-bound (see note)" if cohort.encoder == "intensity" else _fraction(tok_rate, tok_peak)],
+            ["scorer FLOPs (global MuSc)",
+             f"{_fmt(cohort.scorer_flops / 1e9 if cohort.scorer_flops else None)} GFLOP",
+             _fmt(cohort.scoring_s), f"{_fmt(score_rate / 1e9 if score_rate else None)} GFLOP/s",
+             _fraction(score_rate, fp32)],
+        ],
+    )
+
+
+def _cohort_lines(cohort: CohortBenchmark, fp32: MatmulRate | None, bf16: MatmulRate | None) -> list[str]:
+    """The pipeline on a DICOM cohort: Table 6 columns, stages, rates."""
+    lines = [
+        f"### Pipeline on a generated DICOM cohort ({cohort.n_volumes} {cohort.contrast} volumes)",
+        "",
+        f"Encoder: {cohort.encoder_description}. Device {cohort.device}; token grid "
+        f"{cohort.grid_size}^3 on a {cohort.slice_size}^3 working grid; "
+        + ("global MuSc" if cohort.window_radius < 0 else f"windowed MuSc, radius {cohort.window_radius}")
+        + f"; matrix scale {cohort.matrix_scale}; {_fmt(cohort.tokens_per_volume)} tokens per volume "
+        f"of width {'/'.join(map(str, cohort.token_dims))}. Load average at the end: "
+        f"{', '.join(map(str, cohort.load_average_end))}.",
+        "",
+    ]
+    lines += _table(
+        ["volumes", "extraction (s)", "scoring (s)", "total (s)", "s / volume", "peak RSS (MB)", "peak GPU (MB)"],
+        [[str(cohort.n_scored), _fmt(cohort.extraction_s), _fmt(cohort.scoring_s), _fmt(cohort.total_s),
+          _fmt(cohort.per_volume_s), _fmt(cohort.peak_rss_mb),
+          _fmt(cohort.peak_gpu_mb) if cohort.peak_gpu_mb is not None else "no GPU"]],
+    )
+    lines += ["", ("Extraction = header scan + pixel loading + preprocessing + tokenisation; "
+                   "total = extraction + scoring (writing SEGs excluded, as in the paper's Table 6; "
+                   "building the encoder is start-up, not counted)."), ""]
+    lines += _cohort_stage_lines(cohort)
+    lines += [""]
+    lines += _cohort_rate_lines(cohort, fp32, bf16)
+    lines += ["", f"Tokeniser FLOPs: {cohort.tokeniser_flops_note}. Tokenise seconds include slice "
+              "extraction, pooling and projection. Scorer FLOPs: 2 N_i N_j D per unordered pair "
+              "and layer" + ("." if cohort.window_radius < 0 else "; not counted for windowed scoring."), ""]
+    return lines
+
+
+def _tokeniser_lines(tok: TokeniserBenchmark, fp32: MatmulRate | None, bf16: MatmulRate | None) -> list[str]:
+    """The tokeniser alone on random volumes: seconds, slices and FLOP rate per volume."""
+    peak = bf16 if tok.device.startswith("cuda") else fp32
+    per_volume = tok.seconds_per_volume
+    slices = float(np.mean(tok.slices_per_volume))
+    rate = _rate(None if tok.flops_per_slice is None else tok.flops_per_slice * slices, per_volume)
+    lines = [
+        f"### Tokeniser on random {tok.size}^3 volumes ({len(tok.volume_seconds)} volumes, no DICOM)",
+        "",
+        f"Encoder: {tok.encoder_description}; implementation {tok.implementation}"
+        + (f" ({tok.implementation_note})" if tok.implementation_note else "")
+        + f". {tok.n_layers} layers, batches of {tok.batch_size} slices"
+        + (", bf16 autocast" if tok.device.startswith("cuda") and tok.encoder != "intensity" else "")
+        + f"; {_fmt(float(np.mean(tok.tokens_per_volume)))} kept tokens of width {tok.token_dim} per volume.",
+        "",
+    ]
+    lines += _table(
+        ["s / volume (mean; min-max)", "slices / volume", "slices/s", "GFLOP / slice", "achieved",
+         "against the machine", "peak GPU (MB)"],
+        [[f"{_fmt(per_volume)} ({_fmt(min(tok.volume_seconds))}-{_fmt(max(tok.volume_seconds))})",
+          _fmt(slices), _fmt(slices / per_volume),
+          _fmt(tok.flops_per_slice / 1e9 if tok.flops_per_slice else None),
+          f"{_fmt(rate / 1e12 if rate else None)} TFLOP/s",
+          "memory-bound" if tok.encoder == "intensity" else _fraction(rate, peak),
+          _fmt(tok.peak_gpu_mb) if tok.peak_gpu_mb is not None else "no GPU"]],
+    )
+    lines += ["", f"FLOPs: {tok.flops_note}.", ""]
+    return lines
+
+
+def _gpu_table_lines(rows: Sequence[GpuTableRow], tok: TokeniserBenchmark | None) -> list[str]:
+    """Table 6 at the paper's batch sizes: extraction extrapolated from ``tok``, scoring measured."""
+    n_tok = len(tok.volume_seconds) if tok is not None else 0
+    lines = [
+        "### Table 6 columns at the paper's batch sizes",
+        "",
+        (f"Extraction is **extrapolated**: B x the mean tokenisation time of the {n_tok} volumes above "
+         "(no DICOM loading or preprocessing on this machine: those are CPU stages, see a cohort run). "
+         "Scoring is **measured**: global MuSc on random token sets of the tokenised volumes' sizes."),
+        "",
+    ]
+    lines += _table(
+        ["B", "extraction (s, extrapolated)", "scoring (s, measured)", "total (s)", "s / volume",
+         "peak GPU (MB)", "peak RSS (MB)"],
+        [[str(r.batch_size), _fmt(r.extraction_s), _fmt(r.scoring_s), _fmt(r.total_s), _fmt(r.per_volume_s),
+          _fmt(r.peak_gpu_mb) if r.peak_gpu_mb is not None else "no GPU", _fmt(r.peak_rss_mb)]
+         for r in rows],
+    )
+    lines.append("")
+    return lines
+
+
+def _scorer_lines(scorer: Sequence[ScorerBenchmark], fp32: MatmulRate | None) -> list[str]:
+    """The scorer alone on random tokens: one row per batch size."""
+    lines = [
+        "### Scorer alone (MuSc, random float32 tokens)",
+        "",
+    ]
+    lines += _table(
+        ["B", "matching", "tokens / volume", "D", "layers", "K", "device", "seconds", "GFLOP", "GFLOP/s",
+         "against the machine", "peak GPU (MB)", "RSS before / peak (MB)", "estimate, one layer (MB)",
+         "load at end"],
+        [[str(r.batch_size), "global" if r.window_radius is None else f"window r={r.window_radius}",
+          _fmt(r.tokens_per_volume), str(r.dim), str(r.layers), str(r.k), r.device,
+          _fmt(r.seconds), _fmt(r.flops / 1e9) if r.flops else "-", _fmt(r.flops / r.seconds / 1e9) if r.flops else "-",
+          _fraction(r.flops / r.seconds, fp32) if r.flops else "-",
+          _fmt(r.peak_gpu_mb) if r.peak_gpu_mb is not None else "no GPU",
+          f"{_fmt(r.rss_before_mb)} / {_fmt(r.peak_rss_mb)}", _fmt(r.estimate_mb),
+          ", ".join(map(str, r.load_average_end))] for r in scorer],
+    )
+    lines += ["", ("FLOPs: 2 N_i N_j D per unordered pair and layer (the distance matmuls); minima, "
+                   "top-K and the exact recomputation of the chosen neighbours are not counted."), ""]
+    return lines
+
+
+def _encoder_lines(enc: EncoderBenchmark, fp32: MatmulRate | None, bf16: MatmulRate | None) -> list[str]:
+    """The encoder alone on random slices, with the minutes a whole volume would take."""
+    rate = _rate(None if enc.flops_per_slice is None else enc.flops_per_slice * enc.n_slices, enc.seconds)
+    peak = bf16 if enc.device.startswith("cuda") and enc.encoder != "intensity" else fp32
+    # A volume is encoded along each axis: _AXES x size slices.
+    volume_minutes = _AXES * enc.size * enc.seconds / enc.n_slices / 60.0
+    lines = [f"### Encoder alone ({enc.n_slices} random {enc.size}^2 slices, batches of {enc.batch_size})", ""]
+    lines += _table(
+        ["encoder", "build (s)", "seconds", "slices/s", "GFLOP/s", "against the machine",
+         f"min per volume (3 x {enc.size} slices)", "peak GPU (MB)"],
+        [[enc.encoder, _fmt(enc.build_s), _fmt(enc.seconds), _fmt(enc.n_slices / enc.seconds),
+          _fmt(rate / 1e9 if rate else None),
+          "memory-bound" if enc.encoder == "intensity" else _fraction(rate, peak),
+          _fmt(volume_minutes), _fmt(enc.peak_gpu_mb) if enc.peak_gpu_mb is not None else "no GPU"]],
+    )
+    lines += ["", f"Encoder: {enc.encoder_description}. FLOPs: {enc.flops_note}.", ""]
+    return lines
+
+
+def render_markdown(report: BenchmarkReport) -> str:
+    """The report as Markdown: machine, Table 6 columns, stages, rates, scorer alone."""
+    # Achieved rates are set against the measured matmul of the same precision, where measured.
     fp32, bf16 = _peak_for(report, "float32"), _peak_for(report, "bfloat16")
+    lines = _machine_lines(report)
     if report.matmul:
-        lines += ["Machine matmul rate (square `torch.matmul`, mean of timed products after warm-up):", ""]
-        lines += _table(
-            ["device", "dtype", "n", "seconds / product", "GFLOP/s"],
-            [[r.device, r.dtype, str(r.size), _fmt(r.seconds), _fmt(r.flops_per_s / 1e9)] for r in report.matmul],
-        )
-        lines.append("")
-    cohort = report.cohort
-    if cohort is not None:
-        lines += [
-            f"### Pipeline on a generated DICOM cohort ({cohort.n_volumes} {cohort.contrast} volumes)",
-            "",
-            f"Encoder: {cohort.encoder_description}. Device {cohort.device}; token grid "
-            f"{cohort.grid_size}^3 on a {cohort.slice_size}^3 working grid; "
-            + ("global MuSc" if cohort.window_radius < 0 else f"windowed MuSc, radius {cohort.window_radius}")
-            + f"; matrix scale {cohort.matrix_scale}; {_fmt(cohort.tokens_per_volume)} tokens per volume "
-            f"of width {'/'.join(map(str, cohort.token_dims))}. Load average at the end: "
-            f"{', '.join(map(str, cohort.load_average_end))}.",
-            "",
-        ]
-        lines += _table(
-            ["volumes", "extraction (s)", "scoring (s)", "total (s)", "s / volume", "peak RSS (MB)", "peak GPU (MB)"],
-            [[str(cohort.n_scored), _fmt(cohort.extraction_s), _fmt(cohort.scoring_s), _fmt(cohort.total_s),
-              _fmt(cohort.per_volume_s), _fmt(cohort.peak_rss_mb),
-              _fmt(cohort.peak_gpu_mb) if cohort.peak_gpu_mb is not None else "no GPU"]],
-        )
-        lines += ["", ("Extraction = header scan + pixel loading + preprocessing + tokenisation; "
-                       "total = extraction + scoring (writing SEGs excluded, as in the paper's Table 6; "
-                       "building the encoder is start-up, not counted)."), ""]
-        labels = {
-            "scan_headers": "load: header scan", "select": "select", "load_encoder": "build encoder",
-            "load_pixels": "load: pixels", "preprocess": "preprocess", "tokenise": "tokenise",
-            "score": "score", "write": "write (SEGs, report.json)",
-        }
-        lines += _table(
-            ["stage", "seconds", "s / volume"],
-            [[labels[name], _fmt(seconds), _fmt(seconds / cohort.n_scored)] for name, seconds in cohort.stages.items()],
-        )
-        if cohort.preprocess_steps:
-            lines += ["", f"Preprocessing steps ({cohort.preprocess_description}), one worker:", ""]
-            lines += _table(
-                ["step", "seconds", "s / volume"],
-                [[name.replace("_", " "), _fmt(seconds), _fmt(seconds / cohort.n_scored)]
-                 for name, seconds in cohort.preprocess_steps.items()],
-            )
-        tokenise_s = cohort.stages["tokenise"]
-        tok_rate = _rate(cohort.tokeniser_flops, tokenise_s)
-        score_rate = _rate(cohort.scorer_flops, cohort.scoring_s)
-        tok_peak = bf16 if cohort.device.startswith("cuda") and cohort.encoder != "intensity" else fp32
-        lines += [""]
-        lines += _table(
-            ["work", "count", "seconds", "achieved", "against the machine"],
-            [
-                ["encoder slices", f"{cohort.slices_encoded} of {cohort.slice_size}^2", _fmt(tokenise_s),
-                 f"{_fmt(cohort.slices_encoded / tokenise_s)} slices/s", ""],
-                ["tokeniser FLOPs", f"{_fmt(cohort.tokeniser_flops / 1e9 if cohort.tokeniser_flops else None)} GFLOP",
-                 _fmt(tokenise_s), f"{_fmt(tok_rate / 1e9 if tok_rate else None)} GFLOP/s",
-                 "memory-bound (see note)" if cohort.encoder == "intensity" else _fraction(tok_rate, tok_peak)],
-                ["scorer FLOPs (global MuSc)",
-                 f"{_fmt(cohort.scorer_flops / 1e9 if cohort.scorer_flops else None)} GFLOP",
-                 _fmt(cohort.scoring_s), f"{_fmt(score_rate / 1e9 if score_rate else None)} GFLOP/s",
-                 _fraction(score_rate, fp32)],
-            ],
-        )
-        lines += ["", f"Tokeniser FLOPs: {cohort.tokeniser_flops_note}. Tokenise seconds include slice "
-                  "extraction, pooling and projection. Scorer FLOPs: 2 N_i N_j D per unordered pair "
-                  "and layer" + ("." if cohort.window_radius < 0 else "; not counted for windowed scoring."), ""]
-    tok = report.tokeniser
-    if tok is not None:
-        peak = bf16 if tok.device.startswith("cuda") else fp32
-        per_volume = tok.seconds_per_volume
-        slices = float(np.mean(tok.slices_per_volume))
-        rate = _rate(None if tok.flops_per_slice is None else tok.flops_per_slice * slices, per_volume)
-        lines += [
-            f"### Tokeniser on random {tok.size}^3 volumes ({len(tok.volume_seconds)} volumes, no DICOM)",
-            "",
-            f"Encoder: {tok.encoder_description}; implementation {tok.implementation}"
-            + (f" ({tok.implementation_note})" if tok.implementation_note else "")
-            + f". {tok.n_layers} layers, batches of {tok.batch_size} slices"
-            + (", bf16 autocast" if tok.device.startswith("cuda") and tok.encoder != "intensity" else "")
-            + f"; {_fmt(float(np.mean(tok.tokens_per_volume)))} kept tokens of width {tok.token_dim} per volume.",
-            "",
-        ]
-        lines += _table(
-            ["s / volume (mean; min-max)", "slices / volume", "slices/s", "GFLOP / slice", "achieved",
-             "against the machine", "peak GPU (MB)"],
-            [[f"{_fmt(per_volume)} ({_fmt(min(tok.volume_seconds))}-{_fmt(max(tok.volume_seconds))})",
-              _fmt(slices), _fmt(slices / per_volume),
-              _fmt(tok.flops_per_slice / 1e9 if tok.flops_per_slice else None),
-              f"{_fmt(rate / 1e12 if rate else None)} TFLOP/s",
-              "memory-bound" if tok.encoder == "intensity" else _fraction(rate, peak),
-              _fmt(tok.peak_gpu_mb) if tok.peak_gpu_mb is not None else "no GPU"]],
-        )
-        lines += ["", f"FLOPs: {tok.flops_note}.", ""]
+        lines += _matmul_lines(report.matmul)
+    if report.cohort is not None:
+        lines += _cohort_lines(report.cohort, fp32, bf16)
+    if report.tokeniser is not None:
+        lines += _tokeniser_lines(report.tokeniser, fp32, bf16)
     if report.gpu_rows:
-        n_tok = len(tok.volume_seconds) if tok is not None else 0
-        lines += [
-            "### Table 6 columns at the paper's batch sizes",
-            "",
-            (f"Extraction is **extrapolated**: B x the mean tokenisation time of the {n_tok} volumes above "
-             "(no DICOM loading or preprocessing on this machine: those are CPU stages, see a cohort run). "
-             "Scoring is **measured**: global MuSc on random token sets of the tokenised volumes' sizes."),
-            "",
-        ]
-        lines += _table(
-            ["B", "extraction (s, extrapolated)", "scoring (s, measured)", "total (s)", "s / volume",
-             "peak GPU (MB)", "peak RSS (MB)"],
-            [[str(r.batch_size), _fmt(r.extraction_s), _fmt(r.scoring_s), _fmt(r.total_s), _fmt(r.per_volume_s),
-              _fmt(r.peak_gpu_mb) if r.peak_gpu_mb is not None else "no GPU", _fmt(r.peak_rss_mb)]
-             for r in report.gpu_rows],
-        )
-        lines.append("")
+        lines += _gpu_table_lines(report.gpu_rows, report.tokeniser)
     if report.scorer:
-        lines += [
-            "### Scorer alone (MuSc, random float32 tokens)",
-            "",
-        ]
-        lines += _table(
-            ["B", "matching", "tokens / volume", "D", "layers", "K", "device", "seconds", "GFLOP", "GFLOP/s",
-             "against the machine", "peak GPU (MB)", "RSS before / peak (MB)", "estimate, one layer (MB)",
-             "load at end"],
-            [[str(r.batch_size), "global" if r.window_radius is None else f"window r={r.window_radius}",
-              _fmt(r.tokens_per_volume), str(r.dim), str(r.layers), str(r.k), r.device,
-              _fmt(r.seconds), _fmt(r.flops / 1e9) if r.flops else "-", _fmt(r.flops / r.seconds / 1e9) if r.flops else "-",
-              _fraction(r.flops / r.seconds, fp32) if r.flops else "-",
-              _fmt(r.peak_gpu_mb) if r.peak_gpu_mb is not None else "no GPU",
-              f"{_fmt(r.rss_before_mb)} / {_fmt(r.peak_rss_mb)}", _fmt(r.estimate_mb),
-              ", ".join(map(str, r.load_average_end))] for r in report.scorer],
-        )
-        lines += ["", ("FLOPs: 2 N_i N_j D per unordered pair and layer (the distance matmuls); minima, "
-                       "top-K and the exact recomputation of the chosen neighbours are not counted."), ""]
-    enc = report.encoder
-    if enc is not None:
-        rate = _rate(None if enc.flops_per_slice is None else enc.flops_per_slice * enc.n_slices, enc.seconds)
-        peak = bf16 if enc.device.startswith("cuda") and enc.encoder != "intensity" else fp32
-        volume_minutes = _AXES * enc.size * enc.seconds / enc.n_slices / 60.0
-        lines += [f"### Encoder alone ({enc.n_slices} random {enc.size}^2 slices, batches of {enc.batch_size})", ""]
-        lines += _table(
-            ["encoder", "build (s)", "seconds", "slices/s", "GFLOP/s", "against the machine",
-             f"min per volume (3 x {enc.size} slices)", "peak GPU (MB)"],
-            [[enc.encoder, _fmt(enc.build_s), _fmt(enc.seconds), _fmt(enc.n_slices / enc.seconds),
-              _fmt(rate / 1e9 if rate else None),
-              "memory-bound" if enc.encoder == "intensity" else _fraction(rate, peak),
-              _fmt(volume_minutes), _fmt(enc.peak_gpu_mb) if enc.peak_gpu_mb is not None else "no GPU"]],
-        )
-        lines += ["", f"Encoder: {enc.encoder_description}. FLOPs: {enc.flops_note}.", ""]
+        lines += _scorer_lines(report.scorer, fp32)
+    if report.encoder is not None:
+        lines += _encoder_lines(report.encoder, fp32, bf16)
     return "\n".join(lines)
 
 

@@ -529,6 +529,192 @@ def excluded_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _check_seg_files(run: Path, scored: list[dict[str, Any]], fractional: bool) -> None:
+    """Fail unless every scored series' SEG files are named in the report and exist.
+
+    Raises
+    ------
+    RunOutputError
+        Naming every missing file, so that one rerun fixes them all.
+    """
+    problems: list[str] = []
+    for row in scored:
+        uid = row["series_instance_uid"]
+        needed = [("seg_binary", row.get("seg_binary"))] + ([("seg_score", row.get("seg_score"))] if fractional else [])
+        for kind, rel in needed:
+            if not rel:
+                problems.append(f"{uid} (no {kind} in report.json)")
+            elif not (run / rel).is_file():
+                problems.append(f"{uid} ({run / rel} missing)")
+    if problems:
+        raise RunOutputError(
+            f"{len(problems)} SEG file(s) of scored series are missing: {_list_uids(problems)}; the output folder "
+            "is incomplete: rerun the app into an empty folder"
+        )
+
+
+def _source_headers(truth_root: Path, scored: list[dict[str, Any]]) -> dict[str, SeriesHeader]:
+    """The headers of the scored series' source DICOM in ``truth_root/dicom``, by series UID.
+
+    Returns
+    -------
+    dict of str to SeriesHeader
+        Empty when nothing was scored (the folder is then not read).
+
+    Raises
+    ------
+    TruthMismatchError
+        When the folder is missing or lacks a scored series.
+    """
+    if not scored:
+        return {}
+    dicom_root = truth_root / "dicom"
+    if not dicom_root.is_dir():
+        raise TruthMismatchError(f"{dicom_root} does not exist; the truth folder needs the source DICOM in dicom/")
+    headers = {s.series_instance_uid: s for s in scan_headers(dicom_root).series}
+    missing = [row["series_instance_uid"] for row in scored if row["series_instance_uid"] not in headers]
+    if missing:
+        raise TruthMismatchError(
+            f"{len(missing)} scored series are not in {dicom_root}: {_list_uids(missing)}; "
+            "the truth folder does not belong to this run"
+        )
+    return headers
+
+
+@dataclass
+class _RunBatches:
+    """A run's batch accumulators by contrast, each made on first use.
+
+    Attributes
+    ----------
+    info : dict
+        The report's batches that carry ``score_to_unit``, by contrast.
+    n_bins : int
+        Bins of the voxel histograms.
+    fractional : bool
+        Whether the run wrote FRACTIONAL SEGs.
+    batches : dict of str to BatchAccumulator
+        The accumulators made so far, in order of first use.
+    """
+
+    info: dict[str, dict[str, Any]]
+    n_bins: int
+    fractional: bool
+    batches: dict[str, BatchAccumulator] = field(default_factory=dict)
+
+    def __call__(self, contrast: str) -> BatchAccumulator:
+        """The contrast's accumulator, with the product's threshold on the unit scale where known."""
+        if contrast not in self.batches:
+            threshold = None
+            info = self.info.get(contrast)
+            # The lesion policy's mask bound is on standardised scores, not on this map's scale.
+            if info is not None and info.get("threshold_units", "score") == "score":
+                low, high = info["score_to_unit"]["low"], info["score_to_unit"]["high"]
+                threshold = float(np.clip((info["voxel_threshold"] - low) / (high - low), 0.0, 1.0))
+            self.batches[contrast] = BatchAccumulator(
+                contrast, 0.0, 1.0, self.n_bins, product_threshold_unit=threshold
+            )
+            if not self.fractional:
+                self.batches[contrast].notes.append(
+                    "voxel AUROC, AP and Dice-max need FRACTIONAL SEGs: the run had output.fractional: false"
+                )
+        return self.batches[contrast]
+
+
+def _skipped_record(row: dict[str, Any], entry: SeriesTruth | None, cohort: TruthCohort,
+                    batch: _RunBatches) -> dict[str, Any]:
+    """The row of a series the run did not score; one with truth also counts in its batch.
+
+    Returns
+    -------
+    dict
+        The series' row of ``metrics.json``.
+    """
+    uid = row["series_instance_uid"]
+    in_truth = "series" if entry else ("distractor" if uid in cohort.distractors else "none")
+    record = {
+        "series_instance_uid": uid,
+        "patient_id": row.get("patient_id"),
+        "contrast": row.get("contrast") or (entry.contrast if entry else None),
+        "status": "skipped",
+        "reason": row.get("reason") or "skipped (no reason recorded)",
+        "in_truth": in_truth,
+        "has_lesion": entry.has_lesion if entry else None,
+    }
+    if entry is not None:
+        batch(record["contrast"]).add_excluded(uid, record["reason"])
+    return record
+
+
+def _scored_record(row: dict[str, Any], entry: SeriesTruth, volume: Volume, lesion: np.ndarray,
+                   dice: float | None) -> dict[str, Any]:
+    """The row of a scored series, before its Dice-max is known.
+
+    Returns
+    -------
+    dict
+        The series' row of ``metrics.json``, ``dice_max`` ``None``.
+    """
+    return {
+        "series_instance_uid": row["series_instance_uid"],
+        "study_instance_uid": row.get("study_instance_uid"),
+        "patient_id": row.get("patient_id"),
+        "contrast": row["contrast"],
+        "truth_contrast": entry.contrast,
+        "status": "scored",
+        "reason": "",
+        "has_lesion": entry.has_lesion,
+        "lesion_ml": round(float(lesion.sum()) * float(np.prod(volume.spacing)) / 1000.0, 3),
+        "score": row["score"],
+        "rank": row.get("rank"),
+        "flagged": row.get("flagged"),
+        "predicted_ml": row.get("anomalous_volume_ml"),
+        "dice_at_product_threshold": dice,
+        "dice_max": None,
+    }
+
+
+def _evaluate_series(row: dict[str, Any], entry: SeriesTruth, acc: BatchAccumulator, *, run: Path,
+                     truth_root: Path, headers: Mapping[str, SeriesHeader], cohort: TruthCohort,
+                     fractional: bool, keep_cases: bool) -> dict[str, Any]:
+    """Add one scored series to its batch: patient score, BINARY mask, FRACTIONAL scores, slices.
+
+    Returns
+    -------
+    dict
+        The series' row of ``metrics.json``.
+
+    Raises
+    ------
+    TruthMismatchError, RunOutputError
+        For a source series that cannot be loaded, or an unreadable or mis-shaped SEG.
+    """
+    from .plots import case_slices  # numpy only; keeps matplotlib out of this import
+
+    uid = row["series_instance_uid"]
+    acc.add_volume(uid, row["score"], entry.has_lesion, row.get("flagged"))
+    try:
+        volume = load_series_volume(headers[uid]).volume
+    except ValueError as error:
+        raise TruthMismatchError(f"series {uid}: its source series in {truth_root / 'dicom'} cannot be loaded ({error})") from error
+    lesion, brain = cohort.load_masks(uid, volume)
+    binary = _seg_array(run / row["seg_binary"], volume.sop_instance_uids, uid, volume.array.shape) > 0.5
+    tp, fp, fn = acc.add_binary(binary, lesion)
+    record = _scored_record(row, entry, volume, lesion, series_dice(tp, fp, fn))
+    score = None
+    if fractional:
+        score = _seg_array(run / row["seg_score"], volume.sop_instance_uids, uid, volume.array.shape)
+        own = acc.add_voxels(score[brain], lesion[brain], uid=uid)
+        if entry.has_lesion:
+            record["dice_max"] = finite_or_none(own.dice_max()[0])
+    if keep_cases and entry.has_lesion:
+        acc.cases.append(case_slices(
+            volume, lesion, score=score, binary=binary, uid=uid, patient_id=str(row.get("patient_id", "")),
+            dice=record["dice_at_product_threshold"], dice_max=record["dice_max"],
+        ))
+    return record
+
+
 def evaluate(run: str | Path, truth: str | Path, n_bins: int = 1000, keep_cases: bool = True) -> Evaluation:
     """Evaluate one run against one cohort's ground truth; see the module docstring.
 
@@ -549,8 +735,6 @@ def evaluate(run: str | Path, truth: str | Path, n_bins: int = 1000, keep_cases:
     TruthMismatchError, RunOutputError
         For truth that does not describe the run or an incomplete run folder.
     """
-    from .plots import case_slices  # numpy only; keeps matplotlib out of this import
-
     start = time.perf_counter()
     run, truth_root = Path(run), Path(truth)
     report = _read_report(run)
@@ -559,117 +743,28 @@ def evaluate(run: str | Path, truth: str | Path, n_bins: int = 1000, keep_cases:
     scored = [row for row in rows if row.get("status") == "scored"]
     cohort.check_series([row["series_instance_uid"] for row in scored],
                         [row["series_instance_uid"] for row in rows], str(run / "report.json"))
-
     fractional = bool((report.get("config") or {}).get("output", {}).get("fractional"))
-    problems = []
-    for row in scored:
-        uid = row["series_instance_uid"]
-        needed = [("seg_binary", row.get("seg_binary"))] + ([("seg_score", row.get("seg_score"))] if fractional else [])
-        for kind, rel in needed:
-            if not rel:
-                problems.append(f"{uid} (no {kind} in report.json)")
-            elif not (run / rel).is_file():
-                problems.append(f"{uid} ({run / rel} missing)")
-    if problems:
-        raise RunOutputError(
-            f"{len(problems)} SEG file(s) of scored series are missing: {_list_uids(problems)}; the output folder "
-            "is incomplete: rerun the app into an empty folder"
-        )
-
-    headers: dict[str, SeriesHeader] = {}
-    if scored:
-        dicom_root = truth_root / "dicom"
-        if not dicom_root.is_dir():
-            raise TruthMismatchError(f"{dicom_root} does not exist; the truth folder needs the source DICOM in dicom/")
-        headers = {s.series_instance_uid: s for s in scan_headers(dicom_root).series}
-        missing = [row["series_instance_uid"] for row in scored if row["series_instance_uid"] not in headers]
-        if missing:
-            raise TruthMismatchError(
-                f"{len(missing)} scored series are not in {dicom_root}: {_list_uids(missing)}; "
-                "the truth folder does not belong to this run"
-            )
+    # Every input is checked before the first series is read: a broken run fails in seconds.
+    _check_seg_files(run, scored, fractional)
+    headers = _source_headers(truth_root, scored)
     t_loaded = time.perf_counter()
 
-    batch_info = {b["contrast"]: b for b in report.get("batches", []) if "score_to_unit" in b}
-    batches: dict[str, BatchAccumulator] = {}
-
-    def batch(contrast: str) -> BatchAccumulator:
-        if contrast not in batches:
-            threshold = None
-            info = batch_info.get(contrast)
-            # The lesion policy's mask bound is on standardised scores, not on this map's scale.
-            if info is not None and info.get("threshold_units", "score") == "score":
-                low, high = info["score_to_unit"]["low"], info["score_to_unit"]["high"]
-                threshold = float(np.clip((info["voxel_threshold"] - low) / (high - low), 0.0, 1.0))
-            batches[contrast] = BatchAccumulator(contrast, 0.0, 1.0, n_bins, product_threshold_unit=threshold)
-            if not fractional:
-                batches[contrast].notes.append(
-                    "voxel AUROC, AP and Dice-max need FRACTIONAL SEGs: the run had output.fractional: false"
-                )
-        return batches[contrast]
-
-    for info in report.get("batches", []):
+    batch = _RunBatches({b["contrast"]: b for b in report.get("batches", []) if "score_to_unit" in b},
+                        n_bins, fractional)
+    for info in report.get("batches", []):  # the report's batches first, in its order
         batch(info["contrast"])
-
     series_rows: list[dict[str, Any]] = []
     excluded_rows: list[dict[str, Any]] = []
     for row in rows:
-        uid = row["series_instance_uid"]
-        entry = cohort.series.get(uid)
+        entry = cohort.series.get(row["series_instance_uid"])
         if row.get("status") != "scored":
-            in_truth = "series" if entry else ("distractor" if uid in cohort.distractors else "none")
-            record = {
-                "series_instance_uid": uid,
-                "patient_id": row.get("patient_id"),
-                "contrast": row.get("contrast") or (entry.contrast if entry else None),
-                "status": "skipped",
-                "reason": row.get("reason") or "skipped (no reason recorded)",
-                "in_truth": in_truth,
-                "has_lesion": entry.has_lesion if entry else None,
-            }
-            excluded_rows.append(record)
-            if entry is not None:
-                batch(record["contrast"]).add_excluded(uid, record["reason"])
+            excluded_rows.append(_skipped_record(row, entry, cohort, batch))
             continue
         assert entry is not None  # check_series guarantees it
-        acc = batch(row["contrast"])
-        acc.add_volume(uid, row["score"], entry.has_lesion, row.get("flagged"))
-        try:
-            volume = load_series_volume(headers[uid]).volume
-        except ValueError as error:
-            raise TruthMismatchError(f"series {uid}: its source series in {truth_root / 'dicom'} cannot be loaded ({error})") from error
-        lesion, brain = cohort.load_masks(uid, volume)
-        binary = _seg_array(run / row["seg_binary"], volume.sop_instance_uids, uid, volume.array.shape) > 0.5
-        tp, fp, fn = acc.add_binary(binary, lesion)
-        record = {
-            "series_instance_uid": uid,
-            "study_instance_uid": row.get("study_instance_uid"),
-            "patient_id": row.get("patient_id"),
-            "contrast": row["contrast"],
-            "truth_contrast": entry.contrast,
-            "status": "scored",
-            "reason": "",
-            "has_lesion": entry.has_lesion,
-            "lesion_ml": round(float(lesion.sum()) * float(np.prod(volume.spacing)) / 1000.0, 3),
-            "score": row["score"],
-            "rank": row.get("rank"),
-            "flagged": row.get("flagged"),
-            "predicted_ml": row.get("anomalous_volume_ml"),
-            "dice_at_product_threshold": series_dice(tp, fp, fn),
-            "dice_max": None,
-        }
-        score = None
-        if fractional:
-            score = _seg_array(run / row["seg_score"], volume.sop_instance_uids, uid, volume.array.shape)
-            own = acc.add_voxels(score[brain], lesion[brain], uid=uid)
-            if entry.has_lesion:
-                record["dice_max"] = finite_or_none(own.dice_max()[0])
-        if keep_cases and entry.has_lesion:
-            acc.cases.append(case_slices(
-                volume, lesion, score=score, binary=binary, uid=uid, patient_id=str(row.get("patient_id", "")),
-                dice=record["dice_at_product_threshold"], dice_max=record["dice_max"],
-            ))
-        series_rows.append(record)
+        series_rows.append(_evaluate_series(
+            row, entry, batch(row["contrast"]), run=run, truth_root=truth_root, headers=headers, cohort=cohort,
+            fractional=fractional, keep_cases=keep_cases,
+        ))
 
     metrics: dict[str, Any] = {
         "schema": EVALUATION_SCHEMA,
@@ -682,7 +777,7 @@ def evaluate(run: str | Path, truth: str | Path, n_bins: int = 1000, keep_cases:
         "config_sha256": report.get("config_sha256"),
         "fractional_segs": fractional,
         "n_bins": n_bins,
-        "batches": {contrast: acc.summary() for contrast, acc in batches.items()},
+        "batches": {contrast: acc.summary() for contrast, acc in batch.batches.items()},
         "excluded": excluded_summary(excluded_rows),
         "series": series_rows + excluded_rows,
         "timings_s": {
@@ -690,7 +785,7 @@ def evaluate(run: str | Path, truth: str | Path, n_bins: int = 1000, keep_cases:
             "total": round(time.perf_counter() - start, 2),
         },
     }
-    return Evaluation(metrics=metrics, batches=batches)
+    return Evaluation(metrics=metrics, batches=batch.batches)
 
 
 def evaluate_run(run: str | Path, truth: str | Path, n_bins: int = 1000) -> dict[str, Any]:
