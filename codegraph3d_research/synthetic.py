@@ -69,7 +69,7 @@ import math
 import os
 import shutil
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,6 +200,31 @@ def _check_contrast(contrast: str) -> str:
     if contrast not in CONTRASTS:
         raise ValueError(f"contrast must be one of {CONTRASTS}; got {contrast!r}")
     return contrast
+
+
+def _check_int_pair(name: str, value: Any, lo: int, hi: int) -> tuple[int, int]:
+    """Return a ``(low, high)`` pair of integers in ``[lo, hi]`` with ``low <= high``."""
+    try:
+        low, high = value
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a (low, high) pair; got {value!r}") from None
+    low = _check_int(f"{name}[0]", low, lo, hi)
+    return low, _check_int(f"{name}[1]", high, low, hi)
+
+
+def _check_flags(*flags: tuple[str, Any]) -> None:
+    """Refuse any ``(name, value)`` whose value is not a bool (``1`` or ``"yes"`` included)."""
+    for name, flag in flags:
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False; got {flag!r}")
+
+
+def _check_placement(placement: str) -> str:
+    """Refuse a lesion placement that is not one of :data:`LESION_PLACEMENTS`."""
+    if placement not in LESION_PLACEMENTS:
+        raise ValueError(f"lesion_placement must be one of {', '.join(LESION_PLACEMENTS)}; "
+                         f"got {placement!r}")
+    return placement
 
 
 def _as_vector3(name: str, value: ArrayLike) -> NDArray[np.float64]:
@@ -650,9 +675,7 @@ def _random_lesion(
     edge_mm: float,
     placement: str = "deep",
 ) -> Lesion:
-    if placement not in LESION_PLACEMENTS:
-        raise ValueError(f"lesion_placement must be one of {', '.join(LESION_PLACEMENTS)}; "
-                         f"got {placement!r}")
+    _check_placement(placement)
     radius = rng.uniform(*radius_mm)
     semi_axes = radius * rng.uniform(0.8, 1.2, size=3)
     n_lobes = 3
@@ -702,25 +725,13 @@ def _random_lesion(
 
 
 def random_subject(
-    rng: np.random.Generator,
-    maps: TissueMaps,
-    *,
-    n_lesions: int = 0,
-    lesion_radius_mm: tuple[float, float] = (6.0, 15.0),
-    lesion_irregularity: float = 0.2,
-    lesion_edge_mm: float = 1.0,
-    deformation_mm: float = 3.0,
-    max_rotation_deg: float = 5.0,
-    max_translation_mm: float = 10.0,
-    max_scaling: float = 0.05,
-    intensity_jitter: float = 0.05,
-    n_modes: int = 6,
-    mass_effect: bool = False,
-    mass_effect_ratio: tuple[float, float] = (0.25, 0.45),
-    with_head: bool = False,
-    eyes: bool = True,
-    lesion_appearance: str = "typical",
-    lesion_placement: str = "deep",
+    rng: np.random.Generator, maps: TissueMaps, *, n_lesions: int = 0,
+    lesion_radius_mm: tuple[float, float] = (6.0, 15.0), lesion_irregularity: float = 0.2,
+    lesion_edge_mm: float = 1.0, deformation_mm: float = 3.0, max_rotation_deg: float = 5.0,
+    max_translation_mm: float = 10.0, max_scaling: float = 0.05, intensity_jitter: float = 0.05,
+    n_modes: int = 6, mass_effect: bool = False,
+    mass_effect_ratio: tuple[float, float] = (0.25, 0.45), with_head: bool = False,
+    eyes: bool = True, lesion_appearance: str = "typical", lesion_placement: str = "deep",
 ) -> SubjectAnatomy:
     """Draw one subject: affine + elastic warp of the template, tissue jitter and lesions.
 
@@ -785,15 +796,9 @@ def random_subject(
         like a cortical / juxtacortical lesion or a cortical metastasis; only its part inside
         the brain changes intensity (:attr:`Lesion.placement`).
     """
-    if lesion_appearance not in LESION_APPEARANCES:
-        raise ValueError(f"lesion_appearance must be one of {', '.join(LESION_APPEARANCES)}; got {lesion_appearance!r}")
-    if lesion_placement not in LESION_PLACEMENTS:
-        raise ValueError(f"lesion_placement must be one of {', '.join(LESION_PLACEMENTS)}; "
-                         f"got {lesion_placement!r}")
-    _check_int("n_lesions", n_lesions, 0, 10)
-    radius_mm = _check_interval("lesion_radius_mm", lesion_radius_mm, 0.0, 60.0, lo_open=True)
-    irregularity = _check_range("lesion_irregularity", lesion_irregularity, 0.0, 0.5)
-    edge = _check_range("lesion_edge_mm", lesion_edge_mm, 0.0, 10.0, lo_open=True)
+    radius_mm, irregularity, edge = _checked_lesion_options(
+        n_lesions, lesion_radius_mm, lesion_irregularity, lesion_edge_mm, lesion_appearance,
+        lesion_placement)
     deformation = _check_range("deformation_mm", deformation_mm, 0.0, 10.0)
     rotation = _check_range("max_rotation_deg", max_rotation_deg, 0.0, 45.0)
     translation = _check_range("max_translation_mm", max_translation_mm, 0.0, 100.0)
@@ -801,11 +806,65 @@ def random_subject(
     jitter = _check_range("intensity_jitter", intensity_jitter, 0.0, 0.3)
     n_modes = _check_int("n_modes", n_modes, 1, 64)
     push_ratio = _check_interval("mass_effect_ratio", mass_effect_ratio, 0.0, 0.6, lo_open=True)
-    for name, flag in (("mass_effect", mass_effect), ("with_head", with_head), ("eyes", eyes)):
-        if not isinstance(flag, (bool, np.bool_)):
-            raise TypeError(f"{name} must be True or False; got {flag!r}")
+    _check_flags(("mass_effect", mass_effect), ("with_head", with_head), ("eyes", eyes))
+    # Draws in a fixed order (see above), so that a given stream keeps giving the same subject.
+    pullback = _random_pullback(rng, maps.brain_centre_lps, rotation, scaling, translation)
+    wavevectors, amplitudes, phases = _random_elastic_modes(rng, n_modes, deformation)
+    intensities = _jittered_intensities(rng, TISSUE_INTENSITIES, jitter)
+    lesions = tuple(_random_lesion(rng, maps, radius_mm, irregularity, edge, lesion_placement)
+                    for _ in range(n_lesions))
+    if mass_effect:
+        lesions = tuple(_with_mass_effect(rng, item, push_ratio) for item in lesions)
+    head = _random_head(rng, jitter, eyes) if with_head else None
+    lesions = _with_appearance(rng, lesions, lesion_appearance, intensities)
+    return SubjectAnatomy(pullback=pullback, wavevectors=wavevectors, amplitudes=amplitudes,
+                          phases=phases, lesions=lesions, intensities=intensities, head=head)
 
-    centre = maps.brain_centre_lps
+
+def _checked_lesion_options(
+    n_lesions: int,
+    lesion_radius_mm: tuple[float, float],
+    lesion_irregularity: float,
+    lesion_edge_mm: float,
+    lesion_appearance: str,
+    lesion_placement: str,
+) -> tuple[tuple[float, float], float, float]:
+    """Check :func:`random_subject`'s lesion options, the first it checks, in its order.
+
+    Returns
+    -------
+    radius_mm : (float, float)
+    irregularity, edge_mm : float
+    """
+    if lesion_appearance not in LESION_APPEARANCES:
+        raise ValueError(f"lesion_appearance must be one of {', '.join(LESION_APPEARANCES)}; "
+                         f"got {lesion_appearance!r}")
+    _check_placement(lesion_placement)
+    _check_int("n_lesions", n_lesions, 0, 10)
+    radius_mm = _check_interval("lesion_radius_mm", lesion_radius_mm, 0.0, 60.0, lo_open=True)
+    irregularity = _check_range("lesion_irregularity", lesion_irregularity, 0.0, 0.5)
+    edge = _check_range("lesion_edge_mm", lesion_edge_mm, 0.0, 10.0, lo_open=True)
+    return radius_mm, irregularity, edge
+
+
+def _random_pullback(
+    rng: np.random.Generator,
+    centre: NDArray[np.float64],
+    rotation: float,
+    scaling: float,
+    translation: float,
+) -> NDArray[np.float64]:
+    """Draw a head pose; return its 4x4 pull-back (subject LPS mm -> template LPS mm).
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        Draws the Euler angles, then the axis scales, then the translation.
+    centre : numpy.ndarray
+        Template LPS point that rotation and scaling keep fixed (the brain centre).
+    rotation, scaling, translation : float
+        Largest Euler angle (degrees), relative scale change and shift (mm) per axis.
+    """
     angles = rng.uniform(-rotation, rotation, size=3)
     scales = 1.0 + rng.uniform(-scaling, scaling, size=3)
     shift = rng.uniform(-translation, translation, size=3)
@@ -814,47 +873,66 @@ def random_subject(
     forward = np.eye(4)
     forward[:3, :3] = linear
     forward[:3, 3] = centre + shift - linear @ centre
-    pullback = np.linalg.inv(forward)
+    return np.linalg.inv(forward)
 
+
+def _random_elastic_modes(
+    rng: np.random.Generator, n_modes: int, deformation: float
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """Draw the sinusoids of an elastic warp with RMS displacement ``deformation`` (mm).
+
+    Returns
+    -------
+    wavevectors, amplitudes, phases : numpy.ndarray
+        ``(K, 3)`` rad/mm (wavelengths 80-160 mm), ``(K, 3)`` mm and ``(K,)`` rad.
+    """
     wavelengths = rng.uniform(80.0, 160.0, size=n_modes)
     wavevectors = _random_unit_vectors(rng, n_modes) * (2.0 * math.pi / wavelengths)[:, None]
     # E|u|^2 = K * 3 sigma^2 * E[sin^2] = 1.5 K sigma^2, hence sigma for the requested RMS.
     sigma = deformation / math.sqrt(1.5 * n_modes)
     amplitudes = rng.normal(0.0, sigma, size=(n_modes, 3))
     phases = rng.uniform(0.0, 2.0 * math.pi, size=n_modes)
+    return wavevectors, amplitudes, phases
 
-    intensities: dict[str, dict[str, float]] = {}
-    for contrast in CONTRASTS:
-        intensities[contrast] = {
-            name: float(value * (1.0 + rng.uniform(-jitter, jitter)))
-            for name, value in TISSUE_INTENSITIES[contrast].items()
-        }
-    lesions = tuple(
-        _random_lesion(rng, maps, radius_mm, irregularity, edge, lesion_placement)
-        for _ in range(n_lesions)
-    )
-    if mass_effect:
-        lesions = tuple(_with_mass_effect(rng, item, push_ratio) for item in lesions)
-    head = _random_head(rng, jitter, eyes) if with_head else None
+
+def _jittered_intensities(
+    rng: np.random.Generator, table: Mapping[str, Mapping[str, float]], jitter: float
+) -> dict[str, dict[str, float]]:
+    """Per contrast of :data:`CONTRASTS`, ``table``'s intensities each scaled by ``1 +- jitter``.
+
+    Draws one uniform value per contrast and tissue, in :data:`CONTRASTS` and table order.
+    """
+    return {
+        contrast: {name: float(value * (1.0 + rng.uniform(-jitter, jitter)))
+                   for name, value in table[contrast].items()}
+        for contrast in CONTRASTS
+    }
+
+
+def _with_appearance(
+    rng: np.random.Generator,
+    lesions: tuple[Lesion, ...],
+    lesion_appearance: str,
+    intensities: Mapping[str, Mapping[str, float]],
+) -> tuple[Lesion, ...]:
+    """``lesions`` with the look ``lesion_appearance`` gives them (see :func:`random_subject`).
+
+    ``typical`` lesions keep the contrast's lesion intensities; ``varied`` ones each draw
+    their own from ``rng`` against the subject's ``intensities``.
+    """
     if lesion_appearance == "varied":
-        lesions = tuple(dataclasses.replace(item, appearance=_varied_appearance(rng, intensities)) for item in lesions)
-    elif lesion_appearance == "distinct":
-        lesions = tuple(dataclasses.replace(item, appearance=DISTINCT_APPEARANCE) for item in lesions)
-    elif lesion_appearance == "striped":
-        lesions = tuple(
-            dataclasses.replace(item, appearance=STRIPED_APPEARANCE, stripe_period_mm=STRIPE_PERIOD_MM,
+        return tuple(dataclasses.replace(item, appearance=_varied_appearance(rng, intensities))
+                     for item in lesions)
+    if lesion_appearance == "distinct":
+        return tuple(dataclasses.replace(item, appearance=DISTINCT_APPEARANCE) for item in lesions)
+    if lesion_appearance == "striped":
+        return tuple(
+            dataclasses.replace(item, appearance=STRIPED_APPEARANCE,
+                                stripe_period_mm=STRIPE_PERIOD_MM,
                                 stripe_amplitude=STRIPE_AMPLITUDE)
             for item in lesions
         )
-    return SubjectAnatomy(
-        pullback=pullback,
-        wavevectors=wavevectors,
-        amplitudes=amplitudes,
-        phases=phases,
-        lesions=lesions,
-        intensities=intensities,
-        head=head,
-    )
+    return lesions
 
 
 #: Lesion appearance models of :func:`random_subject`.
@@ -1218,11 +1296,7 @@ def _random_head(
         mean = rng.uniform(lo + 0.25 * (hi - lo), hi - 0.25 * (hi - lo))
         means.append(mean)
         amplitudes.append(min(mean - lo, hi - mean))
-    intensities = {
-        contrast: {name: float(value * (1.0 + rng.uniform(-intensity_jitter, intensity_jitter)))
-                   for name, value in HEAD_TISSUE_INTENSITIES[contrast].items()}
-        for contrast in CONTRASTS
-    }
+    intensities = _jittered_intensities(rng, HEAD_TISSUE_INTENSITIES, intensity_jitter)
     return HeadShape(
         wavevectors=wavevectors,
         phases=phases,
@@ -1365,32 +1439,16 @@ def _paint_head(
     """
     head = subject.head
     assert head is not None
-    x, y, z = coords
     res = float(width)
     t_csf, t_skull, t_scalp = head.thickness_fields(coords)
+    # Outer boundaries of the skull's layers, in mm outside the envelope: CSF, inner table,
+    # diploe, outer table.
     b1 = t_csf
     b2 = b1 + np.float32(head.inner_table_fraction) * t_skull
     b4 = b1 + t_skull
     b3 = b4 - np.float32(head.outer_table_fraction) * t_skull
-    # The temporalis: extra muscle over the temples (|x| > 40 mm, around the level of the
-    # lateral ventricles' floor), none over the vertex and the occiput.
-    lateral = np.clip((np.abs(x) - 40.0) / 25.0, 0.0, 1.0)
-    temporal = (head.temporalis_mm * lateral * lateral * (3.0 - 2.0 * lateral)
-                * np.exp(-(((z - 5.0) / 28.0) ** 2)) * (y < 60.0)).astype(np.float32)
     envelope = np.asarray(envelope, dtype=np.float32)
-    cranium = envelope - (b4 + t_scalp + temporal)
-    del temporal
-    face_centre = _ras_to_lps(_FACE_RAS)
-    face = _ellipsoid_sdf(coords, face_centre, np.multiply(_FACE_SEMI_MM, head.face_scale))
-    nose_centre = face_centre + (_ras_to_lps(_NOSE_RAS) - face_centre) * head.face_scale
-    nose = _ellipsoid_sdf(coords, nose_centre, np.multiply(_NOSE_SEMI_MM, head.face_scale))
-    neck_axis = _ras_to_lps((*_NECK_AXIS_RAS, 0.0))[:2]
-    neck = np.maximum(
-        _ellipsoid_sdf(coords[:2], neck_axis, np.multiply(_NECK_SEMI_MM, head.neck_scale)),
-        (z - _NECK_TOP_Z).astype(np.float32),
-    )
-    surface = _smooth_min(_smooth_min(cranium, _smooth_min(face, nose, 6.0), 12.0), neck, 20.0)
-    del face, nose, neck, cranium
+    surface = _head_surface(head, coords, envelope, b4 + t_scalp)
 
     images: dict[str, NDArray[np.float32]] = {
         c: np.zeros(np.broadcast_shapes(surface.shape, envelope.shape), dtype=np.float32)
@@ -1403,14 +1461,95 @@ def _paint_head(
             image = images[contrast]
             image -= mask * (image - np.float32(values[contrast][tissue]))
 
+    in_head = _paint_scalp(paint, head, surface, t_scalp, res)
+    del surface, t_scalp
+    _paint_face_cavities(paint, head, coords, res)
+    _paint_vertebra(paint, coords, res)
+    canal, below_foramen = _spinal_canal(coords, res)
+    paint(below_foramen * _inside(canal - (_CANAL_RADIUS_MM + _CANAL_WALL_MM), res), "bone")
+    skull = _paint_skull(paint, envelope, (b1, b2, b3, b4), res)
+    head_mask = np.maximum(in_head, skull)
+    # Large arrays on the template grid: free them before the last two layers.
+    del in_head, skull, b1, b2, b3, b4, t_csf, t_skull
+    paint(below_foramen * _inside(canal - _CANAL_RADIUS_MM, res), "csf")
+    paint(_inside(coords[2] - _MEDULLA_TIP_Z, res) * _inside(canal - _CORD_RADIUS_MM, res), "cord")
+    return images, head_mask
+
+
+#: Paints one tissue over the images painted so far: ``(soft mask, tissue name)``.
+_Paint = Callable[[NDArray[np.float32], str], None]
+
+
+def _face_point(head: HeadShape, ras: Sequence[float]) -> NDArray[np.float64]:
+    """LPS position of a template face landmark (RAS mm), scaled with the subject's face."""
+    face_centre = _ras_to_lps(_FACE_RAS)
+    return face_centre + (_ras_to_lps(ras) - face_centre) * head.face_scale
+
+
+def _head_surface(
+    head: HeadShape,
+    coords: tuple[NDArray[np.floating], NDArray[np.floating], NDArray[np.floating]],
+    envelope: NDArray[np.float32],
+    scalp_outer: NDArray[np.float32],
+) -> NDArray[np.float32]:
+    """Signed distance (mm, negative inside) to the skin: cranium, face, nose and neck joined.
+
+    Parameters
+    ----------
+    head : HeadShape
+        The subject's head.
+    coords : tuple of numpy.ndarray
+        Template LPS x, y, z (broadcastable arrays).
+    envelope : numpy.ndarray
+        Signed distance to the intracranial envelope at ``coords``.
+    scalp_outer : numpy.ndarray
+        Depth (mm) of the scalp's outer surface outside the envelope (CSF, skull and scalp),
+        before the temporalis.
+    """
+    x, y, z = coords
+    # The temporalis: extra muscle over the temples (|x| > 40 mm, around the level of the
+    # lateral ventricles' floor), none over the vertex and the occiput.
+    lateral = np.clip((np.abs(x) - 40.0) / 25.0, 0.0, 1.0)
+    temporal = (head.temporalis_mm * lateral * lateral * (3.0 - 2.0 * lateral)
+                * np.exp(-(((z - 5.0) / 28.0) ** 2)) * (y < 60.0)).astype(np.float32)
+    cranium = envelope - (scalp_outer + temporal)
+    del temporal
+    face = _ellipsoid_sdf(coords, _ras_to_lps(_FACE_RAS),
+                          np.multiply(_FACE_SEMI_MM, head.face_scale))
+    nose = _ellipsoid_sdf(coords, _face_point(head, _NOSE_RAS),
+                          np.multiply(_NOSE_SEMI_MM, head.face_scale))
+    neck_axis = _ras_to_lps((*_NECK_AXIS_RAS, 0.0))[:2]
+    neck = np.maximum(
+        _ellipsoid_sdf(coords[:2], neck_axis, np.multiply(_NECK_SEMI_MM, head.neck_scale)),
+        (z - _NECK_TOP_Z).astype(np.float32),
+    )
+    return _smooth_min(_smooth_min(cranium, _smooth_min(face, nose, 6.0), 12.0), neck, 20.0)
+
+
+def _paint_scalp(
+    paint: _Paint,
+    head: HeadShape,
+    surface: NDArray[np.float32],
+    t_scalp: NDArray[np.float32],
+    res: float,
+) -> NDArray[np.float32]:
+    """Paint muscle under the skin, then subcutaneous fat and skin; return the head's mask."""
     in_head = _inside(surface, res)
     paint(in_head, "muscle")
     skin = np.float32(head.skin_mm)
     fat = skin + np.float32(head.fat_fraction) * np.maximum(t_scalp - skin, 0.0)
     paint(in_head * _inside(-surface - fat, res), "fat")
     paint(in_head * _inside(-surface - skin, res), "skin")
-    del surface, t_scalp, fat
+    return in_head
 
+
+def _paint_face_cavities(
+    paint: _Paint,
+    head: HeadShape,
+    coords: tuple[NDArray[np.floating], NDArray[np.floating], NDArray[np.floating]],
+    res: float,
+) -> None:
+    """Paint the eyes in their orbital fat (if the head has eyes), then the air of the sinuses."""
     if head.eyes:
         for side in (1.0, -1.0):
             eye = _ras_to_lps((side * _EYE_RAS[0], *_EYE_RAS[1:])) + head.eye_offset_mm
@@ -1418,33 +1557,54 @@ def _paint_head(
                                          _ORBIT_SEMI_MM), res), "fat")
             paint(_inside(_ellipsoid_sdf(coords, eye, (_EYE_RADIUS_MM,) * 3), res), "vitreous")
     for side in (1.0, -1.0):
-        sinus = face_centre + (_ras_to_lps((side * _MAXILLARY_RAS[0], *_MAXILLARY_RAS[1:]))
-                               - face_centre) * head.face_scale
+        sinus = _face_point(head, (side * _MAXILLARY_RAS[0], *_MAXILLARY_RAS[1:]))
         paint(_inside(_ellipsoid_sdf(coords, sinus, _MAXILLARY_SEMI_MM), res), "air")
-    nasal = face_centre + (_ras_to_lps(_NASAL_RAS) - face_centre) * head.face_scale
+    nasal = _face_point(head, _NASAL_RAS)
     paint(_inside(_ellipsoid_sdf(coords, nasal, _NASAL_SEMI_MM), res), "air")
 
-    below = _inside(z - _VERTEBRA_TOP_Z, res)
+
+def _paint_vertebra(
+    paint: _Paint,
+    coords: tuple[NDArray[np.floating], NDArray[np.floating], NDArray[np.floating]],
+    res: float,
+) -> None:
+    """Paint the vertebral bodies below their top: a cortical shell around fatty marrow."""
+    below = _inside(coords[2] - _VERTEBRA_TOP_Z, res)
     vertebra_axis = _ras_to_lps((*_VERTEBRA_AXIS_RAS, 0.0))[:2]
     vertebra = _ellipsoid_sdf(coords[:2], vertebra_axis, _VERTEBRA_SEMI_MM)
     paint(below * _inside(vertebra, res), "bone")
     paint(below * _inside(vertebra + 1.5, res), "marrow")
-    del below, vertebra
+
+
+def _spinal_canal(
+    coords: tuple[NDArray[np.floating], NDArray[np.floating], NDArray[np.floating]],
+    res: float,
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """Distance (mm) to the spinal canal's axis and the soft mask below the foramen magnum."""
+    x, y, z = coords
     canal_axis = _ras_to_lps((*_CANAL_AXIS_RAS, 0.0))[:2]
     canal = (np.sqrt((x - canal_axis[0]) ** 2 + (y - canal_axis[1]) ** 2)).astype(np.float32)
-    below_foramen = _inside(z - _FORAMEN_MAGNUM_Z, res)
-    paint(below_foramen * _inside(canal - (_CANAL_RADIUS_MM + _CANAL_WALL_MM), res), "bone")
+    return canal, _inside(z - _FORAMEN_MAGNUM_Z, res)
 
+
+def _paint_skull(
+    paint: _Paint,
+    envelope: NDArray[np.float32],
+    bounds: tuple[NDArray[np.float32], ...],
+    res: float,
+) -> NDArray[np.float32]:
+    """Paint the skull's shells from the outside in; return the skull's soft mask.
+
+    ``bounds`` are the outer boundaries (mm outside the envelope) of the CSF, inner table,
+    diploe and outer table.
+    """
+    b1, b2, b3, b4 = bounds
     skull = _inside(envelope - b4, res)
     paint(skull, "bone")
     paint(_inside(envelope - b3, res), "marrow")
     paint(_inside(envelope - b2, res), "bone")
     paint(_inside(envelope - b1, res), "csf")
-    head_mask = np.maximum(in_head, skull)
-    del in_head, skull, b1, b2, b3, b4, t_csf, t_skull
-    paint(below_foramen * _inside(canal - _CANAL_RADIUS_MM, res), "csf")
-    paint(_inside(z - _MEDULLA_TIP_Z, res) * _inside(canal - _CORD_RADIUS_MM, res), "cord")
-    return images, head_mask
+    return skull
 
 
 # --------------------------------------------------------------------------------------------
@@ -1720,15 +1880,11 @@ def render_series(
         A precomputed :func:`synthesize_contrast` of this subject's intensities (saves time when
         several series share a contrast).
     """
-    from scipy import ndimage
-
     _check_contrast(contrast)
     noise = _check_range("noise_fraction", noise_fraction, 0.0, 1.0)
     bias = _check_range("bias_strength", bias_strength, 0.0, 1.0)
     gain = _check_range("gain", gain, 0.0, 1e6, lo_open=True)
-    shape = grid.shape_zyx
     intensities = subject.intensities[contrast]
-    with_head = subject.head is not None
     if template_image is None:
         template_image = synthesize_contrast(
             maps, contrast, {k: intensities[k] for k in ("csf", "gm", "wm")}
@@ -1736,16 +1892,55 @@ def render_series(
     elif template_image.shape != maps.shape:
         raise ValueError(f"template_image must have the template shape {maps.shape}; "
                          f"got {template_image.shape}")
-    index_to_lps_sample = maps.index_to_lps
-    lps_to_voxel = maps.lps_to_index
+    where, index_xyz, coords = _template_voxel_coordinates(maps, subject, grid)
+    # Lesions are evaluated where the voxel lands in the template before any mass effect: the
+    # lesion is what displaced the tissue, not displaced itself.
+    blends = _lesion_blends(maps, subject, contrast, coords)
+    for item in subject.lesions:
+        if item.mass_effect_mm > 0:
+            _apply_mass_effect(maps, item, coords, maps.index_to_lps, maps.lps_to_index)
+    values, inside, in_lesion, in_head = _composite_values(maps, subject, contrast, grid,
+                                                           template_image, coords, blends)
+    del coords
+    if bias > 0:
+        values *= np.exp(_log_bias_field(rng, grid, index_xyz, bias))
+    values *= np.float32(gain)
+    if noise > 0:
+        sigma = np.float32(noise * gain * max(intensities["csf"], intensities["gm"],
+                                              intensities["wm"]))
+        values = _rician(values, sigma, rng)
+    return _rendered_series(grid, where, values, inside, in_lesion, in_head)
 
+
+#: A lesion's blend into the rendered values: indices of the points it may reach, its weight
+#: and intensity there, whether each lies inside the lesion, and whether it is confined to the
+#: brain (a cortical lesion).
+_Blend = tuple[NDArray[np.intp], NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_], bool]
+
+
+def _template_voxel_coordinates(
+    maps: TissueMaps, subject: SubjectAnatomy, grid: AcquisitionGrid
+) -> tuple[tuple[NDArray[np.intp], ...], tuple[NDArray[np.float32], ...], NDArray[np.float32]]:
+    """The grid voxels to render and the template voxel each lands on through the subject warp.
+
+    Returns
+    -------
+    where : tuple of numpy.ndarray
+        ``numpy.nonzero`` of the voxels rendered (every voxel of a head; those that may sample
+        the brain otherwise).
+    index_xyz : tuple of numpy.ndarray
+        Their x, y and z grid indices (``float32``).
+    coords : numpy.ndarray
+        ``(3, N)`` ``float32`` template voxel coordinates, elastic displacement included.
+    """
+    lps_to_voxel = maps.lps_to_index
     # grid index -> subject LPS -> (affine) template LPS -> template voxel is affine; the
     # elastic displacement is added in template-voxel units.
     index_to_template = subject.pullback @ grid.index_to_physical
     index_to_voxel = lps_to_voxel @ index_to_template
-    if with_head:
+    if subject.head is not None:
         # Air is noisy too, so every voxel is rendered.
-        candidates = np.ones(shape, dtype=bool)
+        candidates = np.ones(grid.shape_zyx, dtype=bool)
     else:
         elastic_bound_mm = float(np.linalg.norm(subject.amplitudes, axis=1).sum())
         # A mass effect only moves points inside the brain (its push is 0 at the surface).
@@ -1764,14 +1959,18 @@ def render_series(
         step = lps_to_voxel[:3, :3] @ subject.amplitudes[k]
         for c in range(3):
             coords[c] += np.float32(step[c]) * wave_values
+    return where, index_xyz, coords
 
-    # Lesions are evaluated where the voxel lands in the template before any mass effect: the
-    # lesion is what displaced the tissue, not displaced itself.
+
+def _lesion_blends(
+    maps: TissueMaps, subject: SubjectAnatomy, contrast: str, coords: NDArray[np.float32]
+) -> list[_Blend]:
+    """Each lesion's blend at the template voxel coordinates ``coords`` (see :data:`_Blend`)."""
+    index_to_lps_sample = maps.index_to_lps
     voxel_size = float(maps.resolution)
-    blends: list[tuple[NDArray[np.intp], NDArray[np.float64], NDArray[np.float64],
-                       NDArray[np.bool_], bool]] = []
+    blends: list[_Blend] = []
     for item in subject.lesions:
-        near = _near_points(coords, lps_to_voxel, item.centre_lps,
+        near = _near_points(coords, maps.lps_to_index, item.centre_lps,
                             (item.max_extent_mm + 6.0 * item.edge_mm) / voxel_size)
         if near.size == 0:
             continue
@@ -1779,27 +1978,66 @@ def render_series(
                   + index_to_lps_sample[:3, 3])
         ratio = item.radius_ratio(points)
         weight = item.membership(ratio)
-        # Brighter (T2w) or darker (T1w) core fading to the rim value at the boundary.
-        core_fraction = np.clip(1.0 - ratio, 0.0, 1.0)
-        rim, core = intensities["lesion_rim"], intensities["lesion_core"]
-        for name, own_rim, own_core in item.appearance:
-            if name == contrast:
-                rim, core = own_rim, own_core
-        lesion_value = item.intensity_scale * (rim + (core - rim) * core_fraction)
-        if item.stripe_amplitude > 0:
-            lesion_value = np.maximum(lesion_value + item.stripe_amplitude * np.sin(
-                2.0 * math.pi * points[:, 0] / item.stripe_period_mm), 0.0)
+        lesion_value = _lesion_values(item, contrast, subject.intensities[contrast], points,
+                                      ratio)
         blends.append((near, weight, lesion_value, ratio <= 1.0, item.placement == "cortical"))
-    for item in subject.lesions:
-        if item.mass_effect_mm > 0:
-            _apply_mass_effect(maps, item, coords, index_to_lps_sample, lps_to_voxel)
+    return blends
+
+
+def _lesion_values(
+    lesion: Lesion,
+    contrast: str,
+    intensities: Mapping[str, float],
+    points: NDArray[np.float64],
+    ratio: NDArray[np.float64],
+) -> NDArray[np.float64]:
+    """A lesion's relative intensity at template LPS ``points`` (``ratio``: their radius ratio).
+
+    The lesion takes its own (rim, core) for ``contrast`` if it has one, else the subject's
+    lesion intensities; stripes, if any, run along template x.
+    """
+    # Brighter (T2w) or darker (T1w) core fading to the rim value at the boundary.
+    core_fraction = np.clip(1.0 - ratio, 0.0, 1.0)
+    rim, core = intensities["lesion_rim"], intensities["lesion_core"]
+    for name, own_rim, own_core in lesion.appearance:
+        if name == contrast:
+            rim, core = own_rim, own_core
+    lesion_value = lesion.intensity_scale * (rim + (core - rim) * core_fraction)
+    if lesion.stripe_amplitude > 0:
+        lesion_value = np.maximum(lesion_value + lesion.stripe_amplitude * np.sin(
+            2.0 * math.pi * points[:, 0] / lesion.stripe_period_mm), 0.0)
+    return lesion_value
+
+
+def _composite_values(
+    maps: TissueMaps,
+    subject: SubjectAnatomy,
+    contrast: str,
+    grid: AcquisitionGrid,
+    template_image: NDArray[np.float32],
+    coords: NDArray[np.float32],
+    blends: list[_Blend],
+) -> tuple[NDArray[np.float32], NDArray[np.bool_], NDArray[np.bool_], NDArray[np.bool_] | None]:
+    """Relative intensities at template voxel coordinates: brain, head around it, lesions.
+
+    Returns
+    -------
+    values : numpy.ndarray
+        ``float32`` relative intensities.
+    inside, in_lesion : numpy.ndarray
+        Brain and lesion masks (the latter not yet limited to the brain).
+    in_head : numpy.ndarray or None
+        Head mask of a subject with a head, else None.
+    """
+    from scipy import ndimage
 
     values = ndimage.map_coordinates(template_image, coords, order=1, mode="constant", cval=0.0,
                                      prefilter=False, output=np.float32)
     brain_weight = ndimage.map_coordinates(maps.brain, coords, order=1, mode="constant",
                                            cval=0.0, prefilter=False, output=np.float32)
     inside = brain_weight >= 0.5
-    if with_head:
+    in_head = None
+    if subject.head is not None:
         # The brain image is 0 outside the brain, so interpolating it and adding the head's
         # value times the non-brain weight interpolates the composite (brain in its mask, head
         # tissues around it) without a dark seam at the brain's edge.
@@ -1814,37 +2052,62 @@ def render_series(
             weight = weight * brain_weight[near]
         values[near] = ((1.0 - weight) * values[near] + weight * lesion_value).astype(np.float32)
         in_lesion[near] |= within
-    del brain_weight
-    del coords
+    return values, inside, in_lesion, in_head
 
-    if bias > 0:
-        # Coil sensitivity: smooth in scanner space (not anatomy), hence on grid points.
-        index_to_lps = grid.index_to_physical
-        n_bias = 4
-        waves = _random_unit_vectors(rng, n_bias) * (
-            2.0 * math.pi / rng.uniform(200.0, 400.0, size=n_bias)
-        )[:, None]
-        weights = rng.normal(0.0, bias * math.sqrt(2.0 / n_bias), size=n_bias)
-        phases = rng.uniform(0.0, 2.0 * math.pi, size=n_bias)
-        log_bias = np.zeros(values.shape, dtype=np.float32)
-        for wave, weight, phase0 in zip(waves, weights, phases, strict=True):
-            log_bias += np.float32(weight) * np.sin(_linear_values(
-                index_to_lps[:3, :3].T @ wave, float(wave @ index_to_lps[:3, 3] + phase0),
-                index_xyz))
-        values *= np.exp(log_bias)
-    values *= np.float32(gain)
-    if noise > 0:
-        sigma = np.float32(noise * gain * max(intensities["csf"], intensities["gm"],
-                                              intensities["wm"]))
-        real = values + sigma * rng.standard_normal(values.shape, dtype=np.float32)
-        imag = sigma * rng.standard_normal(values.shape, dtype=np.float32)
-        values = np.sqrt(real * real + imag * imag)
 
+def _log_bias_field(
+    rng: np.random.Generator,
+    grid: AcquisitionGrid,
+    index_xyz: tuple[NDArray[np.float32], ...],
+    bias: float,
+) -> NDArray[np.float32]:
+    """Draw a log bias field of RMS ``bias`` and evaluate it at grid indices ``index_xyz``."""
+    # Coil sensitivity: smooth in scanner space (not anatomy), hence on grid points.
+    index_to_lps = grid.index_to_physical
+    n_bias = 4
+    waves = _random_unit_vectors(rng, n_bias) * (
+        2.0 * math.pi / rng.uniform(200.0, 400.0, size=n_bias)
+    )[:, None]
+    weights = rng.normal(0.0, bias * math.sqrt(2.0 / n_bias), size=n_bias)
+    phases = rng.uniform(0.0, 2.0 * math.pi, size=n_bias)
+    log_bias = np.zeros(index_xyz[0].shape, dtype=np.float32)
+    for wave, weight, phase0 in zip(waves, weights, phases, strict=True):
+        log_bias += np.float32(weight) * np.sin(_linear_values(
+            index_to_lps[:3, :3].T @ wave, float(wave @ index_to_lps[:3, 3] + phase0),
+            index_xyz))
+    return log_bias
+
+
+def _rician(
+    values: NDArray[np.float32], sigma: np.float32, rng: np.random.Generator
+) -> NDArray[np.float32]:
+    """Magnitude of ``values`` plus complex Gaussian noise of ``sigma``: a scanner's Rician noise.
+
+    Draws the real part's noise, then the imaginary part's.
+    """
+    real = values + sigma * rng.standard_normal(values.shape, dtype=np.float32)
+    imag = sigma * rng.standard_normal(values.shape, dtype=np.float32)
+    return np.sqrt(real * real + imag * imag)
+
+
+def _rendered_series(
+    grid: AcquisitionGrid,
+    where: tuple[NDArray[np.intp], ...],
+    values: NDArray[np.float32],
+    inside: NDArray[np.bool_],
+    in_lesion: NDArray[np.bool_],
+    in_head: NDArray[np.bool_] | None,
+) -> RenderedSeries:
+    """Scatter the rendered voxels ``where`` into the grid's arrays.
+
+    Without a head (``in_head`` None) the image is exactly 0 outside the brain.
+    """
+    shape = grid.shape_zyx
     image = np.zeros(shape, dtype=np.float32)
     brain = np.zeros(shape, dtype=bool)
     lesion = np.zeros(shape, dtype=bool)
     head = None
-    if with_head:
+    if in_head is not None:
         image[where] = values
         head = np.zeros(shape, dtype=bool)
         head[where] = in_head | inside
@@ -2080,8 +2343,69 @@ def _base_dataset(
     sequence_name: str | None,
     extra: Mapping[str, Any] | None,
 ) -> Any:
+    """The dataset of the attributes that every file of a series shares, values checked first."""
     from pydicom.dataset import Dataset
 
+    _check_dataset_values(
+        modality=modality, patient_id=patient_id, study_uid=study_uid, series_uid=series_uid,
+        frame_of_reference_uid=frame_of_reference_uid, study_date=study_date,
+        patient_birth_date=patient_birth_date, image_type=image_type, patient_sex=patient_sex,
+        echo_time=echo_time, repetition_time=repetition_time, series_number=series_number,
+    )
+    ds = Dataset()
+    # Set in the order they always were, so that pydicom's complaints about invalid values
+    # (warnings, or errors where it is set to raise) come in the same order.
+    _set_study_description(
+        ds, image_type=image_type, study_date=study_date, study_time=study_time,
+        series_time=series_time, accession_number=accession_number, modality=modality,
+        manufacturer=manufacturer, institution_name=institution_name, station_name=station_name,
+        series_description=series_description, manufacturer_model_name=manufacturer_model_name,
+    )
+    _set_patient(ds, patient_name=patient_name, patient_id=patient_id,
+                 patient_birth_date=patient_birth_date, patient_sex=patient_sex,
+                 patient_age=patient_age)
+    _set_acquisition(
+        ds, body_part_examined=body_part_examined, scanning_sequence=scanning_sequence,
+        sequence_variant=sequence_variant, scan_options=scan_options,
+        mr_acquisition_type=mr_acquisition_type, sequence_name=sequence_name,
+        repetition_time=repetition_time, echo_time=echo_time, inversion_time=inversion_time,
+        magnetic_field_strength=magnetic_field_strength, echo_train_length=echo_train_length,
+        protocol_name=protocol_name or series_description, flip_angle=flip_angle,
+        patient_position=patient_position,
+    )
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = study_id
+    ds.SeriesNumber = series_number
+    ds.AcquisitionNumber = 1
+    ds.FrameOfReferenceUID = frame_of_reference_uid
+    ds.PositionReferenceIndicator = ""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.PixelRepresentation = 0
+    # Set last, so that they override.
+    for keyword, value in (extra or {}).items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def _check_dataset_values(
+    *,
+    modality: str,
+    patient_id: str,
+    study_uid: str,
+    series_uid: str,
+    frame_of_reference_uid: str,
+    study_date: str,
+    patient_birth_date: str,
+    image_type: Sequence[str],
+    patient_sex: str,
+    echo_time: float,
+    repetition_time: float,
+    series_number: int,
+) -> None:
+    """Refuse values that :func:`write_series` cannot write as a valid MR Image Storage file."""
     if modality != "MR":
         raise ValueError(f"only MR Image Storage is written; got modality {modality!r}")
     for name, value in (("patient_id", patient_id), ("study_uid", study_uid),
@@ -2100,7 +2424,23 @@ def _base_dataset(
     _check_range("repetition_time", repetition_time, 0.0, 1e6)
     _check_int("series_number", series_number, 0)
 
-    ds = Dataset()
+
+def _set_study_description(
+    ds: Any,
+    *,
+    image_type: Sequence[str],
+    study_date: str,
+    study_time: str,
+    series_time: str | None,
+    accession_number: str,
+    modality: str,
+    manufacturer: str,
+    institution_name: str,
+    station_name: str,
+    series_description: str,
+    manufacturer_model_name: str,
+) -> None:
+    """Set the SOP class, dates and times, equipment and descriptions of a series."""
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = list(image_type)
     ds.SOPClassUID = _MR_IMAGE_STORAGE
@@ -2109,6 +2449,7 @@ def _base_dataset(
     ds.AcquisitionDate = study_date
     ds.ContentDate = study_date
     ds.StudyTime = study_time
+    # Without a series time the series is taken to start with the study.
     ds.SeriesTime = series_time or study_time
     ds.AcquisitionTime = series_time or study_time
     ds.ContentTime = series_time or study_time
@@ -2121,12 +2462,48 @@ def _base_dataset(
     ds.StudyDescription = "MRI BRAIN"
     ds.SeriesDescription = series_description
     ds.ManufacturerModelName = manufacturer_model_name
+
+
+def _set_patient(
+    ds: Any,
+    *,
+    patient_name: str,
+    patient_id: str,
+    patient_birth_date: str,
+    patient_sex: str,
+    patient_age: str | None,
+) -> None:
+    """Set the patient's identification and demographics (PatientAge only when given)."""
     ds.PatientName = patient_name
     ds.PatientID = patient_id
     ds.PatientBirthDate = patient_birth_date
     ds.PatientSex = patient_sex
     if patient_age:
         ds.PatientAge = patient_age
+
+
+def _set_acquisition(
+    ds: Any,
+    *,
+    body_part_examined: str,
+    scanning_sequence: str,
+    sequence_variant: str,
+    scan_options: str,
+    mr_acquisition_type: str,
+    sequence_name: str | None,
+    repetition_time: float,
+    echo_time: float,
+    inversion_time: float | None,
+    magnetic_field_strength: float,
+    echo_train_length: int | None,
+    protocol_name: str,
+    flip_angle: float | None,
+    patient_position: str,
+) -> None:
+    """Set the MR acquisition attributes; optional ones only when given.
+
+    Backslash-separated values become multi-valued attributes.
+    """
     ds.BodyPartExamined = body_part_examined
     ds.ScanningSequence = scanning_sequence.split("\\")
     ds.SequenceVariant = sequence_variant.split("\\")
@@ -2139,29 +2516,16 @@ def _base_dataset(
     if inversion_time is not None:
         ds.InversionTime = _ds(inversion_time)
     ds.NumberOfAverages = _ds(1)
+    # The 1H Larmor frequency: 42.577478 MHz per tesla.
     ds.ImagingFrequency = _ds(42.577478 * magnetic_field_strength)
     ds.ImagedNucleus = "1H"
     ds.MagneticFieldStrength = _ds(magnetic_field_strength)
     ds.EchoTrainLength = echo_train_length if echo_train_length is not None else ""
     ds.SoftwareVersions = _GENERATOR_NAME
-    ds.ProtocolName = protocol_name or series_description
+    ds.ProtocolName = protocol_name
     if flip_angle is not None:
         ds.FlipAngle = _ds(flip_angle)
     ds.PatientPosition = patient_position
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.StudyID = study_id
-    ds.SeriesNumber = series_number
-    ds.AcquisitionNumber = 1
-    ds.FrameOfReferenceUID = frame_of_reference_uid
-    ds.PositionReferenceIndicator = ""
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.PixelRepresentation = 0
-    for keyword, value in (extra or {}).items():
-        setattr(ds, keyword, value)
-    return ds
 
 
 def _write_slices(
@@ -2275,52 +2639,24 @@ def _file_meta_group(encoded: dict[int, bytes], sop_instance_uid: str) -> bytes:
 
 
 def write_series(
-    volume_array_zyx: ArrayLike,
-    origin: ArrayLike,
-    spacing: ArrayLike,
-    direction: ArrayLike,
-    out_dir: str | os.PathLike[str],
-    *,
-    patient_id: str,
-    patient_name: str,
-    study_uid: str,
-    series_uid: str,
-    series_description: str,
-    series_number: int,
-    echo_time: float,
-    repetition_time: float,
-    frame_of_reference_uid: str,
-    modality: str = "MR",
-    scanning_sequence: str = "SE",
-    sequence_variant: str = "SK\\SP",
-    scan_options: str = "",
-    mr_acquisition_type: str = "2D",
-    inversion_time: float | None = None,
-    echo_train_length: int | None = None,
-    flip_angle: float | None = None,
-    sequence_name: str | None = None,
-    protocol_name: str | None = None,
-    image_type: Sequence[str] = _DEFAULT_IMAGE_TYPE,
-    study_date: str = "20240101",
-    study_time: str = "080000",
-    series_time: str | None = None,
-    study_id: str = "1",
-    accession_number: str = "",
-    patient_birth_date: str = "19700101",
-    patient_sex: str = "O",
-    patient_age: str | None = None,
-    manufacturer: str = "CoDeGraph3D Synthetic",
+    volume_array_zyx: ArrayLike, origin: ArrayLike, spacing: ArrayLike, direction: ArrayLike,
+    out_dir: str | os.PathLike[str], *, patient_id: str, patient_name: str, study_uid: str,
+    series_uid: str, series_description: str, series_number: int, echo_time: float,
+    repetition_time: float, frame_of_reference_uid: str, modality: str = "MR",
+    scanning_sequence: str = "SE", sequence_variant: str = "SK\\SP", scan_options: str = "",
+    mr_acquisition_type: str = "2D", inversion_time: float | None = None,
+    echo_train_length: int | None = None, flip_angle: float | None = None,
+    sequence_name: str | None = None, protocol_name: str | None = None,
+    image_type: Sequence[str] = _DEFAULT_IMAGE_TYPE, study_date: str = "20240101",
+    study_time: str = "080000", series_time: str | None = None, study_id: str = "1",
+    accession_number: str = "", patient_birth_date: str = "19700101", patient_sex: str = "O",
+    patient_age: str | None = None, manufacturer: str = "CoDeGraph3D Synthetic",
     manufacturer_model_name: str = "MNI152-2009 phantom",
-    institution_name: str = "Synthetic Hospital",
-    station_name: str = "SYNTH01",
-    magnetic_field_strength: float = 3.0,
-    body_part_examined: str = "BRAIN",
-    patient_position: str = "HFS",
-    slice_thickness: float | None = None,
-    bits_stored: int = 12,
+    institution_name: str = "Synthetic Hospital", station_name: str = "SYNTH01",
+    magnetic_field_strength: float = 3.0, body_part_examined: str = "BRAIN",
+    patient_position: str = "HFS", slice_thickness: float | None = None, bits_stored: int = 12,
     rescale: tuple[float, float] | None = None,
-    extra_attributes: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
+    extra_attributes: Mapping[str, Any] | None = None, overwrite: bool = False,
 ) -> list[Path]:
     """Write a 3D volume as an MR Image Storage series, one file per slice.
 
@@ -2377,6 +2713,35 @@ def write_series(
     list of pathlib.Path
         The written files, in instance order.
     """
+    # Only the parameters are bound yet. Those that describe the series (all but the pixels,
+    # their geometry and how they are stored) are _base_dataset's keywords, by the same names.
+    given = dict(locals())
+    header = {name: value for name, value in given.items() if name not in _SERIES_STORAGE_KEYWORDS}
+    volume, origin, spacing, direction = _checked_volume_geometry(volume_array_zyx, origin,
+                                                                  spacing, direction)
+    if mr_acquisition_type not in ("2D", "3D"):
+        raise ValueError(f"mr_acquisition_type must be '2D' or '3D'; got {mr_acquisition_type!r}")
+    ds = _base_dataset(extra=extra_attributes, **header)
+    return _write_slices(
+        ds, _volume_slices(volume, origin, spacing, direction), Path(out_dir),
+        slice_thickness=float(spacing[2]) if slice_thickness is None else slice_thickness,
+        spacing_between_slices=float(spacing[2]), bits_stored=bits_stored, rescale=rescale,
+        overwrite=overwrite,
+    )
+
+
+# The parameters of write_series that are not dataset attributes: the pixels, their geometry
+# and how they are stored.
+_SERIES_STORAGE_KEYWORDS = frozenset({
+    "volume_array_zyx", "origin", "spacing", "direction", "out_dir", "slice_thickness",
+    "bits_stored", "rescale", "extra_attributes", "overwrite",
+})
+
+
+def _checked_volume_geometry(
+    volume_array_zyx: ArrayLike, origin: ArrayLike, spacing: ArrayLike, direction: ArrayLike
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """A volume and its geometry as float arrays, refused if empty, not finite or degenerate."""
     volume = np.asarray(volume_array_zyx, dtype=float)
     if volume.ndim != 3 or min(volume.shape) < 1:
         raise ValueError(f"volume_array_zyx must be a non-empty 3-D array; got {volume.shape}")
@@ -2387,37 +2752,22 @@ def write_series(
     if np.any(spacing <= 0):
         raise ValueError(f"spacing must be positive; got {spacing.tolist()}")
     direction = _as_direction("direction", direction)
-    if mr_acquisition_type not in ("2D", "3D"):
-        raise ValueError(f"mr_acquisition_type must be '2D' or '3D'; got {mr_acquisition_type!r}")
-    ds = _base_dataset(
-        patient_id=patient_id, patient_name=patient_name, study_uid=study_uid,
-        series_uid=series_uid, series_description=series_description,
-        series_number=series_number, modality=modality,
-        frame_of_reference_uid=frame_of_reference_uid, image_type=image_type,
-        study_date=study_date, study_time=study_time, series_time=series_time,
-        study_id=study_id, accession_number=accession_number,
-        patient_birth_date=patient_birth_date, patient_sex=patient_sex, patient_age=patient_age,
-        manufacturer=manufacturer, manufacturer_model_name=manufacturer_model_name,
-        institution_name=institution_name, station_name=station_name,
-        magnetic_field_strength=magnetic_field_strength, body_part_examined=body_part_examined,
-        patient_position=patient_position, protocol_name=protocol_name,
-        scanning_sequence=scanning_sequence, sequence_variant=sequence_variant,
-        scan_options=scan_options, mr_acquisition_type=mr_acquisition_type,
-        echo_time=echo_time, repetition_time=repetition_time, inversion_time=inversion_time,
-        echo_train_length=echo_train_length, flip_angle=flip_angle, sequence_name=sequence_name,
-        extra=extra_attributes,
-    )
+    return volume, origin, spacing, direction
+
+
+def _volume_slices(
+    volume: NDArray[np.float64],
+    origin: NDArray[np.float64],
+    spacing: NDArray[np.float64],
+    direction: NDArray[np.float64],
+) -> list[tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64],
+                tuple[float, float]]]:
+    """The ``(image_yx, position, orientation6, (row, column spacing))`` of each slice."""
     orientation = np.concatenate([direction[:, 0], direction[:, 1]])
     step = direction[:, 2] * spacing[2]
     pixel_spacing = (float(spacing[1]), float(spacing[0]))
-    slices = [(volume[k], origin + step * k, orientation, pixel_spacing)
-              for k in range(volume.shape[0])]
-    return _write_slices(
-        ds, slices, Path(out_dir),
-        slice_thickness=float(spacing[2]) if slice_thickness is None else slice_thickness,
-        spacing_between_slices=float(spacing[2]), bits_stored=bits_stored, rescale=rescale,
-        overwrite=overwrite,
-    )
+    return [(volume[k], origin + step * k, orientation, pixel_spacing)
+            for k in range(volume.shape[0])]
 
 
 def write_localizer(
@@ -2937,8 +3287,7 @@ def write_knee_series(
     WrittenSeries
     """
     _check_contrast(contrast)
-    if not isinstance(neutral_header, (bool, np.bool_)):
-        raise TypeError(f"neutral_header must be True or False; got {neutral_header!r}")
+    _check_flags(("neutral_header", neutral_header))
     fov = _check_range("field_of_view_mm", field_of_view_mm, 0.0, 1000.0, lo_open=True)
     matrix = _check_int("matrix", matrix, 4, 2048)
     n_slices = _check_int("n_slices", n_slices, 1, 512)
@@ -2951,18 +3300,60 @@ def write_knee_series(
     rng = np.random.default_rng([seed, 0x4EE])
 
     pixel = fov / matrix
+    grid, coords = _knee_grid(pixel, matrix, n_slices, slice_mm)
+    values = dict(_KNEE_INTENSITIES[contrast], air=0.0)
+    image = _paint_knee(coords, grid.shape_zyx, values, float(min(pixel, slice_mm)), rng)
+    gain = np.float32(rng.uniform(600.0, 1400.0))
+    image *= gain
+    if noise > 0:
+        sigma = np.float32(noise) * gain * np.float32(max(values.values()))
+        image = _rician(image, sigma, rng)
+
+    description, body_part, extra, position = _knee_header(contrast, neutral_header)
+    if body_part_examined is not None:
+        body_part = str(body_part_examined)
+    return _write_bad_series(
+        "knee", image.astype(np.float32), grid, out_dir, contrast=contrast, identity=identity,
+        series_number=series_number,
+        series_description=description if series_description is None else series_description,
+        body_part_examined=body_part, rng=rng, study_attributes=study_attributes,
+        extra_attributes=extra, patient_position=position,
+    )
+
+
+def _knee_grid(
+    pixel: float, matrix: int, n_slices: int, slice_mm: float
+) -> tuple[AcquisitionGrid, tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]]:
+    """An axial grid centred on the joint line, and its voxel centres in the knee's frame.
+
+    Returns
+    -------
+    grid : AcquisitionGrid
+    coords : tuple of numpy.ndarray
+        LPS x, y, z (mm; +x left, +y posterior, +z towards the hip, joint line at z = 0),
+        shaped to broadcast over ``[z, y, x]``.
+    """
     spacing = np.array([pixel, pixel, slice_mm])
     direction = orientation_direction("axial")
     shape = (n_slices, matrix, matrix)
     origin = -0.5 * (np.array([matrix, matrix, n_slices]) - 1) * spacing
     grid = AcquisitionGrid(shape, origin, spacing, direction, "axial")
-    # Voxel centres in the knee's frame (LPS mm: +x left, +y posterior, +z towards the hip),
-    # joint line at z = 0.
     z, y, x = (origin[a] + spacing[a] * np.arange(n) for a, n in ((2, n_slices), (1, matrix),
                                                                   (0, matrix)))
-    coords = (x[None, None, :], y[None, :, None], z[:, None, None])
-    res = float(min(pixel, slice_mm))
-    values = dict(_KNEE_INTENSITIES[contrast], air=0.0)
+    return grid, (x[None, None, :], y[None, :, None], z[:, None, None])
+
+
+def _paint_knee(
+    coords: tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]],
+    shape: tuple[int, int, int],
+    values: Mapping[str, float],
+    res: float,
+    rng: np.random.Generator,
+) -> NDArray[np.float32]:
+    """Relative intensities of the knee at ``coords``: each tissue over the previous ones.
+
+    ``res`` is the soft edge width (mm); ``rng`` draws the subcutaneous fat's thickness.
+    """
     image = np.zeros(shape, dtype=np.float32)
 
     def paint(mask: NDArray[np.float32], tissue: str) -> None:
@@ -2974,15 +3365,7 @@ def write_knee_series(
     fat = float(rng.uniform(6.0, 10.0))
     paint(_inside(leg, res) * _inside(-leg - fat, res), "fat")
     paint(_inside(leg, res) * _inside(-leg - 1.5, res), "skin")
-    # Femur above, tibia below the joint line: shafts widening into the condyles / plateau.
-    widen = (0.37 + 0.63 * np.exp(-np.abs(coords[2]) / 22.0)).astype(np.float32)
-    crosses = []
-    for sign, centre_y, semi in ((1.0, 4.0, (38.0, 30.0)), (-1.0, 8.0, (35.0, 28.0))):
-        semi_x, semi_y = np.float32(semi[0]) * widen, np.float32(semi[1]) * widen
-        dx, dy = coords[0].astype(np.float32), (coords[1] - centre_y).astype(np.float32)
-        k0 = np.sqrt((dx / semi_x) ** 2 + (dy / semi_y) ** 2)
-        k1 = np.sqrt((dx / semi_x**2) ** 2 + (dy / semi_y**2) ** 2)
-        crosses.append((sign, k0 * (k0 - 1.0) / np.maximum(k1, np.float32(1e-6))))
+    crosses = _knee_bone_sections(coords)
     # Joint fluid in the 3 mm between the two cartilage caps.
     joint = np.minimum(crosses[0][1], crosses[1][1])
     paint(_inside(joint, res) * _inside(np.abs(coords[2]) - 1.5, res), "fluid")
@@ -2997,35 +3380,41 @@ def write_knee_series(
     patella = _ellipsoid_sdf(coords, (0.0, -46.0, 12.0), (22.0, 9.0, 18.0))
     paint(_inside(patella, res), "bone")
     paint(_inside(patella + 2.0, res), "marrow")
+    return image
 
-    gain = np.float32(rng.uniform(600.0, 1400.0))
-    image *= gain
-    if noise > 0:
-        sigma = np.float32(noise) * gain * np.float32(max(values.values()))
-        real = image + sigma * rng.standard_normal(shape, dtype=np.float32)
-        imag = sigma * rng.standard_normal(shape, dtype=np.float32)
-        image = np.sqrt(real * real + imag * imag)
 
+def _knee_bone_sections(
+    coords: tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]],
+) -> list[tuple[float, NDArray[np.float32]]]:
+    """Femur (``+1``, above the joint line) and tibia (``-1``): signed distance to each shaft.
+
+    Each is an elliptic cross-section (mm, negative inside) that widens into the condyles /
+    plateau towards the joint line.
+    """
+    widen = (0.37 + 0.63 * np.exp(-np.abs(coords[2]) / 22.0)).astype(np.float32)
+    crosses = []
+    for sign, centre_y, semi in ((1.0, 4.0, (38.0, 30.0)), (-1.0, 8.0, (35.0, 28.0))):
+        semi_x, semi_y = np.float32(semi[0]) * widen, np.float32(semi[1]) * widen
+        dx, dy = coords[0].astype(np.float32), (coords[1] - centre_y).astype(np.float32)
+        k0 = np.sqrt((dx / semi_x) ** 2 + (dy / semi_y) ** 2)
+        k1 = np.sqrt((dx / semi_x**2) ** 2 + (dy / semi_y**2) ** 2)
+        crosses.append((sign, k0 * (k0 - 1.0) / np.maximum(k1, np.float32(1e-6))))
+    return crosses
+
+
+def _knee_header(
+    contrast: str, neutral_header: bool
+) -> tuple[str, str, dict[str, Any] | None, str]:
+    """SeriesDescription, BodyPartExamined, extra attributes and PatientPosition of a knee.
+
+    A neutral header says nothing of the body part and is written head first, as a brain
+    series is; otherwise the header names the knee and the patient lies feet first.
+    """
     code = "T2" if contrast == "T2w" else "T1"
     if neutral_header:
-        description = f"{code} AX"
-        body_part = ""
-        extra: dict[str, Any] | None = None
-        position = "HFS"
-    else:
-        description = f"{code} TSE AX KNEE" if contrast == "T2w" else f"{code} SE AX KNEE"
-        body_part = "KNEE"
-        extra = {"StudyDescription": "MRI KNEE"}
-        position = "FFS"
-    if body_part_examined is not None:
-        body_part = str(body_part_examined)
-    return _write_bad_series(
-        "knee", image.astype(np.float32), grid, out_dir, contrast=contrast, identity=identity,
-        series_number=series_number,
-        series_description=description if series_description is None else series_description,
-        body_part_examined=body_part, rng=rng, study_attributes=study_attributes,
-        extra_attributes=extra, patient_position=position,
-    )
+        return f"{code} AX", "", None, "HFS"
+    description = f"{code} TSE AX KNEE" if contrast == "T2w" else f"{code} SE AX KNEE"
+    return description, "KNEE", {"StudyDescription": "MRI KNEE"}, "FFS"
 
 
 # --------------------------------------------------------------------------------------------
@@ -3126,36 +3515,18 @@ def _resolve_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def make_cohort(
-    out_dir: str | os.PathLike[str],
-    *,
-    n_subjects: int = 12,
-    lesion_fraction: float = 1.0 / 3.0,
-    seed: int = 0,
-    contrasts: Sequence[str] = ("T2w", "T1w"),
-    with_localizer_fraction: float = 0.5,
-    matrix_scale: float = 1.0,
-    lesion_radius_mm: tuple[float, float] = (6.0, 15.0),
-    lesions_per_subject: tuple[int, int] = (1, 1),
-    deformation_mm: float = 3.0,
-    max_rotation_deg: float = 5.0,
-    max_translation_mm: float = 10.0,
-    max_scaling: float = 0.05,
-    max_oblique_deg: float = 4.0,
-    in_plane_mm: tuple[float, float] = (1.0, 1.2),
-    slice_mm: tuple[float, float] = (1.5, 3.0),
-    noise_fraction: float = 0.03,
-    bias_strength: float = 0.1,
-    template_resolution: int = 2,
-    head_fraction: float = 0.0,
-    eyes: bool = True,
-    mass_effect_fraction: float = 0.0,
-    mass_effect_ratio: tuple[float, float] = (0.25, 0.45),
-    vary_fov: bool = False,
-    fov_mm: tuple[float, float] = (200.0, 260.0),
-    matrix_size: tuple[int, int] = (192, 320),
-    lesion_appearance: str = "typical",
-    lesion_placement: str = "deep",
-    overwrite: bool = False,
+    out_dir: str | os.PathLike[str], *, n_subjects: int = 12, lesion_fraction: float = 1.0 / 3.0,
+    seed: int = 0, contrasts: Sequence[str] = ("T2w", "T1w"), with_localizer_fraction: float = 0.5,
+    matrix_scale: float = 1.0, lesion_radius_mm: tuple[float, float] = (6.0, 15.0),
+    lesions_per_subject: tuple[int, int] = (1, 1), deformation_mm: float = 3.0,
+    max_rotation_deg: float = 5.0, max_translation_mm: float = 10.0, max_scaling: float = 0.05,
+    max_oblique_deg: float = 4.0, in_plane_mm: tuple[float, float] = (1.0, 1.2),
+    slice_mm: tuple[float, float] = (1.5, 3.0), noise_fraction: float = 0.03,
+    bias_strength: float = 0.1, template_resolution: int = 2, head_fraction: float = 0.0,
+    eyes: bool = True, mass_effect_fraction: float = 0.0,
+    mass_effect_ratio: tuple[float, float] = (0.25, 0.45), vary_fov: bool = False,
+    fov_mm: tuple[float, float] = (200.0, 260.0), matrix_size: tuple[int, int] = (192, 320),
+    lesion_appearance: str = "typical", lesion_placement: str = "deep", overwrite: bool = False,
 ) -> dict[str, Any]:
     """Generate a synthetic multi-study brain MR cohort with ground truth.
 
@@ -3186,22 +3557,17 @@ def make_cohort(
         Fraction of studies that also hold a 3-plane localizer series.
     matrix_scale : float, default 1.0
         Scales every matrix size (spacings divide by it): 0.2 gives ~32-48 voxel matrices.
-    lesion_radius_mm : (float, float), default (6, 15)
-        Range of a lesion's mean semi-axis (mm, in template space).
-    lesions_per_subject : (int, int), default (1, 1)
-        Inclusive range of the number of lesions of a lesioned subject.
-    deformation_mm : float, default 3.0
-        RMS elastic displacement.
-    max_rotation_deg, max_translation_mm, max_scaling : float
-        Head pose and size variation.
+    lesion_radius_mm, lesions_per_subject : (float, float), (int, int), default (6, 15), (1, 1)
+        Range of a lesion's mean semi-axis (mm, in template space); inclusive range of the
+        number of lesions of a lesioned subject.
+    deformation_mm, max_rotation_deg, max_translation_mm, max_scaling : float
+        RMS elastic displacement (default 3.0); head pose and size variation.
     max_oblique_deg : float, default 4.0
         Largest tilt of a slab from its standard plane.
     in_plane_mm, slice_mm : (float, float)
         Ranges of pixel spacing and slice spacing (before ``matrix_scale``).
-    noise_fraction : float, default 0.03
-        Rician noise relative to the brightest tissue.
-    bias_strength : float, default 0.1
-        RMS of the log bias field.
+    noise_fraction, bias_strength : float, default 0.03, 0.1
+        Rician noise relative to the brightest tissue; RMS of the log bias field.
     template_resolution : {1, 2}, default 2
     head_fraction : float, default 0
         Fraction of subjects whose series show the whole head (not skull-stripped). Their
@@ -3216,11 +3582,9 @@ def make_cohort(
         Plan skull-stripped series too as scanners do: a square field of view drawn from
         ``fov_mm`` and a matrix drawn from ``matrix_size`` (so the pixel spacing is
         FOV / matrix) instead of ``in_plane_mm`` and a brain-fitted matrix.
-    fov_mm : (float, float), default (200, 260)
-        Range of the in-plane field of view (mm); it grows when the object would not fit.
-    matrix_size : (int, int), default (192, 320)
-        Range of the in-plane matrix before ``matrix_scale`` (rounded to even numbers, at
-        least 16).
+    fov_mm, matrix_size : (float, float), (int, int), default (200, 260), (192, 320)
+        Ranges of the in-plane field of view (mm; it grows when the object would not fit) and
+        of the in-plane matrix before ``matrix_scale`` (rounded to even numbers, at least 16).
     lesion_appearance : {"typical", "varied", "distinct", "striped"}, default "typical"
         See :func:`random_subject`: ``typical`` lesions look alike across subjects (a consistent
         anomaly); ``varied`` lesions each draw their own intensities; ``distinct`` and ``striped``
@@ -3240,9 +3604,95 @@ def make_cohort(
     dict
         The content of ``labels.json``.
     """
-    n_subjects = _check_int("n_subjects", n_subjects, 1, 100_000)
-    lesion_fraction = _check_range("lesion_fraction", lesion_fraction, 0.0, 1.0)
-    seed = _check_int("seed", seed, 0)
+    # Only the parameters are bound yet. Each but out_dir and overwrite is a field of
+    # _CohortOptions, so a parameter added without its field fails on every call.
+    given = dict(locals())
+    del given["out_dir"], given["overwrite"]
+    options = _checked_cohort_options(_CohortOptions(**given))
+    out = Path(out_dir)
+    _resolve_out_dir(out, overwrite)
+    return _write_cohort(out, load_tissue_maps(options.template_resolution), options)
+
+
+@dataclass(frozen=True)
+class _CohortOptions:
+    """The options of :func:`make_cohort` as the cohort is generated from them.
+
+    Options that :func:`make_cohort` checks itself hold the checked value (a float, an int, a
+    tuple); the others keep the caller's value, since ``labels.json`` and the UID scope have
+    always recorded them as given (a conversion, 3 to 3.0, would change both).
+    """
+
+    n_subjects: int
+    lesion_fraction: float
+    seed: int
+    contrasts: Sequence[str]
+    with_localizer_fraction: float
+    matrix_scale: float
+    lesion_radius_mm: tuple[float, float]
+    lesions_per_subject: tuple[int, int]
+    deformation_mm: float
+    max_rotation_deg: float
+    max_translation_mm: float
+    max_scaling: float
+    max_oblique_deg: float
+    in_plane_mm: tuple[float, float]
+    slice_mm: tuple[float, float]
+    noise_fraction: float
+    bias_strength: float
+    template_resolution: int
+    head_fraction: float
+    eyes: bool
+    mass_effect_fraction: float
+    mass_effect_ratio: tuple[float, float]
+    vary_fov: bool
+    fov_mm: tuple[float, float]
+    matrix_size: tuple[int, int]
+    lesion_appearance: str
+    lesion_placement: str
+
+    def subject_options(self) -> dict[str, Any]:
+        """The :func:`random_subject` keywords that every subject of the cohort shares."""
+        return dict(
+            lesion_radius_mm=self.lesion_radius_mm, deformation_mm=self.deformation_mm,
+            max_rotation_deg=self.max_rotation_deg, max_translation_mm=self.max_translation_mm,
+            max_scaling=self.max_scaling, lesion_placement=self.lesion_placement,
+        )
+
+
+@dataclass(frozen=True)
+class _CohortGroups:
+    """Subject indices drawn for each cohort-level choice."""
+
+    lesioned: set[int]
+    with_localizer: set[int]
+    heads: set[int]
+    mass_effect: set[int]
+
+
+@dataclass(frozen=True)
+class _Study:
+    """What the series of one study share: identification, study attributes and UID stream."""
+
+    seed: int
+    index: int
+    uid_scope: str
+    folder: Path
+    start: _dt.datetime
+    identity: dict[str, str]
+    attributes: dict[str, Any]
+
+    def uid(self, *parts: Any) -> str:
+        """A UID of this study's, unique to the cohort's options, seed and subject."""
+        return _uid(self.uid_scope, self.seed, self.index, *parts)
+
+    def series_rng(self, series_number: int) -> np.random.Generator:
+        """The noise and bias stream of series ``series_number`` (:func:`_series_rng`)."""
+        return _series_rng(self.seed, self.index, series_number)
+
+
+def _check_contrast_list(contrasts: Sequence[str]) -> tuple[str, ...]:
+    """``contrasts`` as a tuple of distinct known contrast names (a bare string is refused)."""
     if isinstance(contrasts, str):
         raise TypeError(f"contrasts must be a sequence of names, not the string {contrasts!r}")
     contrasts = tuple(contrasts)
@@ -3252,108 +3702,112 @@ def make_cohort(
         _check_contrast(contrast)
     if len(set(contrasts)) != len(contrasts):
         raise ValueError(f"contrasts must not repeat; got {contrasts}")
-    localizer_fraction = _check_range("with_localizer_fraction", with_localizer_fraction, 0.0, 1.0)
-    matrix_scale = _check_range("matrix_scale", matrix_scale, 0.05, 4.0)
-    lesion_radius_mm = _check_interval("lesion_radius_mm", lesion_radius_mm, 0.0, 60.0,
+    return contrasts
+
+
+def _checked_cohort_options(raw: _CohortOptions) -> _CohortOptions:
+    """``raw`` with :func:`make_cohort`'s checks applied, in the order it has always used.
+
+    The order decides which message a call with several bad options gets. Everything is
+    checked before the output folder is touched.
+    """
+    n_subjects = _check_int("n_subjects", raw.n_subjects, 1, 100_000)
+    lesion_fraction = _check_range("lesion_fraction", raw.lesion_fraction, 0.0, 1.0)
+    seed = _check_int("seed", raw.seed, 0)
+    contrasts = _check_contrast_list(raw.contrasts)
+    localizer_fraction = _check_range("with_localizer_fraction", raw.with_localizer_fraction,
+                                      0.0, 1.0)
+    matrix_scale = _check_range("matrix_scale", raw.matrix_scale, 0.05, 4.0)
+    lesion_radius_mm = _check_interval("lesion_radius_mm", raw.lesion_radius_mm, 0.0, 60.0,
                                        lo_open=True)
-    try:
-        lesions_lo, lesions_hi = lesions_per_subject
-    except (TypeError, ValueError):
-        raise TypeError(f"lesions_per_subject must be a (low, high) pair; "
-                        f"got {lesions_per_subject!r}") from None
-    lesions_lo = _check_int("lesions_per_subject[0]", lesions_lo, 1, 10)
-    lesions_hi = _check_int("lesions_per_subject[1]", lesions_hi, lesions_lo, 10)
-    in_plane_mm = _check_interval("in_plane_mm", in_plane_mm, 0.0, 20.0, lo_open=True)
-    slice_mm = _check_interval("slice_mm", slice_mm, 0.0, 50.0, lo_open=True)
-    max_oblique_deg = _check_range("max_oblique_deg", max_oblique_deg, 0.0, 45.0)
-    head_fraction = _check_range("head_fraction", head_fraction, 0.0, 1.0)
-    mass_effect_fraction = _check_range("mass_effect_fraction", mass_effect_fraction, 0.0, 1.0)
-    for name, flag in (("vary_fov", vary_fov), ("eyes", eyes)):
-        if not isinstance(flag, (bool, np.bool_)):
-            raise TypeError(f"{name} must be True or False; got {flag!r}")
-    fov_mm = _check_interval("fov_mm", fov_mm, 50.0, 500.0)
-    try:
-        matrix_lo, matrix_hi = matrix_size
-    except (TypeError, ValueError):
-        raise TypeError(f"matrix_size must be a (low, high) pair; got {matrix_size!r}") from None
-    matrix_lo = _check_int("matrix_size[0]", matrix_lo, 16, 1024)
-    matrix_hi = _check_int("matrix_size[1]", matrix_hi, matrix_lo, 1024)
-    if lesion_placement not in LESION_PLACEMENTS:
-        raise ValueError(f"lesion_placement must be one of {', '.join(LESION_PLACEMENTS)}; "
-                         f"got {lesion_placement!r}")
-    subject_options = dict(
-        lesion_radius_mm=lesion_radius_mm, deformation_mm=deformation_mm,
-        max_rotation_deg=max_rotation_deg, max_translation_mm=max_translation_mm,
-        max_scaling=max_scaling, lesion_placement=lesion_placement,
+    lesions_per_subject = _check_int_pair("lesions_per_subject", raw.lesions_per_subject, 1, 10)
+    in_plane_mm = _check_interval("in_plane_mm", raw.in_plane_mm, 0.0, 20.0, lo_open=True)
+    slice_mm = _check_interval("slice_mm", raw.slice_mm, 0.0, 50.0, lo_open=True)
+    max_oblique_deg = _check_range("max_oblique_deg", raw.max_oblique_deg, 0.0, 45.0)
+    head_fraction = _check_range("head_fraction", raw.head_fraction, 0.0, 1.0)
+    mass_effect_fraction = _check_range("mass_effect_fraction", raw.mass_effect_fraction,
+                                        0.0, 1.0)
+    _check_flags(("vary_fov", raw.vary_fov), ("eyes", raw.eyes))
+    fov_mm = _check_interval("fov_mm", raw.fov_mm, 50.0, 500.0)
+    matrix_size = _check_int_pair("matrix_size", raw.matrix_size, 16, 1024)
+    _check_placement(raw.lesion_placement)
+    checked = dataclasses.replace(
+        raw, n_subjects=n_subjects, lesion_fraction=lesion_fraction, seed=seed,
+        contrasts=contrasts, with_localizer_fraction=localizer_fraction,
+        matrix_scale=matrix_scale, lesion_radius_mm=lesion_radius_mm,
+        lesions_per_subject=lesions_per_subject, in_plane_mm=in_plane_mm, slice_mm=slice_mm,
+        max_oblique_deg=max_oblique_deg, head_fraction=head_fraction,
+        mass_effect_fraction=mass_effect_fraction, fov_mm=fov_mm, matrix_size=matrix_size,
     )
-    # Validate the remaining subject and rendering options before anything is written.
-    random_subject(np.random.default_rng(0), load_tissue_maps(template_resolution), n_lesions=0,
-                   mass_effect_ratio=mass_effect_ratio, eyes=eyes, lesion_appearance=lesion_appearance,
-                   **subject_options)
-    _check_range("noise_fraction", noise_fraction, 0.0, 1.0)
-    _check_range("bias_strength", bias_strength, 0.0, 1.0)
+    # The remaining subject options are checked by drawing a throwaway subject, so that they
+    # fail here, before anything is written, with random_subject's own messages.
+    random_subject(np.random.default_rng(0), load_tissue_maps(raw.template_resolution),
+                   n_lesions=0, mass_effect_ratio=raw.mass_effect_ratio, eyes=raw.eyes,
+                   lesion_appearance=raw.lesion_appearance, **checked.subject_options())
+    _check_range("noise_fraction", raw.noise_fraction, 0.0, 1.0)
+    _check_range("bias_strength", raw.bias_strength, 0.0, 1.0)
+    return checked
 
-    out = Path(out_dir)
-    _resolve_out_dir(out, overwrite)
-    maps = load_tissue_maps(template_resolution)
 
+def _cohort_groups(options: _CohortOptions) -> _CohortGroups:
+    """Draw which subjects carry lesions, a localizer, a whole head and a mass effect."""
+    n_subjects, seed = options.n_subjects, options.seed
     cohort_rng = np.random.default_rng([seed, 0xC0DE])
-    n_lesioned = int(round(lesion_fraction * n_subjects))
+    n_lesioned = int(round(options.lesion_fraction * n_subjects))
     lesioned = set(cohort_rng.choice(n_subjects, size=n_lesioned, replace=False).tolist())
-    n_localizer = int(round(localizer_fraction * n_subjects))
+    n_localizer = int(round(options.with_localizer_fraction * n_subjects))
     with_localizer = set(cohort_rng.choice(n_subjects, size=n_localizer, replace=False).tolist())
     # Streams of their own, so that the choices above do not change when these options do.
-    n_heads = int(round(head_fraction * n_subjects))
+    n_heads = int(round(options.head_fraction * n_subjects))
     heads = set(np.random.default_rng([seed, 0x4EAD]).choice(
         n_subjects, size=n_heads, replace=False).tolist()) if n_heads else set()
-    n_mass = int(round(mass_effect_fraction * n_lesioned))
+    n_mass = int(round(options.mass_effect_fraction * n_lesioned))
     mass_effect = set(np.random.default_rng([seed, 0x3A55]).choice(
         sorted(lesioned), size=n_mass, replace=False).tolist()) if n_mass else set()
-    fov_plan = {"fov_mm": fov_mm, "matrix_size": (matrix_lo, matrix_hi)}
+    return _CohortGroups(lesioned=lesioned, with_localizer=with_localizer, heads=heads,
+                         mass_effect=mass_effect)
 
+
+def _generator_record(options: _CohortOptions, maps: TissueMaps) -> dict[str, Any]:
+    """``labels.json``'s ``generator``: the parameters the cohort was generated with."""
+    o = options
     generator = {
         "module": _GENERATOR_NAME,
         "template": f"MNI152 2009 (nilearn), {maps.resolution} mm",
-        "n_subjects": n_subjects, "lesion_fraction": lesion_fraction, "seed": seed,
-        "contrasts": list(contrasts), "with_localizer_fraction": localizer_fraction,
-        "matrix_scale": matrix_scale, "lesion_radius_mm": list(lesion_radius_mm),
-        "lesions_per_subject": [lesions_lo, lesions_hi], "deformation_mm": deformation_mm,
-        "max_rotation_deg": max_rotation_deg, "max_translation_mm": max_translation_mm,
-        "max_scaling": max_scaling, "max_oblique_deg": max_oblique_deg,
-        "in_plane_mm": list(in_plane_mm), "slice_mm": list(slice_mm),
-        "noise_fraction": noise_fraction, "bias_strength": bias_strength,
-        "head_fraction": head_fraction, "eyes": bool(eyes),
-        "mass_effect_fraction": mass_effect_fraction,
-        "mass_effect_ratio": [float(v) for v in mass_effect_ratio],
-        "vary_fov": bool(vary_fov), "fov_mm": list(fov_mm),
-        "matrix_size": [matrix_lo, matrix_hi], "lesion_appearance": lesion_appearance,
+        "n_subjects": o.n_subjects, "lesion_fraction": o.lesion_fraction, "seed": o.seed,
+        "contrasts": list(o.contrasts), "with_localizer_fraction": o.with_localizer_fraction,
+        "matrix_scale": o.matrix_scale, "lesion_radius_mm": list(o.lesion_radius_mm),
+        "lesions_per_subject": list(o.lesions_per_subject), "deformation_mm": o.deformation_mm,
+        "max_rotation_deg": o.max_rotation_deg, "max_translation_mm": o.max_translation_mm,
+        "max_scaling": o.max_scaling, "max_oblique_deg": o.max_oblique_deg,
+        "in_plane_mm": list(o.in_plane_mm), "slice_mm": list(o.slice_mm),
+        "noise_fraction": o.noise_fraction, "bias_strength": o.bias_strength,
+        "head_fraction": o.head_fraction, "eyes": bool(o.eyes),
+        "mass_effect_fraction": o.mass_effect_fraction,
+        "mass_effect_ratio": [float(v) for v in o.mass_effect_ratio],
+        "vary_fov": bool(o.vary_fov), "fov_mm": list(o.fov_mm),
+        "matrix_size": list(o.matrix_size), "lesion_appearance": o.lesion_appearance,
     }
-    if lesion_placement != "deep":
+    if o.lesion_placement != "deep":
         # Only when not the default: the UIDs hash these parameters, so recording the default
         # would change every UID (and byte) of the cohorts written before the option existed.
-        generator["lesion_placement"] = lesion_placement
+        generator["lesion_placement"] = o.lesion_placement
+    return generator
+
+
+def _write_cohort(out: Path, maps: TissueMaps, options: _CohortOptions) -> dict[str, Any]:
+    """Write every study of a checked cohort into ``out``, then ``labels.json``; return it."""
+    groups = _cohort_groups(options)
+    generator = _generator_record(options, maps)
     # UIDs are deterministic (a cohort regenerated alike has the same UIDs) but depend on every
     # generator option, not only on the seed: two cohorts that differ in any option must never
     # share a UID, or UID-keyed stores (the token cache, a cohort bank) would mix them up.
     uid_scope = hashlib.sha256(json.dumps(generator, sort_keys=True).encode("utf-8")).hexdigest()[:16]
-
     studies: list[dict[str, Any]] = []
-    for index in range(n_subjects):
-        rng = np.random.default_rng([seed, index, 1])
-        n_lesions = int(rng.integers(lesions_lo, lesions_hi + 1)) if index in lesioned else 0
-        subject = random_subject(rng, maps, n_lesions=n_lesions, mass_effect=index in mass_effect,
-                                 mass_effect_ratio=mass_effect_ratio, with_head=index in heads,
-                                 eyes=eyes, lesion_appearance=lesion_appearance, **subject_options)
-        studies.append(_write_study(
-            out, maps, subject, rng, seed=seed, index=index, uid_scope=uid_scope, contrasts=contrasts,
-            with_localizer=index in with_localizer, matrix_scale=matrix_scale,
-            in_plane_mm=in_plane_mm, slice_mm=slice_mm, max_oblique_deg=max_oblique_deg,
-            noise_fraction=noise_fraction, bias_strength=bias_strength,
-            fov_plan=fov_plan if (vary_fov or index in heads) else None,
-        ))
-        logger.info("study %d/%d written (%s, lesion=%s, head=%s)", index + 1, n_subjects,
-                    studies[-1]["patient_id"], studies[-1]["has_lesion"], index in heads)
-
+    for index in range(options.n_subjects):
+        studies.append(_cohort_study(out, maps, options, groups, index, uid_scope))
+        logger.info("study %d/%d written (%s, lesion=%s, head=%s)", index + 1, options.n_subjects,
+                    studies[-1]["patient_id"], studies[-1]["has_lesion"], index in groups.heads)
     labels: dict[str, Any] = {
         "schema": LABELS_SCHEMA,
         "generator": generator,
@@ -3369,29 +3823,80 @@ def make_cohort(
     return labels
 
 
+def _cohort_study(
+    out: Path,
+    maps: TissueMaps,
+    options: _CohortOptions,
+    groups: _CohortGroups,
+    index: int,
+    uid_scope: str,
+) -> dict[str, Any]:
+    """Draw subject ``index`` from its own stream and write its study; return its record."""
+    # A stream per subject, so that a subject does not change with n_subjects.
+    rng = np.random.default_rng([options.seed, index, 1])
+    lesions_lo, lesions_hi = options.lesions_per_subject
+    n_lesions = int(rng.integers(lesions_lo, lesions_hi + 1)) if index in groups.lesioned else 0
+    subject = random_subject(rng, maps, n_lesions=n_lesions,
+                             mass_effect=index in groups.mass_effect,
+                             mass_effect_ratio=options.mass_effect_ratio,
+                             with_head=index in groups.heads, eyes=options.eyes,
+                             lesion_appearance=options.lesion_appearance,
+                             **options.subject_options())
+    # Heads are always planned as scanners do; skull-stripped series only with vary_fov.
+    plan_fov = options.vary_fov or index in groups.heads
+    fov_plan = {"fov_mm": options.fov_mm, "matrix_size": options.matrix_size}
+    return _write_study(out, maps, subject, rng, options, index=index, uid_scope=uid_scope,
+                        with_localizer=index in groups.with_localizer,
+                        fov_plan=fov_plan if plan_fov else None)
+
+
 def _write_study(
     out: Path,
     maps: TissueMaps,
     subject: SubjectAnatomy,
     rng: np.random.Generator,
+    options: _CohortOptions,
     *,
-    seed: int,
     index: int,
-    uid_scope: str = "",
-    contrasts: tuple[str, ...],
+    uid_scope: str,
     with_localizer: bool,
-    matrix_scale: float,
-    in_plane_mm: tuple[float, float],
-    slice_mm: tuple[float, float],
-    max_oblique_deg: float,
-    noise_fraction: float,
-    bias_strength: float,
     fov_plan: Mapping[str, tuple[float, float]] | None = None,
 ) -> dict[str, Any]:
+    """Write one subject's study: an optional localizer, then one series per contrast.
+
+    ``rng`` is the subject's stream; the study draws its date, patient, series order, grids,
+    gains and protocols from it, in that order.
+    """
+    study = _study_header(rng, options.seed, index, uid_scope)
+    order = [options.contrasts[i] for i in rng.permutation(len(options.contrasts))]
+    # The head on the template grid gives the head's surface that acquisitions must cover.
+    head_volumes = synthesize_head(maps, subject, ()) if subject.head is not None else None
+    distractors: list[dict[str, Any]] = []
+    series_number = 0
+    if with_localizer:
+        series_number += 1
+        distractors.append(_write_localizer_distractor(out, maps, subject, study, series_number,
+                                                       options.matrix_scale))
+    template_images = {
+        contrast: synthesize_contrast(
+            maps, contrast, {k: subject.intensities[contrast][k] for k in ("csf", "gm", "wm")})
+        for contrast in order
+    }
+    series_records: list[dict[str, Any]] = []
+    for contrast in order:
+        series_number += 1
+        orientation, grid = _plan_series_grid(maps, subject, rng, contrast, options, fov_plan,
+                                              head_volumes)
+        series_records.append(_write_contrast_series(
+            out, maps, subject, rng, study, options, contrast=contrast, orientation=orientation,
+            grid=grid, series_number=series_number, template_image=template_images[contrast],
+        ))
+    return _study_record(study, subject, series_records, distractors)
+
+
+def _study_header(rng: np.random.Generator, seed: int, index: int, uid_scope: str) -> _Study:
+    """Draw a study's date, start time and patient; derive its identification and UIDs."""
     number = index + 1
-    study_folder = Path("dicom") / f"ST{number:03d}"
-    study_uid = _uid(uid_scope, seed, index, "study")
-    frame_uid = _uid(uid_scope, seed, index, "frame-of-reference")
     date = _dt.date(2024, 1, 1) + _dt.timedelta(days=int(rng.integers(0, 365)))
     start = _dt.datetime.combine(date, _dt.time(7, 0)) + _dt.timedelta(
         minutes=int(rng.integers(0, 11 * 60)))
@@ -3400,136 +3905,208 @@ def _write_study(
     identity = dict(
         patient_id=f"SYN{seed}-{number:03d}",
         patient_name=f"SYNTHETIC^SUBJECT{number:03d}",
-        study_uid=study_uid,
-        frame_of_reference_uid=frame_uid,
+        study_uid=_uid(uid_scope, seed, index, "study"),
+        frame_of_reference_uid=_uid(uid_scope, seed, index, "frame-of-reference"),
     )
-    study_attributes = dict(
+    attributes = dict(
         study_date=date.strftime("%Y%m%d"), study_time=start.strftime("%H%M%S"),
         study_id=str(number), accession_number=f"A{seed % 10**6:06d}{number:05d}",
         patient_birth_date=f"{date.year - age:04d}0101", patient_sex=sex,
         patient_age=f"{age:03d}Y", magnetic_field_strength=float(rng.choice([1.5, 3.0])),
     )
+    return _Study(seed=seed, index=index, uid_scope=uid_scope,
+                  folder=Path("dicom") / f"ST{number:03d}", start=start, identity=identity,
+                  attributes=attributes)
 
-    order = [contrasts[i] for i in rng.permutation(len(contrasts))]
-    # The head on the template grid gives the head's surface that acquisitions must cover.
-    head_volumes = synthesize_head(maps, subject, ()) if subject.head is not None else None
-    series_records: list[dict[str, Any]] = []
-    distractors: list[dict[str, Any]] = []
-    series_number = 0
-    if with_localizer:
-        series_number += 1
-        uid = _uid(uid_scope, seed, index, "series", "localizer")
-        folder = study_folder / f"SE{series_number:02d}"
-        planes = _localizer_planes(maps, subject, _series_rng(seed, index, series_number),
-                                   matrix_scale)
-        write_localizer(planes, out / folder, series_uid=uid, series_number=series_number,
-                        series_time=start.strftime("%H%M%S"), **identity, **study_attributes)
-        distractors.append({"kind": "localizer", "series_instance_uid": uid,
-                            "series_number": series_number, "folder": folder.as_posix(),
-                            "n_files": len(planes)})
 
-    template_images = {
-        contrast: synthesize_contrast(
-            maps, contrast, {k: subject.intensities[contrast][k] for k in ("csf", "gm", "wm")})
-        for contrast in order
+def _write_localizer_distractor(
+    out: Path,
+    maps: TissueMaps,
+    subject: SubjectAnatomy,
+    study: _Study,
+    series_number: int,
+    matrix_scale: float,
+) -> dict[str, Any]:
+    """Write a study's 3-plane localizer; return its ``distractors`` record."""
+    uid = study.uid("series", "localizer")
+    folder = study.folder / f"SE{series_number:02d}"
+    planes = _localizer_planes(maps, subject, study.series_rng(series_number), matrix_scale)
+    write_localizer(planes, out / folder, series_uid=uid, series_number=series_number,
+                    series_time=study.start.strftime("%H%M%S"), **study.identity,
+                    **study.attributes)
+    return {"kind": "localizer", "series_instance_uid": uid, "series_number": series_number,
+            "folder": folder.as_posix(), "n_files": len(planes)}
+
+
+def _plan_series_grid(
+    maps: TissueMaps,
+    subject: SubjectAnatomy,
+    rng: np.random.Generator,
+    contrast: str,
+    options: _CohortOptions,
+    fov_plan: Mapping[str, tuple[float, float]] | None,
+    head_volumes: HeadVolumes | None,
+) -> tuple[str, AcquisitionGrid]:
+    """Draw a series' orientation and spacing and plan its grid.
+
+    Without ``fov_plan`` the pixel spacing comes from ``in_plane_mm`` and the matrix fits the
+    brain; with it, as scanners plan, from a square field of view and a matrix drawn from the
+    plan's ranges.
+    """
+    weights = _ORIENTATION_WEIGHTS[contrast]
+    orientation = str(rng.choice(list(weights), p=list(weights.values())))
+    matrix_scale, slice_mm = options.matrix_scale, options.slice_mm
+    if fov_plan is None:
+        pixel = float(rng.uniform(*options.in_plane_mm))
+        spacing = np.array([pixel, pixel, float(rng.uniform(*slice_mm))]) / matrix_scale
+        grid = acquisition_grid(maps, subject, orientation=orientation, spacing=spacing,
+                                rng=rng, max_oblique_deg=options.max_oblique_deg,
+                                max_extra_voxels=max(0, int(round(12 * matrix_scale))))
+        return orientation, grid
+    fov = float(rng.uniform(*fov_plan["fov_mm"]))
+    matrix = _scaled_matrix(int(rng.integers(fov_plan["matrix_size"][0],
+                                             fov_plan["matrix_size"][1] + 1)), matrix_scale)
+    pixel = fov / matrix
+    spacing = np.array([pixel, pixel, float(rng.uniform(*slice_mm)) / matrix_scale])
+    grid = acquisition_grid(maps, subject, orientation=orientation, spacing=spacing, rng=rng,
+                            max_oblique_deg=options.max_oblique_deg, field_of_view_mm=fov,
+                            head_volumes=head_volumes)
+    return orientation, grid
+
+
+def _write_contrast_series(
+    out: Path,
+    maps: TissueMaps,
+    subject: SubjectAnatomy,
+    rng: np.random.Generator,
+    study: _Study,
+    options: _CohortOptions,
+    *,
+    contrast: str,
+    orientation: str,
+    grid: AcquisitionGrid,
+    series_number: int,
+    template_image: NDArray[np.float32],
+) -> dict[str, Any]:
+    """Render and write one series on its planned grid, with its truth masks; return its record.
+
+    The gain and then the protocol are drawn from the subject's stream ``rng``; bias and noise
+    from the series' own stream.
+    """
+    rendered = render_series(
+        maps, subject, grid, contrast, study.series_rng(series_number),
+        noise_fraction=options.noise_fraction, bias_strength=options.bias_strength,
+        gain=float(rng.uniform(600.0, 1400.0)), template_image=template_image,
+    )
+    protocol = _protocol(contrast, orientation, rng)
+    uid = study.uid("series", contrast)
+    folder = study.folder / f"SE{series_number:02d}"
+    series_time = (study.start + _dt.timedelta(minutes=4 * series_number)).strftime("%H%M%S")
+    files = write_series(
+        rendered.image, grid.origin, grid.spacing, grid.direction, out / folder,
+        series_uid=uid, series_number=series_number, series_time=series_time,
+        **study.identity, **study.attributes, **protocol,
+    )
+    truth = _write_truth_masks(out, uid, rendered)
+    return _series_record(uid, series_number, protocol, contrast, orientation, folder.as_posix(),
+                          len(files), rendered, truth)
+
+
+def _write_truth_masks(out: Path, uid: str, rendered: RenderedSeries) -> dict[str, str]:
+    """Write a series' lesion, brain (and head) masks as NIfTI; return their paths under ``out``."""
+    grid = rendered.grid
+    truth = {
+        "lesion": f"truth/{uid}_lesion.nii.gz",
+        "brain": f"truth/{uid}_brain.nii.gz",
     }
-    for contrast in order:
-        series_number += 1
-        weights = _ORIENTATION_WEIGHTS[contrast]
-        orientation = str(rng.choice(list(weights), p=list(weights.values())))
-        if fov_plan is None:
-            pixel = float(rng.uniform(*in_plane_mm))
-            spacing = np.array([pixel, pixel, float(rng.uniform(*slice_mm))]) / matrix_scale
-            grid = acquisition_grid(maps, subject, orientation=orientation, spacing=spacing,
-                                    rng=rng, max_oblique_deg=max_oblique_deg,
-                                    max_extra_voxels=max(0, int(round(12 * matrix_scale))))
-        else:
-            fov = float(rng.uniform(*fov_plan["fov_mm"]))
-            matrix = _scaled_matrix(int(rng.integers(fov_plan["matrix_size"][0],
-                                                     fov_plan["matrix_size"][1] + 1)),
-                                    matrix_scale)
-            pixel = fov / matrix
-            spacing = np.array([pixel, pixel, float(rng.uniform(*slice_mm)) / matrix_scale])
-            grid = acquisition_grid(maps, subject, orientation=orientation, spacing=spacing,
-                                    rng=rng, max_oblique_deg=max_oblique_deg,
-                                    field_of_view_mm=fov, head_volumes=head_volumes)
-        rendered = render_series(
-            maps, subject, grid, contrast, _series_rng(seed, index, series_number),
-            noise_fraction=noise_fraction,
-            bias_strength=bias_strength, gain=float(rng.uniform(600.0, 1400.0)),
-            template_image=template_images[contrast],
-        )
-        protocol = _protocol(contrast, orientation, rng)
-        uid = _uid(uid_scope, seed, index, "series", contrast)
-        folder = study_folder / f"SE{series_number:02d}"
-        series_time = (start + _dt.timedelta(minutes=4 * series_number)).strftime("%H%M%S")
-        files = write_series(
-            rendered.image, grid.origin, grid.spacing, grid.direction, out / folder,
-            series_uid=uid, series_number=series_number, series_time=series_time,
-            **identity, **study_attributes, **protocol,
-        )
-        truth = {
-            "lesion": f"truth/{uid}_lesion.nii.gz",
-            "brain": f"truth/{uid}_brain.nii.gz",
-        }
-        write_mask_nifti(rendered.lesion, grid.origin, grid.spacing, grid.direction,
-                         out / truth["lesion"])
-        write_mask_nifti(rendered.brain, grid.origin, grid.spacing, grid.direction,
-                         out / truth["brain"])
-        if rendered.head is not None:
-            truth["head"] = f"truth/{uid}_head.nii.gz"
-            write_mask_nifti(rendered.head, grid.origin, grid.spacing, grid.direction,
-                             out / truth["head"])
-        lesion_voxels = int(rendered.lesion.sum())
-        _, ny, nx = grid.shape_zyx
-        series_records.append({
-            "series_instance_uid": uid,
-            "series_number": series_number,
-            "series_description": protocol["series_description"],
-            "contrast": contrast,
-            "orientation": orientation,
-            "folder": folder.as_posix(),
-            "n_files": len(files),
-            "shape_zyx": list(grid.shape_zyx),
-            "spacing_xyz_mm": [round(float(v), 6) for v in grid.spacing],
-            "echo_time_ms": protocol["echo_time"],
-            "repetition_time_ms": protocol["repetition_time"],
-            "has_lesion": lesion_voxels > 0,
-            "lesion_voxels": lesion_voxels,
-            "lesion_volume_ml": round(lesion_voxels * grid.voxel_volume_ml, 4),
-            "brain_volume_ml": round(int(rendered.brain.sum()) * grid.voxel_volume_ml, 2),
-            "skull_stripped": rendered.head is None,
-            "field_of_view_mm": [round(nx * float(grid.spacing[0]), 2),
-                                 round(ny * float(grid.spacing[1]), 2)],
-            "truth": truth,
-        })
-        if rendered.head is not None:
-            series_records[-1]["head_volume_ml"] = round(
-                int(rendered.head.sum()) * grid.voxel_volume_ml, 2)
+    write_mask_nifti(rendered.lesion, grid.origin, grid.spacing, grid.direction,
+                     out / truth["lesion"])
+    write_mask_nifti(rendered.brain, grid.origin, grid.spacing, grid.direction,
+                     out / truth["brain"])
+    if rendered.head is not None:
+        truth["head"] = f"truth/{uid}_head.nii.gz"
+        write_mask_nifti(rendered.head, grid.origin, grid.spacing, grid.direction,
+                         out / truth["head"])
+    return truth
 
+
+def _series_record(
+    uid: str,
+    series_number: int,
+    protocol: Mapping[str, Any],
+    contrast: str,
+    orientation: str,
+    folder: str,
+    n_files: int,
+    rendered: RenderedSeries,
+    truth: dict[str, str],
+) -> dict[str, Any]:
+    """A series' entry in ``labels.json``: identification, geometry and truth volumes."""
+    grid = rendered.grid
+    lesion_voxels = int(rendered.lesion.sum())
+    _, ny, nx = grid.shape_zyx
+    record = {
+        "series_instance_uid": uid,
+        "series_number": series_number,
+        "series_description": protocol["series_description"],
+        "contrast": contrast,
+        "orientation": orientation,
+        "folder": folder,
+        "n_files": n_files,
+        "shape_zyx": list(grid.shape_zyx),
+        "spacing_xyz_mm": [round(float(v), 6) for v in grid.spacing],
+        "echo_time_ms": protocol["echo_time"],
+        "repetition_time_ms": protocol["repetition_time"],
+        "has_lesion": lesion_voxels > 0,
+        "lesion_voxels": lesion_voxels,
+        "lesion_volume_ml": round(lesion_voxels * grid.voxel_volume_ml, 4),
+        "brain_volume_ml": round(int(rendered.brain.sum()) * grid.voxel_volume_ml, 2),
+        "skull_stripped": rendered.head is None,
+        "field_of_view_mm": [round(nx * float(grid.spacing[0]), 2),
+                             round(ny * float(grid.spacing[1]), 2)],
+        "truth": truth,
+    }
+    if rendered.head is not None:
+        record["head_volume_ml"] = round(int(rendered.head.sum()) * grid.voxel_volume_ml, 2)
+    return record
+
+
+def _lesion_records(subject: SubjectAnatomy) -> list[dict[str, Any]]:
+    """The ``lesions`` of a study's entry: template-space geometry and any own appearance."""
+    return [
+        {"centre_template_lps_mm": [round(float(v), 3) for v in item.centre_lps],
+         "semi_axes_mm": [round(float(v), 3) for v in item.semi_axes_mm],
+         "mass_effect_mm": round(float(item.mass_effect_mm), 3),
+         **({"appearance": {c: {"rim": r, "core": k} for c, r, k in item.appearance}}
+            if item.appearance else {}),
+         **({"stripes": {"period_mm": item.stripe_period_mm, "amplitude": item.stripe_amplitude}}
+            if item.stripe_amplitude > 0 else {})}
+        for item in subject.lesions
+    ]
+
+
+def _study_record(
+    study: _Study,
+    subject: SubjectAnatomy,
+    series_records: list[dict[str, Any]],
+    distractors: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """A study's entry in ``labels.json``."""
     volumes = [s["lesion_volume_ml"] for s in series_records]
     return {
-        "patient_id": identity["patient_id"],
-        "patient_name": identity["patient_name"],
-        "study_instance_uid": study_uid,
-        "frame_of_reference_uid": frame_uid,
-        "folder": study_folder.as_posix(),
-        "study_date": study_attributes["study_date"],
+        "patient_id": study.identity["patient_id"],
+        "patient_name": study.identity["patient_name"],
+        "study_instance_uid": study.identity["study_uid"],
+        "frame_of_reference_uid": study.identity["frame_of_reference_uid"],
+        "folder": study.folder.as_posix(),
+        "study_date": study.attributes["study_date"],
         # A study has a lesion when one was placed; each series says whether its grid caught it.
         "has_lesion": subject.has_lesion,
         "has_head": subject.has_head,
         "has_mass_effect": subject.has_mass_effect,
         # Mean over the series: each grid measures the same lesion with its own partial volumes.
         "lesion_volume_ml": round(float(np.mean(volumes)), 4) if volumes else 0.0,
-        "lesions": [
-            {"centre_template_lps_mm": [round(float(v), 3) for v in item.centre_lps],
-             "semi_axes_mm": [round(float(v), 3) for v in item.semi_axes_mm],
-             "mass_effect_mm": round(float(item.mass_effect_mm), 3),
-             **({"appearance": {c: {"rim": r, "core": k} for c, r, k in item.appearance}} if item.appearance else {}),
-             **({"stripes": {"period_mm": item.stripe_period_mm, "amplitude": item.stripe_amplitude}}
-                if item.stripe_amplitude > 0 else {})}
-            for item in subject.lesions
-        ],
+        "lesions": _lesion_records(subject),
         "series": series_records,
         "distractors": distractors,
     }
