@@ -69,6 +69,17 @@ The rule
    belong to series whose thick slices run in a direction few others of the batch share;
    smoothing every series to one resolution (``preprocess.resolution_fwhm_mm``) removes that
    cause upstream (docs/RESULTS.md, "Broad findings follow the slice direction").
+   Optionally (``rim_finding_mass`` above ``finding_mass``) a group whose peak lies at the
+   brain's rim (:func:`rim_positions`: the outermost layer of the positions that 90 % of the
+   reference volumes cover, and the positions fewer cover) is held to that higher bound. With the
+   learnt encoder every normal series flagged on the tuning and held-out batches scored alone
+   peaked there (T1w 5 of 5, T2w 13 of 13, against 24 of 99 and 18 of 84 lesion series), where
+   the brain's edge, skull stripping and registration vary most between brains: a normal
+   token exceeds ``z`` 6 there 6-25 times (T1w) and at least 5 times (T2w) as often as two or
+   more positions deeper (docs/RESULTS.md, "Findings at the brain's rim"). One bound for both
+   regions is set by the rim's false findings: raised to stop them, it misses lesions inside;
+   kept low, it flags normal brains at the rim. Not with cohort-bank references: the bank's
+   bound is calibrated on its own volumes' findings wherever they lie.
    Lesion-level evidence replaces the single maximum token of the first policy, whose volume gate (median + 3 robust
    SD of the batch's maxima) moved with the prevalence of lesions in the batch.
    A batch of few volumes scored as its own reference is held to a bound of its own
@@ -123,6 +134,7 @@ __all__ = [
     "position_statistics",
     "standardise",
     "relative_z",
+    "rim_positions",
     "volume_level",
     "tail_spread",
     "token_findings",
@@ -130,6 +142,11 @@ __all__ = [
 
 LESION_POLICY_NAME = "position-z-findings/2"
 MAD_TO_SIGMA = 1.4826
+# The rim (rim_positions): the outermost layer of positions that 90 % of the references cover, and
+# the positions fewer cover. Every normal series flagged on the learnt encoder's tuning and
+# held-out batches peaked there (docs/RESULTS.md, "Findings at the brain's rim").
+RIM_COVERAGE = 0.9
+RIM_DEPTH = 1
 
 
 @dataclass(frozen=True)
@@ -183,6 +200,11 @@ class LesionPolicy:
     small_batch_finding_mass : float
         The evidence bound of small batches (z x ml), at least ``finding_mass`` (checked when
         ``small_batch_volumes`` > 0); 0: ``finding_mass``.
+    rim_finding_mass : float
+        The evidence bound of groups that peak at the brain's rim (:func:`rim_positions`), where
+        normal brains' findings come from (module docstring, rule 2), in z x ml; the larger of it
+        and ``finding_mass`` applies there, so 0 (or any value up to ``finding_mass``) holds every
+        group to ``finding_mass``. Not with cohort-bank references.
     by_position : bool
         Standardise per grid position (volumes registered to one template). ``False``: by the
         batch-wide median and spread only, for grids that are not anatomically aligned
@@ -205,6 +227,7 @@ class LesionPolicy:
     subtract_volume_level: bool = False
     small_batch_volumes: int = 0
     small_batch_finding_mass: float = 0.0
+    rim_finding_mass: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("token_z", "finding_mass", "voxel_z", "prior_volumes"):
@@ -249,6 +272,9 @@ class LesionPolicy:
         if not isinstance(self.subtract_volume_level, bool):
             raise ValueError(f"threshold.subtract_volume_level must be true or false; got {self.subtract_volume_level!r}")
         self._check_small_batch()
+        rim = self.rim_finding_mass
+        if isinstance(rim, bool) or not isinstance(rim, (int, float, np.floating)) or not (np.isfinite(rim) and rim >= 0):
+            raise ValueError(f"threshold.rim_finding_mass must be a number >= 0 (z x ml; 0 = finding_mass); got {rim!r}")
 
     def _check_small_batch(self) -> None:
         volumes, mass = self.small_batch_volumes, self.small_batch_finding_mass
@@ -275,6 +301,16 @@ class LesionPolicy:
     def qualifies(self, finding: Finding) -> bool:
         """Whether a candidate group is focal enough to be a finding (its mass is not yet compared)."""
         return finding.excess > self.finding_excess
+
+    @property
+    def rim_bound(self) -> float:
+        """The evidence bound of groups that peak at the brain's rim: never below ``finding_mass``."""
+        return max(self.finding_mass, float(self.rim_finding_mass))
+
+    def passes(self, finding: Finding) -> bool:
+        """Whether a candidate group is a finding: focal enough, and its mass above its region's bound."""
+        bound = self.rim_bound if finding.at_rim else self.finding_mass
+        return finding.mass > bound and self.qualifies(finding)
 
     def evidence(self, findings: Sequence[Finding]) -> float:
         """A volume's evidence: the largest mass of its groups that :meth:`qualifies` (0 if none)."""
@@ -322,10 +358,13 @@ class Finding:
     peak_score : float
         Largest raw (fused) score of the group.
     passed : bool
-        Whether it is a finding: its mass exceeds ``finding_mass`` and its mean excess
-        ``finding_excess`` (only passed findings flag and mask).
+        Whether it is a finding: its mass exceeds ``finding_mass`` (``rim_finding_mass`` where
+        larger, at the rim) and its mean excess ``finding_excess`` (only passed findings flag and
+        mask).
     excess : float
         Mean of ``z - token_z`` over its tokens (how focal it is).
+    at_rim : bool
+        Whether its peak token lies at the brain's rim (:func:`rim_positions`).
     """
 
     tokens: np.ndarray
@@ -334,6 +373,7 @@ class Finding:
     peak_score: float
     passed: bool
     excess: float
+    at_rim: bool = False
 
     @property
     def n_tokens(self) -> int:
@@ -469,6 +509,33 @@ def tail_spread(residual: np.ndarray, quantile: float) -> np.ndarray:
     return spread
 
 
+def rim_positions(count: np.ndarray, n_reference: int, coverage: float = RIM_COVERAGE, depth: int = RIM_DEPTH) -> np.ndarray:
+    """The brain's rim on the token grid: positions within ``depth`` tokens of its edge.
+
+    Parameters
+    ----------
+    count : numpy.ndarray
+        Token-grid int array, reference volumes with a token at each position
+        (:attr:`PositionStatistics.count`).
+    n_reference : int
+        Number of reference volumes.
+    coverage : float
+        A position is inside the brain when at least this share of the references has a token there
+        (a token needs 90 % brain in its cube, so brains of different shapes cover the edge unevenly).
+    depth : int
+        Positions whose chessboard distance from the nearest position not inside (or the grid's
+        border) is at most this are the rim; so are the positions not inside.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean token-grid array.
+    """
+    inside = np.pad(np.asarray(count) >= coverage * max(int(n_reference), 1), 1)
+    distance = ndimage.distance_transform_cdt(inside, metric="chessboard")[1:-1, 1:-1, 1:-1]
+    return distance <= depth
+
+
 def standardise(scores: np.ndarray, coords: np.ndarray, statistics: PositionStatistics) -> np.ndarray:
     """Position-standardised scores ``(s - m_p) / sigma_p`` of one volume's tokens (float32)."""
     where = tuple(np.asarray(coords).T)
@@ -493,9 +560,13 @@ def relative_z(z: np.ndarray, policy: LesionPolicy) -> np.ndarray:
 
 def token_findings(
     z: np.ndarray, scores: np.ndarray, coords: np.ndarray, grid_shape: tuple[int, int, int], policy: LesionPolicy,
-    token_ml: float = 1.0,
+    token_ml: float = 1.0, rim: np.ndarray | None = None,
 ) -> list[Finding]:
-    """Connected groups (26-connectivity) of the tokens with ``z > token_z``, largest mass first."""
+    """Connected groups (26-connectivity) of the tokens with ``z > token_z``, largest mass first.
+
+    ``rim``: a boolean token-grid array of the rim's positions (:func:`rim_positions`); a group
+    whose peak lies there is held to the policy's rim bound. ``None``: no rim.
+    """
     candidate = z > policy.token_z
     if not candidate.any():
         return []
@@ -509,9 +580,10 @@ def token_findings(
         members = np.flatnonzero(token_labels == label)
         excess = float(np.mean(z[members] - policy.token_z))
         mass = excess * members.size * token_ml
-        finding = Finding(tokens=members, peak_z=float(z[members].max()), mass=mass,
-                          peak_score=float(np.max(scores[members])), passed=False, excess=excess)
-        finding.passed = mass > policy.finding_mass and policy.qualifies(finding)
+        peak = members[np.argmax(z[members])]
+        finding = Finding(tokens=members, peak_z=float(z[peak]), mass=mass, peak_score=float(np.max(scores[members])),
+                          passed=False, excess=excess, at_rim=bool(rim is not None and rim[tuple(where[peak])]))
+        finding.passed = policy.passes(finding)
         findings.append(finding)
     return sorted(findings, key=lambda finding: -finding.mass)
 
@@ -725,7 +797,7 @@ def _bank_policy(
     """
     prior = policy.prior_volumes if policy.bank_prior_volumes is None else float(policy.bank_prior_volumes)
     policy = replace(policy, subtract_volume_level=False, small_batch_volumes=0, small_batch_finding_mass=0.0,
-                     prior_volumes=prior)
+                     prior_volumes=prior, rim_finding_mass=0.0)
     if not policy.bank_false_flag_rate > 0:
         return policy, {}
     calibration = bank_calibration(reference_scores, reference_coords, grid_shape, policy, token_ml,
@@ -787,14 +859,16 @@ def decide_lesions(
         reference_scores if banked else token_scores, reference_coords if banked else coords,  # type: ignore[arg-type]
         grid_shape, policy.prior_volumes, by_position=policy.by_position, tail_quantile=policy.tail_quantile,
     )
+    n_reference = n_bank if banked else len(token_scores)
+    # The rim is only looked up where it has a bound of its own.
+    rim = rim_positions(statistics.count, n_reference) if policy.rim_bound > policy.finding_mass else None
     z_all, mask_values, findings = [], [], []
     for scores, where in zip(token_scores, coords):
         z = relative_z(standardise(scores, where, statistics), policy)
-        found = token_findings(z, np.asarray(scores), where, grid_shape, policy, token_ml)
+        found = token_findings(z, np.asarray(scores), where, grid_shape, policy, token_ml, rim)
         z_all.append(z)
         mask_values.append(_mask_values(z, found, policy, where, grid_shape))
         findings.append(found)
-    n_reference = n_bank if banked else len(token_scores)
     enough = n_reference >= policy.min_reference_volumes
     flagged = np.array([enough and any(f.passed for f in found) for found in findings], dtype=bool)
     return LesionDecision(

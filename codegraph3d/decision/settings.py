@@ -23,7 +23,7 @@ __all__ = ["PER_CONTRAST_BOUNDS", "DecisionSettings", "ThresholdPolicy", "Thresh
 # with their units for messages: an encoder's standardised scores differ in scale between contrasts.
 PER_CONTRAST_BOUNDS: Mapping[str, str] = MappingProxyType(
     {"token_z": "robust SDs", "finding_mass": "z x ml", "finding_excess": "robust SDs", "voxel_z": "robust SDs",
-     "small_batch_finding_mass": "z x ml"}
+     "small_batch_finding_mass": "z x ml", "rim_finding_mass": "z x ml"}
 )
 
 
@@ -91,6 +91,8 @@ class ThresholdSettings:
     small_batch_volumes: int = 0
     small_batch_finding_mass: float = 0.0
     small_batch_finding_mass_by_contrast: Mapping[str, float] = field(default_factory=dict)
+    rim_finding_mass: float = 0.0
+    rim_finding_mass_by_contrast: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", choice(ThresholdPolicy, self.policy, "threshold.policy"))
@@ -99,7 +101,7 @@ class ThresholdSettings:
             raise ValueError(f"threshold.min_finding_ml must be >= 0; got {self.min_finding_ml!r}")
         for name, unit in PER_CONTRAST_BOUNDS.items():
             # The evidence and focality bounds may be 0 (any candidate group); z bounds may not.
-            positive = name not in ("finding_mass", "finding_excess", "small_batch_finding_mass")
+            positive = name not in ("finding_mass", "finding_excess", "small_batch_finding_mass", "rim_finding_mass")
             for contrast, bound in getattr(self, f"{name}_by_contrast").items():
                 if not _non_negative_number(bound) or (positive and bound == 0):
                     raise ValueError(f"threshold.{name}_by_contrast.{contrast} must be a number "
@@ -136,6 +138,7 @@ class ThresholdSettings:
             finding_excess=self.bound("finding_excess", contrast), mask_peak_fraction=self.mask_peak_fraction,
             subtract_volume_level=self.subtract_volume_level, small_batch_volumes=self.small_batch_volumes,
             small_batch_finding_mass=self.bound("small_batch_finding_mass", contrast),
+            rim_finding_mass=self.bound("rim_finding_mass", contrast),
         )
 
 
@@ -194,6 +197,10 @@ class DecisionSettings:
             # Likewise only when a small batch has its own bound for this contrast.
             threshold["small_batch_volumes"] = self.threshold.small_batch_volumes
             threshold["small_batch_finding_mass"] = small_batch
+        rim = self.threshold.bound("rim_finding_mass", contrast)
+        if rim > self.threshold.bound("finding_mass", contrast):
+            # Likewise only when the rim has a bound above the rest's.
+            threshold["rim_finding_mass"] = rim
         return {
             "threshold": {key: threshold[key] for key in sorted(threshold)},
             "scoring": {"k_fraction": self.k_fraction, "window_radius": self.window_radius, "method": self.method},

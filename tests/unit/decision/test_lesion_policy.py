@@ -7,8 +7,8 @@ import pytest
 
 from codegraph3d.run.config import ConfigError, load_config
 from codegraph3d.decision.lesion_policy import (
-    LesionPolicy, bank_calibration, calibration_rank, decide_lesions, position_statistics, relative_z, standardise,
-    tail_spread, token_findings, volume_level,
+    LesionPolicy, bank_calibration, calibration_rank, decide_lesions, position_statistics, relative_z, rim_positions,
+    standardise, tail_spread, token_findings, volume_level,
 )
 from codegraph3d.decision.operating_point import bank_operating_point
 
@@ -641,3 +641,62 @@ def test_a_faint_findings_edge_is_cut_at_its_own_bound():
     assert np.allclose(values[core], z[core] * scale, rtol=1e-5)
     assert values[rim][0] == pytest.approx(z[rim][0] * scale, rel=1e-5)
     assert (values[~core] <= policy.voxel_z).all()
+
+
+def test_the_rim_is_the_outer_layer_of_the_positions_most_references_cover():
+    count = np.zeros(GRID, int)
+    count[1:7, 1:7, 1:7] = 10  # every reference covers a 6^3 block
+    count[0, 3, 3] = 4  # a position few references cover
+    rim = rim_positions(count, 10)
+    assert rim[1, 3, 3] and rim[6, 6, 6] and rim[0, 3, 3]  # the block's outer layer, and the sparse position
+    assert not rim[2:6, 2:6, 2:6].any()  # inside it
+    assert rim_positions(np.full(GRID, 10), 10)[0].all() and not rim_positions(np.full(GRID, 10), 10)[1:7, 1:7, 1:7].any()
+
+
+def _odd_region_at(centre: tuple[int, int, int], seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """An all-normal batch of 12 whose volume 2 has a small region a little unlike every other's."""
+    scores, coords = _batch(12, seed=seed)
+    odd = _cube(coords[2], centre, 1) | _cube(coords[2], (centre[0], centre[1], centre[2] + 1), 1)
+    scores[2] = scores[2] + np.where(odd, 0.14, 0.0)
+    return scores, coords
+
+
+def test_a_group_at_the_rim_is_held_to_the_rim_bound():
+    policy = LesionPolicy(token_z=4.5, finding_mass=1.0, rim_finding_mass=20.0)
+    inside = decide_lesions(*_odd_region_at((4, 4, 4), seed=13), GRID, policy)
+    assert inside.flagged.tolist() == [i == 2 for i in range(12)]
+    (finding,) = [f for f in inside.findings[2] if f.passed]
+    assert not finding.at_rim
+    edge = decide_lesions(*_odd_region_at((0, 4, 4), seed=13), GRID, policy)
+    (group,) = edge.findings[2]
+    assert group.at_rim and 1.0 < group.mass < 20.0 and not group.passed and not edge.flagged.any()
+    # Without a rim bound (or one below finding_mass) the same group is a finding.
+    for plain in (LesionPolicy(token_z=4.5, finding_mass=1.0), LesionPolicy(token_z=4.5, finding_mass=1.0, rim_finding_mass=0.5)):
+        assert decide_lesions(*_odd_region_at((0, 4, 4), seed=13), GRID, plain).flagged[2]
+    assert edge.params["rim_finding_mass"] == 20.0
+
+
+def test_the_rim_bound_is_not_used_with_bank_references_and_never_lowers_the_bound():
+    rng = np.random.default_rng(21)
+    bank, bank_coords = _noisy_batch(19, rng)
+    queries, coords = _noisy_batch(2, rng)
+    policy = LesionPolicy(token_z=2.0, finding_mass=1.0, rim_finding_mass=50.0)
+    decision = decide_lesions(queries, coords, (6, 6, 6), policy, reference_scores=bank, reference_coords=bank_coords)
+    assert decision.reference == "bank" and decision.policy.rim_finding_mass == 0.0
+    assert LesionPolicy(finding_mass=10.0, rim_finding_mass=5.0).rim_bound == 10.0
+    small = LesionPolicy(finding_mass=1.0, rim_finding_mass=5.0, small_batch_volumes=16, small_batch_finding_mass=8.0)
+    assert small.for_batch(12).rim_bound == 8.0  # a small batch's higher bound holds at the rim too
+    with pytest.raises(ValueError, match="rim_finding_mass must be a number >= 0"):
+        LesionPolicy(rim_finding_mass=-1.0)
+
+
+def test_the_rim_bound_is_read_per_contrast_and_recorded_only_above_finding_mass():
+    override = {"threshold": {"finding_mass_by_contrast": {"T2w": 1.9}, "rim_finding_mass_by_contrast": {"T2w": 4.1}}}
+    config = load_config(override=override)
+    assert config.threshold.lesion_policy("T2w").rim_bound == 4.1
+    assert config.threshold.lesion_policy("T1w").rim_bound == 30.0  # finding_mass: no bound of its own
+    assert config.decision_settings().record("T2w")["threshold"]["rim_finding_mass"] == 4.1
+    assert "rim_finding_mass" not in config.decision_settings().record("T1w")["threshold"]
+    assert "rim_finding_mass" not in load_config().decision_settings().record("T2w")["threshold"]
+    with pytest.raises(ConfigError, match="rim_finding_mass_by_contrast.T2w must be a number >= 0"):
+        load_config(override={"threshold": {"rim_finding_mass_by_contrast": {"T2w": -2.0}}})
