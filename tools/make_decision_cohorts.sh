@@ -105,9 +105,14 @@ declare -A cohorts=(
   # held out from the learnt encoder's position-spread weight (threshold.prior_volumes 64; named
   # after it was chosen on seeds 14-18, 4, 23, 24 and 44, before any scoring)
   [half16_s28]="--subjects 16 --seed 28 --lesion-fraction 0.5 $heads"
+  # held out from the learnt encoder's rim bound (threshold.rim_finding_mass; named after it was
+  # chosen, before any of them was scored) and from a lower T1w bound inside the rim
+  [half16_s53]="--subjects 16 --seed 53 --lesion-fraction 0.5 $heads"
+  [normal12_s54]="--seed 54 --lesion-fraction 0 $heads"
+  [mets16_s55]="--subjects 16 --seed 55 --lesion-fraction 0.5 --lesions-per-subject 3 5 --lesion-radius-mm 5 9 $heads"
 )
 order=(demo normal12_s10 tune1 demo_s2 normal12_s11 half16_s21 mets16_s31 cortical16_s51 normal12_s12 demo_s3 subjects48_s40 normal48_s41 subjects48_s43 normal48_s42 demo_s4 normal12_s13 half16_s22 subjects48_s44 subjects24_s45 half16_s23 normal12_s14 normal12_s15 normal12_s16 normal12_s17 subjects24_s46 normal12_s18 half16_s24 normal12_s19 subjects24_s47 normal12_s20 normal12_s25 normal12_s26
-       normal12_s27 demo_s5 demo_s6 mets16_s32 cortical16_s52 mets16_s33 half16_s28)
+       normal12_s27 demo_s5 demo_s6 mets16_s32 cortical16_s52 mets16_s33 half16_s28 half16_s53 normal12_s54 mets16_s55)
 [ "$#" -gt 0 ] && order=("$@")
 for name in "${order[@]}"; do
   args=${cohorts[$name]:?unknown cohort $name}
