@@ -79,7 +79,8 @@ The rule
    more positions deeper (docs/RESULTS.md, "Findings at the brain's rim"). One bound for both
    regions is set by the rim's false findings: raised to stop them, it misses lesions inside;
    kept low, it flags normal brains at the rim. Not with cohort-bank references: the bank's
-   bound is calibrated on its own volumes' findings wherever they lie.
+   bound is calibrated on its own volumes' findings wherever they lie (an uncalibrated bank holds
+   every group to the larger bound).
    Lesion-level evidence replaces the single maximum token of the first policy, whose volume gate (median + 3 robust
    SD of the batch's maxima) moved with the prevalence of lesions in the batch.
    A batch of few volumes scored as its own reference is held to a bound of its own
@@ -204,7 +205,8 @@ class LesionPolicy:
         The evidence bound of groups that peak at the brain's rim (:func:`rim_positions`), where
         normal brains' findings come from (module docstring, rule 2), in z x ml; the larger of it
         and ``finding_mass`` applies there, so 0 (or any value up to ``finding_mass``) holds every
-        group to ``finding_mass``. Not with cohort-bank references.
+        group to ``finding_mass``. Not with cohort-bank references: there the larger of the two
+        holds everywhere until the bank's calibrated bound replaces it.
     by_position : bool
         Standardise per grid position (volumes registered to one template). ``False``: by the
         batch-wide median and spread only, for grids that are not anatomically aligned
@@ -793,11 +795,12 @@ def _bank_policy(
     The bank's calibrated bound already carries its normal volumes' whole-series offsets (rule 1),
     and a bank is no small batch (rule 2): the bank's bound (:func:`bank_calibration`), or
     ``finding_mass`` uncalibrated where the rate is 0 or the bank too small for it. Its positions'
-    spreads are weighted with ``bank_prior_volumes`` where set.
+    spreads are weighted with ``bank_prior_volumes`` where set. The rim has no bound of its own
+    here: the stricter of the two holds everywhere until the bank's calibration replaces it.
     """
     prior = policy.prior_volumes if policy.bank_prior_volumes is None else float(policy.bank_prior_volumes)
     policy = replace(policy, subtract_volume_level=False, small_batch_volumes=0, small_batch_finding_mass=0.0,
-                     prior_volumes=prior, rim_finding_mass=0.0)
+                     prior_volumes=prior, finding_mass=policy.rim_bound, rim_finding_mass=0.0)
     if not policy.bank_false_flag_rate > 0:
         return policy, {}
     calibration = bank_calibration(reference_scores, reference_coords, grid_shape, policy, token_ml,

@@ -683,6 +683,7 @@ def test_the_rim_bound_is_not_used_with_bank_references_and_never_lowers_the_bou
     policy = LesionPolicy(token_z=2.0, finding_mass=1.0, rim_finding_mass=50.0)
     decision = decide_lesions(queries, coords, (6, 6, 6), policy, reference_scores=bank, reference_coords=bank_coords)
     assert decision.reference == "bank" and decision.policy.rim_finding_mass == 0.0
+    assert decision.policy.finding_mass == 50.0  # uncalibrated: the stricter bound everywhere
     assert LesionPolicy(finding_mass=10.0, rim_finding_mass=5.0).rim_bound == 10.0
     small = LesionPolicy(finding_mass=1.0, rim_finding_mass=5.0, small_batch_volumes=16, small_batch_finding_mass=8.0)
     assert small.for_batch(12).rim_bound == 8.0  # a small batch's higher bound holds at the rim too
