@@ -233,8 +233,12 @@ def compare(tune: Sequence[Volume], held: Sequence[Volume], rules: Mapping[str, 
     return rows
 
 
-def flagged_at_rim(volumes: Sequence[Volume], policy: LesionPolicy) -> dict[str, str]:
-    """Of the series flagged without a rim bound, how many have their largest finding peak at the rim."""
+def flagged_at_rim(volumes: Sequence[Volume], policy: LesionPolicy, bound: float | None = None) -> dict[str, str]:
+    """Of the series flagged without a rim bound, how many have their largest finding peak at the rim.
+
+    ``bound``: the one evidence bound applied everywhere (``None``: ``policy.finding_mass``).
+    """
+    policy = replace(policy, finding_mass=policy.finding_mass if bound is None else float(bound), rim_finding_mass=0.0)
     counts = {"normal": [0, 0], "lesion": [0, 0]}
     for volume in volumes:
         grid = _grid(volume)
@@ -289,8 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held", nargs="+", required=True, help="held-out cohorts (each scored alone)")
     parser.add_argument("--cache", type=Path, help="folder keeping each cohort's decided z (.npz)")
     parser.add_argument("--models", default="models")
+    parser.add_argument("--plain-bound", nargs="+", default=[], metavar="CONTRAST=BOUND",
+                        help="the one evidence bound (z x ml) at which the rim's share of flagged series is counted "
+                             "(default: the contrast's finding_mass)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a setting of the configuration (as tools/measure_decisions.py --set)")
     args = parser.parse_args(argv)
-    config = configure(args.models, [])
+    plain = {item.split("=", 1)[0]: float(item.split("=", 1)[1]) for item in args.plain_bound}
+    config = configure(args.models, args.set)
     tune = collect(args.root, args.tune, config, args.cache)
     held = collect(args.root, args.held, config, args.cache)
     print("| contrast | statistic | bound | tuning lesion | tuning normal | held-out lesion | held-out normal "
@@ -305,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     for contrast in sorted({v.contrast for v in tune}):
         table = depth_exceedance([v for v in [*tune, *held] if v.contrast == contrast])
         policy = config.threshold.lesion_policy(contrast)
-        print(contrast, "flagged series without a rim bound:", flagged_at_rim([v for v in [*tune, *held] if v.contrast == contrast], policy))
+        print(contrast, "flagged series without a rim bound:", flagged_at_rim([v for v in [*tune, *held] if v.contrast == contrast], policy,
+                                                                             plain.get(contrast)))
         print(contrast, "normal tokens above z by depth:", {k: {n: f"{x:.2g}" for n, x in row.items()} for k, row in table.items()})
     return 0
 
