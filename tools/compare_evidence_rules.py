@@ -7,7 +7,8 @@ another statistic of the same ``z`` maps would flag more lesion series for as ma
 
 1. every cohort is scored alone with the app's settings (``CODEGRAPH3D_CONFIG``; cached tokens of
    ``tools/make_decision_cohorts.sh``) and each volume's ``z`` as decided is kept (``--cache``
-   keeps them between runs, one ``.npz`` per cohort);
+   keeps them between runs, one ``.npz`` per cohort, by name only: empty it when a setting that
+   changes ``z`` changes, such as ``prior_volumes`` or ``subtract_volume_level``; bounds do not);
 2. per contrast, the product's rule at its configured bounds sets the budget: the number of
    tuning normals it flags; every statistic's bound is then the smallest that flags as many
    tuning normals (the calibration of ``tools/calibrate_lesion_bounds.py``);
@@ -191,6 +192,8 @@ def _decide_cohort(root: Path, name: str, config: RunConfig) -> dict[str, np.nda
     """One cohort's series per contrast, scored and decided as one batch: ``z``, grid indices, truth."""
     arrays: dict[str, np.ndarray] = {}
     for contrast, series in sorted(load_pooled(root, [name], config).items()):
+        if tuple(series[0].record.tokens.grid_shape) != GRID:
+            raise SystemExit(f"{name}: token grid {series[0].record.tokens.grid_shape}; this benchmark reads {GRID}")
         n = len(series)
         scores = score_series(series, config, n)
         coords = [item.record.tokens.coords for item in series]

@@ -75,8 +75,8 @@ The rule
    learnt encoder every normal series flagged on the tuning and held-out batches scored alone
    peaked there (T1w 5 of 5, T2w 13 of 13, against 24 of 99 and 18 of 84 lesion series), where
    the brain's edge, skull stripping and registration vary most between brains: a normal
-   token exceeds ``z`` 6 there 6-25 times (T1w) and at least 5 times (T2w) as often as two or
-   more positions deeper (docs/RESULTS.md, "Findings at the brain's rim"). One bound for both
+   token exceeds ``z`` 6 in the rim's layer 6-25 times (T1w) and 5 times or more (T2w) as often
+   as two or more positions deeper (docs/RESULTS.md, "Findings at the brain's rim"). One bound for both
    regions is set by the rim's false findings: raised to stop them, it misses lesions inside;
    kept low, it flags normal brains at the rim. Not with cohort-bank references: the bank's
    bound is calibrated on its own volumes' findings wherever they lie (an uncalibrated bank holds
@@ -92,7 +92,7 @@ The rule
    this apart from a small lesion; only the bound can, calibrated so that every all-normal batch
    of the small size flags at most one series (``tools/calibrate_lesion_bounds.py --per-batch``).
    With cohort-bank references it is not used: the bound is the bank's calibrated one, or
-   ``finding_mass`` where the bank is not calibrated. Off by
+   ``finding_mass`` (``rim_finding_mass`` where larger) where the bank is not calibrated. Off by
    default and in every shipped configuration: for the learnt encoder such a bound (T2w 5.1
    against 1.9) kept held-out all-normal batches of 12 at one flag each, but missed lesions
    whose evidence lay among those normals' (docs/RESULTS.md, "A bound of their own for small
@@ -180,7 +180,7 @@ class LesionPolicy:
     bank_false_flag_rate : float
         With cohort-bank references: the evidence bound is calibrated on the bank's own normal
         volumes (:func:`bank_calibration`) so that a normal study is flagged with probability at
-        most about this; 0 keeps ``finding_mass`` with a bank too.
+        most about this; 0 keeps ``finding_mass`` (``rim_finding_mass`` where larger) with a bank too.
     bank_confidence : float
         In (0, 1): the calibration holds ``bank_false_flag_rate`` for this bank with this
         confidence (over the draw of the bank's volumes), not only on average over banks; 0: on
@@ -794,7 +794,8 @@ def _bank_policy(
 
     The bank's calibrated bound already carries its normal volumes' whole-series offsets (rule 1),
     and a bank is no small batch (rule 2): the bank's bound (:func:`bank_calibration`), or
-    ``finding_mass`` uncalibrated where the rate is 0 or the bank too small for it. Its positions'
+    ``finding_mass`` (``rim_finding_mass`` where larger) uncalibrated where the rate is 0 or the bank
+    too small for it. Its positions'
     spreads are weighted with ``bank_prior_volumes`` where set. The rim has no bound of its own
     here: the stricter of the two holds everywhere until the bank's calibration replaces it.
     """

@@ -175,7 +175,8 @@ class DecisionSettings:
         value), so that another contrast's bounds do not make this one "not measured".
         Only bank-referenced batches use the bank calibration and ``bank_prior_volumes``, and a
         calibrated one reports its own operating point, so those fields are left out (a bank too
-        small for its rate is decided with ``finding_mass`` and reports the batch's measured point,
+        small for its rate is decided with ``finding_mass`` (``rim_finding_mass`` where larger) and
+        reports the batch's measured point,
         which ``bank_prior_volumes`` may then not match), as are the settings that shape only the
         binary mask (``voxel_z``, ``min_finding_ml``, ``mask_peak_fraction``): a flag and its
         false-flag rate do not depend on them, so tuning a mask keeps the rate measured.

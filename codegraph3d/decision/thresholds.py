@@ -100,6 +100,9 @@ class ThresholdDecision:
     units : str
         ``"score"`` (thresholds on the fused score scale) or ``"z"`` (robust standard deviations
         above the position's reference median).
+    rim_threshold : float, optional
+        The lesion policy's evidence bound for findings that peak at the brain's rim, where it is
+        above ``volume_threshold`` (``threshold.rim_finding_mass``); ``None``: one bound everywhere.
     """
 
     volume_threshold: float
@@ -111,6 +114,7 @@ class ThresholdDecision:
     z_values: list[np.ndarray] | None = None
     findings: list[list[Any]] | None = None
     units: str = "score"
+    rim_threshold: float | None = None
 
 
 def robust_upper_bound(

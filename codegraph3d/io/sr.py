@@ -67,6 +67,9 @@ CONCEPTS: dict[str, hd.sr.CodedConcept] = {
     "evidence_threshold": hd.sr.CodedConcept(
         "EVIDENCE_THRESH", CODING_SCHEME, "Finding evidence threshold (robust SD x ml)"
     ),
+    "rim_evidence_threshold": hd.sr.CodedConcept(
+        "EVID_THRESH_RIM", CODING_SCHEME, "Finding evidence threshold at brain rim (robust SD x ml)"
+    ),
     "flagged": hd.sr.CodedConcept("ANOMALY_FLAGGED", CODING_SCHEME, "Anomaly flagged"),
     "n_findings": hd.sr.CodedConcept("FINDING_COUNT", CODING_SCHEME, "Number of findings"),
     "false_flag_rate": hd.sr.CodedConcept("FALSE_FLAG_RATE", CODING_SCHEME, "False flag rate per normal series"),
@@ -167,6 +170,9 @@ class SeriesFinding:
     false_flag_rate : float or None
         Fraction (0-1) of normal series the policy flags, as measured for this encoder and
         contrast on all-normal batches; ``None`` = not measured.
+    rim_threshold : float or None
+        With ``threshold_units`` ``"z"``: the evidence bound of findings that peak at the brain's
+        rim, where it differs from ``threshold``; ``None`` = one bound everywhere.
     """
 
     seg: Dataset
@@ -181,6 +187,7 @@ class SeriesFinding:
     policy: str = ""
     threshold_units: str = "score"
     false_flag_rate: float | None = None
+    rim_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if getattr(self.seg, "Modality", None) != "SEG":
@@ -205,6 +212,10 @@ class SeriesFinding:
                     f"SeriesFinding.false_flag_rate must be None or a fraction within [0, 1]; got {rate!r}"
                 )
             object.__setattr__(self, "false_flag_rate", float(rate))
+        rim = self.rim_threshold
+        if rim is not None and (self.threshold_units != "z" or not _is_number(rim) or not np.isfinite(rim)):
+            raise ValueError(f"SeriesFinding.rim_threshold must be None or a finite number with threshold_units "
+                             f"'z'; got {rim!r} with {self.threshold_units!r}")
 
     def _check_findings(self) -> None:
         if isinstance(self.findings, (str, bytes)) or not isinstance(self.findings, Sequence):
@@ -294,6 +305,8 @@ def _roi_group(finding: SeriesFinding, index: int) -> hd.sr.VolumetricROIMeasure
         measure(CONCEPTS["percentile"], finding.percentile, _PERCENT),
         # The lesion policy's bound is on sum(z - token_z) x token volume: robust SDs times ml.
         measure(threshold, finding.threshold, _MILLILITRE if finding.threshold_units == "z" else _NO_UNITS),
+        *([] if finding.rim_threshold is None else
+          [measure(CONCEPTS["rim_evidence_threshold"], finding.rim_threshold, _MILLILITRE)]),
         measure(_VOLUME, finding.anomalous_volume_ml, _MILLILITRE),
         measure(CONCEPTS["n_findings"], len(finding.findings), _NO_UNITS),
     ]

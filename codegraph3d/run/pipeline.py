@@ -680,6 +680,7 @@ def _lesion_decision(
         volume_threshold=outcome.policy.finding_mass, voxel_threshold=outcome.policy.voxel_z, flagged=outcome.flagged[:n],
         policy=LESION_POLICY_NAME, params={**outcome.params, "n_bank_volumes": len(scores.token_scores) - n},
         mask_values=outcome.mask_values[:n], z_values=outcome.z[:n], findings=outcome.findings[:n], units="z",
+        rim_threshold=outcome.policy.rim_bound if outcome.policy.rim_bound > outcome.policy.finding_mass else None,
     )
 
 

@@ -112,6 +112,8 @@ def _batch_record(batch: ScoredBatch, operating: Mapping[str, Any]) -> dict[str,
         "n_chunks": batch.n_chunks,
         "bank_references": list(batch.bank_references),
         "threshold": decision.volume_threshold,
+        # The lesion policy's bound for findings at the brain's rim, where it differs (else null).
+        "rim_threshold": decision.rim_threshold,
         "voxel_threshold": decision.voxel_threshold,
         # lesion policy: the flag bound is a finding's evidence (z x ml), the mask bound is in z.
         "threshold_units": "z*ml" if decision.units == "z" else "score",
@@ -177,7 +179,9 @@ def _seg_text(encoder: Mapping[str, Any], batch: ScoredBatch) -> dict[str, Any]:
         + (f" + {len(batch.bank_references)} bank references" if batch.bank_references else "")
         + (f" (chunk {batch.chunk + 1}/{batch.n_chunks})" if batch.n_chunks > 1 else "")
         + "; volume threshold "
-        f"{batch.decision.volume_threshold:.6g}, voxel threshold {batch.decision.voxel_threshold:.6g}"
+        f"{batch.decision.volume_threshold:.6g}"
+        + (f" ({batch.decision.rim_threshold:.6g} at the brain's rim)" if batch.decision.rim_threshold is not None else "")
+        + f", voxel threshold {batch.decision.voxel_threshold:.6g}"
     )
     return dict(
         encoder_description=f"{encoder['name']}" + (f" sha256:{weights}" if weights else ""),
@@ -234,7 +238,7 @@ def _sr_finding(batch: ScoredBatch, row: Mapping[str, Any], maps: SeriesMaps, bi
         findings=tuple(MaskFinding(f["volume_ml"], tuple(f["centroid_lps_mm"]), f["peak_score"])
                        for f in maps.findings),
         policy=batch.decision.policy, threshold_units=batch.decision.units,
-        false_flag_rate=_rate(point),
+        false_flag_rate=_rate(point), rim_threshold=batch.decision.rim_threshold,
     )
 
 

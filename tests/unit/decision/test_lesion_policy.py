@@ -701,3 +701,21 @@ def test_the_rim_bound_is_read_per_contrast_and_recorded_only_above_finding_mass
     assert "rim_finding_mass" not in load_config().decision_settings().record("T2w")["threshold"]
     with pytest.raises(ConfigError, match="rim_finding_mass_by_contrast.T2w must be a number >= 0"):
         load_config(override={"threshold": {"rim_finding_mass_by_contrast": {"T2w": -2.0}}})
+
+
+def test_a_group_is_at_the_rim_when_its_peak_is_and_coverage_of_exactly_nine_in_ten_is_inside():
+    coords = np.argwhere(np.ones(GRID, bool))
+    rim = rim_positions(np.full(GRID, 10), 10)
+    # One group reaching from the rim layer (x = 0) inward; only where its peak lies decides.
+    row = [int(np.flatnonzero((coords == (x, 4, 4)).all(axis=1))[0]) for x in (0, 1, 2)]
+    policy = LesionPolicy(token_z=4.5, finding_mass=1.0, rim_finding_mass=50.0)
+    for peak, at_rim in ((0, True), (2, False)):
+        z = np.zeros(len(coords))
+        z[row] = 5.0
+        z[row[peak]] = 9.0
+        (group,) = token_findings(z, z, coords, GRID, policy, rim=rim)
+        assert group.at_rim is at_rim and group.passed is (not at_rim)
+    count = np.full(GRID, 10)
+    count[0] = 9  # nine of ten references cover the x = 0 face: still inside
+    assert not rim_positions(count, 10)[1:7, 1:7, 1:7].any() and rim_positions(count, 10)[0].all()
+    assert not rim_positions(count, 10, depth=0)[0, 2:6, 2:6].any()

@@ -204,6 +204,19 @@ def test_threshold_concept_follows_its_units(tmp_path: Path, segs, units, used, 
     assert CONCEPTS[unused].meaning not in values
 
 
+def test_the_rim_bound_is_written_beside_the_evidence_threshold_only_when_set(tmp_path: Path, segs) -> None:
+    path = write_study_sr([finding(segs[0], threshold_units="z", threshold=1.9, rim_threshold=4.1)],
+                          tmp_path / "sr.dcm", series_number=1)
+    values = _values(_groups(path)[0])
+    assert values[CONCEPTS["rim_evidence_threshold"].meaning] == (pytest.approx(4.1), "ml")
+    assert values[CONCEPTS["evidence_threshold"].meaning] == (pytest.approx(1.9), "ml")
+    plain = write_study_sr([finding(segs[0], threshold_units="z", threshold=1.9)], tmp_path / "plain.dcm",
+                           series_number=1)
+    assert CONCEPTS["rim_evidence_threshold"].meaning not in _values(_groups(plain)[0])
+    with pytest.raises(ValueError, match="rim_threshold must be None or a finite number"):
+        finding(segs[0], threshold_units="score", threshold=1.0, rim_threshold=4.1)
+
+
 def test_at_most_ten_finding_groups_with_the_true_count(tmp_path: Path, segs) -> None:
     many = [MaskFinding(20.0 - k, (float(k), 0.0, 0.0), 1.0) for k in range(13)]  # a list is accepted
     series = finding(segs[0], findings=many, policy=POLICY)
