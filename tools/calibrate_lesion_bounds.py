@@ -105,12 +105,14 @@ def score_batches(root: Path, specs: Sequence[str], config: RunConfig, normals_o
 def with_bounds(config: RunConfig, contrast: str, token_z: float, finding_mass: float, voxel_z: float) -> RunConfig:
     """``config`` with the three bounds of ``contrast`` replaced (the other contrasts' dropped).
 
-    The small-batch bound is turned off: the bound calibrated here is the one a batch is held to.
+    The small-batch and rim bounds are turned off: the bound calibrated here is the one every
+    group of a batch is held to (a rim bound is chosen afterwards: docs/RESULTS.md, "Findings at
+    the brain's rim", ``tools/compare_evidence_rules.py``).
     """
     return config.with_overrides({"threshold": {
         "token_z_by_contrast": {contrast: token_z}, "finding_mass_by_contrast": {contrast: finding_mass},
         "voxel_z_by_contrast": {contrast: voxel_z}, "small_batch_volumes": 0, "small_batch_finding_mass": 0.0,
-        "small_batch_finding_mass_by_contrast": {},
+        "small_batch_finding_mass_by_contrast": {}, "rim_finding_mass": 0.0, "rim_finding_mass_by_contrast": {},
     }}, "calibration")
 
 

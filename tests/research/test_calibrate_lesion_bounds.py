@@ -6,6 +6,7 @@ from types import ModuleType
 
 import numpy as np
 
+from codegraph3d.run.config import load_config
 from fixtures import load_tool
 
 
@@ -43,3 +44,11 @@ def test_the_batch_mean_dice_weighs_a_small_lesion_batch_as_much_as_a_large_one(
     # Pooled over voxels the gliomas outvote the metastases.
     assert row["dice"] == round(2 * 910 / (2 * 910 + 110 + 130), 3)
     assert row["mask_ml_per_lesion_ml"] == round(12.2 / 12.4, 2)
+
+
+def test_the_calibrated_bound_holds_everywhere_with_no_rim_or_small_batch_bound_left() -> None:
+    tool = _tool()
+    config = load_config(override={"threshold": {"rim_finding_mass_by_contrast": {"T2w": 4.1},
+                                                 "small_batch_volumes": 16, "small_batch_finding_mass": 40.0}})
+    policy = tool.with_bounds(config, "T2w", 4.5, 1.9, 3.0).threshold.lesion_policy("T2w")
+    assert policy.finding_mass == 1.9 and policy.rim_bound == 1.9 and policy.for_batch(12).finding_mass == 1.9
