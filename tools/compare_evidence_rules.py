@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from calibrate_lesion_bounds import evidence_bound  # noqa: E402  (a sibling script)
 from measure_decisions import batch_groups, configure, load_pooled, score_series  # noqa: E402
 
-from codegraph3d.decision.lesion_policy import LesionPolicy, rim_positions  # noqa: E402
+from codegraph3d.decision.lesion_policy import Finding, LesionPolicy, rim_positions, token_findings  # noqa: E402
 from codegraph3d.run.config import RunConfig  # noqa: E402
 from codegraph3d.run.pipeline import decide_batch, token_volume_ml  # noqa: E402
 
@@ -89,24 +89,23 @@ def group_mass(volume: Volume, low: float, high: float, excess: float = 0.0) -> 
     return float(np.max(mass[keep], initial=0.0)) * volume.token_ml
 
 
+def _findings(volume: Volume, policy: LesionPolicy) -> list[Finding]:
+    """The product's candidate groups of the volume (:func:`token_findings`), each marked at the rim or not."""
+    rim = np.zeros(GRID, dtype=bool)
+    if volume.rim is not None:
+        rim[tuple(volume.coords[volume.rim].T)] = True
+    return token_findings(volume.z, volume.z, volume.coords, GRID, policy, volume.token_ml, rim)
+
+
 def product_evidence(volume: Volume, policy: LesionPolicy) -> float:
     """The product's evidence with its rim bound: flagged exactly when above ``policy.finding_mass``.
 
     A group at the rim counts its mass less the rim bound's excess over ``finding_mass``.
     """
-    grid = _grid(volume)
-    labels, n = ndimage.label(grid > policy.token_z, structure=CONNECTIVITY)
-    token_labels = labels[tuple(volume.coords.T)]
-    best = 0.0
-    for label in range(1, n + 1):
-        members = np.flatnonzero(token_labels == label)
-        excess = float(np.mean(volume.z[members] - policy.token_z))
-        if not excess > policy.finding_excess:
-            continue
-        at_rim = volume.rim is not None and bool(volume.rim[members[np.argmax(volume.z[members])]])
-        shift = policy.rim_bound - policy.finding_mass if at_rim else 0.0
-        best = max(best, excess * members.size * volume.token_ml - shift)
-    return best
+    shift = policy.rim_bound - policy.finding_mass
+    masses = [found.mass - (shift if found.at_rim else 0.0) for found in _findings(volume, policy)
+              if policy.qualifies(found)]
+    return max([0.0, *masses])
 
 
 def tfce_peak(volume: Volume, extent_power: float, height_power: float, step: float = 0.2) -> float:
@@ -244,20 +243,11 @@ def flagged_at_rim(volumes: Sequence[Volume], policy: LesionPolicy, bound: float
     policy = replace(policy, finding_mass=policy.finding_mass if bound is None else float(bound), rim_finding_mass=0.0)
     counts = {"normal": [0, 0], "lesion": [0, 0]}
     for volume in volumes:
-        grid = _grid(volume)
-        labels, n = ndimage.label(grid > policy.token_z, structure=CONNECTIVITY)
-        token_labels = labels[tuple(volume.coords.T)]
-        best, at_rim = policy.finding_mass, False
-        for label in range(1, n + 1):
-            members = np.flatnonzero(token_labels == label)
-            excess = float(np.mean(volume.z[members] - policy.token_z))
-            mass = excess * members.size * volume.token_ml
-            if excess > policy.finding_excess and mass > best:
-                best = mass
-                at_rim = volume.rim is not None and bool(volume.rim[members[np.argmax(volume.z[members])]])
-        if best > policy.finding_mass:
+        # token_findings orders groups by mass: the first focal one is the largest.
+        largest = next((found for found in _findings(volume, policy) if policy.qualifies(found)), None)
+        if largest is not None and largest.mass > policy.finding_mass:
             row = counts["lesion" if volume.lesion else "normal"]
-            row[0] += at_rim
+            row[0] += largest.at_rim
             row[1] += 1
     return {kind: f"{at} of {flagged} at the rim" for kind, (at, flagged) in counts.items()}
 
