@@ -158,6 +158,8 @@ class DecisionSettings:
     resolution_fwhm_mm : float
         ``preprocess.resolution_fwhm_mm``: smoothing every series to one resolution changes the
         spread of normal scores, so a rate measured without it does not hold with it.
+    layer_weights : tuple of float, optional
+        ``scoring.layer_weights``: how the layers' scores are fused (``None``: their plain mean).
     """
 
     threshold: ThresholdSettings
@@ -167,6 +169,7 @@ class DecisionSettings:
     min_brain_fraction: float
     registration: str
     resolution_fwhm_mm: float = 0.0
+    layer_weights: tuple[float, ...] | None = None
 
     def record(self, contrast: str) -> dict[str, Any]:
         """The settings as an entry of ``operating_points.json`` records them, for ``contrast``.
@@ -202,9 +205,13 @@ class DecisionSettings:
         if rim > self.threshold.bound("finding_mass", contrast):
             # Likewise only when the rim has a bound above the rest's.
             threshold["rim_finding_mass"] = rim
+        scoring: dict[str, Any] = {"k_fraction": self.k_fraction, "window_radius": self.window_radius, "method": self.method}
+        if self.layer_weights is not None:
+            # Only when set, so that the points measured with the plain mean still match.
+            scoring["layer_weights"] = [float(weight) for weight in self.layer_weights]
         return {
             "threshold": {key: threshold[key] for key in sorted(threshold)},
-            "scoring": {"k_fraction": self.k_fraction, "window_radius": self.window_radius, "method": self.method},
+            "scoring": scoring,
             "min_brain_fraction": self.min_brain_fraction,
             "registration": self.registration,
             "resolution_fwhm_mm": float(self.resolution_fwhm_mm),

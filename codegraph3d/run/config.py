@@ -35,6 +35,7 @@ from codegraph3d.io.selection import SelectionRules
 from codegraph3d.preprocess.chain import PreprocessConfig
 from codegraph3d.scoring.codegraph import CoDeGraphConfig
 from codegraph3d.scoring.maps import INTERPOLATIONS
+from codegraph3d.scoring.musc import check_layer_weights
 from codegraph3d.store.cache import TokenRecipe
 
 __all__ = [
@@ -97,7 +98,7 @@ def _compatible(default: Any, value: Any) -> bool:
 # Mappings whose keys are data (contrast names), not fields: a later layer replaces them whole.
 _WHOLE_MAPPINGS = frozenset(f"threshold.{name}_by_contrast" for name in PER_CONTRAST_BOUNDS)
 # Fields whose default is null ("use another field's value"): a later layer may set them back to null.
-_NULLABLE = frozenset({"threshold.bank_prior_volumes"})
+_NULLABLE = frozenset({"threshold.bank_prior_volumes", "scoring.layer_weights"})
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any], source: str, prefix: str = "") -> None:
@@ -253,8 +254,11 @@ class ScoringSettings:
     batch_seed: int
     method: ScoringMethod
     codegraph: CoDeGraphConfig
+    layer_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        # The count is checked against the encoder's layers when the encoder is loaded.
+        object.__setattr__(self, "layer_weights", check_layer_weights(self.layer_weights))
         if not 0.0 < self.k_fraction <= 1.0:
             raise ValueError(f"scoring.k_fraction must lie in (0, 1]; got {self.k_fraction}")
         for name, enum in (("exclude_same", ExcludeSame), ("precision", ScoringPrecision), ("method", ScoringMethod)):
@@ -437,7 +441,7 @@ class RunConfig:
             threshold=self.threshold, k_fraction=self.scoring.k_fraction,
             window_radius=self.scoring.window_radius, method=self.scoring.method.value,
             min_brain_fraction=self.tokens.min_brain_fraction, registration=self.preprocess.chain.registration,
-            resolution_fwhm_mm=self.preprocess.chain.resolution_fwhm_mm,
+            resolution_fwhm_mm=self.preprocess.chain.resolution_fwhm_mm, layer_weights=self.scoring.layer_weights,
         )
 
 

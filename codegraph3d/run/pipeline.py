@@ -188,6 +188,12 @@ def build_encoder(config: RunConfig, model_path: str | Path | None) -> SliceEnco
         raise CohortError(str(error)) from error
     except ValueError as error:
         raise CohortError(f"encoder {name!r} cannot be loaded: {error}") from error
+    weights = config.scoring.layer_weights
+    if weights is not None and len(weights) != len(encoder.layer_names):
+        raise CohortError(
+            f"scoring.layer_weights has {len(weights)} weights but encoder {name!r} gives {len(encoder.layer_names)} "
+            f"layers ({', '.join(map(str, encoder.layer_names))}); give one weight per layer, in that order, or null"
+        )
     expected = settings.family_patch_size
     if encoder.patch_size != expected:
         raise CohortError(
@@ -713,6 +719,7 @@ def score_configured(
         precision=settings.precision.value,
         on_layer_done=on_layer_done,
         known_scores=known_scores,
+        layer_weights=settings.layer_weights,
     )
 
 

@@ -20,6 +20,7 @@ from codegraph3d.scoring.musc import (
     active_selection_precision,
     check_chunk_size,
     check_layer_token_sets,
+    check_layer_weights,
     fit_chunk_size,
     fuse_layers,
     k_for_references,
@@ -129,6 +130,7 @@ def _codegraph_batch(
     coords: Sequence[np.ndarray] | None,
     grid_shape: tuple[int, int, int] | None,
     on_layer_done: Callable[[int, int], None] | None,
+    layer_weights: Sequence[float] | None = None,
 ) -> BatchScores:
     """The batch scored by :func:`codegraph3d.scoring.codegraph.codegraph_scores`."""
     # Loaded here: igraph and leidenalg are needed by CoDeGraph only (a MuSc-only benchmark
@@ -139,6 +141,7 @@ def _codegraph_batch(
         layer_token_sets, CoDeGraphConfig() if codegraph is None else codegraph,
         k_fraction=k_fraction, groups=groups, device=device, chunk_size=chunk_size,
         window_radius=window_radius, coords=coords, grid_shape=grid_shape, on_layer_done=on_layer_done,
+        layer_weights=layer_weights,
     )
     return BatchScores(
         token_scores=result.token_scores,
@@ -267,6 +270,7 @@ def score_batch(
     precision: str = "float32",
     on_layer_done: Callable[[int, int], None] | None = None,
     known_scores: Sequence[Sequence[np.ndarray]] | None = None,
+    layer_weights: Sequence[float] | None = None,
 ) -> BatchScores:
     """Run MuSc on every layer of a batch, fuse the layers and take volume scores.
 
@@ -301,6 +305,10 @@ def score_batch(
         which reference none of the others: ``BankGroup`` keys); only the leading volumes are
         then scored (:func:`~codegraph3d.scoring.musc.musc_scores_first`) where that is cheaper
         (:func:`known_scores_pay`). MuSc only.
+    layer_weights : sequence of float, optional
+        One weight per layer: the fused score is their weighted mean
+        (:func:`~codegraph3d.scoring.musc.fuse_layers`); ``None``: the plain mean. Checked
+        before any scoring.
 
     Returns
     -------
@@ -314,10 +322,11 @@ def score_batch(
                 chunk_size=chunk_size, window_radius=window_radius, coords=coords,
                 grid_shape=grid_shape, method=method, codegraph=codegraph,
                 memory_budget_mb=memory_budget_mb, precision=precision, on_layer_done=on_layer_done,
-                known_scores=known_scores,
+                known_scores=known_scores, layer_weights=layer_weights,
             )
     _check_options(method, codegraph, window_radius, coords, grid_shape)
     n_volumes = check_layer_token_sets(layer_token_sets)
+    check_layer_weights(layer_weights, len(layer_token_sets))
     if memory_budget_mb is not None:
         chunk_size = _budgeted_chunk_size(
             layer_token_sets, chunk_size, memory_budget_mb, window_radius, grid_shape, device
@@ -333,14 +342,14 @@ def score_batch(
     elif method == "codegraph":
         return _codegraph_batch(
             layer_token_sets, codegraph, n_refs, k_fraction, groups, device, chunk_size,
-            window_radius, coords, grid_shape, on_layer_done,
+            window_radius, coords, grid_shape, on_layer_done, layer_weights,
         )
     else:
         per_layer = _musc_per_layer(
             layer_token_sets, k_fraction, groups, device, chunk_size, window_radius, coords, grid_shape,
             on_layer_done,
         )
-    fused = fuse_layers(per_layer)
+    fused = fuse_layers(per_layer, layer_weights)
     return BatchScores(
         token_scores=fused,
         volume_scores=volume_scores(fused),

@@ -709,6 +709,7 @@ def codegraph_scores(
     coords: Sequence[np.ndarray] | None = None,
     grid_shape: tuple[int, int, int] | None = None,
     on_layer_done: Callable[[int, int], None] | None = None,
+    layer_weights: Sequence[float] | None = None,
 ) -> CoDeGraphResult:
     """MuSc scores of a batch with consistent anomalies filtered out (CoDeGraph).
 
@@ -722,6 +723,9 @@ def codegraph_scores(
     k_fraction, groups, device, chunk_size, window_radius, coords, grid_shape, on_layer_done
         As in :func:`codegraph3d.scoring.batch.score_batch`; ``on_layer_done`` follows the first
         (MuSc) pass, whose nearest-neighbour searches dominate the cost.
+    layer_weights : sequence of float, optional
+        As in :func:`codegraph3d.scoring.batch.score_batch`: how the layers' scores are fused
+        (communities are found on every layer's burnout alike).
 
     Returns
     -------
@@ -742,7 +746,7 @@ def codegraph_scores(
     }
     first = _musc_pass(layer_token_sets, config, k_fraction, groups, search, on_layer_done)
 
-    layer_weights = np.stack([volume_graph([b.link_counts]) for b in first.burnout])
+    layer_edges = np.stack([volume_graph([b.link_counts]) for b in first.burnout])
     weights = volume_graph([b.link_counts for b in first.burnout])
     communities = find_communities(weights, config)
     refs = reference_sets(n_volumes, groups)
@@ -755,12 +759,12 @@ def codegraph_scores(
         )
     else:
         per_layer = first.musc_per_layer
-    fused = fuse_layers(per_layer)
-    musc_fused = fused if per_layer is first.musc_per_layer else fuse_layers(first.musc_per_layer)
+    fused = fuse_layers(per_layer, layer_weights)
+    musc_fused = fused if per_layer is first.musc_per_layer else fuse_layers(first.musc_per_layer, layer_weights)
     diagnostics = CoDeGraphDiagnostics(
         communities=communities,
         edge_weights=weights,
-        layer_edge_weights=layer_weights,
+        layer_edge_weights=layer_edges,
         burnout_counts=np.stack([b.burnout_counts for b in first.burnout]),
         implicated_counts=implicated_counts,
         implicated=implicated,

@@ -65,6 +65,7 @@ __all__ = [
     "check_k_fraction",
     "check_layer_token_sets",
     "column_argmin",
+    "check_layer_weights",
     "fuse_layers",
     "k_for_references",
     "musc_from_distances",
@@ -1519,7 +1520,38 @@ def _running_min(
     torch.where(better, new_idx.to(cur_idx.dtype), cur_idx, out=cur_idx)
 
 
-def fuse_layers(per_layer_scores: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
+def check_layer_weights(weights: Sequence[float] | None, n_layers: int | None = None) -> tuple[float, ...] | None:
+    """``weights`` as a tuple after checking them (``None``: every layer weighs the same).
+
+    Parameters
+    ----------
+    weights : sequence of float, optional
+        One non-negative, finite weight per encoder layer, at least one of them positive.
+    n_layers : int, optional
+        The number of layers the weights must match (unchecked when ``None``).
+
+    Raises
+    ------
+    ValueError
+        For a weight that is not a finite number >= 0, weights that are all 0, or a count that is
+        not ``n_layers``; the message names ``scoring.layer_weights``.
+    """
+    if weights is None:
+        return None
+    values = list(weights)
+    if not values or any(isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating))
+                         or not math.isfinite(w) or w < 0 for w in values) or sum(values) <= 0:
+        raise ValueError(f"scoring.layer_weights must be a list of numbers >= 0, one per encoder layer, at least one "
+                         f"of them > 0 (or null: every layer weighs the same); got {values!r}")
+    if n_layers is not None and len(values) != n_layers:
+        raise ValueError(f"scoring.layer_weights has {len(values)} weights but the encoder gives {n_layers} layers; "
+                         "give one weight per layer, in the encoder's layer order (or null)")
+    return tuple(float(w) for w in values)
+
+
+def fuse_layers(
+    per_layer_scores: Sequence[Sequence[np.ndarray]], weights: Sequence[float] | None = None,
+) -> list[np.ndarray]:
     """Average token scores over encoder layers, volume by volume.
 
     Parameters
@@ -1527,14 +1559,20 @@ def fuse_layers(per_layer_scores: Sequence[Sequence[np.ndarray]]) -> list[np.nda
     per_layer_scores : sequence of sequence of numpy.ndarray
         ``per_layer_scores[layer][volume]`` is an ``(N_volume,)`` array; every layer must hold the
         same volumes with the same token counts.
+    weights : sequence of float, optional
+        One weight per layer (:func:`check_layer_weights`); the fused score is the weighted mean.
+        ``None``: the plain mean.
 
     Returns
     -------
     list of numpy.ndarray
-        One float32 ``(N_volume,)`` array per volume (mean over layers, accumulated in float64).
+        One float32 ``(N_volume,)`` array per volume (weighted mean over layers, accumulated in
+        float64).
     """
     if len(per_layer_scores) == 0:
         raise ValueError("fuse_layers needs at least one layer")
+    checked = check_layer_weights(weights, len(per_layer_scores))
+    share = np.full(len(per_layer_scores), 1.0 / len(per_layer_scores)) if checked is None else np.asarray(checked) / sum(checked)
     n_volumes = len(per_layer_scores[0])
     for layer, scores in enumerate(per_layer_scores):
         if len(scores) != n_volumes:
@@ -1553,8 +1591,8 @@ def fuse_layers(per_layer_scores: Sequence[Sequence[np.ndarray]]) -> list[np.nda
                 raise ValueError(
                     f"layer {layer} volume {v} has shape {s.shape}; layer 0 has {ref_shape}"
                 )
-            total += s
-        fused.append((total / len(per_layer_scores)).astype(np.float32))
+            total += share[layer] * s if checked is not None else s
+        fused.append((total if checked is not None else total / len(per_layer_scores)).astype(np.float32))
     return fused
 
 

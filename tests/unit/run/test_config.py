@@ -148,9 +148,24 @@ def test_a_section_replaced_by_hand_is_refused(monkeypatch: pytest.MonkeyPatch):
         ({"loading": {"studies_per_chunk": 0}}, "loading.studies_per_chunk must be an integer >= 1"),
         ({"encoder": {"batch_size": 0}}, "encoder.batch_size must be an integer >= 1"),
         ({"execution": {"backend": "spark"}}, "execution.backend must be local or ray; got 'spark'"),
+        ({"scoring": {"layer_weights": [1, -2]}}, "scoring.layer_weights must be a list of numbers >= 0"),
+        ({"scoring": {"layer_weights": "1 2"}}, "scoring.layer_weights must be a list of numbers >= 0"),
     ],
 )
 def test_counts_and_lists_are_refused_with_their_field(override, message, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv(CONFIG_ENV_VAR, raising=False)
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(override=override)
+
+
+def test_layer_weights_enter_the_decision_settings_only_when_set(monkeypatch: pytest.MonkeyPatch):
+    # A rate measured with the plain mean must not be reported for a weighted fusion, and the
+    # points measured before the field existed must still match the plain mean.
+    monkeypatch.delenv(CONFIG_ENV_VAR, raising=False)
+    plain = load_config()
+    assert plain.scoring.layer_weights is None
+    assert "layer_weights" not in plain.decision_settings().record("T2w")["scoring"]
+    weighted = plain.with_overrides({"scoring": {"layer_weights": [1, 1, 1, 2, 1]}})
+    assert weighted.scoring.layer_weights == (1.0, 1.0, 1.0, 2.0, 1.0)
+    assert weighted.decision_settings().record("T2w")["scoring"]["layer_weights"] == [1.0, 1.0, 1.0, 2.0, 1.0]
+    assert weighted.with_overrides({"scoring": {"layer_weights": None}}).scoring.layer_weights is None

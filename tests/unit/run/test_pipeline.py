@@ -11,6 +11,7 @@ from codegraph3d.run.pipeline import (
     CohortError,
     Tokenisation,
     TokenisedSeries,
+    build_encoder,
     reference_groups,
     score_batches,
 )
@@ -144,3 +145,10 @@ def test_bank_scores_are_reused_for_musc_with_two_bank_patients_only():
     assert not bank_scores_reusable(codegraph, bank, own + bank_groups(["b1", "b2"]), 1)
     # The progress clock's work: every ordered pair, or the members' own with the bank's scores kept.
     assert (scoring_work(1, 3, False), scoring_work(1, 3, True), scoring_work(2, 3, True)) == (16, 4, 10)
+
+
+def test_layer_weights_that_do_not_match_the_encoder_stop_before_any_series_is_read(tmp_path):
+    config = load_config(override={"encoder": {"name": "intensity"}, "scoring": {"layer_weights": [1, 2]}})
+    with pytest.raises(CohortError, match=r"scoring.layer_weights has 2 weights but encoder 'intensity' gives 1 layers \(intensity\)"):
+        build_encoder(config, tmp_path)
+    assert build_encoder(config.with_overrides({"scoring": {"layer_weights": [3]}}), tmp_path).layer_names == ["intensity"]

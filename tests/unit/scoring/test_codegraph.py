@@ -395,3 +395,11 @@ def test_closer_to_members_compares_medians_over_finite_distances():
     assert got.tolist() == [True, False, False, False, False, False, False]
     assert not closer_to_members(d, [1, 2], [3, 4], 0.6).any()  # fewer than three outsiders
     assert not closer_to_members(d, [], [3, 4, 5], 0.6).any()
+
+
+def test_codegraph_fuses_its_layers_with_the_layer_weights():
+    rng = np.random.default_rng(5)
+    layers = [[rng.standard_normal((12, dim)).astype(np.float32) for _ in range(8)] for dim in (4, 6)]
+    result = score_batch(layers, method="codegraph", device="cpu", layer_weights=[1, 3])
+    for fused, a, b in zip(result.token_scores, *result.per_layer):
+        np.testing.assert_allclose(fused, 0.25 * a + 0.75 * b, atol=1e-6)

@@ -10,6 +10,7 @@ import pytest
 
 from codegraph3d.scoring.batch import BatchScores, score_batch
 from codegraph3d.scoring.musc import (
+    check_layer_weights,
     fuse_layers,
     k_for_references,
     musc_scores,
@@ -177,6 +178,42 @@ def test_fusion_volume_scores_and_score_batch():
         fuse_layers([[np.zeros(3)], [np.zeros(4)]])
     with pytest.raises(ValueError, match="layer 1 volume 2 has 8 tokens"):
         score_batch([layer_a, layer_a[:2] + [np.zeros((8, 4))]], device="cpu")
+
+
+def test_layer_weights_give_the_weighted_mean_and_null_the_plain_one():
+    rng = np.random.default_rng(11)
+    layer_a = random_sets(rng, [5, 6, 7], dim=4)
+    layer_b = random_sets(rng, [5, 6, 7], dim=9)
+    plain = score_batch([layer_a, layer_b], device="cpu")
+    weighted = score_batch([layer_a, layer_b], device="cpu", layer_weights=[1, 3])
+    for fused, x, y in zip(weighted.token_scores, *weighted.per_layer):
+        np.testing.assert_allclose(fused, 0.25 * x + 0.75 * y, atol=1e-6)
+    # Weights are relative, and equal weights are the plain mean.
+    for fused, again in zip(fuse_layers(plain.per_layer, [2.0, 2.0]), plain.token_scores):
+        np.testing.assert_allclose(fused, again, atol=1e-7)
+    for fused, a in zip(fuse_layers(plain.per_layer, [1, 0]), plain.per_layer[0]):
+        np.testing.assert_allclose(fused, a, atol=1e-7)
+    np.testing.assert_allclose(weighted.volume_scores, [f.max() for f in weighted.token_scores])
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ([1.0], "has 1 weights but the encoder gives 2 layers"),
+        ([1.0, -1.0], "numbers >= 0"),
+        ([0.0, 0.0], "at least one of them > 0"),
+        ([1.0, float("nan")], "numbers >= 0"),
+        ([True, 1.0], "numbers >= 0"),
+        ([], "numbers >= 0"),
+    ],
+)
+def test_bad_layer_weights_are_refused_before_scoring(weights, message):
+    rng = np.random.default_rng(12)
+    layers = [random_sets(rng, [4, 5, 6], dim=3) for _ in range(2)]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        score_batch(layers, device="cpu", layer_weights=weights)
+    assert check_layer_weights(None, 3) is None
+    assert check_layer_weights([1, 2]) == (1.0, 2.0)
 
 
 def _random_grid_tokens(rng, n_volumes, grid=4, dim=5):
