@@ -17,6 +17,9 @@ series of one patient share the patient's lesion, so they would explain each oth
 
 A whole batch (every layer, fused, MuSc or CoDeGraph) is scored by
 :func:`codegraph3d.scoring.batch.score_batch`, which sits above this module and CoDeGraph.
+Layers are fused by their mean (:func:`fuse_layers`), or a weighted mean where a configuration
+weighs one layer more (``scoring.layer_weights``): the shallow blocks of a learnt CNN see little of
+a faint lesion that its deepest block sees, and the plain mean dilutes it.
 
 The computation is split in two so that CoDeGraph (:mod:`codegraph3d.scoring.codegraph`) can share it:
 :func:`nearest_distances` returns the ``(B, N_total)`` matrix of per-reference nearest distances
