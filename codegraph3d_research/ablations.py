@@ -473,6 +473,8 @@ def evaluate_setting(
             window_radius=None if scoring.window_radius < 0 else scoring.window_radius,
             coords=[tokens.coords for tokens in members],
             grid_shape=members[0].grid_shape,
+            # The configured weights fit the encoder's full layer list only; a layer subset is averaged.
+            layer_weights=scoring.layer_weights if setting.layers is None else None,
         )
         for position, index in enumerate(chunk):
             token_scores[index] = result.token_scores[position]
@@ -688,7 +690,8 @@ def _results_header(
         "truth": str(cohort.truth_folder),
         "settings_id": settings_id({"settings": cohort.settings}),
         "encoder": cohort.settings["encoder"],
-        "scoring": {key: config.as_dict()["scoring"][key] for key in ("k_fraction", "exclude_same", "window_radius")},
+        "scoring": {key: config.as_dict()["scoring"][key]
+                    for key in ("k_fraction", "exclude_same", "window_radius", "layer_weights")},
         "projection": {"projection_dim": k0, "projection_seed": seed0},
         "seeds": [int(s) for s in seeds],
         "voxel_metrics": n_bins > 0,

@@ -131,6 +131,7 @@ def oracle_scores(tokens: CohortTokens, window: dict[str, Any]) -> list[np.ndarr
         base = nearest_distances(sets, **window)
         rescored = nearest_distances(sets, excluded=excluded, pairs=pairs, base=base, **window) if pairs else base
         per_layer.append(musc_from_distances(rescored, sizes))
+    # The plain mean of the layers, as every row of this sweep (scoring.layer_weights is not applied here).
     return [np.mean([layer[v] for layer in per_layer], axis=0) for v in range(len(tokens.coords))]
 
 

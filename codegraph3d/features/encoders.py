@@ -1099,7 +1099,7 @@ class EfficientNetLiteEncoder(SliceEncoder):
 
 
 class CombinedEncoder(SliceEncoder):
-    """Several encoders' layers side by side: each scored as its own layer, then averaged.
+    """Several encoders' layers side by side: each scored as its own layer, then averaged (weighted by ``scoring.layer_weights`` where set).
 
     ``efficientnet-lite0+intensity`` adds the weight-free intensity layer to EfficientNet-Lite0's
     blocks: the CNN's L2-normalised features rank volumes well but drop brightness, which is

@@ -97,7 +97,8 @@ def _compatible(default: Any, value: Any) -> bool:
 
 # Mappings whose keys are data (contrast names), not fields: a later layer replaces them whole.
 _WHOLE_MAPPINGS = frozenset(f"threshold.{name}_by_contrast" for name in PER_CONTRAST_BOUNDS)
-# Fields whose default is null ("use another field's value"): a later layer may set them back to null.
+# Fields whose default is null ("use another field's value", or for layer_weights "the plain mean"): a later
+# layer may set them back to null.
 _NULLABLE = frozenset({"threshold.bank_prior_volumes", "scoring.layer_weights"})
 
 

@@ -52,7 +52,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,8 +67,8 @@ __all__ = [
     "check_chunk_size",
     "check_k_fraction",
     "check_layer_token_sets",
-    "column_argmin",
     "check_layer_weights",
+    "column_argmin",
     "fuse_layers",
     "k_for_references",
     "musc_from_distances",
@@ -1524,7 +1524,7 @@ def _running_min(
 
 
 def check_layer_weights(weights: Sequence[float] | None, n_layers: int | None = None) -> tuple[float, ...] | None:
-    """``weights`` as a tuple after checking them (``None``: every layer weighs the same).
+    """``weights`` as a tuple after checking them (``None``: every layer weighs the same, also for equal weights).
 
     Parameters
     ----------
@@ -1541,14 +1541,25 @@ def check_layer_weights(weights: Sequence[float] | None, n_layers: int | None = 
     """
     if weights is None:
         return None
+    message = (f"scoring.layer_weights must be a list of numbers >= 0, one per encoder layer, at least one of them > 0 "
+               f"(or null: every layer weighs the same); got {weights!r}")
+    if (isinstance(weights, (str, bytes, Mapping)) or not isinstance(weights, (Sequence, np.ndarray))
+            or (isinstance(weights, np.ndarray) and weights.ndim != 1)):
+        raise ValueError(message)
     values = list(weights)
-    if not values or any(isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating))
-                         or not math.isfinite(w) or w < 0 for w in values) or sum(values) <= 0:
-        raise ValueError(f"scoring.layer_weights must be a list of numbers >= 0, one per encoder layer, at least one "
-                         f"of them > 0 (or null: every layer weighs the same); got {values!r}")
+    try:
+        valid = bool(values) and all(not isinstance(w, bool) and isinstance(w, (int, float, np.integer, np.floating))
+                                     and math.isfinite(w) and w >= 0 for w in values) and sum(values) > 0
+    except OverflowError:  # an integer too large for a float
+        valid = False
+    if not valid:
+        raise ValueError(message)
     if n_layers is not None and len(values) != n_layers:
         raise ValueError(f"scoring.layer_weights has {len(values)} weights but the encoder gives {n_layers} layers; "
                          "give one weight per layer, in the encoder's layer order (or null)")
+    if len(set(float(w) for w in values)) == 1:
+        # Equal weights are the plain mean: fused, reported and matched to an operating point as null.
+        return None
     return tuple(float(w) for w in values)
 
 
@@ -1575,7 +1586,7 @@ def fuse_layers(
     if len(per_layer_scores) == 0:
         raise ValueError("fuse_layers needs at least one layer")
     checked = check_layer_weights(weights, len(per_layer_scores))
-    share = np.full(len(per_layer_scores), 1.0 / len(per_layer_scores)) if checked is None else np.asarray(checked) / sum(checked)
+    share = None if checked is None else np.asarray(checked) / sum(checked)
     n_volumes = len(per_layer_scores[0])
     for layer, scores in enumerate(per_layer_scores):
         if len(scores) != n_volumes:
@@ -1594,8 +1605,8 @@ def fuse_layers(
                 raise ValueError(
                     f"layer {layer} volume {v} has shape {s.shape}; layer 0 has {ref_shape}"
                 )
-            total += share[layer] * s if checked is not None else s
-        fused.append((total if checked is not None else total / len(per_layer_scores)).astype(np.float32))
+            total += s if share is None else share[layer] * s
+        fused.append((total / len(per_layer_scores) if share is None else total).astype(np.float32))
     return fused
 
 

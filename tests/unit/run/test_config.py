@@ -150,6 +150,9 @@ def test_a_section_replaced_by_hand_is_refused(monkeypatch: pytest.MonkeyPatch):
         ({"execution": {"backend": "spark"}}, "execution.backend must be local or ray; got 'spark'"),
         ({"scoring": {"layer_weights": [1, -2]}}, "scoring.layer_weights must be a list of numbers >= 0"),
         ({"scoring": {"layer_weights": "1 2"}}, "scoring.layer_weights must be a list of numbers >= 0"),
+        ({"scoring": {"layer_weights": 2}}, "scoring.layer_weights must be a list of numbers >= 0"),
+        ({"scoring": {"layer_weights": {"a": 1}}}, "scoring.layer_weights must be a list of numbers >= 0"),
+        ({"scoring": {"layer_weights": [10**400, 1]}}, "scoring.layer_weights must be a list of numbers >= 0"),
     ],
 )
 def test_counts_and_lists_are_refused_with_their_field(override, message, monkeypatch: pytest.MonkeyPatch):
@@ -169,3 +172,7 @@ def test_layer_weights_enter_the_decision_settings_only_when_set(monkeypatch: py
     assert weighted.scoring.layer_weights == (1.0, 1.0, 1.0, 2.0, 1.0)
     assert weighted.decision_settings().record("T2w")["scoring"]["layer_weights"] == [1.0, 1.0, 1.0, 2.0, 1.0]
     assert weighted.with_overrides({"scoring": {"layer_weights": None}}).scoring.layer_weights is None
+    # Equal weights are the plain mean, and match its operating point.
+    equal = plain.with_overrides({"scoring": {"layer_weights": [2, 2, 2, 2, 2]}})
+    assert equal.scoring.layer_weights is None
+    assert equal.decision_settings().record("T2w") == plain.decision_settings().record("T2w")

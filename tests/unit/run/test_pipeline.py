@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -152,3 +154,22 @@ def test_layer_weights_that_do_not_match_the_encoder_stop_before_any_series_is_r
     with pytest.raises(CohortError, match=r"scoring.layer_weights has 2 weights but encoder 'intensity' gives 1 layers \(intensity\)"):
         build_encoder(config, tmp_path)
     assert build_encoder(config.with_overrides({"scoring": {"layer_weights": [3]}}), tmp_path).layer_names == ["intensity"]
+
+
+def test_the_app_fuses_the_layers_with_the_configured_weights():
+    rng = np.random.default_rng(3)
+    series = []
+    for i in range(4):
+        one = _series(str(i), f"P{i}", f"S{i}", "T2w", rng)
+        first = one.tokens.tokens[0]
+        two = TokenSet(tokens=[first, rng.standard_normal(first.shape).astype(np.float32)], coords=one.tokens.coords,
+                       grid_shape=one.tokens.grid_shape, layer_names=["a", "b"], brain_fraction=one.tokens.brain_fraction)
+        series.append(dataclasses.replace(one, tokens=two))
+    tokenisation = Tokenisation(series=series, skipped={}, encoder={"name": "intensity"})
+    config = load_config(override={"encoder": {"name": "intensity"}})
+    weighted = score_batches(tokenisation, config.with_overrides({"scoring": {"layer_weights": [1, 0]}})).batches[0].scores
+    for fused, layer_a in zip(weighted.token_scores, weighted.per_layer[0]):
+        np.testing.assert_allclose(fused, layer_a, atol=1e-7)
+    plain = score_batches(tokenisation, config).batches[0].scores
+    for fused, layer_a, layer_b in zip(plain.token_scores, *plain.per_layer):
+        np.testing.assert_allclose(fused, (layer_a + layer_b) / 2, atol=1e-6)
