@@ -286,8 +286,8 @@ def score_batch(
         windowed matching, :func:`musc_scores_windowed`, which needs ``coords`` and ``grid_shape``.
     method : {"musc", "codegraph"}, default "musc"
         ``"codegraph"``: MuSc with consistent-anomaly filtering,
-        :func:`codegraph3d.scoring.codegraph.codegraph_scores`; the result's ``codegraph`` attribute then
-        holds its diagnostics. When it finds no community the scores equal ``"musc"`` exactly.
+        :func:`codegraph3d.scoring.codegraph.codegraph_scores` (its diagnostics in the result's
+        ``codegraph``; with no community the scores equal ``"musc"`` exactly).
     codegraph : CoDeGraphConfig, optional
         Settings for ``method="codegraph"`` (``None``: the defaults); must be ``None`` otherwise.
     memory_budget_mb : float, optional
@@ -306,9 +306,8 @@ def score_batch(
         then scored (:func:`~codegraph3d.scoring.musc.musc_scores_first`) where that is cheaper
         (:func:`known_scores_pay`). MuSc only.
     layer_weights : sequence of float, optional
-        One weight per layer: the fused score is their weighted mean
-        (:func:`~codegraph3d.scoring.musc.fuse_layers`); ``None``: the plain mean. Checked
-        before any scoring.
+        One per layer, checked first: the fused score is their weighted mean (``None``: the plain
+        mean; :func:`~codegraph3d.scoring.musc.fuse_layers`).
 
     Returns
     -------
@@ -318,12 +317,10 @@ def score_batch(
         # Enter the precision once for every layer and pass (CoDeGraph rescoring included).
         with selection_precision(precision):
             return score_batch(
-                layer_token_sets, k_fraction=k_fraction, groups=groups, device=device,
-                chunk_size=chunk_size, window_radius=window_radius, coords=coords,
-                grid_shape=grid_shape, method=method, codegraph=codegraph,
+                layer_token_sets, k_fraction=k_fraction, groups=groups, device=device, chunk_size=chunk_size,
+                window_radius=window_radius, coords=coords, grid_shape=grid_shape, method=method, codegraph=codegraph,
                 memory_budget_mb=memory_budget_mb, precision=precision, on_layer_done=on_layer_done,
-                known_scores=known_scores, layer_weights=layer_weights,
-            )
+                known_scores=known_scores, layer_weights=layer_weights)
     _check_options(method, codegraph, window_radius, coords, grid_shape)
     n_volumes = check_layer_token_sets(layer_token_sets)
     check_layer_weights(layer_weights, len(layer_token_sets))
