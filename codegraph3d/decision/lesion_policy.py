@@ -137,6 +137,7 @@ __all__ = [
     "relative_z",
     "rim_positions",
     "volume_level",
+    "fitted_levels",
     "tail_spread",
     "token_findings",
 ]
@@ -194,6 +195,10 @@ class LesionPolicy:
     subtract_volume_level : bool
         With the batch as reference, measure each volume's ``z`` from its own level
         (:func:`relative_z`; module docstring, rule 1); ignored with cohort-bank references.
+    fit_volume_levels : bool
+        With the batch as reference, fit each volume's level together with the position medians
+        (:func:`fitted_levels`) and measure every spread and ``z`` from it (module docstring,
+        rule 1); ignored with cohort-bank references.
     small_batch_volumes : int
         With the batch as reference, batches of at most this many volumes are held to
         ``small_batch_finding_mass`` instead of ``finding_mass`` (:meth:`for_batch`; module
@@ -227,6 +232,7 @@ class LesionPolicy:
     finding_excess: float = 0.0
     mask_peak_fraction: float = 0.0
     subtract_volume_level: bool = False
+    fit_volume_levels: bool = False
     small_batch_volumes: int = 0
     small_batch_finding_mass: float = 0.0
     rim_finding_mass: float = 0.0
@@ -273,6 +279,8 @@ class LesionPolicy:
             raise ValueError(f"threshold.mask_peak_fraction must lie in [0, 1) (0 = voxel_z only); got {fraction!r}")
         if not isinstance(self.subtract_volume_level, bool):
             raise ValueError(f"threshold.subtract_volume_level must be true or false; got {self.subtract_volume_level!r}")
+        if not isinstance(self.fit_volume_levels, bool):
+            raise ValueError(f"threshold.fit_volume_levels must be true or false; got {self.fit_volume_levels!r}")
         self._check_small_batch()
         rim = self.rim_finding_mass
         if isinstance(rim, bool) or not isinstance(rim, (int, float, np.floating)) or not (np.isfinite(rim) and rim >= 0):
@@ -560,6 +568,46 @@ def relative_z(z: np.ndarray, policy: LesionPolicy) -> np.ndarray:
     return (np.asarray(z, np.float64) - volume_level(z)).astype(np.float32)
 
 
+def fitted_levels(
+    scores: Sequence[np.ndarray], coords: Sequence[np.ndarray], grid_shape: tuple[int, int, int],
+    *, by_position: bool = True, rounds: int = 2,
+) -> np.ndarray:
+    """Each volume's level in a two-way robust fit of a batch's scores: level plus position median.
+
+    Rounds of median polish: the position medians of the scores less the current levels, then
+    each volume's level as the median of its scores less those medians. Without it, the
+    differences between volumes' levels (a series acquired or registered unlike the rest sits
+    higher or lower at every position) are part of every position's spread and of the
+    batch-wide one, and compress every ``z`` (module docstring, rule 1).
+
+    Parameters
+    ----------
+    scores, coords : sequence of numpy.ndarray
+        The batch's ``(N_i,)`` token scores and ``(N_i, 3)`` grid indices.
+    grid_shape : tuple of int
+    by_position : bool
+        ``False``: one batch-wide median instead of one per position (unaligned grids).
+    rounds : int
+        Rounds of the fit (>= 1); two bring the levels within a few per cent of their limit.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(B,)`` float64 levels, in score units (0 for a volume without tokens).
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1; got {rounds!r}")
+    levels = np.zeros(len(scores))
+    wheres = [tuple(np.asarray(where).T) for where in coords]
+    for _ in range(rounds):
+        # Only the medians are used: the tail bound is not needed and costs a sort per position.
+        medians = position_statistics([np.asarray(s, np.float64) - level for s, level in zip(scores, levels)],
+                                      coords, grid_shape, by_position=by_position, tail_quantile=0.0).median
+        levels = np.array([float(np.median(np.asarray(s, np.float64) - medians[where])) if np.size(s) else 0.0
+                           for s, where in zip(scores, wheres)])
+    return levels
+
+
 def token_findings(
     z: np.ndarray, scores: np.ndarray, coords: np.ndarray, grid_shape: tuple[int, int, int], policy: LesionPolicy,
     token_ml: float = 1.0, rim: np.ndarray | None = None,
@@ -800,8 +848,8 @@ def _bank_policy(
     here: the stricter of the two holds everywhere until the bank's calibration replaces it.
     """
     prior = policy.prior_volumes if policy.bank_prior_volumes is None else float(policy.bank_prior_volumes)
-    policy = replace(policy, subtract_volume_level=False, small_batch_volumes=0, small_batch_finding_mass=0.0,
-                     prior_volumes=prior, finding_mass=policy.rim_bound, rim_finding_mass=0.0)
+    policy = replace(policy, subtract_volume_level=False, fit_volume_levels=False, small_batch_volumes=0,
+                     small_batch_finding_mass=0.0, prior_volumes=prior, finding_mass=policy.rim_bound, rim_finding_mass=0.0)
     if not policy.bank_false_flag_rate > 0:
         return policy, {}
     calibration = bank_calibration(reference_scores, reference_coords, grid_shape, policy, token_ml,
@@ -859,16 +907,20 @@ def decide_lesions(
         )
     else:
         policy, calibration_record = policy.for_batch(len(token_scores)), {}
+    levelled = token_scores
+    if policy.fit_volume_levels and not banked:
+        levels = fitted_levels(token_scores, coords, grid_shape, by_position=policy.by_position)
+        levelled = [np.asarray(scores, np.float64) - level for scores, level in zip(token_scores, levels)]
     statistics = position_statistics(
-        reference_scores if banked else token_scores, reference_coords if banked else coords,  # type: ignore[arg-type]
+        reference_scores if banked else levelled, reference_coords if banked else coords,  # type: ignore[arg-type]
         grid_shape, policy.prior_volumes, by_position=policy.by_position, tail_quantile=policy.tail_quantile,
     )
     n_reference = n_bank if banked else len(token_scores)
     # The rim is only looked up where it has a bound of its own.
     rim = rim_positions(statistics.count, n_reference) if policy.rim_bound > policy.finding_mass else None
     z_all, mask_values, findings = [], [], []
-    for scores, where in zip(token_scores, coords):
-        z = relative_z(standardise(scores, where, statistics), policy)
+    for scores, levelled_scores, where in zip(token_scores, levelled, coords):
+        z = relative_z(standardise(levelled_scores, where, statistics), policy)
         found = token_findings(z, np.asarray(scores), where, grid_shape, policy, token_ml, rim)
         z_all.append(z)
         mask_values.append(_mask_values(z, found, policy, where, grid_shape))
@@ -883,5 +935,5 @@ def decide_lesions(
                 **({} if enough else {"not_decided": f"{n_reference} reference volume(s); at least "
                                                     f"{policy.min_reference_volumes} are needed to flag"}),
                 "token_ml": float(token_ml), **calibration_record,
-                "global_median": statistics.global_median, "global_sigma": statistics.global_sigma},
+                "global_median": statistics.global_median, "global_sigma": statistics.global_sigma,},
     )

@@ -88,6 +88,7 @@ class ThresholdSettings:
     robust_token_z: float = 3.0
     min_finding_ml: float = 0.1
     subtract_volume_level: bool = False
+    fit_volume_levels: bool = False
     small_batch_volumes: int = 0
     small_batch_finding_mass: float = 0.0
     small_batch_finding_mass_by_contrast: Mapping[str, float] = field(default_factory=dict)
@@ -136,7 +137,8 @@ class ThresholdSettings:
             bank_prior_volumes=self.bank_prior_volumes, tail_quantile=self.tail_quantile,
             bank_false_flag_rate=self.bank_false_flag_rate, bank_confidence=self.bank_confidence,
             finding_excess=self.bound("finding_excess", contrast), mask_peak_fraction=self.mask_peak_fraction,
-            subtract_volume_level=self.subtract_volume_level, small_batch_volumes=self.small_batch_volumes,
+            subtract_volume_level=self.subtract_volume_level, fit_volume_levels=self.fit_volume_levels,
+            small_batch_volumes=self.small_batch_volumes,
             small_batch_finding_mass=self.bound("small_batch_finding_mass", contrast),
             rim_finding_mass=self.bound("rim_finding_mass", contrast),
         )
@@ -196,6 +198,8 @@ class DecisionSettings:
         if self.threshold.subtract_volume_level:
             # Only when on, so that the points measured before the setting existed still match.
             threshold["subtract_volume_level"] = True
+        if self.threshold.fit_volume_levels:
+            threshold["fit_volume_levels"] = True
         small_batch = self.threshold.bound("small_batch_finding_mass", contrast)
         if self.threshold.small_batch_volumes > 0 and small_batch > 0:
             # Likewise only when a small batch has its own bound for this contrast.

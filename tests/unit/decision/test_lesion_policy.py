@@ -7,8 +7,8 @@ import pytest
 
 from codegraph3d.run.config import ConfigError, load_config
 from codegraph3d.decision.lesion_policy import (
-    LesionPolicy, bank_calibration, calibration_rank, decide_lesions, position_statistics, relative_z, rim_positions,
-    standardise, tail_spread, token_findings, volume_level,
+    LesionPolicy, bank_calibration, calibration_rank, decide_lesions, fitted_levels, position_statistics, relative_z,
+    rim_positions, standardise, tail_spread, token_findings, volume_level,
 )
 from codegraph3d.decision.operating_point import bank_operating_point
 
@@ -211,6 +211,70 @@ def test_the_volume_level_setting_is_read_and_recorded_only_when_on():
         load_config(override={"threshold": {"subtract_volume_level": "sometimes"}})
 
 
+def _levelled_batch(seed: int) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """Twelve normal volumes whose levels differ (by several times their token noise) at every position."""
+    scores, coords = _batch(12, seed=seed)
+    levels = np.random.default_rng(seed + 100).normal(0.0, 0.06, 12)
+    return [s + level for s, level in zip(scores, levels)], coords, levels
+
+
+def test_fitted_levels_recover_each_volumes_offset():
+    scores, coords, levels = _levelled_batch(seed=21)
+    fitted = fitted_levels(scores, coords, GRID)
+    # Levels are known up to one constant (the position medians carry the batch's own level).
+    assert fitted - np.median(fitted) == pytest.approx(levels - np.median(levels), abs=0.01)
+    unaligned = fitted_levels(scores, coords, GRID, by_position=False)
+    assert unaligned - np.median(unaligned) == pytest.approx(levels - np.median(levels), abs=0.03)
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        fitted_levels(scores, coords, GRID, rounds=0)
+
+
+def test_fitted_levels_leave_the_spreads_and_a_lesion_stands_out_in_a_low_volume():
+    scores, coords, levels = _levelled_batch(seed=22)
+    low = int(np.argmin(levels))
+    lesion = _cube(coords[low], (4, 4, 4), 2)
+    scores[low] = scores[low] + np.where(lesion, 0.25, 0.0)
+    policy = LesionPolicy(token_z=4.5, finding_mass=5.0, subtract_volume_level=True)
+    before = decide_lesions(scores, coords, GRID, policy)
+    after = decide_lesions(scores, coords, GRID, LesionPolicy(
+        token_z=4.5, finding_mass=5.0, subtract_volume_level=True, fit_volume_levels=True))
+    # The levels' differences widened the batch-wide spread several-fold and hid the lesion of the
+    # lowest volume; fitted, the spread is the tokens' own and only that lesion is a finding.
+    assert before.statistics.global_sigma > 2 * after.statistics.global_sigma
+    assert not before.flagged[low]
+    assert after.flagged.tolist() == [i == low for i in range(12)]
+    (finding,) = [f for f in after.findings[low] if f.passed]
+    assert set(finding.tokens.tolist()) == set(np.flatnonzero(lesion).tolist())
+    # Without differing levels the fit changes little: the same volumes are flagged.
+    plain, coords = _batch(12, seed=22)
+    plain[3] = plain[3] + np.where(_cube(coords[3], (4, 4, 4), 2), 0.5, 0.0)
+    flags = [decide_lesions(plain, coords, GRID, LesionPolicy(finding_mass=5.0, fit_volume_levels=fit)).flagged
+             for fit in (False, True)]
+    assert flags[0].tolist() == flags[1].tolist() == [i == 3 for i in range(12)]
+
+
+def test_fitted_levels_are_not_used_with_bank_references():
+    rng = np.random.default_rng(12)
+    bank, bank_coords = _noisy_batch(19, rng)
+    queries, coords = _noisy_batch(2, rng)
+    queries[1] = queries[1] + 0.1
+    kwargs = dict(token_ml=0.5, reference_scores=bank, reference_coords=bank_coords)
+    plain = decide_lesions(queries, coords, (6, 6, 6), LesionPolicy(token_z=2.0, finding_mass=1.0), **kwargs)
+    fitted = decide_lesions(queries, coords, (6, 6, 6), LesionPolicy(
+        token_z=2.0, finding_mass=1.0, fit_volume_levels=True), **kwargs)
+    assert fitted.reference == "bank" and fitted.params["fit_volume_levels"] is False
+    assert all(np.array_equal(a, b) for a, b in zip(plain.z, fitted.z))
+
+
+def test_the_fitted_levels_setting_is_read_and_recorded_only_when_on():
+    config = load_config(override={"threshold": {"fit_volume_levels": True}})
+    assert config.threshold.lesion_policy("T1w").fit_volume_levels is True
+    assert config.decision_settings().record("T1w")["threshold"]["fit_volume_levels"] is True
+    assert "fit_volume_levels" not in load_config().decision_settings().record("T1w")["threshold"]
+    with pytest.raises(ConfigError, match="threshold.fit_volume_levels' must be of type bool"):
+        load_config(override={"threshold": {"fit_volume_levels": "yes"}})
+
+
 def _one_odd_region(n_volumes: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
     """An all-normal batch whose volume 2 has a small region a little unlike every other's."""
     scores, coords = _batch(n_volumes, seed=seed)
@@ -339,6 +403,7 @@ def test_unaligned_grids_use_batch_wide_statistics():
         ({"mask_peak_fraction": 1.0}, "mask_peak_fraction must lie in"),
         ({"mask_peak_fraction": True}, "mask_peak_fraction must lie in"),
         ({"subtract_volume_level": "yes"}, "subtract_volume_level must be true or false"),
+        ({"fit_volume_levels": 1}, "fit_volume_levels must be true or false"),
         ({"small_batch_volumes": -1}, "small_batch_volumes must be an integer >= 0"),
         ({"small_batch_volumes": 12.5}, "small_batch_volumes must be an integer >= 0"),
         ({"small_batch_finding_mass": float("nan")}, "small_batch_finding_mass must be a number >= 0"),
