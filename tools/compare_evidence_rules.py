@@ -8,7 +8,8 @@ another statistic of the same ``z`` maps would flag more lesion series for as ma
 1. every cohort is scored alone with the app's settings (``CODEGRAPH3D_CONFIG``; cached tokens of
    ``tools/make_decision_cohorts.sh``) and each volume's ``z`` as decided is kept (``--cache``
    keeps them between runs, one ``.npz`` per cohort, by name only: empty it when a setting that
-   changes ``z`` changes, such as ``prior_volumes`` or ``subtract_volume_level``; bounds do not);
+   changes ``z`` changes, such as ``prior_volumes``, ``subtract_volume_level`` or
+   ``fit_volume_levels``; bounds do not);
 2. per contrast, the product's rule at its configured bounds sets the budget: the number of
    tuning normals it flags; every statistic's bound is then the smallest that flags as many
    tuning normals (the calibration of ``tools/calibrate_lesion_bounds.py``);
