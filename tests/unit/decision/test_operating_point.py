@@ -113,7 +113,7 @@ def test_per_contrast_token_bounds_are_part_of_the_measured_setting_and_mask_bou
 
 
 @pytest.mark.parametrize("name", ["demo_config.yaml", "efficientnet_config.yaml", "efficientnet_intensity_config.yaml",
-                                  "efficientnet_harmonised_config.yaml"])
+                                  "efficientnet_harmonised_config.yaml", "efficientnet_levels_config.yaml"])
 def test_the_shipped_configurations_have_a_measured_operating_point(name: str, monkeypatch: pytest.MonkeyPatch):
     # The shipped table must match the shipped configurations, or their runs report "not measured".
     monkeypatch.setenv("CODEGRAPH3D_CONFIG", str(ROOT / "tools" / name))
