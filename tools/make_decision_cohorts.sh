@@ -115,8 +115,8 @@ declare -A cohorts=(
   [half16_s56]="--subjects 16 --seed 56 --lesion-fraction 0.5 $heads"
   [normal12_s57]="--seed 57 --lesion-fraction 0 $heads"
   [subjects24_s58]="--subjects 24 --seed 58 $heads"
-  # held out from fitted volume levels (threshold.fit_volume_levels; named after seed 28 prompted
-  # it, before any of them was scored)
+  # held out from fitted volume levels (threshold.fit_volume_levels; named once seeds 28 and 53
+  # had prompted it, before any of them was scored)
   [half16_s61]="--subjects 16 --seed 61 --lesion-fraction 0.5 $heads"
   [normal12_s62]="--seed 62 --lesion-fraction 0 $heads"
   [subjects24_s63]="--subjects 24 --seed 63 $heads"

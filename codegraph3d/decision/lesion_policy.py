@@ -60,7 +60,7 @@ The rule
    volume's own level in both directions. Otherwise the levels' differences are part of every
    position's spread and of the batch-wide one (T2w, a 50 %-lesioned batch of 16: batch-wide
    spread 0.086 with them, 0.044 without, single volumes' own spreads 0.03-0.06), so every ``z``
-   is compressed about twofold, and a lesion in a volume whose level is low loses more. Bounds
+   is compressed 1.3-2-fold, and a lesion in a volume whose level is low loses more. Bounds
    calibrated without the fit do not carry over to it (docs/RESULTS.md, "Volume levels fitted
    with the position medians").
 2. **Findings, not single tokens.** Tokens with ``z > token_z`` are grouped into connected
@@ -944,5 +944,5 @@ def decide_lesions(
                 **({} if enough else {"not_decided": f"{n_reference} reference volume(s); at least "
                                                     f"{policy.min_reference_volumes} are needed to flag"}),
                 "token_ml": float(token_ml), **calibration_record,
-                "global_median": statistics.global_median, "global_sigma": statistics.global_sigma,},
+                "global_median": statistics.global_median, "global_sigma": statistics.global_sigma},
     )

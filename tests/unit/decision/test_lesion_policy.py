@@ -229,6 +229,18 @@ def test_fitted_levels_recover_each_volumes_offset():
         fitted_levels(scores, coords, GRID, rounds=0)
 
 
+def test_fitted_levels_with_volumes_covering_different_positions():
+    scores, coords, levels = _levelled_batch(seed=23)
+    keep = coords[0][:, 0] > 0  # volume 0 lacks one face of the grid
+    scores[0], coords[0] = scores[0][keep], coords[0][keep]
+    fitted = fitted_levels(scores, coords, GRID)
+    assert fitted - np.median(fitted) == pytest.approx(levels - np.median(levels), abs=0.01)
+    # A volume without tokens has level 0 and does not move the others'.
+    empty = fitted_levels([np.zeros(0), *scores[1:]], [np.zeros((0, 3), int), *coords[1:]], GRID)
+    assert empty[0] == 0.0
+    assert empty[1:] - np.median(empty[1:]) == pytest.approx(levels[1:] - np.median(levels[1:]), abs=0.01)
+
+
 def test_fitted_levels_leave_the_spreads_and_a_lesion_stands_out_in_a_low_volume():
     scores, coords, levels = _levelled_batch(seed=22)
     low = int(np.argmin(levels))
