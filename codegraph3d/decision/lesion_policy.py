@@ -60,8 +60,8 @@ The rule
    volume's own level in both directions. With a cohort bank the bank's levels are fitted so;
    a query's level is the median of its scores less the bank's position medians, and so is each
    bank volume's in the bank's calibration (left out, fitted against the others), so that the
-   calibrated bound holds for queries levelled the same way. Otherwise the levels' differences are part of every
-   position's spread and of the batch-wide one (T2w, a 50 %-lesioned batch of 16: batch-wide
+   calibrated bound holds for queries levelled the same way. Otherwise the levels' differences
+   are part of every position's spread and of the batch-wide one (T2w, a 50 %-lesioned batch of 16: batch-wide
    spread 0.086 with them, 0.044 without, single volumes' own spreads 0.03-0.06), so every ``z``
    is compressed 1.3-2-fold, and a lesion in a volume whose level is low loses more. Bounds
    calibrated without the fit do not carry over to it (docs/RESULTS.md, "Volume levels fitted
@@ -898,10 +898,9 @@ def _bank_policy(
 
     The bank's calibrated bound already carries its normal volumes' whole-series offsets (rule 1;
     ``subtract_volume_level`` is off, ``fit_volume_levels`` fits them in the calibration as for
-    the queries), and a bank is no small batch (rule 2): the bank's bound (:func:`bank_calibration`), or
-    ``finding_mass`` (``rim_finding_mass`` where larger) uncalibrated where the rate is 0 or the bank
-    too small for it. Its positions'
-    spreads are weighted with ``bank_prior_volumes`` where set. The rim has no bound of its own
+    the queries), and a bank is no small batch (rule 2): the bank's bound
+    (:func:`bank_calibration`), or ``finding_mass`` (``rim_finding_mass`` where larger)
+    uncalibrated where the rate is 0 or the bank too small for it. Its positions' spreads are weighted with ``bank_prior_volumes`` where set. The rim has no bound of its own
     here: the stricter of the two holds everywhere until the bank's calibration replaces it.
     """
     prior = policy.prior_volumes if policy.bank_prior_volumes is None else float(policy.bank_prior_volumes)
