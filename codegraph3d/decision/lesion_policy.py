@@ -54,18 +54,18 @@ The rule
    bank's calibrated bound already carries its normal volumes' whole-series offsets, and with
    them subtracted it fell (1.41 -> 0.75, T2w, a bank of 48) so that one more normal study
    crossed it (docs/RESULTS.md, "Each volume measured from its own level").
-   With ``fit_volume_levels`` the levels are fitted before any spread is measured: each
-   reference volume's level and each position's median in one robust two-way fit
-   (:func:`fitted_levels`, median polish), the spreads from what is left, and ``z`` from the
-   volume's own level in both directions. With a cohort bank the bank's levels are fitted so;
-   a query's level is the median of its scores less the bank's position medians, and so is each
-   bank volume's in the bank's calibration (left out, fitted against the others), so that the
-   calibrated bound holds for queries levelled the same way. Otherwise the levels' differences
-   are part of every position's spread and of the batch-wide one (T2w, a 50 %-lesioned batch of 16: batch-wide
-   spread 0.086 with them, 0.044 without, single volumes' own spreads 0.03-0.06), so every ``z``
-   is compressed 1.3-2-fold, and a lesion in a volume whose level is low loses more. Bounds
-   calibrated without the fit do not carry over to it (docs/RESULTS.md, "Volume levels fitted
-   with the position medians").
+   With ``fit_volume_levels`` the levels are fitted before any spread is measured: each reference
+   volume's level and each position's median in one robust two-way fit (:func:`fitted_levels`,
+   median polish), the spreads from what is left, and ``z`` from the volume's own level in both
+   directions. With a cohort bank the bank's levels are fitted so; a query's level is the median of
+   its scores less the bank's position medians, and so is each bank volume's in the bank's
+   calibration (left out, fitted against the others), so that the calibrated bound holds for
+   queries levelled the same way. Otherwise the levels' differences are part of every position's
+   spread and of the batch-wide one (T2w, a 50 %-lesioned batch of 16: batch-wide spread 0.086 with
+   them, 0.044 without, single volumes' own spreads 0.03-0.06), so every ``z`` is compressed
+   1.3-2-fold, and a lesion in a volume whose level is low loses more. Bounds calibrated without
+   the fit do not carry over to it (docs/RESULTS.md, "Volume levels fitted with the position
+   medians").
 2. **Findings, not single tokens.** Tokens with ``z > token_z`` are grouped into connected
    components on the token grid (26-connectivity). A component's *evidence* is its mass above
    the bound, ``sum(z - token_z)`` over its tokens times a token's volume (z x ml, so that it
