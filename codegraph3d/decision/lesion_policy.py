@@ -54,18 +54,15 @@ The rule
    bank's calibrated bound already carries its normal volumes' whole-series offsets, and with
    them subtracted it fell (1.41 -> 0.75, T2w, a bank of 48) so that one more normal study
    crossed it (docs/RESULTS.md, "Each volume measured from its own level").
-   With ``fit_volume_levels`` the levels are fitted before any spread is measured: each reference
-   volume's level and each position's median in one robust two-way fit (:func:`fitted_levels`,
-   median polish), the spreads from what is left, and ``z`` from the volume's own level in both
-   directions. With a cohort bank the bank's levels are fitted so; a query's level is the median of
-   its scores less the bank's position medians, and so is each bank volume's in the bank's
-   calibration (left out, fitted against the others), so that the calibrated bound holds for
-   queries levelled the same way. Otherwise the levels' differences are part of every position's
-   spread and of the batch-wide one (T2w, a 50 %-lesioned batch of 16: batch-wide spread 0.086 with
-   them, 0.044 without, single volumes' own spreads 0.03-0.06), so every ``z`` is compressed
-   1.3-2-fold, and a lesion in a volume whose level is low loses more. Bounds calibrated without
-   the fit do not carry over to it (docs/RESULTS.md, "Volume levels fitted with the position
-   medians").
+   With ``fit_volume_levels`` and the batch as reference, the levels are fitted before any
+   spread is measured: each volume's level and each position's median in one robust two-way fit
+   (:func:`fitted_levels`, median polish), the spreads from what is left, and ``z`` from the
+   volume's own level in both directions. Otherwise the levels' differences are part of every
+   position's spread and of the batch-wide one (T2w, a 50 %-lesioned batch of 16: batch-wide
+   spread 0.086 with them, 0.044 without, single volumes' own spreads 0.03-0.06), so every ``z``
+   is compressed 1.3-2-fold, and a lesion in a volume whose level is low loses more. Bounds
+   calibrated without the fit do not carry over to it (docs/RESULTS.md, "Volume levels fitted
+   with the position medians").
 2. **Findings, not single tokens.** Tokens with ``z > token_z`` are grouped into connected
    components on the token grid (26-connectivity). A component's *evidence* is its mass above
    the bound, ``sum(z - token_z)`` over its tokens times a token's volume (z x ml, so that it
@@ -150,9 +147,6 @@ __all__ = [
     "rim_positions",
     "volume_level",
     "fitted_levels",
-    "level_against",
-    "levelled_statistics",
-    "levelled_z",
     "tail_spread",
     "token_findings",
 ]
@@ -211,9 +205,9 @@ class LesionPolicy:
         With the batch as reference, measure each volume's ``z`` from its own level
         (:func:`relative_z`; module docstring, rule 1); ignored with cohort-bank references.
     fit_volume_levels : bool
-        Fit each reference volume's level together with the position medians
-        (:func:`fitted_levels`) and measure every spread and ``z`` from it; with cohort-bank
-        references, each query's level against the bank's medians (module docstring, rule 1).
+        With the batch as reference, fit each volume's level together with the position medians
+        (:func:`fitted_levels`) and measure every spread and ``z`` from it (module docstring,
+        rule 1); ignored with cohort-bank references.
     small_batch_volumes : int
         With the batch as reference, batches of at most this many volumes are held to
         ``small_batch_finding_mass`` instead of ``finding_mass`` (:meth:`for_batch`; module
@@ -583,11 +577,6 @@ def relative_z(z: np.ndarray, policy: LesionPolicy) -> np.ndarray:
     return (np.asarray(z, np.float64) - volume_level(z)).astype(np.float32)
 
 
-def level_against(scores: np.ndarray, where: tuple[np.ndarray, ...], medians: np.ndarray) -> float:
-    """One volume's level against position medians: the median of its scores less theirs (0 without tokens)."""
-    return float(np.median(np.asarray(scores, np.float64) - medians[where])) if np.size(scores) else 0.0
-
-
 def fitted_levels(
     scores: Sequence[np.ndarray], coords: Sequence[np.ndarray], grid_shape: tuple[int, int, int],
     *, by_position: bool = True, rounds: int = 2,
@@ -623,48 +612,9 @@ def fitted_levels(
         # Only the medians are used: the tail bound is not needed and costs a sort per position.
         medians = position_statistics([np.asarray(s, np.float64) - level for s, level in zip(scores, levels)],
                                       coords, grid_shape, by_position=by_position, tail_quantile=0.0).median
-        levels = np.array([level_against(s, where, medians) for s, where in zip(scores, wheres)])
+        levels = np.array([float(np.median(np.asarray(s, np.float64) - medians[where])) if np.size(s) else 0.0
+                           for s, where in zip(scores, wheres)])
     return levels
-
-
-def levelled_statistics(
-    reference_scores: Sequence[np.ndarray], reference_coords: Sequence[np.ndarray],
-    grid_shape: tuple[int, int, int], policy: LesionPolicy,
-) -> tuple[PositionStatistics, np.ndarray]:
-    """Position statistics of reference volumes, each less its fitted level with ``fit_volume_levels``.
-
-    Returns the statistics and the references' ``(R,)`` levels (zeros without the fit). With a
-    cohort bank the bank's own levels are fitted (:func:`fitted_levels`), so that its volumes'
-    whole-series offsets leave its spreads; a query is then levelled against the statistics'
-    medians (:func:`level_against`), as each bank volume is in the bank's calibration
-    (:func:`bank_calibration`).
-    """
-    levels = np.zeros(len(reference_scores))
-    if policy.fit_volume_levels:
-        levels = fitted_levels(reference_scores, reference_coords, grid_shape, by_position=policy.by_position)
-    statistics = position_statistics(
-        [np.asarray(scores, np.float64) - level for scores, level in zip(reference_scores, levels)]
-        if policy.fit_volume_levels else reference_scores,
-        reference_coords, grid_shape, policy.prior_volumes, by_position=policy.by_position,
-        tail_quantile=policy.tail_quantile,
-    )
-    return statistics, levels
-
-
-def levelled_z(
-    scores: np.ndarray, coords: np.ndarray, statistics: PositionStatistics, policy: LesionPolicy,
-    level: float | None = None,
-) -> np.ndarray:
-    """One volume's ``z`` against reference statistics, from its own level with ``fit_volume_levels``.
-
-    ``level``: the volume's fitted level where it was among the references; ``None``: measured
-    against the statistics' medians (:func:`level_against`).
-    """
-    if policy.fit_volume_levels:
-        if level is None:
-            level = level_against(scores, tuple(np.asarray(coords).T), statistics.median)
-        scores = np.asarray(scores, np.float64) - level
-    return standardise(scores, coords, statistics)
 
 
 def token_findings(
@@ -846,9 +796,12 @@ def _left_out_evidence(
     evidence = []
     for left_out, group in enumerate(groups):
         others = [index for index, other in enumerate(groups) if other != group]
-        statistics, _ = levelled_statistics([scores[i] for i in others], [coords[i] for i in others], grid_shape, policy)
+        statistics = position_statistics(
+            [scores[i] for i in others], [coords[i] for i in others], grid_shape,
+            policy.prior_volumes, by_position=policy.by_position, tail_quantile=policy.tail_quantile,
+        )
         values, where = np.asarray(scores[left_out]), coords[left_out]
-        found = token_findings(levelled_z(values, where, statistics, policy), values, where, grid_shape, policy, token_ml)
+        found = token_findings(standardise(values, where, statistics), values, where, grid_shape, policy, token_ml)
         evidence.append(policy.evidence(found))
     return evidence
 
@@ -896,15 +849,15 @@ def _bank_policy(
 ) -> tuple[LesionPolicy, dict[str, Any]]:
     """The policy a batch decided against a cohort bank is held to, and its calibration's record.
 
-    The bank's calibrated bound already carries its normal volumes' whole-series offsets (rule 1;
-    ``subtract_volume_level`` is off, ``fit_volume_levels`` fits them in the calibration as for
-    the queries), and a bank is no small batch (rule 2): the bank's bound
-    (:func:`bank_calibration`), or ``finding_mass`` (``rim_finding_mass`` where larger)
-    uncalibrated where the rate is 0 or the bank too small for it. Its positions' spreads are weighted with ``bank_prior_volumes`` where set. The rim has no bound of its own
+    The bank's calibrated bound already carries its normal volumes' whole-series offsets (rule 1),
+    and a bank is no small batch (rule 2): the bank's bound (:func:`bank_calibration`), or
+    ``finding_mass`` (``rim_finding_mass`` where larger) uncalibrated where the rate is 0 or the bank
+    too small for it. Its positions'
+    spreads are weighted with ``bank_prior_volumes`` where set. The rim has no bound of its own
     here: the stricter of the two holds everywhere until the bank's calibration replaces it.
     """
     prior = policy.prior_volumes if policy.bank_prior_volumes is None else float(policy.bank_prior_volumes)
-    policy = replace(policy, subtract_volume_level=False, small_batch_volumes=0,
+    policy = replace(policy, subtract_volume_level=False, fit_volume_levels=False, small_batch_volumes=0,
                      small_batch_finding_mass=0.0, prior_volumes=prior, finding_mass=policy.rim_bound, rim_finding_mass=0.0)
     if not policy.bank_false_flag_rate > 0:
         return policy, {}
@@ -963,15 +916,20 @@ def decide_lesions(
         )
     else:
         policy, calibration_record = policy.for_batch(len(token_scores)), {}
-    # The batch's own levels are fitted with its medians; a bank's with the bank's, each query's after.
-    statistics, levels = levelled_statistics(reference_scores if banked else token_scores,  # type: ignore[arg-type]
-                                             reference_coords if banked else coords, grid_shape, policy)
+    levelled = token_scores
+    if policy.fit_volume_levels and not banked:
+        levels = fitted_levels(token_scores, coords, grid_shape, by_position=policy.by_position)
+        levelled = [np.asarray(scores, np.float64) - level for scores, level in zip(token_scores, levels)]
+    statistics = position_statistics(
+        reference_scores if banked else levelled, reference_coords if banked else coords,  # type: ignore[arg-type]
+        grid_shape, policy.prior_volumes, by_position=policy.by_position, tail_quantile=policy.tail_quantile,
+    )
     n_reference = n_bank if banked else len(token_scores)
     # The rim is only looked up where it has a bound of its own.
     rim = rim_positions(statistics.count, n_reference) if policy.rim_bound > policy.finding_mass else None
     z_all, mask_values, findings = [], [], []
-    for index, (scores, where) in enumerate(zip(token_scores, coords)):
-        z = relative_z(levelled_z(scores, where, statistics, policy, None if banked else float(levels[index])), policy)
+    for scores, levelled_scores, where in zip(token_scores, levelled, coords):
+        z = relative_z(standardise(levelled_scores, where, statistics), policy)
         found = token_findings(z, np.asarray(scores), where, grid_shape, policy, token_ml, rim)
         z_all.append(z)
         mask_values.append(_mask_values(z, found, policy, where, grid_shape))

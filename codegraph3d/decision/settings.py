@@ -181,8 +181,10 @@ class DecisionSettings:
         Only bank-referenced batches use the bank calibration and ``bank_prior_volumes``, and a
         calibrated one reports its own operating point, so those fields are left out (a bank too
         small for its rate is decided with ``finding_mass`` (``rim_finding_mass`` where larger) and
-        reports the batch's measured point, whose spreads were not weighted with
-        ``bank_prior_volumes``), as are the settings that shape only the binary mask (``voxel_z``, ``min_finding_ml``, ``mask_peak_fraction``): a flag and its
+        reports the batch's measured point,
+        which ``bank_prior_volumes`` and ``fit_volume_levels``, unused with a bank, may then not
+        match), as are the settings that shape only the
+        binary mask (``voxel_z``, ``min_finding_ml``, ``mask_peak_fraction``): a flag and its
         false-flag rate do not depend on them, so tuning a mask keeps the rate measured.
         """
         threshold = {

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 
@@ -267,47 +265,17 @@ def test_fitted_levels_leave_the_spreads_and_a_lesion_stands_out_in_a_low_volume
     assert flags[0].tolist() == flags[1].tolist() == [i == 3 for i in range(12)]
 
 
-def test_fitted_levels_with_a_bank_fit_the_banks_levels_and_each_querys_own():
-    scores, all_coords = _batch(14, seed=23)
-    levels = np.random.default_rng(123).normal(0.0, 0.06, 12)
-    bank, bank_coords = [s + level for s, level in zip(scores[:12], levels)], all_coords[:12]
-    # Query 0 sits far below every bank volume and carries a lesion; query 1 sits far above and
-    # carries none.
-    coords = all_coords[12:]
-    lesion = _cube(coords[0], (4, 4, 4), 2)
-    queries = [scores[12] - 0.15 + np.where(lesion, 0.25, 0.0), scores[13] + 0.3]
-    kwargs = dict(reference_scores=bank, reference_coords=bank_coords)
-    plain = decide_lesions(queries, coords, GRID, LesionPolicy(token_z=4.5, finding_mass=5.0), **kwargs)
-    fitted = decide_lesions(queries, coords, GRID, LesionPolicy(
-        token_z=4.5, finding_mass=5.0, fit_volume_levels=True), **kwargs)
-    assert plain.reference == fitted.reference == "bank" and fitted.params["fit_volume_levels"] is True
-    # Unfitted, the bank's level differences widen its spreads several-fold, the low query's lesion
-    # is hidden and the high query is unusual everywhere; fitted, only the lesion is a finding.
-    assert plain.statistics.global_sigma > 2 * fitted.statistics.global_sigma
-    assert plain.flagged.tolist() == [False, True]
-    assert fitted.flagged.tolist() == [True, False]
-    (finding,) = [f for f in fitted.findings[0] if f.passed]
-    assert set(finding.tokens.tolist()) == set(np.flatnonzero(lesion).tolist())
-    # The statistics are the bank's alone: a query's level does not move them.
-    other = decide_lesions([queries[1]], [coords[1]], GRID, LesionPolicy(
-        token_z=4.5, finding_mass=5.0, fit_volume_levels=True), **kwargs)
-    assert np.array_equal(other.z[0], fitted.z[1])
-
-
-def test_the_bank_calibration_fits_each_left_out_volume_as_a_query():
-    bank, coords, _ = _levelled_batch(seed=25)
-    policy = LesionPolicy(token_z=3.0, finding_mass=1e6, bank_false_flag_rate=0.2, fit_volume_levels=True)
-    calibration = bank_calibration(bank, coords, GRID, policy)
-    assert calibration is not None
-    # Each bank volume's evidence is what it would carry as a query against the other eleven.
-    as_queries = []
-    for index in range(12):
-        others = [i for i in range(12) if i != index]
-        decision = decide_lesions([bank[index]], [coords[index]], GRID, replace(policy, bank_false_flag_rate=0.0),
-                                  reference_scores=[bank[i] for i in others], reference_coords=[coords[i] for i in others])
-        as_queries.append(decision.policy.evidence(decision.findings[0]))
-    assert sorted(as_queries, reverse=True) == pytest.approx(list(calibration.evidence), abs=1e-5)
-    assert max(as_queries) > 0
+def test_fitted_levels_are_not_used_with_bank_references():
+    rng = np.random.default_rng(12)
+    bank, bank_coords = _noisy_batch(19, rng)
+    queries, coords = _noisy_batch(2, rng)
+    queries[1] = queries[1] + 0.1
+    kwargs = dict(token_ml=0.5, reference_scores=bank, reference_coords=bank_coords)
+    plain = decide_lesions(queries, coords, (6, 6, 6), LesionPolicy(token_z=2.0, finding_mass=1.0), **kwargs)
+    fitted = decide_lesions(queries, coords, (6, 6, 6), LesionPolicy(
+        token_z=2.0, finding_mass=1.0, fit_volume_levels=True), **kwargs)
+    assert fitted.reference == "bank" and fitted.params["fit_volume_levels"] is False
+    assert all(np.array_equal(a, b) for a, b in zip(plain.z, fitted.z))
 
 
 def test_the_fitted_levels_setting_is_read_and_recorded_only_when_on():
