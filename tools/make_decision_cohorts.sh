@@ -121,7 +121,8 @@ declare -A cohorts=(
   [normal12_s62]="--seed 62 --lesion-fraction 0 $heads"
   [subjects24_s63]="--subjects 24 --seed 63 $heads"
   # held out from every decision change made after seed 61 had been scored (named before any
-  # of them was generated)
+  # of them was generated; fitted levels with a cohort bank were measured on 64 and 65, and
+  # reverted for it)
   [half16_s64]="--subjects 16 --seed 64 --lesion-fraction 0.5 $heads"
   [half16_s65]="--subjects 16 --seed 65 --lesion-fraction 0.5 $heads"
   [normal12_s66]="--seed 66 --lesion-fraction 0 $heads"
