@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,13 +147,19 @@ def score_series(series: Sequence[AblationSeries], config: RunConfig, n: int | N
 
 
 def _tally_batch(series: Sequence[AblationSeries], n: int, config: RunConfig, tally: Tally,
-                 known: dict[tuple[str, ...], list[list[np.ndarray]]] | None = None) -> None:
-    """Score ``series`` (queries first, then references), decide, and add the queries to ``tally``."""
+                 known: dict[tuple[str, ...], list[list[np.ndarray]]] | None = None,
+                 shared_by: int | None = None) -> None:
+    """Score ``series`` (queries first, then references), decide, and add the queries to ``tally``.
+
+    ``shared_by``: the series decided against the bank in the app's run, every contrast's (they
+    share the bank's rate, as in the app); ``None``: the ``n`` queries.
+    """
     scores = score_series(series, config, n, known)
     coords = [item.record.tokens.coords for item in series]
     groups = batch_groups(series, n, config)
     decision = decide_batch(scores, coords, n, series[0].record.tokens.grid_shape, config,
-                            token_volume_ml(series[0].record), series[0].record.decision.contrast, groups)
+                            token_volume_ml(series[0].record), series[0].record.decision.contrast, groups,
+                            shared_by=shared_by if len(series) > n else None)
     mask_interpolation = config.output.mask_interpolation
     score_interpolation = config.output.score_interpolation
     policy = config.threshold.lesion_policy(series[0].record.decision.contrast)
@@ -265,16 +272,18 @@ def measure_batch(
     joins them to a batch of fewer than ``bank.min_patients`` patients); only the batch is decided.
     """
     out = {}
-    for contrast, series in sorted(load_pooled(root, names, config).items()):
-        if normals_only:
-            series = [item for item in series if not item.has_lesion]
+    pooled = {contrast: [item for item in series if not (normals_only and item.has_lesion)]
+              for contrast, series in load_pooled(root, names, config).items()}
+    # As in the app's run: every contrast's series decided against the bank share its rate.
+    shared_by = sum(len(series) for series in pooled.values())
+    for contrast, series in sorted(pooled.items()):
         # As the app draws: never a volume of the batch's own patients or studies.
         patients = {item.record.decision.patient_id for item in series}
         studies = {item.record.decision.study_instance_uid for item in series}
         references = [ref for ref in (bank or {}).get(contrast, []) if ref.record.decision.patient_id not in patients
                       and ref.record.decision.study_instance_uid not in studies]
         tally = Tally()
-        _tally_batch([*series, *references], len(series), config, tally)
+        _tally_batch([*series, *references], len(series), config, tally, shared_by=max(shared_by, len(series)))
         out[contrast] = {**tally.summary(), "n_bank_volumes": len(references)} if bank else tally.summary()
     return out
 
@@ -289,12 +298,16 @@ def measure_bank_studies(root: Path, queries: Sequence[str], bank: Sequence[str]
     references = load_pooled(root, bank, config)
     out = {}
     known: dict[tuple[str, ...], list[list[np.ndarray]]] | None = {} if reuse else None  # per draw
-    for contrast, series in sorted(load_pooled(root, queries, config).items()):
+    pooled = load_pooled(root, queries, config)
+    # A study's series are decided in one run, as the app does: they share the bank's rate.
+    per_study = Counter(item.record.decision.study_instance_uid for series in pooled.values() for item in series)
+    for contrast, series in sorted(pooled.items()):
         tally = Tally()
         for item in series:
             others = [ref for ref in references.get(contrast, [])
                       if ref.record.decision.patient_id != item.record.decision.patient_id]
-            _tally_batch([item, *others], 1, config, tally, known)
+            _tally_batch([item, *others], 1, config, tally, known,
+                         shared_by=per_study[item.record.decision.study_instance_uid])
         out[contrast] = {**tally.summary(), "n_bank_volumes": len(references.get(contrast, []))}
     return out
 

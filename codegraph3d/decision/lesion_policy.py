@@ -39,10 +39,13 @@ The rule
    against the other bank volumes only (``codegraph3d.scoring.musc.BankGroup``): with the query
    among their references, one query had moved the bound of its own run 2.5-fold (T2w, a bank of
    48), so a query could loosen or tighten its own test; now the statistics and the bound are the
-   same for every query against one bank. Studies decided together against the bank share the
-   rate (each is held to ``bank_false_flag_rate / m`` for ``m`` of them, down to the bank's
-   largest evidence), so an all-normal batch of 12 expects as few false flags as a single study
-   would, or as few as the bank can promise.
+   same for every query against one bank. The series decided against the bank in one run share
+   the rate (each is held to ``bank_false_flag_rate / m`` for ``m`` of them, every contrast's,
+   down to the bank's largest evidence), so a normal study of a T1w and a T2w series is flagged
+   with probability at most the rate (held per series, it had been flagged up to twice as often:
+   8 of 72 normal studies, docs/RESULTS.md, "A study's series share the bank's rate"), and an
+   all-normal batch of 12 expects as few false flags as a single study would, or as few as the
+   bank can promise.
    With ``subtract_volume_level`` and the batch as reference, each volume's ``z`` is then
    measured from the volume's own level: its median ``z`` over its tokens, subtracted where
    positive. A series acquired unlike most of its batch (thick slices in a direction few others
@@ -671,8 +674,8 @@ class BankCalibration:
         Each reference volume's largest finding evidence (z x ml), scored against the other
         references only, largest first.
     n_queries : int
-        Studies decided together against the bank (they share the rate: ``false_flag_bound`` is
-        per study, ``n_queries`` times it per batch).
+        Series decided together against the bank, every contrast's (they share the rate:
+        ``false_flag_bound`` is per series, ``n_queries`` times it per run).
     """
 
     finding_mass: float
@@ -734,11 +737,12 @@ def bank_calibration(
     the bound, if anything, conservative), so ``k = floor(bank_false_flag_rate * (n + 1))`` states
     the false-flag rate without assuming a distribution, for this encoder, contrast and bank; with
     ``bank_confidence`` the rank is lowered so that the rate holds for this bank with that
-    confidence (:func:`calibration_rank`). The rate is per decided batch: ``n_queries`` studies
-    decided together against the bank share it (each is held to ``bank_false_flag_rate /
-    n_queries``, so a batch of normal studies has at most that many flags on average, as a single
-    study does), down to the bank's largest evidence when the bank is too small for that share
-    (then a batch expects ``n_queries / (n + 1)`` false flags). A
+    confidence (:func:`calibration_rank`). The rate is per decided run: the ``n_queries`` series
+    decided against the bank in it, every contrast's, share it (each is held to
+    ``bank_false_flag_rate / n_queries``, so a normal study of several series, or a run of normal
+    studies, has at most that many flags on average, as a single series would), down to the
+    bank's largest evidence when the bank is too small for that share (then a run expects
+    ``n_queries / (n + 1)`` false flags). A
     missed lesion in the bank only raises the bound. A bank grown with ``bank.add_scored:
     unflagged`` keeps only studies below its bound, which lowers the bound over time: calibrate on
     banks of curated normal studies.
@@ -754,7 +758,7 @@ def bank_calibration(
         Patient (or study) of each bank volume: a volume is left out with every volume of its
         group. ``None``: each volume is its own group.
     n_queries : int, default 1
-        Studies decided against this bank in one batch (they share the rate).
+        Series decided against this bank in one run, every contrast's (they share the rate).
 
     Returns
     -------
@@ -879,6 +883,7 @@ def decide_lesions(
     reference_scores: Sequence[np.ndarray] | None = None,
     reference_coords: Sequence[np.ndarray] | None = None,
     reference_groups: Sequence[Hashable] | None = None,
+    shared_by: int | None = None,
 ) -> LesionDecision:
     """Flag volumes and choose mask values by the lesion policy (module docstring).
 
@@ -896,6 +901,11 @@ def decide_lesions(
         the queries'). ``None``: the query volumes themselves.
     reference_groups : sequence of hashable, optional
         Patient of each reference volume, for the bank calibration's leave-one-patient-out.
+    shared_by : int, optional
+        Series decided against the bank in the same run: these queries and those of the run's
+        other contrasts (every series of every study). They share ``bank_false_flag_rate``, so
+        that a normal study of two series is flagged no more often than the rate, not up to
+        twice as often. ``None``: these queries alone.
     """
     if len(token_scores) != len(coords) or not len(token_scores):
         raise ValueError(f"{len(token_scores)} score arrays for {len(coords)} coordinate arrays; need >= 1 of each")
@@ -904,6 +914,9 @@ def decide_lesions(
     n_bank = 0 if reference_scores is None else len(reference_scores)
     if n_bank and (reference_coords is None or len(reference_coords) != n_bank):
         raise ValueError("reference_scores need one coordinate array each (reference_coords)")
+    if shared_by is not None and shared_by < len(token_scores):
+        raise ValueError(f"shared_by counts the run's series decided against the bank, these "
+                         f"{len(token_scores)} queries among them; got {shared_by!r}")
     banked = n_bank >= policy.min_reference_volumes
     if 0 < n_bank < policy.min_reference_volumes:
         # Too few bank volumes for statistics of their own: they join the queries' (and are
@@ -912,7 +925,7 @@ def decide_lesions(
     if banked:
         policy, calibration_record = _bank_policy(
             policy, reference_scores, reference_coords, grid_shape, token_ml, reference_groups,  # type: ignore[arg-type]
-            n_queries=len(token_scores),
+            n_queries=len(token_scores) if shared_by is None else shared_by,
         )
     else:
         policy, calibration_record = policy.for_batch(len(token_scores)), {}

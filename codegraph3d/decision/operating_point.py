@@ -94,9 +94,9 @@ def bank_operating_point(params: Mapping[str, Any]) -> dict[str, Any] | None:
             if confidence > 0 else
             f"at most about {calibration['rank']}/{calibration['n_reference_volumes'] + 1} on average over banks")
     n_queries = int(calibration.get("n_queries", 1))
-    shared = (f"; the batch's {n_queries} studies share the rate (about "
+    shared = (f"; the run's {n_queries} series decided against the bank share the rate (about "
               f"{calibration.get('expected_false_flags_per_batch', n_queries * calibration['false_flag_bound']):g} "
-              "false flags per all-normal batch on average)" if n_queries > 1 else "")
+              "false flags per all-normal run on average)" if n_queries > 1 else "")
     return {
         "false_flag_rate_per_normal_series": calibration["false_flag_bound"],
         "normal_series": calibration["n_reference_volumes"],

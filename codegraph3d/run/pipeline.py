@@ -657,7 +657,7 @@ def open_bank(config: RunConfig, tokenisation: Tokenisation, create: bool = Fals
 def _lesion_decision(
     scores: BatchScores, coords: list[np.ndarray], n: int, grid_shape: tuple[int, int, int],
     config: RunConfig, token_ml: float, contrast: str | None = None,
-    groups: Sequence[Hashable] | None = None,
+    groups: Sequence[Hashable] | None = None, shared_by: int | None = None,
 ) -> ThresholdDecision:
     """The lesion policy on a batch's first ``n`` volumes; bank volumes after them, if any, as references.
 
@@ -677,7 +677,7 @@ def _lesion_decision(
         outcome = decide_lesions(
             scores.token_scores[:n], coords[:n], grid_shape, policy, token_ml=token_ml,
             reference_scores=scores.token_scores[n:], reference_coords=coords[n:],
-            reference_groups=None if groups is None else list(groups)[n:],
+            reference_groups=None if groups is None else list(groups)[n:], shared_by=shared_by,
         )
     else:
         outcome = decide_lesions(scores.token_scores, coords, grid_shape, policy, token_ml=token_ml)
@@ -732,7 +732,7 @@ def token_volume_ml(series: TokenisedSeries) -> float:
 def decide_batch(
     scores: BatchScores, coords: Sequence[np.ndarray], n: int, grid_shape: tuple[int, int, int],
     config: RunConfig, token_ml: float = 1.0, contrast: str | None = None,
-    groups: Sequence[Hashable] | None = None,
+    groups: Sequence[Hashable] | None = None, shared_by: int | None = None,
 ) -> ThresholdDecision:
     """Flags and mask bounds for a scored batch's first ``n`` volumes, by ``threshold.policy``.
 
@@ -743,10 +743,12 @@ def decide_batch(
     included (the sample an outlier rule needs). ``token_ml`` is one token's volume (ml), the
     unit of the lesion policy's evidence (:func:`token_volume_ml`). ``groups`` gives each volume's
     patient (the scoring's groups), so that the bank calibration leaves patients out whole.
+    ``shared_by`` counts the run's series decided against the bank, every contrast's: they share
+    ``threshold.bank_false_flag_rate`` (``None``: this batch's ``n``).
     """
     threshold = config.threshold
     if threshold.policy == "lesion":
-        return _lesion_decision(scores, list(coords), n, grid_shape, config, token_ml, contrast, groups)
+        return _lesion_decision(scores, list(coords), n, grid_shape, config, token_ml, contrast, groups, shared_by)
     if threshold.policy == "bank":
         return decide_thresholds_from_reference(
             scores.token_scores[:n], scores.volume_scores[:n], scores.token_scores[n:], scores.volume_scores[n:],
@@ -1021,12 +1023,18 @@ def _collect_chunk(remote: _RemoteChunks, index: int, clock: StageClock) -> Batc
     return scores
 
 
-def _scored_batch(chunk: _Chunk, scores: BatchScores, config: RunConfig, scoring: Scoring) -> ScoredBatch:
-    """Decide a scored chunk and record it (CoDeGraph's groups and the bank volumes in the log)."""
+def _scored_batch(
+    chunk: _Chunk, scores: BatchScores, config: RunConfig, scoring: Scoring, banked_series: int,
+) -> ScoredBatch:
+    """Decide a scored chunk and record it (CoDeGraph's groups and the bank volumes in the log).
+
+    ``banked_series``: the run's series decided against the bank, every contrast's and chunk's
+    (they share the bank's false-flag rate, so that it holds per study).
+    """
     members, n, uids = chunk.members, len(chunk.members), chunk.uids
     decision = decide_batch(
         scores, chunk.coords, n, members[0].tokens.grid_shape, config, token_volume_ml(members[0]),
-        chunk.contrast, chunk.groups,
+        chunk.contrast, chunk.groups, shared_by=max(banked_series, n) if chunk.references else None,
     )
     if scores.codegraph is not None:
         found = scores.codegraph.communities
@@ -1094,6 +1102,8 @@ def score_batches(tokenisation: Tokenisation, config: RunConfig) -> Scoring:
     for chunk in chunks:
         _draw_references(chunk, bank, config)
         _recall_bank_scores(chunk, bank, config)
+    # A study's series (one per contrast) and the run's other studies share the bank's rate.
+    banked_series = sum(len(chunk.members) for chunk in chunks if chunk.references)
     # Work is counted in volume pairs per layer: each layer's nearest-neighbour pass compares every
     # volume with every other, so a batch's cost grows with the square of its size, bank
     # references included (only the members' own pairs where the bank's scores were kept).
@@ -1122,7 +1132,7 @@ def score_batches(tokenisation: Tokenisation, config: RunConfig) -> Scoring:
                 scoring.skipped[member.decision.series_instance_uid] = reason
             continue
         _keep_scores(chunk, scores, bank, config)
-        by_contrast[chunk.contrast].append(_scored_batch(chunk, scores, config, scoring))
+        by_contrast[chunk.contrast].append(_scored_batch(chunk, scores, config, scoring, banked_series))
     for contrast_batches in by_contrast.values():
         # One unit mapping per contrast, so FRACTIONAL maps of all its chunks share a scale.
         low, high = score_to_unit_mapping([s for b in contrast_batches for s in b.scores.token_scores])

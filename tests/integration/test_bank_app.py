@@ -138,6 +138,22 @@ def test_chunked_batches_score_every_series_once(bank_setup):
     assert all(r["references"] in (2, 3) for r in scored)
 
 
+def test_every_chunk_decided_against_the_bank_shares_its_rate(bank_setup):
+    """The run's series decided against the bank (every chunk's, every contrast's) share its rate."""
+    tmp, priors, _, models, bank = bank_setup
+    config = TINY_VIT_CONFIG + (f"bank:\n  folder: {bank}\nscoring:\n  batch_size: 4\n  batch_seed: 5\n"
+                                "threshold:\n  bank_false_flag_rate: 0.2\n  bank_confidence: 0\n")
+    run = run_app(priors, tmp / "out_shared", models, config, tmp)
+    assert run.returncode == 0, run.stderr[-3000:]
+    batches = run.report["batches"]
+    assert sorted(b["n_series"] for b in batches) == [3, 3, 4]
+    for batch in batches:
+        # Each chunk's priors are left out of its references: 10 - its own series join.
+        calibration = batch["threshold_params"]["bank_calibration"]
+        assert calibration["n_queries"] == 10 and calibration["rank"] == 1
+        assert calibration["n_reference_volumes"] == 10 - batch["n_series"]
+
+
 def test_a_batch_under_min_patients_draws_the_bank_and_one_at_it_keeps_its_own(bank_setup):
     """A batch of fewer than bank.min_patients patients is scored against the bank; one of that many alone."""
     tmp, priors, single, models, bank = bank_setup

@@ -625,6 +625,26 @@ def test_studies_decided_together_against_a_bank_share_its_rate():
         bank_calibration(bank, coords[:19], (6, 6, 6), policy, 0.5, n_queries=0)
 
 
+def test_a_studys_series_of_other_contrasts_share_the_bank_rate():
+    # One query series of a study whose other series (another contrast) is decided in the same run.
+    rng = np.random.default_rng(13)
+    volumes, coords = _noisy_batch(20, rng)
+    bank, query = volumes[:19], volumes[19:]
+    policy = LesionPolicy(token_z=2.0, finding_mass=1e6, bank_false_flag_rate=0.1)
+    kwargs = {"token_ml": 0.5, "reference_scores": bank, "reference_coords": coords[:19]}
+    alone = decide_lesions(query, coords[19:], (6, 6, 6), policy, **kwargs).params["bank_calibration"]
+    study = decide_lesions(query, coords[19:], (6, 6, 6), policy, shared_by=2, **kwargs).params["bank_calibration"]
+    assert (alone["rank"], alone["n_queries"]) == (2, 1)
+    assert (study["rank"], study["n_queries"]) == (1, 2)  # floor(0.05 x 20): the bank's largest evidence
+    assert study["finding_mass"] == pytest.approx(study["largest_evidence"][0], abs=1e-3)
+    assert study["finding_mass"] >= alone["finding_mass"]
+    assert "the run's 2 series decided against the bank share the rate" in bank_operating_point(
+        {"bank_calibration": study})["measured_on"]
+    with pytest.raises(ValueError, match="shared_by counts the run's series"):
+        decide_lesions(volumes[18:], coords[18:], (6, 6, 6), policy, shared_by=1, **{
+            **kwargs, "reference_scores": bank[:18], "reference_coords": coords[:18]})
+
+
 def test_the_calibrated_bound_replaces_finding_mass_and_is_reported():
     rng = np.random.default_rng(2)
     bank, coords = _noisy_batch(24, rng)
