@@ -162,7 +162,7 @@ def _tally_batch(series: Sequence[AblationSeries], n: int, config: RunConfig, ta
                             shared_by=shared_by if len(series) > n else None)
     mask_interpolation = config.output.mask_interpolation
     score_interpolation = config.output.score_interpolation
-    policy = config.threshold.lesion_policy(series[0].record.decision.contrast)
+    policy = config.threshold.lesion_policy(series[0].record.decision.contrast, with_bank=len(series) > n)
     for index, item in enumerate(series[:n]):
         prepared, tokens = item.record.prepared, item.record.tokens
         truth = item.lesion_labels()

@@ -10,14 +10,16 @@ point (:mod:`codegraph3d.decision.operating_point`) can be matched to the run th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum, StrEnum
 from types import MappingProxyType
 from typing import Any, Mapping
 
 from codegraph3d.decision.lesion_policy import LesionPolicy
 
-__all__ = ["PER_CONTRAST_BOUNDS", "DecisionSettings", "ThresholdPolicy", "ThresholdReference", "ThresholdSettings"]
+__all__ = [
+    "BANK_BOUNDS", "PER_CONTRAST_BOUNDS", "DecisionSettings", "ThresholdPolicy", "ThresholdReference", "ThresholdSettings",
+]
 
 # The lesion policy's bounds that a configuration may set per contrast batch (``<name>_by_contrast``),
 # with their units for messages: an encoder's standardised scores differ in scale between contrasts.
@@ -25,6 +27,13 @@ PER_CONTRAST_BOUNDS: Mapping[str, str] = MappingProxyType(
     {"token_z": "robust SDs", "finding_mass": "z x ml", "finding_excess": "robust SDs", "voxel_z": "robust SDs",
      "small_batch_finding_mass": "z x ml", "rim_finding_mass": "z x ml"}
 )
+# The fields ``threshold.with_bank`` may set for batches decided against cohort-bank references:
+# the bounds a bank's calibration does not replace (and finding_mass, rim_finding_mass: the bound
+# of a bank too small for its rate), each with its ``_by_contrast`` mapping.
+BANK_BOUNDS: tuple[str, ...] = tuple(
+    f"{name}{suffix}" for name in ("token_z", "finding_mass", "finding_excess", "voxel_z", "rim_finding_mass")
+    for suffix in ("", "_by_contrast")
+) + ("mask_peak_fraction",)
 
 
 class ThresholdPolicy(StrEnum):
@@ -94,9 +103,11 @@ class ThresholdSettings:
     small_batch_finding_mass_by_contrast: Mapping[str, float] = field(default_factory=dict)
     rim_finding_mass: float = 0.0
     rim_finding_mass_by_contrast: Mapping[str, float] = field(default_factory=dict)
+    with_bank: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", choice(ThresholdPolicy, self.policy, "threshold.policy"))
+        self._check_with_bank()
         object.__setattr__(self, "reference", choice(ThresholdReference, self.reference, "threshold.reference"))
         if not _non_negative_number(self.min_finding_ml):
             raise ValueError(f"threshold.min_finding_ml must be >= 0; got {self.min_finding_ml!r}")
@@ -117,6 +128,33 @@ class ThresholdSettings:
                     raise
                 raise ValueError(f"{error} (the bounds in effect for {contrast})") from None
 
+    def _check_with_bank(self) -> None:
+        """``with_bank`` names only :data:`BANK_BOUNDS`, and the bounds it makes are valid (eagerly)."""
+        if not isinstance(self.with_bank, Mapping):
+            raise ValueError(f"threshold.with_bank must be a mapping of bounds; got {self.with_bank!r}")
+        unknown = sorted(set(self.with_bank) - set(BANK_BOUNDS))
+        if unknown:
+            raise ValueError(f"threshold.with_bank: {unknown} cannot be set for batches decided against a cohort "
+                             f"bank; the fields it may set are {list(BANK_BOUNDS)}")
+        object.__setattr__(self, "with_bank", MappingProxyType(dict(self.with_bank)))
+        if self.with_bank:
+            try:
+                self.bank_settings()
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"threshold.with_bank: {error}") from None
+
+    def bank_settings(self) -> ThresholdSettings:
+        """The section with ``with_bank``'s fields in place: what batches decided against a bank use.
+
+        Each field of ``with_bank`` replaces the section's field of that name (a ``_by_contrast``
+        mapping whole), so one configuration serves batches scored alone and studies decided
+        against a cohort bank, whose best bounds differ (fitted volume levels, for instance, act
+        without a bank only).
+        """
+        if not self.with_bank:
+            return self
+        return replace(self, with_bank={}, **{name: value for name, value in self.with_bank.items()})
+
     def contrasts_with_own_bounds(self) -> list[str]:
         """The contrasts named in any ``*_by_contrast`` mapping, sorted."""
         return sorted({c for name in PER_CONTRAST_BOUNDS for c in getattr(self, f"{name}_by_contrast")})
@@ -129,8 +167,14 @@ class ThresholdSettings:
         """
         return float(getattr(self, f"{name}_by_contrast").get(contrast or "", getattr(self, name)))
 
-    def lesion_policy(self, contrast: str | None = None) -> LesionPolicy:
-        """The lesion policy for a contrast batch (its ``*_by_contrast`` entries win)."""
+    def lesion_policy(self, contrast: str | None = None, with_bank: bool = False) -> LesionPolicy:
+        """The lesion policy for a contrast batch (its ``*_by_contrast`` entries win).
+
+        ``with_bank``: for a batch decided against cohort-bank references (``threshold.with_bank``'s
+        bounds in place).
+        """
+        if with_bank and self.with_bank:
+            return self.bank_settings().lesion_policy(contrast)
         return LesionPolicy(
             token_z=self.bound("token_z", contrast), finding_mass=self.bound("finding_mass", contrast),
             voxel_z=self.bound("voxel_z", contrast), prior_volumes=self.prior_volumes,

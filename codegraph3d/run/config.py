@@ -96,7 +96,7 @@ def _compatible(default: Any, value: Any) -> bool:
 
 
 # Mappings whose keys are data (contrast names), not fields: a later layer replaces them whole.
-_WHOLE_MAPPINGS = frozenset(f"threshold.{name}_by_contrast" for name in PER_CONTRAST_BOUNDS)
+_WHOLE_MAPPINGS = frozenset(f"threshold.{name}_by_contrast" for name in PER_CONTRAST_BOUNDS) | {"threshold.with_bank"}
 # Fields whose default is null ("use another field's value", or for layer_weights "the plain mean"): a later
 # layer may set them back to null.
 _NULLABLE = frozenset({"threshold.bank_prior_volumes", "scoring.layer_weights"})
@@ -403,13 +403,14 @@ class RunConfig:
         if any(getattr(self, name) != section for name, section in _sections(_thawed(self.values)).items()):
             raise ValueError("RunConfig's sections differ from its values; make variants with with_overrides()")
         scored = self.selection.scored_contrasts
-        for name in PER_CONTRAST_BOUNDS:
-            for contrast in getattr(self.threshold, f"{name}_by_contrast"):
-                if contrast not in scored:
-                    raise ValueError(
-                        f"threshold.{name}_by_contrast: {contrast!r} is not a scored contrast "
-                        f"(selection.scored_contrasts: {list(scored)}); name the contrast batches as the report does"
-                    )
+        for prefix, threshold in (("threshold.", self.threshold), ("threshold.with_bank.", self.threshold.bank_settings())):
+            for name in PER_CONTRAST_BOUNDS:
+                for contrast in getattr(threshold, f"{name}_by_contrast"):
+                    if contrast not in scored:
+                        raise ValueError(
+                            f"{prefix}{name}_by_contrast: {contrast!r} is not a scored contrast (selection."
+                            f"scored_contrasts: {list(scored)}); name the contrast batches as the report does"
+                        )
         if self.threshold.policy is ThresholdPolicy.BANK and not self.bank.folder:
             raise ValueError("threshold.policy bank needs a cohort bank: set bank.folder")
 

@@ -666,13 +666,16 @@ def _lesion_decision(
 
     With ``threshold.reference: auto`` the bank volumes (studies added to the bank as normal
     looking) alone give the per-position statistics; without bank volumes, or with ``batch``,
-    every volume of the batch does, and only the input's volumes are decided.
+    every volume of the batch does, and only the input's volumes are decided. Where the bank's
+    volumes give the statistics, ``threshold.with_bank``'s bounds replace the section's.
     """
-    # Without registration a grid position holds different anatomy in every volume.
-    policy = dataclasses.replace(
-        config.threshold.lesion_policy(contrast), by_position=config.preprocess.chain.registration != "none",
-    )
     banked = config.threshold.reference == "auto" and len(scores.token_scores) > n
+    policy = config.threshold.lesion_policy(contrast)
+    # threshold.with_bank's bounds where the bank's volumes give the statistics (too few join the batch).
+    if banked and len(scores.token_scores) - n >= policy.min_reference_volumes:
+        policy = config.threshold.lesion_policy(contrast, with_bank=True)
+    # Without registration a grid position holds different anatomy in every volume.
+    policy = dataclasses.replace(policy, by_position=config.preprocess.chain.registration != "none")
     if banked:
         outcome = decide_lesions(
             scores.token_scores[:n], coords[:n], grid_shape, policy, token_ml=token_ml,

@@ -556,6 +556,39 @@ def test_the_batch_decision_takes_its_contrasts_bound():
     assert not as_t1w.flagged.any() and np.flatnonzero(as_t2w.flagged).tolist() == [2]
 
 
+def test_bounds_with_a_bank_replace_the_sections_where_the_bank_gives_the_statistics():
+    from codegraph3d.run.pipeline import decide_batch
+    from codegraph3d.scoring.batch import BatchScores
+
+    scores, coords = _batch(12, seed=5)
+    scores[1] = scores[1] + np.where(_cube(coords[1], (4, 4, 4), 2), 0.5, 0.0)
+    batch = BatchScores(token_scores=scores, volume_scores=np.array([s.max() for s in scores]), per_layer=[scores])
+    config = load_config(override={"threshold": {
+        "voxel_z_by_contrast": {"T2w": 8.0}, "finding_mass": 5.0,
+        "with_bank": {"voxel_z_by_contrast": {"T2w": 3.0}, "finding_mass": 1e6}}})
+    # Two queries against ten bank volumes (too few for the bank's rate: finding_mass holds).
+    banked = decide_batch(batch, coords, 2, GRID, config, 1.0, "T2w")
+    alone = decide_batch(batch, coords, 12, GRID, config, 1.0, "T2w")
+    assert (banked.voxel_threshold, banked.volume_threshold) == (3.0, 1e6) and not banked.flagged.any()
+    assert (alone.voxel_threshold, alone.volume_threshold) == (8.0, 5.0) and alone.flagged.tolist()[1]
+    # Two bank volumes are too few for statistics of their own: they join the batch, as do its bounds.
+    assert decide_batch(batch, coords, 10, GRID, config, 1.0, "T2w").voxel_threshold == 8.0
+
+
+def test_bounds_with_a_bank_are_checked_when_the_configuration_is_read():
+    config = load_config(override={"threshold": {"token_z": 6.0, "with_bank": {"token_z": 4.5}}})
+    assert (config.threshold.lesion_policy().token_z, config.threshold.lesion_policy(with_bank=True).token_z) == (6.0, 4.5)
+    assert config.threshold.bank_settings().with_bank == {}
+    # A later layer replaces the mapping whole.
+    later = config.with_overrides({"threshold": {"with_bank": {"voxel_z": 3.0}}})
+    assert later.threshold.lesion_policy(with_bank=True).token_z == 6.0
+    for bad, match in (({"prior_volumes": 4.0}, r"\['prior_volumes'\] cannot be set .* the fields it may set are"),
+                       ({"token_z": 0.0}, "threshold.with_bank: threshold.token_z must be > 0"),
+                       ({"voxel_z_by_contrast": {"PD": 3.0}}, "threshold.with_bank.voxel_z_by_contrast: 'PD' is not a scored")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(override={"threshold": {"with_bank": bad}})
+
+
 def _noisy_batch(n_volumes: int, rng: np.random.Generator, grid=(6, 6, 6)) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Normal volumes whose scores carry spatially smooth noise, so that some form small false groups."""
     from scipy import ndimage

@@ -121,3 +121,20 @@ def test_the_shipped_configurations_have_a_measured_operating_point(name: str, m
     for contrast in ("T1w", "T2w"):
         point = op.operating_point(LESION_POLICY_NAME, config.encoder.name, contrast, config.decision_settings())
         assert isinstance(point["false_flag_rate_per_normal_series"], float), point
+
+
+def test_the_levels_configuration_decides_against_a_bank_as_the_intensity_configuration_does():
+    # threshold.with_bank must keep tools/efficientnet_levels_config.yaml's bank decisions those measured
+    # with tools/efficientnet_intensity_config.yaml: the same policy once bank mode's own settings are in place.
+    import dataclasses
+
+    levels, intensity = (load_config(override=ROOT / "tools" / f"efficientnet_{name}_config.yaml")
+                         for name in ("levels", "intensity"))
+    assert (levels.scoring, levels.encoder) == (intensity.scoring, intensity.encoder)
+    for contrast in ("T1w", "T2w"):
+        # Bank mode neither subtracts nor fits volume levels (lesion_policy's bank policy).
+        banked = [dataclasses.replace(config.threshold.lesion_policy(contrast, with_bank=True),
+                                      subtract_volume_level=False, fit_volume_levels=False)
+                  for config in (levels, intensity)]
+        assert banked[0] == banked[1], contrast
+        assert levels.threshold.lesion_policy(contrast) != intensity.threshold.lesion_policy(contrast)
