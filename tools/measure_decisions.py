@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +51,8 @@ from codegraph3d.decision.lesion_policy import LESION_POLICY_NAME
 from codegraph3d.scoring.maps import token_voxel_map
 from codegraph3d_research.metrics import StreamingBinaryMetrics, patient_auroc
 from codegraph3d.run.pipeline import (
-    bank_groups, bank_scores_reusable, decide_batch, reference_groups, score_configured, token_volume_ml,
+    bank_groups, bank_scores_reusable, decide_batch, decided_against_bank, reference_groups, score_configured,
+    series_sharing_the_bank, token_volume_ml,
 )
 from codegraph3d.scoring.batch import BatchScores
 from codegraph3d.decision.thresholds import BANK_POLICY_NAME, POLICY_NAME
@@ -152,17 +152,18 @@ def _tally_batch(series: Sequence[AblationSeries], n: int, config: RunConfig, ta
     """Score ``series`` (queries first, then references), decide, and add the queries to ``tally``.
 
     ``shared_by``: the series decided against the bank in the app's run, every contrast's (they
-    share the bank's rate, as in the app); ``None``: the ``n`` queries.
+    share the bank's rate, as in the app: :func:`series_sharing_the_bank`).
     """
     scores = score_series(series, config, n, known)
     coords = [item.record.tokens.coords for item in series]
     groups = batch_groups(series, n, config)
+    banked = decided_against_bank(len(series) - n, config)
     decision = decide_batch(scores, coords, n, series[0].record.tokens.grid_shape, config,
                             token_volume_ml(series[0].record), series[0].record.decision.contrast, groups,
-                            shared_by=shared_by if len(series) > n else None)
+                            shared_by=shared_by if banked else None)
     mask_interpolation = config.output.mask_interpolation
     score_interpolation = config.output.score_interpolation
-    policy = config.threshold.lesion_policy(series[0].record.decision.contrast, with_bank=len(series) > n)
+    policy = config.threshold.lesion_policy(series[0].record.decision.contrast, with_bank=banked)
     for index, item in enumerate(series[:n]):
         prepared, tokens = item.record.prepared, item.record.tokens
         truth = item.lesion_labels()
@@ -273,19 +274,24 @@ def measure_batch(
     """
     out = {}
     pooled = {contrast: [item for item in series if not (normals_only and item.has_lesion)]
-              for contrast, series in load_pooled(root, names, config).items()}
+              for contrast, series in sorted(load_pooled(root, names, config).items())}
+    drawn = {contrast: _drawn_references(series, (bank or {}).get(contrast, [])) for contrast, series in pooled.items()}
     # As in the app's run: every contrast's series decided against the bank share its rate.
-    shared_by = sum(len(series) for series in pooled.values())
-    for contrast, series in sorted(pooled.items()):
-        # As the app draws: never a volume of the batch's own patients or studies.
-        patients = {item.record.decision.patient_id for item in series}
-        studies = {item.record.decision.study_instance_uid for item in series}
-        references = [ref for ref in (bank or {}).get(contrast, []) if ref.record.decision.patient_id not in patients
-                      and ref.record.decision.study_instance_uid not in studies]
+    shared_by = series_sharing_the_bank(((len(pooled[c]), len(drawn[c])) for c in pooled), config)
+    for contrast, series in pooled.items():
+        references = drawn[contrast]
         tally = Tally()
-        _tally_batch([*series, *references], len(series), config, tally, shared_by=max(shared_by, len(series)))
+        _tally_batch([*series, *references], len(series), config, tally, shared_by=shared_by)
         out[contrast] = {**tally.summary(), "n_bank_volumes": len(references)} if bank else tally.summary()
     return out
+
+
+def _drawn_references(series: Sequence[AblationSeries], bank: Sequence[AblationSeries]) -> list[AblationSeries]:
+    """The bank volumes a batch draws, as the app does: never one of its own patients or studies."""
+    patients = {item.record.decision.patient_id for item in series}
+    studies = {item.record.decision.study_instance_uid for item in series}
+    return [ref for ref in bank if ref.record.decision.patient_id not in patients
+            and ref.record.decision.study_instance_uid not in studies]
 
 
 def measure_bank_studies(root: Path, queries: Sequence[str], bank: Sequence[str], config: RunConfig,
@@ -299,15 +305,18 @@ def measure_bank_studies(root: Path, queries: Sequence[str], bank: Sequence[str]
     out = {}
     known: dict[tuple[str, ...], list[list[np.ndarray]]] | None = {} if reuse else None  # per draw
     pooled = load_pooled(root, queries, config)
+    drawn = {(contrast, item.uid): _drawn_references([item], references.get(contrast, []))
+             for contrast, series in pooled.items() for item in series}
     # A study's series are decided in one run, as the app does: they share the bank's rate.
-    per_study = Counter(item.record.decision.study_instance_uid for series in pooled.values() for item in series)
+    per_study: dict[str, list[tuple[int, int]]] = {}
+    for contrast, series in pooled.items():
+        for item in series:
+            per_study.setdefault(item.record.decision.study_instance_uid, []).append((1, len(drawn[contrast, item.uid])))
     for contrast, series in sorted(pooled.items()):
         tally = Tally()
         for item in series:
-            others = [ref for ref in references.get(contrast, [])
-                      if ref.record.decision.patient_id != item.record.decision.patient_id]
-            _tally_batch([item, *others], 1, config, tally, known,
-                         shared_by=per_study[item.record.decision.study_instance_uid])
+            _tally_batch([item, *drawn[contrast, item.uid]], 1, config, tally, known,
+                         shared_by=series_sharing_the_bank(per_study[item.record.decision.study_instance_uid], config))
         out[contrast] = {**tally.summary(), "n_bank_volumes": len(references.get(contrast, []))}
     return out
 

@@ -193,7 +193,7 @@ class LesionPolicy:
     bank_false_flag_rate : float
         With cohort-bank references: the evidence bound is calibrated on the bank's own normal
         volumes (:func:`bank_calibration`) so that a normal study is flagged with probability at
-        most about this; 0 keeps ``finding_mass`` (``rim_finding_mass`` where larger) with a bank too.
+        most about this (its series, and a run's other studies' series, share it); 0 keeps ``finding_mass`` (``rim_finding_mass`` where larger) with a bank too.
     bank_confidence : float
         In (0, 1): the calibration holds ``bank_false_flag_rate`` for this bank with this
         confidence (over the draw of the bank's volumes), not only on average over banks; 0: on
@@ -663,9 +663,9 @@ class BankCalibration:
     n_reference : int
         Reference (bank) volumes.
     false_flag_bound : float
-        The false-flag rate the bound keeps for a normal study like the bank's volumes: the
-        configured rate when calibrated with a confidence, else ``rank / (n_reference + 1)``
-        (on average over banks; :func:`bank_calibration`).
+        The false-flag rate the bound keeps for a normal series like the bank's volumes: the
+        configured rate's share (``bank_false_flag_rate / n_queries``) when calibrated with a
+        confidence, else ``rank / (n_reference + 1)`` (on average over banks; :func:`bank_calibration`).
     confidence : float
         The confidence of ``false_flag_bound`` over the draw of the bank (0: on average).
     expected_false_flag_rate : float
@@ -692,6 +692,7 @@ class BankCalibration:
         return {"finding_mass": self.finding_mass, "rank": self.rank, "n_reference_volumes": self.n_reference,
                 "false_flag_bound": self.false_flag_bound, "confidence": self.confidence,
                 "expected_false_flag_rate": self.expected_false_flag_rate, "n_queries": self.n_queries,
+                # Per run (every series sharing the rate); the name is kept (fields are only added).
                 "expected_false_flags_per_batch": round(self.n_queries * self.expected_false_flag_rate, 4),
                 "largest_evidence": [round(value, 4) for value in self.evidence[:max(self.rank, 8)]]}
 

@@ -94,7 +94,8 @@ def bank_operating_point(params: Mapping[str, Any]) -> dict[str, Any] | None:
             if confidence > 0 else
             f"at most about {calibration['rank']}/{calibration['n_reference_volumes'] + 1} on average over banks")
     n_queries = int(calibration.get("n_queries", 1))
-    shared = (f"; the run's {n_queries} series decided against the bank share the rate (about "
+    shared = (f"; the run's {n_queries} series decided against the bank share the rate, so a normal study's "
+              "series together are flagged no more often than one series alone would be (about "
               f"{calibration.get('expected_false_flags_per_batch', n_queries * calibration['false_flag_bound']):g} "
               "false flags per all-normal run on average)" if n_queries > 1 else "")
     return {
@@ -105,6 +106,6 @@ def bank_operating_point(params: Mapping[str, Any]) -> dict[str, Any] | None:
         "measured_on": (
             f"this batch's {calibration['n_reference_volumes']} cohort-bank volumes, each scored against the "
             f"others (leave one patient out); the bound is their {calibration['rank']}-th largest evidence, so a "
-            f"normal study is flagged with probability {held}{shared}"
+            f"normal series is flagged with probability {held}{shared}"
         ),
     }

@@ -107,7 +107,6 @@ class ThresholdSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", choice(ThresholdPolicy, self.policy, "threshold.policy"))
-        self._check_with_bank()
         object.__setattr__(self, "reference", choice(ThresholdReference, self.reference, "threshold.reference"))
         if not _non_negative_number(self.min_finding_ml):
             raise ValueError(f"threshold.min_finding_ml must be >= 0; got {self.min_finding_ml!r}")
@@ -127,33 +126,45 @@ class ThresholdSettings:
                 if contrast is None:
                     raise
                 raise ValueError(f"{error} (the bounds in effect for {contrast})") from None
+        # Last, so that an error of the section itself is not blamed on with_bank.
+        self._check_with_bank()
 
     def _check_with_bank(self) -> None:
-        """``with_bank`` names only :data:`BANK_BOUNDS`, and the bounds it makes are valid (eagerly)."""
+        """``with_bank`` names only :data:`BANK_BOUNDS`, of their types, and makes valid bounds (eagerly)."""
         if not isinstance(self.with_bank, Mapping):
             raise ValueError(f"threshold.with_bank must be a mapping of bounds; got {self.with_bank!r}")
         unknown = sorted(set(self.with_bank) - set(BANK_BOUNDS))
         if unknown:
             raise ValueError(f"threshold.with_bank: {unknown} cannot be set for batches decided against a cohort "
                              f"bank; the fields it may set are {list(BANK_BOUNDS)}")
-        object.__setattr__(self, "with_bank", MappingProxyType(dict(self.with_bank)))
+        frozen: dict[str, Any] = {}
+        for name, value in self.with_bank.items():
+            if name.endswith("_by_contrast") and not isinstance(value, Mapping):
+                raise ValueError(f"threshold.with_bank.{name} must be a mapping of contrast to bound; got {value!r}")
+            if not name.endswith("_by_contrast") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"threshold.with_bank.{name} must be a number; got {value!r}")
+            # Read-only to the last level, as the section's own mappings are.
+            frozen[name] = MappingProxyType(dict(value)) if isinstance(value, Mapping) else float(value)
+        object.__setattr__(self, "with_bank", MappingProxyType(frozen))
         if self.with_bank:
             try:
-                self.bank_settings()
+                self.for_bank()
             except (ValueError, TypeError) as error:
                 raise ValueError(f"threshold.with_bank: {error}") from None
 
-    def bank_settings(self) -> ThresholdSettings:
+    def for_bank(self) -> ThresholdSettings:
         """The section with ``with_bank``'s fields in place: what batches decided against a bank use.
 
         Each field of ``with_bank`` replaces the section's field of that name (a ``_by_contrast``
         mapping whole), so one configuration serves batches scored alone and studies decided
         against a cohort bank, whose best bounds differ (fitted volume levels, for instance, act
-        without a bank only).
+        without a bank only). The small-batch bound, never used with a bank, is left out, so that
+        it cannot refuse a bank bound it would never meet.
         """
         if not self.with_bank:
             return self
-        return replace(self, with_bank={}, **{name: value for name, value in self.with_bank.items()})
+        return replace(self, with_bank={}, small_batch_volumes=0, small_batch_finding_mass=0.0,
+                       small_batch_finding_mass_by_contrast={}, **dict(self.with_bank))
 
     def contrasts_with_own_bounds(self) -> list[str]:
         """The contrasts named in any ``*_by_contrast`` mapping, sorted."""
@@ -174,7 +185,7 @@ class ThresholdSettings:
         bounds in place).
         """
         if with_bank and self.with_bank:
-            return self.bank_settings().lesion_policy(contrast)
+            return self.for_bank().lesion_policy(contrast)
         return LesionPolicy(
             token_z=self.bound("token_z", contrast), finding_mass=self.bound("finding_mass", contrast),
             voxel_z=self.bound("voxel_z", contrast), prior_volumes=self.prior_volumes,

@@ -403,7 +403,7 @@ class RunConfig:
         if any(getattr(self, name) != section for name, section in _sections(_thawed(self.values)).items()):
             raise ValueError("RunConfig's sections differ from its values; make variants with with_overrides()")
         scored = self.selection.scored_contrasts
-        for prefix, threshold in (("threshold.", self.threshold), ("threshold.with_bank.", self.threshold.bank_settings())):
+        for prefix, threshold in (("threshold.", self.threshold), ("threshold.with_bank.", self.threshold.for_bank())):
             for name in PER_CONTRAST_BOUNDS:
                 for contrast in getattr(threshold, f"{name}_by_contrast"):
                     if contrast not in scored:

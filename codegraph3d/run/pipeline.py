@@ -18,7 +18,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Hashable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -29,7 +29,7 @@ from codegraph3d.features.encoders import SliceEncoder, load_encoder
 from codegraph3d.io.dicom import ScanResult, chunk_studies, scan_headers
 from codegraph3d.io.selection import SeriesDecision, select_series
 from codegraph3d.run.config import RunConfig, ScoringSettings
-from codegraph3d.decision.lesion_policy import LESION_POLICY_NAME, decide_lesions
+from codegraph3d.decision.lesion_policy import LESION_POLICY_NAME, LesionPolicy, decide_lesions
 from codegraph3d.scoring.maps import token_voxel_map
 from codegraph3d.preprocess.workers import PreprocessSetup, SeriesJob, SeriesOutcome, StudyPreprocessor, available_cpus, resolve_workers
 from codegraph3d.preprocess.chain import PreprocessedVolume, resample_to_source
@@ -63,6 +63,8 @@ __all__ = [
     "tokenise_selected",
     "bank_groups",
     "bank_scores_reusable",
+    "decided_against_bank",
+    "series_sharing_the_bank",
     "scoring_work",
     "batch_chunks",
     "open_bank",
@@ -670,17 +672,16 @@ def _lesion_decision(
     volumes give the statistics, ``threshold.with_bank``'s bounds replace the section's.
     """
     banked = config.threshold.reference == "auto" and len(scores.token_scores) > n
-    policy = config.threshold.lesion_policy(contrast)
     # threshold.with_bank's bounds where the bank's volumes give the statistics (too few join the batch).
-    if banked and len(scores.token_scores) - n >= policy.min_reference_volumes:
-        policy = config.threshold.lesion_policy(contrast, with_bank=True)
+    with_bank = decided_against_bank(len(scores.token_scores) - n, config)
     # Without registration a grid position holds different anatomy in every volume.
-    policy = dataclasses.replace(policy, by_position=config.preprocess.chain.registration != "none")
+    policy = dataclasses.replace(config.threshold.lesion_policy(contrast, with_bank=with_bank),
+                                 by_position=config.preprocess.chain.registration != "none")
     if banked:
         outcome = decide_lesions(
             scores.token_scores[:n], coords[:n], grid_shape, policy, token_ml=token_ml,
             reference_scores=scores.token_scores[n:], reference_coords=coords[n:],
-            reference_groups=None if groups is None else list(groups)[n:], shared_by=shared_by,
+            reference_groups=None if groups is None else list(groups)[n:], shared_by=shared_by if with_bank else None,
         )
     else:
         outcome = decide_lesions(scores.token_scores, coords, grid_shape, policy, token_ml=token_ml)
@@ -730,6 +731,29 @@ def token_volume_ml(series: TokenisedSeries) -> float:
     """Volume (ml) of one token's cube on the series' working grid (template space when registered)."""
     edge_mm = series.prepared.grid_spacing * series.prepared.size / series.tokens.grid_shape[0]
     return float(edge_mm) ** 3 / 1000.0
+
+
+def decided_against_bank(n_references: int, config: RunConfig) -> bool:
+    """Whether a batch with ``n_references`` cohort-bank volumes is decided on the bank's statistics.
+
+    The lesion policy with ``threshold.reference: auto`` and at least ``min_reference_volumes``
+    bank volumes (fewer join the batch's own statistics): then ``threshold.with_bank``'s bounds
+    hold and the bank's calibrated rate is shared (:func:`series_sharing_the_bank`).
+    """
+    threshold = config.threshold
+    return (threshold.policy == "lesion" and threshold.reference == "auto"
+            and n_references >= LesionPolicy.min_reference_volumes)
+
+
+def series_sharing_the_bank(chunk_sizes: Iterable[tuple[int, int]], config: RunConfig) -> int:
+    """Series a run decides against the cohort bank: they share ``threshold.bank_false_flag_rate``.
+
+    ``chunk_sizes`` holds each chunk's (members, bank references), every contrast's, so that a
+    study's T1w and T2w series share the rate as the run's other studies do: a normal study is
+    then flagged with probability at most the rate, not up to once per series. A chunk that
+    fails to score still counts (its share only makes the others' bounds stricter).
+    """
+    return sum(members for members, references in chunk_sizes if decided_against_bank(references, config))
 
 
 def decide_batch(
@@ -1037,7 +1061,8 @@ def _scored_batch(
     members, n, uids = chunk.members, len(chunk.members), chunk.uids
     decision = decide_batch(
         scores, chunk.coords, n, members[0].tokens.grid_shape, config, token_volume_ml(members[0]),
-        chunk.contrast, chunk.groups, shared_by=max(banked_series, n) if chunk.references else None,
+        chunk.contrast, chunk.groups,
+        shared_by=banked_series if decided_against_bank(len(chunk.references), config) else None,
     )
     if scores.codegraph is not None:
         found = scores.codegraph.communities
@@ -1105,8 +1130,7 @@ def score_batches(tokenisation: Tokenisation, config: RunConfig) -> Scoring:
     for chunk in chunks:
         _draw_references(chunk, bank, config)
         _recall_bank_scores(chunk, bank, config)
-    # A study's series (one per contrast) and the run's other studies share the bank's rate.
-    banked_series = sum(len(chunk.members) for chunk in chunks if chunk.references)
+    banked_series = series_sharing_the_bank(((len(c.members), len(c.references)) for c in chunks), config)
     # Work is counted in volume pairs per layer: each layer's nearest-neighbour pass compares every
     # volume with every other, so a batch's cost grows with the square of its size, bank
     # references included (only the members' own pairs where the bank's scores were kept).

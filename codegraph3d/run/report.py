@@ -7,6 +7,7 @@ report.json are only ever added, never renamed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 from pathlib import Path
@@ -25,6 +26,7 @@ from codegraph3d.io.previews import write_preview
 from codegraph3d.io.key_slices import KeySlice, write_key_slice_sr
 from codegraph3d.io.sr import MaskFinding, SeriesFinding, write_study_sr
 from codegraph3d.decision.operating_point import bank_operating_point, operating_point
+from codegraph3d.decision.settings import DecisionSettings
 from codegraph3d.run.pipeline import ScoredBatch, Scoring, Selection, SeriesMaps, StageTimer, TokenisedSeries, series_outputs
 from codegraph3d.core.progress import StageClock, peak_rss_mb
 
@@ -100,6 +102,15 @@ def _codegraph_summary(batch) -> dict[str, Any]:
 def _rate(point: Mapping[str, Any]) -> float | None:
     rate = point["false_flag_rate_per_normal_series"]
     return None if isinstance(rate, str) else float(rate)
+
+
+def _decided_with(batch: ScoredBatch, config: RunConfig) -> DecisionSettings:
+    """The settings a batch's flags were decided with: ``threshold.with_bank``'s where the bank's
+    volumes gave the statistics (an uncalibrated bank's point is looked up for those bounds)."""
+    settings = config.decision_settings()
+    if batch.decision.params.get("reference") == "bank":
+        return dataclasses.replace(settings, threshold=config.threshold.for_bank())
+    return settings
 
 
 def _batch_record(batch: ScoredBatch, operating: Mapping[str, Any]) -> dict[str, Any]:
@@ -363,7 +374,7 @@ def write_results(
     with timer("write"):
         for batch in scoring.batches:
             point = bank_operating_point(batch.decision.params) or operating_point(
-                batch.decision.policy, encoder["name"], batch.contrast, config.decision_settings()
+                batch.decision.policy, encoder["name"], batch.contrast, _decided_with(batch, config)
             )
             _write_batch(batch, rows, findings, output, config, encoder, point, clock)
             batches.append(_batch_record(batch, point))

@@ -578,15 +578,29 @@ def test_bounds_with_a_bank_replace_the_sections_where_the_bank_gives_the_statis
 def test_bounds_with_a_bank_are_checked_when_the_configuration_is_read():
     config = load_config(override={"threshold": {"token_z": 6.0, "with_bank": {"token_z": 4.5}}})
     assert (config.threshold.lesion_policy().token_z, config.threshold.lesion_policy(with_bank=True).token_z) == (6.0, 4.5)
-    assert config.threshold.bank_settings().with_bank == {}
+    assert config.threshold.for_bank().with_bank == {}
     # A later layer replaces the mapping whole.
     later = config.with_overrides({"threshold": {"with_bank": {"voxel_z": 3.0}}})
     assert later.threshold.lesion_policy(with_bank=True).token_z == 6.0
     for bad, match in (({"prior_volumes": 4.0}, r"\['prior_volumes'\] cannot be set .* the fields it may set are"),
                        ({"token_z": 0.0}, "threshold.with_bank: threshold.token_z must be > 0"),
-                       ({"voxel_z_by_contrast": {"PD": 3.0}}, "threshold.with_bank.voxel_z_by_contrast: 'PD' is not a scored")):
+                       ({"voxel_z_by_contrast": {"PD": 3.0}}, "threshold.with_bank.voxel_z_by_contrast: 'PD' is not a scored"),
+                       ({"voxel_z_by_contrast": None}, "threshold.with_bank.voxel_z_by_contrast must be a mapping"),
+                       ({"token_z": "4.5"}, "threshold.with_bank.token_z must be a number"),
+                       ({"voxel_z": True}, "threshold.with_bank.voxel_z must be a number")):
         with pytest.raises(ConfigError, match=match):
             load_config(override={"threshold": {"with_bank": bad}})
+    # An error of the section itself is named as such, not blamed on with_bank.
+    with pytest.raises(ConfigError, match=r"^threshold.reference must be"):
+        load_config(override={"threshold": {"reference": "batc", "with_bank": {"token_z": 4.5}}})
+    # The small-batch bound is never used with a bank: it cannot refuse a bank bound.
+    small = load_config(override={"threshold": {"small_batch_volumes": 16, "small_batch_finding_mass": 40.0,
+                                                "with_bank": {"finding_mass": 50.0}}})
+    assert small.threshold.lesion_policy(with_bank=True).finding_mass == 50.0
+    # Frozen to the last level: the bounds a decision was made with cannot change under it.
+    nested = load_config(override={"threshold": {"with_bank": {"voxel_z_by_contrast": {"T2w": 3.0}}}})
+    with pytest.raises(TypeError):
+        nested.threshold.with_bank["voxel_z_by_contrast"]["T2w"] = 9.0  # type: ignore[index]
 
 
 def _noisy_batch(n_volumes: int, rng: np.random.Generator, grid=(6, 6, 6)) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -14,8 +14,10 @@ from codegraph3d.run.pipeline import (
     Tokenisation,
     TokenisedSeries,
     build_encoder,
+    decided_against_bank,
     reference_groups,
     score_batches,
+    series_sharing_the_bank,
 )
 from codegraph3d.preprocess.chain import PreprocessedVolume
 from codegraph3d.features.tokens import TokenSet
@@ -173,3 +175,14 @@ def test_the_app_fuses_the_layers_with_the_configured_weights():
     plain = score_batches(tokenisation, config).batches[0].scores
     for fused, layer_a, layer_b in zip(plain.token_scores, *plain.per_layer):
         np.testing.assert_allclose(fused, (layer_a + layer_b) / 2, atol=1e-6)
+
+
+def test_every_series_decided_against_the_bank_in_a_run_shares_its_rate():
+    # (members, bank references) per chunk: a study's T1w and T2w series, and a chunk whose two
+    # bank volumes are too few for statistics of their own (they join its batch; no rate to share).
+    config = load_config()
+    assert series_sharing_the_bank([(1, 40), (1, 40)], config) == 2
+    assert series_sharing_the_bank([(1, 40), (1, 2), (12, 0)], config) == 1
+    assert [decided_against_bank(n, config) for n in (0, 2, 3, 40)] == [False, False, True, True]
+    for threshold in ({"reference": "batch"}, {"policy": "robust_z"}):
+        assert series_sharing_the_bank([(1, 40), (1, 40)], config.with_overrides({"threshold": threshold})) == 0
