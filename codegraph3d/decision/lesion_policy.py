@@ -874,6 +874,24 @@ def _bank_policy(
     return replace(policy, finding_mass=calibration.finding_mass), {"bank_calibration": calibration.record()}
 
 
+def _check_decision_inputs(
+    token_scores: Sequence[np.ndarray], coords: Sequence[np.ndarray], token_ml: float,
+    reference_scores: Sequence[np.ndarray] | None, reference_coords: Sequence[np.ndarray] | None,
+    shared_by: int | None,
+) -> None:
+    """:func:`decide_lesions`' arguments, checked before anything is computed (the message names the fix)."""
+    if len(token_scores) != len(coords) or not len(token_scores):
+        raise ValueError(f"{len(token_scores)} score arrays for {len(coords)} coordinate arrays; need >= 1 of each")
+    if not token_ml > 0:
+        raise ValueError(f"token_ml must be > 0; got {token_ml!r}")
+    if reference_scores is not None and len(reference_scores) and (
+            reference_coords is None or len(reference_coords) != len(reference_scores)):
+        raise ValueError("reference_scores need one coordinate array each (reference_coords)")
+    if shared_by is not None and shared_by < len(token_scores):
+        raise ValueError(f"shared_by counts the run's series decided against the bank, these "
+                         f"{len(token_scores)} queries among them; got {shared_by!r}")
+
+
 def decide_lesions(
     token_scores: Sequence[np.ndarray],
     coords: Sequence[np.ndarray],
@@ -908,16 +926,8 @@ def decide_lesions(
         that a normal study of two series is flagged no more often than the rate, not up to
         twice as often. ``None``: these queries alone.
     """
-    if len(token_scores) != len(coords) or not len(token_scores):
-        raise ValueError(f"{len(token_scores)} score arrays for {len(coords)} coordinate arrays; need >= 1 of each")
-    if not token_ml > 0:
-        raise ValueError(f"token_ml must be > 0; got {token_ml!r}")
+    _check_decision_inputs(token_scores, coords, token_ml, reference_scores, reference_coords, shared_by)
     n_bank = 0 if reference_scores is None else len(reference_scores)
-    if n_bank and (reference_coords is None or len(reference_coords) != n_bank):
-        raise ValueError("reference_scores need one coordinate array each (reference_coords)")
-    if shared_by is not None and shared_by < len(token_scores):
-        raise ValueError(f"shared_by counts the run's series decided against the bank, these "
-                         f"{len(token_scores)} queries among them; got {shared_by!r}")
     banked = n_bank >= policy.min_reference_volumes
     if 0 < n_bank < policy.min_reference_volumes:
         # Too few bank volumes for statistics of their own: they join the queries' (and are
