@@ -24,12 +24,24 @@ def _series_line(row: dict[str, Any]) -> str:
     )
 
 
+def _rate_text(point: dict[str, Any]) -> str:
+    """A batch's operating point in words: measured on all-normal batches, or calibrated on its cohort bank."""
+    rate = point.get("false_flag_rate_per_normal_series", "not measured")
+    if isinstance(rate, str):
+        return rate
+    if "bound_rank" in point:  # calibrated on the bank's own volumes in this run: a bound, not a count
+        held = f"with confidence {point['confidence']:g}" if point.get("confidence") else "on average over banks"
+        rank = int(point["bound_rank"])
+        which = "largest" if rank == 1 else f"{rank}{ {2: 'nd', 3: 'rd'}.get(rank, 'th')} largest"
+        return (f"at most {100 * rate:.1f}% of normal series {held} (bound: the {which} evidence of "
+                f"{point['normal_series']} bank volumes)")
+    return f"{100 * rate:.1f}% of normal series ({point['flagged']}/{point['normal_series']})"
+
+
 def _batch_line(batch: dict[str, Any]) -> str:
     if "error" in batch:
         return f"Batch {batch['contrast']}: not scored: {batch['error']}"
-    point = batch.get("operating_point", {})
-    rate = point.get("false_flag_rate_per_normal_series", "not measured")
-    rate_text = rate if isinstance(rate, str) else f"{100 * rate:.1f}% of normal series ({point['flagged']}/{point['normal_series']})"
+    rate_text = _rate_text(batch.get("operating_point", {}))
     return (
         f"Batch {batch['contrast']}: {batch['n_series']} series, {batch['n_flagged']} flagged; policy "
         f"{batch.get('threshold_policy', '?')}; false-flag rate {rate_text}"
