@@ -152,6 +152,11 @@ def test_every_chunk_decided_against_the_bank_shares_its_rate(bank_setup):
         calibration = batch["threshold_params"]["bank_calibration"]
         assert calibration["n_queries"] == 10 and calibration["rank"] == 1
         assert calibration["n_reference_volumes"] == 10 - batch["n_series"]
+    # The report printer states the calibrated bound (a bound, not a count of flags).
+    printed = subprocess.run([sys.executable, str(ROOT / "tools" / "print_report.py"), str(run.output / "report.json")],
+                             capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    assert "of normal series on average over banks (bound: the largest evidence of" in printed.stdout
 
 
 def test_a_batch_under_min_patients_draws_the_bank_and_one_at_it_keeps_its_own(bank_setup):
