@@ -93,6 +93,17 @@ The rule
    kept low, it flags normal brains at the rim. Not with cohort-bank references: the bank's
    bound is calibrated on its own volumes' findings wherever they lie (an uncalibrated bank holds
    every group to the larger bound).
+   Optionally (``shortfall_margin`` > 0) tokens near where a volume's brain stops short of the
+   references' common brain are not candidates (:func:`shortfall_tokens`): at a position that
+   90 % of the references cover and this volume does not, the references hold tissue that lies
+   deeper inside their brains than anything this volume has there, so this volume's tokens next
+   to it are compared with anatomy they do not share. An affine registration cannot match a
+   brain's shape: a brain-only series whose vertex stops short of its batch's was flagged there
+   in both contrasts (evidence up to 6.6 times the rim bound). With a margin of one grid step
+   the learnt encoder's tuning batches keep every flag, while the other batches lost 12 normal
+   series' flags (9 distinct series) and one cortical lesion series' (docs/RESULTS.md, "Where a
+   brain stops short of the others'"). With cohort-bank references the positions are the bank's, in its
+   calibration too (each left-out volume against the others).
    Lesion-level evidence replaces the single maximum token of the first policy, whose volume gate (median + 3 robust
    SD of the batch's maxima) moved with the prevalence of lesions in the batch.
    A batch of few volumes scored as its own reference is held to a bound of its own
@@ -148,6 +159,7 @@ __all__ = [
     "standardise",
     "relative_z",
     "rim_positions",
+    "shortfall_tokens",
     "volume_level",
     "fitted_levels",
     "tail_spread",
@@ -224,6 +236,10 @@ class LesionPolicy:
         and ``finding_mass`` applies there, so 0 (or any value up to ``finding_mass``) holds every
         group to ``finding_mass``. Not with cohort-bank references: there the larger of the two
         holds everywhere until the bank's calibrated bound replaces it.
+    shortfall_margin : int
+        Tokens within this many grid steps (chessboard distance) of a position that
+        ``RIM_COVERAGE`` of the references cover and the volume does not are not candidates
+        (:func:`shortfall_tokens`; module docstring, rule 2); 0: off.
     by_position : bool
         Standardise per grid position (volumes registered to one template). ``False``: by the
         batch-wide median and spread only, for grids that are not anatomically aligned
@@ -248,6 +264,7 @@ class LesionPolicy:
     small_batch_volumes: int = 0
     small_batch_finding_mass: float = 0.0
     rim_finding_mass: float = 0.0
+    shortfall_margin: int = 0
 
     def __post_init__(self) -> None:
         for name in ("token_z", "finding_mass", "voxel_z", "prior_volumes"):
@@ -297,6 +314,9 @@ class LesionPolicy:
         rim = self.rim_finding_mass
         if isinstance(rim, bool) or not isinstance(rim, (int, float, np.floating)) or not (np.isfinite(rim) and rim >= 0):
             raise ValueError(f"threshold.rim_finding_mass must be a number >= 0 (z x ml; 0 = finding_mass); got {rim!r}")
+        margin = self.shortfall_margin
+        if isinstance(margin, bool) or not isinstance(margin, (int, np.integer)) or margin < 0:
+            raise ValueError(f"threshold.shortfall_margin must be an integer >= 0 (grid steps; 0 = off); got {margin!r}")
 
     def _check_small_batch(self) -> None:
         volumes, mass = self.small_batch_volumes, self.small_batch_finding_mass
@@ -558,6 +578,43 @@ def rim_positions(count: np.ndarray, n_reference: int, coverage: float = RIM_COV
     return distance <= depth
 
 
+def shortfall_tokens(
+    coords: np.ndarray, count: np.ndarray, n_reference: int, margin: int, coverage: float = RIM_COVERAGE,
+) -> np.ndarray:
+    """Which of one volume's tokens lie near where its brain stops short of the references' common brain.
+
+    Parameters
+    ----------
+    coords : numpy.ndarray
+        The volume's ``(N, 3)`` token grid indices.
+    count : numpy.ndarray
+        Token-grid int array, reference volumes with a token at each position
+        (:attr:`PositionStatistics.count`).
+    n_reference : int
+        Number of reference volumes.
+    margin : int
+        Grid steps (chessboard distance) from a shortfall position within which a token is marked;
+        0 marks none.
+    coverage : float
+        A position belongs to the common brain when at least this share of the references has a
+        token there (as for :func:`rim_positions`).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N,)`` bool: tokens within ``margin`` steps of a position of the common brain at which the
+        volume has no token (module docstring, rule 2).
+    """
+    where = tuple(np.asarray(coords).T)
+    if margin < 1 or not np.size(coords):
+        return np.zeros(len(coords), dtype=bool)
+    own = np.zeros(count.shape, dtype=bool)
+    own[where] = True
+    short = (np.asarray(count) >= coverage * max(int(n_reference), 1)) & ~own
+    near = ndimage.binary_dilation(short, structure=np.ones((3, 3, 3), dtype=bool), iterations=int(margin))
+    return near[where]
+
+
 def standardise(scores: np.ndarray, coords: np.ndarray, statistics: PositionStatistics) -> np.ndarray:
     """Position-standardised scores ``(s - m_p) / sigma_p`` of one volume's tokens (float32)."""
     where = tuple(np.asarray(coords).T)
@@ -622,14 +679,17 @@ def fitted_levels(
 
 def token_findings(
     z: np.ndarray, scores: np.ndarray, coords: np.ndarray, grid_shape: tuple[int, int, int], policy: LesionPolicy,
-    token_ml: float = 1.0, rim: np.ndarray | None = None,
+    token_ml: float = 1.0, rim: np.ndarray | None = None, excluded: np.ndarray | None = None,
 ) -> list[Finding]:
     """Connected groups (26-connectivity) of the tokens with ``z > token_z``, largest mass first.
 
     ``rim``: a boolean token-grid array of the rim's positions (:func:`rim_positions`); a group
     whose peak lies there is held to the policy's rim bound. ``None``: no rim.
+    ``excluded``: ``(N,)`` bool, tokens that are never candidates (:func:`shortfall_tokens`).
     """
     candidate = z > policy.token_z
+    if excluded is not None:
+        candidate &= ~np.asarray(excluded, dtype=bool)
     if not candidate.any():
         return []
     grid = np.zeros(grid_shape, dtype=bool)
@@ -806,7 +866,10 @@ def _left_out_evidence(
             policy.prior_volumes, by_position=policy.by_position, tail_quantile=policy.tail_quantile,
         )
         values, where = np.asarray(scores[left_out]), coords[left_out]
-        found = token_findings(standardise(values, where, statistics), values, where, grid_shape, policy, token_ml)
+        # Counted against the other volumes, as a query's are against the whole bank.
+        excluded = shortfall_tokens(where, statistics.count, len(others), policy.shortfall_margin)
+        found = token_findings(standardise(values, where, statistics), values, where, grid_shape, policy, token_ml,
+                               excluded=excluded)
         evidence.append(policy.evidence(found))
     return evidence
 
@@ -954,7 +1017,8 @@ def decide_lesions(
     z_all, mask_values, findings = [], [], []
     for scores, levelled_scores, where in zip(token_scores, levelled, coords):
         z = relative_z(standardise(levelled_scores, where, statistics), policy)
-        found = token_findings(z, np.asarray(scores), where, grid_shape, policy, token_ml, rim)
+        excluded = shortfall_tokens(where, statistics.count, n_reference, policy.shortfall_margin)
+        found = token_findings(z, np.asarray(scores), where, grid_shape, policy, token_ml, rim, excluded)
         z_all.append(z)
         mask_values.append(_mask_values(z, found, policy, where, grid_shape))
         findings.append(found)

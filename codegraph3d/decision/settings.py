@@ -33,7 +33,9 @@ PER_CONTRAST_BOUNDS: Mapping[str, str] = MappingProxyType(
 BANK_BOUNDS: tuple[str, ...] = tuple(
     f"{name}{suffix}" for name in ("token_z", "finding_mass", "finding_excess", "voxel_z", "rim_finding_mass")
     for suffix in ("", "_by_contrast")
-) + ("mask_peak_fraction",)
+) + ("mask_peak_fraction", "shortfall_margin")
+# Of those, the ones counted in whole grid steps.
+_INTEGER_BANK_FIELDS = ("shortfall_margin",)
 
 
 class ThresholdPolicy(StrEnum):
@@ -103,6 +105,7 @@ class ThresholdSettings:
     small_batch_finding_mass_by_contrast: Mapping[str, float] = field(default_factory=dict)
     rim_finding_mass: float = 0.0
     rim_finding_mass_by_contrast: Mapping[str, float] = field(default_factory=dict)
+    shortfall_margin: int = 0
     with_bank: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -143,8 +146,11 @@ class ThresholdSettings:
                 raise ValueError(f"threshold.with_bank.{name} must be a mapping of contrast to bound; got {value!r}")
             if not name.endswith("_by_contrast") and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"threshold.with_bank.{name} must be a number; got {value!r}")
+            if name in _INTEGER_BANK_FIELDS and not isinstance(value, int):
+                raise ValueError(f"threshold.with_bank.{name} must be an integer (grid steps); got {value!r}")
             # Read-only to the last level, as the section's own mappings are.
-            frozen[name] = MappingProxyType(dict(value)) if isinstance(value, Mapping) else float(value)
+            frozen[name] = MappingProxyType(dict(value)) if isinstance(value, Mapping) else (
+                value if name in _INTEGER_BANK_FIELDS else float(value))
         object.__setattr__(self, "with_bank", MappingProxyType(frozen))
         if self.with_bank:
             try:
@@ -195,7 +201,7 @@ class ThresholdSettings:
             subtract_volume_level=self.subtract_volume_level, fit_volume_levels=self.fit_volume_levels,
             small_batch_volumes=self.small_batch_volumes,
             small_batch_finding_mass=self.bound("small_batch_finding_mass", contrast),
-            rim_finding_mass=self.bound("rim_finding_mass", contrast),
+            rim_finding_mass=self.bound("rim_finding_mass", contrast), shortfall_margin=self.shortfall_margin,
         )
 
 
@@ -265,6 +271,9 @@ class DecisionSettings:
         if rim > self.threshold.bound("finding_mass", contrast):
             # Likewise only when the rim has a bound above the rest's.
             threshold["rim_finding_mass"] = rim
+        if self.threshold.shortfall_margin > 0:
+            # Likewise only when on: it changes which groups exist, so the rate measured without it does not hold.
+            threshold["shortfall_margin"] = self.threshold.shortfall_margin
         scoring: dict[str, Any] = {"k_fraction": self.k_fraction, "window_radius": self.window_radius, "method": self.method}
         if self.layer_weights is not None:
             # Only when set, so that the points measured with the plain mean still match.

@@ -8,7 +8,7 @@ import pytest
 from codegraph3d.run.config import ConfigError, load_config
 from codegraph3d.decision.lesion_policy import (
     LesionPolicy, bank_calibration, calibration_rank, decide_lesions, fitted_levels, position_statistics, relative_z,
-    rim_positions, standardise, tail_spread, token_findings, volume_level,
+    rim_positions, shortfall_tokens, standardise, tail_spread, token_findings, volume_level,
 )
 from codegraph3d.decision.operating_point import bank_operating_point
 
@@ -421,6 +421,9 @@ def test_unaligned_grids_use_batch_wide_statistics():
         ({"small_batch_finding_mass": float("nan")}, "small_batch_finding_mass must be a number >= 0"),
         ({"finding_mass": 10.0, "small_batch_volumes": 16, "small_batch_finding_mass": 5.0},
          "small_batch_finding_mass .5. must be at least"),
+        ({"shortfall_margin": -1}, "shortfall_margin must be an integer >= 0"),
+        ({"shortfall_margin": 1.5}, "shortfall_margin must be an integer >= 0"),
+        ({"shortfall_margin": True}, "shortfall_margin must be an integer >= 0"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, message):
@@ -863,3 +866,76 @@ def test_a_group_is_at_the_rim_when_its_peak_is_and_coverage_of_exactly_nine_in_
     count[0] = 9  # nine of ten references cover the x = 0 face: still inside
     assert not rim_positions(count, 10)[1:7, 1:7, 1:7].any() and rim_positions(count, 10)[0].all()
     assert not rim_positions(count, 10, depth=0)[0, 2:6, 2:6].any()
+
+
+def test_shortfall_tokens_are_those_near_where_the_volume_stops_short_of_the_common_brain():
+    count = np.full(GRID, 10)
+    count[7] = 3  # the last layer: few references reach it, so it is not part of the common brain
+    coords = np.argwhere(np.ones(GRID, bool))
+    short = coords[:, 0] < 6  # the volume stops at x = 5, one layer short of the common brain's x = 6
+    marked = shortfall_tokens(coords[short], count, 10, margin=1)
+    assert set(np.unique(coords[short][marked][:, 0])) == {5}  # the layer next to the missing one
+    assert set(np.unique(coords[short][shortfall_tokens(coords[short], count, 10, margin=2)][:, 0])) == {4, 5}
+    # A volume that covers the common brain, or a margin of 0, marks nothing.
+    assert not shortfall_tokens(coords, count, 10, margin=2).any()
+    assert not shortfall_tokens(coords[short], count, 10, margin=0).any()
+    count[6] = 9  # nine of ten references is still the common brain (as for the rim)
+    assert shortfall_tokens(coords[short], count, 10, margin=1).any()
+
+
+def _short_at_the_edge(seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """A batch of 12 whose volume 2 stops one layer short at x = 7 and is raised in the layer under it."""
+    scores, coords = _batch(12, seed=seed)
+    keep = coords[2][:, 0] < 7
+    scores[2], coords[2] = scores[2][keep], coords[2][keep]
+    under = _cube(coords[2], (6, 4, 4), 2)  # tokens at x = 6 (the layer next to the missing one) ... x = 5
+    scores[2] = scores[2] + np.where(under & (coords[2][:, 0] == 6), 0.5, 0.0)
+    return scores, coords
+
+
+def test_a_group_where_the_brain_stops_short_of_the_others_is_not_a_finding():
+    policy = LesionPolicy(token_z=4.5, finding_mass=1.0)
+    plain = decide_lesions(*_short_at_the_edge(seed=31), GRID, policy)
+    assert plain.flagged.tolist() == [i == 2 for i in range(12)]
+    margin = decide_lesions(*_short_at_the_edge(seed=31), GRID, LesionPolicy(token_z=4.5, finding_mass=1.0, shortfall_margin=1))
+    assert not margin.flagged.any() and not margin.findings[2]
+    assert margin.params["shortfall_margin"] == 1
+    # The same raised tokens in a volume that reaches the common brain's edge stay a finding.
+    scores, coords = _batch(12, seed=31)
+    scores[2] = scores[2] + np.where(_cube(coords[2], (6, 4, 4), 2) & (coords[2][:, 0] == 6), 0.5, 0.0)
+    whole = decide_lesions(scores, coords, GRID, LesionPolicy(token_z=4.5, finding_mass=1.0, shortfall_margin=1))
+    assert whole.flagged.tolist() == [i == 2 for i in range(12)]
+
+
+def test_the_bank_calibration_leaves_shortfall_tokens_out_of_each_left_out_volumes_evidence():
+    rng = np.random.default_rng(33)
+    bank, bank_coords = _noisy_batch(19, rng)
+    # One bank volume stops a layer short at x = 5 and is raised under it: with the margin, its
+    # evidence there is no longer a normal volume's evidence that sets the bound.
+    keep = bank_coords[0][:, 0] < 5
+    bank[0], bank_coords[0] = bank[0][keep] + np.where(bank_coords[0][keep][:, 0] == 4, 3.0, 0.0), bank_coords[0][keep]
+    policy = LesionPolicy(token_z=2.0, finding_mass=1.0, bank_false_flag_rate=0.1)
+    plain = bank_calibration(bank, bank_coords, (6, 6, 6), policy)
+    margin = bank_calibration(bank, bank_coords, (6, 6, 6), LesionPolicy(token_z=2.0, finding_mass=1.0,
+                                                                          bank_false_flag_rate=0.1, shortfall_margin=1))
+    assert plain is not None and margin is not None
+    assert margin.evidence[0] < plain.evidence[0]
+
+
+def test_the_shortfall_margin_is_read_and_recorded_only_when_on():
+    assert load_config().threshold.lesion_policy("T2w").shortfall_margin == 0
+    assert "shortfall_margin" not in load_config().decision_settings().record("T2w")["threshold"]
+    config = load_config(override={"threshold": {"shortfall_margin": 1}})
+    assert config.threshold.lesion_policy("T1w").shortfall_margin == 1
+    assert config.threshold.lesion_policy("T1w", with_bank=True).shortfall_margin == 1
+    assert config.decision_settings().record("T1w")["threshold"]["shortfall_margin"] == 1
+    with pytest.raises(ConfigError, match="shortfall_margin must be an integer >= 0"):
+        load_config(override={"threshold": {"shortfall_margin": -1}})
+
+
+def test_the_shortfall_margin_may_differ_with_a_bank_and_must_be_whole_grid_steps():
+    config = load_config(override={"threshold": {"shortfall_margin": 1, "with_bank": {"shortfall_margin": 0}}})
+    assert config.threshold.lesion_policy("T2w").shortfall_margin == 1
+    assert config.threshold.lesion_policy("T2w", with_bank=True).shortfall_margin == 0
+    with pytest.raises(ConfigError, match="with_bank.shortfall_margin must be an integer"):
+        load_config(override={"threshold": {"with_bank": {"shortfall_margin": 1.5}}})
