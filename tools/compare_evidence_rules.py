@@ -91,7 +91,10 @@ def group_mass(volume: Volume, low: float, high: float, excess: float = 0.0) -> 
 
 
 def _findings(volume: Volume, policy: LesionPolicy) -> list[Finding]:
-    """The product's candidate groups of the volume (:func:`token_findings`), each marked at the rim or not."""
+    """The product's candidate groups of the volume (:func:`token_findings`), each marked at the rim or not.
+
+    Without ``threshold.shortfall_margin``: no token is excluded here (the recorded runs predate it).
+    """
     rim = np.zeros(GRID, dtype=bool)
     if volume.rim is not None:
         rim[tuple(volume.coords[volume.rim].T)] = True

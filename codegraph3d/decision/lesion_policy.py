@@ -99,7 +99,11 @@ The rule
    deeper inside their brains than anything this volume has there, so this volume's tokens next
    to it are compared with anatomy they do not share. An affine registration cannot match a
    brain's shape: a brain-only series whose vertex stops short of its batch's was flagged there
-   in both contrasts (evidence up to 6.6 times the rim bound). With a margin of one grid step
+   in both contrasts (evidence 6.6 times the rim bound in its batch of 12). The references are
+   the positions' statistics' volumes: in a batch scored alone the volume is one of them, so in
+   batches of under 10 volumes no position qualifies (the rule is off) and in batches of 10-19
+   every other volume must cover it. A notch that the brain mask cuts at a surface lesion marks
+   the tissue beside it too (the one lesion series the margin lost, below). With a margin of one grid step
    the learnt encoder's tuning batches keep every flag, while the other batches lost 12 normal
    series' flags (9 distinct series) and one cortical lesion series' (docs/RESULTS.md, "Where a
    brain stops short of the others'"). With cohort-bank references the positions are the bank's, in its
@@ -239,7 +243,8 @@ class LesionPolicy:
     shortfall_margin : int
         Tokens within this many grid steps (chessboard distance) of a position that
         ``RIM_COVERAGE`` of the references cover and the volume does not are not candidates
-        (:func:`shortfall_tokens`; module docstring, rule 2); 0: off.
+        (:func:`shortfall_tokens`; module docstring, rule 2; the volume counts among a batch's
+        own references, so batches of under 10 volumes are unaffected); 0: off.
     by_position : bool
         Standardise per grid position (volumes registered to one template). ``False``: by the
         batch-wide median and spread only, for grids that are not anatomically aligned
@@ -591,7 +596,8 @@ def shortfall_tokens(
         Token-grid int array, reference volumes with a token at each position
         (:attr:`PositionStatistics.count`).
     n_reference : int
-        Number of reference volumes.
+        Number of reference volumes; in a batch scored alone the volume itself is one of them (as
+        for :func:`rim_positions`), so a batch of under 10 marks nothing at 90 % coverage.
     margin : int
         Grid steps (chessboard distance) from a shortfall position within which a token is marked;
         0 marks none.

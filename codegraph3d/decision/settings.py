@@ -35,7 +35,7 @@ BANK_BOUNDS: tuple[str, ...] = tuple(
     for suffix in ("", "_by_contrast")
 ) + ("mask_peak_fraction", "shortfall_margin")
 # Of those, the ones counted in whole grid steps.
-_INTEGER_BANK_FIELDS = ("shortfall_margin",)
+_INTEGER_BANK_FIELDS: tuple[str, ...] = ("shortfall_margin",)
 
 
 class ThresholdPolicy(StrEnum):
@@ -273,7 +273,7 @@ class DecisionSettings:
             threshold["rim_finding_mass"] = rim
         if self.threshold.shortfall_margin > 0:
             # Likewise only when on: it changes which groups exist, so the rate measured without it does not hold.
-            threshold["shortfall_margin"] = self.threshold.shortfall_margin
+            threshold["shortfall_margin"] = int(self.threshold.shortfall_margin)
         scoring: dict[str, Any] = {"k_fraction": self.k_fraction, "window_radius": self.window_radius, "method": self.method}
         if self.layer_weights is not None:
             # Only when set, so that the points measured with the plain mean still match.

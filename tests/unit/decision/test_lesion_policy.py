@@ -919,7 +919,35 @@ def test_the_bank_calibration_leaves_shortfall_tokens_out_of_each_left_out_volum
     margin = bank_calibration(bank, bank_coords, (6, 6, 6), LesionPolicy(token_z=2.0, finding_mass=1.0,
                                                                           bank_false_flag_rate=0.1, shortfall_margin=1))
     assert plain is not None and margin is not None
-    assert margin.evidence[0] < plain.evidence[0]
+    # Volume 0's raised layer is the bank's largest evidence by far without the margin; with it,
+    # the largest is a normal volume's noise, and the calibrated bound falls with it.
+    assert plain.evidence[0] > 10 * margin.evidence[0]
+    assert margin.finding_mass <= plain.finding_mass
+
+
+def test_a_query_that_stops_short_of_the_banks_common_brain_is_counted_against_the_bank():
+    rng = np.random.default_rng(34)
+    bank, bank_coords = _noisy_batch(19, rng)
+    queries, coords = _noisy_batch(2, rng)
+    keep = coords[0][:, 0] < 5  # query 0 stops a layer short of every bank volume
+    queries[0], coords[0] = queries[0][keep] + np.where(coords[0][keep][:, 0] == 4, 3.0, 0.0), coords[0][keep]
+    # A fixed bound well above the noise groups' evidence (no calibration): only the raised layer can pass.
+    kwargs = {"token_z": 4.5, "finding_mass": 5.0, "bank_false_flag_rate": 0.0}
+    plain = decide_lesions(queries, coords, (6, 6, 6), LesionPolicy(**kwargs), reference_scores=bank, reference_coords=bank_coords)
+    margin = decide_lesions(queries, coords, (6, 6, 6), LesionPolicy(**kwargs, shortfall_margin=1),
+                            reference_scores=bank, reference_coords=bank_coords)
+    assert plain.reference == margin.reference == "bank"
+    assert plain.flagged[0] and not margin.flagged[0]
+    assert all(not (coords[0][f.tokens][:, 0] == 4).any() for f in margin.findings[0])
+
+
+def test_in_a_batch_of_under_ten_volumes_no_position_is_a_shortfall():
+    # The volume is one of its batch's references: with 9, 8 others are under 90 % of 9.
+    scores, coords = _short_at_the_edge(seed=35)
+    small = decide_lesions(scores[:9], coords[:9], GRID, LesionPolicy(token_z=4.5, finding_mass=1.0, shortfall_margin=1))
+    assert small.flagged[2]
+    ten = decide_lesions(scores[:10], coords[:10], GRID, LesionPolicy(token_z=4.5, finding_mass=1.0, shortfall_margin=1))
+    assert not ten.flagged.any()
 
 
 def test_the_shortfall_margin_is_read_and_recorded_only_when_on():
