@@ -556,6 +556,11 @@ def tail_spread(residual: np.ndarray, quantile: float) -> np.ndarray:
     return spread
 
 
+def common_brain(count: np.ndarray, n_reference: int, coverage: float = RIM_COVERAGE) -> np.ndarray:
+    """The positions at least ``coverage`` of the references have a token at (boolean token grid)."""
+    return np.asarray(count) >= coverage * max(int(n_reference), 1)
+
+
 def rim_positions(count: np.ndarray, n_reference: int, coverage: float = RIM_COVERAGE, depth: int = RIM_DEPTH) -> np.ndarray:
     """The brain's rim on the token grid: positions within ``depth`` tokens of its edge.
 
@@ -578,7 +583,7 @@ def rim_positions(count: np.ndarray, n_reference: int, coverage: float = RIM_COV
     numpy.ndarray
         Boolean token-grid array.
     """
-    inside = np.pad(np.asarray(count) >= coverage * max(int(n_reference), 1), 1)
+    inside = np.pad(common_brain(count, n_reference, coverage), 1)
     distance = ndimage.distance_transform_cdt(inside, metric="chessboard")[1:-1, 1:-1, 1:-1]
     return distance <= depth
 
@@ -616,7 +621,7 @@ def shortfall_tokens(
         return np.zeros(len(coords), dtype=bool)
     own = np.zeros(count.shape, dtype=bool)
     own[where] = True
-    short = (np.asarray(count) >= coverage * max(int(n_reference), 1)) & ~own
+    short = common_brain(count, n_reference, coverage) & ~own
     near = ndimage.binary_dilation(short, structure=np.ones((3, 3, 3), dtype=bool), iterations=int(margin))
     return near[where]
 
