@@ -137,6 +137,11 @@ declare -A cohorts=(
   # generated, after the margin had been looked for on the all-normal batches' rim findings)
   [normal48_s70]="--subjects 48 --seed 70 --lesion-fraction 0 $heads"
   [half16_s71]="--subjects 16 --seed 71 --lesion-fraction 0.5 $heads"
+  # held out from the shortfall margin against a cohort bank (threshold.with_bank.shortfall_margin;
+  # named after it had been measured on 108 single-study runs of seeds 23, 28, 64-68, before
+  # either was generated; scored study by study against the bank of seeds 14-17, and as a batch)
+  [half16_s72]="--subjects 16 --seed 72 --lesion-fraction 0.5 $heads"
+  [normal12_s73]="--seed 73 --lesion-fraction 0 $heads"
 )
 order=(demo normal12_s10 tune1 demo_s2 normal12_s11 half16_s21 mets16_s31 cortical16_s51 normal12_s12 demo_s3 subjects48_s40 normal48_s41 subjects48_s43 normal48_s42 demo_s4 normal12_s13 half16_s22 subjects48_s44 subjects24_s45 half16_s23 normal12_s14 normal12_s15 normal12_s16 normal12_s17 subjects24_s46 normal12_s18 half16_s24 normal12_s19 subjects24_s47 normal12_s20 normal12_s25 normal12_s26
        normal12_s27 demo_s5 demo_s6 mets16_s32 cortical16_s52 mets16_s33 half16_s28 half16_s53 normal12_s54 mets16_s55
