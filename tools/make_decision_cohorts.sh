@@ -146,7 +146,8 @@ declare -A cohorts=(
 order=(demo normal12_s10 tune1 demo_s2 normal12_s11 half16_s21 mets16_s31 cortical16_s51 normal12_s12 demo_s3 subjects48_s40 normal48_s41 subjects48_s43 normal48_s42 demo_s4 normal12_s13 half16_s22 subjects48_s44 subjects24_s45 half16_s23 normal12_s14 normal12_s15 normal12_s16 normal12_s17 subjects24_s46 normal12_s18 half16_s24 normal12_s19 subjects24_s47 normal12_s20 normal12_s25 normal12_s26
        normal12_s27 demo_s5 demo_s6 mets16_s32 cortical16_s52 mets16_s33 half16_s28 half16_s53 normal12_s54 mets16_s55
        half16_s56 normal12_s57 subjects24_s58 half16_s61 normal12_s62 subjects24_s63
-       half16_s64 half16_s65 normal12_s66 half16_s67 half16_s68 normal48_s69 normal48_s70 half16_s71)
+       half16_s64 half16_s65 normal12_s66 half16_s67 half16_s68 normal48_s69 normal48_s70 half16_s71
+       half16_s72 normal12_s73)
 [ "$#" -gt 0 ] && order=("$@")
 for name in "${order[@]}"; do
   args=${cohorts[$name]:?unknown cohort $name}
